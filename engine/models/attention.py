@@ -1,0 +1,59 @@
+"""The attention layer and the per-step metadata that tells it where each token's K/V lives.
+
+The model runner fills one `AttentionMetadata` per step (from persistent buffers) and binds each layer's KV cache
+tensor once at start-up (`Attention.kv_cache`). A layer writes this step's K/V into the cache by slot, then attends
+over the cache through the block tables, so prefill chunks and decodes share one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset; -1 for padding
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: cached tokens after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class Attention(nn.Module):
+    """Paged attention over one layer's cache. Holds no weights: projections and rotary live in the model."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int = 0, soft_cap: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.soft_cap = soft_cap
+        # [2, num_blocks, block_size, num_kv_heads, head_size], bound by the model runner after KV memory is sized.
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = query.shape[0]
+        query = query.view(num_tokens, self.num_heads, self.head_size)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_size)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_size)
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        out = kernels.paged_attention(
+            query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+            self.scale, self.sliding_window, self.soft_cap,
+        )
+        return out.view(num_tokens, self.num_heads * self.head_size)

@@ -1,0 +1,135 @@
+"""The request: the one object that flows through the engine, from `EngineCore.add_request` to its last output.
+
+A request knows its tokens (prompt + outputs so far), how many of them already have K/V in the cache
+(`num_computed_tokens`), its status and its sampling parameters. It does not know its blocks: the KV cache manager
+owns those. The scheduler has no prefill or decode phase: each step it gives a request up to
+`num_tokens - num_computed_tokens` tokens, which covers chunked prefill, prefix-cache hits, recompute after
+preemption and plain decoding with one rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything from here on is finished.
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_tokens: int | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        adapter_id: str | None = None,
+        parent_id: str | None = None,
+        index: int = 0,
+    ):
+        self.request_id = request_id
+        # n > 1 fans out into one request per sample; they share `parent_id` and differ in `index`.
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        # The engine resolves max_tokens against the context length before building the request.
+        self.max_tokens = max_tokens if max_tokens is not None else sampling_params.max_tokens
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.priority = priority
+        # Both become part of every block hash, so that cached prefixes never cross tenants or adapters.
+        self.cache_salt = cache_salt
+        self.adapter_id = adapter_id
+
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        # Prompt tokens already cached when the request was first scheduled (prefix-cache hits), for stats.
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        # Prompt logprobs are produced once, for the prompt positions; after a preemption the recompute skips them.
+        self.num_prompt_logprobs_done = 0
+
+        self._generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling_params.prompt_logprobs is not None and self.index == 0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The request's own random generator (None when unseeded), created on the sampling device on first use.
+
+        Each seeded request owns its generator, so its samples do not depend on which requests share the batch.
+        """
+        if self.sampling_params.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.sampling_params.seed + self.index)
+        return self._generator
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

@@ -1,0 +1,90 @@
+"""Kernel entry points with one backend switch.
+
+`torch` runs the references in `kernels.reference` (the CPU path); `triton` runs our Triton kernels (the CUDA path).
+`resolve_backend` picks one per engine process: automatic by device unless the engine config or the
+`KVBOX_KERNEL_BACKEND` environment variable names one. The engine calls `set_backend` once at start-up; models call
+the functions below and never import a backend themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("torch", "triton")
+ENV_VAR = "KVBOX_KERNEL_BACKEND"
+
+# Where each op's Triton launcher lives: kernels/<module>.py, function of the same name as the reference.
+_TRITON_MODULES = {
+    "paged_attention": "kernels.paged_attention",
+    "store_kv": "kernels.kv_store",
+    "rms_norm": "kernels.norm",
+    "fused_add_rms_norm": "kernels.norm",
+    "silu_and_mul": "kernels.activation",
+    "gelu_tanh_and_mul": "kernels.activation",
+    "rotary_embedding": "kernels.rotary",
+}
+
+_active = SimpleNamespace(name="torch", ops=reference)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """`requested` is "auto", "torch" or "triton"; the environment variable overrides "auto"."""
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto")
+    if requested == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {requested!r}; expected one of auto, {', '.join(BACKENDS)}")
+    return requested
+
+
+def load_backend(name: str) -> SimpleNamespace:
+    """A namespace holding every op of one backend."""
+    if name == "torch":
+        return SimpleNamespace(**{op: getattr(reference, op) for op in _TRITON_MODULES})
+    if name == "triton":
+        return SimpleNamespace(**{op: getattr(importlib.import_module(mod), op) for op, mod in _TRITON_MODULES.items()})
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def set_backend(name: str) -> None:
+    _active.name = name
+    _active.ops = load_backend(name)
+
+
+def backend_name() -> str:
+    return _active.name
+
+
+def paged_attention(*args, **kwargs):
+    return _active.ops.paged_attention(*args, **kwargs)
+
+
+def store_kv(*args, **kwargs):
+    return _active.ops.store_kv(*args, **kwargs)
+
+
+def rms_norm(*args, **kwargs):
+    return _active.ops.rms_norm(*args, **kwargs)
+
+
+def fused_add_rms_norm(*args, **kwargs):
+    return _active.ops.fused_add_rms_norm(*args, **kwargs)
+
+
+def silu_and_mul(*args, **kwargs):
+    return _active.ops.silu_and_mul(*args, **kwargs)
+
+
+def gelu_tanh_and_mul(*args, **kwargs):
+    return _active.ops.gelu_tanh_and_mul(*args, **kwargs)
+
+
+def rotary_embedding(*args, **kwargs):
+    return _active.ops.rotary_embedding(*args, **kwargs)

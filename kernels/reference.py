@@ -1,0 +1,126 @@
+"""Torch references for every kernel: the CPU path of the engine and the ground truth for the Triton kernels.
+
+Each function has the same signature as its Triton launcher (in the kernel's own file). They favour clarity over
+speed, compute in float32 and cast back to the input dtype once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32: tokens with K/V in the cache, this step's included
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: row offsets of each sequence's queries
+    scale: float,
+    sliding_window: int = 0,  # 0: none; W: a query at position p sees keys at positions (p - W, p]
+    soft_cap: float = 0.0,  # 0: none; c: scores become c * tanh(scores / c)
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached K/V, read through its block table.
+
+    A sequence's q_len queries are its last q_len positions, so the same code covers decode (q_len 1) and chunked
+    prefill (q_len > 1 on top of earlier cached tokens). Rows past `query_start_loc[-1]` (padding) are untouched.
+    """
+    _, num_heads, head_size = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for seq, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[seq], starts[seq + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        blocks = block_tables[seq, :num_blocks].long()
+        keys = key_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()  # [seq_len, kv_heads, D]
+        values = value_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()
+        keys = keys.repeat_interleave(group_size, dim=1)  # [seq_len, num_heads, D]
+        values = values.repeat_interleave(group_size, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", query[start:end].float(), keys) * scale  # [heads, q_len, seq_len]
+        if soft_cap > 0:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        key_pos = torch.arange(seq_len, device=query.device)[None, :]
+        visible = key_pos <= query_pos
+        if sliding_window > 0:
+            visible &= key_pos > query_pos - sliding_window
+        scores.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(out.dtype)
+    return out
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is skipped
+) -> None:
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    num_kv_heads, head_size = key_cache.shape[2], key_cache.shape[3]
+    key_cache.view(-1, num_kv_heads, head_size)[slots] = key[valid].to(key_cache.dtype)
+    value_cache.view(-1, num_kv_heads, head_size)[slots] = value[valid].to(value_cache.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    weight_offset: float = 0.0,  # Gemma scales by (1 + weight)
+) -> torch.Tensor:
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * (weight.float() + weight_offset)).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,
+    eps: float,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual): the normalized input of the next sublayer and the new residual."""
+    summed = (x + residual).to(x.dtype)
+    return rms_norm(summed, weight, eps, weight_offset), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [num_tokens, d]
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [num_tokens, d]
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") * up).to(x.dtype)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size], rotated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], rotated in place
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos in the first half, sin in the second
+    is_neox: bool,  # neox: rotate halves (x[:d/2], x[d/2:]); otherwise rotate interleaved pairs (x[0::2], x[1::2])
+) -> None:
+    rotary_dim = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (query, key):
+        rot = x[..., :rotary_dim].float()
+        if is_neox:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        x[..., :rotary_dim] = rotated.to(x.dtype)
