@@ -126,6 +126,11 @@ class Request:
             self._generator.manual_seed(self.sampling_params.seed + self.index)
         return self._generator
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are still owed, so every prompt position must be computed (no prefix-cache reuse)."""
+        return self.wants_prompt_logprobs and self.num_prompt_logprobs_done < self.num_prompt_tokens - 1
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)

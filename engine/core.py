@@ -1,0 +1,169 @@
+"""EngineCore: the engine's inner loop on token ids — add, abort, step.
+
+It owns the scheduler, the KV cache manager and the model runner, and knows nothing of text: tokenizing,
+detokenizing and stop strings belong to the output processor in the front end. One `step` schedules a batch, runs
+it and returns what each request produced.
+
+n > 1 samples of one prompt are separate requests. Only the first is scheduled at once; its siblings wait until its
+prompt has been scheduled, then take references to its full prompt blocks (`KVCacheManager.share_prefix`), so the
+prompt's K/V is computed and stored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache.manager import KVCacheManager
+from engine.models.config import ModelConfig
+from engine.outputs import EngineCoreOutput, SchedulerStats
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner
+from engine.sampling_params import InvalidParameterError, SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, core_output
+
+logger = logging.getLogger(__name__)
+
+
+def sample_request_id(parent_id: str, index: int, n: int) -> str:
+    return parent_id if n == 1 else f"{parent_id}/{index}"
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        torch.manual_seed(config.seed)
+        dtype = None if config.dtype == "auto" else config.dtype
+        self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
+        self.max_model_len = self.model_config.max_model_len
+        self.runner = ModelRunner(config, self.model_config, self.device)
+
+        num_blocks = self.runner.determine_num_kv_blocks()
+        blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache has {num_blocks} blocks of {config.block_size} tokens, fewer than one sequence of "
+                f"max_model_len={self.max_model_len} needs ({blocks_per_seq}); give it more memory or lower "
+                f"max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
+        ), self.kv_manager)
+        self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
+        self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
+        self.num_steps = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.model_config.eos_token_ids
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> list[str]:
+        """Validates and queues a request; returns the ids of its samples (one per n)."""
+        if request_id in self._samples_of:
+            raise InvalidParameterError("request_id", f"a request with id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        max_tokens = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        samples = [
+            Request(sample_request_id(request_id, i, params.n), prompt_token_ids, params, self.eos_token_ids,
+                    max_tokens=max_tokens, arrival_time=arrival_time, priority=priority, cache_salt=cache_salt,
+                    parent_id=request_id, index=i)
+            for i in range(params.n)
+        ]
+        self._samples_of[request_id] = [r.request_id for r in samples]
+        self.scheduler.add_request(samples[0])
+        if len(samples) > 1:
+            self._waiting_siblings[samples[0].request_id] = samples[1:]
+        return self._samples_of[request_id]
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidParameterError(
+                "prompt", f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length is "
+                          f"{self.max_model_len} (and at least one token must be generated)")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise InvalidParameterError("prompt", f"token ids must be in [0, {self.vocab_size})")
+        params.verify_for_model(self.vocab_size)
+
+    def abort_requests(self, parent_ids: list[str]) -> list[EngineCoreOutput]:
+        outputs = []
+        for parent_id in parent_ids:
+            for sample_id in self._samples_of.pop(parent_id, []):
+                siblings = self._waiting_siblings.pop(sample_id, [])
+                finished = self.scheduler.finish_requests([sample_id], RequestStatus.FINISHED_ABORTED)
+                for request in finished + siblings:
+                    request.status = RequestStatus.FINISHED_ABORTED
+                    outputs.append(core_output(request, [], None, None))
+        return outputs
+
+    def finish_requests(self, sample_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
+        """Ends samples that the front end found finished (a stop string); emits no output for them."""
+        for request in self.scheduler.finish_requests(sample_ids, status):
+            self._forget(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings)
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        self._fork_ready_siblings()
+        if scheduler_output.is_empty:
+            return []
+        self.num_steps += 1
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except Exception:
+            # A failing batch must not take the engine down: its requests end with an error, the rest go on.
+            logger.exception("model step failed; finishing its %d requests with an error",
+                             len(scheduler_output.scheduled))
+            failed = [s.request for s in scheduler_output.scheduled if not s.request.is_finished]
+            self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
+            outputs = [core_output(r, [], None, None) for r in failed]
+        else:
+            outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for output in outputs:
+            if output.finished:
+                self._forget_id(output.parent_id, output.request_id)
+        return outputs
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def _fork_ready_siblings(self) -> None:
+        for first_id in list(self._waiting_siblings):
+            first = self.scheduler.requests.get(first_id)
+            if first is None or first.num_computed_tokens < first.num_prompt_tokens:
+                continue  # still computing its prompt (or preempted before finishing it)
+            for sibling in self._waiting_siblings.pop(first_id):
+                num_shared = self.kv_manager.share_prefix(first, sibling)
+                self.scheduler.add_forked_request(sibling, num_shared)
+
+    def _forget(self, request: Request) -> None:
+        self._forget_id(request.parent_id, request.request_id)
+
+    def _forget_id(self, parent_id: str, sample_id: str) -> None:
+        remaining = self._samples_of.get(parent_id)
+        if remaining is None:
+            return
+        if sample_id in remaining:
+            remaining.remove(sample_id)
+        if not remaining:
+            del self._samples_of[parent_id]

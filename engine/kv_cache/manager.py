@@ -1,0 +1,135 @@
+"""Per-request KV blocks: allocation of slots, prefix-cache lookups, sharing between samples, and freeing.
+
+A request's block table is the list of blocks holding its tokens in order; token i lives in slot
+`table[i // block_size] * block_size + i % block_size`. Every full block of known tokens gets a content hash chained
+from its parent's (sha256 over the parent hash, the block's token ids and, for the first block, the request's cache
+salt and adapter identity), so equal prefixes map to equal hashes and prefixes never cross tenants or adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from engine.kv_cache.block_pool import BlockPool, KVBlock
+from engine.request import Request
+
+
+def root_hash(cache_salt: str | None, adapter_id: str | None) -> bytes:
+    h = hashlib.sha256(b"kvbox-prefix-v1")
+    for part in (cache_salt, adapter_id):
+        h.update(b"\x00" if part is None else b"\x01" + part.encode() + b"\x00")
+    return h.digest()
+
+
+def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
+    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # mirrors _blocks as plain ids, for the runner's block tables
+        self._hashes: dict[str, list[bytes]] = {}
+        # How many of a request's leading blocks are already registered in the prefix cache.
+        self._num_registered: dict[str, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table. The list is kept up to date in place, so callers may hold on to it."""
+        return self._block_ids[request_id]
+
+    def num_blocks_of(self, request_id: str) -> int:
+        return len(self._blocks.get(request_id, ()))
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The longest run of the request's leading full blocks already in the cache. At least the last token is
+        always left to compute, because its logits are needed to sample."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.record_prefix_queries(max_blocks, len(hits))
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       cached_blocks: list[KVBlock] | None = None) -> bool:
+        """Makes room for `num_new_tokens` more tokens after the request's computed ones (and after
+        `cached_blocks`, prefix hits that become the start of its table). Returns False, changing nothing, when
+        the pool has too few free blocks."""
+        cached_blocks = cached_blocks or []
+        blocks = self._blocks.setdefault(request.request_id, [])
+        num_known = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        num_needed = -(-num_known // self.block_size) - len(blocks) - len(cached_blocks)
+        # Touching a cached block that is currently free takes it out of the free queue too.
+        num_cached_free = sum(1 for b in cached_blocks if b.ref_cnt == 0)
+        if max(num_needed, 0) + num_cached_free > self.pool.num_free_blocks:
+            if not blocks:
+                del self._blocks[request.request_id]
+            return False
+        self.pool.touch(cached_blocks)
+        new_blocks = cached_blocks + (self.pool.allocate(num_needed) if num_needed > 0 else [])
+        blocks.extend(new_blocks)
+        self._block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new_blocks)
+        self._cache_full_blocks(request, num_known)
+        return True
+
+    def share_prefix(self, source: Request, target: Request) -> int:
+        """Gives `target` (a sibling sample with the same prompt) references to `source`'s full prompt blocks, so
+        the n samples of one prompt hold its K/V once. Returns the number of tokens `target` now has computed."""
+        num_shared_blocks = (source.num_prompt_tokens - 1) // self.block_size
+        shared = self._blocks[source.request_id][:num_shared_blocks]
+        self.pool.touch(shared)
+        self._blocks[target.request_id] = list(shared)
+        self._block_ids[target.request_id] = [b.block_id for b in shared]
+        return num_shared_blocks * self.block_size
+
+    def free(self, request: Request) -> None:
+        blocks = self._blocks.pop(request.request_id, [])
+        self._block_ids.pop(request.request_id, None)
+        self.pool.free(reversed(blocks))
+        self._hashes.pop(request.request_id, None)
+        self._num_registered.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
+    def _block_hashes(self, request: Request) -> list[bytes]:
+        """Hashes of the request's full blocks of known tokens, extended incrementally as tokens arrive."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        num_full = request.num_tokens // self.block_size
+        parent = hashes[-1] if hashes else root_hash(request.cache_salt, request.adapter_id)
+        for i in range(len(hashes), num_full):
+            start = i * self.block_size
+            parent = hash_block(parent, request.all_token_ids[start:start + self.block_size])
+            hashes.append(parent)
+        return hashes
+
+    def _cache_full_blocks(self, request: Request, num_known: int) -> None:
+        """Registers the blocks that this step fills. Their K/V is written in the step's forward before any
+        attention reads it, so another request may reuse them from the same step on."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self._block_hashes(request)
+        blocks = self._blocks[request.request_id]
+        start = self._num_registered.get(request.request_id, 0)
+        end = min(num_known // self.block_size, len(hashes))
+        for i in range(start, end):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self._num_registered[request.request_id] = max(start, end)

@@ -1,0 +1,88 @@
+"""The offline API: `LLM(model=path, **engine options).generate(prompts, params)` and `.chat(messages)`.
+
+Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.output_processor import OutputProcessor, RequestOutput
+from engine.request import RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer, render_chat
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_options):
+        self.config = EngineConfig.from_kwargs(model, **engine_options)
+        self.tokenizer = load_tokenizer(self.config.tokenizer or model)
+        self.core = EngineCore(self.config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priorities: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generates for each prompt (text, or a list of token ids); returns outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = _broadcast(params or SamplingParams(), len(prompts))
+        request_ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            text, token_ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+            request_ids.append(self._add(text, token_ids, p, priorities[i] if priorities else 0))
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | Sequence[list[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Renders each conversation with the model's chat template (sandboxed) and generates a reply."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(self.tokenizer, c, chat_template, add_generation_prompt) for c in conversations]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        params_list = _broadcast(params or SamplingParams(), len(prompts))
+        request_ids = [self._add(text, ids, p, 0) for text, ids, p in zip(prompts, token_ids, params_list)]
+        return self._run(request_ids, use_tqdm)
+
+    def _add(self, text: str | None, token_ids: list[int], params: SamplingParams, priority: int) -> str:
+        request_id = str(next(self._ids))
+        self.core.add_request(request_id, token_ids, params, priority=priority)
+        self.output_processor.add_request(request_id, text, token_ids, params)
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        start, num_output_tokens = time.perf_counter(), 0
+        try:
+            while self.core.has_unfinished_requests():
+                core_outputs = self.core.step()
+                num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+                request_outputs, to_stop = self.output_processor.process(core_outputs)
+                self.core.finish_requests(to_stop, RequestStatus.FINISHED_STOPPED)
+                for output in request_outputs:
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+                progress.set_postfix(out_tok_s=f"{num_output_tokens / (time.perf_counter() - start):.1f}",
+                                     kv=f"{self.core.kv_manager.usage:.0%}", refresh=False)
+        finally:
+            progress.close()
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return list(params)

@@ -1,0 +1,208 @@
+"""The model runner: turns a scheduled step into flat tensors, runs one forward and samples.
+
+Every step is one flat batch of tokens from many requests (no padding between them): input ids, positions, the
+slot of each token in the KV cache, each request's block table, sequence length and query offset. These live in
+buffers allocated once at the largest size the scheduler can produce, so that CUDA graphs can capture them later;
+each step writes a prefix of each buffer.
+
+The runner also owns the KV cache tensors: it sizes them (after a profiling forward on the GPU) and binds one
+[2, num_blocks, block_size, num_kv_heads, head_size] tensor to each attention layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import kernels
+from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.models.attention import AttentionMetadata
+from engine.models.config import ModelConfig
+from engine.models.loader import load_model
+from engine.outputs import TokenLogprobs
+from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs
+from engine.scheduler import ModelRunnerOutput, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
+        self.config = config
+        self.model_config = model_config
+        self.device = device
+        kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
+        self.model = load_model(model_config, config.model, device, config.load_format)
+        self.sampler = Sampler()
+        self.block_size = config.block_size
+
+        max_tokens = config.max_num_batched_tokens
+        max_seqs = config.max_num_seqs
+        self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
+        # Host-side staging arrays, written each step, then copied into the device buffers in one go each.
+        self._input_ids = np.zeros(max_tokens, dtype=np.int64)
+        self._positions = np.zeros(max_tokens, dtype=np.int64)
+        self._slot_mapping = np.zeros(max_tokens, dtype=np.int64)
+        self._seq_lens = np.zeros(max_seqs, dtype=np.int32)
+        self._query_start_loc = np.zeros(max_seqs + 1, dtype=np.int32)
+        self._block_tables = np.zeros((max_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((max_seqs, self.max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.num_kv_blocks = 0
+
+    # ---- KV cache ----
+    @property
+    def kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        element_size = torch.empty((), dtype=mc.dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_size * element_size
+
+    def determine_num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes // self.kv_bytes_per_block
+        if self.device.type == "cuda":
+            return self._profile_gpu_budget() // self.kv_bytes_per_block
+        # No device to profile: enough for every sequence slot at full length, within a fixed budget.
+        useful = self.config.max_num_seqs * self.max_blocks_per_seq
+        return min(useful, DEFAULT_CPU_KV_BYTES // self.kv_bytes_per_block)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.model_config
+        self.num_kv_blocks = num_blocks
+        for layer in self.model.attention_layers():
+            layer.kv_cache = torch.zeros(
+                (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_size), dtype=mc.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def _profile_gpu_budget(self) -> int:
+        """Runs the largest step the scheduler can produce on a throwaway cache and returns what memory is left
+        for the KV cache under `kv_cache_memory_fraction`."""
+        num_tokens = self.config.max_num_batched_tokens
+        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        blocks_per_seq = [-(-n // self.block_size) for n in lengths]
+        self.allocate_kv_cache(sum(blocks_per_seq))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        metadata = self._fill_buffers([
+            (np.zeros(n, dtype=np.int64), 0, n, list(range(start, start + b)))
+            for n, b, start in zip(lengths, blocks_per_seq, np.cumsum([0] + blocks_per_seq[:-1]).tolist())
+        ])
+        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+        self.model.compute_logits(hidden[:num_seqs])
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        for layer in self.model.attention_layers():
+            layer.kv_cache = None
+        del hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        if budget < self.kv_bytes_per_block * self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache of one full-length sequence: {budget / 2**30:.2f} GiB left "
+                f"after weights and activations; raise kv_cache_memory_fraction or lower max_model_len / "
+                f"max_num_batched_tokens")
+        return budget
+
+    # ---- one step ----
+    def _fill_buffers(self, rows: list[tuple[np.ndarray | list[int], int, int, list[int]]]) -> AttentionMetadata:
+        """rows: (token ids to compute, position of the first, count, block table) per request."""
+        bs = self.block_size
+        t = 0
+        max_query_len = max_seq_len = 0
+        for i, (token_ids, start, count, block_ids) in enumerate(rows):
+            end = t + count
+            self._input_ids[t:end] = token_ids
+            positions = np.arange(start, start + count)
+            self._positions[t:end] = positions
+            table = np.asarray(block_ids, dtype=np.int64)
+            self._slot_mapping[t:end] = table[positions // bs] * bs + positions % bs
+            self._block_tables[i, :len(block_ids)] = block_ids
+            self._seq_lens[i] = start + count
+            self._query_start_loc[i + 1] = end
+            max_query_len = max(max_query_len, count)
+            max_seq_len = max(max_seq_len, start + count)
+            t = end
+        num_seqs = len(rows)
+        copy = dict(non_blocking=True)
+        self.input_ids[:t].copy_(torch.from_numpy(self._input_ids[:t]), **copy)
+        self.positions[:t].copy_(torch.from_numpy(self._positions[:t]), **copy)
+        self.slot_mapping[:t].copy_(torch.from_numpy(self._slot_mapping[:t]), **copy)
+        self.seq_lens[:num_seqs].copy_(torch.from_numpy(self._seq_lens[:num_seqs]), **copy)
+        self.query_start_loc[:num_seqs + 1].copy_(torch.from_numpy(self._query_start_loc[:num_seqs + 1]), **copy)
+        self.block_tables[:num_seqs].copy_(torch.from_numpy(self._block_tables[:num_seqs]), **copy)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:t],
+            block_tables=self.block_tables[:num_seqs],
+            seq_lens=self.seq_lens[:num_seqs],
+            query_start_loc=self.query_start_loc[:num_seqs + 1],
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        scheduled = scheduler_output.scheduled
+        metadata = self._fill_buffers([
+            (s.request.all_token_ids[s.num_computed_before:s.num_computed_before + s.num_new_tokens],
+             s.num_computed_before, s.num_new_tokens, s.block_ids)
+            for s in scheduled
+        ])
+        num_tokens = scheduler_output.num_tokens
+        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+
+        # Rows whose logits we need: the last token of each request that samples, then prompt positions whose
+        # next-token logprobs were asked for.
+        sample_rows, sampling_requests = [], []
+        prompt_rows: list[tuple[str, int, list[int]]] = []  # (request id, k, target token ids)
+        prompt_row_indices: list[int] = []
+        offset = 0
+        for s in scheduled:
+            request = s.request
+            if s.samples:
+                sample_rows.append(offset + s.num_new_tokens - 1)
+                sampling_requests.append(request)
+            if request.needs_prompt_logprobs:
+                first = max(s.num_computed_before, request.num_prompt_logprobs_done)
+                last = min(s.num_computed_before + s.num_new_tokens, request.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_row_indices.extend(range(offset + first - s.num_computed_before,
+                                                    offset + last - s.num_computed_before))
+                    prompt_rows.append((request.request_id, request.sampling_params.prompt_logprobs,
+                                        request.all_token_ids[first + 1:last + 1]))
+                    request.num_prompt_logprobs_done = last
+            offset += s.num_new_tokens
+
+        output = ModelRunnerOutput(request_ids=[r.request_id for r in sampling_requests], sampled_token_ids=[])
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            sampled = self.sampler(logits, SamplingMetadata.from_requests(sampling_requests, self.device))
+            output.sampled_token_ids = sampled.sampled_token_ids.tolist()
+            if sampled.logprobs is not None:
+                ks = [r.sampling_params.logprobs or 0 for r in sampling_requests]
+                output.logprobs = _to_token_logprobs(sampled.logprobs, ks)
+        if prompt_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(prompt_row_indices, device=self.device)])
+            targets = torch.tensor([t for _, _, ids in prompt_rows for t in ids], device=self.device)
+            max_k = max(k for _, k, _ in prompt_rows)
+            tensors = compute_prompt_logprobs(logits, targets, max_k)
+            ks = [k for _, k, ids in prompt_rows for _ in ids]
+            flat = _to_token_logprobs(tensors, ks)
+            start = 0
+            for request_id, _, ids in prompt_rows:
+                output.prompt_logprobs[request_id] = flat[start:start + len(ids)]
+                start += len(ids)
+        return output
+
+
+def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLogprobs]:
+    """Splits batched logprob tensors into one entry per row, each keeping its own top-k."""
+    token_ids = tensors.token_ids.tolist()
+    logprobs = tensors.logprobs.tolist()
+    ranks = tensors.ranks.tolist()
+    return [TokenLogprobs(token_ids[i][:k + 1], logprobs[i][:k + 1], ranks[i]) for i, k in enumerate(ks)]
