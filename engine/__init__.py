@@ -5,4 +5,14 @@ Offline use: `from engine import LLM, SamplingParams`.
 
 from engine.sampling_params import InvalidParameterError, SamplingParams
 
-__all__ = ["InvalidParameterError", "SamplingParams"]
+
+def __getattr__(name: str):
+    # LLM pulls in torch and transformers; import it lazily so that light users (configs, params) stay fast.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "InvalidParameterError", "SamplingParams"]
