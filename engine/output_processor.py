@@ -89,7 +89,9 @@ class OutputProcessor:
                 request_output.prompt_logprobs.extend(out.prompt_logprobs)
             detokenizer = state.detokenizers[out.index]
             num_before = len(completion.token_ids)
-            stop_string = detokenizer.update(out.new_token_ids, num_before) if out.new_token_ids else None
+            # A stop token (EOS or stop_token_ids) ends the request but its text is not part of the output.
+            stop_string = (detokenizer.update(out.new_token_ids, num_before, stop_terminated=out.finish_reason == "stop")
+                           if out.new_token_ids else None)
             completion.token_ids.extend(out.new_token_ids)
             completion.delta_token_ids = list(out.new_token_ids)
             if out.new_logprobs is not None and completion.logprobs is not None:

@@ -40,21 +40,24 @@ def paged_attention(
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_blocks].long()
-        keys = key_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()  # [seq_len, kv_heads, D]
-        values = value_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()
-        keys = keys.repeat_interleave(group_size, dim=1)  # [seq_len, num_heads, D]
-        values = values.repeat_interleave(group_size, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", query[start:end].float(), keys) * scale  # [heads, q_len, seq_len]
-        if soft_cap > 0:
-            scores = soft_cap * torch.tanh(scores / soft_cap)
+        keys = key_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]  # [seq_len, kv_heads, D]
+        values = value_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]
         query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
         key_pos = torch.arange(seq_len, device=query.device)[None, :]
-        visible = key_pos <= query_pos
+        visible = key_pos <= query_pos  # [q_len, seq_len]
         if sliding_window > 0:
             visible &= key_pos > query_pos - sliding_window
-        scores.masked_fill_(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(out.dtype)
+        q = query[start:end].float().transpose(0, 1)  # [num_heads, q_len, D]
+        k = keys.float().transpose(0, 1)  # [kv_heads, seq_len, D]
+        v = values.float().transpose(0, 1)
+        if soft_cap > 0:
+            k, v = k.repeat_interleave(group_size, dim=0), v.repeat_interleave(group_size, dim=0)
+            scores = soft_cap * torch.tanh(q @ k.transpose(1, 2) * scale / soft_cap)  # [num_heads, q_len, seq_len]
+            attended = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale,
+                                                      enable_gqa=group_size > 1)
+        out[start:end] = attended.transpose(0, 1).to(out.dtype)  # [q_len, num_heads, D]
     return out
 
 

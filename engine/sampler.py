@@ -1,0 +1,260 @@
+"""Logits -> next tokens (+ logprobs) for the rows of a batch that need one.
+
+The sampler owns the per-step sampling math; it does not know about the scheduler, the KV cache or stop checks.
+`SamplingMetadata.from_requests` turns the batch's requests into tensors, building only what some row uses, so a
+plain greedy batch costs an argmax.
+
+Order of operations in `Sampler.__call__`:
+  1. Logprobs, when any row asked for them, come from the RAW logits (log_softmax before any processing, like
+     vLLM's default), so they describe the model, not our sampling settings.
+  2. Logit bias is added.
+  3. min_tokens: rows with fewer than min_tokens outputs get their EOS and stop token ids masked to -inf.
+  4. Penalties: repetition (HF/vLLM: for tokens seen in prompt or output, positive logits are divided by the
+     penalty and negative ones multiplied), then frequency and presence over OUTPUT tokens only (OpenAI:
+     logit -= count * frequency + (count > 0) * presence).
+  5. Greedy rows (temperature 0) take the argmax of the logits from step 4.
+  6. Random rows: divide by temperature, mask with top-k then top-p then min-p, softmax.
+  7. Sample with the exponential race: argmax(probs / q), q ~ Exp(1). Seeded rows draw q from their own generator
+     row by row, so a seeded request samples the same token whatever else shares the batch; unseeded rows draw
+     from the global RNG in one call.
+Everything stays on the logits' device; nothing here waits for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling parameters as tensors on the sampling device. None means no row uses the feature."""
+
+    all_greedy: bool
+    all_random: bool
+    temperature: torch.Tensor | None  # [n] float32; 1.0 on greedy rows so that dividing is harmless
+    greedy_mask: torch.Tensor | None  # [n] bool; only when the batch mixes greedy and random rows
+    top_k: torch.Tensor | None  # [n] int64, 0 = no top-k
+    top_p: torch.Tensor | None  # [n] float32, 1.0 = no top-p
+    min_p: torch.Tensor | None  # [n] float32, 0.0 = no min-p
+    generators: list[torch.Generator | None]  # per row, None when unseeded
+    # Penalties. Token ids are padded with -1; prompt ids only exist when some row has a repetition penalty.
+    repetition_penalties: torch.Tensor | None  # [n] float32
+    frequency_penalties: torch.Tensor | None  # [n] float32
+    presence_penalties: torch.Tensor | None  # [n] float32
+    prompt_token_ids: torch.Tensor | None  # [n, max_prompt_len] int64
+    output_token_ids: torch.Tensor | None  # [n, max_output_len] int64
+    # Sparse (row, token id) lists: a handful of entries, never a [n, vocab] tensor.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
+    max_num_logprobs: int | None  # the largest `logprobs` over rows; None when no row wants logprobs
+
+    @classmethod
+    def from_requests(cls, requests: list[Request], device: torch.device) -> SamplingMetadata:
+        device = torch.device(device)
+        params = [r.sampling_params for r in requests]
+        greedy = [p.is_greedy for p in params]
+        all_greedy, all_random = all(greedy), not any(greedy)
+        random_params = [p for p in params if not p.is_greedy]
+
+        def column(values, dtype: torch.dtype) -> torch.Tensor:
+            return _to_device(torch.tensor(values, dtype=dtype), device)
+
+        def column_if(used: bool, values, dtype: torch.dtype) -> torch.Tensor | None:
+            return column(values, dtype) if used else None
+
+        needs_penalties = any(p.needs_penalties for p in params)
+        needs_prompt = any(p.repetition_penalty != 1.0 for p in params)
+
+        bias_entries = [(row, token_id, bias) for row, p in enumerate(params)
+                        for token_id, bias in (p.logit_bias or {}).items()]
+        banned = [(row, token_id) for row, r in enumerate(requests)
+                  if r.num_output_tokens < r.sampling_params.min_tokens
+                  for token_id in sorted(set(r.eos_token_ids) | set(r.sampling_params.stop_token_ids))]
+        logit_bias = min_tokens_mask = None
+        if bias_entries:
+            rows, token_ids, biases = zip(*bias_entries)
+            logit_bias = column(rows, torch.int64), column(token_ids, torch.int64), column(biases, torch.float32)
+        if banned:
+            rows, token_ids = zip(*banned)
+            min_tokens_mask = column(rows, torch.int64), column(token_ids, torch.int64)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+
+        return cls(
+            all_greedy=all_greedy,
+            all_random=all_random,
+            temperature=None if all_greedy else column([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                                       torch.float32),
+            greedy_mask=None if all_greedy or all_random else column(greedy, torch.bool),
+            top_k=column_if(any(p.top_k > 0 for p in random_params), [p.top_k for p in params], torch.int64),
+            top_p=column_if(any(p.top_p < 1.0 for p in random_params), [p.top_p for p in params], torch.float32),
+            min_p=column_if(any(p.min_p > 0.0 for p in random_params), [p.min_p for p in params], torch.float32),
+            generators=[r.generator(device) for r in requests],
+            repetition_penalties=column_if(needs_penalties, [p.repetition_penalty for p in params], torch.float32),
+            frequency_penalties=column_if(needs_penalties, [p.frequency_penalty for p in params], torch.float32),
+            presence_penalties=column_if(needs_penalties, [p.presence_penalty for p in params], torch.float32),
+            prompt_token_ids=_padded(
+                [r.prompt_token_ids for r in requests], device) if needs_prompt else None,
+            output_token_ids=_padded(
+                [r.output_token_ids for r in requests], device) if needs_penalties else None,
+            logit_bias=logit_bias,
+            min_tokens_mask=min_tokens_mask,
+            max_num_logprobs=max(logprobs) if logprobs else None,
+        )
+
+
+@dataclass
+class LogprobsTensors:
+    token_ids: torch.Tensor  # [n, k + 1] int64: the sampled (or target) token first, then the top k
+    logprobs: torch.Tensor  # [n, k + 1] float32
+    ranks: torch.Tensor  # [n] int64: rank of the first column's token, 1 = most likely
+
+    def tolists(self) -> tuple[list[list[int]], list[list[float]], list[int]]:
+        """(token ids, logprobs, ranks) as Python lists; this copies to the host, so call it once per step."""
+        return self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [n] int64
+    # k = max_num_logprobs over the batch; a row that asked for fewer keeps its first logprobs + 1 columns.
+    logprobs: LogprobsTensors | None
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        # logits: [n, vocab] float32; left untouched (every step below returns a new tensor).
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        if metadata.logit_bias is not None:
+            rows, token_ids, biases = metadata.logit_bias
+            logits = logits.index_put((rows, token_ids), biases, accumulate=True)
+        if metadata.min_tokens_mask is not None:
+            rows, token_ids = metadata.min_tokens_mask
+            # A filled tensor rather than a scalar one: copying a scalar to the device would wait for it.
+            logits = logits.index_put((rows, token_ids), torch.full_like(token_ids, float("-inf"), dtype=logits.dtype))
+        if metadata.output_token_ids is not None:
+            logits = apply_penalties(logits, metadata.prompt_token_ids, metadata.output_token_ids,
+                                     metadata.repetition_penalties, metadata.frequency_penalties,
+                                     metadata.presence_penalties)
+
+        sampled = _sample(logits, metadata)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Logprobs of each prompt position's next prompt token, plus the top `num_top`, from the raw logits.
+
+    logits: [n, vocab] for n prompt positions; target_token_ids: [n], the token that follows each position.
+    """
+    return _gather_logprobs(torch.log_softmax(logits, dim=-1), target_token_ids, num_top)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: torch.Tensor | None,
+    output_token_ids: torch.Tensor,
+    repetition_penalties: torch.Tensor,
+    frequency_penalties: torch.Tensor,
+    presence_penalties: torch.Tensor,
+) -> torch.Tensor:
+    """Repetition, frequency and presence penalties; token ids are [n, len] padded with -1.
+
+    prompt_token_ids may be None when no row has a repetition penalty: it is only needed for that one.
+    """
+    vocab_size = logits.shape[-1]
+    output_counts = _token_counts(output_token_ids, vocab_size)  # [n, vocab]
+    in_output = output_counts > 0
+    if prompt_token_ids is not None:
+        seen = in_output | (_token_counts(prompt_token_ids, vocab_size) > 0)
+        penalty = torch.where(seen, repetition_penalties.unsqueeze(1), 1.0)
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return (logits - output_counts * frequency_penalties.unsqueeze(1)
+            - in_output * presence_penalties.unsqueeze(1))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks to -inf all but each row's top_k logits (0 = no limit), then all but the smallest set of the rest whose
+    probability reaches top_p (the most likely token always stays). One sort serves both."""
+    if top_k is None and top_p is None:
+        return logits
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab]
+    positions = torch.arange(vocab_size, device=logits.device)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, vocab_size).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(positions >= k, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        # The mass of the strictly more likely tokens: a token goes once they alone reach top_p. It is 0 for the
+        # first token, so that one always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks tokens whose probability is below min_p times the row's top probability (compared as logits, which
+    needs no softmax: p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p))."""
+    if min_p is None:
+        return logits
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)  # log(0) = -inf keeps every token
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    greedy = None if metadata.all_random else logits.argmax(dim=-1)
+    if metadata.all_greedy:
+        return greedy
+
+    logits = logits / metadata.temperature.unsqueeze(1)
+    logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+    logits = apply_min_p(logits, metadata.min_p)
+    probs = logits.softmax(dim=-1)
+    q = torch.empty_like(probs)
+    if any(generator is None for generator in metadata.generators):
+        q.exponential_()
+    for row, generator in enumerate(metadata.generators):
+        if generator is not None:
+            q[row].exponential_(generator=generator)
+    sampled = probs.div_(q).argmax(dim=-1)
+    return sampled if greedy is None else torch.where(metadata.greedy_mask, greedy, sampled)
+
+
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    token_logprobs = logprobs.gather(-1, token_ids.unsqueeze(1))  # [n, 1]
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)  # [n, num_top]
+    return LogprobsTensors(
+        token_ids=torch.cat([token_ids.unsqueeze(1), top_ids], dim=1),
+        logprobs=torch.cat([token_logprobs, top_logprobs], dim=1),
+        ranks=(logprobs > token_logprobs).sum(dim=-1) + 1,
+    )
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, len] token ids padded with -1 -> [n, vocab] counts; padding lands in an extra column that is dropped."""
+    n = token_ids.shape[0]
+    counts = torch.zeros(n, vocab_size + 1, dtype=torch.int64, device=token_ids.device)
+    token_ids = torch.where(token_ids < 0, vocab_size, token_ids)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids))
+    return counts[:, :vocab_size]
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(map(len, rows))
+    return _to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # A copy from pinned memory can be asynchronous: it does not wait for the work already queued on the GPU.
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
