@@ -1,0 +1,251 @@
+"""Building blocks shared by the model files: tensor-parallel linears, embeddings, RMSNorm, RoPE, the gated MLP.
+
+Every linear is written for tensor parallelism: it holds only its rank's shard (`tp_rank` of `tp_size`) and each of
+its parameters carries a `weight_loader(param, loaded_weight, shard_id=None)` that cuts that shard out of a full HF
+tensor, so merged weights (q/k/v, gate/up) load straight from HF's separate tensors. The fused math goes through
+`kernels.<op>`, the backend switch; attention itself lives in `attention.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    """Copies a whole, unsharded tensor (norm weights, replicated biases)."""
+    _copy(param.data, loaded_weight)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    # copy_ would broadcast a wrong-shaped tensor without complaint.
+    if dst.shape != src.shape:
+        raise ValueError(f"shape mismatch: checkpoint has {tuple(src.shape)}, parameter shard wants {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} does not split evenly over tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+class _ParallelLinear(nn.Module):
+    """A linear layer whose weight [output_size, input_size] is split along `shard_dim` (0: output, 1: input)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, shard_dim: int, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.tp_rank, self.tp_size, self.shard_dim = tp_rank, tp_size, shard_dim
+        self.input_size = input_size if shard_dim == 0 else _divide(input_size, tp_size)
+        self.output_size = _divide(output_size, tp_size) if shard_dim == 0 else output_size
+        self.weight = nn.Parameter(torch.empty(self.output_size, self.input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.output_size), requires_grad=False)
+            # A row-parallel bias is not sharded: every rank holds all of it (and only rank 0 adds it).
+            self.bias.weight_loader = self.weight_loader if shard_dim == 0 else default_weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        size = param.shape[self.shard_dim]
+        _copy(param.data, loaded_weight.narrow(self.shard_dim, self.tp_rank * size, size))
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Splits the output features: each rank computes its slice of y, no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, output_size, bias, 0, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel linears on the same input in one weight (gate_proj + up_proj); shard_id is the index
+    into `output_sizes`. Each rank holds its slice of every part, so the parts stay side by side per rank."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0,
+                 tp_size: int = 1):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        offset = _divide(sum(self.output_sizes[:shard_id]), self.tp_size)
+        size = _divide(self.output_sizes[shard_id], self.tp_size)
+        _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q_proj, k_proj and v_proj in one weight [q_size + 2 * kv_size, hidden]; shard_id is "q", "k" or "v".
+
+    With more ranks than KV heads, each rank keeps one KV head and neighbouring ranks share (replicate) it.
+    """
+
+    def __init__(self, hidden_size: int, head_size: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.head_size = head_size
+        self.num_heads = _divide(num_heads, tp_size)
+        if tp_size >= num_kv_heads:
+            self.num_kv_heads, self.num_kv_replicas = 1, _divide(tp_size, num_kv_heads)
+        else:
+            self.num_kv_heads, self.num_kv_replicas = _divide(num_kv_heads, tp_size), 1
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp_size
+        super().__init__(hidden_size, output_size, bias, tp_rank, tp_size)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_size
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        offset, size, shard_index = {
+            "q": (0, self.q_size, self.tp_rank),
+            "k": (self.q_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
+            "v": (self.q_size + self.kv_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
+        }[shard_id]
+        _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, shard_index * size, size))
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Splits the input features: each rank multiplies its slice and the partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, output_size, bias, 1, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding split by vocabulary rows: rank r holds rows [r * n, (r + 1) * n), zero-padded at the end."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
+        self.num_rows = -(-vocab_size // tp_size)
+        self.row_start = tp_rank * self.num_rows
+        self.weight = nn.Parameter(torch.zeros(self.num_rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        shard = loaded_weight[self.row_start:self.row_start + self.num_rows]  # the last rank's shard may be short
+        _copy(param.data[:shard.shape[0]], shard)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        is_local = (input_ids >= self.row_start) & (input_ids < self.row_start + self.num_rows)
+        hidden = F.embedding((input_ids - self.row_start) * is_local, self.weight) * is_local[:, None]
+        dist.all_reduce(hidden)  # each token's row lives on exactly one rank
+        return hidden
+
+
+class LMHead(VocabEmbedding):
+    """Hidden states -> logits over the vocabulary; shares VocabEmbedding's sharding so tied weights line up."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden] -> [num_tokens, vocab]
+        logits = F.linear(hidden, self.weight)  # [num_tokens, num_rows]
+        if self.tp_size == 1:
+            return logits
+        shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
+        dist.all_gather(shards, logits)
+        return torch.cat(shards, dim=-1)[:, :self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm scaling by (weight + weight_offset); Gemma stores weight - 1, so it passes weight_offset=1.0.
+
+    Given a residual, it adds it first (fused) and returns (normalized, new residual).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, weight_offset: float = 0.0):
+        super().__init__()
+        self.eps, self.weight_offset = eps, weight_offset
+        # Initialized to the identity scale, so a norm left unloaded (dummy weights) passes values through.
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps, self.weight_offset)
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
+
+def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim / 2] in float32, computed as transformers' ROPE_INIT_FUNCTIONS do."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    inv_freq = 1.0 / (base ** exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        return _llama3_inv_freq(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
+    raise ValueError(f"unsupported rope type {scaling['rope_type']!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                     original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k in place with a float32 cos/sin table, in the neox (rotate-half) layout HF Llama uses."""
+
+    def __init__(self, rotary_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None = None):
+        super().__init__()
+        inv_freq = rope_inv_freq(rotary_dim, base, scaling)  # [rotary_dim / 2]
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [max_position, rotary_dim / 2]
+        # [max_position, rotary_dim]: cos in the first half, sin in the second
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+        # query [num_tokens, num_heads, head_size], key [num_tokens, num_kv_heads, head_size]
+        kernels.rotary_embedding(positions, query, key, self.cos_sin_cache, is_neox=True)
+
+
+_ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": kernels.silu_and_mul,
+    "gelu_pytorch_tanh": kernels.gelu_tanh_and_mul,
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up merged into one column-parallel weight."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        if hidden_act not in _ACT_AND_MUL:
+            raise ValueError(f"unsupported hidden_act {hidden_act!r}; expected one of {', '.join(_ACT_AND_MUL)}")
+        self.act_and_mul = _ACT_AND_MUL[hidden_act]
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate / tp]
+        return self.down_proj(self.act_and_mul(gate_up))  # [num_tokens, hidden]

@@ -1,0 +1,205 @@
+"""The Llama decoder, which also runs Mistral, Qwen2 and Qwen3: their differences are config flags
+(`qkv_bias`, `qk_norm`, `layer_sliding_windows`, `rope_scaling`), not code.
+
+A forward pass takes one flat batch of tokens from many sequences (no batch dimension); `AttentionMetadata` says
+which sequence each token belongs to and where its K/V goes. Also home of `load_weights`, the HF-name mapping every
+model here shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.models.attention import Attention, AttentionMetadata
+from engine.models.config import ModelConfig
+from engine.models.layers import (
+    GatedMLP,
+    LMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabEmbedding,
+    default_weight_loader,
+)
+
+# HF tensor name part -> (our merged parameter name part, shard id for its weight_loader).
+_MERGED_SHARDS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Buffers some older checkpoints saved; we recompute them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class LlamaAttention(nn.Module):
+    """q/k/v projection, optional per-head q/k RMSNorm, RoPE, paged attention, output projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.head_size = config.head_size
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_size, config.num_heads,
+                                          config.num_kv_heads, config.qkv_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_size, config.hidden_size,
+                                        config.o_proj_bias, tp_rank, tp_size)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_size, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary_emb = rotary_emb  # one module shared by every layer: the cos/sin table exists once
+        self.attn = Attention(self.num_heads, self.num_kv_heads, config.head_size, config.attention_scale,
+                              config.layer_sliding_windows[layer_idx], config.attn_logit_softcapping)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_size)  # [num_tokens, num_heads, head_size]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_size)  # [num_tokens, num_kv_heads, head_size]
+        if self.qk_norm:
+            # The norm runs over each head's head_size features: [num_tokens * heads, head_size] and back.
+            q = self.q_norm(q.reshape(-1, self.head_size)).view(num_tokens, self.num_heads, self.head_size)
+            k = self.k_norm(k.reshape(-1, self.head_size)).view(num_tokens, self.num_kv_heads, self.head_size)
+        self.rotary_emb(positions, q, k)  # in place
+        out = self.attn(q, k, v, metadata)  # [num_tokens, num_heads * head_size]
+        return self.o_proj(out)  # [num_tokens, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, tp_rank, tp_size)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias,
+                            tp_rank, tp_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. Subclasses swap the layer class, norm offset and embedding scale."""
+
+    decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
+    norm_weight_offset = 0.0
+
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        # RoPE only needs positions below max_model_len, so the table stops there.
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.max_model_len, config.rope_theta,
+                                          config.rope_scaling)
+        self.layers = nn.ModuleList(
+            self.decoder_layer_cls(config, i, self.rotary_emb, tp_rank, tp_size) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.norm_weight_offset)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # [num_tokens, hidden]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # [num_tokens, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    """The served model: forward to hidden states, compute_logits for the rows the sampler needs."""
+
+    model_cls: type[LlamaModel] = LlamaModel
+
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.config = config
+        self.model = self.model_cls(config, tp_rank, tp_size)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> hidden [num_tokens, hidden]."""
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> float32 logits [n, vocab], soft-capped where the model asks for it (Gemma 2)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads HF-named tensors through each parameter's weight_loader; every parameter (and every merged shard)
+        must be filled exactly from the checkpoint, and every checkpoint tensor must land somewhere."""
+        params = dict(self.named_parameters())  # tied lm_head.weight is the same object, listed once
+        loaded: set[tuple[str, object]] = set()
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            name, shard_id = _our_name(hf_name)
+            if name not in params:
+                raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint for {self.config.architecture}")
+            param = params[name]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                weight_loader(param, tensor, shard_id)
+            except ValueError as error:
+                raise ValueError(f"cannot load {hf_name!r}: {error}") from error
+            loaded.add((name, shard_id))
+        missing = _expected_loads(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) for {self.config.architecture}: "
+                             + ", ".join(sorted(_hf_name(name, shard) for name, shard in missing)))
+
+
+def _our_name(hf_name: str) -> tuple[str, object]:
+    """model.layers.0.self_attn.k_proj.weight -> (model.layers.0.self_attn.qkv_proj.weight, "k")."""
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts):
+        if part in _MERGED_SHARDS:
+            parts[i], shard_id = _MERGED_SHARDS[part]
+            return ".".join(parts), shard_id
+    return hf_name, None
+
+
+def _hf_name(name: str, shard_id: object) -> str:
+    """The inverse of _our_name, for error messages."""
+    for hf_part, (part, shard) in _MERGED_SHARDS.items():
+        if shard == shard_id and f".{part}." in name:
+            return name.replace(f".{part}.", f".{hf_part}.")
+    return name
+
+
+def _expected_loads(params: dict[str, nn.Parameter]) -> set[tuple[str, object]]:
+    """Every (parameter, shard id) pair a complete checkpoint fills."""
+    shards_of = {}
+    for part, shard_id in _MERGED_SHARDS.values():
+        shards_of.setdefault(part, []).append(shard_id)
+    expected = set()
+    for name in params:
+        merged = next((part for part in shards_of if f".{part}." in name), None)
+        expected.update((name, shard) for shard in (shards_of[merged] if merged else [None]))
+    return expected
