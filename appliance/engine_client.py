@@ -1,0 +1,169 @@
+"""The supervisor's handle on one engine process: start it, send requests, stream their outputs back.
+
+Detokenizing, stop strings and n-sample gathering happen here (the engine's `OutputProcessor`), off the engine's
+step loop. Each request has an asyncio queue of `RequestOutput` snapshots; a request whose consumer goes away is
+aborted in the engine. When the process dies every in-flight request fails at once with `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+import dataclasses
+
+from appliance import ipc
+from engine.config import EngineConfig
+from engine.output_processor import OutputProcessor, RequestOutput
+from engine.outputs import SchedulerStats
+from engine.sampling_params import InvalidParameterError, SamplingParams
+
+logger = logging.getLogger("kvbox.supervisor")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process died or stopped answering while requests were in flight."""
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, name: str, engine_config: EngineConfig, tokenizer, replica: int = 0,
+                 env: dict[str, str] | None = None, on_step: Callable[[ipc.StepOutputs], None] | None = None):
+        self.name = name
+        self.engine_config = engine_config
+        self.tokenizer = tokenizer
+        self.replica = replica
+        self.env = env or {}
+        self.on_step = on_step
+        self.info: ipc.EngineReady | None = None
+        self.stats: SchedulerStats | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self._channel: ipc.AsyncChannel | None = None
+        self._reader: asyncio.Task | None = None
+        self._inflight: dict[str, asyncio.Queue] = {}  # request id -> its RequestOutput snapshots
+        self._output_processor = OutputProcessor(tokenizer)
+        self.dead = asyncio.Event()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self, timeout_s: float = 600.0) -> ipc.EngineReady:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {**os.environ, **self.env}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "appliance.engine_process", str(child_sock.fileno()),
+            pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
+        child_sock.close()
+        self._channel = await ipc.AsyncChannel.open(parent_sock)
+        self._channel.send(ipc.StartEngine(self.engine_config))
+        try:
+            payload = await asyncio.wait_for(self._channel.recv(), timeout_s)
+        except TimeoutError:
+            await self.kill()
+            raise EngineStartError(f"{self.name}: engine not ready after {timeout_s:.0f} s") from None
+        message = ipc.decode_from_engine(payload) if payload is not None else None
+        if not isinstance(message, ipc.EngineReady):
+            await self.kill()
+            reason = message.message if isinstance(message, ipc.EngineFailed) else "the engine process exited"
+            raise EngineStartError(f"{self.name}: {reason}")
+        self.info = message
+        self._reader = asyncio.create_task(self._read_loop(), name=f"engine-reader-{self.name}-{self.replica}")
+        return message
+
+    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields snapshots of the request's output as it grows; the last one is finished."""
+        if self.dead.is_set() or self._channel is None:
+            raise EngineDeadError(f"model {self.name!r} is not running")
+        if request_id in self._inflight:
+            raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._inflight[request_id] = outputs
+        self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
+        self._channel.send(ipc.AddRequest(request_id, prompt_token_ids, params, priority))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._inflight.pop(request_id, None)
+            if not finished:
+                self._output_processor.abort(request_id)
+                if not self.dead.is_set() and self._channel is not None:
+                    self._channel.send(ipc.AbortRequests([request_id]))
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self._channel is not None and self.process.returncode is None:
+            try:
+                self._channel.send(ipc.Shutdown())
+            except (ConnectionError, RuntimeError):
+                pass
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout_s)
+        except TimeoutError:
+            await self.kill()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._channel is not None:
+            self._channel.close()
+
+    async def _read_loop(self) -> None:
+        try:
+            while (payload := await self._channel.recv()) is not None:
+                self._dispatch(ipc.decode_from_engine(payload))
+        except Exception:
+            logger.exception("%s: reading from the engine failed", self.name)
+        finally:
+            self._fail_all(EngineDeadError(f"the engine of model {self.name!r} stopped"))
+            self.dead.set()
+            await self.kill()
+
+    def _dispatch(self, message: ipc.FromEngine) -> None:
+        if isinstance(message, ipc.StepOutputs):
+            if message.stats is not None:
+                self.stats = message.stats
+            if self.on_step is not None:
+                self.on_step(message)
+            request_outputs, to_stop = self._output_processor.process(message.outputs)
+            if to_stop:
+                self._channel.send(ipc.FinishSamples(to_stop))
+            for output in request_outputs:
+                outputs = self._inflight.get(output.request_id)
+                if outputs is not None:
+                    # A snapshot: the processor keeps mutating its own objects on later steps.
+                    outputs.put_nowait(dataclasses.replace(output, outputs=[copy.copy(c) for c in output.outputs]))
+        elif isinstance(message, ipc.RequestRejected):
+            outputs = self._inflight.get(message.request_id)
+            self._output_processor.abort(message.request_id)
+            if outputs is not None:
+                outputs.put_nowait(InvalidParameterError(message.param, message.message))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, outputs in list(self._inflight.items()):
+            self._output_processor.abort(request_id)
+            outputs.put_nowait(error)

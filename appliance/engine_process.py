@@ -1,0 +1,126 @@
+"""The engine process: one per model replica, started by the supervisor as `python -m appliance.engine_process FD`.
+
+It builds an `EngineCore` from the `StartEngine` message, reports `EngineReady`, then loops: take in whatever
+messages arrived, run one step when any request is unfinished, send its outputs back. A reader thread decodes
+incoming frames so that the step loop never blocks on the socket while it has work; when the supervisor goes away
+(the socket closes) the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+
+import kernels
+from appliance import ipc
+from engine.core import EngineCore
+from engine.request import RequestStatus
+from engine.sampling_params import InvalidParameterError
+
+logger = logging.getLogger("kvbox.engine")
+STATS_INTERVAL_S = 0.25
+_CLOSED = object()
+
+
+class EngineLoop:
+    def __init__(self, channel: ipc.BlockingChannel, core: EngineCore):
+        self.channel = channel
+        self.core = core
+        self.inbox: queue.Queue = queue.Queue()
+        self._last_stats = 0.0
+        self._running = True
+
+    def read_forever(self) -> None:
+        try:
+            while (payload := self.channel.recv()) is not None:
+                self.inbox.put(ipc.decode_to_engine(payload))
+        finally:
+            self.inbox.put(_CLOSED)
+
+    def run(self) -> None:
+        while self._running:
+            idle = not self.core.has_unfinished_requests()
+            self._handle_inbox(block=idle)
+            if self._running and self.core.has_unfinished_requests():
+                start = time.perf_counter()
+                outputs = self.core.step()
+                self._send_outputs(outputs, time.perf_counter() - start)
+
+    def _handle_inbox(self, block: bool) -> None:
+        try:
+            message = self.inbox.get(timeout=STATS_INTERVAL_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            if block:  # idle: keep the supervisor's view of the cache fresh
+                self._send_outputs([], 0.0, force_stats=True)
+            return
+        while True:
+            self._handle(message)
+            if not self._running:
+                return
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, message) -> None:
+        if message is _CLOSED or isinstance(message, ipc.Shutdown):
+            self._running = False
+        elif isinstance(message, ipc.AddRequest):
+            try:
+                self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
+                                      priority=message.priority, cache_salt=message.cache_salt)
+            except InvalidParameterError as e:
+                self.channel.send(ipc.RequestRejected(message.request_id, e.param, e.message))
+        elif isinstance(message, ipc.AbortRequests):
+            self._send_outputs(self.core.abort_requests(message.request_ids), 0.0)
+        elif isinstance(message, ipc.FinishSamples):
+            self.core.finish_requests(message.sample_ids, RequestStatus.FINISHED_STOPPED)
+
+    def _send_outputs(self, outputs, step_seconds: float, force_stats: bool = False) -> None:
+        now = time.monotonic()
+        stats = None
+        if force_stats or now - self._last_stats >= STATS_INTERVAL_S:
+            stats, self._last_stats = self.core.stats(), now
+        if outputs or stats is not None:
+            self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    channel = ipc.BlockingChannel(socket.socket(fileno=int(argv[0])))
+    payload = channel.recv()
+    if payload is None:
+        return 1
+    start = ipc.decode_to_engine(payload)
+    assert isinstance(start, ipc.StartEngine), start
+    try:
+        core = EngineCore(start.engine_config)
+    except Exception as e:  # a model that cannot load is reported, not silently retried
+        logger.exception("engine failed to start")
+        channel.send(ipc.EngineFailed(f"{type(e).__name__}: {e}"))
+        return 1
+    channel.send(ipc.EngineReady(
+        vocab_size=core.vocab_size,
+        max_model_len=core.max_model_len,
+        eos_token_ids=sorted(core.eos_token_ids),
+        num_kv_blocks=core.kv_manager.pool.num_blocks,
+        block_size=core.config.block_size,
+        device=str(core.device),
+        dtype=str(core.model_config.dtype).removeprefix("torch."),
+        kernel_backend=kernels.backend_name(),
+    ))
+    loop = EngineLoop(channel, core)
+    threading.Thread(target=loop.read_forever, name="ipc-reader", daemon=True).start()
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    # os._exit: skip interpreter teardown (CUDA contexts, daemon threads) once the loop has ended.
+    os._exit(main())

@@ -1,0 +1,144 @@
+"""Every message that crosses the boundary between the supervisor and an engine process, and their framing.
+
+Messages are msgspec Structs (tagged unions), encoded as msgpack and sent as length-prefixed frames over a Unix
+socket pair that the supervisor creates and hands to the engine process as an inherited file descriptor. Nothing is
+pickled and nothing listens on a network port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import msgspec
+
+from engine.config import EngineConfig
+from engine.outputs import EngineCoreOutput, SchedulerStats
+from engine.sampling_params import SamplingParams
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 256 << 20
+
+
+# ---- supervisor -> engine ----
+class StartEngine(msgspec.Struct, tag=True):
+    engine_config: EngineConfig
+
+
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class AbortRequests(msgspec.Struct, tag=True):
+    request_ids: list[str]  # parent request ids
+
+
+class FinishSamples(msgspec.Struct, tag=True):
+    sample_ids: list[str]  # samples the front end found finished (a stop string)
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# ---- engine -> supervisor ----
+class EngineReady(msgspec.Struct, tag=True):
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    block_size: int
+    device: str
+    dtype: str
+    kernel_backend: str
+
+
+class StepOutputs(msgspec.Struct, tag=True):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats | None = None  # attached at most a few times a second
+    step_seconds: float = 0.0
+
+
+class RequestRejected(msgspec.Struct, tag=True):
+    request_id: str
+    param: str
+    message: str
+
+
+class EngineFailed(msgspec.Struct, tag=True):
+    message: str
+
+
+ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | Shutdown
+FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_from_engine = msgspec.msgpack.Decoder(FromEngine)
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_to_engine(payload: bytes) -> ToEngine:
+    return _to_engine.decode(payload)
+
+
+def decode_from_engine(payload: bytes) -> FromEngine:
+    return _from_engine.decode(payload)
+
+
+class BlockingChannel:
+    """The engine process's end: blocking reads (on a reader thread) and writes of whole frames."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._file = sock.makefile("rb")
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.sock.sendall(frame(message))
+
+    def recv(self) -> bytes | None:
+        """The next frame's payload, or None when the other end has closed."""
+        header = self._file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack(header)
+        if size > MAX_FRAME_BYTES:
+            raise ValueError(f"frame of {size} bytes exceeds the limit")
+        payload = self._file.read(size)
+        return payload if len(payload) == size else None
+
+
+class AsyncChannel:
+    """The supervisor's end, on asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> AsyncChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME_BYTES)
+        return cls(reader, writer)
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.writer.write(frame(message))
+
+    async def recv(self) -> bytes | None:
+        try:
+            header = await self.reader.readexactly(_HEADER.size)
+            (size,) = _HEADER.unpack(header)
+            return await self.reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,208 @@
+"""The supervisor: one engine process per model replica — start, wait for ready, watch, restart, drain, reload.
+
+It runs in the HTTP server's process and event loop. Routes ask it for a model by name (`get`) and send requests to
+the least-loaded ready replica. When an engine dies its in-flight requests fail at once (the engine client does
+that), the model shows as restarting and comes back after a backoff; a model that keeps crashing is marked failed
+and stays so until the config is reloaded. Other models are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from appliance.config import AppConfig, ModelSpec
+from appliance.engine_client import EngineClient, EngineStartError
+from appliance.sources import resolve_source
+from engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger("kvbox.supervisor")
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+MAX_CRASHES = 5  # within CRASH_WINDOW_S, then the model is marked failed
+CRASH_WINDOW_S = 300.0
+
+
+class ModelStatus(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model exists but cannot take requests now (loading, restarting, failed, draining)."""
+
+    def __init__(self, name: str, status: ModelStatus):
+        super().__init__(f"model {name!r} is {status.value}")
+        self.status = status
+
+
+@dataclass
+class ModelRuntime:
+    spec: ModelSpec
+    status: ModelStatus = ModelStatus.LOADING
+    model_path: str | None = None
+    tokenizer: object = None
+    replicas: list[EngineClient] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    restarts: int = 0
+    crash_times: deque = field(default_factory=lambda: deque(maxlen=MAX_CRASHES))
+    errors: deque = field(default_factory=lambda: deque(maxlen=20))  # (unix time, message)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_inflight(self) -> int:
+        return sum(r.num_inflight for r in self.replicas)
+
+    @property
+    def info(self):
+        return next((r.info for r in self.replicas if r.info is not None), None)
+
+    def pick_replica(self) -> EngineClient:
+        if self.status is not ModelStatus.READY:
+            raise ModelUnavailableError(self.name, self.status)
+        live = [r for r in self.replicas if r.info is not None and not r.dead.is_set()]
+        if not live:
+            raise ModelUnavailableError(self.name, ModelStatus.RESTARTING)
+        return min(live, key=lambda r: r.num_inflight)
+
+    def record_error(self, message: str) -> None:
+        logger.error("%s: %s", self.name, message)
+        self.errors.append((time.time(), message))
+
+
+class Supervisor:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.models: dict[str, ModelRuntime] = {}
+        self.draining = False
+
+    async def start(self) -> None:
+        """Starts every model and waits until each is ready or has failed."""
+        await asyncio.gather(*(self._add_model(spec) for spec in self.config.models))
+
+    @property
+    def is_ready(self) -> bool:
+        return bool(self.models) and all(m.status is ModelStatus.READY for m in self.models.values())
+
+    def get(self, name: str) -> ModelRuntime:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(name)
+        return model
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stops taking requests, lets in-flight ones finish (up to the timeout), then stops every engine."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        for model in self.models.values():
+            model.status = ModelStatus.DRAINING
+        while any(m.num_inflight for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(self._stop_model(m) for m in list(self.models.values())))
+
+    async def reload(self, config: AppConfig) -> dict[str, list[str]]:
+        """Starts added models, stops removed ones, restarts changed ones; leaves the rest alone."""
+        old = {spec.name: spec for spec in self.config.models}
+        new = {spec.name: spec for spec in config.models}
+        removed = [n for n in old if n not in new]
+        added = [n for n in new if n not in old]
+        changed = [n for n in new if n in old and new[n] != old[n]]
+        self.config = config
+        await asyncio.gather(*(self._stop_model(self.models[n]) for n in removed + changed if n in self.models))
+        await asyncio.gather(*(self._add_model(new[n]) for n in added + changed))
+        return {"added": added, "removed": removed, "restarted": changed,
+                "unchanged": [n for n in new if n not in added and n not in changed]}
+
+    # ---- internals ----
+    async def _add_model(self, spec: ModelSpec) -> None:
+        model = ModelRuntime(spec)
+        self.models[spec.name] = model
+        try:
+            model.model_path = await asyncio.to_thread(resolve_source, spec.source)
+            model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
+        except Exception as e:
+            model.record_error(f"cannot load {spec.source!r}: {e}")
+            model.status = ModelStatus.FAILED
+            return
+        engine_config = spec.to_engine_config(model.model_path)
+        model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i,
+                                       env=_replica_env(spec, i)) for i in range(spec.parallelism.data)]
+        results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
+        if model.status is ModelStatus.LOADING:
+            model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
+        model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
+                       for r in model.replicas if r.info is not None]
+
+    async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> bool:
+        try:
+            info = await client.start()
+        except EngineStartError as e:
+            model.record_error(str(e))
+            return False
+        logger.info("%s[%d]: ready on %s (%s, %d KV blocks, %s kernels)", model.name, client.replica, info.device,
+                    info.dtype, info.num_kv_blocks, info.kernel_backend)
+        return True
+
+    async def _watch(self, model: ModelRuntime, client: EngineClient) -> None:
+        """Restarts a replica whenever its process dies, with backoff, until it crashes too often."""
+        while True:
+            await client.dead.wait()
+            if model.status in (ModelStatus.DRAINING, ModelStatus.STOPPED):
+                return
+            code = client.process.returncode if client.process else None
+            model.record_error(f"engine replica {client.replica} exited (code {code})")
+            now = time.monotonic()
+            model.crash_times.append(now)
+            if len(model.crash_times) == MAX_CRASHES and now - model.crash_times[0] < CRASH_WINDOW_S:
+                model.status = ModelStatus.FAILED
+                model.record_error(f"crashed {MAX_CRASHES} times in {CRASH_WINDOW_S:.0f} s; marked failed")
+                return
+            model.status = ModelStatus.RESTARTING
+            delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
+            await asyncio.sleep(delay)
+            replacement = EngineClient(client.name, client.engine_config, client.tokenizer, client.replica,
+                                       client.env)
+            model.replicas[model.replicas.index(client)] = replacement
+            client = replacement
+            model.restarts += 1
+            if await self._start_replica(model, client):
+                if all(r.info is not None and not r.dead.is_set() for r in model.replicas):
+                    model.status = ModelStatus.READY
+            else:
+                client.dead.set()  # counts as another crash on the next turn
+
+    async def _stop_model(self, model: ModelRuntime) -> None:
+        model.status = ModelStatus.STOPPED
+        for task in model.tasks:
+            task.cancel()
+        await asyncio.gather(*(r.shutdown() for r in model.replicas), return_exceptions=True)
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+
+
+def _replica_env(spec: ModelSpec, replica: int) -> dict[str, str]:
+    """Pins each data-parallel replica to its own GPUs when the config names them."""
+    if not spec.gpu_ids:
+        return {}
+    per_replica = len(spec.gpu_ids) // spec.parallelism.data
+    ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}

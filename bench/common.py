@@ -1,0 +1,124 @@
+"""Shared pieces of the benchmarks: model shapes, the card's measured limits, the peer (transformers), reporting.
+
+All benchmarks run on random weights at real shapes (`load_format: dummy`), so they need no checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "rope_theta": 500000.0, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "torch_dtype": "bfloat16",
+    },
+    "tiny-llama": {  # the CPU smoke test's shape
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    },
+}
+
+
+def shape_folder(shape: str) -> str:
+    """A folder holding only the shape's config.json: enough for `load_format: dummy`."""
+    folder = Path(tempfile.mkdtemp(prefix=f"kvbox-{shape}-"))
+    (folder / "config.json").write_text(json.dumps(SHAPES[shape]))
+    return str(folder)
+
+
+def num_parameters(shape: str) -> int:
+    c = SHAPES[shape]
+    h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    q = c["num_attention_heads"] * c["head_dim"]
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    return layers * per_layer + vocab * h * (1 if c["tie_word_embeddings"] else 2) + h
+
+
+def kv_bytes_per_token(shape: str, element_size: int = 2) -> int:
+    c = SHAPES[shape]
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * element_size
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab_size - 10) for _ in range(length)] for _ in range(num)]
+
+
+def measure_card() -> dict[str, float]:
+    """The card's measured device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy_s = _median_cuda_seconds(lambda: y.copy_(x))
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = _median_cuda_seconds(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * (2 << 30) / copy_s, "bf16_flops_per_s": 2 * 8192**3 / mm_s,
+            "name": torch.cuda.get_device_name()}
+
+
+def _median_cuda_seconds(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def peer_model(shape: str):
+    """transformers' own Llama on random weights at the same shape, on the GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(shape_folder(shape))
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def peer_generate(model, prompts: list[list[int]], output_len: int, batch_size: int) -> float:
+    """Static batches through `generate`, no early stop; returns seconds."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = torch.tensor(prompts[i:i + batch_size], device="cuda")
+        with torch.no_grad():
+            model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peer_generate_batch(model, prompts: list[list[int]], output_len: int) -> float:
+    """transformers' continuous batching (`generate_batch`); returns seconds."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate_batch(prompts, generation_config=config)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -1,0 +1,91 @@
+"""Single-request latency: one request at a time, IN random tokens in, OUT tokens out (no early stop).
+
+    python bench/latency.py --shape llama-3.1-8b --input-len 128 --output-len 128 --peer
+    python bench/latency.py --shape tiny-llama --device cpu --iters 2  # smoke
+
+Prints the time to first token and the decode rate (tokens/s after the first) for kvbox, and with --peer for
+transformers' `generate` at batch 1; on a GPU, the batch-1 decode roofline (weight bytes over the copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import SHAPES, measure_card, num_parameters, peer_generate, peer_model, random_prompts, shape_folder  # noqa: E402,E501
+from engine.config import EngineConfig  # noqa: E402
+from engine.core import EngineCore  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def run_kvbox(args, prompts) -> tuple[float, float]:
+    """Median time to first token (s) and decode tokens/s."""
+    core = EngineCore(EngineConfig(
+        model=shape_folder(args.shape), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
+        device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
+        max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len)))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    ttfts, rates = [], []
+    for i, prompt in enumerate(prompts):
+        _sync(args.device)
+        start = time.perf_counter()
+        core.add_request(str(i), prompt, params)
+        core.step()
+        _sync(args.device)
+        first = time.perf_counter()
+        while core.has_unfinished_requests():
+            core.step()
+        _sync(args.device)
+        end = time.perf_counter()
+        if i > 0:  # the first request warms up
+            ttfts.append(first - start)
+            rates.append((args.output_len - 1) / (end - first))
+    return statistics.median(ttfts), statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--peer", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    prompts = random_prompts(args.iters + 1, args.input_len, SHAPES[args.shape]["vocab_size"])
+    ttft, rate = run_kvbox(args, prompts)
+    print(f"kvbox: time to first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tokens/s")
+    results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate}}
+    if args.device.startswith("cuda"):
+        card = measure_card()
+        bound = card["copy_bytes_per_s"] / (num_parameters(args.shape) * 2)
+        print(f"roofline: {bound:.1f} tokens/s at batch 1 ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} "
+              f"TB/s copy); kvbox reaches {rate / bound:.0%}")
+        results["roofline"] = {"decode_tokens_per_s": bound, "card": card}
+    if args.peer:
+        model = peer_model(args.shape)
+        peer_generate(model, prompts[:1], args.output_len, 1)  # warm-up
+        seconds = peer_generate(model, prompts[1:3], args.output_len, 1) / 2
+        print(f"transformers generate (batch 1): {args.output_len / seconds:.1f} tokens/s (prefill included)")
+        results["peer"] = {"tokens_per_s": args.output_len / seconds}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Offline throughput: N prompts of IN random tokens and OUT output tokens each (no early stop).
+
+    python bench/throughput.py --shape llama-3.1-8b --num-prompts 200 --input-len 1024 --output-len 128 --peer
+    python bench/throughput.py --shape tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
+
+Prints requests/s, output tokens/s and total tokens/s for kvbox; with --peer, the same workload through
+transformers' `generate` (static batches) and `generate_batch` (continuous batching) in the same run; on a GPU, the
+roofline for the workload from the card's measured copy bandwidth and matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import (SHAPES, kv_bytes_per_token, measure_card, num_parameters, peer_generate,  # noqa: E402
+                          peer_generate_batch, peer_model, random_prompts, shape_folder)
+from engine.config import EngineConfig  # noqa: E402
+from engine.core import EngineCore  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def run_kvbox(args, prompts) -> float:
+    dtype = SHAPES[args.shape]["torch_dtype"]
+    core = EngineCore(EngineConfig(
+        model=shape_folder(args.shape), load_format="dummy", dtype=dtype, device=args.device,
+        max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    warmup = random_prompts(2, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
+    for i, prompt in enumerate(warmup):
+        core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while core.has_unfinished_requests():
+        core.step()
+    _sync(args.device)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        core.add_request(str(i), prompt, params)
+    num_output = 0
+    while core.has_unfinished_requests():
+        num_output += sum(len(o.new_token_ids) for o in core.step())
+    _sync(args.device)
+    elapsed = time.perf_counter() - start
+    assert num_output == len(prompts) * args.output_len, num_output
+    return elapsed
+
+
+def report(name: str, seconds: float, args) -> dict:
+    n = args.num_prompts
+    row = {"system": name, "seconds": round(seconds, 2), "requests_per_s": round(n / seconds, 2),
+           "output_tokens_per_s": round(n * args.output_len / seconds, 1),
+           "total_tokens_per_s": round(n * (args.input_len + args.output_len) / seconds, 1)}
+    print(f"{name:28s} {row['requests_per_s']:8.2f} req/s {row['output_tokens_per_s']:10.1f} out tok/s "
+          f"{row['total_tokens_per_s']:10.1f} total tok/s  ({seconds:.1f} s)")
+    return row
+
+
+def roofline(args, card) -> dict:
+    """Lower bounds on the workload's time: FLOPs at the matmul rate; weights read once per decode step at the
+    largest batch plus each token's K/V read once per later token, at the copy bandwidth."""
+    params = num_parameters(args.shape)
+    n, i, o = args.num_prompts, args.input_len, args.output_len
+    flops = 2 * params * n * (i + o)
+    steps = o * -(-n // args.max_num_seqs)
+    kv_reads = n * o * (i + o / 2) * kv_bytes_per_token(args.shape)
+    bytes_moved = steps * params * 2 + kv_reads
+    compute_s, memory_s = flops / card["bf16_flops_per_s"], bytes_moved / card["copy_bytes_per_s"]
+    bound = max(compute_s, memory_s)
+    print(f"roofline: compute {compute_s:.2f} s, memory {memory_s:.2f} s -> at best {n / bound:.1f} req/s "
+          f"({card['name']}: {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
+          f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16)")
+    return {"compute_s": compute_s, "memory_s": memory_s, "requests_per_s": n / bound, "card": card}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
+    parser.add_argument("--peer-batch-size", type=int, default=64)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    prompts = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"])
+    results = {"args": vars(args), "rows": [report("kvbox", run_kvbox(args, prompts), args)]}
+    if args.device.startswith("cuda"):
+        results["roofline"] = roofline(args, measure_card())
+    if args.peer:
+        import torch
+
+        torch.cuda.empty_cache()
+        model = peer_model(args.shape)
+        results["rows"].append(report(f"transformers generate (bs {args.peer_batch_size})",
+                                      peer_generate(model, prompts, args.output_len, args.peer_batch_size), args))
+        results["rows"].append(report("transformers generate_batch",
+                                      peer_generate_batch(model, prompts, args.output_len), args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The benchmarks run end to end on the CPU with a tiny shape (their real figures come from the GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script, tmp_path, *args):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--shape", "tiny-llama", "--device", "cpu",
+                    "--json", str(out), *args], check=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_throughput_smoke(tmp_path):
+    result = run_bench("throughput.py", tmp_path, "--num-prompts", "6", "--input-len", "24", "--output-len", "5")
+    (row,) = result["rows"]
+    assert row["system"] == "kvbox" and row["requests_per_s"] > 0 and row["output_tokens_per_s"] > 0
+
+
+def test_latency_smoke(tmp_path):
+    result = run_bench("latency.py", tmp_path, "--iters", "2", "--input-len", "16", "--output-len", "6")
+    assert result["kvbox"]["decode_tokens_per_s"] > 0 and result["kvbox"]["ttft_ms"] > 0
