@@ -32,6 +32,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     kernel_backend: str = "auto"  # auto, torch, triton
+    cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
 
     def __post_init__(self) -> None:

@@ -50,6 +50,7 @@ class EngineCore:
                 f"max_model_len={self.max_model_len} needs ({blocks_per_seq}); give it more memory or lower "
                 f"max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,

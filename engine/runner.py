@@ -7,9 +7,15 @@ each step writes a prefix of each buffer.
 
 The runner also owns the KV cache tensors: it sizes them (after a profiling forward on the GPU) and binds one
 [2, num_blocks, block_size, num_kv_heads, head_size] tensor to each attention layer.
+
+On CUDA, decode-only steps replay CUDA graphs captured at start-up, one per batch-size bucket: the batch is padded
+to the bucket with one-token dummy sequences that write nowhere (slot -1) and read one cached token, so the graph's
+shapes never change. Graphs remove the per-kernel launch cost that dominates small decode batches.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import numpy as np
 import torch
@@ -51,6 +57,11 @@ class ModelRunner:
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((max_seqs, self.max_blocks_per_seq), dtype=torch.int32, device=device)
         self.num_kv_blocks = 0
+        self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda"
+                                and kernels.backend_name() == "triton")
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_hidden: dict[int, torch.Tensor] = {}  # each graph's output buffer
+        self._graph_sizes: list[int] = []  # ascending
 
     # ---- KV cache ----
     @property
@@ -109,9 +120,42 @@ class ModelRunner:
                 f"max_num_batched_tokens")
         return budget
 
+    # ---- CUDA graphs ----
+    def graph_batch_sizes(self) -> list[int]:
+        largest = min(self.config.max_num_seqs, self.config.max_num_batched_tokens, 512)
+        sizes = [1, 2, 4] + list(range(8, largest + 1, 8))
+        return [s for s in sizes if s <= largest]
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Captures one decode graph per bucket, largest first so that smaller ones reuse its memory pool."""
+        if not self.use_cuda_graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.graph_batch_sizes()):
+            metadata = self._fill_buffers([], pad_to=size)
+            for _ in range(2):  # compiles the Triton kernels for this shape outside the capture
+                self.model(self.input_ids[:size], self.positions[:size], metadata)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._graph_hidden[size] = self.model(self.input_ids[:size], self.positions[:size], metadata)
+            self._graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        self._graph_sizes = sorted(self._graphs)
+
+    def _graph_size(self, scheduler_output: SchedulerOutput) -> int | None:
+        """The bucket to replay for this step, or None to run eagerly (prefill chunks, or no graphs)."""
+        if not self._graphs or scheduler_output.num_tokens != len(scheduler_output.scheduled):
+            return None
+        index = bisect.bisect_left(self._graph_sizes, scheduler_output.num_tokens)
+        return self._graph_sizes[index] if index < len(self._graph_sizes) else None
+
     # ---- one step ----
-    def _fill_buffers(self, rows: list[tuple[np.ndarray | list[int], int, int, list[int]]]) -> AttentionMetadata:
-        """rows: (token ids to compute, position of the first, count, block table) per request."""
+    def _fill_buffers(self, rows: list[tuple[np.ndarray | list[int], int, int, list[int]]],
+                      pad_to: int | None = None) -> AttentionMetadata:
+        """rows: (token ids to compute, position of the first, count, block table) per request. `pad_to` adds
+        one-token dummy sequences up to that many (CUDA graph buckets; decode rows only)."""
         bs = self.block_size
         t = 0
         max_query_len = max_seq_len = 0
@@ -129,6 +173,16 @@ class ModelRunner:
             max_seq_len = max(max_seq_len, start + count)
             t = end
         num_seqs = len(rows)
+        if pad_to is not None and pad_to > num_seqs:
+            # Dummy sequences: token 0 at position 0, written nowhere, reading one token of the block their
+            # (stale but valid) block-table row starts with.
+            pad = slice(t, pad_to)
+            self._input_ids[pad] = 0
+            self._positions[pad] = 0
+            self._slot_mapping[pad] = -1
+            self._seq_lens[num_seqs:pad_to] = 1
+            self._query_start_loc[num_seqs + 1:pad_to + 1] = np.arange(t + 1, pad_to + 1)
+            t = num_seqs = pad_to
         copy = dict(non_blocking=True)
         self.input_ids[:t].copy_(torch.from_numpy(self._input_ids[:t]), **copy)
         self.positions[:t].copy_(torch.from_numpy(self._positions[:t]), **copy)
@@ -148,13 +202,18 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         scheduled = scheduler_output.scheduled
+        graph_size = self._graph_size(scheduler_output)
         metadata = self._fill_buffers([
             (s.request.all_token_ids[s.num_computed_before:s.num_computed_before + s.num_new_tokens],
              s.num_computed_before, s.num_new_tokens, s.block_ids)
             for s in scheduled
-        ])
+        ], pad_to=graph_size)
         num_tokens = scheduler_output.num_tokens
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+        if graph_size is not None:
+            self._graphs[graph_size].replay()
+            hidden = self._graph_hidden[graph_size]
+        else:
+            hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
 
         # Rows whose logits we need: the last token of each request that samples, then prompt positions whose
         # next-token logprobs were asked for.
