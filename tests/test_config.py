@@ -1,0 +1,395 @@
+"""The YAML config: the example, the schema's documentation, defaults, and errors that name the key path."""
+
+import re
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+from msgspec import inspect as mi
+
+from appliance.config import (AppConfig, ConfigError, ModelSpec, check_config_main, load_config, parse_config)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+ONE_MODEL = "models:\n  - name: m\n    source: builtin:tiny\n"
+
+
+def parse(text: str, **kwargs) -> AppConfig:
+    return parse_config(textwrap.dedent(text), "config.yaml", **kwargs)
+
+
+def error(text: str, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text, **kwargs)
+    return str(info.value)
+
+
+def model(extra: str = "") -> str:
+    """A one-model config with `extra` (YAML lines at the model's indentation) added to the model."""
+    return ONE_MODEL + textwrap.indent(textwrap.dedent(extra), "    ")
+
+
+# --- the example and the schema's documentation ---------------------------------------------------------------------
+
+
+def _unwrap(t):
+    if isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.UnionType):
+        members = [m for m in t.types if not isinstance(m, mi.NoneType)]
+        return _unwrap(members[0]) if len(members) == 1 else t
+    return t
+
+
+def schema_fields(t=None, prefix=""):
+    """(dotted key path, field) of every key, walking nested Structs and lists of Structs."""
+    t = _unwrap(mi.type_info(AppConfig) if t is None else t)
+    if isinstance(t, mi.VarTupleType):
+        yield from schema_fields(t.item_type, prefix + "[]")
+    elif isinstance(t, mi.StructType):
+        for f in t.fields:
+            path = f"{prefix}.{f.name}".lstrip(".")
+            yield path, f
+            yield from schema_fields(f.type, path)
+
+
+def test_example_loads_with_every_key_at_its_default():
+    config = load_config(EXAMPLE)
+    assert config == AppConfig(models=(ModelSpec(name="smollm2", source="builtin:smollm2-135m-instruct"),))
+    assert config.models[0].device == "auto" and config.server.host == "127.0.0.1"
+
+
+def missing_keys(data, t, path, text):
+    """Schema keys absent from the parsed example `data`. Under a null or an empty list, the example can only show
+    keys in a commented-out block, so there the key must appear after a `#`."""
+    t = _unwrap(t)
+    if isinstance(t, mi.VarTupleType):
+        for item in data or [None]:
+            yield from missing_keys(item, t.item_type, path + "[]", text)
+    elif isinstance(t, mi.StructType):
+        for f in t.fields:
+            key = f"{path}.{f.name}".lstrip(".")
+            if isinstance(data, dict):
+                if f.name not in data:
+                    yield key
+                    continue
+                value = data[f.name]
+            else:
+                if not re.search(rf"^\s*#\s*(-\s*)?{f.name}:", text, re.M):
+                    yield key
+                value = None
+            yield from missing_keys(value, f.type, key, text)
+
+
+def test_example_mentions_every_schema_key():
+    text = EXAMPLE.read_text()
+    assert len(list(schema_fields())) > 60
+    assert list(missing_keys(yaml.safe_load(text), mi.type_info(AppConfig), "", text)) == []
+    # The check itself notices a key that is missing, live or commented out.
+    for key, typo in [("max_prompt_chars:", "max_prompt_charz:"), ("#     top_k:", "#     topk:")]:
+        broken = text.replace(key, typo)
+        assert list(missing_keys(yaml.safe_load(broken), mi.type_info(AppConfig), "", broken)) != []
+
+
+def test_every_schema_key_has_a_description():
+    undocumented = [path for path, f in schema_fields()
+                    if not (isinstance(f.type, mi.Metadata) and (f.type.extra_json_schema or {}).get("description"))]
+    assert undocumented == []
+
+
+def test_defaults():
+    config = parse(ONE_MODEL)
+    server, m = config.server, config.models[0]
+    assert (server.host, server.port, server.api_keys, server.admin_keys) == ("127.0.0.1", 8000, (), ())
+    assert server.public_paths == ("/health", "/ready") and server.max_body_bytes == 1 << 20
+    assert server.max_logprobs == 20 and server.cors.allow_origins == () and server.drain_timeout_s == 30
+    assert (m.dtype, m.device, m.load_format, m.kernel_backend, m.seed, m.queue_cap) == ("auto", "auto", "auto", "auto",
+                                                                                        0, 256)
+    assert (m.kv_cache.block_size, m.kv_cache.memory_fraction, m.kv_cache.prefix_caching) == (16, 0.9, True)
+    assert (m.scheduler.max_num_seqs, m.scheduler.max_num_batched_tokens, m.scheduler.policy) == (256, 8192, "fcfs")
+    assert m.parallelism.num_gpus == 1 and m.quantization is None and m.lora.enabled is False
+    assert (config.ui.enabled, config.ui.path, config.metrics.path) == (True, "/ui", "/metrics")
+    assert m.source_kind == "builtin"
+
+
+def test_schema_is_frozen():
+    with pytest.raises(AttributeError):
+        parse(ONE_MODEL).server.port = 1
+
+
+# --- errors name the key path ----------------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_its_path_and_suggests():
+    message = error(model("kv_cache:\n  blok_size: 16\n"))
+    assert message == "config.yaml: models[0].kv_cache.blok_size: unknown key (did you mean 'block_size'?)"
+    assert "expected one of host, port" in error("server:\n  xyz: 1\n" + ONE_MODEL)
+
+
+def test_enum_error_matches_the_documented_form():
+    text = ONE_MODEL + "  - name: n\n    source: builtin:tiny\n    kv_cache: {block_size: 12}\n"
+    assert error(text) == "config.yaml: models[1].kv_cache.block_size: expected one of 8, 16, 32, got 12"
+
+
+@pytest.mark.parametrize("text, path, problem", [
+    (model("scheduler: {max_num_seqs: many}"), "models[0].scheduler.max_num_seqs", "expected an integer, got a string"),
+    (model("kv_cache: {prefix_caching: maybe}"), "models[0].kv_cache.prefix_caching", "expected a boolean"),
+    (model("lora: {allowed_dirs: /srv}"), "models[0].lora.allowed_dirs", "expected a list, got a string"),
+    ("models: {name: m}", "models", "expected a list, got a mapping"),
+    (model("kv_cache: {memory_fraction: 0}"), "models[0].kv_cache.memory_fraction", "expected a number > 0.0, got 0"),
+    (model("kv_cache: {memory_fraction: 1.5}"), "models[0].kv_cache.memory_fraction", "<= 1"),
+    ("server: {max_logprobs: 21}\n" + ONE_MODEL, "server.max_logprobs", "expected an integer <= 20, got 21"),
+    ("server: {port: 70000}\n" + ONE_MODEL, "server.port", "<= 65535"),
+    (model("parallelism: {tensor: 0}"), "models[0].parallelism.tensor", ">= 1, got 0"),
+    (model("default_sampling: {top_p: 0}"), "models[0].default_sampling.top_p", "> 0"),
+    (model("dtype: fp8"), "models[0].dtype", "expected one of auto, bfloat16, float16, float32, got 'fp8'"),
+    (model("device: gpu"), "models[0].device", "got 'gpu'"),
+    ("models: [{name: 'a b', source: builtin:x}]", "models[0].name", "matching regex"),
+    ("models: [{name: m}]", "models[0].source", "required key is missing"),
+    ("models: []", "models", "length >= 1"),
+    ("server: {port: 1}", "models", "required key is missing"),
+    ("server: {cors: {allow_origins: [example.com]}}\n" + ONE_MODEL, "server.cors.allow_origins[0]", "regex"),
+    ("server: {public_paths: [health]}\n" + ONE_MODEL, "server.public_paths[0]", "regex"),
+    (model("gpu_ids: [0, -1]"), "models[0].gpu_ids[1]", ">= 0"),
+])
+def test_schema_errors_name_the_key_path(text, path, problem):
+    message = error(text)
+    assert message.startswith(f"config.yaml: {path}: ")
+    assert problem in message
+
+
+def test_duplicate_model_name():
+    text = ONE_MODEL + "  - {name: other, source: builtin:tiny}\n  - {name: m, source: builtin:tiny}\n"
+    assert error(text) == "config.yaml: models[2].name: duplicate model name 'm' (also models[0].name)"
+
+
+def test_unknown_quantization_method_is_refused():
+    assert error(model("quantization: awq")) == \
+        "config.yaml: models[0].quantization: expected one of none, null, got 'awq'"
+    assert parse(model("quantization: none")).models[0].quantization == "none"
+
+
+def test_gpu_ids_must_match_parallelism():
+    assert error(model("gpu_ids: [0, 1]\nparallelism: {tensor: 2, data: 2}")).startswith(
+        "config.yaml: models[0].gpu_ids: 2 GPU ids given, but parallelism needs tensor x pipeline x data")
+    assert "lists a GPU twice" in error(model("gpu_ids: [1, 1]\nparallelism: {tensor: 2}"))
+    assert "models[0].gpu_ids: cannot be combined with device 'cpu'" in error(model("device: cpu\ngpu_ids: [0]"))
+    assert parse(model("gpu_ids: [2, 3]\nparallelism: {tensor: 2, expert: 2}")).models[0].gpu_ids == (2, 3)
+
+
+def test_default_sampling_max_tokens_within_the_server_cap():
+    message = error("server: {max_tokens: 100}\n" + model("default_sampling: {max_tokens: 200}"))
+    assert "models[0].default_sampling.max_tokens: 200 is above server.max_tokens (100)" in message
+
+
+# --- LoRA adapters ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter_dirs(tmp_path):
+    (tmp_path / "adapters" / "sql").mkdir(parents=True)
+    (tmp_path / "outside" / "evil").mkdir(parents=True)
+    (tmp_path / "adapters" / "escape").symlink_to(tmp_path / "outside" / "evil")
+    return tmp_path
+
+
+def lora(adapters: str) -> str:
+    adapters = textwrap.indent(adapters, "    ")
+    return model(f"lora:\n  enabled: true\n  allowed_dirs: [adapters]\n  adapters:\n{adapters}")
+
+
+def test_adapters_inside_allowed_dirs_resolve_against_the_config_folder(adapter_dirs):
+    config = parse(lora("- {name: sql, path: adapters/sql}\n"), base_dir=adapter_dirs)
+    spec = config.models[0].lora
+    assert spec.allowed_dirs == (str(adapter_dirs / "adapters"),)
+    assert spec.adapters[0].path == str(adapter_dirs / "adapters" / "sql")
+    assert spec.is_allowed_path(str(adapter_dirs / "adapters" / "sql"))
+    assert not spec.is_allowed_path(str(adapter_dirs / "adapters-evil"))
+
+
+@pytest.mark.parametrize("path", ["outside/evil", "adapters/../outside/evil", "adapters/escape"])
+def test_adapter_outside_allowed_dirs_is_refused(adapter_dirs, path):
+    message = error(lora(f"- {{name: sql, path: {path}}}\n"), base_dir=adapter_dirs)
+    assert "config.yaml: models[0].lora.adapters[0].path: " in message
+    assert "is outside lora.allowed_dirs" in message
+    if path == "adapters/escape":
+        assert f"resolves to '{adapter_dirs / 'outside' / 'evil'}'" in message
+
+
+def test_duplicate_adapter_names(adapter_dirs):
+    text = lora("- {name: sql, path: adapters/sql}\n- {name: sql, path: adapters/sql}\n")
+    assert "models[0].lora.adapters[1].name: duplicate adapter name 'sql' (also models[0].lora.adapters[0].name)" \
+        in error(text, base_dir=adapter_dirs)
+    text = lora("- {name: m, path: adapters/sql}\n")
+    assert "models[0].lora.adapters[0].name: duplicate adapter name 'm' (also models[0].name)" \
+        in error(text, base_dir=adapter_dirs)
+
+
+def test_adapters_need_lora_enabled(adapter_dirs):
+    text = model("lora:\n  allowed_dirs: [adapters]\n  adapters: [{name: sql, path: adapters/sql}]")
+    assert "models[0].lora.enabled: adapters are listed but LoRA is not enabled" in error(text, base_dir=adapter_dirs)
+    message = error(model("lora: {max_loras: 8, max_cpu_loras: 4}"))
+    assert "models[0].lora.max_cpu_loras: must be >= max_loras" in message
+
+
+# --- sources and paths -----------------------------------------------------------------------------------------------
+
+
+def test_sources_resolve_by_kind(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "chat.jinja").write_text("{{ messages }}")
+    config = parse("""\
+        models:
+          - {name: a, source: folder, chat_template: chat.jinja}
+          - {name: b, source: model.gguf, tokenizer: folder}
+          - {name: c, source: HuggingFaceTB/SmolLM2-135M-Instruct, chat_template: "{{ messages }}"}
+          - {name: d, source: builtin:smollm2-135m-instruct}
+        """, base_dir=tmp_path)
+    a, b, c, d = config.models
+    assert (a.source, a.source_kind) == (str(tmp_path / "folder"), "folder")
+    assert a.chat_template == str(tmp_path / "chat.jinja")
+    assert (b.source, b.source_kind, b.tokenizer) == (str(tmp_path / "model.gguf"), "gguf", str(tmp_path / "folder"))
+    assert (c.source, c.source_kind, c.chat_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "hf", "{{ messages }}")
+    assert d.source_kind == "builtin"
+
+
+def test_bad_sources(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert "models[0].source: " in error("models: [{name: a, source: ./missing}]", base_dir=tmp_path)
+    assert "expected a model folder or a .gguf file" in error("models: [{name: a, source: weights.bin}]",
+                                                              base_dir=tmp_path)
+    assert "models[0].source: expected builtin:NAME" in error("models: [{name: a, source: 'builtin:'}]")
+    assert "models[0].chat_template: no such file" in error(model("chat_template: missing.jinja"), base_dir=tmp_path)
+
+
+# --- environment variables -------------------------------------------------------------------------------------------
+
+
+def test_env_substitution(monkeypatch):
+    monkeypatch.setenv("KVBOX_TEST_KEY", "s3cret")
+    monkeypatch.setenv("KVBOX_TEST_PORT", "9001")
+    monkeypatch.delenv("KVBOX_TEST_UNSET", raising=False)
+    config = parse("""\
+        server:
+          port: ${KVBOX_TEST_PORT}
+          host: ${KVBOX_TEST_UNSET:-0.0.0.0}
+          api_keys: ["${KVBOX_TEST_KEY}", "pre-${KVBOX_TEST_KEY}-post"]
+          public_paths: ["/$${literal}"]
+        models: [{name: m, source: "builtin:${KVBOX_TEST_UNSET:-tiny}"}]
+        """)
+    assert config.server.port == 9001 and config.server.host == "0.0.0.0"
+    assert config.server.api_keys == ("s3cret", "pre-s3cret-post")
+    assert config.server.public_paths == ("/${literal}",)
+    assert config.models[0].source == "builtin:tiny"
+
+
+def test_missing_env_var_names_the_key(monkeypatch):
+    monkeypatch.delenv("KVBOX_TEST_UNSET", raising=False)
+    message = error("server: {admin_keys: [ok, '${KVBOX_TEST_UNSET}']}\n" + ONE_MODEL)
+    assert message.startswith("config.yaml: server.admin_keys[1]: environment variable KVBOX_TEST_UNSET is not set")
+    assert "server.host: malformed environment reference" in error("server: {host: '${bad name}'}\n" + ONE_MODEL)
+
+
+def test_empty_secret_from_env_is_refused(monkeypatch):
+    monkeypatch.setenv("KVBOX_TEST_EMPTY", "")
+    assert "server.api_keys[0]: expected a string of length >= 1" in error(
+        "server: {api_keys: ['${KVBOX_TEST_EMPTY}']}\n" + ONE_MODEL)
+
+
+# --- secrets ---------------------------------------------------------------------------------------------------------
+
+
+def test_secrets_are_redacted():
+    config = parse("server: {api_keys: [k1, k2], admin_keys: [a1]}\n" + ONE_MODEL)
+    redacted = config.redacted()
+    assert redacted["server"]["api_keys"] == ["***", "***"] and redacted["server"]["admin_keys"] == ["***"]
+    assert redacted["server"]["public_paths"] == ["/health", "/ready"]
+    assert redacted["models"][0]["name"] == "m"
+    assert not {"k1", "k2", "a1"} & set(re.findall(r"\w+", msgspec.json.encode(redacted).decode()))
+
+
+def test_errors_do_not_echo_secrets():
+    message = error("server: {api_keys: [123456]}\n" + ONE_MODEL)
+    assert message == "config.yaml: server.api_keys[0]: expected a string, got an integer"
+    message = error("server: {admin_keys: hunter2}\n" + ONE_MODEL)
+    assert message == "config.yaml: server.admin_keys: expected a list, got a string"
+
+
+# --- YAML ------------------------------------------------------------------------------------------------------------
+
+
+def test_python_tags_are_refused():
+    message = error("server: !!python/object/apply:os.system ['echo pwned']\n" + ONE_MODEL)
+    assert message.startswith("config.yaml: line 1, column 9: could not determine a constructor")
+
+
+def test_yaml_syntax_error_names_the_line():
+    assert error("server:\n  port: 8000\n  host: [oops\n" + ONE_MODEL).startswith("config.yaml: line 4, column ")
+    assert error("server:\n  port: 1\n bad: indent\n").startswith("config.yaml: line 3, column 2: ")
+
+
+def test_duplicate_yaml_keys_are_refused():
+    assert error("server:\n  port: 1\n  port: 2\n" + ONE_MODEL) == \
+        "config.yaml: line 3, column 3: duplicate key 'port'"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "the config is empty; it needs at least a `models` list"),
+    ("# only a comment\n", "the config is empty; it needs at least a `models` list"),
+    ("- a\n- b\n", "expected a mapping of keys at the top level, got a list"),
+    ("just text", "expected a mapping of keys at the top level, got a string"),
+])
+def test_empty_and_non_mapping_files(text, problem):
+    assert error(text) == f"config.yaml: {problem}"
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: the file is not UTF-8 text$"):
+        load_config(path)
+
+
+# --- the engine and the command line ---------------------------------------------------------------------------------
+
+
+def test_to_engine_config_maps_every_engine_option():
+    spec = parse(model("""\
+        tokenizer: org/tok
+        dtype: bfloat16
+        device: cpu
+        max_model_len: 4096
+        load_format: dummy
+        kv_cache: {block_size: 32, memory_fraction: 0.5, memory_bytes: 1000000, num_blocks: 64, prefix_caching: false}
+        scheduler: {max_num_seqs: 8, max_num_batched_tokens: 1024, chunked_prefill: false, policy: priority}
+        kernel_backend: torch
+        seed: 7
+        """)).models[0]
+    engine = spec.to_engine_config("/models/m")
+    assert (engine.model, engine.tokenizer, engine.dtype, engine.device) == ("/models/m", "org/tok", "bfloat16", "cpu")
+    assert (engine.max_model_len, engine.load_format, engine.kernel_backend, engine.seed) == (4096, "dummy", "torch", 7)
+    assert (engine.block_size, engine.kv_cache_memory_fraction, engine.kv_cache_memory_bytes, engine.num_kv_blocks,
+            engine.enable_prefix_caching) == (32, 0.5, 1000000, 64, False)
+    assert (engine.max_num_seqs, engine.max_num_batched_tokens, engine.enable_chunked_prefill,
+            engine.scheduling_policy) == (8, 1024, False, "priority")
+
+
+def test_check_config_main(tmp_path, capsys):
+    assert check_config_main(EXAMPLE) == 0
+    assert capsys.readouterr().out == "OK: 1 model (smollm2)\n"
+
+    good = tmp_path / "two.yaml"
+    good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")
+    assert check_config_main(good) == 0
+    assert capsys.readouterr().out == "OK: 2 models (m, n)\n"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(model("kv_cache: {block_size: 12}"))
+    assert check_config_main(bad) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"{bad}: models[0].kv_cache.block_size: expected one of 8, 16, 32, got 12\n"
