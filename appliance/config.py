@@ -177,6 +177,8 @@ class ModelSpec(_Schema, kw_only=True):
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
     kernel_backend: Annotated[Literal["auto", "torch", "triton"], _doc(
         "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = "auto"
+    cuda_graphs: Annotated[bool, _doc(
+        "Replay decode steps as CUDA graphs captured at start-up (CUDA with Triton kernels only).")] = True
     default_sampling: Annotated[SamplingDefaults | None, _doc(
         "Sampling defaults for requests that leave a parameter unset (null: none).")] = None
     seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = 0
@@ -203,7 +205,7 @@ class ModelSpec(_Schema, kw_only=True):
             enable_prefix_caching=self.kv_cache.prefix_caching, max_num_seqs=self.scheduler.max_num_seqs,
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             enable_chunked_prefill=self.scheduler.chunked_prefill, scheduling_policy=self.scheduler.policy,
-            kernel_backend=self.kernel_backend, seed=self.seed,
+            kernel_backend=self.kernel_backend, cuda_graphs=self.cuda_graphs, seed=self.seed,
         )
 
 

@@ -6,13 +6,25 @@ Templates render through transformers' `apply_chat_template`, which compiles the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.models.builtin import resolve_model_source
+from engine.models.gguf import is_gguf
 
 Message = dict[str, str]
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    """The tokenizer of a model folder, of a GGUF file (transformers rebuilds a fast tokenizer and the chat template
+    from its tokenizer.* metadata) or of a built-in model (`builtin:NAME`)."""
+    source = resolve_model_source(path)
+    if is_gguf(source):
+        tokenizer = AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name,
+                                                  trust_remote_code=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: kvbox needs a fast (tokenizer.json) tokenizer for incremental detokenization")
     return tokenizer

@@ -1,4 +1,5 @@
-"""`ModelConfig`: the one normalized, frozen view of a Hugging Face model folder's `config.json`.
+"""`ModelConfig`: the one normalized, frozen view of a Hugging Face model folder's `config.json` (or of a GGUF
+file's metadata, which `gguf.py` turns into the same kind of dict).
 
 It reads configs written by transformers 4.x and 5.x alike (`rope_theta` + `rope_scaling` vs `rope_parameters`,
 `torch_dtype` vs `dtype`, `type` vs `rope_type`) and resolves each family's quirks (which layers slide, which
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.models.builtin import resolve_model_source
+from engine.models.gguf import is_gguf, read_config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -72,8 +76,12 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         max_model_len: int | None = None) -> ModelConfig:
-        """Reads `config.json` and, when present, `generation_config.json` from a model folder."""
-        folder = Path(path)
+        """Reads `config.json` and, when present, `generation_config.json` from a model folder; or the metadata of a
+        GGUF file. `path` may name a built-in model (`builtin:NAME`)."""
+        source = resolve_model_source(path)
+        if is_gguf(source):
+            return cls.from_dict(read_config(source), dtype=dtype, max_model_len=max_model_len)
+        folder = Path(source)
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in model folder {folder}")

@@ -1,5 +1,6 @@
 """Builds a model from a `ModelConfig` and fills its parameters: from a folder's safetensors (one file, or shards
-listed in `model.safetensors.index.json`) or, for benchmarks at real shapes, with deterministic random weights.
+listed in `model.safetensors.index.json`), from a GGUF file (`gguf.py`) or, for benchmarks at real shapes, with
+deterministic random weights.
 
 Tensors are read one at a time (memory-mapped) and copied into the already-allocated parameters by each
 parameter's own weight_loader, so a checkpoint never sits in memory twice. Pickled `.bin` checkpoints are refused:
@@ -17,7 +18,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
+from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -38,7 +41,8 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     if load_format == "dummy":
         _fill_dummy(model)
     else:
-        model.load_weights(iter_safetensors(path))
+        source = resolve_model_source(path)
+        model.load_weights(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
     return model.eval()
 
 
