@@ -61,15 +61,18 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
 
 def measure_card() -> dict[str, float]:
     """The card's measured device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate."""
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    copy_s = _median_cuda_seconds(lambda: y.copy_(x))
-    del x, y
+    copy_s = _copy_seconds(2 << 30)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_s = _median_cuda_seconds(lambda: a @ b)
     return {"copy_bytes_per_s": 2 * (2 << 30) / copy_s, "bf16_flops_per_s": 2 * 8192**3 / mm_s,
             "name": torch.cuda.get_device_name()}
+
+
+def _copy_seconds(num_bytes: int) -> float:
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return _median_cuda_seconds(lambda: dst.copy_(src))
 
 
 def _median_cuda_seconds(fn, iters: int = 20) -> float:

@@ -21,7 +21,7 @@ ENV_VAR = "KVBOX_KERNEL_BACKEND"
 
 # Where each op's Triton launcher lives: kernels/<module>.py, function of the same name as the reference.
 _TRITON_MODULES = {
-    "paged_attention": "kernels.paged_attention",
+    "paged_attention": "kernels.attention",
     "store_kv": "kernels.kv_store",
     "rms_norm": "kernels.norm",
     "fused_add_rms_norm": "kernels.norm",

@@ -1,0 +1,271 @@
+"""Times each Triton kernel against its torch reference on one Llama-3.1-8B layer's shapes (bf16, CUDA only).
+
+Paged attention is also timed against torch's scaled_dot_product_attention on the same tokens with contiguous K/V.
+Each time is the median of many runs timed with CUDA events, with L2 flushed before each run. Bandwidth counts the
+fewest bytes each op must move (inputs read once, outputs written once) and is compared with the card's measured
+device-to-device copy bandwidth (bytes read + written).
+
+    python bench/kernels.py [--out FILE] [--sweep]
+
+--sweep also times launch configurations of paged attention (block sizes, split-K, warps) to pick the heuristics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/ (whose kernels.py is this file)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from kernels.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from kernels.kv_store import store_kv  # noqa: E402
+from kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from kernels.rotary import rotary_embedding  # noqa: E402
+from kernels import attention  # noqa: E402
+
+# Llama-3.1-8B
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, HIDDEN, INTERMEDIATE = 32, 8, 128, 4096, 14336
+BLOCK_SIZE = 16
+DTYPE = torch.bfloat16
+DEV = torch.device("cuda")
+NUM_ELEMENTWISE_TOKENS = 16384
+_flush = None
+
+
+def time_ms(fn, iters=100, warmup=5) -> float:
+    """Median milliseconds of `fn` on the GPU, L2 flushed before each run."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEV)
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        _flush.zero_()
+        torch.cuda._sleep(400_000)  # keeps the GPU busy while Python launches, so launch gaps stay out of the time
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) of a 2 GiB copy."""
+    src = torch.randn(2**29, device=DEV)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=50)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def paged_batch(q_lens, seq_lens, gen):
+    """A batch over a shuffled block pool, the query a strided view of a fused qkv tensor (as the model gives it)."""
+    blocks_per_seq = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 16
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE)
+    key_cache = torch.randn(shape, device=DEV, dtype=DTYPE, generator=gen)
+    value_cache = torch.randn(shape, device=DEV, dtype=DTYPE, generator=gen)
+    perm = torch.randperm(num_blocks, device=DEV, generator=gen).to(torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32, device=DEV)
+    used = 0
+    for seq, n in enumerate(blocks_per_seq):
+        block_tables[seq, :n] = perm[used:used + n]
+        used += n
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    num_tokens = sum(q_lens)
+    qkv = torch.randn(num_tokens, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_SIZE, device=DEV, dtype=DTYPE, generator=gen)
+    query = qkv[:, :NUM_HEADS * HEAD_SIZE].view(num_tokens, NUM_HEADS, HEAD_SIZE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    return (query, key_cache, value_cache, block_tables, seq_lens_t, qsl)
+
+
+def contiguous_kv(batch, seq_lens):
+    """The same K/V gathered into [num_seqs, kv_heads, seq_len, head_size] for SDPA (all seq_lens equal)."""
+    _, key_cache, value_cache, block_tables, _, _ = batch
+    seq_len = seq_lens[0]
+    n = -(-seq_len // BLOCK_SIZE)
+
+    def gather(cache):
+        x = cache[block_tables[:, :n].long()]  # [num_seqs, n, block_size, kv_heads, D]
+        return x.flatten(1, 2)[:, :seq_len].transpose(1, 2).contiguous()
+
+    return gather(key_cache), gather(value_cache)
+
+
+def sdpa_fn(query, k, v, q_len, causal):
+    num_seqs = k.shape[0]
+    q = query.reshape(num_seqs, q_len, NUM_HEADS, HEAD_SIZE).transpose(1, 2)  # [B, H, q_len, D]
+    try:
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except RuntimeError:  # no GQA support in this torch: repeat the KV heads (4x the K/V bytes)
+        group = NUM_HEADS // NUM_KV_HEADS
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def attention_bytes(q_lens, seq_lens):
+    kv = sum(seq_lens) * NUM_KV_HEADS * HEAD_SIZE * 2 * 2
+    q_out = sum(q_lens) * NUM_HEADS * HEAD_SIZE * 2 * 2
+    return kv + q_out
+
+
+def attention_flops(q_lens, seq_lens):
+    """Multiply-adds of QK^T and PV over visible (causal) pairs, 2 FLOPs each."""
+    pairs = sum(q * (s - q) + q * (q + 1) // 2 for q, s in zip(q_lens, seq_lens))
+    return 2 * 2 * pairs * NUM_HEADS * HEAD_SIZE
+
+
+def run(args):
+    gen = torch.Generator(DEV).manual_seed(0)
+    props = torch.cuda.get_device_properties(DEV)
+    copy_bw = copy_bandwidth()
+    rows = []  # (op, shape, kernel ms, reference ms, other, bytes/s, % of copy)
+
+    def add(op, shape, kernel, ref, nbytes, other=None, other_name="", ref_iters=20, flops=None):
+        k_ms = time_ms(kernel)
+        r_ms = time_ms(ref, iters=ref_iters, warmup=1) if ref is not None else float("nan")
+        o_ms = time_ms(other) if other is not None else float("nan")
+        bw = nbytes / (k_ms * 1e-3)
+        extra = f"{flops / (k_ms * 1e-3) / 1e12:.0f} TFLOP/s" if flops else ""
+        rows.append((op, shape, k_ms, r_ms, other_name, o_ms, bw, bw / copy_bw, extra))
+        print(f"  {op:28s} {shape:28s} {k_ms * 1e3:9.1f} us  {bw / 1e12:5.2f} TB/s ({bw / copy_bw:4.0%}) {extra}",
+              flush=True)
+
+    scale = HEAD_SIZE**-0.5
+    # ---- paged attention
+    for name, q_lens, seq_lens, causal in (
+        ("paged decode", [1] * 64, [2048] * 64, False),
+        ("paged decode split-K", [1], [32768], False),
+        ("paged decode", [1] * 8, [8192] * 8, False),
+        ("paged prefill", [2048] * 4, [2048] * 4, True),
+    ):
+        batch = paged_batch(q_lens, seq_lens, gen)
+        out = torch.empty_like(batch[0])
+        kernel = lambda b=batch, o=out: attention.paged_attention(*b, scale, out=o)  # noqa: E731
+        ref = lambda b=batch: reference.paged_attention(*b, scale)  # noqa: E731
+        k, v = contiguous_kv(batch, seq_lens)
+        sdpa = sdpa_fn(batch[0], k, v, q_lens[0], causal)
+        # correctness on the benched shapes
+        err = (kernel().float() - ref().float()).abs().max().item()
+        assert err < 3e-2, f"{name}: max error {err}"
+        shape = f"{len(q_lens)}x{q_lens[0]}q/{seq_lens[0]}kv"
+        add(name, shape, kernel, ref, attention_bytes(q_lens, seq_lens), sdpa, "sdpa", ref_iters=3,
+            flops=attention_flops(q_lens, seq_lens) if causal else None)
+
+    # ---- fused elementwise ops
+    t = NUM_ELEMENTWISE_TOKENS
+    x = torch.randn(t, HIDDEN, device=DEV, dtype=DTYPE, generator=gen)
+    residual = torch.randn_like(x)
+    weight = torch.randn(HIDDEN, device=DEV, dtype=DTYPE, generator=gen)
+    e = x.element_size()
+    add("rms_norm", f"{t}x{HIDDEN}", lambda: rms_norm(x, weight, 1e-5), lambda: reference.rms_norm(x, weight, 1e-5),
+        2 * t * HIDDEN * e)
+    add("fused_add_rms_norm", f"{t}x{HIDDEN}", lambda: fused_add_rms_norm(x, residual, weight, 1e-5),
+        lambda: reference.fused_add_rms_norm(x, residual, weight, 1e-5), 4 * t * HIDDEN * e)
+    gate_up = torch.randn(t, 2 * INTERMEDIATE, device=DEV, dtype=DTYPE, generator=gen)
+    add("silu_and_mul", f"{t}x{2 * INTERMEDIATE}", lambda: silu_and_mul(gate_up),
+        lambda: reference.silu_and_mul(gate_up), 3 * t * INTERMEDIATE * e)
+    add("gelu_tanh_and_mul", f"{t}x{2 * INTERMEDIATE}", lambda: gelu_tanh_and_mul(gate_up),
+        lambda: reference.gelu_tanh_and_mul(gate_up), 3 * t * INTERMEDIATE * e)
+
+    qkv = torch.randn(t, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_SIZE, device=DEV, dtype=DTYPE, generator=gen)
+    q = qkv[:, :NUM_HEADS * HEAD_SIZE].view(t, NUM_HEADS, HEAD_SIZE)
+    kk = qkv[:, NUM_HEADS * HEAD_SIZE:(NUM_HEADS + NUM_KV_HEADS) * HEAD_SIZE].view(t, NUM_KV_HEADS, HEAD_SIZE)
+    vv = qkv[:, (NUM_HEADS + NUM_KV_HEADS) * HEAD_SIZE:].view(t, NUM_KV_HEADS, HEAD_SIZE)
+    positions = torch.randint(0, 8192, (t,), device=DEV, generator=gen)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_SIZE, 2, device=DEV, dtype=torch.float32) / HEAD_SIZE)
+    freqs = torch.outer(torch.arange(8192, device=DEV, dtype=torch.float32), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    add("rotary (neox)", f"{t}x({NUM_HEADS}+{NUM_KV_HEADS})x{HEAD_SIZE}",
+        lambda: rotary_embedding(positions, q, kk, cos_sin, True),
+        lambda: reference.rotary_embedding(positions, q, kk, cos_sin, True),
+        2 * t * (NUM_HEADS + NUM_KV_HEADS) * HEAD_SIZE * e)
+
+    num_blocks = 2 * t // BLOCK_SIZE
+    kc = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, device=DEV, dtype=DTYPE, generator=gen)
+    vc = torch.randn_like(kc)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEV, generator=gen)[:t]
+    add("store_kv", f"{t}x{NUM_KV_HEADS}x{HEAD_SIZE}", lambda: store_kv(kk, vv, kc, vc, slots),
+        lambda: reference.store_kv(kk, vv, kc, vc, slots), 4 * t * NUM_KV_HEADS * HEAD_SIZE * e)
+
+    lines = [
+        f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+        f"measured copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)",
+        "shapes: Llama-3.1-8B layer (32 q heads, 8 kv heads, head 128, hidden 4096, intermediate 14336), bf16, "
+        f"KV block size {BLOCK_SIZE}; times are medians with L2 flushed",
+        "",
+        f"| {'op':22s} | {'shape':26s} | {'triton us':>9s} | {'torch ref us':>12s} | {'sdpa us':>8s} "
+        f"| {'TB/s':>5s} | {'% copy':>6s} | note |",
+        f"|{'-' * 24}|{'-' * 28}|{'-' * 11}|{'-' * 14}|{'-' * 10}|{'-' * 7}|{'-' * 8}|------|",
+    ]
+    for op, shape, k_ms, r_ms, _, o_ms, bw, frac, extra in rows:
+        sdpa = f"{o_ms * 1e3:8.1f}" if o_ms == o_ms else f"{'':8s}"
+        lines.append(f"| {op:22s} | {shape:26s} | {k_ms * 1e3:9.1f} | {r_ms * 1e3:12.1f} | {sdpa} "
+                     f"| {bw / 1e12:5.2f} | {frac:6.0%} | {extra} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+def sweep(args):
+    """Launch configurations of paged attention on the benched shapes: the data behind `_config`'s heuristics."""
+    gen = torch.Generator(DEV).manual_seed(1)
+    copy_bw = copy_bandwidth()
+    scale = HEAD_SIZE**-0.5
+    out_lines = []
+    cases = [
+        ("decode 64x2048", [1] * 64, [2048] * 64,
+         [dict(num_splits=s, tile_n=t, num_warps=w, num_stages=st)
+          for s in (1, 2) for t in (64, 128) for w in (4, 8) for st in (2, 3)]),
+        ("decode 1x32768", [1], [32768] * 1,
+         [dict(num_splits=s, tile_n=t, num_warps=w) for s in (16, 32, 64) for t in (64, 128) for w in (4, 8)]),
+        ("decode 8x8192", [1] * 8, [8192] * 8,
+         [dict(num_splits=s, tile_n=128, num_warps=4) for s in (2, 4, 8, 16)]),
+        ("prefill 4x2048", [2048] * 4, [2048] * 4,
+         [dict(block_m=m, tile_n=t, num_warps=w, num_stages=st)
+          for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)]),
+    ]
+    for name, q_lens, seq_lens, configs in cases:
+        batch = paged_batch(q_lens, seq_lens, gen)
+        out = torch.empty_like(batch[0])
+        default = attention._config(len(q_lens) if q_lens[0] == 1 else sum(q_lens), len(q_lens), NUM_KV_HEADS,
+                                    NUM_HEADS // NUM_KV_HEADS, HEAD_SIZE, DEV)
+        for cfg in [{}] + configs:
+            try:
+                ms = time_ms(lambda: attention._paged_attention(*batch, scale, out=out, **cfg), iters=30)
+            except Exception as exc:  # a config that does not compile (shared memory) is skipped
+                out_lines.append(f"{name:16s} {cfg} FAILED {type(exc).__name__}: {str(exc)[:80]}")
+                print(out_lines[-1], flush=True)
+                continue
+            bw = attention_bytes(q_lens, seq_lens) / (ms * 1e-3)
+            flops = attention_flops(q_lens, seq_lens) / (ms * 1e-3) / 1e12
+            label = cfg or f"default {default}"
+            out_lines.append(f"{name:16s} {ms * 1e3:8.1f} us {bw / copy_bw:5.0%} copy {flops:6.0f} TFLOP/s  {label}")
+            print(out_lines[-1], flush=True)
+    if args.out:
+        Path(args.out).with_suffix(".sweep.txt").write_text("\n".join(out_lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--sweep", action="store_true", help="also sweep paged-attention launch configurations")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA device")
+    if args.sweep:
+        sweep(args)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

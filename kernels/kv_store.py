@@ -1,0 +1,84 @@
+"""Scatter this step's keys and values into the paged KV cache by slot (`slot = block_id * block_size + offset`).
+
+One program per token writes all of its KV heads; a negative slot marks a padded token and is skipped. The
+reference is `kernels.reference.store_kv`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_size]
+    value_ptr,  # [num_tokens, num_kv_heads, head_size]
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping_ptr,  # [num_tokens] int64
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    in_block = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_SIZE)[None, :]  # [HEADS_PAD, HEAD_PAD]
+    k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    k_dst = key_cache_ptr + block * stride_kcb + in_block * stride_kcs
+    v_dst = value_cache_ptr + block * stride_vcb + in_block * stride_vcs
+    tl.store(k_dst + offs_h[:, None] * stride_kch + offs_d[None, :], k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + offs_h[:, None] * stride_vch + offs_d[None, :], v.to(value_cache_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is skipped
+) -> None:
+    if key.dim() != 3 or value.shape != key.shape:
+        raise ValueError(f"key and value must both be [num_tokens, num_kv_heads, head_size], got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError("key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_size], "
+                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    num_tokens, num_heads, head_size = key.shape
+    if tuple(key_cache.shape[2:]) != (num_heads, head_size):
+        raise ValueError(f"cache heads/head_size {tuple(key_cache.shape[2:])} differ from key's "
+                         f"{(num_heads, head_size)}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slot_mapping must be [num_tokens] int64, got {tuple(slot_mapping.shape)} "
+                         f"{slot_mapping.dtype}")
+    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head_size) dimension, got strides {t.stride()}")
+    if not slot_mapping.is_contiguous():
+        raise ValueError("slot_mapping must be contiguous")
+    if num_tokens == 0:
+        return
+    heads_pad, head_pad = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_size)
+    _store_kv_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        NUM_HEADS=num_heads, HEAD_SIZE=head_size, HEADS_PAD=heads_pad, HEAD_PAD=head_pad,
+        BLOCK_SIZE=key_cache.shape[1], num_warps=4 if heads_pad * head_pad <= 2048 else 8,
+    )

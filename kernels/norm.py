@@ -1,0 +1,106 @@
+"""RMS norm and fused residual-add + RMS norm.
+
+Each program normalizes BLOCK_ROWS rows held whole in registers (hidden up to 65536): one read and one write per
+tensor. Sums of squares and scaling run in float32 and the result is cast once; the fused version first rounds
+x + residual to the input dtype (that rounded sum is both the new residual and what gets normalized). The
+references are `kernels.reference.rms_norm` and `kernels.reference.fused_add_rms_norm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_HIDDEN = 65536
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # [num_tokens, hidden]
+    residual_ptr,  # [num_tokens, hidden] (FUSED_ADD only)
+    weight_ptr,  # [hidden]
+    out_ptr,  # [num_tokens, hidden] contiguous
+    new_residual_ptr,  # [num_tokens, hidden] contiguous (FUSED_ADD only)
+    num_tokens,
+    hidden,
+    stride_x,
+    stride_r,
+    eps,
+    weight_offset,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FUSED_ADD: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
+    cols = tl.arange(0, BLOCK)  # [BLOCK]
+    col_mask = cols < hidden
+    mask = (rows < num_tokens)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if FUSED_ADD:
+        r = tl.load(residual_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the sum in the input dtype
+        tl.store(new_residual_ptr + rows[:, None] * hidden + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / hidden + eps)  # [BLOCK_ROWS]
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+    out = x * rstd[:, None] * w[None, :]
+    tl.store(out_ptr + rows[:, None] * hidden + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor, hidden: int, name: str) -> torch.Tensor:
+    """[..., hidden] -> [num_tokens, hidden] with a unit column stride, copying only when a view is impossible."""
+    if t.shape[-1] != hidden:
+        raise ValueError(f"{name} has last dimension {t.shape[-1]}, expected hidden size {hidden}")
+    rows = t if t.dim() == 2 else t.reshape(-1, hidden)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(x, residual, weight, eps, weight_offset):
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported dtype {x.dtype}; expected float16, bfloat16 or float32")
+    if hidden > _MAX_HIDDEN:
+        raise ValueError(f"hidden size {hidden} exceeds the kernel's limit of {_MAX_HIDDEN}")
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    x2 = _as_rows(x, hidden, "x")
+    r2 = _as_rows(residual, hidden, "residual") if residual is not None else x2
+    if residual is not None and r2.shape != x2.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
+    num_tokens = x2.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    if num_tokens == 0:
+        return out, new_residual
+    block = triton.next_power_of_2(hidden)
+    block_rows = max(1, min(16, 2048 // block))  # small hidden (per-head q/k norm): several rows a program
+    num_warps = min(16, max(1, block * block_rows // 512))
+    _rms_norm_kernel[(triton.cdiv(num_tokens, block_rows),)](
+        x2, r2, weight, out, new_residual, num_tokens, hidden, x2.stride(0), r2.stride(0), float(eps),
+        float(weight_offset), BLOCK_ROWS=block_rows, BLOCK=block, FUSED_ADD=residual is not None,
+        num_warps=num_warps,
+    )
+    return out, new_residual
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    weight_offset: float = 0.0,  # Gemma scales by (1 + weight)
+) -> torch.Tensor:
+    return _launch(x, None, weight, eps, weight_offset)[0]
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual) as new tensors; x and residual are left unchanged."""
+    return _launch(x, residual, weight, eps, weight_offset)

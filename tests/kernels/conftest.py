@@ -1,0 +1,22 @@
+"""Kernel tests run the Triton kernels: on a CUDA device for real, elsewhere under the Triton interpreter.
+
+TRITON_INTERPRET is read when a @triton.jit function is *defined* (at import of kernels.<module>), so it is set here,
+when pytest imports this conftest, before the test module of this folder imports the kernels. Should a test module
+collected earlier have imported a kernel module already, that module is reloaded so its kernels are defined again
+under the interpreter. Without CUDA nothing else in the process runs Triton (the engine uses the torch references).
+"""
+
+import importlib
+import os
+import sys
+
+import torch
+
+KERNEL_MODULES = ("kernels.attention", "kernels.kv_store", "kernels.norm", "kernels.activation",
+                  "kernels.rotary")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    for _name in KERNEL_MODULES:
+        if _name in sys.modules:
+            importlib.reload(sys.modules[_name])
