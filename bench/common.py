@@ -5,6 +5,7 @@ All benchmarks run on random weights at real shapes (`load_format: dummy`), so t
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import statistics
@@ -93,6 +94,8 @@ def peer_model(shape: str):
     """transformers' own Llama on random weights at the same shape, on the GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    gc.collect()  # the kvbox engine that ran before must give its KV cache back
+    torch.cuda.empty_cache()
     config = AutoConfig.from_pretrained(shape_folder(shape))
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

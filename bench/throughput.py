@@ -96,9 +96,6 @@ def main() -> None:
     if args.device.startswith("cuda"):
         results["roofline"] = roofline(args, measure_card())
     if args.peer:
-        import torch
-
-        torch.cuda.empty_cache()
         model = peer_model(args.shape)
         results["rows"].append(report(f"transformers generate (bs {args.peer_batch_size})",
                                       peer_generate(model, prompts, args.output_len, args.peer_batch_size), args))

@@ -39,6 +39,7 @@ def hf_greedy(model_dir, prompt_ids_list, dtype):
 
 
 def run_engine(model_dir, prompt_ids, dtype, **options):
+    options = {"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 8, **options}
     llm = LLM(model_dir, dtype=dtype, device="cuda", kernel_backend="triton", **options)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=0)
     return llm, llm.generate(prompt_ids, params, use_tqdm=False)
