@@ -57,11 +57,20 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peer", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print where the host time of the steps goes")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     prompts = random_prompts(args.iters + 1, args.input_len, SHAPES[args.shape]["vocab_size"])
-    ttft, rate = run_kvbox(args, prompts)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        ttft, rate = profiler.runcall(run_kvbox, args, prompts)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    else:
+        ttft, rate = run_kvbox(args, prompts)
     print(f"kvbox: time to first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tokens/s")
     results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate}}
     if args.device.startswith("cuda"):

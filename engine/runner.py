@@ -43,19 +43,15 @@ class ModelRunner:
         max_tokens = config.max_num_batched_tokens
         max_seqs = config.max_num_seqs
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
-        # Host-side staging arrays, written each step, then copied into the device buffers in one go each.
-        self._input_ids = np.zeros(max_tokens, dtype=np.int64)
-        self._positions = np.zeros(max_tokens, dtype=np.int64)
-        self._slot_mapping = np.zeros(max_tokens, dtype=np.int64)
-        self._seq_lens = np.zeros(max_seqs, dtype=np.int32)
-        self._query_start_loc = np.zeros(max_seqs + 1, dtype=np.int32)
-        self._block_tables = np.zeros((max_seqs, self.max_blocks_per_seq), dtype=np.int32)
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_seqs, self.max_blocks_per_seq), dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self.input_ids = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        self.positions = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        self.slot_mapping = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        self.seq_lens = StagedBuffer((max_seqs,), torch.int32, device, pin)
+        self.query_start_loc = StagedBuffer((max_seqs + 1,), torch.int32, device, pin)
+        self.block_tables = StagedBuffer((max_seqs, self.max_blocks_per_seq), torch.int32, device, pin)
+        self.sample_rows = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        self._inputs_copied: torch.cuda.Event | None = None
         self.num_kv_blocks = 0
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda"
                                 and kernels.backend_name() == "triton")
@@ -103,7 +99,7 @@ class ModelRunner:
             (np.zeros(n, dtype=np.int64), 0, n, list(range(start, start + b)))
             for n, b, start in zip(lengths, blocks_per_seq, np.cumsum([0] + blocks_per_seq[:-1]).tolist())
         ])
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+        hidden = self.model(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata)
         self.model.compute_logits(hidden[:num_seqs])
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
@@ -135,11 +131,11 @@ class ModelRunner:
         for size in reversed(self.graph_batch_sizes()):
             metadata = self._fill_buffers([], pad_to=size)
             for _ in range(2):  # compiles the Triton kernels for this shape outside the capture
-                self.model(self.input_ids[:size], self.positions[:size], metadata)
+                self.model(self.input_ids.device[:size], self.positions.device[:size], metadata)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._graph_hidden[size] = self.model(self.input_ids[:size], self.positions[:size], metadata)
+                self._graph_hidden[size] = self.model(self.input_ids.device[:size], self.positions.device[:size], metadata)
             self._graphs[size] = graph
         torch.cuda.synchronize(self.device)
         self._graph_sizes = sorted(self._graphs)
@@ -156,19 +152,28 @@ class ModelRunner:
                       pad_to: int | None = None) -> AttentionMetadata:
         """rows: (token ids to compute, position of the first, count, block table) per request. `pad_to` adds
         one-token dummy sequences up to that many (CUDA graph buckets; decode rows only)."""
+        if self._inputs_copied is not None:
+            # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
+            self._inputs_copied.synchronize()
         bs = self.block_size
+        input_ids, positions, slot_mapping = self.input_ids.host, self.positions.host, self.slot_mapping.host
+        seq_lens, query_start_loc, block_tables = self.seq_lens.host, self.query_start_loc.host, self.block_tables.host
         t = 0
         max_query_len = max_seq_len = 0
         for i, (token_ids, start, count, block_ids) in enumerate(rows):
             end = t + count
-            self._input_ids[t:end] = token_ids
-            positions = np.arange(start, start + count)
-            self._positions[t:end] = positions
-            table = np.asarray(block_ids, dtype=np.int64)
-            self._slot_mapping[t:end] = table[positions // bs] * bs + positions % bs
-            self._block_tables[i, :len(block_ids)] = block_ids
-            self._seq_lens[i] = start + count
-            self._query_start_loc[i + 1] = end
+            input_ids[t:end] = token_ids
+            if count == 1:  # decode: skip numpy's per-call overhead
+                positions[t] = start
+                slot_mapping[t] = block_ids[start // bs] * bs + start % bs
+            else:
+                token_positions = np.arange(start, start + count)
+                positions[t:end] = token_positions
+                table = np.asarray(block_ids, dtype=np.int64)
+                slot_mapping[t:end] = table[token_positions // bs] * bs + token_positions % bs
+            block_tables[i, :len(block_ids)] = block_ids
+            seq_lens[i] = start + count
+            query_start_loc[i + 1] = end
             max_query_len = max(max_query_len, count)
             max_seq_len = max(max_seq_len, start + count)
             t = end
@@ -176,25 +181,23 @@ class ModelRunner:
         if pad_to is not None and pad_to > num_seqs:
             # Dummy sequences: token 0 at position 0, written nowhere, reading one token of the block their
             # (stale but valid) block-table row starts with.
-            pad = slice(t, pad_to)
-            self._input_ids[pad] = 0
-            self._positions[pad] = 0
-            self._slot_mapping[pad] = -1
-            self._seq_lens[num_seqs:pad_to] = 1
-            self._query_start_loc[num_seqs + 1:pad_to + 1] = np.arange(t + 1, pad_to + 1)
+            input_ids[t:pad_to] = 0
+            positions[t:pad_to] = 0
+            slot_mapping[t:pad_to] = -1
+            seq_lens[num_seqs:pad_to] = 1
+            query_start_loc[num_seqs + 1:pad_to + 1] = np.arange(t + 1, pad_to + 1)
             t = num_seqs = pad_to
-        copy = dict(non_blocking=True)
-        self.input_ids[:t].copy_(torch.from_numpy(self._input_ids[:t]), **copy)
-        self.positions[:t].copy_(torch.from_numpy(self._positions[:t]), **copy)
-        self.slot_mapping[:t].copy_(torch.from_numpy(self._slot_mapping[:t]), **copy)
-        self.seq_lens[:num_seqs].copy_(torch.from_numpy(self._seq_lens[:num_seqs]), **copy)
-        self.query_start_loc[:num_seqs + 1].copy_(torch.from_numpy(self._query_start_loc[:num_seqs + 1]), **copy)
-        self.block_tables[:num_seqs].copy_(torch.from_numpy(self._block_tables[:num_seqs]), **copy)
+        for buffer, n in ((self.input_ids, t), (self.positions, t), (self.slot_mapping, t), (self.seq_lens, num_seqs),
+                          (self.query_start_loc, num_seqs + 1), (self.block_tables, num_seqs)):
+            buffer.copy_to_device(n)
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:t],
-            block_tables=self.block_tables[:num_seqs],
-            seq_lens=self.seq_lens[:num_seqs],
-            query_start_loc=self.query_start_loc[:num_seqs + 1],
+            slot_mapping=self.slot_mapping.device[:t],
+            block_tables=self.block_tables.device[:num_seqs],
+            seq_lens=self.seq_lens.device[:num_seqs],
+            query_start_loc=self.query_start_loc.device[:num_seqs + 1],
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
@@ -213,7 +216,7 @@ class ModelRunner:
             self._graphs[graph_size].replay()
             hidden = self._graph_hidden[graph_size]
         else:
-            hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], metadata)
+            hidden = self.model(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata)
 
         # Rows whose logits we need: the last token of each request that samples, then prompt positions whose
         # next-token logprobs were asked for.
@@ -239,7 +242,13 @@ class ModelRunner:
 
         output = ModelRunnerOutput(request_ids=[r.request_id for r in sampling_requests], sampled_token_ids=[])
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            num_rows = len(sample_rows)
+            if num_rows == num_tokens:  # every token samples (decode): its hidden states, in order
+                rows = hidden[:num_rows]
+            else:
+                self.sample_rows.host[:num_rows] = sample_rows
+                rows = hidden[self.sample_rows.copy_to_device(num_rows)]
+            logits = self.model.compute_logits(rows)
             sampled = self.sampler(logits, SamplingMetadata.from_requests(sampling_requests, self.device))
             output.sampled_token_ids = sampled.sampled_token_ids.tolist()
             if sampled.logprobs is not None:
@@ -265,3 +274,18 @@ def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLog
     logprobs = tensors.logprobs.tolist()
     ranks = tensors.ranks.tolist()
     return [TokenLogprobs(token_ids[i][:k + 1], logprobs[i][:k + 1], ranks[i]) for i, k in enumerate(ks)]
+
+
+class StagedBuffer:
+    """A device tensor with a host twin (pinned on CUDA, so the copy is asynchronous) that each step writes
+    through numpy; the device side keeps its address for the life of the runner, as CUDA graphs require."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool):
+        self._host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.host = self._host.numpy()
+        self.device = torch.zeros(shape, dtype=dtype, device=device)
+
+    def copy_to_device(self, n: int) -> torch.Tensor:
+        """Copies the first n rows to the device and returns the device view of them."""
+        self.device[:n].copy_(self._host[:n], non_blocking=True)
+        return self.device[:n]

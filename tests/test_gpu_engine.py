@@ -22,7 +22,12 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog, and then",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n\n" * 2,
 ]
-VARIANTS = {"plain": {}, "chunked_prefill": {"max_num_batched_tokens": 16}, "preemption": {"num_kv_blocks": 12}}
+VARIANTS = {
+    "plain": {},
+    "chunked_prefill": {"max_num_batched_tokens": 16},
+    # 8 blocks hold one full-length (128) sequence; the three prompts fit at first and outgrow 9 blocks.
+    "preemption": {"num_kv_blocks": 9, "max_model_len": 128},
+}
 
 
 def hf_greedy(model_dir, prompt_ids_list, dtype):
