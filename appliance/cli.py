@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate offline from a model folder (no server)")
-    generate.add_argument("--model", required=True, help="a Hugging Face model folder")
+    generate.add_argument("--model", required=True, help="a Hugging Face model folder, a .gguf file or builtin:NAME")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     generate.add_argument("--max-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0)
