@@ -10,6 +10,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvbox", description="kvbox: an LLM serving appliance")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    serve = commands.add_parser("serve", help="serve the models of a config file over the OpenAI API")
+    serve.add_argument("-c", "--config", required=True, help="the YAML config (see config.example.yaml)")
+
+    check = commands.add_parser("check-config", help="validate a config file without starting anything")
+    check.add_argument("config")
+
+    chat = commands.add_parser("chat", help="chat in the terminal with a model of a running server")
+    chat.add_argument("model")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    chat.add_argument("--api-key", help="default: $KVBOX_API_KEY or $OPENAI_API_KEY")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.7)
+
     generate = commands.add_parser("generate", help="generate offline from a model folder (no server)")
     generate.add_argument("--model", required=True, help="a Hugging Face model folder, a .gguf file or builtin:NAME")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
@@ -25,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from appliance.server import serve_main
+
+        return serve_main(args.config)
+    if args.command == "check-config":
+        from appliance.config import check_config_main
+
+        return check_config_main(args.config)
+    if args.command == "chat":
+        from appliance.chat_cli import chat_main, default_api_key
+
+        return chat_main(args.model, args.url, args.api_key or default_api_key(), args.system, args.max_tokens,
+                         args.temperature)
     if args.command == "generate":
         return _generate(args)
     from engine.tools.tiny_model import build_tiny_model

@@ -125,10 +125,14 @@ class EngineClient:
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
-    async def kill(self) -> None:
+    async def kill(self, grace_s: float = 0.0) -> None:
+        """Ends the process (after `grace_s` for it to exit on its own) and closes the socket."""
         if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+            try:
+                await asyncio.wait_for(self.process.wait(), grace_s)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
         if self._channel is not None:
             self._channel.close()
 
@@ -140,8 +144,10 @@ class EngineClient:
             logger.exception("%s: reading from the engine failed", self.name)
         finally:
             self._fail_all(EngineDeadError(f"the engine of model {self.name!r} stopped"))
+            # The socket closed: the process is exiting or gone; reap it (so its real exit code is known), then
+            # make sure it is gone.
+            await self.kill(grace_s=2.0)
             self.dead.set()
-            await self.kill()
 
     def _dispatch(self, message: ipc.FromEngine) -> None:
         if isinstance(message, ipc.StepOutputs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -92,6 +93,9 @@ class EngineLoop:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Ctrl-C in the terminal reaches the whole process group; the supervisor ends engines through the socket
+    # after draining, so an engine must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     channel = ipc.BlockingChannel(socket.socket(fileno=int(argv[0])))
     payload = channel.recv()

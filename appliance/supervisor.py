@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ class Supervisor:
             return
         engine_config = spec.to_engine_config(model.model_path)
         model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i,
-                                       env=_replica_env(spec, i)) for i in range(spec.parallelism.data)]
+                                       env=_replica_env(spec, i, self.config)) for i in range(spec.parallelism.data)]
         results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
         if model.status is ModelStatus.LOADING:
             model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
@@ -199,10 +200,21 @@ class Supervisor:
             del self.models[model.name]
 
 
-def _replica_env(spec: ModelSpec, replica: int) -> dict[str, str]:
-    """Pins each data-parallel replica to its own GPUs when the config names them."""
-    if not spec.gpu_ids:
-        return {}
-    per_replica = len(spec.gpu_ids) // spec.parallelism.data
-    ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
-    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
+def _replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, str]:
+    """Pins each data-parallel replica to its own GPUs when the config names them, and shares the CPU's cores
+    among engines that compute on the CPU (torch's threads in several processes would otherwise contend)."""
+    env = {}
+    if spec.gpu_ids:
+        per_replica = len(spec.gpu_ids) // spec.parallelism.data
+        ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+    if spec.device == "cpu" or (spec.device == "auto" and not spec.gpu_ids and not _has_cuda()):
+        num_engines = sum(m.parallelism.data for m in config.models)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_engines))
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,117 @@
+"""Prometheus metrics under vLLM's names and `model_name` label, so that vLLM's Grafana dashboards work unchanged.
+
+Two sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request), and
+gauges/counters read from each replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`).
+Each app has its own `CollectorRegistry`: no global state, so several apps can live in one process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from litestar import Request, Response, get
+from litestar.handlers import HTTPRouteHandler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+from appliance.supervisor import Supervisor
+from engine.output_processor import RequestOutput
+
+# vLLM's buckets, for comparable dashboards.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    def __init__(self, supervisor: Supervisor):
+        self.registry = CollectorRegistry()
+        r, model = self.registry, ["model_name"]
+        # prometheus_client appends `_total` to counter names: these are vLLM's `vllm:prompt_tokens_total` etc.
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of requests.", model, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", model, registry=r)
+        self.request_success = Counter("vllm:request_success", "Finished completions, by finish reason.",
+                                       model + ["finished_reason"], registry=r)
+        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", model,
+                                             buckets=_TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output updates.",
+                                             model, buckets=_ITL_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to end.",
+                                             model, buckets=_E2E_BUCKETS, registry=r)
+        r.register(_EngineStatsCollector(supervisor))
+
+    def request(self, model_name: str) -> RequestMetrics:
+        return RequestMetrics(self, model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """Observes one engine request's output snapshots as they arrive."""
+
+    def __init__(self, metrics: Metrics, model_name: str):
+        self._metrics = metrics
+        self._model_name = model_name
+        self._arrival = time.monotonic()
+        self._last_token_time: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        m, name, now = self._metrics, self._model_name, time.monotonic()
+        num_new_tokens = sum(len(c.delta_token_ids) for c in output.outputs)
+        if num_new_tokens:
+            if self._last_token_time is None:
+                m.time_to_first_token.labels(name).observe(now - self._arrival)
+                m.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+            else:
+                m.inter_token_latency.labels(name).observe(now - self._last_token_time)
+            self._last_token_time = now
+            m.generation_tokens.labels(name).inc(num_new_tokens)
+        if output.finished:
+            m.e2e_request_latency.labels(name).observe(now - self._arrival)
+            for completion in output.outputs:
+                m.request_success.labels(name, completion.finish_reason).inc()
+
+
+class _EngineStatsCollector:
+    """Reads the replicas' latest scheduler stats at scrape time; sums over a model's replicas."""
+
+    def __init__(self, supervisor: Supervisor):
+        self._supervisor = supervisor
+
+    def collect(self):
+        labels = ["model_name"]
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run.", labels=labels)
+        kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
+        # The name before vLLM 0.10; older dashboards still plot it.
+        gpu_usage = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
+        preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", labels=labels)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", labels=labels)
+        for model in list(self._supervisor.models.values()):
+            # (stats, block size) of each replica that has reported; a restarted replica's counters start over.
+            reported = [(r.stats, r.info.block_size) for r in model.replicas if r.stats is not None and r.info]
+            if not reported:
+                continue
+            name = [model.name]
+            running.add_metric(name, sum(s.num_running for s, _ in reported))
+            waiting.add_metric(name, sum(s.num_waiting for s, _ in reported))
+            usage = sum(s.kv_usage for s, _ in reported) / len(reported)
+            kv_usage.add_metric(name, usage)
+            gpu_usage.add_metric(name, usage)
+            preemptions.add_metric(name, sum(s.num_preemptions for s, _ in reported))
+            queries.add_metric(name, sum(s.prefix_cache_queries * size for s, size in reported))
+            hits.add_metric(name, sum(s.prefix_cache_hits * size for s, size in reported))
+        yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits)
+
+
+def metrics_route(path: str) -> HTTPRouteHandler:
+    @get(path, sync_to_thread=False, include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

@@ -1,0 +1,157 @@
+"""`kvbox serve -c FILE` (or `python -m appliance.server FILE`): uvicorn serving the app, with kvbox's own signals.
+
+SIGTERM or SIGINT drains: new requests get 503, running ones have `server.drain_timeout_s` to finish, then the
+engines stop and the process exits 0. A second signal stops at once. SIGHUP reloads the config file: models added,
+removed or changed are started, stopped or restarted, and keys and limits follow; an invalid file is logged and
+ignored. Listening address, body size limit, CORS, metrics and UI settings take effect at the next start.
+
+Exit codes: 0 after a drain, 1 if every model failed to start, 2 for an unusable config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from appliance.app import create_app
+from appliance.config import AppConfig, ConfigError, load_config
+from appliance.supervisor import ModelStatus, Supervisor
+
+logger = logging.getLogger("kvbox.server")
+# Once drained, connections still open (idle keep-alives, streams ending) get this long before uvicorn drops them.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def serve_main(config_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        print(f"kvbox: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(config_path, config))
+
+
+async def _serve(config_path: str, config: AppConfig) -> int:
+    supervisor = Supervisor(config)
+    app = create_app(config, supervisor)
+    server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
+                                    lifespan="on", reload=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    lifecycle = _Lifecycle(server, supervisor, config_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lifecycle.stop)
+    loop.add_signal_handler(signal.SIGINT, lifecycle.stop)
+    loop.add_signal_handler(signal.SIGHUP, lifecycle.reload)
+    announcing = asyncio.create_task(lifecycle.announce_when_ready(app))
+    try:
+        await server.serve()
+    finally:
+        announcing.cancel()
+    return lifecycle.exit_code
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn's own handlers would stop at the first SIGTERM, before draining; `_Lifecycle` has the signals.
+        yield
+
+
+class _Lifecycle:
+    def __init__(self, server: uvicorn.Server, supervisor: Supervisor, config_path: str):
+        self.server = server
+        self.supervisor = supervisor
+        self.config_path = config_path
+        self.exit_code = 0
+        self._draining: asyncio.Task | None = None
+        self._reloading: asyncio.Task | None = None
+
+    def stop(self) -> None:
+        if self._draining is not None:
+            logger.warning("second stop signal: exiting without waiting for requests")
+            self.server.force_exit = self.server.should_exit = True
+            return
+        self._draining = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        timeout = self.supervisor.config.server.drain_timeout_s
+        logger.info("draining: refusing new requests, giving running ones up to %.0f s", timeout)
+        try:
+            await self.supervisor.drain(timeout)
+        finally:
+            self.server.should_exit = True
+
+    def reload(self) -> None:
+        if self._draining is not None or (self._reloading is not None and not self._reloading.done()):
+            logger.warning("SIGHUP ignored: a drain or another reload is in progress")
+            return
+        self._reloading = asyncio.create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as e:
+            logger.error("reload refused, the running config stays: %s", e)
+            return
+        old = self.supervisor.config
+        if (config.server.host, config.server.port, config.server.max_body_bytes, config.server.cors,
+                config.metrics, config.ui) != (old.server.host, old.server.port, old.server.max_body_bytes,
+                                               old.server.cors, old.metrics, old.ui):
+            logger.warning("reload: listening address, max_body_bytes, cors, metrics and ui apply at the next start")
+        try:
+            changes = await self.supervisor.reload(config)
+        except Exception:
+            logger.exception("reload failed")
+            return
+        logger.info("reloaded %s: %s", self.config_path, changes)
+
+    async def announce_when_ready(self, app) -> None:
+        while not self.server.started:
+            await asyncio.sleep(0.05)
+        try:
+            await app.state.startup
+        except Exception:
+            logger.exception("starting the models failed")
+        models = list(self.supervisor.models.values())
+        if not any(m.status is ModelStatus.READY for m in models):
+            logger.error("no model could start; exiting")
+            self.exit_code = 1
+            self.server.should_exit = True
+            return
+        print(_banner(self.supervisor.config, self._address()), flush=True)
+        for model in models:
+            if model.status is not ModelStatus.READY:
+                logger.error("model %r is %s: %s", model.name, model.status.value,
+                             model.errors[-1][1] if model.errors else "no error recorded")
+
+    def _address(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"  # listening everywhere: this machine's own address works for the examples
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _banner(config: AppConfig, address: str) -> str:
+    base = f"http://{address}"
+    auth = ' -H "Authorization: Bearer $KVBOX_API_KEY"' if config.server.api_keys else ""
+    model = config.models[0].name
+    lines = [f"kvbox is ready: {', '.join(m.name for m in config.models)}",
+             f"  API:       {base}/v1"]
+    if config.ui.enabled:
+        lines.append(f"  dashboard: {base}{config.ui.path}")
+    if config.metrics.enabled:
+        lines.append(f"  metrics:   {base}{config.metrics.path}")
+    lines.append(f"  try:       curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+                 f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m appliance.server CONFIG.yaml")
+    sys.exit(serve_main(sys.argv[1]))
