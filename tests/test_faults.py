@@ -1,0 +1,100 @@
+"""Faults against the real server: a killed engine among two models, a flood of streams against a queue cap, and
+configs that must stop `kvbox serve` before anything starts."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from helpers_server import API_KEY, long_llama, model_config, run_server, server_config
+
+pytest_plugins = ["helpers_server"]
+
+COMPLETION = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model, tmp_path_factory):
+    config = server_config([
+        model_config("victim", long_llama(tiny_model)),
+        model_config("bystander", tiny_model("qwen3"), queue_cap=50, scheduler={"max_num_seqs": 4}),
+    ])
+    with run_server(config, tmp_path_factory.mktemp("two_models")) as server:
+        yield server
+
+
+def test_killed_engine_fails_its_stream_while_the_other_model_serves(two_models):
+    pid = two_models.admin_models()["victim"]["replicas"][0]["pid"]
+    with two_models.http() as http:
+        body = {**COMPLETION, "model": "victim", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            events = [line.removeprefix("data: ") for line in lines if line]
+        assert time.monotonic() - killed_at < 5, "the client waited too long for the error"
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        # While the victim restarts, the other model answers.
+        answer = http.post("/v1/completions", json={**COMPLETION, "model": "bystander"})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
+        deadline = time.monotonic() + 60
+        while two_models.admin_models()["victim"]["status"] != "ready":
+            assert time.monotonic() < deadline, "the killed engine did not come back"
+            time.sleep(0.1)
+        again = http.post("/v1/completions", json={**COMPLETION, "model": "victim"})
+        assert again.status_code == 200
+    assert two_models.admin_models()["victim"]["replicas"][0]["pid"] != pid
+
+
+def test_200_streams_against_a_queue_cap_of_50_all_end_cleanly(two_models):
+    async def one_stream(client: httpx.AsyncClient) -> str:
+        body = {**COMPLETION, "model": "bystander", "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                assert response.json()["error"]["message"]
+                assert response.status_code in (429, 503) and response.headers.get("Retry-After")
+                return str(response.status_code)
+            events = [line async for line in response.aiter_lines() if line]
+            assert events[-1] == "data: [DONE]", events[-3:]
+            assert not any('"error"' in e for e in events)
+            return "completed"
+
+    async def flood() -> list[str]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=two_models.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=120, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one_stream(client) for _ in range(200))), 180)
+
+    outcomes = asyncio.run(flood())
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    print(f"\n200 concurrent streams, queue cap 50 + 4 running: {counts}")
+    assert set(counts) <= {"completed", "429", "503"}
+    assert counts.get("completed", 0) >= 54  # at least what the queue and the running slots admit at once
+    assert counts.get("429", 0) > 0  # the flood did overflow the queue
+    with two_models.http() as http:  # and the server is fine afterwards
+        assert http.post("/v1/completions", json={**COMPLETION, "model": "bystander"}).status_code == 200
+
+
+@pytest.mark.parametrize(("mutate", "key_path"), [
+    (lambda c: c["models"][0]["kv_cache"].update(blok_size=16), "models[0].kv_cache.blok_size"),
+    (lambda c: c["models"][0]["scheduler"].update(max_num_seqs="many"), "models[0].scheduler.max_num_seqs"),
+    (lambda c: c["models"].append(dict(c["models"][0])), "models[1].name"),
+])
+def test_bad_configs_stop_serve_before_anything_starts(tiny_model, tmp_path, mutate, key_path):
+    config = server_config([model_config("llama", tiny_model("llama"))])
+    mutate(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "-c", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert key_path in result.stderr + result.stdout
+    assert "API:" not in result.stdout  # nothing was served
