@@ -1,14 +1,17 @@
-"""Operational routes: /health (liveness), /ready (every model ready), /version, and /admin/models (per-model
-status, restarts, recent errors, replica pids, KV stats, config with secrets redacted) behind the admin key."""
+"""Operational routes: /health (liveness), /ready (every model ready), /version, and behind the admin key
+/admin/models (per-model status, restarts, recent errors, replica pids, KV stats, config with secrets redacted) and
+/admin/reload (reload the config file)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Request, Response, get, post
 
 from appliance.auth import require_admin_key
+from appliance.config import ConfigError
+from appliance.errors import APIError
 from appliance.supervisor import ModelRuntime, Supervisor
 
 
@@ -61,4 +64,14 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
     }
 
 
-ROUTES = [health, ready, version, admin_models]
+@post("/admin/reload", guards=[require_admin_key])
+async def admin_reload(request: Request) -> dict:
+    """Reloads the config file: added models start, removed ones stop, changed ones restart, the rest stay."""
+    try:
+        changes = await request.app.state.reload()
+    except ConfigError as e:
+        raise APIError(400, str(e), code="invalid_config") from None
+    return {"reloaded": True, **changes}
+
+
+ROUTES = [health, ready, version, admin_models, admin_reload]

@@ -1,7 +1,7 @@
 """`kvbox serve -c FILE` (or `python -m appliance.server FILE`): uvicorn serving the app, with kvbox's own signals.
 
 SIGTERM or SIGINT drains: new requests get 503, running ones have `server.drain_timeout_s` to finish, then the
-engines stop and the process exits 0. A second signal stops at once. SIGHUP reloads the config file: models added,
+engines stop and the process exits 0. A second signal stops at once. SIGHUP (or POST /admin/reload) reloads the config file: models added,
 removed or changed are started, stopped or restarted, and keys and limits follow; an invalid file is logged and
 ignored. Listening address, body size limit, CORS, metrics and UI settings take effect at the next start.
 
@@ -43,6 +43,7 @@ async def _serve(config_path: str, config: AppConfig) -> int:
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
                                     lifespan="on", reload=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     lifecycle = _Lifecycle(server, supervisor, config_path)
+    app.state.reload = lifecycle.reload_now
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lifecycle.stop)
     loop.add_signal_handler(signal.SIGINT, lifecycle.stop)
@@ -70,6 +71,7 @@ class _Lifecycle:
         self.exit_code = 0
         self._draining: asyncio.Task | None = None
         self._reloading: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
 
     def stop(self) -> None:
         if self._draining is not None:
@@ -87,28 +89,33 @@ class _Lifecycle:
             self.server.should_exit = True
 
     def reload(self) -> None:
-        if self._draining is not None or (self._reloading is not None and not self._reloading.done()):
+        """SIGHUP: reload in the background; problems are logged and the running config stays."""
+        if self._draining is not None or self._reload_lock.locked():
             logger.warning("SIGHUP ignored: a drain or another reload is in progress")
             return
-        self._reloading = asyncio.create_task(self._reload())
+        self._reloading = asyncio.create_task(self._reload_logged())
 
-    async def _reload(self) -> None:
+    async def _reload_logged(self) -> None:
         try:
-            config = await asyncio.to_thread(load_config, self.config_path)
+            await self.reload_now()
         except ConfigError as e:
             logger.error("reload refused, the running config stays: %s", e)
-            return
-        old = self.supervisor.config
-        if (config.server.host, config.server.port, config.server.max_body_bytes, config.server.cors,
-                config.metrics, config.ui) != (old.server.host, old.server.port, old.server.max_body_bytes,
-                                               old.server.cors, old.metrics, old.ui):
-            logger.warning("reload: listening address, max_body_bytes, cors, metrics and ui apply at the next start")
-        try:
-            changes = await self.supervisor.reload(config)
         except Exception:
             logger.exception("reload failed")
-            return
-        logger.info("reloaded %s: %s", self.config_path, changes)
+
+    async def reload_now(self) -> dict[str, list[str]]:
+        """Reloads the config file (POST /admin/reload and SIGHUP); raises ConfigError for an invalid file."""
+        async with self._reload_lock:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            old = self.supervisor.config
+            if (config.server.host, config.server.port, config.server.max_body_bytes, config.server.cors,
+                    config.metrics, config.ui) != (old.server.host, old.server.port, old.server.max_body_bytes,
+                                                   old.server.cors, old.metrics, old.ui):
+                logger.warning("reload: listening address, max_body_bytes, cors, metrics and ui apply at the next "
+                               "start")
+            changes = await self.supervisor.reload(config)
+            logger.info("reloaded %s: %s", self.config_path, changes)
+            return changes
 
     async def announce_when_ready(self, app) -> None:
         while not self.server.started:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import yaml
-from helpers_server import API_KEY, long_llama, model_config, run_server, server_config
+from helpers_server import ADMIN_KEY, API_KEY, long_llama, model_config, run_server, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -98,3 +98,31 @@ def test_bad_configs_stop_serve_before_anything_starts(tiny_model, tmp_path, mut
     assert result.returncode != 0
     assert key_path in result.stderr + result.stdout
     assert "API:" not in result.stdout  # nothing was served
+
+
+def test_reload_adds_and_removes_models_and_leaves_the_rest_alone(tiny_model, tmp_path):
+    keep = model_config("keep", tiny_model("llama"))
+    config = server_config([keep, model_config("drop", tiny_model("qwen3"))])
+    with run_server(config, tmp_path) as server:
+        kept_pid = server.admin_models()["keep"]["replicas"][0]["pid"]
+        config_path = tmp_path / "kvbox.yaml"
+        config_path.write_text(yaml.safe_dump(server_config([keep, model_config("added", tiny_model("qwen2"))])))
+        with server.http(ADMIN_KEY) as admin:
+            changes = admin.post("/admin/reload", timeout=120).json()
+            assert changes["added"] == ["added"] and changes["removed"] == ["drop"]
+            assert changes["unchanged"] == ["keep"]
+            assert server.admin_models()["keep"]["replicas"][0]["pid"] == kept_pid
+            with server.http() as http:
+                names = [m["id"] for m in http.get("/v1/models").json()["data"]]
+                assert sorted(names) == ["added", "keep"]
+                assert http.post("/v1/completions", json={**COMPLETION, "model": "added"}).status_code == 200
+            config_path.write_text("models: [{name: broken}]\n")  # invalid: the running config stays
+            refused = admin.post("/admin/reload")
+            assert refused.status_code == 400 and "models[0]" in refused.json()["error"]["message"]
+            assert sorted(server.admin_models()) == ["added", "keep"]
+            config_path.write_text(yaml.safe_dump(server_config([keep])))
+            server.process.send_signal(signal.SIGHUP)  # the same through the signal
+            deadline = time.monotonic() + 60
+            while sorted(server.admin_models()) != ["keep"]:
+                assert time.monotonic() < deadline, "SIGHUP did not reload"
+                time.sleep(0.1)
