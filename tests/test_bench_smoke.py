@@ -24,3 +24,13 @@ def test_throughput_smoke(tmp_path):
 def test_latency_smoke(tmp_path):
     result = run_bench("latency.py", tmp_path, "--iters", "2", "--input-len", "16", "--output-len", "6")
     assert result["kvbox"]["decode_tokens_per_s"] > 0 and result["kvbox"]["ttft_ms"] > 0
+
+
+def test_serve_smoke(tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--launch", "tiny-llama", "--device", "cpu",
+                    "--num-prompts", "6", "--input-len", "16", "--output-len", "5", "--concurrency", "4",
+                    "--json", str(out)], check=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0

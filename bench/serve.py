@@ -1,0 +1,202 @@
+"""Serving benchmark: streaming completions against a running `kvbox serve`, or one this script starts.
+
+    python bench/serve.py --url http://127.0.0.1:8000 --model NAME --num-prompts 200 --input-len 1024 --output-len 128
+    python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64      # starts kvbox serve itself
+    python bench/serve.py --launch tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
+
+Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
+process (`--request-rate`), and/or with at most `--concurrency` in flight. Prints TTFT, TPOT (time per output token
+after the first), inter-token latency and end-to-end latency percentiles, and request and token throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import SHAPES, random_prompts, shape_folder  # noqa: E402
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    e2e: float = 0.0
+    num_output_tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    result = Result()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                    return result
+                if chunk.get("usage"):
+                    result.num_output_tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itls.append(now - last)
+                last = now
+        result.e2e = time.perf_counter() - start
+        result.ok = result.num_output_tokens == output_len
+        if not result.ok:
+            result.error = f"got {result.num_output_tokens} tokens"
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+async def run(args, prompts: list[list[int]]) -> tuple[list[Result], float]:
+    limit = asyncio.Semaphore(args.concurrency or len(prompts))
+    rng = random.Random(0)
+
+    async def limited(client, prompt, delay):
+        await asyncio.sleep(delay)
+        async with limit:
+            return await one_request(client, args.model, prompt, args.output_len)
+
+    delays, t = [], 0.0
+    for _ in prompts:
+        delays.append(t)
+        if args.request_rate:
+            t += rng.expovariate(args.request_rate)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(30.0, read=None),
+                                 limits=httpx.Limits(max_connections=len(prompts) + 8)) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(client, p, d) for p, d in zip(prompts, delays)))
+        return results, time.perf_counter() - start
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"mean": statistics.fmean(values) * 1e3, "p50": pick(0.5) * 1e3, "p90": pick(0.9) * 1e3,
+            "p99": pick(0.99) * 1e3}
+
+
+def report(args, results: list[Result], seconds: float) -> dict:
+    done = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    out_tokens = sum(r.num_output_tokens for r in done)
+    summary = {
+        "completed": len(done), "failed": len(failed), "seconds": seconds,
+        "requests_per_s": len(done) / seconds, "output_tokens_per_s": out_tokens / seconds,
+        "total_tokens_per_s": (out_tokens + len(done) * args.input_len) / seconds,
+        "ttft_ms": percentiles([r.ttft for r in done]),
+        "tpot_ms": percentiles([(r.e2e - r.ttft) / (r.num_output_tokens - 1) for r in done if r.num_output_tokens > 1]),
+        "itl_ms": percentiles([x for r in done for x in r.itls]),
+        "e2e_ms": percentiles([r.e2e for r in done]),
+    }
+    print(f"completed {len(done)}/{len(results)} in {seconds:.1f} s: {summary['requests_per_s']:.2f} req/s, "
+          f"{summary['output_tokens_per_s']:.1f} output tok/s, {summary['total_tokens_per_s']:.1f} total tok/s")
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        p = summary[name]
+        if p:
+            print(f"  {name[:-3]:5s} mean {p['mean']:8.1f} ms  p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  "
+                  f"p99 {p['p99']:8.1f}")
+    for r in failed[:5]:
+        print(f"  failed: {r.error}")
+    return summary
+
+
+def launch(args) -> subprocess.Popen:
+    """Starts `kvbox serve` on the shape with dummy weights; returns the process once it is ready."""
+    workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
+    model = {"name": args.model, "source": shape_folder(args.launch), "load_format": "dummy", "device": args.device,
+             "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.input_len + args.output_len,
+             "kv_cache": {"prefix_caching": False}, "queue_cap": max(256, args.num_prompts),
+             "scheduler": {"max_num_seqs": args.max_num_seqs}}
+    config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    log = open(workdir / "server.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(workdir / "config.yaml")],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    start = time.monotonic()
+    while time.monotonic() - start < args.launch_timeout:
+        text = (workdir / "server.log").read_text(errors="replace")
+        if match := re.search(r"API:\s+(http://\S+)/v1", text):
+            args.url = match.group(1)
+            print(f"kvbox serve ready in {time.monotonic() - start:.1f} s (start-up incl. weights, profiling, "
+                  f"CUDA graphs) at {args.url}")
+            args.startup_s = time.monotonic() - start
+            return process
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    sys.exit(f"kvbox serve did not become ready; log:\n{text[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--api-key", default=os.environ.get("KVBOX_API_KEY"))
+    parser.add_argument("--launch", choices=sorted(SHAPES), help="start kvbox serve on this shape (dummy weights)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--launch-timeout", type=float, default=300)
+    parser.add_argument("--vocab-size", type=int, help="default: the launched shape's, else 32000")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: at once)")
+    parser.add_argument("--concurrency", type=int, default=0, help="most requests in flight (0: no limit)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    process = launch(args) if args.launch else None
+    try:
+        vocab = args.vocab_size or (SHAPES[args.launch]["vocab_size"] if args.launch else 32000)
+        prompts = random_prompts(args.num_prompts, args.input_len, vocab)
+        asyncio.run(run(args, prompts[:2]))  # warm-up
+        results, seconds = asyncio.run(run(args, prompts))
+        summary = report(args, results, seconds)
+        summary["startup_s"] = getattr(args, "startup_s", None)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+
+if __name__ == "__main__":
+    main()
