@@ -78,6 +78,9 @@ class ServerConfig(_Schema, kw_only=True):
     cors: Annotated[CorsConfig, _doc("Cross-origin requests from browsers.")] = field(default_factory=CorsConfig)
     drain_timeout_s: Annotated[float, _doc(
         "On shutdown or reload, seconds to let running requests finish before aborting them.", ge=0)] = 30.0
+    engine_hang_timeout_s: Annotated[float, _doc(
+        "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
+        "considered hung, killed and restarted.", ge=1)] = 120.0
 
 
 class KVCacheConfig(_Schema, kw_only=True):

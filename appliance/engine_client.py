@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-import dataclasses
 
 from appliance import ipc
 from engine.config import EngineConfig
@@ -35,7 +36,8 @@ class EngineStartError(RuntimeError):
 
 class EngineClient:
     def __init__(self, name: str, engine_config: EngineConfig, tokenizer, replica: int = 0,
-                 env: dict[str, str] | None = None, on_step: Callable[[ipc.StepOutputs], None] | None = None):
+                 env: dict[str, str] | None = None, on_step: Callable[[ipc.StepOutputs], None] | None = None,
+                 hang_timeout_s: float = 120.0):
         self.name = name
         self.engine_config = engine_config
         self.tokenizer = tokenizer
@@ -50,6 +52,11 @@ class EngineClient:
         self._inflight: dict[str, asyncio.Queue] = {}  # request id -> its RequestOutput snapshots
         self._output_processor = OutputProcessor(tokenizer)
         self.dead = asyncio.Event()
+        # A running engine sends something at least every few hundred milliseconds (outputs, or its idle stats):
+        # silence this long means its loop is stuck, and it is killed so that the supervisor restarts it.
+        self.hang_timeout_s = hang_timeout_s
+        self._last_heard = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
 
     @property
     def num_inflight(self) -> int:
@@ -79,7 +86,9 @@ class EngineClient:
             reason = message.message if isinstance(message, ipc.EngineFailed) else "the engine process exited"
             raise EngineStartError(f"{self.name}: {reason}")
         self.info = message
+        self._last_heard = time.monotonic()
         self._reader = asyncio.create_task(self._read_loop(), name=f"engine-reader-{self.name}-{self.replica}")
+        self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
         return message
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -139,6 +148,7 @@ class EngineClient:
     async def _read_loop(self) -> None:
         try:
             while (payload := await self._channel.recv()) is not None:
+                self._last_heard = time.monotonic()
                 self._dispatch(ipc.decode_from_engine(payload))
         except Exception:
             logger.exception("%s: reading from the engine failed", self.name)
@@ -148,6 +158,15 @@ class EngineClient:
             # make sure it is gone.
             await self.kill(grace_s=2.0)
             self.dead.set()
+
+    async def _watch_for_hang(self) -> None:
+        while not self.dead.is_set():
+            await asyncio.sleep(min(1.0, self.hang_timeout_s / 4))
+            silent_s = time.monotonic() - self._last_heard
+            if silent_s > self.hang_timeout_s and self.process is not None and self.process.returncode is None:
+                logger.error("%s[%d]: engine silent for %.0f s; killing it", self.name, self.replica, silent_s)
+                self.process.kill()  # the reader sees the socket close and fails the in-flight requests
+                return
 
     def _dispatch(self, message: ipc.FromEngine) -> None:
         if isinstance(message, ipc.StepOutputs):
