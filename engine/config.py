@@ -34,6 +34,10 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto, torch, triton
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
+    enable_lora: bool = False  # serve LoRA adapters (EngineCore.add_lora); off, the forward has no LoRA op
+    max_loras: int = 4  # adapters on the device at once, hence distinct adapters per step
+    max_lora_rank: int = 16  # the largest adapter rank accepted; the device slots are sized for it
+    max_cpu_loras: int = 8  # adapters loaded in host memory, those on the device included
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -44,10 +48,14 @@ class EngineConfig:
             raise ValueError(f"load_format: expected auto or dummy, got {self.load_format!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction: must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks"):
+        for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_loras", "max_lora_rank",
+                     "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), since adapters on the device "
+                             f"also stay in host memory; got {self.max_cpu_loras}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

@@ -7,6 +7,9 @@ it and returns what each request produced.
 n > 1 samples of one prompt are separate requests. Only the first is scheduled at once; its siblings wait until its
 prompt has been scheduled, then take references to its full prompt blocks (`KVCacheManager.share_prefix`), so the
 prompt's K/V is computed and stored once.
+
+With `enable_lora`, adapters are added, replaced and removed by name (`add_lora`, `remove_lora`); a request names
+one with `lora_name` and keeps the version it got for its whole life, even if the name is replaced meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache.manager import KVCacheManager
+from engine.lora.manager import LoraInfo, LoraManager
 from engine.models.config import ModelConfig
 from engine.outputs import EngineCoreOutput, SchedulerStats
 from engine.request import Request, RequestStatus
@@ -58,6 +62,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduling_policy,
+            max_loras=config.max_loras if config.enable_lora else None,
         ), self.kv_manager)
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
@@ -72,11 +77,17 @@ class EngineCore:
         return self.model_config.eos_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None) -> list[str]:
+                    priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
+                    lora_name: str | None = None) -> list[str]:
         """Validates and queues a request; returns the ids of its samples (one per n)."""
         if request_id in self._samples_of:
             raise InvalidParameterError("request_id", f"a request with id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
+        adapter_id = None
+        if lora_name is not None:
+            if self.lora is None:
+                raise InvalidParameterError("model", f"LoRA adapter {lora_name!r} asked for, but LoRA is not enabled")
+            adapter_id = self.lora.resolve(lora_name)
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -84,7 +95,7 @@ class EngineCore:
         samples = [
             Request(sample_request_id(request_id, i, params.n), prompt_token_ids, params, self.eos_token_ids,
                     max_tokens=max_tokens, arrival_time=arrival_time, priority=priority, cache_salt=cache_salt,
-                    parent_id=request_id, index=i)
+                    adapter_id=adapter_id, parent_id=request_id, index=i)
             for i in range(params.n)
         ]
         self._samples_of[request_id] = [r.request_id for r in samples]
@@ -143,10 +154,42 @@ class EngineCore:
         for output in outputs:
             if output.finished:
                 self._forget_id(output.parent_id, output.request_id)
+        if self.lora is not None and self.lora.has_retired:
+            self._drop_unused_loras()
         return outputs
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    # ---- LoRA adapters ----
+    @property
+    def lora(self) -> LoraManager | None:
+        return self.runner.lora
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Loads the PEFT adapter folder at `path` as `name`, replacing an adapter of that name for new requests
+        (running ones keep theirs). A bad adapter raises ValueError and changes nothing."""
+        self._require_lora().add(name, path)
+        self._drop_unused_loras()
+
+    def remove_lora(self, name: str) -> None:
+        """Stops serving `name`; requests already using it finish with it."""
+        self._require_lora().remove(name)
+        self._drop_unused_loras()
+
+    def list_loras(self) -> list[LoraInfo]:
+        return self.lora.list() if self.lora is not None else []
+
+    def _require_lora(self) -> LoraManager:
+        if self.lora is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True")
+        return self.lora
+
+    def _drop_unused_loras(self) -> None:
+        """Frees replaced or removed adapter versions that no unfinished request holds any more."""
+        waiting = [r for siblings in self._waiting_siblings.values() for r in siblings]
+        self.lora.drop_unused({r.adapter_id for r in [*self.scheduler.requests.values(), *waiting]
+                               if r.adapter_id is not None})
 
     def _fork_ready_siblings(self) -> None:
         for first_id in list(self._waiting_siblings):

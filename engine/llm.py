@@ -1,6 +1,7 @@
 """The offline API: `LLM(model=path, **engine options).generate(prompts, params)` and `.chat(messages)`.
 
 Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
+With `enable_lora=True`, `add_lora(name, path)` loads a PEFT adapter and `lora_name` picks one per prompt.
 """
 
 from __future__ import annotations
@@ -30,32 +31,43 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
+    def add_lora(self, name: str, path: str) -> None:
+        """Loads the PEFT adapter folder at `path` under `name` (replacing one of that name)."""
+        self.core.add_lora(name, path)
+
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priorities: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Generates for each prompt (text, or a list of token ids); returns outputs in prompt order."""
+                 use_tqdm: bool = True, priorities: Sequence[int] | None = None,
+                 lora_name: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Generates for each prompt (text, or a list of token ids); returns outputs in prompt order. `lora_name`:
+        one adapter for every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = _broadcast(params or SamplingParams(), len(prompts))
+        lora_names = _broadcast_lora_names(lora_name, len(prompts))
         request_ids = []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             text, token_ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-            request_ids.append(self._add(text, token_ids, p, priorities[i] if priorities else 0))
+            request_ids.append(self._add(text, token_ids, p, priorities[i] if priorities else 0, lora_names[i]))
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             lora_name: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Renders each conversation with the model's chat template (sandboxed) and generates a reply."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [render_chat(self.tokenizer, c, chat_template, add_generation_prompt) for c in conversations]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         params_list = _broadcast(params or SamplingParams(), len(prompts))
-        request_ids = [self._add(text, ids, p, 0) for text, ids, p in zip(prompts, token_ids, params_list)]
+        lora_names = _broadcast_lora_names(lora_name, len(prompts))
+        request_ids = [self._add(text, ids, p, 0, name)
+                       for text, ids, p, name in zip(prompts, token_ids, params_list, lora_names)]
         return self._run(request_ids, use_tqdm)
 
-    def _add(self, text: str | None, token_ids: list[int], params: SamplingParams, priority: int) -> str:
+    def _add(self, text: str | None, token_ids: list[int], params: SamplingParams, priority: int,
+             lora_name: str | None) -> str:
         request_id = str(next(self._ids))
-        self.core.add_request(request_id, token_ids, params, priority=priority)
+        self.core.add_request(request_id, token_ids, params, priority=priority, lora_name=lora_name)
         self.output_processor.add_request(request_id, text, token_ids, params)
         return request_id
 
@@ -78,6 +90,14 @@ class LLM:
         finally:
             progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _broadcast_lora_names(lora_name: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    if lora_name is None or isinstance(lora_name, str):
+        return [lora_name] * n
+    if len(lora_name) != n:
+        raise ValueError(f"got {len(lora_name)} LoRA names for {n} prompts")
+    return list(lora_name)
 
 
 def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

@@ -8,6 +8,10 @@ each step writes a prefix of each buffer.
 The runner also owns the KV cache tensors: it sizes them (after a profiling forward on the GPU) and binds one
 [2, num_blocks, block_size, num_kv_heads, head_size] tensor to each attention layer.
 
+With LoRA enabled, the model's targetable linears are wrapped (`engine.lora.layers`) and one more persistent buffer
+gives each token its adapter's GPU slot (-1: none); the batch is ordered by adapter so that the LoRA kernel reads
+each adapter's weights once per token block. Without LoRA nothing of this exists.
+
 On CUDA, decode-only steps replay CUDA graphs captured at start-up, one per batch-size bucket: the batch is padded
 to the bucket with one-token dummy sequences that write nowhere (slot -1) and read one cached token, so the graph's
 shapes never change. Graphs remove the per-kernel launch cost that dominates small decode batches.
@@ -22,12 +26,14 @@ import torch
 
 import kernels
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.lora.layers import add_lora_layers
+from engine.lora.manager import LoraManager
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.outputs import TokenLogprobs
 from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs
-from engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from engine.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class ModelRunner:
@@ -51,6 +57,12 @@ class ModelRunner:
         self.query_start_loc = StagedBuffer((max_seqs + 1,), torch.int32, device, pin)
         self.block_tables = StagedBuffer((max_seqs, self.max_blocks_per_seq), torch.int32, device, pin)
         self.sample_rows = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        self.lora_slots: StagedBuffer | None = None
+        self.lora: LoraManager | None = None
+        if config.enable_lora:
+            self.lora_slots = StagedBuffer((max_tokens,), torch.int32, device, pin)
+            layers = add_lora_layers(self.model, config.max_loras, config.max_lora_rank, self.lora_slots.device)
+            self.lora = LoraManager(layers, self.model.lora_modules, config)
         self._inputs_copied: torch.cuda.Event | None = None
         self.num_kv_blocks = 0
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda"
@@ -149,9 +161,10 @@ class ModelRunner:
 
     # ---- one step ----
     def _fill_buffers(self, rows: list[tuple[np.ndarray | list[int], int, int, list[int]]],
-                      pad_to: int | None = None) -> AttentionMetadata:
+                      pad_to: int | None = None, lora_slots: list[int] | None = None) -> AttentionMetadata:
         """rows: (token ids to compute, position of the first, count, block table) per request. `pad_to` adds
-        one-token dummy sequences up to that many (CUDA graph buckets; decode rows only)."""
+        one-token dummy sequences up to that many (CUDA graph buckets; decode rows only). `lora_slots`: each row's
+        adapter slot (with LoRA enabled; default none)."""
         if self._inputs_copied is not None:
             # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
             self._inputs_copied.synchronize()
@@ -176,6 +189,8 @@ class ModelRunner:
             query_start_loc[i + 1] = end
             max_query_len = max(max_query_len, count)
             max_seq_len = max(max_seq_len, start + count)
+            if self.lora_slots is not None:
+                self.lora_slots.host[t:end] = lora_slots[i] if lora_slots else -1
             t = end
         num_seqs = len(rows)
         if pad_to is not None and pad_to > num_seqs:
@@ -186,10 +201,14 @@ class ModelRunner:
             slot_mapping[t:pad_to] = -1
             seq_lens[num_seqs:pad_to] = 1
             query_start_loc[num_seqs + 1:pad_to + 1] = np.arange(t + 1, pad_to + 1)
+            if self.lora_slots is not None:
+                self.lora_slots.host[t:pad_to] = -1
             t = num_seqs = pad_to
         for buffer, n in ((self.input_ids, t), (self.positions, t), (self.slot_mapping, t), (self.seq_lens, num_seqs),
                           (self.query_start_loc, num_seqs + 1), (self.block_tables, num_seqs)):
             buffer.copy_to_device(n)
+        if self.lora_slots is not None:
+            self.lora_slots.copy_to_device(t)
         if self.device.type == "cuda":
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
@@ -206,11 +225,15 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         scheduled = scheduler_output.scheduled
         graph_size = self._graph_size(scheduler_output)
+        lora_slots = None
+        if self.lora is not None:
+            scheduled = sorted(scheduled, key=lambda s: s.request.adapter_id or "")
+            lora_slots = self._activate_loras(scheduled)
         metadata = self._fill_buffers([
             (s.request.all_token_ids[s.num_computed_before:s.num_computed_before + s.num_new_tokens],
              s.num_computed_before, s.num_new_tokens, s.block_ids)
             for s in scheduled
-        ], pad_to=graph_size)
+        ], pad_to=graph_size, lora_slots=lora_slots)
         num_tokens = scheduler_output.num_tokens
         if graph_size is not None:
             self._graphs[graph_size].replay()
@@ -266,6 +289,15 @@ class ModelRunner:
                 output.prompt_logprobs[request_id] = flat[start:start + len(ids)]
                 start += len(ids)
         return output
+
+    def _activate_loras(self, scheduled: list[ScheduledRequest]) -> list[int]:
+        """Puts the step's adapters in GPU slots; returns each row's slot (-1: the base model)."""
+        num_tokens: dict[str, int] = {}
+        for s in scheduled:
+            if s.request.adapter_id is not None:
+                num_tokens[s.request.adapter_id] = num_tokens.get(s.request.adapter_id, 0) + s.num_new_tokens
+        slot_of = self.lora.activate(num_tokens)
+        return [slot_of.get(s.request.adapter_id, -1) for s in scheduled]
 
 
 def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLogprobs]:

@@ -30,6 +30,7 @@ class SchedulerConfig:
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, then arrival)
+    max_loras: int | None = None  # most distinct LoRA adapters among running requests; None: no adapters
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
@@ -155,10 +156,14 @@ class Scheduler:
                 i += 1
 
         preempted_now = set(out.preempted_ids)
+        # Running requests use at most max_loras adapters, so any step's adapters fit the device's LoRA slots.
+        running_adapters = {r.adapter_id for r in self.running if r.adapter_id is not None}
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.request_id in preempted_now:
                 break  # it just lost its blocks; let the running ones progress first
+            if not self._adapter_fits(request, running_adapters):
+                break  # first come, first served: it waits until a running adapter has no requests left
             can_reuse = request.num_computed_tokens == 0 and not request.needs_prompt_logprobs
             cached = self.kv.find_cached_prefix(request) if can_reuse else []
             num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
@@ -174,6 +179,8 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.adapter_id is not None:
+                running_adapters.add(request.adapter_id)
             out.scheduled.append(ScheduledRequest(request, num_computed, num_new, self.kv.block_ids(request.request_id)))
             budget -= num_new
 
@@ -230,6 +237,10 @@ class Scheduler:
     # ---- internals ----
     def _rank(self, request: Request) -> tuple[int, int]:
         return self._rank_of[request.request_id]
+
+    def _adapter_fits(self, request: Request, running_adapters: set[str]) -> bool:
+        return (request.adapter_id is None or request.adapter_id in running_adapters
+                or len(running_adapters) < self.config.max_loras)
 
     def _enqueue(self, request: Request) -> None:
         keys = [self._rank(r) for r in self.waiting]

@@ -28,6 +28,7 @@ _TRITON_MODULES = {
     "silu_and_mul": "kernels.activation",
     "gelu_tanh_and_mul": "kernels.activation",
     "rotary_embedding": "kernels.rotary",
+    "add_lora": "kernels.lora",
 }
 
 _active = SimpleNamespace(name="torch", ops=reference)
@@ -88,3 +89,7 @@ def gelu_tanh_and_mul(*args, **kwargs):
 
 def rotary_embedding(*args, **kwargs):
     return _active.ops.rotary_embedding(*args, **kwargs)
+
+
+def add_lora(*args, **kwargs):
+    return _active.ops.add_lora(*args, **kwargs)

@@ -58,6 +58,11 @@ class _ParallelLinear(nn.Module):
         size = param.shape[self.shard_dim]
         _copy(param.data, loaded_weight.narrow(self.shard_dim, self.tp_rank * size, size))
 
+    @property
+    def output_slices(self) -> tuple[int, ...]:
+        """This rank's output features of each merged part, in order (LoRA gives each part its own A and B)."""
+        return (self.output_size,)
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """Splits the output features: each rank computes its slice of y, no communication."""
@@ -82,6 +87,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = _divide(sum(self.output_sizes[:shard_id]), self.tp_size)
         size = _divide(self.output_sizes[shard_id], self.tp_size)
         _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+
+    @property
+    def output_slices(self) -> tuple[int, ...]:
+        return tuple(_divide(size, self.tp_size) for size in self.output_sizes)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -116,6 +125,10 @@ class QKVParallelLinear(ColumnParallelLinear):
             "v": (self.q_size + self.kv_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
         }[shard_id]
         _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, shard_index * size, size))
+
+    @property
+    def output_slices(self) -> tuple[int, ...]:
+        return (self.q_size, self.kv_size, self.kv_size)
 
 
 class RowParallelLinear(_ParallelLinear):

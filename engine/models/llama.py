@@ -9,6 +9,7 @@ model here shares.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +51,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * config.head_size, config.hidden_size,
                                         config.o_proj_bias, tp_rank, tp_size)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        # Kept here rather than read from qkv_proj in forward, which LoRA may wrap.
+        self.qkv_sizes = list(self.qkv_proj.output_slices)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_size, config.rms_norm_eps)
@@ -61,7 +64,7 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_size)  # [num_tokens, num_heads, head_size]
         k = k.view(num_tokens, self.num_kv_heads, self.head_size)  # [num_tokens, num_kv_heads, head_size]
         if self.qk_norm:
@@ -128,6 +131,13 @@ class LlamaForCausalLM(nn.Module):
     """The served model: forward to hidden states, compute_logits for the rows the sampler needs."""
 
     model_cls: type[LlamaModel] = LlamaModel
+    # Our linears that LoRA adapters may target -> the HF projections each one holds, in output order.
+    lora_modules: ClassVar[dict[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "o_proj": ("o_proj",),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+        "down_proj": ("down_proj",),
+    }
 
     def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
         super().__init__()

@@ -1,0 +1,70 @@
+"""LoRA-aware linears: a wrapper that adds every token's adapter to a base linear's output, and the function that
+puts it around the model's targetable linears.
+
+Only a model served with LoRA is wrapped, so the forward of one without it has no extra op. The wrapper owns the
+GPU slots of its layer: `lora_a` and `lora_b` hold `max_loras` adapters, allocated once at the largest rank, and
+loading an adapter copies into a slot. Which slot each token uses comes from the runner's persistent per-token
+buffer, which all wrappers share.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from engine.lora.adapter import LoraWeights
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, token_slots: torch.Tensor):
+        super().__init__()
+        if base.tp_size != 1:
+            raise NotImplementedError("LoRA adapters are not supported with tensor parallelism yet")
+        self.base = base
+        self.output_slices = base.output_slices
+        self.max_rank = max_rank
+        self.token_slots = token_slots  # [max_num_batched_tokens] int32, the runner fills a prefix each step
+        weight = base.weight
+        # Buffers, not parameters: they are no part of the checkpoint.
+        self.register_buffer("lora_a", torch.zeros(  # [max_loras, num_slices * max_rank, in_features]
+            max_loras, len(self.output_slices) * max_rank, base.input_size, dtype=weight.dtype, device=weight.device),
+            persistent=False)
+        self.register_buffer("lora_b", torch.zeros(  # [max_loras, out_features, max_rank]
+            max_loras, base.output_size, max_rank, dtype=weight.dtype, device=weight.device), persistent=False)
+
+    @property
+    def input_size(self) -> int:
+        return self.base.input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
+        out = self.base(x)
+        kernels.add_lora(out, x, self.lora_a, self.lora_b, self.token_slots[:x.shape[0]], self.output_slices)
+        return out
+
+    def load_slot(self, slot: int, weights: LoraWeights | None) -> None:
+        """Puts one adapter's weights for this layer in `slot`; None (the adapter does not target it) zeroes it."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if weights is None:
+            return
+        rank = weights.a.shape[1]
+        # [num_slices * max_rank, in] seen as [num_slices, max_rank, in]: each slice's A takes its first `rank` rows.
+        self.lora_a[slot].view(len(self.output_slices), self.max_rank, -1)[:, :rank].copy_(weights.a)
+        self.lora_b[slot, :, :rank].copy_(weights.b)
+
+
+def add_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
+                    token_slots: torch.Tensor) -> dict[str, LoraLinear]:
+    """Wraps every linear named in `model.lora_modules` (after its weights are loaded); returns the wrappers by
+    module name (`model.layers.0.self_attn.qkv_proj`)."""
+    targets = getattr(model, "lora_modules", None)
+    if targets is None:
+        raise ValueError(f"{type(model).__name__} does not support LoRA adapters")
+    layers = {}
+    for name, module in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf in targets:
+            layers[name] = LoraLinear(module, max_loras, max_rank, token_slots)
+            setattr(model.get_submodule(parent_name), leaf, layers[name])
+    return layers
