@@ -155,6 +155,10 @@ def _banner(config: AppConfig, address: str) -> str:
         lines.append(f"  metrics:   {base}{config.metrics.path}")
     lines.append(f"  try:       curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                  f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
+    key = 'os.environ["KVBOX_API_KEY"]' if config.server.api_keys else '"none"'
+    lines.append(f"  python:    from openai import OpenAI; import os; print(OpenAI(base_url=\"{base}/v1\", api_key={key})"
+                 f".chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", \"content\": "
+                 f"\"Hello!\"}}]).choices[0].message.content)")
     return "\n".join(lines)
 
 

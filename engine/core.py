@@ -14,6 +14,7 @@ one with `lora_name` and keeps the version it got for its whole life, even if th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -32,6 +33,15 @@ from engine.scheduler import Scheduler, SchedulerConfig, core_output
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _timed(what: str):
+    """Logs a long start-up step when it starts and how long it took, so that a slow start shows where it is."""
+    logger.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
 def sample_request_id(parent_id: str, index: int, n: int) -> str:
     return parent_id if n == 1 else f"{parent_id}/{index}"
 
@@ -44,9 +54,11 @@ class EngineCore:
         dtype = None if config.dtype == "auto" else config.dtype
         self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
         self.max_model_len = self.model_config.max_model_len
-        self.runner = ModelRunner(config, self.model_config, self.device)
+        with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"):
+            self.runner = ModelRunner(config, self.model_config, self.device)
 
-        num_blocks = self.runner.determine_num_kv_blocks()
+        with _timed("sizing the KV cache" + (" (profiling a forward pass)" if self.device.type == "cuda" else "")):
+            num_blocks = self.runner.determine_num_kv_blocks()
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if num_blocks < blocks_per_seq:
             raise ValueError(
@@ -54,7 +66,11 @@ class EngineCore:
                 f"max_model_len={self.max_model_len} needs ({blocks_per_seq}); give it more memory or lower "
                 f"max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
+                    num_blocks * self.runner.kv_bytes_per_block / 2**30)
+        if self.runner.use_cuda_graphs:
+            with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes"):
+                self.runner.capture_cuda_graphs()
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
