@@ -1,18 +1,30 @@
 """Operational routes: /health (liveness), /ready (every model ready), /version, and behind the admin key
 /admin/models (per-model status, restarts, recent errors, replica pids, KV stats, config with secrets redacted) and
-/admin/reload (reload the config file)."""
+/admin/reload (reload the config file).
+
+With the dashboard (`ui.enabled`), `STATS_ROUTES` adds /admin/stats (the live statistics of `appliance.stats`, one
+JSON document) and /admin/stats/stream (the same, pushed as server-sent events); they accept the admin key or the
+dashboard's session cookie."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+import time
+from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromQuery
+from litestar.response import Stream
 
 from appliance.auth import require_admin_key
 from appliance.config import ConfigError
 from appliance.errors import APIError
 from appliance.supervisor import ModelRuntime, Supervisor
+from ui.session import SELF_AUTHENTICATED, require_admin_session
+
+STREAM_INTERVAL_S = (0.25, 1.0, 5.0)  # the least, default and most seconds between two stats events
 
 
 @get("/health", sync_to_thread=False)
@@ -75,3 +87,31 @@ async def admin_reload(request: Request) -> dict:
 
 
 ROUTES = [health, ready, version, admin_models, admin_reload]
+
+
+@get("/admin/stats", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
+def admin_stats(request: Request) -> Response:
+    start = time.perf_counter()
+    body = request.app.state.stats.snapshot_json()
+    return Response(body, media_type="application/json", headers={
+        "Cache-Control": "no-store", "Server-Timing": f"stats;dur={(time.perf_counter() - start) * 1000:.2f}"})
+
+
+@get("/admin/stats/stream", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
+def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INTERVAL_S[1]) -> Stream:
+    """A snapshot every `interval` seconds until the client leaves or a drain has stopped every engine (the page
+    shows the drain until then; an open stream must not hold up the server's exit)."""
+    stats, supervisor = request.app.state.stats, request.app.state.supervisor
+    interval = min(max(interval, STREAM_INTERVAL_S[0]), STREAM_INTERVAL_S[2])
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"  # EventSource reconnects after 2 s
+        while not (supervisor.draining and not supervisor.models):
+            yield b"data: " + stats.snapshot_json() + b"\n\n"  # compact JSON: one line
+            await asyncio.sleep(interval)
+
+    return Stream(events(), media_type="text/event-stream",
+                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+STATS_ROUTES = [admin_stats, admin_stats_stream]

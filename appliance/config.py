@@ -209,6 +209,8 @@ class ModelSpec(_Schema, kw_only=True):
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             enable_chunked_prefill=self.scheduler.chunked_prefill, scheduling_policy=self.scheduler.policy,
             kernel_backend=self.kernel_backend, cuda_graphs=self.cuda_graphs, seed=self.seed,
+            enable_lora=self.lora.enabled, max_loras=self.lora.max_loras, max_lora_rank=self.lora.max_lora_rank,
+            max_cpu_loras=self.lora.max_cpu_loras,
         )
 
 

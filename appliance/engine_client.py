@@ -15,10 +15,12 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from appliance import ipc
 from engine.config import EngineConfig
+from engine.lora.manager import LoraInfo
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.outputs import SchedulerStats
 from engine.sampling_params import InvalidParameterError, SamplingParams
@@ -51,12 +53,16 @@ class EngineClient:
         self._reader: asyncio.Task | None = None
         self._inflight: dict[str, asyncio.Queue] = {}  # request id -> its RequestOutput snapshots
         self._output_processor = OutputProcessor(tokenizer)
-        self.dead = asyncio.Event()
+        self.dead = asyncio.Event()  # set once the process is gone and reaped
+        self.closed = False  # set as soon as the engine's socket closes
         # A running engine sends something at least every few hundred milliseconds (outputs, or its idle stats):
         # silence this long means its loop is stuck, and it is killed so that the supervisor restarts it.
         self.hang_timeout_s = hang_timeout_s
         self._last_heard = time.monotonic()
         self._watchdog: asyncio.Task | None = None
+        # LoRA changes are answered in the order they were sent: one future per change awaiting its LoraResult.
+        self._lora_waiters: deque[asyncio.Future] = deque()
+        self.loras: list[LoraInfo] = []  # the adapters this engine serves, as of its latest LoraResult
 
     @property
     def num_inflight(self) -> int:
@@ -92,16 +98,17 @@ class EngineClient:
         return message
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, priority: int = 0,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields snapshots of the request's output as it grows; the last one is finished."""
-        if self.dead.is_set() or self._channel is None:
+        if self.closed or self._channel is None:
             raise EngineDeadError(f"model {self.name!r} is not running")
         if request_id in self._inflight:
             raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
         outputs: asyncio.Queue = asyncio.Queue()
         self._inflight[request_id] = outputs
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
-        self._channel.send(ipc.AddRequest(request_id, prompt_token_ids, params, priority))
+        self._channel.send(ipc.AddRequest(request_id, prompt_token_ids, params, priority, lora_name=lora_name))
         finished = False
         try:
             while True:
@@ -116,8 +123,23 @@ class EngineClient:
             self._inflight.pop(request_id, None)
             if not finished:
                 self._output_processor.abort(request_id)
-                if not self.dead.is_set() and self._channel is not None:
+                if not self.closed and self._channel is not None:
                     self._channel.send(ipc.AbortRequests([request_id]))
+
+    async def load_lora(self, name: str, path: str) -> ipc.LoraResult:
+        """Loads or replaces adapter `name`; the result says whether the engine accepted it (and why not)."""
+        return await self._change_lora(ipc.LoadLora(name, path))
+
+    async def unload_lora(self, name: str) -> ipc.LoraResult:
+        return await self._change_lora(ipc.UnloadLora(name))
+
+    async def _change_lora(self, message: ipc.LoadLora | ipc.UnloadLora) -> ipc.LoraResult:
+        if self.closed or self._channel is None:
+            raise EngineDeadError(f"model {self.name!r} is not running")
+        waiter = asyncio.get_running_loop().create_future()
+        self._lora_waiters.append(waiter)
+        self._channel.send(message)
+        return await waiter
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         if self.process is None:
@@ -153,6 +175,7 @@ class EngineClient:
         except Exception:
             logger.exception("%s: reading from the engine failed", self.name)
         finally:
+            self.closed = True  # from now on new requests fail at once instead of waiting on a dead socket
             self._fail_all(EngineDeadError(f"the engine of model {self.name!r} stopped"))
             # The socket closed: the process is exiting or gone; reap it (so its real exit code is known), then
             # make sure it is gone.
@@ -171,6 +194,9 @@ class EngineClient:
     def _dispatch(self, message: ipc.FromEngine) -> None:
         if isinstance(message, ipc.StepOutputs):
             if message.stats is not None:
+                if message.stats.block_states is None and self.stats is not None:
+                    # The block map comes less often than the counts; keep showing the last one.
+                    message.stats.block_states = self.stats.block_states
                 self.stats = message.stats
             if self.on_step is not None:
                 self.on_step(message)
@@ -182,6 +208,12 @@ class EngineClient:
                 if outputs is not None:
                     # A snapshot: the processor keeps mutating its own objects on later steps.
                     outputs.put_nowait(dataclasses.replace(output, outputs=[copy.copy(c) for c in output.outputs]))
+        elif isinstance(message, ipc.LoraResult):
+            self.loras = message.loras
+            if self._lora_waiters:
+                waiter = self._lora_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(message)
         elif isinstance(message, ipc.RequestRejected):
             outputs = self._inflight.get(message.request_id)
             self._output_processor.abort(message.request_id)
@@ -192,3 +224,7 @@ class EngineClient:
         for request_id, outputs in list(self._inflight.items()):
             self._output_processor.abort(request_id)
             outputs.put_nowait(error)
+        while self._lora_waiters:
+            waiter = self._lora_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)

@@ -25,6 +25,7 @@ from engine.sampling_params import InvalidParameterError
 
 logger = logging.getLogger("kvbox.engine")
 STATS_INTERVAL_S = 0.25
+BLOCK_MAP_INTERVAL_S = 1.0  # the block map costs a pass over every block
 _CLOSED = object()
 
 
@@ -34,6 +35,7 @@ class EngineLoop:
         self.core = core
         self.inbox: queue.Queue = queue.Queue()
         self._last_stats = 0.0
+        self._last_block_map = 0.0
         self._running = True
 
     def read_forever(self) -> None:
@@ -74,19 +76,40 @@ class EngineLoop:
         elif isinstance(message, ipc.AddRequest):
             try:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
-                                      priority=message.priority, cache_salt=message.cache_salt)
+                                      priority=message.priority, cache_salt=message.cache_salt,
+                                      lora_name=message.lora_name)
             except InvalidParameterError as e:
                 self.channel.send(ipc.RequestRejected(message.request_id, e.param, e.message))
         elif isinstance(message, ipc.AbortRequests):
             self._send_outputs(self.core.abort_requests(message.request_ids), 0.0)
         elif isinstance(message, ipc.FinishSamples):
             self.core.finish_requests(message.sample_ids, RequestStatus.FINISHED_STOPPED)
+        elif isinstance(message, (ipc.LoadLora, ipc.UnloadLora)):
+            self._change_lora(message)
+
+    def _change_lora(self, message: ipc.LoadLora | ipc.UnloadLora) -> None:
+        """A refused adapter (bad files, over a limit, unknown name) changes nothing and is reported, not raised."""
+        ok, text = True, ""
+        try:
+            if isinstance(message, ipc.LoadLora):
+                self.core.add_lora(message.name, message.path)
+            else:
+                self.core.remove_lora(message.name)
+        except ValueError as e:
+            ok, text = False, str(e)
+        except Exception as e:  # e.g. an OSError reading the files: still the adapter's fault, not the engine's
+            logger.exception("LoRA adapter %r: unexpected error", message.name)
+            ok, text = False, f"{type(e).__name__}: {e}"
+        self.channel.send(ipc.LoraResult(message.name, ok, text, self.core.list_loras()))
 
     def _send_outputs(self, outputs, step_seconds: float, force_stats: bool = False) -> None:
         now = time.monotonic()
         stats = None
         if force_stats or now - self._last_stats >= STATS_INTERVAL_S:
-            stats, self._last_stats = self.core.stats(), now
+            with_map = now - self._last_block_map >= BLOCK_MAP_INTERVAL_S
+            stats, self._last_stats = self.core.stats(with_block_states=with_map), now
+            if with_map:
+                self._last_block_map = now
         if outputs or stats is not None:
             self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds))
 

@@ -14,6 +14,7 @@ import struct
 import msgspec
 
 from engine.config import EngineConfig
+from engine.lora.manager import LoraInfo
 from engine.outputs import EngineCoreOutput, SchedulerStats
 from engine.sampling_params import SamplingParams
 
@@ -32,6 +33,7 @@ class AddRequest(msgspec.Struct, tag=True):
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # a loaded LoRA adapter's name (None: the base model)
 
 
 class AbortRequests(msgspec.Struct, tag=True):
@@ -40,6 +42,17 @@ class AbortRequests(msgspec.Struct, tag=True):
 
 class FinishSamples(msgspec.Struct, tag=True):
     sample_ids: list[str]  # samples the front end found finished (a stop string)
+
+
+class LoadLora(msgspec.Struct, tag=True):
+    """Loads (or atomically replaces) the adapter `name`; answered by one `LoraResult`."""
+    name: str
+    path: str
+
+
+class UnloadLora(msgspec.Struct, tag=True):
+    """Removes the adapter `name` (running requests keep it until they finish); answered by one `LoraResult`."""
+    name: str
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -74,8 +87,16 @@ class EngineFailed(msgspec.Struct, tag=True):
     message: str
 
 
-ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | Shutdown
-FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed
+class LoraResult(msgspec.Struct, tag=True):
+    """The answer to a LoadLora or UnloadLora, in the order they were sent; `loras`: the adapters served after it."""
+    name: str
+    ok: bool
+    message: str = ""
+    loras: list[LoraInfo] = []
+
+
+ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
+FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed | LoraResult
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)

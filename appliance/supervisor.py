@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
+import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.config import AppConfig, ModelSpec
-from appliance.engine_client import EngineClient, EngineStartError
+from appliance import ipc
+from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
+from appliance.engine_client import EngineClient, EngineDeadError, EngineStartError
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
 
@@ -41,6 +45,14 @@ class ModelNotFoundError(LookupError):
     pass
 
 
+class LoraError(ValueError):
+    """A LoRA change refused (the HTTP layer answers `status`); the adapters served are as they were."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
 class ModelUnavailableError(RuntimeError):
     """The model exists but cannot take requests now (loading, restarting, failed, draining)."""
 
@@ -61,6 +73,9 @@ class ModelRuntime:
     crash_times: deque = field(default_factory=lambda: deque(maxlen=MAX_CRASHES))
     errors: deque = field(default_factory=lambda: deque(maxlen=20))  # (unix time, message)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # The LoRA adapters served, name -> resolved path: applied to every replica, and again to one that restarts.
+    adapters: dict[str, str] = field(default_factory=dict)
+    lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
@@ -77,7 +92,7 @@ class ModelRuntime:
     def pick_replica(self) -> EngineClient:
         if self.status is not ModelStatus.READY:
             raise ModelUnavailableError(self.name, self.status)
-        live = [r for r in self.replicas if r.info is not None and not r.dead.is_set()]
+        live = [r for r in self.replicas if r.info is not None and not r.closed]
         if not live:
             raise ModelUnavailableError(self.name, ModelStatus.RESTARTING)
         return min(live, key=lambda r: r.num_inflight)
@@ -92,6 +107,9 @@ class Supervisor:
         self.config = config
         self.models: dict[str, ModelRuntime] = {}
         self.draining = False
+        # Called with (model name, replica, StepOutputs) for every step message of every replica (the dashboard's
+        # statistics); set before `start`.
+        self.on_step: Callable[[str, int, object], None] | None = None
 
     async def start(self) -> None:
         """Starts every model and waits until each is ready or has failed."""
@@ -106,6 +124,80 @@ class Supervisor:
         if model is None:
             raise ModelNotFoundError(name)
         return model
+
+    def resolve(self, name: str) -> tuple[ModelRuntime, str | None]:
+        """The model a request's `model` names, and the LoRA adapter if the name is one of its adapters."""
+        model = self.models.get(name)
+        if model is not None:
+            return model, None
+        for model in self.models.values():
+            if name in model.adapters:
+                return model, name
+        raise ModelNotFoundError(name)
+
+    async def load_lora(self, model: ModelRuntime, name: str, path: str) -> list:
+        """Loads (or replaces) adapter `name` on every live replica of `model`; returns the engine's adapter list. If
+        any replica refuses, the others are rolled back and LoraError is raised: nothing changes."""
+        lora = model.spec.lora
+        if not lora.enabled:
+            raise LoraError(f"LoRA is not enabled for model {model.name!r} (set lora.enabled in its config)", "model")
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
+            raise LoraError(f"invalid adapter name {name!r}: 1 to 128 of A-Z a-z 0-9 . _ : / -", "lora_name")
+        if name in self.models or any(name in m.adapters for m in self.models.values() if m is not model):
+            raise LoraError(f"the name {name!r} is already taken by another model or adapter", "lora_name")
+        # Resolved once, here: the engine loads the path that was checked, whatever a symlink points to later.
+        real = os.path.realpath(path)
+        if not lora.is_allowed_path(real):
+            raise LoraError(f"{path!r} is outside the directories this model allows adapters from "
+                            f"(lora.allowed_dirs)", "lora_path")
+        async with model.lora_lock:
+            replicas = self._live_replicas(model)
+            results = await asyncio.gather(*(r.load_lora(name, real) for r in replicas), return_exceptions=True)
+            refused = [r for r in results if not (isinstance(r, ipc.LoraResult) and r.ok)]
+            if refused:
+                previous = model.adapters.get(name)
+                await asyncio.gather(*(
+                    replica.load_lora(name, previous) if previous is not None else replica.unload_lora(name)
+                    for replica, result in zip(replicas, results)
+                    if isinstance(result, ipc.LoraResult) and result.ok), return_exceptions=True)
+                first = refused[0]
+                raise LoraError(first.message if isinstance(first, ipc.LoraResult) else str(first), "lora_path")
+            model.adapters[name] = real
+            return results[0].loras
+
+    async def unload_lora(self, model: ModelRuntime, name: str) -> list:
+        if name not in model.adapters:
+            raise LoraError(f"model {model.name!r} has no LoRA adapter named {name!r}", "lora_name", status=404)
+        async with model.lora_lock:
+            replicas = self._live_replicas(model)
+            results = await asyncio.gather(*(r.unload_lora(name) for r in replicas), return_exceptions=True)
+            model.adapters.pop(name, None)
+            return next((r.loras for r in results if isinstance(r, ipc.LoraResult)), [])
+
+    def _live_replicas(self, model: ModelRuntime) -> list[EngineClient]:
+        replicas = [r for r in model.replicas if r.info is not None and not r.dead.is_set()]
+        if not replicas:
+            raise ModelUnavailableError(model.name, model.status)
+        return replicas
+
+    async def _load_configured_loras(self, model: ModelRuntime) -> None:
+        for adapter in model.spec.lora.adapters:
+            try:
+                await self.load_lora(model, adapter.name, adapter.path)
+            except (LoraError, ModelUnavailableError, EngineDeadError) as e:
+                model.record_error(f"LoRA adapter {adapter.name!r} not loaded: {e}")
+
+    async def _restore_loras(self, model: ModelRuntime, client: EngineClient) -> None:
+        """A restarted replica gets the adapters its siblings serve."""
+        async with model.lora_lock:
+            for name, path in model.adapters.items():
+                try:
+                    result = await client.load_lora(name, path)
+                except EngineDeadError:
+                    return
+                if not result.ok:
+                    model.record_error(f"replica {client.replica}: LoRA adapter {name!r} not restored: "
+                                       f"{result.message}")
 
     async def drain(self, timeout_s: float) -> None:
         """Stops taking requests, lets in-flight ones finish (up to the timeout), then stops every engine."""
@@ -146,8 +238,12 @@ class Supervisor:
             return
         engine_config = spec.to_engine_config(model.model_path)
         model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i,
-                                       env=_replica_env(spec, i, self.config)) for i in range(spec.parallelism.data)]
+                                       env=_replica_env(spec, i, self.config),
+                                       on_step=functools.partial(self.on_step, spec.name, i) if self.on_step else None)
+                          for i in range(spec.parallelism.data)]
         results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
+        if all(results):  # before READY, so that the configured adapters are there from the first request
+            await self._load_configured_loras(model)
         if model.status is ModelStatus.LOADING:
             model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
         model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
@@ -181,11 +277,12 @@ class Supervisor:
             delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
             await asyncio.sleep(delay)
             replacement = EngineClient(client.name, client.engine_config, client.tokenizer, client.replica,
-                                       client.env)
+                                       client.env, on_step=client.on_step)
             model.replicas[model.replicas.index(client)] = replacement
             client = replacement
             model.restarts += 1
             if await self._start_replica(model, client):
+                await self._restore_loras(model, client)
                 if all(r.info is not None and not r.dead.is_set() for r in model.replicas):
                     model.status = ModelStatus.READY
             else:

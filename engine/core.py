@@ -174,8 +174,8 @@ class EngineCore:
             self._drop_unused_loras()
         return outputs
 
-    def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+    def stats(self, with_block_states: bool = False) -> SchedulerStats:
+        return self.scheduler.stats(with_block_states)
 
     # ---- LoRA adapters ----
     @property

@@ -48,3 +48,6 @@ class SchedulerStats(msgspec.Struct):
     num_preemptions: int  # cumulative
     step_num_tokens: int  # tokens in the last step
     step_num_seqs: int
+    # One byte per block: 0 free, 1 in use, 2 free but holding a reusable prefix (the dashboard's block map);
+    # attached at most once a second.
+    block_states: bytes | None = None

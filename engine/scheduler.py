@@ -217,7 +217,7 @@ class Scheduler:
                 self._free(request)
         return outputs
 
-    def stats(self) -> SchedulerStats:
+    def stats(self, with_block_states: bool = False) -> SchedulerStats:
         pool = self.kv.pool
         return SchedulerStats(
             num_running=len(self.running),
@@ -232,6 +232,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             step_num_tokens=self.last_step_num_tokens,
             step_num_seqs=self.last_step_num_seqs,
+            block_states=pool.block_states() if with_block_states else None,
         )
 
     # ---- internals ----

@@ -50,7 +50,7 @@ def test_cached_block_survives_free_until_evicted():
     pool.free([block])
     assert pool.lookup(b"h0") is block
     assert pool.num_cached_free_blocks == 1
-    assert pool.block_states() == [2, 0]
+    assert pool.block_states() == bytes([2, 0])
     pool.touch([block])  # a prefix hit takes it off the free queue
     assert pool.free_queue_ids() == [1] and block.ref_cnt == 1
     pool.free([block])

@@ -228,6 +228,7 @@ class ModelCard(msgspec.Struct):
     max_model_len: int | None
     owned_by: str = "kvbox"
     object: str = "model"
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for a base model
 
 
 class ModelList(msgspec.Struct):

@@ -31,6 +31,7 @@ from appliance.engine_client import EngineClient
 from appliance.errors import RETRY_QUEUE_FULL_S, RETRY_UNAVAILABLE_S, APIError, error_body, to_api_error
 from appliance.metrics import Metrics, RequestMetrics
 from appliance.openai.protocol import PromptTokensDetails, SamplingFields, Usage, decode
+from appliance.stats import RequestTimer, StatsHub
 from appliance.supervisor import ModelRuntime, Supervisor
 from engine.output_processor import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -73,11 +74,12 @@ def check_limits(server: ServerConfig, req: SamplingFields, *, max_tokens: tuple
 
 
 def open_model(request: Request, name: str) -> tuple[ModelRuntime, EngineClient]:
-    """The model a request names, and the replica that will serve it."""
+    """The model a request names, and the replica that will serve it. A LoRA adapter's name routes to its base
+    model; the adapter is kept in `request.state.lora_name` for `start`."""
     supervisor: Supervisor = request.app.state.supervisor
     if supervisor.draining:
         raise APIError(503, "the server is shutting down", code="draining", retry_after=RETRY_UNAVAILABLE_S)
-    model = supervisor.get(name)
+    model, request.state.lora_name = supervisor.resolve(name)
     return model, model.pick_replica()
 
 
@@ -137,7 +139,8 @@ def start(request: Request, model: ModelRuntime, client: EngineClient, prompts: 
     admission: Admission = request.app.state.admission
     admission.acquire(model, len(prompts))
     return Generation(client, prompts, params, priority, request.app.state.metrics,
-                      on_done=lambda: admission.release(model.name, 1))
+                      on_done=lambda: admission.release(model.name, 1), stats=request.app.state.get("stats"),
+                      lora_name=request.state.get("lora_name"))
 
 
 class Admission:
@@ -169,23 +172,29 @@ class Generation:
     """
 
     def __init__(self, client: EngineClient, prompts: list[Prompt], params: SamplingParams, priority: int,
-                 metrics: Metrics, on_done: Callable[[], None]):
+                 metrics: Metrics, on_done: Callable[[], None], stats: StatsHub | None = None,
+                 lora_name: str | None = None):
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
         self._events: asyncio.Queue = asyncio.Queue()
         self._on_done = on_done
         request_id = uuid.uuid4().hex
         self._tasks = [
-            asyncio.create_task(self._run(i, client.generate(f"{request_id}-{i}", text, token_ids, params, priority),
-                                          metrics.request(client.name)))
+            asyncio.create_task(self._run(i, client.generate(f"{request_id}-{i}", text, token_ids, params, priority,
+                                                          lora_name),
+                                          metrics.request(client.name),
+                                          stats.request(client.name) if stats is not None else None))
             for i, (text, token_ids) in enumerate(prompts)
         ]
 
-    async def _run(self, index: int, outputs: AsyncIterator[RequestOutput], observer: RequestMetrics) -> None:
+    async def _run(self, index: int, outputs: AsyncIterator[RequestOutput], observer: RequestMetrics,
+                   timer: RequestTimer | None = None) -> None:
         try:
             async with aclosing(outputs):
                 async for output in outputs:
                     observer.observe(output)
+                    if timer is not None:  # the dashboard's TTFT and inter-token latency
+                        timer.observe(output)
                     self._events.put_nowait((index, output))
         except Exception as e:  # the reader raises it
             self._events.put_nowait((index, e))

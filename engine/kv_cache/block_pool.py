@@ -105,9 +105,9 @@ class BlockPool:
             block.block_hash = None
         self._cached.clear()
 
-    def block_states(self) -> list[int]:
-        """Per block: 0 free, 1 in use, 2 free but holding a reusable prefix (for the dashboard's block map)."""
-        return [1 if b.ref_cnt > 0 else (2 if b.block_hash is not None else 0) for b in self.blocks]
+    def block_states(self) -> bytes:
+        """One byte per block: 0 free, 1 in use, 2 free but holding a reusable prefix (the dashboard's block map)."""
+        return bytes(1 if b.ref_cnt > 0 else (2 if b.block_hash is not None else 0) for b in self.blocks)
 
     def free_queue_ids(self) -> list[int]:
         return list(self._free_queue)
