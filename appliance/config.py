@@ -532,6 +532,11 @@ def _check(config: AppConfig, source: str) -> None:
             if len(m.gpu_ids) != p.num_gpus:
                 fail(f"{at}.gpu_ids", f"{len(m.gpu_ids)} GPU ids given, but parallelism needs tensor x pipeline x "
                                       f"data = {p.tensor} x {p.pipeline} x {p.data} = {p.num_gpus}")
+        for kind in ("tensor", "pipeline", "expert"):
+            # The engine runs each replica on one device for now; refusing beats silently running unsplit.
+            if getattr(m.parallelism, kind) > 1:
+                fail(f"{at}.parallelism.{kind}", f"{kind} parallelism is not implemented yet; only data "
+                                                 f"parallelism (replicas) can be above 1")
         lora = m.lora
         if lora.adapters and not lora.enabled:
             fail(f"{at}.lora.enabled", "adapters are listed but LoRA is not enabled")

@@ -171,11 +171,17 @@ def test_unknown_quantization_method_is_refused():
 
 
 def test_gpu_ids_must_match_parallelism():
-    assert error(model("gpu_ids: [0, 1]\nparallelism: {tensor: 2, data: 2}")).startswith(
-        "config.yaml: models[0].gpu_ids: 2 GPU ids given, but parallelism needs tensor x pipeline x data")
-    assert "lists a GPU twice" in error(model("gpu_ids: [1, 1]\nparallelism: {tensor: 2}"))
+    assert error(model("gpu_ids: [0, 1, 2]\nparallelism: {data: 2}")).startswith(
+        "config.yaml: models[0].gpu_ids: 3 GPU ids given, but parallelism needs tensor x pipeline x data")
+    assert "lists a GPU twice" in error(model("gpu_ids: [1, 1]\nparallelism: {data: 2}"))
     assert "models[0].gpu_ids: cannot be combined with device 'cpu'" in error(model("device: cpu\ngpu_ids: [0]"))
-    assert parse(model("gpu_ids: [2, 3]\nparallelism: {tensor: 2, expert: 2}")).models[0].gpu_ids == (2, 3)
+    assert parse(model("gpu_ids: [2, 3]\nparallelism: {data: 2}")).models[0].gpu_ids == (2, 3)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pipeline", "expert"])
+def test_unimplemented_parallelism_is_refused(kind):
+    assert (f"models[0].parallelism.{kind}: {kind} parallelism is not implemented yet"
+            in error(model(f"parallelism: {{{kind}: 2}}")))
 
 
 def test_default_sampling_max_tokens_within_the_server_cap():

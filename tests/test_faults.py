@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -126,3 +127,21 @@ def test_reload_adds_and_removes_models_and_leaves_the_rest_alone(tiny_model, tm
             while sorted(server.admin_models()) != ["keep"]:
                 assert time.monotonic() < deadline, "SIGHUP did not reload"
                 time.sleep(0.1)
+
+
+def test_data_parallel_replicas_share_the_requests(tiny_model, tmp_path):
+    config = server_config([model_config("llama", tiny_model("llama"), parallelism={"data": 2},
+                                         scheduler={"max_num_seqs": 2})])
+    with run_server(config, tmp_path) as server:
+        replicas = server.admin_models()["llama"]["replicas"]
+        assert len(replicas) == 2 and replicas[0]["pid"] != replicas[1]["pid"]
+        prompt = "The quick brown fox jumps over the lazy dog " * 4  # several KV blocks: each replica counts lookups
+        with server.http() as http:
+            def complete(_):
+                return http.post("/v1/completions", json={**COMPLETION, "prompt": prompt, "max_tokens": 16,
+                                                          "model": "llama", "ignore_eos": True}).status_code
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(complete, range(8))) == [200] * 8
+        time.sleep(0.6)  # idle engines report their stats a few times a second
+        lookups = [r["stats"]["prefix_cache_queries"] for r in server.admin_models()["llama"]["replicas"]]
+        assert all(n > 0 for n in lookups), lookups
