@@ -136,3 +136,9 @@ def peer_generate_batch(model, prompts: list[list[int]], output_len: int) -> flo
     model.generate_batch(prompts, generation_config=config)
     torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def sync(device: str) -> None:
+    """Waits for the GPU, so that host timers measure finished work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

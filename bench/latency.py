@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import SHAPES, measure_card, num_parameters, peer_generate, peer_model, random_prompts, shape_folder  # noqa: E402,E501
+from bench.common import (SHAPES, measure_card, num_parameters, peer_generate, peer_model,  # noqa: E402
+                          random_prompts, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -35,15 +36,15 @@ def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
     for i, prompt in enumerate(prompts):
         if i == 1 and profiler is not None:  # after the warm-up request, which compiles kernels
             profiler.enable()
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         core.add_request(str(i), prompt, params)
         core.step()
-        _sync(args.device)
+        sync(args.device)
         first = time.perf_counter()
         while core.has_unfinished_requests():
             core.step()
-        _sync(args.device)
+        sync(args.device)
         end = time.perf_counter()
         if i > 0:  # the first request warms up
             ttfts.append(first - start)
@@ -91,13 +92,6 @@ def main() -> None:
         results["peer"] = {"tokens_per_s": args.output_len / seconds}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

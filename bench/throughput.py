@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (SHAPES, kv_bytes_per_token, measure_card, num_parameters, peer_generate,  # noqa: E402
-                          peer_generate_batch, peer_model, random_prompts, shape_folder)
+                          peer_generate_batch, peer_model, random_prompts, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -37,14 +37,14 @@ def run_kvbox(args, prompts) -> float:
         core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while core.has_unfinished_requests():
         core.step()
-    _sync(args.device)
+    sync(args.device)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         core.add_request(str(i), prompt, params)
     num_output = 0
     while core.has_unfinished_requests():
         num_output += sum(len(o.new_token_ids) for o in core.step())
-    _sync(args.device)
+    sync(args.device)
     elapsed = time.perf_counter() - start
     assert num_output == len(prompts) * args.output_len, num_output
     return elapsed
@@ -103,13 +103,6 @@ def main() -> None:
                                       peer_generate_batch(model, prompts, args.output_len), args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
