@@ -45,13 +45,14 @@ async def detokenize(request: Request) -> DetokenizeResponse:
 
 
 def _model(request: Request, name: str | None) -> ModelRuntime:
-    """The named model; the name may be left out when the server has only one."""
+    """The named model (an adapter name means its base model, whose tokenizer it shares); the name may be left out
+    when the server has only one."""
     supervisor: Supervisor = request.app.state.supervisor
     if name is None:
         if len(supervisor.models) != 1:
             raise APIError.invalid("model", "this server has several models; name one")
         name = next(iter(supervisor.models))
-    model = supervisor.get(name)
+    model, _ = supervisor.resolve(name)
     if model.tokenizer is None:
         raise ModelUnavailableError(name, model.status)
     return model
