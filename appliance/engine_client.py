@@ -198,6 +198,8 @@ class EngineClient:
                     # The block map comes less often than the counts; keep showing the last one.
                     message.stats.block_states = self.stats.block_states
                 self.stats = message.stats
+            if message.loras is not None:
+                self.loras = message.loras
             if self.on_step is not None:
                 self.on_step(message)
             request_outputs, to_stop = self._output_processor.process(message.outputs)

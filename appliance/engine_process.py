@@ -110,8 +110,10 @@ class EngineLoop:
             stats, self._last_stats = self.core.stats(with_block_states=with_map), now
             if with_map:
                 self._last_block_map = now
+        loras = self.core.list_loras() if stats is not None and stats.block_states is not None and \
+            self.core.config.enable_lora else None
         if outputs or stats is not None:
-            self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds))
+            self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds, loras))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,7 @@ class StepOutputs(msgspec.Struct, tag=True):
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats | None = None  # attached at most a few times a second
     step_seconds: float = 0.0
+    loras: list[LoraInfo] | None = None  # with LoRA enabled, attached with the block map (about once a second)
 
 
 class RequestRejected(msgspec.Struct, tag=True):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 if TYPE_CHECKING:
+    from appliance.config import ModelSpec
     from appliance.ipc import StepOutputs
     from appliance.supervisor import ModelRuntime, Supervisor
     from engine.output_processor import RequestOutput
@@ -347,7 +348,7 @@ class StatsHub:
             "lora": {
                 "enabled": spec.lora.enabled,
                 "max_loras": spec.lora.max_loras,
-                "adapters": [{"name": a.name, "path": a.path} for a in spec.lora.adapters],
+                "adapters": _adapters(runtime, spec),
             },
             "errors": [{"time": t, "message": message} for t, message in runtime.errors],
         }
@@ -362,6 +363,15 @@ class StatsHub:
         result["replica"] = index
         replica.map = (stats, result)
         return result
+
+
+def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:
+    """The adapters the engines serve (first live replica's view: residency, usage), else the configured ones."""
+    for replica in runtime.replicas:
+        if replica.info is not None and replica.loras:
+            return [{"name": a.name, "path": a.path, "rank": a.rank, "slot": a.slot, "requests": a.num_requests,
+                     "tokens": a.num_tokens} for a in replica.loras]
+    return [{"name": a.name, "path": a.path} for a in spec.lora.adapters]
 
 
 def block_map(stats: SchedulerStats) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def fake_supervisor(num_models: int, num_running: int = 0, num_replicas: int = 1
             replica=r, pid=1000 + i, dead=asyncio.Event(), num_inflight=num_running,
             info=ipc.EngineReady(vocab_size=32000, max_model_len=4096, eos_token_ids=[2], num_kv_blocks=100,
                                  block_size=16, device="cuda:0", dtype="bfloat16", kernel_backend="triton"),
-            stats=None) for r in range(num_replicas)]
+            stats=None, loras=[]) for r in range(num_replicas)]
         supervisor.models[runtime.name] = runtime
     return supervisor
 

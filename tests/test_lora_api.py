@@ -3,6 +3,7 @@ API), served as `model: "<adapter>"` with the same greedy output as the offline 
 leaves the server as it was. One real server: `llama` with LoRA, `plain` (the same weights) without."""
 
 import os
+import time
 
 import httpx
 import pytest
@@ -70,6 +71,17 @@ def test_yaml_adapter_is_listed_with_its_parent_and_serves_like_the_offline_engi
         assert expected["yaml-attn"] != expected[None]
         assert text(http, "yaml-attn") == expected["yaml-attn"]
         assert text(http, "llama") == expected[None]
+    deadline = time.monotonic() + 5  # engines report their adapters with the block map, about once a second
+    with server.http(ADMIN_KEY) as admin:
+        while True:
+            stats = {m["name"]: m for m in admin.get("/admin/stats").json()["models"]}
+            adapters = {a["name"]: a for a in stats["llama"]["lora"]["adapters"]}
+            if adapters.get("yaml-attn", {}).get("requests"):
+                break
+            assert time.monotonic() < deadline, adapters
+            time.sleep(0.2)
+    assert adapters["yaml-attn"]["slot"] is not None and adapters["yaml-attn"]["tokens"] > 0
+    with server.http() as http:
         chat = http.post("/v1/chat/completions", json={"model": "yaml-attn", "max_tokens": 2,
                                                        "messages": [{"role": "user", "content": "Hi"}]})
         assert chat.status_code == 200, chat.text
