@@ -2,7 +2,9 @@
 
 The page is rendered on the server by a sandboxed, autoescaping jinja2 environment from the same snapshot that
 `GET /admin/stats` returns, embedded as JSON; `static/dashboard.js` then keeps it live from
-`GET /admin/stats/stream` (server-sent events), falling back to polling `GET /admin/stats`. No build step, no CDN:
+`GET /admin/stats/stream` (server-sent events), falling back to polling `GET /admin/stats`. The LoRA card loads and
+unloads adapters through the admin API (`/admin/models/{model}/loras`) with the session cookie and the
+`X-Kvbox-Dashboard: 1` header that cookie-authenticated changes need. No build step, no CDN:
 the assets are the files in `static/`, served from the installed package. This module knows the stats' shape, not
 the engine: it reads `app.state.stats` (the appliance's `StatsHub`) and the supervisor's redacted config.
 
@@ -32,6 +34,7 @@ from ui import session
 
 STATS_PATH = "/admin/stats"
 STREAM_PATH = "/admin/stats/stream"
+LORAS_PATH = "/admin/models/{model}/loras"  # the LoRA card's load (POST) and, + "/{name}", unload (DELETE)
 FAILED_LOGIN_DELAY_S = 0.5  # slows down guessing; the keys themselves should be long and random
 _SELF = {session.SELF_AUTHENTICATED: True}
 _HEADERS = {
@@ -86,7 +89,7 @@ def ui_router(path: str) -> Router:
         configs = {name: yaml.safe_dump(spec, sort_keys=False, default_flow_style=False, allow_unicode=True)
                    for name, spec in specs.items()}
         boot = {"stats_url": STATS_PATH, "stream_url": STREAM_PATH, "login_url": f"{base}/login",
-                "snapshot": snapshot}
+                "loras_url": LORAS_PATH, "csrf_header": session.CSRF_HEADER, "snapshot": snapshot}
         return page("dashboard.html", models=snapshot["models"], configs=configs, boot=boot,
                     can_logout=allowed == "ok" and session.has_session(request))
 

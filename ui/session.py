@@ -8,6 +8,10 @@ recomputes the signature under every configured admin key and compares each in c
 
 When no admin key is configured the dashboard follows the admin routes' rule: open if the API has no keys either,
 refused (403) if it has.
+
+CSRF: besides SameSite=Strict, a state-changing request (not GET/HEAD/OPTIONS) authenticated by the cookie alone must
+carry `X-Kvbox-Dashboard: 1` (`require_admin_session_for_changes`), a header a cross-site form cannot send and a
+cross-site fetch could only send after a CORS preflight. Bearer admin keys need no such header.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
 from appliance.auth import require_admin_key
+from appliance.errors import APIError
 
 COOKIE_NAME = "kvbox_dashboard"
 SESSION_TTL_S = 12 * 3600
 # Handlers whose `opt` sets this do their own authentication (admin key or session cookie, or none for the login
 # page and static assets); the app-wide API-key guard leaves them alone.
 SELF_AUTHENTICATED = "kvbox_self_authenticated"
+# The header the dashboard's own scripts send with cookie-authenticated changes (see the module's docstring).
+CSRF_HEADER = "X-Kvbox-Dashboard"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], None]
 
@@ -46,6 +54,21 @@ def require_admin_session(connection: ASGIConnection, handler: BaseRouteHandler)
     """The admin key as a Bearer token or a valid session cookie; else the admin routes' 401 or 403."""
     if not has_session(connection):
         require_admin_key(connection, handler)
+
+
+def require_admin_session_for_changes(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Like `require_admin_session`, but a state-changing request authenticated by the cookie alone must also carry
+    `X-Kvbox-Dashboard: 1` (else 403); a Bearer admin key needs no header."""
+    if has_session(connection) and (connection.scope.get("method", "GET") in _SAFE_METHODS
+                                    or connection.headers.get(CSRF_HEADER) == "1"):
+        return
+    try:
+        require_admin_key(connection, handler)
+    except APIError:
+        if has_session(connection):
+            raise APIError(403, f"A change through the dashboard's session needs the header '{CSRF_HEADER}: 1'.",
+                           code="csrf_header_missing") from None
+        raise
 
 
 def access(connection: ASGIConnection) -> Literal["open", "ok", "login", "disabled"]:

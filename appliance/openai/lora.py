@@ -2,7 +2,9 @@
 
 vLLM-compatible: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST /v1/unload_lora_adapter
 {"lora_name"}; with several base models an optional "base_model" says which (needed only when ambiguous).
-The admin API: GET/POST /admin/models/{model}/loras ({"name", "path"}) and DELETE /admin/models/{model}/loras/{name}.
+The admin API: GET/POST /admin/models/{model}/loras ({"name", "path"}) and DELETE /admin/models/{model}/loras/{name};
+these also accept the dashboard's session cookie (`ui.session.require_admin_session_for_changes`: changes need its
+`X-Kvbox-Dashboard: 1` header too), which is how the dashboard's LoRA card loads and unloads adapters.
 
 Every change applies to all data-parallel replicas or to none (`Supervisor.load_lora` rolls back); loading under a
 served name replaces the adapter atomically (running requests finish on the old version). Paths, symlinks resolved,
@@ -18,6 +20,11 @@ from appliance.auth import require_admin_key
 from appliance.errors import APIError
 from appliance.openai.protocol import decode
 from appliance.supervisor import LoraError, ModelRuntime, Supervisor
+from ui.session import SELF_AUTHENTICATED, require_admin_session_for_changes
+
+# The admin routes also accept the dashboard's session cookie (changes only with its CSRF header), so they do their own
+# authentication: the app-wide API-key guard passes over them, as over the stats routes.
+_ADMIN = {"guards": [require_admin_session_for_changes], "opt": {SELF_AUTHENTICATED: True}}
 
 
 class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -116,12 +123,12 @@ async def unload_lora_adapter(request: Request) -> Response:
 
 
 # ---- admin API ----
-@get("/admin/models/{model:str}/loras", guards=[require_admin_key], sync_to_thread=False)
+@get("/admin/models/{model:str}/loras", **_ADMIN, sync_to_thread=False)
 def admin_list_loras(request: Request, model: str) -> dict:
     return _listing(_supervisor(request).get(model))
 
 
-@post("/admin/models/{model:str}/loras", guards=[require_admin_key], status_code=200)
+@post("/admin/models/{model:str}/loras", **_ADMIN, status_code=200)
 async def admin_load_lora(request: Request, model: str) -> dict:
     req = decode(await request.body(), AdminLoadLora)
     supervisor = _supervisor(request)
@@ -130,7 +137,7 @@ async def admin_load_lora(request: Request, model: str) -> dict:
     return _listing(runtime)
 
 
-@delete("/admin/models/{model:str}/loras/{name:str}", guards=[require_admin_key], status_code=200)
+@delete("/admin/models/{model:str}/loras/{name:str}", **_ADMIN, status_code=200)
 async def admin_unload_lora(request: Request, model: str, name: str) -> dict:
     supervisor = _supervisor(request)
     runtime = supervisor.get(model)

@@ -354,6 +354,100 @@
     }
   }
 
+  // ---- LoRA adapters: load and unload through the admin API (session cookie + the CSRF header) ----
+  function loraUrl(model, name) {
+    let url = boot.loras_url.replace("{model}", encodeURIComponent(model));
+    if (name !== undefined) url += "/" + encodeURIComponent(name);
+    return url;
+  }
+
+  async function loraRequest(method, url, body) {
+    const headers = { Accept: "application/json", [boot.csrf_header]: "1" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(url, { method, credentials: "same-origin", cache: "no-store", headers,
+      body: body === undefined ? undefined : JSON.stringify(body) });
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    if (!response.ok) {
+      const message = data && data.error && data.error.message;
+      throw new Error(message || `The server answered ${response.status}.`);
+    }
+    return data;
+  }
+
+  function adapterItem(a) {
+    const li = document.createElement("li");
+    li.dataset.adapter = a.name;
+    const name = document.createElement("b");
+    name.textContent = a.name;
+    const path = document.createElement("code");
+    path.textContent = a.path;
+    li.append(name, " ", path);
+    if (a.rank != null) {
+      const usage = document.createElement("span");
+      usage.className = "muted small";
+      usage.textContent = ` rank ${a.rank} · ${a.slot == null ? "in host memory" : "GPU slot " + a.slot} · ` +
+        `${fmtInt(a.num_requests ?? a.requests)} requests · ${fmtInt(a.num_tokens ?? a.tokens)} tokens`;
+      li.append(" ", usage);
+    }
+    const unload = document.createElement("button");
+    unload.type = "button";
+    unload.className = "link unload";
+    unload.dataset.unload = a.name;
+    unload.textContent = "unload";
+    li.append(" ", unload);
+    return li;
+  }
+
+  function renderAdapters(card, loras) {
+    const list = card.querySelector("[data-lora-list]");
+    list.replaceChildren(...loras.map(adapterItem));
+    list.hidden = loras.length === 0;
+    card.querySelector("[data-lora-empty]").hidden = loras.length > 0;
+  }
+
+  function showLoraError(card, message) {
+    const box = card.querySelector("[data-lora-error]");
+    box.textContent = message || "";
+    box.hidden = !message;
+  }
+
+  async function loraChange(card, controls, method, url, body) {
+    showLoraError(card, "");
+    for (const c of controls) c.disabled = true;
+    card.setAttribute("aria-busy", "true");
+    try {
+      const listing = await loraRequest(method, url, body);
+      renderAdapters(card, listing.loras);
+      return true;
+    } catch (e) {
+      showLoraError(card, e.message);
+      return false;
+    } finally {
+      for (const c of controls) c.disabled = false;
+      card.removeAttribute("aria-busy");
+    }
+  }
+
+  for (const card of document.querySelectorAll("[data-lora]")) {
+    const model = card.dataset.lora;
+    const form = card.querySelector("[data-lora-form]");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const name = form.elements.name.value.trim(), path = form.elements.path.value.trim();
+      if (!name || !path) return;
+      const done = await loraChange(card, [...form.querySelectorAll("input, button")], "POST", loraUrl(model),
+        { name, path });
+      if (done) form.reset();
+    });
+    // One listener for every unload button, present and future (the list is re-rendered after each change).
+    card.querySelector("[data-lora-list]").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-unload]");
+      if (!button) return;
+      loraChange(card, [button], "DELETE", loraUrl(model, button.dataset.unload));
+    });
+  }
+
   // ---- getting the data ----
   function refreshConnection() {
     const conn = document.getElementById("conn");
