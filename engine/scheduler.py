@@ -133,9 +133,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute (cannot happen for a running request, kept as a guard)
-                i += 1
-                continue
+            assert num_new > 0, request  # a running request always has its sampled token left to compute
             while not self.kv.allocate_slots(request, num_new):
                 victim = max(self.running, key=self._rank)
                 self._preempt(victim)
