@@ -182,6 +182,8 @@ class ModelSpec(_Schema, kw_only=True):
         "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = "auto"
     cuda_graphs: Annotated[bool, _doc(
         "Replay decode steps as CUDA graphs captured at start-up (CUDA with Triton kernels only).")] = True
+    async_scheduling: Annotated[bool | None, _doc(
+        "Schedule the next step while the current one runs on the device (null: on with CUDA, off on the CPU).")] = None
     default_sampling: Annotated[SamplingDefaults | None, _doc(
         "Sampling defaults for requests that leave a parameter unset (null: none).")] = None
     seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = 0
@@ -208,7 +210,8 @@ class ModelSpec(_Schema, kw_only=True):
             enable_prefix_caching=self.kv_cache.prefix_caching, max_num_seqs=self.scheduler.max_num_seqs,
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             enable_chunked_prefill=self.scheduler.chunked_prefill, scheduling_policy=self.scheduler.policy,
-            kernel_backend=self.kernel_backend, cuda_graphs=self.cuda_graphs, seed=self.seed,
+            kernel_backend=self.kernel_backend, cuda_graphs=self.cuda_graphs,
+            async_scheduling=self.async_scheduling, seed=self.seed,
             enable_lora=self.lora.enabled, max_loras=self.lora.max_loras, max_lora_rank=self.lora.max_lora_rank,
             max_cpu_loras=self.lora.max_cpu_loras,
         )

@@ -30,7 +30,8 @@ def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
     core = EngineCore(EngineConfig(
         model=shape_folder(args.shape), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
-        max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len)))
+        max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len),
+        async_scheduling=False if args.sync_scheduling else None))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     ttfts, rates = [], []
     for i, prompt in enumerate(prompts):
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--sync-scheduling", action="store_true",
+                        help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print where the host time of the steps goes")
     parser.add_argument("--json")

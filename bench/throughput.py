@@ -30,7 +30,8 @@ def run_kvbox(args, prompts) -> float:
     core = EngineCore(EngineConfig(
         model=shape_folder(args.shape), load_format="dummy", dtype=dtype, device=args.device,
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False))
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+        async_scheduling=False if args.sync_scheduling else None))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     warmup = random_prompts(2, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--sync-scheduling", action="store_true",
+                        help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--json", help="write the results here")

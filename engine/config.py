@@ -33,6 +33,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     kernel_backend: str = "auto"  # auto, torch, triton
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
+    async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA only
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
     enable_lora: bool = False  # serve LoRA adapters (EngineCore.add_lora); off, the forward has no LoRA op
     max_loras: int = 4  # adapters on the device at once, hence distinct adapters per step

@@ -26,9 +26,9 @@ from engine.lora.manager import LoraInfo, LoraManager
 from engine.models.config import ModelConfig
 from engine.outputs import EngineCoreOutput, SchedulerStats
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, core_output
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, core_output
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class EngineCore:
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0
+        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -148,31 +152,60 @@ class EngineCore:
             self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings)
+        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings) or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedules and launches one step and returns what the requests produced. With async scheduling the
+        outputs returned are those of the step launched by the previous call, which ran on the device while this
+        call scheduled and launched the next one."""
+        outputs = []
+        if self._in_flight is not None and not self._may_schedule_ahead(self._in_flight[0]):
+            outputs += self._complete(*self._in_flight)
+            self._in_flight = None
         scheduler_output = self.scheduler.schedule()
         self._fork_ready_siblings()
-        if scheduler_output.is_empty:
-            return []
-        self.num_steps += 1
-        try:
-            runner_output = self.runner.execute(scheduler_output)
-        except Exception:
-            # A failing batch must not take the engine down: its requests end with an error, the rest go on.
-            logger.exception("model step failed; finishing its %d requests with an error",
-                             len(scheduler_output.scheduled))
-            failed = [s.request for s in scheduler_output.scheduled if not s.request.is_finished]
-            self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
-            outputs = [core_output(r, [], None, None) for r in failed]
-        else:
-            outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
+        if self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            outputs += self._complete(*launched)
+            self._in_flight = None
         for output in outputs:
             if output.finished:
                 self._forget_id(output.parent_id, output.request_id)
         if self.lora is not None and self.lora.has_retired:
             self._drop_unused_loras()
         return outputs
+
+    def _may_schedule_ahead(self, in_flight: SchedulerOutput) -> bool:
+        """Penalties need every earlier output token on the host, so a batch using them is completed before the
+        next step is scheduled."""
+        return self.async_scheduling and not any(
+            s.samples and s.request.sampling_params.needs_penalties for s in in_flight.scheduled)
+
+    def _launch(self, scheduler_output: SchedulerOutput,
+                outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:
+        self.num_steps += 1
+        try:
+            return scheduler_output, self.runner.execute(scheduler_output)
+        except Exception:
+            outputs += self._fail(scheduler_output)
+            return None
+
+    def _complete(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput) -> list[EngineCoreOutput]:
+        try:
+            runner_output = pending.get()
+        except Exception:
+            return self._fail(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
+        # A failing batch must not take the engine down: its requests end with an error, the rest go on.
+        logger.exception("model step failed; finishing its %d requests with an error", len(scheduler_output.scheduled))
+        failed = [s.request for s in scheduler_output.scheduled if not s.request.is_finished]
+        self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
+        return [core_output(r, [], None, None) for r in failed]
 
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
         return self.scheduler.stats(with_block_states)

@@ -91,6 +91,10 @@ class Request:
         self.num_preemptions = 0
         # Prompt logprobs are produced once, for the prompt positions; after a preemption the recompute skips them.
         self.num_prompt_logprobs_done = 0
+        # Tokens sampled (or being sampled) on the device whose ids the host has not seen yet. With async scheduling
+        # the next step is scheduled before the current one's tokens arrive; each pending token is one more position
+        # to compute, and its id reaches the next step's input on the device.
+        self.num_pending_outputs = 0
 
         self._generator: torch.Generator | None = None
 
@@ -105,6 +109,17 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Known tokens plus pending ones: the positions the scheduler may compute."""
+        return len(self.all_token_ids) + self.num_pending_outputs
+
+    @property
+    def num_prior_outputs(self) -> int:
+        """Outputs drawn before the one being sampled now, pending ones included (the current sample is itself
+        counted as pending once it is scheduled)."""
+        return self.num_output_tokens + max(self.num_pending_outputs - 1, 0)
 
     @property
     def is_finished(self) -> bool:

@@ -57,6 +57,11 @@ class ModelRunner:
         self.query_start_loc = StagedBuffer((max_seqs + 1,), torch.int32, device, pin)
         self.block_tables = StagedBuffer((max_seqs, self.max_blocks_per_seq), torch.int32, device, pin)
         self.sample_rows = StagedBuffer((max_tokens,), torch.int64, device, pin)
+        # Async scheduling: the previous step's sampled ids stay on the device and feed this step's pending tokens.
+        self.pending_dst = StagedBuffer((max_seqs,), torch.int64, device, pin)
+        self.pending_src = StagedBuffer((max_seqs,), torch.int64, device, pin)
+        self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
+        self._last_sampled_rows: dict[str, int] = {}
         self.lora_slots: StagedBuffer | None = None
         self.lora: LoraManager | None = None
         if config.enable_lora:
@@ -130,9 +135,11 @@ class ModelRunner:
 
     # ---- CUDA graphs ----
     def graph_batch_sizes(self) -> list[int]:
+        """Fine steps where padding costs most relative to the batch, coarser ones where decode is bound by reading
+        the weights anyway (a few padded rows cost little), so start-up captures few graphs."""
         largest = min(self.config.max_num_seqs, self.config.max_num_batched_tokens, 512)
-        sizes = [1, 2, 4] + list(range(8, largest + 1, 8))
-        return [s for s in sizes if s <= largest]
+        sizes = [1, 2, 4, *range(8, 64, 8), *range(64, 256, 16), *range(256, 513, 32)]
+        return [s for s in sizes if s <= largest] + ([largest] if largest not in sizes else [])
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
@@ -142,8 +149,8 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.graph_batch_sizes()):
             metadata = self._fill_buffers([], pad_to=size)
-            for _ in range(2):  # compiles the Triton kernels for this shape outside the capture
-                self.model(self.input_ids.device[:size], self.positions.device[:size], metadata)
+            # Compiles the Triton kernels for this shape (and lets cuBLAS pick its kernels) outside the capture.
+            self.model(self.input_ids.device[:size], self.positions.device[:size], metadata)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -161,10 +168,12 @@ class ModelRunner:
 
     # ---- one step ----
     def _fill_buffers(self, rows: list[tuple[np.ndarray | list[int], int, int, list[int]]],
-                      pad_to: int | None = None, lora_slots: list[int] | None = None) -> AttentionMetadata:
+                      pad_to: int | None = None, lora_slots: list[int] | None = None,
+                      pending: list[tuple[int, int]] = ()) -> AttentionMetadata:
         """rows: (token ids to compute, position of the first, count, block table) per request. `pad_to` adds
         one-token dummy sequences up to that many (CUDA graph buckets; decode rows only). `lora_slots`: each row's
-        adapter slot (with LoRA enabled; default none)."""
+        adapter slot (with LoRA enabled; default none). `pending`: (token index, row of the previous step's
+        sampled ids) for tokens whose id is still on the device."""
         if self._inputs_copied is not None:
             # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
             self._inputs_copied.synchronize()
@@ -209,9 +218,11 @@ class ModelRunner:
             buffer.copy_to_device(n)
         if self.lora_slots is not None:
             self.lora_slots.copy_to_device(t)
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
+        if pending:
+            self.pending_dst.host[:len(pending)], self.pending_src.host[:len(pending)] = zip(*pending)
+            dst = self.pending_dst.copy_to_device(len(pending))
+            src = self.pending_src.copy_to_device(len(pending))
+            self.input_ids.device.index_copy_(0, dst, self._last_sampled.index_select(0, src))
         return AttentionMetadata(
             slot_mapping=self.slot_mapping.device[:t],
             block_tables=self.block_tables.device[:num_seqs],
@@ -222,25 +233,17 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput:
+        """Queues the step's forward and sampling on the device and returns without waiting for them; the output's
+        `get()` waits. A request whose last token is still pending from the previous step gets it on the device."""
         scheduled = scheduler_output.scheduled
         graph_size = self._graph_size(scheduler_output)
         lora_slots = None
         if self.lora is not None:
             scheduled = sorted(scheduled, key=lambda s: s.request.adapter_id or "")
             lora_slots = self._activate_loras(scheduled)
-        metadata = self._fill_buffers([
-            (s.request.all_token_ids[s.num_computed_before:s.num_computed_before + s.num_new_tokens],
-             s.num_computed_before, s.num_new_tokens, s.block_ids)
-            for s in scheduled
-        ], pad_to=graph_size, lora_slots=lora_slots)
-        num_tokens = scheduler_output.num_tokens
-        if graph_size is not None:
-            self._graphs[graph_size].replay()
-            hidden = self._graph_hidden[graph_size]
-        else:
-            hidden = self.model(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata)
-
+        rows = []
+        pending = []  # (token index, row of the previous step's sampled ids)
         # Rows whose logits we need: the last token of each request that samples, then prompt positions whose
         # next-token logprobs were asked for.
         sample_rows, sampling_requests = [], []
@@ -248,46 +251,62 @@ class ModelRunner:
         prompt_row_indices: list[int] = []
         offset = 0
         for s in scheduled:
-            request = s.request
+            request, start, count = s.request, s.num_computed_before, s.num_new_tokens
+            token_ids = request.all_token_ids[start:start + count]
+            if len(token_ids) < count:  # its last token was sampled by the step in flight: the id is on the device
+                pending.append((offset + count - 1, self._last_sampled_rows[request.request_id]))
+                token_ids = [*token_ids, 0]
+            rows.append((token_ids, start, count, s.block_ids))
             if s.samples:
-                sample_rows.append(offset + s.num_new_tokens - 1)
+                sample_rows.append(offset + count - 1)
                 sampling_requests.append(request)
             if request.needs_prompt_logprobs:
-                first = max(s.num_computed_before, request.num_prompt_logprobs_done)
-                last = min(s.num_computed_before + s.num_new_tokens, request.num_prompt_tokens - 1)
+                first = max(start, request.num_prompt_logprobs_done)
+                last = min(start + count, request.num_prompt_tokens - 1)
                 if last > first:
-                    prompt_row_indices.extend(range(offset + first - s.num_computed_before,
-                                                    offset + last - s.num_computed_before))
+                    prompt_row_indices.extend(range(offset + first - start, offset + last - start))
                     prompt_rows.append((request.request_id, request.sampling_params.prompt_logprobs,
                                         request.all_token_ids[first + 1:last + 1]))
                     request.num_prompt_logprobs_done = last
-            offset += s.num_new_tokens
+            offset += count
 
-        output = ModelRunnerOutput(request_ids=[r.request_id for r in sampling_requests], sampled_token_ids=[])
+        num_tokens = scheduler_output.num_tokens
+        num_rows = len(sample_rows)
+        metadata = self._fill_buffers(rows, pad_to=graph_size, lora_slots=lora_slots, pending=pending)
+        if sample_rows and num_rows < num_tokens:
+            self.sample_rows.host[:num_rows] = sample_rows
+            self.sample_rows.copy_to_device(num_rows)
+        if self.device.type == "cuda":
+            # Every staged copy of this step is queued; the next step may refill the host buffers once they ran.
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+        if graph_size is not None:
+            self._graphs[graph_size].replay()
+            hidden = self._graph_hidden[graph_size]
+        else:
+            hidden = self.model(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata)
+
+        output = PendingRunnerOutput([r.request_id for r in sampling_requests])
         if sample_rows:
-            num_rows = len(sample_rows)
-            if num_rows == num_tokens:  # every token samples (decode): its hidden states, in order
-                rows = hidden[:num_rows]
-            else:
-                self.sample_rows.host[:num_rows] = sample_rows
-                rows = hidden[self.sample_rows.copy_to_device(num_rows)]
-            logits = self.model.compute_logits(rows)
+            # When every token samples (decode), its hidden states are the rows, in order.
+            rows_hidden = hidden[:num_rows] if num_rows == num_tokens else hidden[self.sample_rows.device[:num_rows]]
+            logits = self.model.compute_logits(rows_hidden)
             sampled = self.sampler(logits, SamplingMetadata.from_requests(sampling_requests, self.device))
-            output.sampled_token_ids = sampled.sampled_token_ids.tolist()
+            self._last_sampled = sampled.sampled_token_ids
+            self._last_sampled_rows = {r.request_id: i for i, r in enumerate(sampling_requests)}
+            output.sampled_token_ids = _to_host(sampled.sampled_token_ids)
             if sampled.logprobs is not None:
-                ks = [r.sampling_params.logprobs or 0 for r in sampling_requests]
-                output.logprobs = _to_token_logprobs(sampled.logprobs, ks)
+                output.logprobs = (_logprobs_to_host(sampled.logprobs),
+                                   [r.sampling_params.logprobs or 0 for r in sampling_requests])
         if prompt_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(prompt_row_indices, device=self.device)])
             targets = torch.tensor([t for _, _, ids in prompt_rows for t in ids], device=self.device)
             max_k = max(k for _, k, _ in prompt_rows)
-            tensors = compute_prompt_logprobs(logits, targets, max_k)
-            ks = [k for _, k, ids in prompt_rows for _ in ids]
-            flat = _to_token_logprobs(tensors, ks)
-            start = 0
-            for request_id, _, ids in prompt_rows:
-                output.prompt_logprobs[request_id] = flat[start:start + len(ids)]
-                start += len(ids)
+            output.prompt_logprobs = (_logprobs_to_host(compute_prompt_logprobs(logits, targets, max_k)),
+                                      [(request_id, k, len(ids)) for request_id, k, ids in prompt_rows])
+        if self.device.type == "cuda":
+            output.ready = torch.cuda.Event()
+            output.ready.record()
         return output
 
     def _activate_loras(self, scheduled: list[ScheduledRequest]) -> list[int]:
@@ -298,6 +317,44 @@ class ModelRunner:
                 num_tokens[s.request.adapter_id] = num_tokens.get(s.request.adapter_id, 0) + s.num_new_tokens
         slot_of = self.lora.activate(num_tokens)
         return [slot_of.get(s.request.adapter_id, -1) for s in scheduled]
+
+
+class PendingRunnerOutput:
+    """A step's results on their way to the host: device-to-host copies queued behind the step, and an event
+    that `get()` waits on, so the host can schedule the next step meanwhile."""
+
+    def __init__(self, request_ids: list[str]):
+        self.request_ids = request_ids
+        self.sampled_token_ids: torch.Tensor | None = None
+        self.logprobs: tuple[LogprobsTensors, list[int]] | None = None  # tensors, each row's k
+        self.prompt_logprobs: tuple[LogprobsTensors, list[tuple[str, int, int]]] | None = None  # (id, k, count)
+        self.ready: torch.cuda.Event | None = None
+
+    def get(self) -> ModelRunnerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()
+        output = ModelRunnerOutput(self.request_ids, [])
+        if self.sampled_token_ids is not None:
+            output.sampled_token_ids = self.sampled_token_ids.tolist()
+        if self.logprobs is not None:
+            output.logprobs = _to_token_logprobs(*self.logprobs)
+        if self.prompt_logprobs is not None:
+            tensors, parts = self.prompt_logprobs
+            flat = _to_token_logprobs(tensors, [k for _, k, count in parts for _ in range(count)])
+            start = 0
+            for request_id, _, count in parts:
+                output.prompt_logprobs[request_id] = flat[start:start + count]
+                start += count
+        return output
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    # From CUDA, non_blocking lands in pinned memory and is ordered after the step's kernels.
+    return tensor.to("cpu", non_blocking=True)
+
+
+def _logprobs_to_host(tensors: LogprobsTensors) -> LogprobsTensors:
+    return LogprobsTensors(_to_host(tensors.token_ids), _to_host(tensors.logprobs), _to_host(tensors.ranks))
 
 
 def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLogprobs]:

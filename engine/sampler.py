@@ -72,7 +72,7 @@ class SamplingMetadata:
         bias_entries = [(row, token_id, bias) for row, p in enumerate(params)
                         for token_id, bias in (p.logit_bias or {}).items()]
         banned = [(row, token_id) for row, r in enumerate(requests)
-                  if r.num_output_tokens < r.sampling_params.min_tokens
+                  if r.num_prior_outputs < r.sampling_params.min_tokens
                   for token_id in sorted(set(r.eos_token_ids) | set(r.sampling_params.stop_token_ids))]
         logit_bias = min_tokens_mask = None
         if bias_entries:

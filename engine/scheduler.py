@@ -10,6 +10,12 @@ recomputed later. Its token ids are kept, so it resumes exactly where it was.
 After the model runs, `update_from_output` appends the sampled tokens and applies the token-level stop rules (EOS,
 stop token ids, max_tokens, context length). Stop strings need text, so the output processor finds them and calls
 `finish_requests`.
+
+With async scheduling the engine schedules step N+1 before step N's tokens reach the host: a request that samples in
+step N counts one pending token (`Request.num_pending_outputs`), which step N+1 computes from the device-side id.
+A request that will stop by length once its pending tokens arrive is not scheduled again; one that stops on EOS
+computes one extra token, which is dropped. Freed blocks may still be written by the step in flight, but every later
+step runs after it on the same stream, so no reader sees that write.
 """
 
 from __future__ import annotations
@@ -48,11 +54,10 @@ class ScheduledRequest:
     num_computed_before: int  # K/V already cached before this step (prefix hits included)
     num_new_tokens: int  # tokens this step computes: positions num_computed_before ... + num_new_tokens - 1
     block_ids: list[int]  # the request's block table (the KV manager's live list)
+    samples: bool = field(init=False)  # the step reaches the request's last token, so its logits give the next one
 
-    @property
-    def samples(self) -> bool:
-        """The step reaches the request's last known token, so its logits give the next token."""
-        return self.num_computed_before + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.num_computed_before + self.num_new_tokens == self.request.num_scheduled_tokens
 
 
 @dataclass
@@ -111,10 +116,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            self._dequeue(request)
             self._finish(request, status)
             finished.append(request)
         return finished
@@ -132,7 +134,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_outputs and self._stops_by_length_with_pending(request):
+                i += 1  # its pending tokens end it; another one would be thrown away
+                continue
+            num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request  # a running request always has its sampled token left to compute
             while not self.kv.allocate_slots(request, num_new):
                 victim = max(self.running, key=self._rank)
@@ -162,6 +167,8 @@ class Scheduler:
                 break  # it just lost its blocks; let the running ones progress first
             if not self._adapter_fits(request, running_adapters):
                 break  # first come, first served: it waits until a running adapter has no requests left
+            # Only a request preempted by this very call can have tokens in flight, and those are skipped above.
+            assert request.num_pending_outputs == 0, request
             can_reuse = request.num_computed_tokens == 0 and not request.needs_prompt_logprobs
             cached = self.kv.find_cached_prefix(request) if can_reuse else []
             num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
@@ -184,6 +191,8 @@ class Scheduler:
 
         for item in out.scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                item.request.num_pending_outputs += 1
         self.last_step_num_tokens = out.num_tokens
         self.last_step_num_seqs = len(out.scheduled)
         return out
@@ -195,7 +204,9 @@ class Scheduler:
         outputs = []
         for item in scheduler_output.scheduled:
             request = item.request
-            if request.is_finished:  # aborted while the step ran
+            if item.samples:
+                request.num_pending_outputs -= 1
+            if request.is_finished:  # aborted while the step ran, or stopped by the step before
                 continue
             row = sampled.get(request.request_id)
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
@@ -204,6 +215,8 @@ class Scheduler:
                     outputs.append(core_output(request, [], None, prompt_logprobs))
                 continue
             token_id = runner_output.sampled_token_ids[row]
+            # Preempted while this step ran (async scheduling): it waits for its recompute with this token.
+            queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
             request.append_output_token(token_id)
             self._check_stop(request, token_id)
             new_logprobs = [runner_output.logprobs[row]] if runner_output.logprobs is not None else None
@@ -211,7 +224,7 @@ class Scheduler:
                 new_logprobs = None
             outputs.append(core_output(request, [token_id], new_logprobs, prompt_logprobs))
             if request.is_finished:
-                self.running.remove(request)
+                queue.remove(request)
                 self._free(request)
         return outputs
 
@@ -240,6 +253,14 @@ class Scheduler:
     def _adapter_fits(self, request: Request, running_adapters: set[str]) -> bool:
         return (request.adapter_id is None or request.adapter_id in running_adapters
                 or len(running_adapters) < self.config.max_loras)
+
+    def _stops_by_length_with_pending(self, request: Request) -> bool:
+        num_outputs = request.num_output_tokens + request.num_pending_outputs
+        return ((request.max_tokens is not None and num_outputs >= request.max_tokens)
+                or request.num_scheduled_tokens >= self.config.max_model_len)
+
+    def _dequeue(self, request: Request) -> None:
+        (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
 
     def _enqueue(self, request: Request) -> None:
         keys = [self._rank(r) for r in self.waiting]

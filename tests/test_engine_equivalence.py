@@ -26,6 +26,8 @@ VARIANTS = {
     "plain": {},
     "chunked_prefill": {"max_num_batched_tokens": 7},
     "preemption": {"num_kv_blocks": 9, "block_size": 16},  # 3 requests of ~70 tokens need 12 blocks
+    # The next step scheduled before the last one's tokens are on the host, with chunks and preemptions in between.
+    "async_scheduling": {"async_scheduling": True, "max_num_batched_tokens": 16, "num_kv_blocks": 9},
 }
 
 
@@ -78,7 +80,7 @@ def test_greedy_matches_transformers(family_setup, variant):
     outputs = llm.generate(prompt_ids, params, use_tqdm=False)
     check_against_reference(outputs, prompt_ids, reference)
     stats = llm.core.stats()
-    if variant == "preemption":
+    if variant in ("preemption", "async_scheduling"):
         assert stats.num_preemptions > 0
     if variant == "chunked_prefill":
         assert llm.core.num_steps > NUM_NEW_TOKENS + 1

@@ -129,9 +129,10 @@ def test_one_batch_mixes_three_adapters_and_the_base_model(setup):
     assert infos["attn"].num_tokens == len(prompt_ids[0]) + NUM_NEW_TOKENS - 1
 
 
-def test_more_adapters_than_slots_swap_by_least_recent_use(setup):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_more_adapters_than_slots_swap_by_least_recent_use(setup, async_scheduling):
     base_dir, adapters, prompt_ids, references = setup
-    llm = lora_llm(base_dir, adapters, max_loras=2, max_cpu_loras=4)
+    llm = lora_llm(base_dir, adapters, max_loras=2, max_cpu_loras=4, async_scheduling=async_scheduling)
     check_workload(llm, SWAP_WORKLOAD, prompt_ids, references)
     infos = llm.core.list_loras()
     assert sum(1 for info in infos if info.slot is not None) == 2
