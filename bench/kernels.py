@@ -5,9 +5,10 @@ Each time is the median of many runs timed with CUDA events, with L2 flushed bef
 fewest bytes each op must move (inputs read once, outputs written once) and is compared with the card's measured
 device-to-device copy bandwidth (bytes read + written).
 
-    python bench/kernels.py [--out FILE] [--sweep]
+    python bench/kernels.py [--out FILE] [--sweep] [--linear]
 
---sweep also times launch configurations of paged attention (block sizes, split-K, warps) to pick the heuristics.
+--sweep also times launch configurations of paged attention (block sizes, split-K, warps) to pick the heuristics;
+--linear times decode-sized linears, cuBLAS against `kernels/gemv.py` and its launch configurations.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def sweep(args):
         batch = paged_batch(q_lens, seq_lens, gen)
         out = torch.empty_like(batch[0])
         default = attention._config(len(q_lens) if q_lens[0] == 1 else sum(q_lens), len(q_lens), NUM_KV_HEADS,
-                                    NUM_HEADS // NUM_KV_HEADS, HEAD_SIZE, DEV)
+                                    NUM_HEADS // NUM_KV_HEADS, HEAD_SIZE, batch[3].shape[1] * BLOCK_SIZE, DEV)
         for cfg in [{}] + configs:
             try:
                 ms = time_ms(lambda: attention._paged_attention(*batch, scale, out=out, **cfg), iters=30)
@@ -255,13 +256,64 @@ def sweep(args):
         Path(args.out).with_suffix(".sweep.txt").write_text("\n".join(out_lines) + "\n")
 
 
+LINEAR_SHAPES = {  # name: (N, K) of the weight, Llama-3.1-8B
+    "qkv_proj": ((NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_SIZE, HIDDEN),
+    "o_proj": (HIDDEN, NUM_HEADS * HEAD_SIZE),
+    "gate_up_proj": (2 * INTERMEDIATE, HIDDEN),
+    "down_proj": (HIDDEN, INTERMEDIATE),
+    "lm_head": (128256, HIDDEN),
+}
+
+
+def linear_sweep(args):
+    """Decode-sized linears: cuBLAS (F.linear) against the skinny kernel's launch configurations, per weight shape
+    and row count; the data behind `kernels.gemv._config` and `_wins`."""
+    from kernels.gemv import skinny_linear
+
+    gen = torch.Generator(DEV).manual_seed(2)
+    copy_bw = copy_bandwidth()
+    configs = [dict(block_n=n, block_k=k, num_warps=w, num_stages=st)
+               for n in (16, 32, 64) for k in (128, 256, 512) for w in (4, 8) for st in (3, 5)]
+    out_lines = []
+    for name, (n, k) in LINEAR_SHAPES.items():
+        weight = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=gen) * 0.02
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device=DEV, dtype=DTYPE, generator=gen)
+            nbytes = (n * k + m * k + m * n) * 2
+            torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight), atol=2e-2, rtol=2e-2)
+            cublas = time_ms(lambda: F.linear(x, weight), iters=30)
+            default = time_ms(lambda: skinny_linear(x, weight), iters=30)
+            timed = []
+            for cfg in configs:
+                try:
+                    timed.append((time_ms(lambda: skinny_linear(x, weight, **cfg), iters=30), cfg))
+                except Exception as exc:  # shared memory overflow and the like
+                    print(f"{name} m={m} {cfg} FAILED {type(exc).__name__}", flush=True)
+            best_ms, best = min(timed, key=lambda t: t[0])
+
+            def show(ms):
+                return f"{ms * 1e3:7.1f} us ({nbytes / (ms * 1e-3) / copy_bw:4.0%})"
+
+            line = (f"{name:13s} {n:6d}x{k:5d} m={m:2d}  cublas {show(cublas)}  default {show(default)}"
+                    f"  best {show(best_ms)} {best}")
+            out_lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        Path(args.out).with_suffix(".linear.txt").write_text("\n".join(out_lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--sweep", action="store_true", help="also sweep paged-attention launch configurations")
+    parser.add_argument("--linear", action="store_true",
+                        help="only sweep decode-sized linears (cuBLAS against the skinny kernel)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA device")
+    if args.linear:
+        linear_sweep(args)
+        return
     if args.sweep:
         sweep(args)
     run(args)

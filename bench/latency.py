@@ -25,13 +25,17 @@ from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
-    """Median time to first token (s) and decode tokens/s; `profiler` (cProfile) watches the timed requests."""
-    core = EngineCore(EngineConfig(
+def make_core(args) -> EngineCore:
+    return EngineCore(EngineConfig(
         model=shape_folder(args.shape), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len),
         async_scheduling=False if args.sync_scheduling else None))
+
+
+def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
+    """Median time to first token (s) and decode tokens/s; `profiler` (cProfile) watches the timed requests."""
+    core = make_core(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     ttfts, rates = [], []
     for i, prompt in enumerate(prompts):
@@ -55,6 +59,34 @@ def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
     return statistics.median(ttfts), statistics.median(rates)
 
 
+def gpu_profile(args, prompts) -> None:
+    """Decodes one request under torch.profiler: when the kernel time per step is close to the wall time per step,
+    the step loop keeps the GPU busy and only faster kernels help."""
+    from torch.profiler import ProfilerActivity, profile
+
+    core = make_core(args)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    core.add_request("warm-up", prompts[0], params)
+    while core.has_unfinished_requests():
+        core.step()
+    core.add_request("timed", prompts[1], params)
+    core.step()  # the prefill, outside the profile
+    sync(args.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        num_steps = 0
+        while core.has_unfinished_requests():
+            core.step()
+            num_steps += 1
+        sync(args.device)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernel_us = sum(e.self_device_time_total for e in events)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+    print(f"decode: {num_steps} steps, wall {wall / num_steps * 1e3:.3f} ms/step, GPU kernels "
+          f"{kernel_us / num_steps / 1e3:.3f} ms/step ({kernel_us / 1e6 / wall:.0%} busy)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -66,10 +98,15 @@ def main() -> None:
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print where the host time of the steps goes")
+    parser.add_argument("--gpu-profile", action="store_true",
+                        help="print the GPU kernel time per decode step next to the wall time (torch.profiler)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     prompts = random_prompts(args.iters + 1, args.input_len, SHAPES[args.shape]["vocab_size"])
+    if args.gpu_profile:
+        gpu_profile(args, prompts[:2])
+        return
     if args.profile:
         import cProfile
         import pstats

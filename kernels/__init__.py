@@ -29,6 +29,7 @@ _TRITON_MODULES = {
     "gelu_tanh_and_mul": "kernels.activation",
     "rotary_embedding": "kernels.rotary",
     "add_lora": "kernels.lora",
+    "linear": "kernels.gemv",
 }
 
 _active = SimpleNamespace(name="torch", ops=reference)
@@ -93,3 +94,7 @@ def rotary_embedding(*args, **kwargs):
 
 def add_lora(*args, **kwargs):
     return _active.ops.add_lora(*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    return _active.ops.linear(*args, **kwargs)

@@ -24,6 +24,9 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_SPLITS = 64
+# A split covers at least this many keys of the longest possible context (the interpreter's tiny "GPU" splits short
+# test contexts too, so that the CPU tests exercise split-K).
+_MIN_SPLIT_TOKENS = 16 if _INTERPRET else 256
 
 
 @triton.jit
@@ -251,7 +254,7 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a tiny "GPU", so that small test batches exercise split-K
 
 
-def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_pad: int,
+def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_pad: int, max_context: int,
             device: torch.device) -> dict:
     """Block shapes, split count and warps from tensor shapes alone (no host sync), so CUDA graphs can capture it.
 
@@ -268,7 +271,11 @@ def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_
     target = 2 * _num_sms(device)
     num_splits = 1
     if programs < target:
-        num_splits = min(_MAX_SPLITS, triton.next_power_of_2(triton.cdiv(target, programs)))
+        # No more splits than the longest context the block tables can hold fills: with a short max_model_len the
+        # combine kernel would cost more than the split saves.
+        most = max(1, triton.cdiv(max_context, _MIN_SPLIT_TOKENS))
+        num_splits = min(_MAX_SPLITS, triton.next_power_of_2(triton.cdiv(target, programs)), most)
+        num_splits = 1 << (num_splits.bit_length() - 1)  # a power of two
     if head_pad > 128:
         tile_n, num_stages = (64 if maybe_decode else 32), 2
     elif maybe_decode and num_splits > 1:
@@ -330,7 +337,8 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, quer
         return out
     group = num_heads // num_kv_heads
     head_pad = max(16, triton.next_power_of_2(head_size))
-    cfg = _config(num_tokens, num_seqs, num_kv_heads, group, head_pad, query.device)
+    cfg = _config(num_tokens, num_seqs, num_kv_heads, group, head_pad, block_tables.shape[1] * block_size,
+                  query.device)
     for key, value in (("block_m", block_m), ("tile_n", tile_n), ("num_splits", num_splits),
                        ("num_warps", num_warps), ("num_stages", num_stages)):
         if value is not None:

@@ -147,3 +147,8 @@ def add_lora(
         delta = torch.cat([h[:, i * max_rank:(i + 1) * max_rank] @ b.float().T  # [n, slice size]
                            for i, b in enumerate(lora_b[slot].split(output_slices))], dim=1)
         out[rows] = (out[rows].float() + delta).to(out.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, by torch itself (in the input dtype: the CPU path's linears stay as fast as torch's)."""
+    return F.linear(x, weight, bias)

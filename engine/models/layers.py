@@ -71,7 +71,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(input_size, output_size, bias, 0, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -139,7 +139,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = kernels.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y
@@ -173,7 +173,7 @@ class LMHead(VocabEmbedding):
     """Hidden states -> logits over the vocabulary; shares VocabEmbedding's sharding so tied weights line up."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden] -> [num_tokens, vocab]
-        logits = F.linear(hidden, self.weight)  # [num_tokens, num_rows]
+        logits = kernels.linear(hidden, self.weight)  # [num_tokens, num_rows]
         if self.tp_size == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_size)]

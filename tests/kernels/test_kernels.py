@@ -388,3 +388,13 @@ def test_rotary(head_size, rotary_dim, is_neox, dtype):
                                                         ((40, 8), 64, 32), ((12, 2), 80, 80)])
 def test_rotary_gpu(heads, head_size, rotary_dim, is_neox, dtype):
     check_rotary(1000, *heads, head_size, rotary_dim, is_neox, dtype)
+
+
+def test_split_k_is_bounded_by_the_longest_context(monkeypatch):
+    """One decode on an H100-sized GPU splits its keys only as far as the block tables can hold keys."""
+    monkeypatch.setattr(attention, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(attention, "_MIN_SPLIT_TOKENS", 256)
+    one_decode = dict(num_tokens=1, num_seqs=1, num_kv_heads=8, group=4, head_pad=128, device=DEVICE)
+    assert attention._config(max_context=256, **one_decode)["num_splits"] == 1  # no combine kernel
+    assert attention._config(max_context=1024, **one_decode)["num_splits"] == 4
+    assert attention._config(max_context=32768, **one_decode)["num_splits"] == 64
