@@ -1,7 +1,9 @@
 """Prometheus metrics under vLLM's names and `model_name` label, so that vLLM's Grafana dashboards work unchanged.
 
-Two sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request), and
-gauges/counters read from each replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`).
+Three sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request),
+gauges/counters read from each replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`),
+and per LoRA adapter (`kvbox:lora_*`, labelled `model_name` and `lora_name`), the adapter lists the replicas report
+(`_LoraCollector`).
 Each app has its own `CollectorRegistry`: no global state, so several apps can live in one process.
 """
 
@@ -42,6 +44,7 @@ class Metrics:
         self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to end.",
                                              model, buckets=_E2E_BUCKETS, registry=r)
         r.register(_EngineStatsCollector(supervisor))
+        r.register(_LoraCollector(supervisor))
 
     def request(self, model_name: str) -> RequestMetrics:
         return RequestMetrics(self, model_name)
@@ -107,6 +110,66 @@ class _EngineStatsCollector:
             queries.add_metric(name, sum(s.prefix_cache_queries * size for s, size in reported))
             hits.add_metric(name, sum(s.prefix_cache_hits * size for s, size in reported))
         yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits)
+
+
+class _LoraCollector:
+    """Per-adapter requests, tokens, GPU slot loads and residency, from each replica's latest adapter list
+    (`EngineClient.loras`: sent with every LoRA change and about once a second).
+
+    An engine counts per adapter name from its start, across replacing and reloading the name. The exported
+    counters add, at each scrape, what each engine counted since the previous scrape, and all of a new engine's
+    counts (a restarted replica, or a reloaded model): so they never go back. What an engine counted after the last
+    scrape that read it is lost when it is replaced.
+    """
+
+    def __init__(self, supervisor: Supervisor):
+        self._supervisor = supervisor
+        # model name -> adapter name -> [requests, tokens, slot loads] added up over the model's engines
+        self._totals: dict[str, dict[str, list[int]]] = {}
+        # (model name, replica index) -> (the engine client last read, its counts then by adapter name)
+        self._seen: dict[tuple[str, int], tuple[object, dict[str, tuple[int, int, int]]]] = {}
+
+    def collect(self):
+        labels = ["model_name", "lora_name"]
+        requests = CounterMetricFamily("kvbox:lora_requests", "Requests that used the LoRA adapter.", labels=labels)
+        tokens = CounterMetricFamily("kvbox:lora_tokens", "Tokens computed with the LoRA adapter: prompt tokens "
+                                     "(less prefix-cache hits), recomputed and generated ones.", labels=labels)
+        slot_loads = CounterMetricFamily("kvbox:lora_slot_loads", "Copies of the LoRA adapter into a GPU slot.",
+                                         labels=labels)
+        residency = GaugeMetricFamily("kvbox:lora_adapter_residency", "Replicas holding the LoRA adapter in a GPU "
+                                      "slot (location=gpu) or in host memory only (location=host).",
+                                      labels=[*labels, "location"])
+        # Only the models and replicas there now are remembered: a model removed and added again starts over.
+        all_totals, seen = {}, {}
+        for name, model in list(self._supervisor.models.items()):
+            if not model.spec.lora.enabled:
+                continue
+            totals = all_totals[name] = self._totals.get(name, {})
+            resident: dict[str, dict[str, int]] = {}  # adapter name -> location -> replicas
+            for replica in model.replicas:
+                client, before = self._seen.get((name, replica.replica), (None, {}))
+                if client is not replica:
+                    before = {}
+                now = {}
+                for info in replica.loras:
+                    counts = now[info.name] = (info.num_requests, info.num_tokens, info.num_slot_loads)
+                    total = totals.setdefault(info.name, [0, 0, 0])
+                    for i, (count, last) in enumerate(zip(counts, before.get(info.name, (0, 0, 0)))):
+                        total[i] += count - last
+                    if replica.info is not None and not replica.dead.is_set():
+                        where = resident.setdefault(info.name, {"gpu": 0, "host": 0})
+                        where["host" if info.slot is None else "gpu"] += 1
+                # An adapter unloaded since keeps its last counts: loaded again, the engine goes on from them.
+                seen[name, replica.replica] = (replica, {**before, **now})
+            for adapter, (num_requests, num_tokens, num_slot_loads) in totals.items():
+                requests.add_metric([name, adapter], num_requests)
+                tokens.add_metric([name, adapter], num_tokens)
+                slot_loads.add_metric([name, adapter], num_slot_loads)
+            for adapter, where in resident.items():
+                for location, num_replicas in where.items():
+                    residency.add_metric([name, adapter, location], num_replicas)
+        self._totals, self._seen = all_totals, seen
+        yield from (requests, tokens, slot_loads, residency)
 
 
 def metrics_route(path: str) -> HTTPRouteHandler:

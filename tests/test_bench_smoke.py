@@ -1,6 +1,7 @@
 """The benchmarks run end to end on the CPU with a tiny shape (their real figures come from the GPU)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,17 @@ def test_serve_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
+
+
+def test_lora_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--shape", "tiny-llama", "--device",
+                             "cpu", "--num-prompts", "8", "--input-len", "24", "--output-len", "5", "--num-loads", "3"],
+                            check=True, timeout=300, capture_output=True, text=True)
+    out = result.stdout
+    rates = re.findall(r"^(base model \(no LoRA\)|8 LoRA adapters \(r16\)) +([\d.]+) req/s +([\d.]+) out tok/s",
+                       out, re.MULTILINE)
+    assert [name for name, *_ in rates] == ["base model (no LoRA)", "8 LoRA adapters (r16)"], out
+    assert all(float(rps) > 0 and float(tps) > 0 for _, rps, tps in rates), out
+    ratio = re.search(r"^LoRA / base output throughput: ([\d.]+) \(target >= 0.8\)$", out, re.MULTILINE)
+    load = re.search(r"^adapter load \(rank 16, q/k/v/o/gate/up/down\): median ([\d.]+) ms of 3 ", out, re.MULTILINE)
+    assert ratio and float(ratio[1]) > 0 and load and float(load[1]) > 0, out

@@ -1,13 +1,17 @@
 """LoRA adapters through the API: declared in the YAML, hot-loaded, replaced and unloaded (vLLM's routes and the admin
 API), served as `model: "<adapter>"` with the same greedy output as the offline engine, and every refusal a 400 that
-leaves the server as it was. One real server: `llama` with LoRA, `plain` (the same weights) without."""
+leaves the server as it was. One real server: `llama` with LoRA, `plain` (the same weights) without; and one with
+`llama` on two data-parallel replicas, where a load that one replica refuses is rolled back on the other."""
 
 import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from test_lora import ADAPTERS, _truncate, _widen_a, make_adapter, rewrite_tensors
+from test_lora_metrics import lora_metrics
 
 from engine import LLM, SamplingParams
 
@@ -197,3 +201,62 @@ def test_admin_key_is_required(setup):
             for method, url, body in calls:
                 assert http.request(method, url, json=body).status_code == 401, (key, method, url)
     assert [name for name, *_ in served(server)] == ["yaml-attn"]
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tiny_model, tmp_path_factory):
+    """(server, adapter folders by name): `llama` on 2 data-parallel replicas with room for 2 adapters each, `a`
+    and `b` loaded from the YAML."""
+    base_dir = tiny_model("llama", max_position_embeddings=128)
+    root = tmp_path_factory.mktemp("lora_replicas")
+    allowed = root / "allowed"
+    paths = {name: make_adapter(base_dir, allowed / name, seed=seed, **ADAPTERS["attn"])
+             for seed, name in enumerate("abc")}
+    lora = {"enabled": True, "max_loras": 2, "max_cpu_loras": 2, "allowed_dirs": [str(allowed)],
+            "adapters": [{"name": name, "path": paths[name]} for name in "ab"]}
+    config = server_config([model_config("llama", base_dir, parallelism={"data": 2}, lora=lora)])
+    with run_server(config, root) as server:
+        yield server, paths
+
+
+def replicas_serving(server) -> dict[str, int]:
+    """Adapter name -> how many replicas hold it, as the engines last reported (/metrics)."""
+    serving = {}
+    for (metric, name, *_), value in lora_metrics(server).items():
+        if metric == "kvbox:lora_adapter_residency":
+            serving[name] = serving.get(name, 0) + int(value)
+    return serving
+
+
+def test_a_load_refused_by_one_replica_is_rolled_back_on_the_other(two_replicas):
+    server, paths = two_replicas
+    assert replicas_serving(server) == {"a": 2, "b": 2}
+    # Make the replicas differ for real: b's file goes bad, then replica 1 restarts and cannot get b back. Replica 0
+    # is then full (a, b: max_cpu_loras), replica 1 has room (a).
+    _truncate(Path(paths["b"]))
+    pid = server.admin_models()["llama"]["replicas"][1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (model := server.admin_models()["llama"])["replicas"][1]["pid"] == pid or model["status"] != "ready":
+        assert time.monotonic() < deadline, "the killed replica did not come back"
+        time.sleep(0.2)
+    assert any("'b' not restored" in error["message"] for error in model["errors"]), model["errors"]
+    assert replicas_serving(server) == {"a": 2, "b": 1}
+
+    with server.http() as http, server.http(ADMIN_KEY) as admin:
+        response = admin.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": paths["c"]})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "lora_path" and "max_cpu_loras" in error["message"], error
+        # Replica 1 had loaded c; the rollback removed it there, so no replica serves it.
+        assert replicas_serving(server) == {"a": 2, "b": 1}
+        assert [name for name, *_ in served(server)] == ["a", "b"]
+        assert "c" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+        assert complete(http, "c").status_code == 404
+
+        # With room on replica 0 too, the same adapter loads on both replicas.
+        assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
+        response = admin.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": paths["c"]})
+        assert response.status_code == 200, response.text
+        assert replicas_serving(server) == {"a": 2, "c": 2}
+        assert complete(http, "c").status_code == 200

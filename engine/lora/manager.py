@@ -4,6 +4,10 @@ A name maps to its current version. Every loaded version has its own adapter id,
 prefix cache hashes, so K/V computed with one version is never reused by another. Replacing or removing a name
 retires its version: requests that already hold it keep it until they finish, then `drop_unused` frees it.
 
+Usage is counted per name for the engine's life, over all its versions (the tokens a replaced version still
+computes for its running requests included) and across removing and loading the name again: the counters never go
+back while the engine runs, which is what the appliance's Prometheus counters are built on.
+
 Every loaded adapter stays in host memory (at most `max_cpu_loras` names); up to `max_loras` of them sit in the GPU
 slots. Before each step `activate` gives the step's adapters a slot, copying in those that are not resident over
 the least recently used ones the step does not need. The scheduler sees to it that no step needs more than
@@ -26,24 +30,29 @@ from engine.sampling_params import InvalidParameterError
 
 
 class LoraInfo(msgspec.Struct):
-    """One served adapter (its current version) and its usage."""
+    """One served adapter (its current version) and its name's usage since the engine started."""
 
     name: str
     adapter_id: str
     path: str
     rank: int
     slot: int | None  # its GPU slot, or None while it is in host memory only
-    num_requests: int  # cumulative, for this version
+    num_requests: int  # requests that used the name
     num_tokens: int  # tokens computed with it: prompts, recomputes and generated tokens
     num_slot_loads: int  # how often it was copied into a GPU slot
 
 
 @dataclass
-class _Version:
-    adapter: LoraAdapter
+class _Usage:
     num_requests: int = 0
     num_tokens: int = 0
     num_slot_loads: int = 0
+
+
+@dataclass
+class _Version:
+    adapter: LoraAdapter
+    usage: _Usage  # its name's, shared by all versions
 
 
 class LoraManager:
@@ -56,6 +65,7 @@ class LoraManager:
         self.max_cpu_loras = config.max_cpu_loras
         self.dtype = next(iter(layers.values())).lora_a.dtype
         self._current: dict[str, _Version] = {}  # name -> its current version
+        self._usage: dict[str, _Usage] = {}  # name -> its usage, kept when the name is removed
         self._versions: dict[str, _Version] = {}  # adapter id -> every loaded version, current or retired
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident adapter id -> slot, least recently used first
         self._free_slots = list(range(self.max_loras))
@@ -71,7 +81,8 @@ class LoraManager:
                              f"max_cpu_loras allows; remove one first")
         adapter = load_adapter(name, f"{name}@{next(self._version_numbers)}", path, self.layers, self.lora_modules,
                                self.max_rank, self.dtype)
-        self._current[name] = self._versions[adapter.adapter_id] = _Version(adapter)
+        usage = self._usage.setdefault(name, _Usage())
+        self._current[name] = self._versions[adapter.adapter_id] = _Version(adapter, usage)
 
     def remove(self, name: str) -> None:
         if name not in self._current:
@@ -83,12 +94,13 @@ class LoraManager:
         version = self._current.get(name)
         if version is None:
             raise InvalidParameterError("model", f"unknown LoRA adapter {name!r}")
-        version.num_requests += 1
+        version.usage.num_requests += 1
         return version.adapter.adapter_id
 
     def list(self) -> list[LoraInfo]:
         return [LoraInfo(name, v.adapter.adapter_id, v.adapter.path, v.adapter.rank,
-                         self._slots.get(v.adapter.adapter_id), v.num_requests, v.num_tokens, v.num_slot_loads)
+                         self._slots.get(v.adapter.adapter_id), v.usage.num_requests, v.usage.num_tokens,
+                         v.usage.num_slot_loads)
                 for name, v in self._current.items()]
 
     @property
@@ -109,7 +121,7 @@ class LoraManager:
         assert len(num_tokens) <= self.max_loras, "one step uses more adapters than there are GPU slots"
         for adapter_id, count in num_tokens.items():
             version = self._versions[adapter_id]
-            version.num_tokens += count
+            version.usage.num_tokens += count
             if adapter_id in self._slots:
                 self._slots.move_to_end(adapter_id)
             else:
@@ -126,4 +138,4 @@ class LoraManager:
         for module, layer in self.layers.items():
             layer.load_slot(slot, version.adapter.weights.get(module))
         self._slots[version.adapter.adapter_id] = slot
-        version.num_slot_loads += 1
+        version.usage.num_slot_loads += 1
