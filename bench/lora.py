@@ -113,6 +113,24 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_profile(args, model_folder: str, paths: list[str], prompts: list[list[int]]) -> None:
+    """The workload's kernels by total GPU time, and the share of the LoRA kernels in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    core = make_core(args, model_folder, lora=True)
+    for i, path in enumerate(paths):
+        core.add_lora(f"adapter-{i}", path)
+    names = [f"adapter-{i % args.num_adapters}" for i in range(len(prompts))]
+    run(core, args, prompts[:8], names[:8])  # compiles and fills the slots outside the profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(core, args, prompts, names)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    lora = sum(e.self_device_time_total for e in events if "shrink" in e.key or "expand" in e.key)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    print(f"GPU kernels {total / 1e6:.2f} s, of which LoRA shrink/expand {lora / 1e6:.2f} s ({lora / max(total, 1):.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -126,6 +144,8 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, help="GPU slots (default: --num-adapters)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--num-loads", type=int, default=5, help="timed adapter loads")
+    parser.add_argument("--gpu-profile", action="store_true",
+                        help="only profile the LoRA workload's GPU kernels (torch.profiler) and print where time goes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     args.max_loras = args.max_loras or args.num_adapters
@@ -135,6 +155,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvbox-lora-bench-") as tmp:
         paths = [write_adapter(Path(tmp) / f"adapter-{i}", args.shape, args.rank, seed=i)
                  for i in range(args.num_adapters + 1)]
+        if args.gpu_profile:
+            gpu_profile(args, model_folder, paths[:-1], prompts)
+            return
         base_s = run(make_core(args, model_folder, lora=False), args, prompts, [None] * len(prompts))
         free(args.device)
         core = make_core(args, model_folder, lora=True)

@@ -51,9 +51,9 @@ def run_kvbox(args, prompts) -> float:
     return elapsed
 
 
-def report(name: str, seconds: float, args) -> dict:
-    n = args.num_prompts
-    row = {"system": name, "seconds": round(seconds, 2), "requests_per_s": round(n / seconds, 2),
+def report(name: str, seconds: float, args, num_prompts: int | None = None) -> dict:
+    n = num_prompts or args.num_prompts
+    row = {"system": name, "prompts": n, "seconds": round(seconds, 2), "requests_per_s": round(n / seconds, 2),
            "output_tokens_per_s": round(n * args.output_len / seconds, 1),
            "total_tokens_per_s": round(n * (args.input_len + args.output_len) / seconds, 1)}
     print(f"{name:28s} {row['requests_per_s']:8.2f} req/s {row['output_tokens_per_s']:10.1f} out tok/s "
@@ -91,6 +91,8 @@ def main() -> None:
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--peer-batch-size", type=int, default=64)
+    parser.add_argument("--peer-num-prompts", type=int,
+                        help="run the peer on the first N prompts only (it is slow); its rates are per its prompts")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -100,10 +102,13 @@ def main() -> None:
         results["roofline"] = roofline(args, measure_card())
     if args.peer:
         model = peer_model(args.shape)
+        peer_prompts = prompts[:args.peer_num_prompts or len(prompts)]
         results["rows"].append(report(f"transformers generate (bs {args.peer_batch_size})",
-                                      peer_generate(model, prompts, args.output_len, args.peer_batch_size), args))
+                                      peer_generate(model, peer_prompts, args.output_len, args.peer_batch_size),
+                                      args, len(peer_prompts)))
         results["rows"].append(report("transformers generate_batch",
-                                      peer_generate_batch(model, prompts, args.output_len), args))
+                                      peer_generate_batch(model, peer_prompts, args.output_len), args,
+                                      len(peer_prompts)))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -9,9 +9,10 @@ output axis.
 Two kernels, as in Punica / S-LoRA:
 - shrink: h = x @ A[s]^T -> [num_tokens, num_slices * max_rank], float32. One pass serves every slice. Small
   batches give it few token blocks, so it splits in_features over programs as well (split-K), each writing its
-  partial sum: one program walking all of in_features took longer than the base GEMM.
+  partial sum: one program walking all of in_features took longer than the base GEMM. One torch sum adds the
+  partial sums up (in a fixed order, so results are deterministic).
 - expand: out[:, slice] += h[:, the slice's ranks] @ B[s, the slice's rows]^T, one program per (token block,
-  column block, slice); it adds up the shrink's partial sums (in a fixed order, so results are deterministic).
+  column block, slice).
 Each program takes a block of tokens and loops over the slots, doing work only for those present in its block; the
 runner orders a batch by adapter, so a block usually holds one adapter and reads its weights once. The grid depends
 on shapes only (no host sync), so CUDA graphs can capture it. The reference is `kernels.reference.add_lora`.
@@ -74,7 +75,7 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    h_ptr,  # [num_splits, num_tokens, num_slices * max_rank] float32 contiguous: partial sums
+    h_ptr,  # [num_tokens, num_slices * max_rank] float32 contiguous: the shrink's output
     b_ptr,  # [max_loras, out_features, max_rank] contiguous
     slots_ptr,  # [num_tokens]
     out_ptr,  # [num_tokens, out_features]
@@ -85,7 +86,6 @@ def _expand_kernel(
     MAX_RANK: tl.constexpr,
     NUM_RANKS: tl.constexpr,
     MAX_LORAS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -105,11 +105,8 @@ def _expand_kernel(
         for lora in range(MAX_LORAS):
             in_slot = slots == lora
             if tl.max(in_slot.to(tl.int32), 0) > 0:
-                h_mask = in_slot[:, None] & (ranks[None, :] < MAX_RANK)
-                h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-                for split in range(NUM_SPLITS):
-                    h += tl.load(h_rows + split * num_tokens * NUM_RANKS + ranks[None, :], mask=h_mask,
-                                 other=0.0)  # [BLOCK_T, BLOCK_R]
+                h = tl.load(h_rows + ranks[None, :], mask=in_slot[:, None] & (ranks[None, :] < MAX_RANK),
+                            other=0.0)  # [BLOCK_T, BLOCK_R]
                 b = tl.load(b_ptr + lora * OUT_FEATURES * MAX_RANK + cols[None, :] * MAX_RANK + ranks[:, None],
                             mask=(cols[None, :] < end) & (ranks[:, None] < MAX_RANK), other=0.0)  # [BLOCK_R, BLOCK_N]
                 if F32_DOT:
@@ -190,11 +187,14 @@ def add_lora(
         NUM_RANKS=num_ranks, IN_FEATURES=in_features, MAX_LORAS=max_loras, BLOCK_T=block_t, BLOCK_R=block_r,
         BLOCK_K=block_k, SPLIT_K=split_k, F32_DOT=f32_dot, num_warps=4,
     )
+    # One small reduction here, rather than every expand program (one per 64 output columns) summing the splits
+    # again: at decode sizes that re-reading cost more than the expand's own work.
+    h = h[0] if num_splits == 1 else h.sum(dim=0)
     block_n = 64
     _expand_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(max(output_slices), block_n), len(output_slices))](
         h, lora_b, token_slots, out, _slice_starts(tuple(output_slices), x.device), num_tokens, out.stride(0),
         OUT_FEATURES=out.shape[1], MAX_RANK=max_rank, NUM_RANKS=num_ranks, MAX_LORAS=max_loras,
-        NUM_SPLITS=num_splits, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
         F32_DOT=f32_dot, num_warps=4,
     )
 
