@@ -1,22 +1,20 @@
 """The supervisor's handle on one engine process: start it, send requests, stream their outputs back.
 
 Detokenizing, stop strings and n-sample gathering happen here (the engine's `OutputProcessor`), off the engine's
-step loop. Each request has an asyncio queue of `RequestOutput` snapshots; a request whose consumer goes away is
-aborted in the engine. When the process dies every in-flight request fails at once with `EngineDeadError`.
+step loop. Each request's `RequestOutput` snapshots go to the `OutputSink` its caller gave; a caller that goes away
+aborts its requests (`abort`). When the process dies every in-flight request fails at once with `EngineDeadError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import logging
 import os
 import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from appliance import ipc
 from engine.config import EngineConfig
@@ -36,6 +34,50 @@ class EngineStartError(RuntimeError):
     pass
 
 
+class OutputSink:
+    """Where the reader puts the outputs of one API request's engine requests (one per prompt) for its one consumer.
+
+    While the consumer is busy, the updates of each engine request merge into one (`RequestOutput.add`): under load
+    one wake-up, and one SSE chunk, carries several steps' tokens, so that the front end's work follows the number
+    of requests rather than of tokens. Within an engine request nothing is dropped or reordered.
+    """
+
+    def __init__(self):
+        self._outputs: dict[int, RequestOutput] = {}  # prompt index -> its updates not taken yet, merged
+        self._errors: list[tuple[int, BaseException]] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, index: int, output: RequestOutput) -> None:
+        """`output` is the processor's own object, which its next step changes: it is copied or merged now."""
+        pending = self._outputs.get(index)
+        if pending is None:
+            self._outputs[index] = output.snapshot()
+            self._wake()
+        else:
+            pending.add(output)
+
+    def fail(self, index: int, error: BaseException) -> None:
+        self._errors.append((index, error))
+        self._wake()
+
+    async def take(self) -> list[tuple[int, RequestOutput | BaseException]]:
+        """Everything put since the last take, outputs before errors (an error is a request's last news); waits
+        while there is nothing."""
+        while not self._outputs and not self._errors:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        taken: list = [*self._outputs.items(), *self._errors]
+        self._outputs, self._errors = {}, []
+        return taken
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class EngineClient:
     def __init__(self, name: str, engine_config: EngineConfig, tokenizer, replica: int = 0,
                  env: dict[str, str] | None = None, on_step: Callable[[ipc.StepOutputs], None] | None = None,
@@ -51,7 +93,7 @@ class EngineClient:
         self.process: asyncio.subprocess.Process | None = None
         self._channel: ipc.AsyncChannel | None = None
         self._reader: asyncio.Task | None = None
-        self._inflight: dict[str, asyncio.Queue] = {}  # request id -> its RequestOutput snapshots
+        self._inflight: dict[str, tuple[OutputSink, int]] = {}  # request id -> where its outputs go
         self._output_processor = OutputProcessor(tokenizer)
         self.dead = asyncio.Event()  # set once the process is gone and reaped
         self.closed = False  # set as soon as the engine's socket closes
@@ -97,34 +139,25 @@ class EngineClient:
         self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
         return message
 
-    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams, priority: int = 0,
-                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields snapshots of the request's output as it grows; the last one is finished."""
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    sink: OutputSink, index: int, priority: int = 0, lora_name: str | None = None) -> None:
+        """Starts a request; its snapshots go to `sink` under `index` as it grows, the last one finished. A
+        rejection or the engine's death goes there too (`OutputSink.fail`)."""
         if self.closed or self._channel is None:
             raise EngineDeadError(f"model {self.name!r} is not running")
         if request_id in self._inflight:
             raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._inflight[request_id] = outputs
+        self._inflight[request_id] = (sink, index)
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
         self._channel.send(ipc.AddRequest(request_id, prompt_token_ids, params, priority, lora_name=lora_name))
-        finished = False
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._inflight.pop(request_id, None)
-            if not finished:
-                self._output_processor.abort(request_id)
-                if not self.closed and self._channel is not None:
-                    self._channel.send(ipc.AbortRequests([request_id]))
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stops those of the requests still running; their sinks hear nothing more."""
+        running = [r for r in request_ids if self._inflight.pop(r, None) is not None]
+        for request_id in running:
+            self._output_processor.abort(request_id)
+        if running and not self.closed and self._channel is not None:
+            self._channel.send(ipc.AbortRequests(running))
 
     async def load_lora(self, name: str, path: str) -> ipc.LoraResult:
         """Loads or replaces adapter `name`; the result says whether the engine accepted it (and why not)."""
@@ -206,10 +239,11 @@ class EngineClient:
             if to_stop:
                 self._channel.send(ipc.FinishSamples(to_stop))
             for output in request_outputs:
-                outputs = self._inflight.get(output.request_id)
-                if outputs is not None:
-                    # A snapshot: the processor keeps mutating its own objects on later steps.
-                    outputs.put_nowait(dataclasses.replace(output, outputs=[copy.copy(c) for c in output.outputs]))
+                target = (self._inflight.pop(output.request_id, None) if output.finished
+                          else self._inflight.get(output.request_id))
+                if target is not None:
+                    sink, index = target
+                    sink.put(index, output)
         elif isinstance(message, ipc.LoraResult):
             self.loras = message.loras
             if self._lora_waiters:
@@ -217,15 +251,17 @@ class EngineClient:
                 if not waiter.done():
                     waiter.set_result(message)
         elif isinstance(message, ipc.RequestRejected):
-            outputs = self._inflight.get(message.request_id)
+            target = self._inflight.pop(message.request_id, None)
             self._output_processor.abort(message.request_id)
-            if outputs is not None:
-                outputs.put_nowait(InvalidParameterError(message.param, message.message))
+            if target is not None:
+                sink, index = target
+                sink.fail(index, InvalidParameterError(message.param, message.message))
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id, outputs in list(self._inflight.items()):
+        inflight, self._inflight = self._inflight, {}
+        for request_id, (sink, index) in inflight.items():
             self._output_processor.abort(request_id)
-            outputs.put_nowait(error)
+            sink.fail(index, error)
         while self._lora_waiters:
             waiter = self._lora_waiters.popleft()
             if not waiter.done():

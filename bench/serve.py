@@ -6,7 +6,9 @@
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
 process (`--request-rate`), and/or with at most `--concurrency` in flight. Prints TTFT, TPOT (time per output token
-after the first), inter-token latency and end-to-end latency percentiles, and request and token throughput.
+after the first), inter-token latency and end-to-end latency percentiles, and request and token throughput. With
+`--launch` (on Linux), also the CPU time the server's supervisor process and its engine processes spent on the run,
+and the supervisor's per output token: the HTTP front end's own cost, which caps throughput however fast the engine.
 """
 
 from __future__ import annotations
@@ -136,6 +138,27 @@ def report(args, results: list[Result], seconds: float) -> dict:
     return summary
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(the process's, its children's) user + system CPU seconds so far, from Linux's /proc; None without it."""
+    def own(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if not children.exists():
+        return None
+    return own(pid), sum(own(int(child)) for child in children.read_text().split())
+
+
+def report_cpu(summary: dict, before: tuple[float, float], after: tuple[float, float]) -> None:
+    supervisor_s, engines_s = after[0] - before[0], after[1] - before[1]
+    num_tokens = summary["output_tokens_per_s"] * summary["seconds"]
+    summary["cpu_s"] = {"supervisor": supervisor_s, "engines": engines_s,
+                        "supervisor_us_per_output_token": supervisor_s / max(num_tokens, 1) * 1e6}
+    print(f"  cpu   supervisor {supervisor_s:.2f} s ({summary['cpu_s']['supervisor_us_per_output_token']:.0f} us "
+          f"per output token), engines {engines_s:.2f} s")
+
+
 def launch(args) -> subprocess.Popen:
     """Starts `kvbox serve` on the shape with dummy weights; returns the process once it is ready."""
     workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
@@ -187,8 +210,11 @@ def main() -> None:
         vocab = args.vocab_size or (SHAPES[args.launch]["vocab_size"] if args.launch else 32000)
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
         asyncio.run(run(args, prompts[:2]))  # warm-up
+        cpu_before = cpu_seconds(process.pid) if process is not None else None
         results, seconds = asyncio.run(run(args, prompts))
         summary = report(args, results, seconds)
+        if cpu_before is not None:
+            report_cpu(summary, cpu_before, cpu_seconds(process.pid))
         summary["startup_s"] = getattr(args, "startup_s", None)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))

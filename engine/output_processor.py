@@ -30,6 +30,19 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def snapshot(self) -> CompletionOutput:
+        """A copy that later updates leave alone; the cumulative lists stay shared, since they only ever grow."""
+        return CompletionOutput(self.index, self.text, self.token_ids, self.logprobs, self.finish_reason,
+                                self.stop_reason, self.delta_text, self.delta_token_ids, self.delta_logprobs)
+
+    def add(self, newer: CompletionOutput) -> None:
+        """Folds a later update of this completion into this snapshot, as if one update had brought both."""
+        self.text, self.finish_reason, self.stop_reason = newer.text, newer.finish_reason, newer.stop_reason
+        self.delta_text += newer.delta_text
+        self.delta_token_ids = self.delta_token_ids + newer.delta_token_ids
+        if newer.delta_logprobs:
+            self.delta_logprobs = (self.delta_logprobs or []) + newer.delta_logprobs
+
 
 @dataclass
 class RequestOutput:
@@ -43,7 +56,23 @@ class RequestOutput:
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        # Asked for every update of every request: a plain loop is several times cheaper than `all()` over a
+        # generator.
+        for completion in self.outputs:
+            if completion.finish_reason is None:
+                return False
+        return True
+
+    def snapshot(self) -> RequestOutput:
+        """A copy that the processor's later steps leave alone (it updates its own objects in place)."""
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [c.snapshot() for c in self.outputs], self.prompt_logprobs, self.num_cached_tokens)
+
+    def add(self, newer: RequestOutput) -> None:
+        """Folds a later snapshot of this request into this one: deltas concatenate, the rest is the newer's."""
+        self.num_cached_tokens = newer.num_cached_tokens
+        for completion, update in zip(self.outputs, newer.outputs):
+            completion.add(update)
 
 
 class _RequestState:

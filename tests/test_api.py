@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 import time
 
 import httpx
@@ -85,6 +86,53 @@ def test_streamed_chat_names_the_role_once_and_reports_usage(client):
     assert usage_chunk.usage.completion_tokens == 8
     whole = client.chat.completions.create(model="qwen", messages=MESSAGES, max_tokens=8)
     assert "".join(c.choices[0].delta.content for c in deltas) == whole.choices[0].message.content
+
+
+def paused_stream(api_server, chunks):
+    """Reads a stream's first chunk, then stops the server's process (not its engines) for a while so that the
+    engine runs ahead, then reads the rest: the tokens made meanwhile must reach the client merged, nothing lost."""
+    first = next(chunks)
+    api_server.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+    finally:
+        api_server.process.send_signal(signal.SIGCONT)
+    return [first, *chunks]
+
+
+def test_a_stream_that_falls_behind_merges_tokens_and_still_adds_up(api_server, client):
+    request = {"model": "llama", "prompt": PROMPT, "max_tokens": 128, "temperature": 0, "logprobs": 2,
+               "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**request)
+    *chunks, usage_chunk = paused_stream(api_server, iter(client.completions.create(
+        **request, stream=True, stream_options={"include_usage": True})))
+    streamed = [c.choices[0] for c in chunks]
+    assert max(len(c.logprobs.tokens) for c in streamed) > 1, "no chunk carried several tokens"
+    expected = whole.choices[0]
+    assert "".join(c.text for c in streamed) == expected.text
+    assert streamed[-1].finish_reason == expected.finish_reason
+    assert [t for c in streamed for t in c.logprobs.tokens] == expected.logprobs.tokens
+    assert [o for c in streamed for o in c.logprobs.text_offset] == expected.logprobs.text_offset
+    assert [lp for c in streamed for lp in c.logprobs.token_logprobs] == pytest.approx(
+        expected.logprobs.token_logprobs, abs=1e-4)
+    assert [list(top) for c in streamed for top in c.logprobs.top_logprobs] == [
+        list(top) for top in expected.logprobs.top_logprobs]
+    assert usage_chunk.usage.completion_tokens == whole.usage.completion_tokens == 128
+
+
+def test_a_chat_stream_that_falls_behind_names_the_role_once_and_adds_up(api_server, client):
+    request = {"model": "qwen", "messages": MESSAGES, "max_tokens": 128, "logprobs": True, "top_logprobs": 2,
+               "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**request)
+    chunks = paused_stream(api_server, iter(client.chat.completions.create(**request, stream=True)))
+    entries = [e for c in chunks for e in c.choices[0].logprobs.content]
+    assert max(len(c.choices[0].logprobs.content) for c in chunks) > 1, "no chunk carried several tokens"
+    assert [c.choices[0].delta.role for c in chunks] == ["assistant"] + [None] * (len(chunks) - 1)
+    assert "".join(c.choices[0].delta.content for c in chunks) == whole.choices[0].message.content
+    assert [e.token for e in entries] == [e.token for e in whole.choices[0].logprobs.content]
+    assert [[t.token for t in e.top_logprobs] for e in entries] == [
+        [t.token for t in e.top_logprobs] for e in whole.choices[0].logprobs.content]
+    assert len(entries) == whole.usage.completion_tokens == 128
 
 
 def test_per_model_default_sampling_applies_when_the_request_omits_it(client):

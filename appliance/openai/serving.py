@@ -19,7 +19,6 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
 
 import msgspec
 from litestar import Request
@@ -27,11 +26,11 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.config import ModelSpec, ServerConfig
-from appliance.engine_client import EngineClient
+from appliance.engine_client import EngineClient, OutputSink
 from appliance.errors import RETRY_QUEUE_FULL_S, RETRY_UNAVAILABLE_S, APIError, error_body, to_api_error
-from appliance.metrics import Metrics, RequestMetrics
+from appliance.metrics import Metrics
 from appliance.openai.protocol import PromptTokensDetails, SamplingFields, Usage, decode
-from appliance.stats import RequestTimer, StatsHub
+from appliance.stats import StatsHub
 from appliance.supervisor import ModelRuntime, Supervisor
 from engine.output_processor import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -167,8 +166,9 @@ class Admission:
 class Generation:
     """One API request's engine requests (one per prompt), started at once and read as one stream.
 
-    Each engine request runs in its own task, so that several prompts progress together and so that closing the
-    generation (`aclose`) cancels them, which aborts them in the engine.
+    Their outputs meet in one `OutputSink`, which the consumer empties a batch at a time: whatever the engine
+    produced since the last batch, each engine request's updates merged into one. Closing the generation (`aclose`)
+    aborts the engine requests still running.
     """
 
     def __init__(self, client: EngineClient, prompts: list[Prompt], params: SamplingParams, priority: int,
@@ -176,46 +176,33 @@ class Generation:
                  lora_name: str | None = None):
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._client = client
+        self._sink = OutputSink()
         self._on_done = on_done
         request_id = uuid.uuid4().hex
-        self._tasks = [
-            asyncio.create_task(self._run(i, client.generate(f"{request_id}-{i}", text, token_ids, params, priority,
-                                                          lora_name),
-                                          metrics.request(client.name),
-                                          stats.request(client.name) if stats is not None else None))
-            for i, (text, token_ids) in enumerate(prompts)
-        ]
-
-    async def _run(self, index: int, outputs: AsyncIterator[RequestOutput], observer: RequestMetrics,
-                   timer: RequestTimer | None = None) -> None:
+        self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
+        self._observers = [(metrics.request(client.name), stats.request(client.name) if stats is not None else None)
+                           for _ in prompts]
         try:
-            async with aclosing(outputs):
-                async for output in outputs:
-                    observer.observe(output)
-                    if timer is not None:  # the dashboard's TTFT and inter-token latency
-                        timer.observe(output)
-                    self._events.put_nowait((index, output))
-        except Exception as e:  # the reader raises it
-            self._events.put_nowait((index, e))
-        finally:
-            self._on_done()
-            self._events.put_nowait((index, None))
+            for i, (text, token_ids) in enumerate(prompts):
+                client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name)
+        except BaseException:
+            self._close()
+            raise
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, snapshot) as the engine requests progress; raises the first failure."""
-        num_running = len(self._tasks)
-        while num_running:
-            index, item = await self._events.get()
-            if item is None:
-                num_running -= 1
-                continue
-            if isinstance(item, Exception):
-                raise item
-            if any(c.finish_reason == "error" for c in item.outputs):
-                raise APIError(500, "the engine failed while generating this request", code="engine_error")
-            self.latest[index] = item
-            yield index, item
+    async def outputs(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Batches of (prompt index, snapshot) as the engine requests progress; raises the first failure, once
+        the outputs that came before it are out."""
+        while self._running:
+            batch = []
+            for index, item in await self._sink.take():
+                error = item if isinstance(item, BaseException) else self._accept(index, item)
+                if error is not None:
+                    if batch:
+                        yield batch
+                    raise error
+                batch.append((index, item))
+            yield batch
 
     def usage(self) -> Usage:
         done = [o for o in self.latest if o is not None]
@@ -225,9 +212,35 @@ class Generation:
                      PromptTokensDetails(sum(o.num_cached_tokens for o in done)))
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close()
+
+    def _accept(self, index: int, output: RequestOutput) -> APIError | None:
+        """Observes and keeps an update; returns the error it reports, if any."""
+        observer, timer = self._observers[index]
+        observer.observe(output)
+        if timer is not None:  # the dashboard's TTFT and inter-token latency
+            timer.observe(output)
+        if output.finished:
+            del self._running[index]
+            self._on_done()
+        if _failed(output):
+            return APIError(500, "the engine failed while generating this request", code="engine_error")
+        self.latest[index] = output
+        return None
+
+    def _close(self) -> None:
+        """Aborts what still runs (nothing once all finished); safe to call more than once."""
+        running, self._running = self._running, {}
+        self._client.abort(list(running.values()))
+        for _ in running:
+            self._on_done()
+
+
+def _failed(output: RequestOutput) -> bool:
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            return True
+    return False
 
 
 async def collect(request: Request, generation: Generation) -> list[RequestOutput]:
@@ -259,16 +272,22 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 def stream_response(generation: Generation, render: Callable[[int, CompletionOutput, RequestOutput], msgspec.Struct],
                     usage_chunk: Callable[[Usage], msgspec.Struct] | None) -> Stream:
-    """Server-sent events: a chunk per update of each choice, the usage chunk if asked, then `[DONE]`. A failure
-    mid-stream (an engine that died) ends it with an error event; the HTTP status is already sent."""
+    """Server-sent events: a chunk per update of each choice (under load one update carries several tokens), the
+    usage chunk if asked, then `[DONE]`. A failure mid-stream (an engine that died) ends it with an error event; the
+    HTTP status is already sent."""
+
+    def render_batch(batch: list[tuple[int, RequestOutput]], finished: set[int]) -> bytes:
+        return b"".join(_event(render(choice, completion, output)) for index, output in batch
+                        for choice, completion in _moved_choices(generation.n, index, output, finished))
 
     async def events() -> AsyncIterator[bytes]:
         finished: set[int] = set()
         try:
             try:
-                async for index, output in generation.outputs():
-                    for choice, completion in _moved_choices(generation.n, index, output, finished):
-                        yield _event(render(choice, completion, output))
+                async for batch in generation.outputs():
+                    # A batch's chunks go out in one write: the HTTP layer's cost is per write, hardly per byte.
+                    if chunks := render_batch(batch, finished):
+                        yield chunks
                 if usage_chunk is not None:
                     yield _event(usage_chunk(generation.usage()))
             except Exception as e:
