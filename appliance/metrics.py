@@ -1,9 +1,10 @@
 """Prometheus metrics under vLLM's names and `model_name` label, so that vLLM's Grafana dashboards work unchanged.
 
-Three sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request),
-gauges/counters read from each replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`),
-and per LoRA adapter (`kvbox:lora_*`, labelled `model_name` and `lora_name`), the adapter lists the replicas report
-(`_LoraCollector`).
+Three sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request; with
+an adapter also `kvbox:lora_prompt_tokens` and `kvbox:lora_generation_tokens`), gauges/counters read from each
+replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`), and per LoRA adapter
+(`kvbox:lora_*`, labelled `model_name` and `lora_name`, and vLLM's `vllm:lora_requests_info`), the adapter lists and
+stats the replicas report (`_LoraCollector`).
 Each app has its own `CollectorRegistry`: no global state, so several apps can live in one process.
 """
 
@@ -18,6 +19,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from appliance.supervisor import Supervisor
 from engine.output_processor import RequestOutput
+from engine.request import FinishReason
 
 # vLLM's buckets, for comparable dashboards.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -43,40 +45,69 @@ class Metrics:
                                              model, buckets=_ITL_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to end.",
                                              model, buckets=_E2E_BUCKETS, registry=r)
+        adapter = ["model_name", "lora_name"]
+        self.lora_prompt_tokens = Counter("kvbox:lora_prompt_tokens", "Prompt tokens of requests with the LoRA "
+                                          "adapter.", adapter, registry=r)
+        self.lora_generation_tokens = Counter("kvbox:lora_generation_tokens", "Tokens generated with the LoRA "
+                                              "adapter.", adapter, registry=r)
         r.register(_EngineStatsCollector(supervisor))
         r.register(_LoraCollector(supervisor))
+        self._series: dict[tuple[str, str | None], _Series] = {}
 
-    def request(self, model_name: str) -> RequestMetrics:
-        return RequestMetrics(self, model_name)
+    def request(self, model_name: str, lora_name: str | None = None) -> RequestMetrics:
+        key = (model_name, lora_name)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(self, model_name, lora_name)
+        return RequestMetrics(series)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+class _Series:
+    """One model's (and adapter's) labelled children, looked up once: `.labels()` costs more than observing."""
+
+    def __init__(self, metrics: Metrics, model_name: str, lora_name: str | None):
+        m = metrics
+        self.time_to_first_token = m.time_to_first_token.labels(model_name)
+        self.prompt_tokens = m.prompt_tokens.labels(model_name)
+        self.inter_token_latency = m.inter_token_latency.labels(model_name)
+        self.generation_tokens = m.generation_tokens.labels(model_name)
+        self.e2e_request_latency = m.e2e_request_latency.labels(model_name)
+        self.request_success = {reason.value: m.request_success.labels(model_name, reason.value)
+                                for reason in FinishReason}
+        self.lora_prompt_tokens = m.lora_prompt_tokens.labels(model_name, lora_name) if lora_name else None
+        self.lora_generation_tokens = m.lora_generation_tokens.labels(model_name, lora_name) if lora_name else None
+
+
 class RequestMetrics:
     """Observes one engine request's output snapshots as they arrive."""
 
-    def __init__(self, metrics: Metrics, model_name: str):
-        self._metrics = metrics
-        self._model_name = model_name
+    def __init__(self, series: _Series):
+        self._series = series
         self._arrival = time.monotonic()
         self._last_token_time: float | None = None
 
     def observe(self, output: RequestOutput) -> None:
-        m, name, now = self._metrics, self._model_name, time.monotonic()
+        series, now = self._series, time.monotonic()
         num_new_tokens = sum(len(c.delta_token_ids) for c in output.outputs)
         if num_new_tokens:
             if self._last_token_time is None:
-                m.time_to_first_token.labels(name).observe(now - self._arrival)
-                m.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+                series.time_to_first_token.observe(now - self._arrival)
+                series.prompt_tokens.inc(len(output.prompt_token_ids))
+                if series.lora_prompt_tokens is not None:
+                    series.lora_prompt_tokens.inc(len(output.prompt_token_ids))
             else:
-                m.inter_token_latency.labels(name).observe(now - self._last_token_time)
+                series.inter_token_latency.observe(now - self._last_token_time)
             self._last_token_time = now
-            m.generation_tokens.labels(name).inc(num_new_tokens)
+            series.generation_tokens.inc(num_new_tokens)
+            if series.lora_generation_tokens is not None:
+                series.lora_generation_tokens.inc(num_new_tokens)
         if output.finished:
-            m.e2e_request_latency.labels(name).observe(now - self._arrival)
+            series.e2e_request_latency.observe(now - self._arrival)
             for completion in output.outputs:
-                m.request_success.labels(name, completion.finish_reason).inc()
+                series.request_success[completion.finish_reason].inc()
 
 
 class _EngineStatsCollector:
@@ -139,6 +170,10 @@ class _LoraCollector:
         residency = GaugeMetricFamily("kvbox:lora_adapter_residency", "Replicas holding the LoRA adapter in a GPU "
                                       "slot (location=gpu) or in host memory only (location=host).",
                                       labels=[*labels, "location"])
+        # vLLM's: one sample per model whose labels name the adapters in use; its value is the time of the reading.
+        requests_info = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Running and waiting LoRA adapters (comma-separated names).",
+            labels=["model_name", "running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         # Only the models and replicas there now are remembered: a model removed and added again starts over.
         all_totals, seen = {}, {}
         for name, model in list(self._supervisor.models.items()):
@@ -168,8 +203,14 @@ class _LoraCollector:
             for adapter, where in resident.items():
                 for location, num_replicas in where.items():
                     residency.add_metric([name, adapter, location], num_replicas)
+            reported = [r.stats for r in model.replicas if r.stats is not None]
+            if reported:
+                running = sorted({a for stats in reported for a in stats.running_loras})
+                waiting = sorted({a for stats in reported for a in stats.waiting_loras})
+                requests_info.add_metric([name, ",".join(running), ",".join(waiting), str(model.spec.lora.max_loras)],
+                                         time.time())
         self._totals, self._seen = all_totals, seen
-        yield from (requests, tokens, slot_loads, residency)
+        yield from (requests, tokens, slot_loads, residency, requests_info)
 
 
 def metrics_route(path: str) -> HTTPRouteHandler:

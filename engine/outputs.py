@@ -51,3 +51,6 @@ class SchedulerStats(msgspec.Struct):
     # One byte per block: 0 free, 1 in use, 2 free but holding a reusable prefix (the dashboard's block map);
     # attached at most once a second.
     block_states: bytes | None = None
+    # With LoRA: the adapters (by name) of running requests, and of waiting ones.
+    running_loras: list[str] = []
+    waiting_loras: list[str] = []

@@ -25,6 +25,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from engine.kv_cache.manager import KVCacheManager
+from engine.lora.manager import adapter_name
 from engine.outputs import EngineCoreOutput, SchedulerStats, TokenLogprobs
 from engine.request import Request, RequestStatus
 
@@ -244,9 +245,16 @@ class Scheduler:
             step_num_tokens=self.last_step_num_tokens,
             step_num_seqs=self.last_step_num_seqs,
             block_states=pool.block_states() if with_block_states else None,
+            running_loras=self._adapter_names(self.running),
+            waiting_loras=self._adapter_names(self.waiting),
         )
 
     # ---- internals ----
+    def _adapter_names(self, requests: list[Request]) -> list[str]:
+        if self.config.max_loras is None:
+            return []
+        return sorted({adapter_name(r.adapter_id) for r in requests if r.adapter_id is not None})
+
     def _rank(self, request: Request) -> tuple[int, int]:
         return self._rank_of[request.request_id]
 

@@ -305,3 +305,19 @@ def test_gpu_triton_kernels_and_cuda_graphs_match_peft(llama_setup):
         sampled = [entry.logprobs[0] for entry in output.outputs[0].logprobs]
         assert sampled == pytest.approx(ref_logprobs[len(prompt_ids[i]) - 1:], abs=2e-3)
     assert sum(info.num_slot_loads for info in llm.core.list_loras()) > len(ADAPTERS)
+
+
+def test_stats_name_the_adapters_of_running_and_waiting_requests(setup):
+    base_dir, adapters, prompt_ids, _ = setup
+    llm = lora_llm(base_dir, {name: adapters[name] for name in ("attn", "mlp")}, max_loras=1)
+    core = llm.core
+    core.add_request("a", prompt_ids[0], GREEDY, lora_name="attn")
+    core.add_request("b", prompt_ids[1], GREEDY, lora_name="mlp")  # one GPU slot: waits for "attn" to finish
+    core.add_request("c", prompt_ids[2], GREEDY)
+    core.step()
+    stats = core.stats()
+    assert (stats.running_loras, stats.waiting_loras) == (["attn"], ["mlp"])
+    while core.has_unfinished_requests():
+        core.step()
+    stats = core.stats()
+    assert (stats.running_loras, stats.waiting_loras) == ([], [])

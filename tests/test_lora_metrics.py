@@ -127,3 +127,28 @@ def test_per_adapter_metrics_count_requests_and_tokens_and_never_go_back(lora_se
     assert found[requests] == 5 and found[tokens] == computed
     computed += complete(server, "used", PROMPTS[5])
     wait_for(server, {requests: 6, tokens: computed, ("kvbox:lora_adapter_residency", "used", "gpu"): 1})
+
+
+def test_request_path_counts_tokens_per_adapter_and_reports_adapters_in_use(lora_server):
+    server, paths = lora_server
+    load(server, "tally", paths["mlp"])
+    prompt_tokens = 0
+    for prompt in PROMPTS[:2]:
+        prompt_tokens += complete(server, "tally", prompt) - MAX_TOKENS + 1
+    found = lora_metrics(server)
+    assert found["kvbox:lora_prompt_tokens_total", "tally"] == prompt_tokens
+    assert found["kvbox:lora_generation_tokens_total", "tally"] == 2 * MAX_TOKENS
+    assert found["kvbox:lora_requests_total", "tally"] <= 2  # the engine's count arrives with its next report
+
+    def requests_info():
+        with server.http() as http:
+            text = http.get("/metrics").text
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+        return [s.labels for s in family.samples if s.labels["model_name"] == "llama"]
+
+    # The engine's reports name "tally" while its requests run; once idle (reported within a second), nothing.
+    idle = [{"model_name": "llama", "running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "4"}]
+    deadline = time.monotonic() + 10
+    while (info := requests_info()) != idle:
+        assert info[0]["running_lora_adapters"] in ("tally", "") and time.monotonic() < deadline, info
+        time.sleep(0.2)

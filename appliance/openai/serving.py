@@ -181,8 +181,8 @@ class Generation:
         self._on_done = on_done
         request_id = uuid.uuid4().hex
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
-        self._observers = [(metrics.request(client.name), stats.request(client.name) if stats is not None else None)
-                           for _ in prompts]
+        self._observers = [(metrics.request(client.name, lora_name),
+                            stats.request(client.name) if stats is not None else None) for _ in prompts]
         try:
             for i, (text, token_ids) in enumerate(prompts):
                 client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name)

@@ -29,6 +29,14 @@ from engine.lora.layers import LoraLinear
 from engine.sampling_params import InvalidParameterError
 
 
+_VERSION_SEP = "@"
+
+
+def adapter_name(adapter_id: str) -> str:
+    """The served name of an adapter version's id (`name@N`)."""
+    return adapter_id.rpartition(_VERSION_SEP)[0]
+
+
 class LoraInfo(msgspec.Struct):
     """One served adapter (its current version) and its name's usage since the engine started."""
 
@@ -79,8 +87,8 @@ class LoraManager:
         if name not in self._current and len(self._current) >= self.max_cpu_loras:
             raise ValueError(f"cannot load LoRA adapter {name!r}: {len(self._current)} adapters are loaded, as many as "
                              f"max_cpu_loras allows; remove one first")
-        adapter = load_adapter(name, f"{name}@{next(self._version_numbers)}", path, self.layers, self.lora_modules,
-                               self.max_rank, self.dtype)
+        adapter = load_adapter(name, f"{name}{_VERSION_SEP}{next(self._version_numbers)}", path, self.layers,
+                               self.lora_modules, self.max_rank, self.dtype)
         usage = self._usage.setdefault(name, _Usage())
         self._current[name] = self._versions[adapter.adapter_id] = _Version(adapter, usage)
 
