@@ -35,6 +35,7 @@ def test_serve_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
+    assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
 
 
 def test_lora_smoke():
