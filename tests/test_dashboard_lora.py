@@ -137,6 +137,23 @@ def test_load_and_unload_adapters_from_the_dashboard(lora_server):
             assert served(server) == [] and "dash-attn" not in listed_models(server)
             assert page.evaluate("window.kvbox.marker") == "same page"
             assert page.evaluate("window.kvbox.updates") >= updates  # the live stats kept going
+
+            # Changed elsewhere (the admin API): the page follows within seconds, usage included, no reload.
+            with server.http(ADMIN_KEY) as admin:
+                assert admin.post("/v1/load_lora_adapter",
+                                  json={"lora_name": "api-attn", "lora_path": good}).status_code == 200
+            items.filter(has_text="api-attn").wait_for(timeout=15_000)
+            assert "0 requests" in items.first.inner_text()
+            with server.http() as http:
+                assert http.post("/v1/completions", json={"model": "api-attn", "prompt": "hello",
+                                                          "max_tokens": 2}).status_code == 200
+            items.filter(has_text="1 requests").wait_for(timeout=15_000)  # the page's CSP forbids evaluated strings
+            assert "GPU slot" in items.first.inner_text()
+            with server.http(ADMIN_KEY) as admin:
+                assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "api-attn"}).status_code == 200
+            items.first.wait_for(state="detached", timeout=15_000)
+            assert card.locator("[data-lora-empty]").is_visible()
+            assert page.evaluate("window.kvbox.marker") == "same page"
             # Console errors include Content-Security-Policy violations; Chromium also logs the expected 400.
             expected_400 = "the server responded with a status of 400"
             assert [p for p in problems if expected_400 not in p] == [], problems

@@ -170,6 +170,10 @@
       set(p, `${kind}-count`, fmtInt(lat.count), lat.count);
     }
     renderErrors(p, m.errors);
+    if (m.lora && m.lora.enabled) {
+      const card = document.querySelector(`[data-lora="${CSS.escape(m.name)}"]`);
+      if (card) refreshAdapters(card, m.lora.adapters);
+    }
   }
 
   function renderErrors(p, errors) {
@@ -386,8 +390,8 @@
     if (a.rank != null) {
       const usage = document.createElement("span");
       usage.className = "muted small";
-      usage.textContent = ` rank ${a.rank} · ${a.slot == null ? "in host memory" : "GPU slot " + a.slot} · ` +
-        `${fmtInt(a.num_requests ?? a.requests)} requests · ${fmtInt(a.num_tokens ?? a.tokens)} tokens`;
+      usage.dataset.usage = "";
+      usage.textContent = adapterUsage(a);
       li.append(" ", usage);
     }
     const unload = document.createElement("button");
@@ -399,11 +403,35 @@
     return li;
   }
 
+  // The stats give `requests`/`tokens`, the admin API `num_requests`/`num_tokens`.
+  function adapterUsage(a) {
+    return ` rank ${a.rank} · ${a.slot == null ? "in host memory" : "GPU slot " + a.slot} · ` +
+      `${fmtInt(a.num_requests ?? a.requests)} requests · ${fmtInt(a.num_tokens ?? a.tokens)} tokens`;
+  }
+
   function renderAdapters(card, loras) {
     const list = card.querySelector("[data-lora-list]");
     list.replaceChildren(...loras.map(adapterItem));
     list.hidden = loras.length === 0;
     card.querySelector("[data-lora-empty]").hidden = loras.length > 0;
+  }
+
+  // Live view from the stats (adapters changed elsewhere: the API, another operator, a restarted engine). The
+  // list is rebuilt only when its adapters change, else their usage is updated in place, so an unload button is
+  // never replaced under the pointer; for a moment after a change made here, snapshots taken before it are
+  // ignored.
+  const LOCAL_CHANGE_HOLD_MS = 2500;
+  function refreshAdapters(card, adapters) {
+    if (Date.now() - Number(card.dataset.changedAt || 0) < LOCAL_CHANGE_HOLD_MS) return;
+    const list = card.querySelector("[data-lora-list]");
+    const items = [...list.children];
+    const same = items.length === adapters.length && adapters.every((a, i) => items[i].dataset.adapter === a.name
+      && Boolean(items[i].querySelector("[data-usage]")) === (a.rank != null));
+    if (!same) return renderAdapters(card, adapters);
+    adapters.forEach((a, i) => {
+      const usage = items[i].querySelector("[data-usage]");
+      if (usage) usage.textContent = adapterUsage(a);
+    });
   }
 
   function showLoraError(card, message) {
@@ -418,6 +446,7 @@
     card.setAttribute("aria-busy", "true");
     try {
       const listing = await loraRequest(method, url, body);
+      card.dataset.changedAt = String(Date.now());
       renderAdapters(card, listing.loras);
       return true;
     } catch (e) {
