@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import torch
+
 import kernels
 from appliance import ipc
 from engine.core import EngineCore
@@ -146,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ))
     loop = EngineLoop(channel, core)
     threading.Thread(target=loop.read_forever, name="ipc-reader", daemon=True).start()
-    loop.run()
+    try:
+        loop.run()
+    except torch.AcceleratorError:
+        # The CUDA context is unusable after a device fault; the supervisor fails this engine's requests and
+        # starts a fresh process.
+        logger.exception("device fault: the engine exits to be restarted")
+        return 3
     return 0
 
 

@@ -189,6 +189,8 @@ class EngineCore:
         self.num_steps += 1
         try:
             return scheduler_output, self.runner.execute(scheduler_output)
+        except torch.AcceleratorError:
+            raise  # see _fail
         except Exception:
             outputs += self._fail(scheduler_output)
             return None
@@ -196,12 +198,17 @@ class EngineCore:
     def _complete(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput) -> list[EngineCoreOutput]:
         try:
             runner_output = pending.get()
+        except torch.AcceleratorError:
+            raise  # see _fail
         except Exception:
             return self._fail(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
-        # A failing batch must not take the engine down: its requests end with an error, the rest go on.
+        # A failing batch must not take the engine down: its requests end with an error, the rest go on. A device
+        # fault (torch.AcceleratorError: an illegal address, an ECC error) is not caught: it leaves the CUDA context
+        # unusable, so every later step would fail too; the engine process ends instead and its supervisor fails
+        # its requests and restarts it. Running out of memory is an ordinary failure of the batch.
         logger.exception("model step failed; finishing its %d requests with an error", len(scheduler_output.scheduled))
         failed = [s.request for s in scheduler_output.scheduled if not s.request.is_finished]
         self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)

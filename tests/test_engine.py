@@ -200,6 +200,22 @@ def test_failed_step_finishes_its_requests_with_error(model_dir, monkeypatch):
     assert not llm.core.has_unfinished_requests() and llm.core.kv_manager.pool.num_used_blocks == 0
 
 
+def test_device_fault_ends_the_engine(model_dir, monkeypatch):
+    """A CUDA fault poisons the context, so it propagates (the engine process dies and is restarted) instead of
+    failing one batch after another."""
+    import torch
+
+    llm = LLM(model_dir, dtype="float32", device="cpu")
+
+    def faulting(_):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(llm.core.runner, "execute", faulting)
+    llm.core.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+    with pytest.raises(torch.AcceleratorError):
+        llm.core.step()
+
+
 def test_kv_slots_hold_real_tokens_under_load(tiny_model):
     """64 concurrent requests of random lengths: the share of allocated KV slots that hold real tokens."""
     llm = LLM(tiny_model("llama", max_position_embeddings=2048), dtype="float32", device="cpu", block_size=16,
