@@ -244,3 +244,16 @@ def test_step_outputs_mark_statuses(llm):
     assert first[0].finish_reason is None and len(first[0].new_token_ids) == 1
     second = core.step()
     assert second[0].finish_reason == "length" and second[0].new_token_ids
+
+
+@pytest.mark.parametrize(("max_num_seqs", "expected"), [
+    (1, [1]),
+    (100, [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100]),
+    (256, [1, 2, 4, *range(8, 64, 8), *range(64, 257, 16)]),
+    (1024, [1, 2, 4, *range(8, 64, 8), *range(64, 256, 16), *range(256, 513, 32)]),
+])
+def test_cuda_graph_buckets_cover_every_decode_batch(model_dir, max_num_seqs, expected):
+    """Ascending, from 1 to the largest decode batch (at most 512; larger ones run eagerly), so that every batch
+    size up to it pads to a captured bucket."""
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max_num_seqs, num_kv_blocks=64)
+    assert llm.core.runner.graph_batch_sizes() == expected
