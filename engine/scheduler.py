@@ -310,7 +310,8 @@ class Scheduler:
 
 def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
                 prompt_logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
-    reason = request.status.finish_reason
+    # Only a finished request has a reason; looking one up (an enum hash) for every token of every step is not free.
+    reason = request.status.finish_reason if request.is_finished else None
     return EngineCoreOutput(
         request_id=request.request_id,
         parent_id=request.parent_id,

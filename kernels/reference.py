@@ -26,6 +26,8 @@ def paged_attention(
 
     A sequence's q_len queries are its last q_len positions, so the same code covers decode (q_len 1) and chunked
     prefill (q_len > 1 on top of earlier cached tokens). Rows past `query_start_loc[-1]` (padding) are untouched.
+    Single-query sequences (decodes) are computed together, in batches (`_decode_attention`); the CPU engine serves
+    many of them per step, and one attention call each cost more than the rest of the step.
     """
     _, num_heads, head_size = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -33,11 +35,19 @@ def paged_attention(
     if out is None:
         out = torch.empty_like(query)
     starts = query_start_loc.tolist()
-    for seq, seq_len in enumerate(seq_lens.tolist()):
+    lens = seq_lens.tolist()
+    decodes = [seq for seq in range(len(lens)) if starts[seq + 1] - starts[seq] == 1]
+    if decodes:
+        # Batches of at most _DECODE_GATHER_TOKENS gathered keys, so that long contexts do not gather gigabytes.
+        per_batch = max(1, _DECODE_GATHER_TOKENS // max(lens[seq] for seq in decodes))
+        for first in range(0, len(decodes), per_batch):
+            _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                              decodes[first:first + per_batch], scale, sliding_window, soft_cap, out)
+    for seq, seq_len in enumerate(lens):
         start, end = starts[seq], starts[seq + 1]
         q_len = end - start
-        if q_len == 0:
-            continue
+        if q_len <= 1:
+            continue  # none, or a decode done above
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[seq, :num_blocks].long()
         keys = key_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len]  # [seq_len, kv_heads, D]
@@ -59,6 +69,43 @@ def paged_attention(
                                                       enable_gqa=group_size > 1)
         out[start:end] = attended.transpose(0, 1).to(out.dtype)  # [q_len, num_heads, D]
     return out
+
+
+_DECODE_GATHER_TOKENS = 1 << 16
+
+
+def _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, seqs: list[int],
+                      scale: float, sliding_window: int, soft_cap: float, out: torch.Tensor) -> None:
+    """`paged_attention` for sequences with one query each, all at once: keys gathered to the longest one's length,
+    the positions past each sequence's length masked (and read from its last token, so that no stale slot is
+    touched)."""
+    num_heads, head_size = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    index = torch.tensor(seqs, device=query.device)
+    rows = query_start_loc[index].long()  # each sequence's single query row
+    lens = seq_lens[index].long()  # [B]
+    max_len = int(lens.max())
+    key_pos = torch.arange(max_len, device=query.device)[None, :]  # [1, L]
+    pos = torch.minimum(key_pos, lens[:, None] - 1)  # [B, L]
+    slots = block_tables[index].long().gather(1, pos // block_size) * block_size + pos % block_size
+    keys = key_cache.reshape(-1, num_kv_heads, head_size)[slots]  # [B, L, kv_heads, D]
+    values = value_cache.reshape(-1, num_kv_heads, head_size)[slots]
+    visible = key_pos < lens[:, None]  # [B, L]; the query sits at position len - 1
+    if sliding_window > 0:
+        visible &= key_pos > lens[:, None] - 1 - sliding_window
+    q = query[rows].float()[:, :, None, :]  # [B, num_heads, 1, D]
+    k = keys.float().transpose(1, 2)  # [B, kv_heads, L, D]
+    v = values.float().transpose(1, 2)
+    mask = visible[:, None, None, :]  # [B, 1, 1, L]
+    if soft_cap > 0:
+        group_size = num_heads // num_kv_heads
+        k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
+        scores = soft_cap * torch.tanh(q @ k.transpose(2, 3) * scale / soft_cap)  # [B, num_heads, 1, L]
+        attended = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    else:
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                  enable_gqa=num_heads != num_kv_heads)
+    out[rows] = attended[:, :, 0].to(out.dtype)  # [B, num_heads, D]
 
 
 def store_kv(

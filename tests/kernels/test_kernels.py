@@ -398,3 +398,17 @@ def test_split_k_is_bounded_by_the_longest_context(monkeypatch):
     assert attention._config(max_context=256, **one_decode)["num_splits"] == 1  # no combine kernel
     assert attention._config(max_context=1024, **one_decode)["num_splits"] == 4
     assert attention._config(max_context=32768, **one_decode)["num_splits"] == 64
+
+
+@pytest.mark.parametrize("window,cap", [(0, 0.0), (7, 5.0)])
+def test_reference_decode_batches_match_one_batch(monkeypatch, window, cap):
+    """The reference computes decode rows together, in batches bounded by the keys they gather: any split of the
+    batch gives the same rows, and prefill rows in between keep their own path."""
+    q_lens, seq_lens = [1, 4, 1, 1, 0, 1], [17, 9, 40, 3, 5, 33]
+    batch = make_attention_batch(q_lens, seq_lens, 6, 2, 16, 16, torch.float32,
+                                 generator=torch.Generator(DEVICE).manual_seed(3))
+    args = dict(**batch, scale=0.25, sliding_window=window, soft_cap=cap)
+    whole = reference.paged_attention(**args)
+    monkeypatch.setattr(reference, "_DECODE_GATHER_TOKENS", 40)  # one decode per batch
+    torch.testing.assert_close(reference.paged_attention(**args)[:sum(q_lens)], whole[:sum(q_lens)],
+                               atol=1e-6, rtol=1e-6)
