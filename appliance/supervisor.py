@@ -161,7 +161,10 @@ class Supervisor:
                     for replica, result in zip(replicas, results)
                     if isinstance(result, ipc.LoraResult) and result.ok), return_exceptions=True)
                 first = refused[0]
-                raise LoraError(first.message if isinstance(first, ipc.LoraResult) else str(first), "lora_path")
+                if isinstance(first, ipc.LoraResult):
+                    raise LoraError(first.message, "lora_path")
+                raise LoraError(f"a replica of model {model.name!r} stopped while loading the adapter ({first}); "
+                                f"nothing changed, retry once it is back", status=503)
             model.adapters[name] = real
             return results[0].loras
 
@@ -188,16 +191,24 @@ class Supervisor:
                 model.record_error(f"LoRA adapter {adapter.name!r} not loaded: {e}")
 
     async def _restore_loras(self, model: ModelRuntime, client: EngineClient) -> None:
-        """A restarted replica gets the adapters its siblings serve."""
+        """A restarted replica gets the adapters its siblings serve. One it cannot load back (its files changed
+        meanwhile) is unloaded from the others too: every replica serves the same adapters, so a request never
+        depends on which replica it reaches."""
         async with model.lora_lock:
-            for name, path in model.adapters.items():
+            lost = {}
+            for name, path in list(model.adapters.items()):
                 try:
                     result = await client.load_lora(name, path)
                 except EngineDeadError:
                     return
                 if not result.ok:
-                    model.record_error(f"replica {client.replica}: LoRA adapter {name!r} not restored: "
-                                       f"{result.message}")
+                    lost[name] = result.message
+            others = [r for r in model.replicas if r is not client and r.info is not None and not r.dead.is_set()]
+            for name, message in lost.items():
+                await asyncio.gather(*(r.unload_lora(name) for r in others), return_exceptions=True)
+                del model.adapters[name]
+                model.record_error(f"LoRA adapter {name!r} unloaded from every replica: replica {client.replica} "
+                                   f"could not load it back after a restart: {message}")
 
     async def drain(self, timeout_s: float) -> None:
         """Stops taking requests, lets in-flight ones finish (up to the timeout), then stops every engine."""
@@ -239,7 +250,8 @@ class Supervisor:
         engine_config = spec.to_engine_config(model.model_path)
         model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i,
                                        env=_replica_env(spec, i, self.config),
-                                       on_step=functools.partial(self.on_step, spec.name, i) if self.on_step else None)
+                                       on_step=functools.partial(self.on_step, spec.name, i) if self.on_step else None,
+                                       hang_timeout_s=self.config.server.engine_hang_timeout_s)
                           for i in range(spec.parallelism.data)]
         results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
         if all(results):  # before READY, so that the configured adapters are there from the first request
@@ -277,7 +289,7 @@ class Supervisor:
             delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
             await asyncio.sleep(delay)
             replacement = EngineClient(client.name, client.engine_config, client.tokenizer, client.replica,
-                                       client.env, on_step=client.on_step)
+                                       client.env, on_step=client.on_step, hang_timeout_s=client.hang_timeout_s)
             model.replicas[model.replicas.index(client)] = replacement
             client = replacement
             model.restarts += 1

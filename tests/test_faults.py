@@ -54,6 +54,28 @@ def test_killed_engine_fails_its_stream_while_the_other_model_serves(two_models)
     assert two_models.admin_models()["victim"]["replicas"][0]["pid"] != pid
 
 
+def test_hung_engine_is_killed_and_restarted_and_its_stream_ends_with_an_error(tiny_model, tmp_path):
+    """server.engine_hang_timeout_s: an engine that stops answering (here: frozen with SIGSTOP) is killed after that
+    long, its streams end with an error event rather than waiting forever, and it comes back."""
+    config = server_config([model_config("frozen", long_llama(tiny_model))], engine_hang_timeout_s=2)
+    with run_server(config, tmp_path) as server, server.http() as http:
+        pid = server.admin_models()["frozen"]["replicas"][0]["pid"]
+        body = {**COMPLETION, "model": "frozen", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            frozen_at = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            events = [line.removeprefix("data: ") for line in lines if line]
+        assert 2 <= time.monotonic() - frozen_at < 8
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        deadline = time.monotonic() + 60
+        while (model := server.admin_models()["frozen"])["status"] != "ready" or model["replicas"][0]["pid"] == pid:
+            assert time.monotonic() < deadline, "the hung engine did not come back"
+            time.sleep(0.1)
+        assert http.post("/v1/completions", json={**COMPLETION, "model": "frozen"}).status_code == 200
+
+
 def test_200_streams_against_a_queue_cap_of_50_all_end_cleanly(two_models):
     async def one_stream(client: httpx.AsyncClient) -> str:
         body = {**COMPLETION, "model": "bystander", "stream": True}

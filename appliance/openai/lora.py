@@ -17,7 +17,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 
 from appliance.auth import require_admin_key
-from appliance.errors import APIError
+from appliance.errors import RETRY_UNAVAILABLE_S, APIError
 from appliance.openai.protocol import decode
 from appliance.supervisor import LoraError, ModelRuntime, Supervisor
 from ui.session import SELF_AUTHENTICATED, require_admin_session_for_changes
@@ -69,7 +69,8 @@ def _base_model(supervisor: Supervisor, base_model: str | None, lora_name: str) 
 
 
 def _api_error(e: LoraError) -> APIError:
-    return APIError(e.status, e.message, param=e.param, code="lora_adapter_not_found" if e.status == 404 else None)
+    return APIError(e.status, e.message, param=e.param, code="lora_adapter_not_found" if e.status == 404 else None,
+                    retry_after=RETRY_UNAVAILABLE_S if e.status == 503 else None)
 
 
 def _listing(model: ModelRuntime) -> dict:
