@@ -142,3 +142,15 @@ def sync(device: str) -> None:
     """Waits for the GPU, so that host timers measure finished work."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def add_workload_args(parser) -> None:
+    """The offline workload's options, shared by throughput.py and lora.py; the defaults are the standard workload
+    (Llama-3.1-8B shape, 200 prompts, 1024 in / 128 out)."""
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import SHAPES, random_prompts, shape_folder, sync  # noqa: E402
+from bench.common import SHAPES, add_workload_args, random_prompts, shape_folder, sync  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -128,18 +128,13 @@ def gpu_profile(args, model_folder: str, paths: list[str], prompts: list[list[in
     total = sum(e.self_device_time_total for e in events)
     lora = sum(e.self_device_time_total for e in events if "shrink" in e.key or "expand" in e.key)
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
-    print(f"GPU kernels {total / 1e6:.2f} s, of which LoRA shrink/expand {lora / 1e6:.2f} s ({lora / max(total, 1):.0%})")
+    share = lora / max(total, 1)  # no CUDA kernels on the CPU
+    print(f"GPU kernels {total / 1e6:.2f} s, of which LoRA shrink/expand {lora / 1e6:.2f} s ({share:.0%})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_workload_args(parser)
     parser.add_argument("--num-adapters", type=int, default=8)
     parser.add_argument("--max-loras", type=int, help="GPU slots (default: --num-adapters)")
     parser.add_argument("--rank", type=int, default=16)

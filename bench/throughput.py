@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, kv_bytes_per_token, measure_card, num_parameters, peer_generate,  # noqa: E402
-                          peer_generate_batch, peer_model, random_prompts, shape_folder, sync)
+from bench.common import (SHAPES, add_workload_args, kv_bytes_per_token, measure_card, num_parameters,  # noqa: E402
+                          peer_generate, peer_generate_batch, peer_model, random_prompts, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -80,13 +80,7 @@ def roofline(args, card) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_workload_args(parser)
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")

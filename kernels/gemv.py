@@ -100,8 +100,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_k = min(cfg["block_k"], triton.next_power_of_2(k))
     _skinny_linear_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x2, weight, bias if bias is not None else weight, out, m, n, x2.stride(0), weight.stride(0), K=k,
-        HAS_BIAS=bias is not None, F32_DOT=_INTERPRET or x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=cfg["block_n"],
-        BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_BIAS=bias is not None, F32_DOT=_INTERPRET or x.dtype == torch.float32, BLOCK_M=MAX_ROWS,
+        BLOCK_N=cfg["block_n"], BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.view(*x.shape[:-1], n)
 

@@ -30,18 +30,26 @@ def two_models(tiny_model, tmp_path_factory):
         yield server
 
 
+def stream_until_error(http: httpx.Client, model: str, pid: int, fault: signal.Signals) -> float:
+    """Starts a long stream, sends `fault` to the engine once the first chunk is in, checks that the stream ends
+    with an error event and `[DONE]`; returns the seconds from the fault to that end."""
+    body = {**COMPLETION, "model": model, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        next(lines)
+        fault_at = time.monotonic()
+        os.kill(pid, fault)
+        events = [line.removeprefix("data: ") for line in lines if line]
+    seconds = time.monotonic() - fault_at
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
+    return seconds
+
+
 def test_killed_engine_fails_its_stream_while_the_other_model_serves(two_models):
     pid = two_models.admin_models()["victim"]["replicas"][0]["pid"]
     with two_models.http() as http:
-        body = {**COMPLETION, "model": "victim", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            lines = response.iter_lines()
-            next(lines)
-            killed_at = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            events = [line.removeprefix("data: ") for line in lines if line]
-        assert time.monotonic() - killed_at < 5, "the client waited too long for the error"
-        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        seconds = stream_until_error(http, "victim", pid, signal.SIGKILL)
+        assert seconds < 5, "the client waited too long for the error"
         # While the victim restarts, the other model answers.
         answer = http.post("/v1/completions", json={**COMPLETION, "model": "bystander"})
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
@@ -60,15 +68,7 @@ def test_hung_engine_is_killed_and_restarted_and_its_stream_ends_with_an_error(t
     config = server_config([model_config("frozen", long_llama(tiny_model))], engine_hang_timeout_s=2)
     with run_server(config, tmp_path) as server, server.http() as http:
         pid = server.admin_models()["frozen"]["replicas"][0]["pid"]
-        body = {**COMPLETION, "model": "frozen", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            lines = response.iter_lines()
-            next(lines)
-            frozen_at = time.monotonic()
-            os.kill(pid, signal.SIGSTOP)
-            events = [line.removeprefix("data: ") for line in lines if line]
-        assert 2 <= time.monotonic() - frozen_at < 8
-        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        assert 2 <= stream_until_error(http, "frozen", pid, signal.SIGSTOP) < 8
         deadline = time.monotonic() + 60
         while (model := server.admin_models()["frozen"])["status"] != "ready" or model["replicas"][0]["pid"] == pid:
             assert time.monotonic() < deadline, "the hung engine did not come back"
