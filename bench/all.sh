@@ -17,8 +17,11 @@ run() {
 
 peer=()
 if [ "${PEER:-0}" = 1 ]; then peer=(--peer); fi
+# A fresh machine's first start compiles every Triton kernel (cold); the second finds them in Triton's cache (warm).
+run startup_cold bench/serve.py --launch llama-3.1-8b --startup-only
+run startup_warm bench/serve.py --launch llama-3.1-8b --startup-only
 run latency bench/latency.py --iters 3 "${peer[@]}"
-run throughput bench/throughput.py "${peer[@]}" --peer-num-prompts 64
+run throughput bench/throughput.py --repeat 2 "${peer[@]}" --peer-num-prompts 64
 run serve_c64 bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64
 run serve bench/serve.py --launch llama-3.1-8b --num-prompts 200
 run lora bench/lora.py

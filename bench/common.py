@@ -144,6 +144,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def free(device: str) -> None:
+    """Gives a finished engine's weights and KV cache back before the next engine or measurement sizes its own."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def add_workload_args(parser) -> None:
     """The offline workload's options, shared by throughput.py and lora.py; the defaults are the standard workload
     (Llama-3.1-8B shape, 200 prompts, 1024 in / 128 out)."""
@@ -154,3 +161,23 @@ def add_workload_args(parser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+
+
+def profile_kernels(fn, device: str, row_limit: int = 25) -> dict[str, float]:
+    """Runs `fn` under torch.profiler and prints its kernels by total GPU time; returns the wall time, the summed
+    kernel time and the time of each kernel name (seconds). Kernel time close to wall time means the GPU was busy
+    and only faster kernels help; a gap is host time the GPU waited for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = {e.key: e.self_device_time_total / 1e6 for e in events}
+    total = sum(kernels.values())
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=70))
+    print(f"wall {wall:.2f} s, GPU kernels {total:.2f} s ({total / wall:.0%} busy)")
+    return {"wall_s": wall, "kernel_s": total, "kernels": kernels}

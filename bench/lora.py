@@ -15,7 +15,6 @@ script in PEFT's layout to a temporary folder, so the load times read files from
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -28,7 +27,8 @@ from safetensors.torch import save_file
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import SHAPES, add_workload_args, random_prompts, shape_folder, sync  # noqa: E402
+from bench.common import (SHAPES, add_workload_args, free, profile_kernels, random_prompts, shape_folder,  # noqa: E402
+                          sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -106,30 +106,16 @@ def report(name: str, seconds: float, args) -> dict:
     return row
 
 
-def free(device: str) -> None:
-    """Gives the finished engine's weights and KV cache back before the next engine sizes its own."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def gpu_profile(args, model_folder: str, paths: list[str], prompts: list[list[int]]) -> None:
     """The workload's kernels by total GPU time, and the share of the LoRA kernels in it."""
-    from torch.profiler import ProfilerActivity, profile
-
     core = make_core(args, model_folder, lora=True)
     for i, path in enumerate(paths):
         core.add_lora(f"adapter-{i}", path)
     names = [f"adapter-{i % args.num_adapters}" for i in range(len(prompts))]
     run(core, args, prompts[:8], names[:8])  # compiles and fills the slots outside the profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(core, args, prompts, names)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in events)
-    lora = sum(e.self_device_time_total for e in events if "shrink" in e.key or "expand" in e.key)
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
-    share = lora / max(total, 1)  # no CUDA kernels on the CPU
-    print(f"GPU kernels {total / 1e6:.2f} s, of which LoRA shrink/expand {lora / 1e6:.2f} s ({share:.0%})")
+    profile = profile_kernels(lambda: run(core, args, prompts, names), args.device)
+    lora = sum(s for name, s in profile["kernels"].items() if "shrink" in name or "expand" in name)
+    print(f"of which LoRA shrink/expand {lora:.2f} s ({lora / max(profile['kernel_s'], 1e-9):.0%})")
 
 
 def main() -> None:

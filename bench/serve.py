@@ -171,7 +171,7 @@ def launch(args) -> subprocess.Popen:
     log = open(workdir / "server.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(workdir / "config.yaml")],
                                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-    start = time.monotonic()
+    start, launched_at = time.monotonic(), time.time()
     while time.monotonic() - start < args.launch_timeout:
         text = (workdir / "server.log").read_text(errors="replace")
         if match := re.search(r"API:\s+(http://\S+)/v1", text):
@@ -179,12 +179,20 @@ def launch(args) -> subprocess.Popen:
             print(f"kvbox serve ready in {time.monotonic() - start:.1f} s (start-up incl. weights, profiling, "
                   f"CUDA graphs) at {args.url}")
             args.startup_s = time.monotonic() - start
+            print_timeline(text, launched_at)
             return process
         if process.poll() is not None:
             break
         time.sleep(0.2)
     process.kill()
     sys.exit(f"kvbox serve did not become ready; log:\n{text[-3000:]}")
+
+
+def print_timeline(log: str, launched_at: float) -> None:
+    """The server's timestamped start-up lines, each with the seconds since the launch: where start-up goes."""
+    for match in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (.*)$", log, re.MULTILINE):
+        stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1e3
+        print(f"  +{stamp - launched_at:5.1f} s  {match.group(3)}")
 
 
 def main() -> None:
@@ -202,10 +210,17 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: at once)")
     parser.add_argument("--concurrency", type=int, default=0, help="most requests in flight (0: no limit)")
+    parser.add_argument("--startup-only", action="store_true", help="with --launch: only time the start-up")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     process = launch(args) if args.launch else None
+    if args.startup_only and process is not None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s}, indent=2))
+        return
     try:
         vocab = args.vocab_size or (SHAPES[args.launch]["vocab_size"] if args.launch else 32000)
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)

@@ -18,27 +18,34 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, add_workload_args, kv_bytes_per_token, measure_card, num_parameters,  # noqa: E402
-                          peer_generate, peer_generate_batch, peer_model, random_prompts, shape_folder, sync)
+from bench.common import (SHAPES, add_workload_args, free, kv_bytes_per_token, measure_card,  # noqa: E402
+                          num_parameters, peer_generate, peer_generate_batch, peer_model, profile_kernels,
+                          random_prompts, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def run_kvbox(args, prompts) -> float:
+def warm_core(args) -> EngineCore:
+    """An engine for the workload, its kernels compiled by two short requests."""
     dtype = SHAPES[args.shape]["torch_dtype"]
     core = EngineCore(EngineConfig(
         model=shape_folder(args.shape), load_format="dummy", dtype=dtype, device=args.device,
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None))
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     warmup = random_prompts(2, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
         core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while core.has_unfinished_requests():
         core.step()
     sync(args.device)
+    return core
+
+
+def run_workload(core: EngineCore, args, prompts) -> float:
+    """Seconds to finish every prompt."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         core.add_request(str(i), prompt, params)
@@ -87,11 +94,22 @@ def main() -> None:
     parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--peer-num-prompts", type=int,
                         help="run the peer on the first N prompts only (it is slow); its rates are per its prompts")
+    parser.add_argument("--repeat", type=int, default=1, help="run the workload this many times on the same engine")
+    parser.add_argument("--gpu-profile", action="store_true",
+                        help="only run kvbox under torch.profiler and print where the GPU time goes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     prompts = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"])
-    results = {"args": vars(args), "rows": [report("kvbox", run_kvbox(args, prompts), args)]}
+    core = warm_core(args)
+    if args.gpu_profile:
+        profile_kernels(lambda: run_workload(core, args, prompts), args.device)
+        return
+    results = {"args": vars(args), "rows": [report("kvbox" if args.repeat == 1 else f"kvbox (run {i + 1})",
+                                                   run_workload(core, args, prompts), args)
+                                            for i in range(args.repeat)]}
+    core = None
+    free(args.device)
     if args.device.startswith("cuda"):
         results["roofline"] = roofline(args, measure_card())
     if args.peer:
