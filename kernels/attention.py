@@ -94,7 +94,8 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def _paged_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, head_size]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
@@ -211,7 +212,8 @@ def _paged_attention_kernel(
         tl.store(part_l_ptr + row, l_i, mask=row_valid)
 
 
-@triton.jit
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def _combine_kernel(
     out_ptr,  # [num_tokens, num_heads, head_size]
     part_acc_ptr,  # [NUM_SPLITS, num_tokens, num_heads, HEAD_PAD] float32

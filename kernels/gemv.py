@@ -23,7 +23,8 @@ MAX_ROWS = 16
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["M"])
 def _skinny_linear_kernel(
     x_ptr,  # [M, K], rows contiguous
     w_ptr,  # [N, K], rows contiguous
@@ -68,11 +69,12 @@ def _skinny_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _config(n: int) -> dict:
+def _config(n: int, element_size: int) -> dict:
     """From `python bench/kernels.py --linear` on an H100 (bf16, Llama-3.1-8B projections, 1 to 16 rows): 32 columns
     and 512-wide K tiles per step were best or within 2% everywhere; the widest weights (gate/up, the LM head) like a
-    deeper pipeline."""
-    return dict(block_n=32, block_k=512, num_warps=4, num_stages=5 if n >= 16384 else 3)
+    deeper pipeline. Float32 tiles are twice the bytes: five stages of them overflow shared memory."""
+    deep = n >= 16384 and element_size <= 2
+    return dict(block_n=32, block_k=512, num_warps=4, num_stages=5 if deep else 3)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -92,7 +94,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    cfg = _config(n)
+    cfg = _config(n, x.element_size())
     for key, value in (("block_n", block_n), ("block_k", block_k), ("num_warps", num_warps),
                        ("num_stages", num_stages)):
         if value is not None:

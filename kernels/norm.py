@@ -15,7 +15,8 @@ import triton.language as tl
 _MAX_HIDDEN = 65536
 
 
-@triton.jit
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rms_norm_kernel(
     x_ptr,  # [num_tokens, hidden]
     residual_ptr,  # [num_tokens, hidden] (FUSED_ADD only)

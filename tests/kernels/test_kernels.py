@@ -193,7 +193,8 @@ def test_paged_attention_gpu_long_context_split_k(batch, heads, head_size):
     """Few long decodes: the launcher's own heuristic must split the KV sequence across programs."""
     seq_lens = [32768, 20001, 9000][:batch]
     q_lens = [1] * batch
-    config = attention._config(batch, batch, heads[1], heads[0] // heads[1], head_size, DEVICE)
+    max_context = -(-max(seq_lens) // 16) * 16  # what the block tables of 16-token blocks hold
+    config = attention._config(batch, batch, heads[1], heads[0] // heads[1], head_size, max_context, DEVICE)
     assert config["num_splits"] > 1
     check_attention(q_lens, seq_lens, *heads, head_size, 16, torch.bfloat16)
     check_attention([1] + q_lens, [5] + seq_lens, *heads, head_size, 16, torch.float16, sliding_window=4096)
