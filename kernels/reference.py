@@ -179,20 +179,18 @@ def rotary_embedding(
 def add_lora(
     out: torch.Tensor,  # [num_tokens, out_features], added to in place
     x: torch.Tensor,  # [num_tokens, in_features]
-    lora_a: torch.Tensor,  # [max_loras, num_slices * max_rank, in_features]: each slice's A, stacked along ranks
-    lora_b: torch.Tensor,  # [max_loras, out_features, max_rank]: each slice's B, stacked along outputs, scale folded in
+    lora_a: torch.Tensor,  # [num_slices, max_loras, max_rank, in_features]: each slice's A
+    lora_b: torch.Tensor,  # [out_features, max_loras, max_rank]: each slice's B, stacked along outputs, scale folded in
     token_slots: torch.Tensor,  # [num_tokens] int, -1: no adapter
     output_slices: tuple[int, ...],  # out_features of each slice (q/k/v, gate/up, or the whole layer), in order
 ) -> None:
     """Multi-LoRA: out[t] += B[s] @ (A[s] @ x[t]) with s = token_slots[t], each slice with its own A and B."""
-    max_rank = lora_b.shape[2]
     for slot in token_slots.unique().tolist():
         if slot < 0:
             continue
         rows = (token_slots == slot).nonzero().squeeze(1)
-        h = x[rows].float() @ lora_a[slot].float().T  # [n, num_slices * max_rank]
-        delta = torch.cat([h[:, i * max_rank:(i + 1) * max_rank] @ b.float().T  # [n, slice size]
-                           for i, b in enumerate(lora_b[slot].split(output_slices))], dim=1)
+        delta = torch.cat([(x[rows].float() @ a.float().T) @ b.float().T  # [n, slice size]
+                           for a, b in zip(lora_a[:, slot], lora_b[:, slot].split(output_slices))], dim=1)
         out[rows] = (out[rows].float() + delta).to(out.dtype)
 
 

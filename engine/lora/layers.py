@@ -26,12 +26,12 @@ class LoraLinear(nn.Module):
         self.max_rank = max_rank
         self.token_slots = token_slots  # [max_num_batched_tokens] int32, the runner fills a prefix each step
         weight = base.weight
-        # Buffers, not parameters: they are no part of the checkpoint.
-        self.register_buffer("lora_a", torch.zeros(  # [max_loras, num_slices * max_rank, in_features]
-            max_loras, len(self.output_slices) * max_rank, base.input_size, dtype=weight.dtype, device=weight.device),
+        # Buffers, not parameters: they are no part of the checkpoint. Layouts as kernels.add_lora takes them.
+        self.register_buffer("lora_a", torch.zeros(  # [num_slices, max_loras, max_rank, in_features]
+            len(self.output_slices), max_loras, max_rank, base.input_size, dtype=weight.dtype, device=weight.device),
             persistent=False)
-        self.register_buffer("lora_b", torch.zeros(  # [max_loras, out_features, max_rank]
-            max_loras, base.output_size, max_rank, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(  # [out_features, max_loras, max_rank]
+            base.output_size, max_loras, max_rank, dtype=weight.dtype, device=weight.device), persistent=False)
 
     @property
     def input_size(self) -> int:
@@ -44,14 +44,13 @@ class LoraLinear(nn.Module):
 
     def load_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Puts one adapter's weights for this layer in `slot`; None (the adapter does not target it) zeroes it."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_a[:, slot].zero_()
+        self.lora_b[:, slot].zero_()
         if weights is None:
             return
         rank = weights.a.shape[1]
-        # [num_slices * max_rank, in] seen as [num_slices, max_rank, in]: each slice's A takes its first `rank` rows.
-        self.lora_a[slot].view(len(self.output_slices), self.max_rank, -1)[:, :rank].copy_(weights.a)
-        self.lora_b[slot, :, :rank].copy_(weights.b)
+        self.lora_a[:, slot, :rank].copy_(weights.a)  # [num_slices, rank, in]
+        self.lora_b[:, slot, :rank].copy_(weights.b)  # [out, rank]
 
 
 def add_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
