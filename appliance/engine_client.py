@@ -78,6 +78,33 @@ class OutputSink:
             self._waiter.set_result(None)
 
 
+class SpawnedEngine:
+    """An engine process that has its config and is building its engine, not yet owned by an EngineClient."""
+
+    def __init__(self, process: asyncio.subprocess.Process, channel: ipc.AsyncChannel):
+        self.process = process
+        self.channel = channel
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.channel.close()
+
+
+async def spawn_engine(engine_config: EngineConfig, env: dict[str, str]) -> SpawnedEngine:
+    """Starts `python -m appliance.engine_process` and sends it its config: it imports and builds while the caller
+    goes on (the supervisor loads the tokenizer meanwhile)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "appliance.engine_process", str(child_sock.fileno()),
+        pass_fds=(child_sock.fileno(),), env={**os.environ, **env}, start_new_session=False)
+    child_sock.close()
+    channel = await ipc.AsyncChannel.open(parent_sock)
+    channel.send(ipc.StartEngine(engine_config))
+    return SpawnedEngine(process, channel)
+
+
 class EngineClient:
     def __init__(self, name: str, engine_config: EngineConfig, tokenizer, replica: int = 0,
                  env: dict[str, str] | None = None, on_step: Callable[[ipc.StepOutputs], None] | None = None,
@@ -114,15 +141,11 @@ class EngineClient:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    async def start(self, timeout_s: float = 600.0) -> ipc.EngineReady:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {**os.environ, **self.env}
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.engine_process", str(child_sock.fileno()),
-            pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
-        child_sock.close()
-        self._channel = await ipc.AsyncChannel.open(parent_sock)
-        self._channel.send(ipc.StartEngine(self.engine_config))
+    async def start(self, timeout_s: float = 600.0, spawned: SpawnedEngine | None = None) -> ipc.EngineReady:
+        """Starts the engine process, or takes over one that `spawn_engine` started for this client, and waits
+        until it is ready."""
+        spawned = spawned or await spawn_engine(self.engine_config, self.env)
+        self.process, self._channel = spawned.process, spawned.channel
         try:
             payload = await asyncio.wait_for(self._channel.recv(), timeout_s)
         except TimeoutError:

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = ipc.decode_to_engine(payload)
     assert isinstance(start, ipc.StartEngine), start
+    logger.info("engine process %d: building the engine", os.getpid())  # its time since the spawn is imports
     try:
         core = EngineCore(start.engine_config)
     except Exception as e:  # a model that cannot load is reported, not silently retried

@@ -30,6 +30,7 @@ GRACEFUL_SHUTDOWN_S = 5
 
 def serve_main(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("kvbox serve %s: starting", config_path)
     try:
         config = load_config(config_path)
     except ConfigError as e:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from appliance import ipc
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
-from appliance.engine_client import EngineClient, EngineDeadError, EngineStartError
+from appliance.engine_client import EngineClient, EngineDeadError, EngineStartError, SpawnedEngine, spawn_engine
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
 
@@ -242,18 +242,31 @@ class Supervisor:
         self.models[spec.name] = model
         try:
             model.model_path = await asyncio.to_thread(resolve_source, spec.source)
-            model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
         except Exception as e:
             model.record_error(f"cannot load {spec.source!r}: {e}")
             model.status = ModelStatus.FAILED
             return
         engine_config = spec.to_engine_config(model.model_path)
-        model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i,
-                                       env=_replica_env(spec, i, self.config),
+        envs = [_replica_env(spec, i, self.config) for i in range(spec.parallelism.data)]
+        # The engines import and build (the longest part of a start) while this process loads the tokenizer.
+        for replica in range(len(envs)):
+            logger.info("%s[%d]: starting its engine process", spec.name, replica)
+        spawned = await asyncio.gather(*(spawn_engine(engine_config, env) for env in envs))
+        try:
+            started = time.perf_counter()
+            model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
+            logger.info("%s: tokenizer loaded in %.1f s", spec.name, time.perf_counter() - started)
+        except Exception as e:
+            await asyncio.gather(*(engine.kill() for engine in spawned))
+            model.record_error(f"cannot load the tokenizer of {spec.source!r}: {e}")
+            model.status = ModelStatus.FAILED
+            return
+        model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i, env=env,
                                        on_step=functools.partial(self.on_step, spec.name, i) if self.on_step else None,
                                        hang_timeout_s=self.config.server.engine_hang_timeout_s)
-                          for i in range(spec.parallelism.data)]
-        results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
+                          for i, env in enumerate(envs)]
+        results = await asyncio.gather(*(self._start_replica(model, r, engine)
+                                         for r, engine in zip(model.replicas, spawned)))
         if all(results):  # before READY, so that the configured adapters are there from the first request
             await self._load_configured_loras(model)
         if model.status is ModelStatus.LOADING:
@@ -261,9 +274,12 @@ class Supervisor:
         model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
                        for r in model.replicas if r.info is not None]
 
-    async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> bool:
+    async def _start_replica(self, model: ModelRuntime, client: EngineClient,
+                             spawned: SpawnedEngine | None = None) -> bool:
+        if spawned is None:
+            logger.info("%s[%d]: starting its engine process", model.name, client.replica)
         try:
-            info = await client.start()
+            info = await client.start(spawned=spawned)
         except EngineStartError as e:
             model.record_error(str(e))
             return False

@@ -6,25 +6,37 @@ Templates render through transformers' `apply_chat_template`, which compiles the
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from engine.models.builtin import resolve_model_source
 from engine.models.gguf import is_gguf
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 Message = dict[str, str]
+_IMPORT_LOCK = threading.Lock()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, of a GGUF file (transformers rebuilds a fast tokenizer and the chat template
     from its tokenizer.* metadata) or of a built-in model (`builtin:NAME`)."""
+    # Imported here: transformers takes seconds to import, and `kvbox serve` starts its engines meanwhile. Models
+    # load in parallel threads, and transformers' lazy module is not safe to import from two threads at once.
+    with _IMPORT_LOCK:
+        from transformers import AutoTokenizer
+
     source = resolve_model_source(path)
+    # A local folder or file must not reach for the hub: transformers may ask it about the model (on a host
+    # without network that waits for a connection timeout).
+    local = Path(source).exists()
     if is_gguf(source):
         tokenizer = AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name,
-                                                  trust_remote_code=False)
+                                                  trust_remote_code=False, local_files_only=local)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: kvbox needs a fast (tokenizer.json) tokenizer for incremental detokenization")
     return tokenizer
