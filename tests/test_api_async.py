@@ -24,8 +24,9 @@ REQUESTS = [  # completions requests, each sent to both models
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     source = long_llama(tiny_model)
-    # 16 blocks of 16 tokens (one full-length sequence) for 4 running requests: decodes get preempted.
-    options = {"max_model_len": 256, "kv_cache": {"num_blocks": 16}, "scheduler": {"max_num_seqs": 4}}
+    # 10 blocks of 16 tokens for 4 running requests of up to 5 blocks each (prompt and 60 tokens): as soon as three
+    # decode together, one is preempted.
+    options = {"max_model_len": 128, "kv_cache": {"num_blocks": 10}, "scheduler": {"max_num_seqs": 4}}
     config = server_config([model_config("sync", source, async_scheduling=False, **options),
                             model_config("async", source, async_scheduling=True, **options)])
     with run_server(config, tmp_path_factory.mktemp("api_async")) as running:
