@@ -8,9 +8,12 @@ incoming frames so that the step loop never blocks on the socket while it has wo
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import gc
 import logging
 import os
+import pstats
 import queue
 import signal
 import socket
@@ -119,6 +122,23 @@ class EngineLoop:
             self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds, loras))
 
 
+@contextlib.contextmanager
+def _profiled(path_prefix: str | None):
+    """With KVBOX_ENGINE_PROFILE=PREFIX, the step loop runs under cProfile and PREFIX.PID.txt gets its functions by
+    own time when the engine stops: where the engine's host time goes while it serves."""
+    if not path_prefix:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        with open(f"{path_prefix}.{os.getpid()}.txt", "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Ctrl-C in the terminal reaches the whole process group; the supervisor ends engines through the socket
@@ -154,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     loop = EngineLoop(channel, core)
     threading.Thread(target=loop.read_forever, name="ipc-reader", daemon=True).start()
     try:
-        loop.run()
+        with _profiled(os.environ.get("KVBOX_ENGINE_PROFILE")):
+            loop.run()
     except torch.AcceleratorError:
         # The CUDA context is unusable after a device fault; the supervisor fails this engine's requests and
         # starts a fresh process.

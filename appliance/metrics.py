@@ -126,6 +126,12 @@ class _EngineStatsCollector:
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
         queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", labels=labels)
         hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", labels=labels)
+        step_seconds = CounterMetricFamily("kvbox:engine_step_seconds", "Seconds the engines spent in steps.",
+                                           labels=labels)
+        device_wait = CounterMetricFamily(
+            "kvbox:engine_device_wait_seconds", "Of the step seconds, those the engines waited for the device: "
+            "close to the step seconds, the device is the bottleneck; far below, host work leaves it idle.",
+            labels=labels)
         for model in list(self._supervisor.models.values()):
             # (stats, block size) of each replica that has reported; a restarted replica's counters start over.
             reported = [(r.stats, r.info.block_size) for r in model.replicas if r.stats is not None and r.info]
@@ -140,7 +146,9 @@ class _EngineStatsCollector:
             preemptions.add_metric(name, sum(s.num_preemptions for s, _ in reported))
             queries.add_metric(name, sum(s.prefix_cache_queries * size for s, size in reported))
             hits.add_metric(name, sum(s.prefix_cache_hits * size for s, size in reported))
-        yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits)
+            step_seconds.add_metric(name, sum(s.step_seconds for s, _ in reported))
+            device_wait.add_metric(name, sum(s.device_wait_seconds for s, _ in reported))
+        yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits, step_seconds, device_wait)
 
 
 class _LoraCollector:

@@ -151,6 +151,14 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def report_engine_time(step_s: float, device_wait_s: float) -> dict[str, float]:
+    """Prints the engine's step time and the part of it spent waiting for the device: the rest is host work that
+    the device did not overlap (with async scheduling, or on a CPU, the wait is all the device time left unhidden)."""
+    share = device_wait_s / step_s if step_s > 0 else 0.0
+    print(f"  engine steps {step_s:.2f} s, of which waiting for the device {device_wait_s:.2f} s ({share:.0%})")
+    return {"step_s": step_s, "device_wait_s": device_wait_s}
+
+
 def add_workload_args(parser) -> None:
     """The offline workload's options, shared by throughput.py and lora.py; the defaults are the standard workload
     (Llama-3.1-8B shape, 200 prompts, 1024 in / 128 out)."""

@@ -33,7 +33,7 @@ import yaml
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import SHAPES, random_prompts, shape_folder  # noqa: E402
+from bench.common import SHAPES, random_prompts, report_engine_time, shape_folder  # noqa: E402
 
 
 @dataclass
@@ -150,6 +150,22 @@ def cpu_seconds(pid: int) -> tuple[float, float] | None:
     return own(pid), sum(own(int(child)) for child in children.read_text().split())
 
 
+def engine_seconds(args) -> tuple[float, float] | None:
+    """(step, device wait) seconds of the model's engines so far, from the server's Prometheus metrics."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        text = httpx.get(f"{args.url}/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    values = []
+    for name in ("kvbox:engine_step_seconds_total", "kvbox:engine_device_wait_seconds_total"):
+        match = re.search(rf'^{re.escape(name)}{{model_name="{re.escape(args.model)}"}} (\S+)$', text, re.MULTILINE)
+        if match is None:
+            return None
+        values.append(float(match.group(1)))
+    return values[0], values[1]
+
+
 def report_cpu(summary: dict, before: tuple[float, float], after: tuple[float, float]) -> None:
     supervisor_s, engines_s = after[0] - before[0], after[1] - before[1]
     num_tokens = summary["output_tokens_per_s"] * summary["seconds"]
@@ -226,10 +242,16 @@ def main() -> None:
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
         asyncio.run(run(args, prompts[:2]))  # warm-up
         cpu_before = cpu_seconds(process.pid) if process is not None else None
+        engine_before = engine_seconds(args)
         results, seconds = asyncio.run(run(args, prompts))
         summary = report(args, results, seconds)
         if cpu_before is not None:
             report_cpu(summary, cpu_before, cpu_seconds(process.pid))
+        time.sleep(0.6)  # the engines report their stats 4 times a second
+        engine_after = engine_seconds(args)
+        if engine_before is not None and engine_after is not None:
+            summary["engine"] = report_engine_time(engine_after[0] - engine_before[0],
+                                                   engine_after[1] - engine_before[1])
         summary["startup_s"] = getattr(args, "startup_s", None)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))

@@ -20,7 +20,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (SHAPES, add_workload_args, free, kv_bytes_per_token, measure_card,  # noqa: E402
                           num_parameters, peer_generate, peer_generate_batch, peer_model, profile_kernels,
-                          random_prompts, shape_folder, sync)
+                          random_prompts, report_engine_time, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -46,6 +46,7 @@ def warm_core(args) -> EngineCore:
 def run_workload(core: EngineCore, args, prompts) -> float:
     """Seconds to finish every prompt."""
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    step_s, wait_s = core.step_seconds, core.device_wait_seconds
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         core.add_request(str(i), prompt, params)
@@ -55,6 +56,7 @@ def run_workload(core: EngineCore, args, prompts) -> float:
     sync(args.device)
     elapsed = time.perf_counter() - start
     assert num_output == len(prompts) * args.output_len, num_output
+    report_engine_time(core.step_seconds - step_s, core.device_wait_seconds - wait_s)
     return elapsed
 
 

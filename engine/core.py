@@ -83,6 +83,8 @@ class EngineCore:
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0
+        self.step_seconds = 0.0  # in `step`, cumulative
+        self.device_wait_seconds = 0.0  # of it, waiting for the device's results
         # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
@@ -158,6 +160,13 @@ class EngineCore:
         """Schedules and launches one step and returns what the requests produced. With async scheduling the
         outputs returned are those of the step launched by the previous call, which ran on the device while this
         call scheduled and launched the next one."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_seconds += time.perf_counter() - start
+
+    def _step(self) -> list[EngineCoreOutput]:
         outputs = []
         if self._in_flight is not None and not self._may_schedule_ahead(self._in_flight[0]):
             outputs += self._complete(*self._in_flight)
@@ -196,12 +205,15 @@ class EngineCore:
             return None
 
     def _complete(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput) -> list[EngineCoreOutput]:
+        waiting_since = time.perf_counter()
         try:
             runner_output = pending.get()
         except torch.AcceleratorError:
             raise  # see _fail
         except Exception:
             return self._fail(scheduler_output)
+        finally:
+            self.device_wait_seconds += time.perf_counter() - waiting_since
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
@@ -215,7 +227,9 @@ class EngineCore:
         return [core_output(r, [], None, None) for r in failed]
 
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
-        return self.scheduler.stats(with_block_states)
+        stats = self.scheduler.stats(with_block_states)
+        stats.step_seconds, stats.device_wait_seconds = self.step_seconds, self.device_wait_seconds
+        return stats
 
     # ---- LoRA adapters ----
     @property

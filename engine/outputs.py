@@ -54,3 +54,7 @@ class SchedulerStats(msgspec.Struct):
     # With LoRA: the adapters (by name) of running requests, and of waiting ones.
     running_loras: list[str] = []
     waiting_loras: list[str] = []
+    # Cumulative: seconds in engine steps, and of those, seconds the host waited for the device to finish one. Their
+    # ratio tells a device-bound engine (close to 1) from one whose host work leaves the device idle.
+    step_seconds: float = 0.0
+    device_wait_seconds: float = 0.0

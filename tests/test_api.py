@@ -263,6 +263,14 @@ def test_metrics_use_vllm_names_and_count_requests(api_server, client):
     assert value(after, "vllm:inter_token_latency_seconds_count") > value(before,
                                                                          "vllm:inter_token_latency_seconds_count")
     assert 'vllm:request_success_total{finished_reason="length",model_name="llama"}' in after
+    # The engine's stats reach the supervisor 4 times a second: the steps of the request show up by then.
+    deadline = time.monotonic() + 2
+    while value(after, "kvbox:engine_step_seconds_total") <= value(before, "kvbox:engine_step_seconds_total"):
+        assert time.monotonic() < deadline, "the engine's step time did not grow"
+        time.sleep(0.1)
+        after = scrape()
+    waited = value(after, "kvbox:engine_device_wait_seconds_total")
+    assert 0 <= waited <= value(after, "kvbox:engine_step_seconds_total")
 
 
 def test_a_client_that_disconnects_aborts_its_request(api_server):

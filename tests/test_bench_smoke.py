@@ -1,6 +1,7 @@
 """The benchmarks run end to end on the CPU with a tiny shape (their real figures come from the GPU)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,14 +29,20 @@ def test_latency_smoke(tmp_path):
 
 
 def test_serve_smoke(tmp_path):
+    """Also: the engine's step time from the server's metrics, and its step loop's profile (KVBOX_ENGINE_PROFILE)
+    written when the server stops."""
     out = tmp_path / "result.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--launch", "tiny-llama", "--device", "cpu",
                     "--num-prompts", "6", "--input-len", "16", "--output-len", "5", "--concurrency", "4",
-                    "--json", str(out)], check=True, timeout=300)
+                    "--json", str(out)], check=True, timeout=300,
+                   env={**os.environ, "KVBOX_ENGINE_PROFILE": str(tmp_path / "engine")})
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
     assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
+    assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
+    (profile,) = tmp_path.glob("engine.*.txt")
+    assert "engine/core.py" in profile.read_text()  # the engine's own functions, by time
 
 
 def test_lora_smoke():

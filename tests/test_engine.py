@@ -1,6 +1,7 @@
 """The offline engine end to end: sampling through the engine, n > 1 sharing, stops, validation, chat, KV use."""
 
 import random
+import time
 
 import pytest
 
@@ -257,3 +258,26 @@ def test_cuda_graph_buckets_cover_every_decode_batch(model_dir, max_num_seqs, ex
     size up to it pads to a captured bucket."""
     llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max_num_seqs, num_kv_blocks=64)
     assert llm.core.runner.graph_batch_sizes() == expected
+
+
+def test_stats_count_step_time_and_the_wait_for_the_device(model_dir, monkeypatch):
+    """The engine's step seconds and, within them, the seconds spent waiting for the device's results (here a device
+    that takes 20 ms to deliver each step)."""
+    llm = LLM(model_dir, dtype="float32", device="cpu")
+    execute = llm.core.runner.execute
+
+    def slow_execute(scheduler_output):
+        pending = execute(scheduler_output)
+        get = pending.get
+
+        def slow_get():
+            time.sleep(0.02)
+            return get()
+        pending.get = slow_get
+        return pending
+
+    monkeypatch.setattr(llm.core.runner, "execute", slow_execute)
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    stats = llm.core.stats()
+    assert llm.core.num_steps >= 5
+    assert 0.02 * llm.core.num_steps <= stats.device_wait_seconds < stats.step_seconds
