@@ -42,7 +42,8 @@ def test_serve_smoke(tmp_path):
     assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
     assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
     (profile,) = tmp_path.glob("engine.*.txt")
-    assert "engine/core.py" in profile.read_text()  # the engine's own functions, by time
+    summary = re.search(r"(\d+) function calls .*in ([\d.]+) seconds", profile.read_text())
+    assert summary and int(summary[1]) > 0 and float(summary[2]) > 0, profile.read_text()[:500]
 
 
 def test_lora_smoke():
