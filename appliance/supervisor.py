@@ -256,9 +256,11 @@ class Supervisor:
             started = time.perf_counter()
             model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
             logger.info("%s: tokenizer loaded in %.1f s", spec.name, time.perf_counter() - started)
-        except Exception as e:
+        except BaseException as e:  # a failure, or a shutdown cancelling the start: no engine may outlive it
             await asyncio.gather(*(engine.kill() for engine in spawned))
-            model.record_error(f"cannot load the tokenizer of {spec.source!r}: {e}")
+            if not isinstance(e, Exception):
+                raise
+            model.record_error(f"cannot load the tokenizer of {spec.tokenizer or spec.source!r}: {e}")
             model.status = ModelStatus.FAILED
             return
         model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i, env=env,

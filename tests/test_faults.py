@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -167,3 +168,25 @@ def test_data_parallel_replicas_share_the_requests(tiny_model, tmp_path):
         time.sleep(0.6)  # idle engines report their stats a few times a second
         lookups = [r["stats"]["prefix_cache_queries"] for r in server.admin_models()["llama"]["replicas"]]
         assert all(n > 0 for n in lookups), lookups
+
+
+def engine_processes(server_pid: int) -> list[int]:
+    """The server's child processes that run an engine, from /proc."""
+    children = (Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text()).split()
+    return [int(pid) for pid in children if b"appliance.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_tokenizer_that_cannot_load_fails_its_model_and_stops_its_engines(tiny_model, tmp_path):
+    """Engines start while the supervisor loads the tokenizer: when that fails, the model's engines (2 replicas) are
+    stopped, not left running, and the other model serves."""
+    empty = tmp_path / "no-tokenizer"  # a folder, as the config requires, but without a tokenizer
+    empty.mkdir()
+    config = server_config([model_config("broken", tiny_model("llama"), tokenizer=str(empty), parallelism={"data": 2}),
+                            model_config("fine", tiny_model("qwen3"))])
+    with run_server(config, tmp_path) as server:
+        broken = server.admin_models()["broken"]
+        assert broken["status"] == "failed" and "cannot load the tokenizer" in broken["errors"][-1]["message"], broken
+        assert [r["pid"] for r in server.admin_models()["fine"]["replicas"]] == engine_processes(server.process.pid)
+        with server.http() as http:
+            assert http.post("/v1/completions", json={**COMPLETION, "model": "fine"}).status_code == 200
+            assert http.post("/v1/completions", json={**COMPLETION, "model": "broken"}).status_code == 503
