@@ -8,6 +8,7 @@ aborts its requests (`abort`). When the process dies every in-flight request fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -87,7 +88,8 @@ class SpawnedEngine:
 
     async def kill(self) -> None:
         if self.process.returncode is None:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have exited on its own just now
+                self.process.kill()
             await self.process.wait()
         self.channel.close()
 
