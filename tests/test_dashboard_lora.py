@@ -96,9 +96,12 @@ def test_load_and_unload_adapters_from_the_dashboard(lora_server):
             page.goto(f"{server.base_url}/ui")
             page.fill("#key", ADMIN_KEY)
             page.click("button[type=submit]")
-            page.wait_for_url(f"{server.base_url}/ui")
+            # Only the navigation, not the load event: once, in a CI run, "load" did not come within 30 s of this
+            # login (cause not found). What follows waits for the elements it uses.
+            page.wait_for_url(f"{server.base_url}/ui", wait_until="commit")
 
             card = page.locator('[data-lora="llama"]')
+            card.wait_for()
             items = card.locator("[data-lora-list] li")
             error = card.locator("[data-lora-error]")
             assert card.locator("[data-lora-empty]").is_visible() and items.count() == 0
