@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from engine.sampling_params import SamplingParams
+
 SHAPES = {
     "llama-3.1-8b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -157,6 +159,26 @@ def report_engine_time(step_s: float, device_wait_s: float) -> dict[str, float]:
     share = device_wait_s / step_s if step_s > 0 else 0.0
     print(f"  engine steps {step_s:.2f} s, of which waiting for the device {device_wait_s:.2f} s ({share:.0%})")
     return {"step_s": step_s, "device_wait_s": device_wait_s}
+
+
+def run_workload(core, args, prompts: list[list[int]], lora_names: list[str | None] | None = None) -> float:
+    """Seconds for an engine (`engine.core.EngineCore`) to finish every prompt, each producing `args.output_len`
+    tokens (no early stop), with the LoRA adapter named for it if any; prints the engine's step time."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    names = lora_names or [None] * len(prompts)
+    step_s, wait_s = core.step_seconds, core.device_wait_seconds
+    sync(args.device)
+    start = time.perf_counter()
+    for i, (prompt, name) in enumerate(zip(prompts, names)):
+        core.add_request(str(i), prompt, params, lora_name=name)
+    num_output = 0
+    while core.has_unfinished_requests():
+        num_output += sum(len(o.new_token_ids) for o in core.step())
+    sync(args.device)
+    elapsed = time.perf_counter() - start
+    assert num_output == len(prompts) * args.output_len, num_output
+    report_engine_time(core.step_seconds - step_s, core.device_wait_seconds - wait_s)
+    return elapsed
 
 
 def add_workload_args(parser) -> None:

@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, add_workload_args, free, profile_kernels, random_prompts, shape_folder,  # noqa: E402
-                          sync)
+from bench.common import (SHAPES, add_workload_args, free, profile_kernels, random_prompts,  # noqa: E402
+                          run_workload, shape_folder)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -83,18 +83,7 @@ def run(core: EngineCore, args, prompts: list[list[int]], lora_names: list[str |
                          lora_name=name)
     while core.has_unfinished_requests():
         core.step()
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    sync(args.device)
-    start = time.perf_counter()
-    for i, (prompt, name) in enumerate(zip(prompts, lora_names)):
-        core.add_request(str(i), prompt, params, lora_name=name)
-    num_output = 0
-    while core.has_unfinished_requests():
-        num_output += sum(len(o.new_token_ids) for o in core.step())
-    sync(args.device)
-    elapsed = time.perf_counter() - start
-    assert num_output == len(prompts) * args.output_len, num_output
-    return elapsed
+    return run_workload(core, args, prompts, lora_names)
 
 
 def report(name: str, seconds: float, args) -> dict:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (SHAPES, add_workload_args, free, kv_bytes_per_token, measure_card,  # noqa: E402
                           num_parameters, peer_generate, peer_generate_batch, peer_model, profile_kernels,
-                          random_prompts, report_engine_time, shape_folder, sync)
+                          random_prompts, run_workload, shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -41,23 +40,6 @@ def warm_core(args) -> EngineCore:
         core.step()
     sync(args.device)
     return core
-
-
-def run_workload(core: EngineCore, args, prompts) -> float:
-    """Seconds to finish every prompt."""
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    step_s, wait_s = core.step_seconds, core.device_wait_seconds
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        core.add_request(str(i), prompt, params)
-    num_output = 0
-    while core.has_unfinished_requests():
-        num_output += sum(len(o.new_token_ids) for o in core.step())
-    sync(args.device)
-    elapsed = time.perf_counter() - start
-    assert num_output == len(prompts) * args.output_len, num_output
-    report_engine_time(core.step_seconds - step_s, core.device_wait_seconds - wait_s)
-    return elapsed
 
 
 def report(name: str, seconds: float, args, num_prompts: int | None = None) -> dict:
