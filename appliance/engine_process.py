@@ -28,6 +28,7 @@ from appliance import ipc
 from engine.core import EngineCore
 from engine.request import RequestStatus
 from engine.sampling_params import InvalidParameterError
+from engine.step_trace import StepTrace
 
 logger = logging.getLogger("kvbox.engine")
 STATS_INTERVAL_S = 0.25
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     loop = EngineLoop(channel, core)
     threading.Thread(target=loop.read_forever, name="ipc-reader", daemon=True).start()
+    trace_prefix = os.environ.get("KVBOX_STEP_TRACE")  # see engine.step_trace
+    if trace_prefix:
+        core.step_trace = StepTrace()
     try:
         with _profiled(os.environ.get("KVBOX_ENGINE_PROFILE")):
             loop.run()
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         # starts a fresh process.
         logger.exception("device fault: the engine exits to be restarted")
         return 3
+    finally:
+        if core.step_trace is not None:
+            core.step_trace.write(f"{trace_prefix}.{os.getpid()}.json")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -34,6 +35,10 @@ import yaml
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import SHAPES, random_prompts, report_engine_time, shape_folder  # noqa: E402
+from engine.step_trace import StepTrace, print_summary  # noqa: E402
+
+
+CONNECTIONS_PER_POOL = 16  # httpx's default pool allows 100
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Result:
     ttft: float = 0.0
     e2e: float = 0.0
     num_output_tokens: int = 0
+    num_chunks: int = 0
     itls: list[float] = field(default_factory=list)
     error: str = ""
 
@@ -68,6 +74,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()
+                result.num_chunks += 1
                 if result.ttft == 0.0:
                     result.ttft = now - start
                 else:
@@ -82,26 +89,54 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return result
 
 
-async def run(args, prompts: list[list[int]]) -> tuple[list[Result], float]:
-    limit = asyncio.Semaphore(args.concurrency or len(prompts))
-    rng = random.Random(0)
+async def run_share(args, prompts: list[list[int]], delays: list[float], start_at: float,
+                    concurrency: int) -> list[Result]:
+    limit = asyncio.Semaphore(concurrency)
 
     async def limited(client, prompt, delay):
-        await asyncio.sleep(delay)
+        await asyncio.sleep(max(0.0, start_at + delay - time.monotonic()))
         async with limit:
             return await one_request(client, args.model, prompt, args.output_len)
 
+    # httpcore's pool scans every connection whenever one is assigned or released: one pool for 200 streams spent
+    # more CPU there than in the streams themselves, so each pool serves at most CONNECTIONS_PER_POOL.
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    clients = [httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(30.0, read=None))
+               for _ in range(-(-len(prompts) // CONNECTIONS_PER_POOL))]
+    try:
+        return await asyncio.gather(*(limited(clients[i // CONNECTIONS_PER_POOL], p, d)
+                                      for i, (p, d) in enumerate(zip(prompts, delays))))
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+
+
+def client_process(args, prompts: list[list[int]], delays: list[float], start_at: float,
+                   concurrency: int) -> tuple[list[Result], float, float]:
+    """One client process's share of the requests, started at `start_at` (time.monotonic, which the machine's
+    processes share); returns its results, when its last one ended and the CPU seconds it spent."""
+    cpu_before = time.process_time()
+    results = asyncio.run(run_share(args, prompts, delays, start_at, concurrency))
+    return results, time.monotonic(), time.process_time() - cpu_before
+
+
+def run(args, prompts: list[list[int]]) -> tuple[list[Result], float, float, float]:
+    """Sends the requests from `--client-processes` processes, dealt round-robin (each with its share of the
+    concurrency limit); returns the results, the seconds from the common start to the last end, the start
+    (time.monotonic) and the clients' CPU seconds."""
+    rng = random.Random(0)
     delays, t = [], 0.0
     for _ in prompts:
         delays.append(t)
         if args.request_rate:
             t += rng.expovariate(args.request_rate)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(30.0, read=None),
-                                 limits=httpx.Limits(max_connections=len(prompts) + 8)) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(limited(client, p, d) for p, d in zip(prompts, delays)))
-        return results, time.perf_counter() - start
+    k = max(1, min(args.client_processes, len(prompts)))
+    concurrency = -(-(args.concurrency or len(prompts)) // k)
+    with multiprocessing.get_context("fork").Pool(k) as pool:  # every process is up before the start time is set
+        start_at = time.monotonic() + 0.2
+        shares = pool.starmap(client_process, [(args, prompts[i::k], delays[i::k], start_at, concurrency)
+                                               for i in range(k)])
+    results = [r for share in shares for r in share[0]]
+    return results, max(share[1] for share in shares) - start_at, start_at, sum(share[2] for share in shares)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -113,7 +148,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99": pick(0.99) * 1e3}
 
 
-def report(args, results: list[Result], seconds: float) -> dict:
+def report(args, results: list[Result], seconds: float, client_cpu_s: float) -> dict:
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     out_tokens = sum(r.num_output_tokens for r in done)
@@ -133,6 +168,12 @@ def report(args, results: list[Result], seconds: float) -> dict:
         if p:
             print(f"  {name[:-3]:5s} mean {p['mean']:8.1f} ms  p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  "
                   f"p99 {p['p99']:8.1f}")
+    num_chunks = sum(r.num_chunks for r in results)
+    summary["client"] = {"cpu_s": client_cpu_s, "chunks": num_chunks}
+    # A client process near 100% of a core measures itself, not the server.
+    print(f"  client {client_cpu_s:.2f} CPU-s in {args.client_processes} processes "
+          f"({client_cpu_s / seconds / args.client_processes:.0%} of a core each) for {num_chunks} SSE chunks "
+          f"({client_cpu_s / max(num_chunks, 1) * 1e6:.0f} us each)")
     for r in failed[:5]:
         print(f"  failed: {r.error}")
     return summary
@@ -185,8 +226,13 @@ def launch(args) -> subprocess.Popen:
     config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     log = open(workdir / "server.log", "wb")
+    env = dict(os.environ)
+    if args.step_trace:
+        args.trace_prefix = str(workdir / "step-trace")
+        env["KVBOX_STEP_TRACE"] = args.trace_prefix
     process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(workdir / "config.yaml")],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                               env=env)
     start, launched_at = time.monotonic(), time.time()
     while time.monotonic() - start < args.launch_timeout:
         text = (workdir / "server.log").read_text(errors="replace")
@@ -226,7 +272,12 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second (0: at once)")
     parser.add_argument("--concurrency", type=int, default=0, help="most requests in flight (0: no limit)")
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="send from this many processes: one Python process parses ~7k SSE chunks/s (H100 "
+                             "host), fewer than 200 streams get at 17 ms decode steps")
     parser.add_argument("--startup-only", action="store_true", help="with --launch: only time the start-up")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="with --launch: print the engine's step timeline over the run (engine.step_trace)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -240,11 +291,12 @@ def main() -> None:
     try:
         vocab = args.vocab_size or (SHAPES[args.launch]["vocab_size"] if args.launch else 32000)
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
-        asyncio.run(run(args, prompts[:2]))  # warm-up
+        run(args, prompts[:2])  # warm-up
         cpu_before = cpu_seconds(process.pid) if process is not None else None
         engine_before = engine_seconds(args)
-        results, seconds = asyncio.run(run(args, prompts))
-        summary = report(args, results, seconds)
+        results, seconds, run_start, client_cpu_s = run(args, prompts)
+        run_window = (run_start, run_start + seconds)
+        summary = report(args, results, seconds, client_cpu_s)
         if cpu_before is not None:
             report_cpu(summary, cpu_before, cpu_seconds(process.pid))
         time.sleep(0.6)  # the engines report their stats 4 times a second
@@ -259,6 +311,12 @@ def main() -> None:
         if process is not None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
+    if args.step_trace and process is not None:
+        for path in sorted(Path(args.trace_prefix).parent.glob("step-trace.*.json")):
+            summary["step_trace"] = StepTrace.read(str(path)).window(*run_window).summary()
+            print_summary(summary["step_trace"])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
 
 
 if __name__ == "__main__":

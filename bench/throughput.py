@@ -23,6 +23,7 @@ from bench.common import (SHAPES, add_workload_args, free, kv_bytes_per_token, m
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 
 def warm_core(args) -> EngineCore:
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="run the workload this many times on the same engine")
     parser.add_argument("--gpu-profile", action="store_true",
                         help="only run kvbox under torch.profiler and print where the GPU time goes")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="print each run's step timeline summary (engine.step_trace)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -89,9 +92,14 @@ def main() -> None:
     if args.gpu_profile:
         profile_kernels(lambda: run_workload(core, args, prompts), args.device)
         return
-    results = {"args": vars(args), "rows": [report("kvbox" if args.repeat == 1 else f"kvbox (run {i + 1})",
-                                                   run_workload(core, args, prompts), args)
-                                            for i in range(args.repeat)]}
+    results = {"args": vars(args), "rows": []}
+    for i in range(args.repeat):
+        core.step_trace = StepTrace() if args.step_trace else None
+        results["rows"].append(report("kvbox" if args.repeat == 1 else f"kvbox (run {i + 1})",
+                                      run_workload(core, args, prompts), args))
+        if core.step_trace is not None:
+            results["rows"][-1]["step_trace"] = core.step_trace.summary()
+            print_summary(results["rows"][-1]["step_trace"])
     core = None
     free(args.device)
     if args.device.startswith("cuda"):

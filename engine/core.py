@@ -29,6 +29,7 @@ from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, core_output
+from engine.step_trace import StepRecord, StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,12 @@ class EngineCore:
         self.num_steps = 0
         self.step_seconds = 0.0  # in `step`, cumulative
         self.device_wait_seconds = 0.0  # of it, waiting for the device's results
+        self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
         # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
     @property
     def vocab_size(self) -> int:
@@ -121,6 +124,8 @@ class EngineCore:
             for i in range(params.n)
         ]
         self._samples_of[request_id] = [r.request_id for r in samples]
+        if self.step_trace is not None:
+            self.step_trace.arrivals.append(time.monotonic())
         self.scheduler.add_request(samples[0])
         if len(samples) > 1:
             self._waiting_siblings[samples[0].request_id] = samples[1:]
@@ -160,18 +165,24 @@ class EngineCore:
         """Schedules and launches one step and returns what the requests produced. With async scheduling the
         outputs returned are those of the step launched by the previous call, which ran on the device while this
         call scheduled and launched the next one."""
-        start = time.perf_counter()
+        start, started_at, wait_before = time.perf_counter(), time.monotonic(), self.device_wait_seconds
         try:
             return self._step()
         finally:
-            self.step_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.step_seconds += seconds
+            if self.step_trace is not None:
+                launched = self._launched_last.scheduled
+                self.step_trace.steps.append(StepRecord(
+                    started_at, seconds, self.device_wait_seconds - wait_before,
+                    sum(s.num_new_tokens for s in launched), len(launched)))
 
     def _step(self) -> list[EngineCoreOutput]:
         outputs = []
         if self._in_flight is not None and not self._may_schedule_ahead(self._in_flight[0]):
             outputs += self._complete(*self._in_flight)
             self._in_flight = None
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self._launched_last = self.scheduler.schedule()
         self._fork_ready_siblings()
         launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
         if self._in_flight is not None:

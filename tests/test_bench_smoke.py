@@ -18,9 +18,13 @@ def run_bench(script, tmp_path, *args):
 
 
 def test_throughput_smoke(tmp_path):
-    result = run_bench("throughput.py", tmp_path, "--num-prompts", "6", "--input-len", "24", "--output-len", "5")
+    result = run_bench("throughput.py", tmp_path, "--num-prompts", "6", "--input-len", "24", "--output-len", "5",
+                       "--step-trace")
     (row,) = result["rows"]
     assert row["system"] == "kvbox" and row["requests_per_s"] > 0 and row["output_tokens_per_s"] > 0
+    trace = row["step_trace"]  # the 6 prompts' 144 tokens go in with the first step; 4 more decode each
+    assert trace["arrivals"] == 6 and trace["prefill_steps"] == 1 and trace["prefill_tokens"] == 6 * 24
+    assert trace["decode_steps"] == 4 and trace["steps"] == 5 and 0 < trace["in_steps_s"] <= trace["span_s"]
 
 
 def test_latency_smoke(tmp_path):
@@ -29,18 +33,22 @@ def test_latency_smoke(tmp_path):
 
 
 def test_serve_smoke(tmp_path):
-    """Also: the engine's step time from the server's metrics, and its step loop's profile (KVBOX_ENGINE_PROFILE)
-    written when the server stops."""
+    """Also: the engine's step time from the server's metrics, its step loop's profile (KVBOX_ENGINE_PROFILE) and
+    its step trace over the run, both written when the server stops."""
     out = tmp_path / "result.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--launch", "tiny-llama", "--device", "cpu",
                     "--num-prompts", "6", "--input-len", "16", "--output-len", "5", "--concurrency", "4",
-                    "--json", str(out)], check=True, timeout=300,
+                    "--client-processes", "2", "--step-trace", "--json", str(out)], check=True, timeout=300,
                    env={**os.environ, "KVBOX_ENGINE_PROFILE": str(tmp_path / "engine")})
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
     assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
     assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
+    assert result["client"]["chunks"] >= 6 and result["client"]["cpu_s"] > 0  # chunks merge tokens under load
+    trace = result["step_trace"]  # the warm-up's requests are outside the run's window
+    assert trace["arrivals"] == 6 and trace["prefill_tokens"] >= 6 * 16 and trace["decode_steps"] >= 4
+    assert trace["lead_s"] >= 0 and trace["tail_s"] >= 0 and trace["span_s"] <= result["seconds"]
     (profile,) = tmp_path.glob("engine.*.txt")
     summary = re.search(r"(\d+) function calls .*in ([\d.]+) seconds", profile.read_text())
     assert summary and int(summary[1]) > 0 and float(summary[2]) > 0, profile.read_text()[:500]

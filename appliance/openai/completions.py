@@ -27,7 +27,11 @@ async def create_completion(request: Request) -> Response:
     model, client = open_model(request, req.model)
     params = sampling_params(req, model.spec, max_tokens=req.max_tokens, default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS,
                              logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
-    prompts = await asyncio.to_thread(_tokenize, model.tokenizer, inputs, req.echo)
+    # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a
+    # thread hop would queue them behind every request the loop has not parsed yet.
+    needs_tokenizer = req.echo or any(isinstance(p, str) for p in inputs)
+    prompts = (await asyncio.to_thread(_tokenize, model.tokenizer, inputs, req.echo) if needs_tokenizer
+               else [(None, p) for p in inputs])
     generation = start(request, model, client, prompts, params, "prompt", req.priority)
     choices = _Choices(req.model, model.tokenizer, prompts, params.n, req.echo, req.logprobs is not None)
     if req.stream:
@@ -48,7 +52,6 @@ def _prompt_inputs(prompt: str | list) -> list[str | list[int]]:
 
 
 def _tokenize(tokenizer, inputs: list[str | list[int]], echo: bool) -> list[Prompt]:
-    # Token-id prompts need their text only to echo it.
     return [(p, tokenizer.encode(p)) if isinstance(p, str) else (tokenizer.decode(p) if echo else None, p)
             for p in inputs]
 
