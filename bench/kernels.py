@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import reference  # noqa: E402
 from kernels.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
-from kernels.kv_store import store_kv  # noqa: E402
+from kernels.kv_store import rotary_store_kv, store_kv  # noqa: E402
 from kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from kernels.rotary import rotary_embedding  # noqa: E402
 from kernels import attention  # noqa: E402
@@ -196,6 +196,10 @@ def run(args):
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEV, generator=gen)[:t]
     add("store_kv", f"{t}x{NUM_KV_HEADS}x{HEAD_SIZE}", lambda: store_kv(kk, vv, kc, vc, slots),
         lambda: reference.store_kv(kk, vv, kc, vc, slots), 4 * t * NUM_KV_HEADS * HEAD_SIZE * e)
+    add("rotary_store_kv", f"{t}x({NUM_HEADS}+{NUM_KV_HEADS})x{HEAD_SIZE}",
+        lambda: rotary_store_kv(positions, q, kk, vv, cos_sin, True, kc, vc, slots),
+        lambda: reference.rotary_store_kv(positions, q, kk, vv, cos_sin, True, kc, vc, slots),
+        (2 * (NUM_HEADS + NUM_KV_HEADS) + 3 * NUM_KV_HEADS) * t * HEAD_SIZE * e)  # q, k in place; v, K/V stored
 
     lines = [
         f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
@@ -229,6 +233,11 @@ def sweep(args):
           for s in (1, 2) for t in (64, 128) for w in (4, 8) for st in (2, 3)]),
         ("decode 1x32768", [1], [32768] * 1,
          [dict(num_splits=s, tile_n=t, num_warps=w) for s in (16, 32, 64) for t in (64, 128) for w in (4, 8)]),
+        ("decode 1x256", [1], [256],
+         [dict(num_splits=s, tile_n=t, num_warps=w, num_stages=st)
+          for s in (1, 2, 4, 8) for t in (16, 32, 64) for w in (2, 4) for st in (2, 3) if s * t <= 256]),
+        ("decode 1x1024", [1], [1024],
+         [dict(num_splits=s, tile_n=t, num_warps=4, num_stages=2) for s in (1, 2, 4, 8, 16) for t in (32, 64)]),
         ("decode 8x8192", [1] * 8, [8192] * 8,
          [dict(num_splits=s, tile_n=128, num_warps=4) for s in (2, 4, 8, 16)]),
         ("prefill 4x2048", [2048] * 4, [2048] * 4,
@@ -236,6 +245,8 @@ def sweep(args):
           for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)]),
     ]
     for name, q_lens, seq_lens, configs in cases:
+        if args.cases and not any(name.startswith(prefix) for prefix in args.cases):
+            continue
         batch = paged_batch(q_lens, seq_lens, gen)
         out = torch.empty_like(batch[0])
         default = attention._config(len(q_lens) if q_lens[0] == 1 else sum(q_lens), len(q_lens), NUM_KV_HEADS,
@@ -306,6 +317,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--sweep", action="store_true", help="also sweep paged-attention launch configurations")
+    parser.add_argument("--cases", nargs="*", help="with --sweep: only the cases whose names start so, then stop")
     parser.add_argument("--linear", action="store_true",
                         help="only sweep decode-sized linears (cuBLAS against the skinny kernel)")
     args = parser.parse_args()
@@ -316,6 +328,8 @@ def main():
         return
     if args.sweep:
         sweep(args)
+        if args.cases:
+            return
     run(args)
 
 

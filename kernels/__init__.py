@@ -23,6 +23,7 @@ ENV_VAR = "KVBOX_KERNEL_BACKEND"
 _TRITON_MODULES = {
     "paged_attention": "kernels.attention",
     "store_kv": "kernels.kv_store",
+    "rotary_store_kv": "kernels.kv_store",
     "rms_norm": "kernels.norm",
     "fused_add_rms_norm": "kernels.norm",
     "silu_and_mul": "kernels.activation",
@@ -70,6 +71,10 @@ def paged_attention(*args, **kwargs):
 
 def store_kv(*args, **kwargs):
     return _active.ops.store_kv(*args, **kwargs)
+
+
+def rotary_store_kv(*args, **kwargs):
+    return _active.ops.rotary_store_kv(*args, **kwargs)
 
 
 def rms_norm(*args, **kwargs):

@@ -1,7 +1,9 @@
-"""Scatter this step's keys and values into the paged KV cache by slot (`slot = block_id * block_size + offset`).
+"""Scatter this step's keys and values into the paged KV cache by slot (`slot = block_id * block_size + offset`);
+`rotary_store_kv` first rotates the step's queries and keys in place (RoPE, `kernels.rotary`), in the same launch.
 
-One program per token writes all of its KV heads; a negative slot marks a padded token and is skipped. The
-reference is `kernels.reference.store_kv`.
+One program per token writes all of its KV heads; a negative slot marks a padded token and is skipped. Fusing the
+rotation saves a launch per layer, which at batch-1 decode is most of the two kernels' time. The references are
+`kernels.reference.store_kv` and `kernels.reference.rotary_store_kv`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.rotary import _rotate_token, check_rotary
+
+
+@triton.jit
+def _store_token(
+    token, key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        in_block = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, HEADS_PAD)
+        offs_d = tl.arange(0, HEAD_PAD)
+        mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_SIZE)[None, :]  # [HEADS_PAD, HEAD_PAD]
+        k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        k_dst = key_cache_ptr + block * stride_kcb + in_block * stride_kcs
+        v_dst = value_cache_ptr + block * stride_vcb + in_block * stride_vcs
+        tl.store(k_dst + offs_h[:, None] * stride_kch + offs_d[None, :], k.to(key_cache_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(v_dst + offs_h[:, None] * stride_vch + offs_d[None, :], v.to(value_cache_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -28,31 +57,37 @@ def _store_kv_kernel(
     HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    _store_token(tl.program_id(0).to(tl.int64), key_ptr, value_ptr, key_cache_ptr, value_cache_ptr,
+                 slot_mapping_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                 NUM_HEADS, HEAD_SIZE, HEADS_PAD, HEAD_PAD, BLOCK_SIZE)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    positions_ptr, q_ptr, key_ptr, value_ptr, cos_sin_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_cache,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, IS_NEOX: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    block = slot // BLOCK_SIZE
-    in_block = slot % BLOCK_SIZE
-    offs_h = tl.arange(0, HEADS_PAD)
-    offs_d = tl.arange(0, HEAD_PAD)
-    mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_SIZE)[None, :]  # [HEADS_PAD, HEAD_PAD]
-    k = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    k_dst = key_cache_ptr + block * stride_kcb + in_block * stride_kcs
-    v_dst = value_cache_ptr + block * stride_vcb + in_block * stride_vcs
-    tl.store(k_dst + offs_h[:, None] * stride_kch + offs_d[None, :], k.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst + offs_h[:, None] * stride_vch + offs_d[None, :], v.to(value_cache_ptr.dtype.element_ty),
-             mask=mask)
+    _rotate_token(token, positions_ptr, q_ptr, key_ptr, cos_sin_ptr,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+                  NUM_Q_HEADS, NUM_K_HEADS, Q_HEADS_PAD, K_HEADS_PAD, HALF, HALF_PAD, IS_NEOX)
+    tl.debug_barrier()  # the rotated keys, written by other threads of this program, are read back below
+    _store_token(token, key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+                 stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                 NUM_K_HEADS, HEAD_SIZE, K_HEADS_PAD, HEAD_PAD, BLOCK_SIZE)
 
 
-def store_kv(
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is skipped
-) -> None:
+def _check_store(key, value, key_cache, value_cache, slot_mapping) -> None:
     if key.dim() != 3 or value.shape != key.shape:
         raise ValueError(f"key and value must both be [num_tokens, num_kv_heads, head_size], got "
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
@@ -71,14 +106,53 @@ def store_kv(
             raise ValueError(f"{name} must have a contiguous last (head_size) dimension, got strides {t.stride()}")
     if not slot_mapping.is_contiguous():
         raise ValueError("slot_mapping must be contiguous")
+
+
+def _cache_strides(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, ...]:
+    return (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is skipped
+) -> None:
+    _check_store(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, num_heads, head_size = key.shape
     if num_tokens == 0:
         return
     heads_pad, head_pad = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_size)
     _store_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *_cache_strides(key_cache, value_cache),
         NUM_HEADS=num_heads, HEAD_SIZE=head_size, HEADS_PAD=heads_pad, HEAD_PAD=head_pad,
         BLOCK_SIZE=key_cache.shape[1], num_warps=4 if heads_pad * head_pad <= 2048 else 8,
+    )
+
+
+def rotary_store_kv(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size], rotated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], rotated in place, then stored
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos in the first half, sin in the second
+    is_neox: bool,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is not stored
+) -> None:
+    constants, num_warps = check_rotary(positions, query, key, cos_sin_cache)
+    _check_store(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, _, head_size = key.shape
+    if num_tokens == 0:
+        return
+    _rotary_store_kv_kernel[(num_tokens,)](
+        positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos_sin_cache.stride(0), *_cache_strides(key_cache, value_cache),
+        **constants, IS_NEOX=bool(is_neox), HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
+        BLOCK_SIZE=key_cache.shape[1], num_warps=num_warps,
     )

@@ -176,6 +176,21 @@ def rotary_embedding(
         x[..., :rotary_dim] = rotated.to(x.dtype)
 
 
+def rotary_store_kv(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size], rotated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], rotated in place, then stored
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32
+    is_neox: bool,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is not stored
+) -> None:
+    rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
 def add_lora(
     out: torch.Tensor,  # [num_tokens, out_features], added to in place
     x: torch.Tensor,  # [num_tokens, in_features]

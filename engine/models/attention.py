@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kernels
+from engine.models.layers import RotaryEmbedding
 
 
 @dataclass
@@ -30,7 +31,8 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Paged attention over one layer's cache. Holds no weights: projections and rotary live in the model."""
+    """Paged attention over one layer's cache. Holds no weights: projections and the rotary table live in the
+    model, which passes the table in so that one kernel rotates and stores."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
                  sliding_window: int = 0, soft_cap: float = 0.0):
@@ -44,14 +46,19 @@ class Attention(nn.Module):
         # [2, num_blocks, block_size, num_kv_heads, head_size], bound by the model runner after KV memory is sized.
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
+                positions: torch.Tensor | None = None, rotary_emb: RotaryEmbedding | None = None) -> torch.Tensor:
+        """With `rotary_emb`, query and key are rotated (in place) at `positions` by the kernel that stores K/V."""
         num_tokens = query.shape[0]
         query = query.view(num_tokens, self.num_heads, self.head_size)
         key = key.view(num_tokens, self.num_kv_heads, self.head_size)
         value = value.view(num_tokens, self.num_kv_heads, self.head_size)
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-        kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if rotary_emb is not None:
+            kernels.rotary_store_kv(positions, query, key, value, rotary_emb.cos_sin_cache, rotary_emb.is_neox,
+                                    key_cache, value_cache, metadata.slot_mapping)
+        else:
+            kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         out = kernels.paged_attention(
             query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
             self.scale, self.sliding_window, self.soft_cap,

@@ -226,7 +226,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: flo
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k in place with a float32 cos/sin table, in the neox (rotate-half) layout HF Llama uses."""
+    """The float32 cos/sin table that rotates q and k, in the neox (rotate-half) layout HF Llama uses; the attention
+    layer applies it (`kernels.rotary_store_kv`) as it stores K/V."""
 
     def __init__(self, rotary_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None = None):
         super().__init__()
@@ -235,10 +236,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)  # [max_position, rotary_dim / 2]
         # [max_position, rotary_dim]: cos in the first half, sin in the second
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
-        # query [num_tokens, num_heads, head_size], key [num_tokens, num_kv_heads, head_size]
-        kernels.rotary_embedding(positions, query, key, self.cos_sin_cache, is_neox=True)
+        self.is_neox = True
 
 
 _ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -71,8 +71,7 @@ class LlamaAttention(nn.Module):
             # The norm runs over each head's head_size features: [num_tokens * heads, head_size] and back.
             q = self.q_norm(q.reshape(-1, self.head_size)).view(num_tokens, self.num_heads, self.head_size)
             k = self.k_norm(k.reshape(-1, self.head_size)).view(num_tokens, self.num_kv_heads, self.head_size)
-        self.rotary_emb(positions, q, k)  # in place
-        out = self.attn(q, k, v, metadata)  # [num_tokens, num_heads * head_size]
+        out = self.attn(q, k, v, metadata, positions, self.rotary_emb)  # [num_tokens, num_heads * head_size]
         return self.o_proj(out)  # [num_tokens, hidden]
 
 

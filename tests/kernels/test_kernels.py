@@ -391,14 +391,69 @@ def test_rotary_gpu(heads, head_size, rotary_dim, is_neox, dtype):
     check_rotary(1000, *heads, head_size, rotary_dim, is_neox, dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# rotary_store_kv: RoPE and the K/V store in one launch
+
+
+def check_rotary_store_kv(num_tokens, num_heads, num_kv_heads, head_size, rotary_dim, is_neox, dtype, block_size,
+                          num_blocks, seed=0):
+    """Against the reference (rotary_embedding, then store_kv): the rotated query and key, both caches (padded
+    tokens stored nowhere), and the value columns of the fused qkv tensor untouched."""
+    g = torch.Generator().manual_seed(seed)
+    q_size, kv_size = num_heads * head_size, num_kv_heads * head_size
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=g).to(dtype).to(DEVICE)
+    expected_qkv = qkv.clone()
+
+    def split(t):  # strided views of the fused projection, as the model passes them
+        return (t[:, :q_size].view(num_tokens, num_heads, head_size),
+                t[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_size),
+                t[:, q_size + kv_size:].view(num_tokens, num_kv_heads, head_size))
+
+    positions = torch.randint(0, 4096, (num_tokens,), generator=g).to(DEVICE)
+    cos_sin = make_cos_sin_cache(4096, rotary_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[torch.rand(num_tokens, generator=g) < 0.25] = -1  # padded tokens
+    slots = slots.to(DEVICE)
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    key_cache, value_cache = (torch.randn(shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    expected_k, expected_v, before_k = key_cache.clone(), value_cache.clone(), key_cache.clone()
+    kv_store.rotary_store_kv(positions, *split(qkv), cos_sin, is_neox, key_cache, value_cache, slots)
+    reference.rotary_store_kv(positions, *split(expected_qkv), cos_sin, is_neox, expected_k, expected_v, slots)
+    assert_close(qkv, expected_qkv, ELEMENTWISE_TOL)
+    assert torch.equal(qkv[:, q_size + kv_size:], expected_qkv[:, q_size + kv_size:])
+    assert_close(key_cache, expected_k, ELEMENTWISE_TOL)
+    assert torch.equal(value_cache, expected_v)
+    assert not torch.equal(key_cache, before_k)  # some tokens were stored
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("heads,head_size,rotary_dim", [((6, 2), 32, 32), ((4, 4), 24, 12), ((3, 1), 16, 8)])
+def test_rotary_store_kv(heads, head_size, rotary_dim, is_neox, dtype):
+    check_rotary_store_kv(11, *heads, head_size, rotary_dim, is_neox, dtype, 8, 4)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("heads,head_size,rotary_dim", [((32, 8), 128, 128), ((16, 16), 256, 64),
+                                                        ((12, 2), 80, 80)])
+def test_rotary_store_kv_gpu(heads, head_size, rotary_dim, is_neox, dtype):
+    check_rotary_store_kv(1000, *heads, head_size, rotary_dim, is_neox, dtype, 16, 100)
+
+
 def test_split_k_is_bounded_by_the_longest_context(monkeypatch):
-    """One decode on an H100-sized GPU splits its keys only as far as the block tables can hold keys."""
+    """One decode on an H100-sized GPU splits its keys only as far as the block tables can hold keys, 64 keys a
+    split at least; short splits take one 64-key tile each, long ones 128-key tiles."""
     monkeypatch.setattr(attention, "_num_sms", lambda device: 132)
-    monkeypatch.setattr(attention, "_MIN_SPLIT_TOKENS", 256)
+    monkeypatch.setattr(attention, "_MIN_SPLIT_TOKENS", 64)
     one_decode = dict(num_tokens=1, num_seqs=1, num_kv_heads=8, group=4, head_pad=128, device=DEVICE)
-    assert attention._config(max_context=256, **one_decode)["num_splits"] == 1  # no combine kernel
-    assert attention._config(max_context=1024, **one_decode)["num_splits"] == 4
-    assert attention._config(max_context=32768, **one_decode)["num_splits"] == 64
+    splits_and_tile = lambda max_context: tuple(  # noqa: E731
+        attention._config(max_context=max_context, **one_decode)[key] for key in ("num_splits", "tile_n"))
+    assert splits_and_tile(64) == (1, 64)  # no combine kernel
+    assert splits_and_tile(256) == (4, 64)
+    assert splits_and_tile(1024) == (16, 64)
+    assert splits_and_tile(32768) == (64, 128)
 
 
 @pytest.mark.parametrize("window,cap", [(0, 0.0), (7, 5.0)])
