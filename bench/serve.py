@@ -5,7 +5,8 @@
     python bench/serve.py --launch tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
-process (`--request-rate`), and/or with at most `--concurrency` in flight. Prints TTFT, TPOT (time per output token
+process (`--request-rate`), and/or with at most `--concurrency` in flight, from `--client-processes` processes (one
+Python process cannot parse the SSE chunks of 200 fast streams: it would measure itself). Prints TTFT, TPOT (time per output token
 after the first), inter-token latency and end-to-end latency percentiles, and request and token throughput. With
 `--launch` (on Linux), also the CPU time the server's supervisor process and its engine processes spent on the run,
 and the supervisor's per output token: the HTTP front end's own cost, which caps throughput however fast the engine.
@@ -89,12 +90,11 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return result
 
 
-async def run_share(args, prompts: list[list[int]], delays: list[float], start_at: float,
-                    concurrency: int) -> list[Result]:
+async def run_share(args, prompts: list[list[int]], delays: list[float], concurrency: int) -> list[Result]:
     limit = asyncio.Semaphore(concurrency)
 
-    async def limited(client, prompt, delay):
-        await asyncio.sleep(max(0.0, start_at + delay - time.monotonic()))
+    async def limited(client, prompt, send_at):
+        await asyncio.sleep(max(0.0, send_at - time.monotonic()))
         async with limit:
             return await one_request(client, args.model, prompt, args.output_len)
 
@@ -104,25 +104,37 @@ async def run_share(args, prompts: list[list[int]], delays: list[float], start_a
     clients = [httpx.AsyncClient(base_url=args.url, headers=headers, timeout=httpx.Timeout(30.0, read=None))
                for _ in range(-(-len(prompts) // CONNECTIONS_PER_POOL))]
     try:
-        return await asyncio.gather(*(limited(clients[i // CONNECTIONS_PER_POOL], p, d)
+        # A client takes tens of milliseconds to create (its SSL context): the clock starts once every process has
+        # its clients, so that their creation is not counted as the server's time.
+        _start_barrier.wait(timeout=120)
+        start = time.monotonic()
+        return await asyncio.gather(*(limited(clients[i // CONNECTIONS_PER_POOL], p, start + d)
                                       for i, (p, d) in enumerate(zip(prompts, delays))))
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
-def client_process(args, prompts: list[list[int]], delays: list[float], start_at: float,
+_start_barrier = None  # each client process's handle on the common start
+
+
+def _init_client_process(barrier) -> None:
+    global _start_barrier
+    _start_barrier = barrier
+
+
+def client_process(args, prompts: list[list[int]], delays: list[float],
                    concurrency: int) -> tuple[list[Result], float, float]:
-    """One client process's share of the requests, started at `start_at` (time.monotonic, which the machine's
-    processes share); returns its results, when its last one ended and the CPU seconds it spent."""
+    """One client process's share of the requests; returns its results, when its last one ended (time.monotonic,
+    which the machine's processes share) and the CPU seconds it spent."""
     cpu_before = time.process_time()
-    results = asyncio.run(run_share(args, prompts, delays, start_at, concurrency))
+    results = asyncio.run(run_share(args, prompts, delays, concurrency))
     return results, time.monotonic(), time.process_time() - cpu_before
 
 
 def run(args, prompts: list[list[int]]) -> tuple[list[Result], float, float, float]:
     """Sends the requests from `--client-processes` processes, dealt round-robin (each with its share of the
-    concurrency limit); returns the results, the seconds from the common start to the last end, the start
-    (time.monotonic) and the clients' CPU seconds."""
+    concurrency limit), all starting together; returns the results, the seconds from the start to the last end, the
+    start (time.monotonic) and the clients' CPU seconds."""
     rng = random.Random(0)
     delays, t = [], 0.0
     for _ in prompts:
@@ -131,12 +143,16 @@ def run(args, prompts: list[list[int]]) -> tuple[list[Result], float, float, flo
             t += rng.expovariate(args.request_rate)
     k = max(1, min(args.client_processes, len(prompts)))
     concurrency = -(-(args.concurrency or len(prompts)) // k)
-    with multiprocessing.get_context("fork").Pool(k) as pool:  # every process is up before the start time is set
-        start_at = time.monotonic() + 0.2
-        shares = pool.starmap(client_process, [(args, prompts[i::k], delays[i::k], start_at, concurrency)
-                                               for i in range(k)])
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(k + 1)
+    with context.Pool(k, initializer=_init_client_process, initargs=(barrier,)) as pool:
+        pending = pool.starmap_async(client_process, [(args, prompts[i::k], delays[i::k], concurrency)
+                                                      for i in range(k)])
+        barrier.wait(timeout=120)
+        start = time.monotonic()
+        shares = pending.get()
     results = [r for share in shares for r in share[0]]
-    return results, max(share[1] for share in shares) - start_at, start_at, sum(share[2] for share in shares)
+    return results, max(share[1] for share in shares) - start, start, sum(share[2] for share in shares)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
