@@ -28,7 +28,6 @@ _TRITON_MODULES = {
     "fused_add_rms_norm": "kernels.norm",
     "silu_and_mul": "kernels.activation",
     "gelu_tanh_and_mul": "kernels.activation",
-    "rotary_embedding": "kernels.rotary",
     "add_lora": "kernels.lora",
     "linear": "kernels.gemv",
 }
@@ -91,10 +90,6 @@ def silu_and_mul(*args, **kwargs):
 
 def gelu_tanh_and_mul(*args, **kwargs):
     return _active.ops.gelu_tanh_and_mul(*args, **kwargs)
-
-
-def rotary_embedding(*args, **kwargs):
-    return _active.ops.rotary_embedding(*args, **kwargs)
 
 
 def add_lora(*args, **kwargs):
