@@ -23,5 +23,5 @@ run startup_warm bench/serve.py --launch llama-3.1-8b --startup-only
 run latency bench/latency.py --iters 3 "${peer[@]}"
 run throughput bench/throughput.py --repeat 2 "${peer[@]}" --peer-num-prompts 64
 run serve_c64 bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64
-run serve bench/serve.py --launch llama-3.1-8b --num-prompts 200 --step-trace
+run serve bench/serve.py --launch llama-3.1-8b --num-prompts 200 --step-trace "${peer[@]}"
 run lora bench/lora.py

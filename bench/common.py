@@ -128,16 +128,44 @@ def peer_generate(model, prompts: list[list[int]], output_len: int, batch_size: 
     return time.perf_counter() - start
 
 
-def peer_generate_batch(model, prompts: list[list[int]], output_len: int) -> float:
-    """transformers' continuous batching (`generate_batch`); returns seconds."""
+def peer_generate_batch(model, prompts: list[list[int]], output_len: int) -> dict:
+    """transformers' continuous batching (`generate_batch`), every token timestamped. Returns `seconds` from the
+    first request's admission to the last token, which leaves out the manager's start-up and CUDA-graph warm-up
+    (`wall_s` includes them), and each request's time to first token, time per output token after the first, and
+    gaps between tokens."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate_batch(prompts, generation_config=config)
+    outputs = list(model.generate_batch(prompts, generation_config=config, record_timestamps=True).values())
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    lengths = {len(o.timestamps or []) for o in outputs}
+    assert len(outputs) == len(prompts) and lengths == {output_len}, (len(outputs), lengths)
+    return {"wall_s": wall,
+            "seconds": max(o.timestamps[-1] for o in outputs) - min(o.created_time for o in outputs),
+            "ttft_s": [o.timestamps[0] - o.created_time for o in outputs],
+            "tpot_s": [(o.timestamps[-1] - o.timestamps[0]) / max(1, output_len - 1) for o in outputs],
+            "itl_s": [b - a for o in outputs for a, b in zip(o.timestamps, o.timestamps[1:])]}
+
+
+def workload_roofline(shape: str, num_prompts: int, input_len: int, output_len: int, max_num_seqs: int,
+                      card: dict) -> dict:
+    """Lower bounds on an offline workload's time: FLOPs at the matmul rate; weights read once per decode step at
+    the largest batch plus each token's K/V read once per later token, at the copy bandwidth."""
+    params = num_parameters(shape)
+    n, i, o = num_prompts, input_len, output_len
+    flops = 2 * params * n * (i + o)
+    steps = o * -(-n // max_num_seqs)
+    kv_reads = n * o * (i + o / 2) * kv_bytes_per_token(shape)
+    bytes_moved = steps * params * 2 + kv_reads
+    compute_s, memory_s = flops / card["bf16_flops_per_s"], bytes_moved / card["copy_bytes_per_s"]
+    bound = max(compute_s, memory_s)
+    print(f"roofline: compute {compute_s:.2f} s, memory {memory_s:.2f} s -> at best {n / bound:.1f} req/s "
+          f"({card['name']}: {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
+          f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16)")
+    return {"compute_s": compute_s, "memory_s": memory_s, "requests_per_s": n / bound, "card": card}
 
 
 def sync(device: str) -> None:

@@ -6,10 +6,12 @@
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
 process (`--request-rate`), and/or with at most `--concurrency` in flight, from `--client-processes` processes (one
-Python process cannot parse the SSE chunks of 200 fast streams: it would measure itself). Prints TTFT, TPOT (time per output token
-after the first), inter-token latency and end-to-end latency percentiles, and request and token throughput. With
-`--launch` (on Linux), also the CPU time the server's supervisor process and its engine processes spent on the run,
-and the supervisor's per output token: the HTTP front end's own cost, which caps throughput however fast the engine.
+Python process cannot parse the SSE chunks of 200 fast streams: it would measure itself). Prints TTFT, TPOT (time
+per output token after the first), inter-token latency and end-to-end latency percentiles, and request and token
+throughput. With `--launch` (on Linux), also the CPU time the server's supervisor process and its engine processes
+spent on the run, and the supervisor's per output token: the HTTP front end's own cost, which caps throughput
+however fast the engine. With `--peer` (a GPU), the workload's roofline and transformers' continuous batching on the
+same prompts, in-process.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import yaml
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import SHAPES, random_prompts, report_engine_time, shape_folder  # noqa: E402
+from bench.common import (SHAPES, measure_card, peer_generate_batch, peer_model, random_prompts,  # noqa: E402
+                          report_engine_time, shape_folder, workload_roofline)
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 
@@ -164,6 +167,33 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99": pick(0.99) * 1e3}
 
 
+def print_latencies(summary: dict) -> None:
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        p = summary.get(name)
+        if p:
+            print(f"  {name[:-3]:5s} mean {p['mean']:8.1f} ms  p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  "
+                  f"p99 {p['p99']:8.1f}")
+
+
+def run_peer(args, prompts: list[list[int]]) -> dict:
+    """The workload's roofline, and transformers' continuous batching (`generate_batch`) on the same shape and
+    prompts, in this process: no HTTP, so the peer's best case (its own server, `transformers serve`, needs packages
+    the GPU machine lacks)."""
+    card = measure_card()
+    roofline = workload_roofline(args.launch, len(prompts), args.input_len, args.output_len, args.max_num_seqs, card)
+    peer_prompts = prompts[:args.peer_num_prompts or len(prompts)]
+    batch = peer_generate_batch(peer_model(args.launch), peer_prompts, args.output_len)
+    n, seconds = len(peer_prompts), batch["seconds"]
+    peer = {"prompts": n, "seconds": seconds, "wall_s_with_warmup": batch["wall_s"], "requests_per_s": n / seconds,
+            "output_tokens_per_s": n * args.output_len / seconds, "ttft_ms": percentiles(batch["ttft_s"]),
+            "tpot_ms": percentiles(batch["tpot_s"]), "itl_ms": percentiles(batch["itl_s"])}
+    print(f"transformers generate_batch, {n} prompts in-process: {peer['requests_per_s']:.2f} req/s, "
+          f"{peer['output_tokens_per_s']:.1f} output tok/s (from its first request's admission to its last token; "
+          f"{batch['wall_s']:.1f} s with its start-up and CUDA-graph warm-up)")
+    print_latencies(peer)
+    return {"roofline": roofline, "peer": peer}
+
+
 def report(args, results: list[Result], seconds: float, client_cpu_s: float) -> dict:
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
@@ -179,11 +209,7 @@ def report(args, results: list[Result], seconds: float, client_cpu_s: float) -> 
     }
     print(f"completed {len(done)}/{len(results)} in {seconds:.1f} s: {summary['requests_per_s']:.2f} req/s, "
           f"{summary['output_tokens_per_s']:.1f} output tok/s, {summary['total_tokens_per_s']:.1f} total tok/s")
-    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-        p = summary[name]
-        if p:
-            print(f"  {name[:-3]:5s} mean {p['mean']:8.1f} ms  p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  "
-                  f"p99 {p['p99']:8.1f}")
+    print_latencies(summary)
     num_chunks = sum(r.num_chunks for r in results)
     summary["client"] = {"cpu_s": client_cpu_s, "chunks": num_chunks}
     # A client process near 100% of a core measures itself, not the server.
@@ -291,11 +317,18 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4,
                         help="send from this many processes: one Python process parses ~7k SSE chunks/s (H100 "
                              "host), fewer than 200 streams get at 17 ms decode steps")
+    parser.add_argument("--peer", action="store_true",
+                        help="with --launch on a GPU: also the roofline, and transformers' continuous batching on the "
+                             "same prompts, in-process")
+    parser.add_argument("--peer-num-prompts", type=int, default=64,
+                        help="run the peer on the first N prompts only (it is slow); its rates are per its prompts")
     parser.add_argument("--startup-only", action="store_true", help="with --launch: only time the start-up")
     parser.add_argument("--step-trace", action="store_true",
                         help="with --launch: print the engine's step timeline over the run (engine.step_trace)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.peer and not (args.launch and args.device.startswith("cuda")):
+        parser.error("--peer needs --launch on a CUDA device")
 
     process = launch(args) if args.launch else None
     if args.startup_only and process is not None:
@@ -331,8 +364,10 @@ def main() -> None:
         for path in sorted(Path(args.trace_prefix).parent.glob("step-trace.*.json")):
             summary["step_trace"] = StepTrace.read(str(path)).window(*run_window).summary()
             print_summary(summary["step_trace"])
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
+    if args.peer and process is not None:
+        summary.update(run_peer(args, prompts))  # the server has exited: the GPU is the peer's
+    if args.json and process is not None and (args.step_trace or args.peer):
+        Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
 
 
 if __name__ == "__main__":

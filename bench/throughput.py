@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, add_workload_args, free, kv_bytes_per_token, measure_card,  # noqa: E402
-                          num_parameters, peer_generate, peer_generate_batch, peer_model, profile_kernels,
-                          random_prompts, run_workload, shape_folder, sync)
+from bench.common import (SHAPES, add_workload_args, free, measure_card, peer_generate,  # noqa: E402
+                          peer_generate_batch, peer_model, profile_kernels, random_prompts, run_workload,
+                          shape_folder, sync, workload_roofline)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -51,23 +51,6 @@ def report(name: str, seconds: float, args, num_prompts: int | None = None) -> d
     print(f"{name:28s} {row['requests_per_s']:8.2f} req/s {row['output_tokens_per_s']:10.1f} out tok/s "
           f"{row['total_tokens_per_s']:10.1f} total tok/s  ({seconds:.1f} s)")
     return row
-
-
-def roofline(args, card) -> dict:
-    """Lower bounds on the workload's time: FLOPs at the matmul rate; weights read once per decode step at the
-    largest batch plus each token's K/V read once per later token, at the copy bandwidth."""
-    params = num_parameters(args.shape)
-    n, i, o = args.num_prompts, args.input_len, args.output_len
-    flops = 2 * params * n * (i + o)
-    steps = o * -(-n // args.max_num_seqs)
-    kv_reads = n * o * (i + o / 2) * kv_bytes_per_token(args.shape)
-    bytes_moved = steps * params * 2 + kv_reads
-    compute_s, memory_s = flops / card["bf16_flops_per_s"], bytes_moved / card["copy_bytes_per_s"]
-    bound = max(compute_s, memory_s)
-    print(f"roofline: compute {compute_s:.2f} s, memory {memory_s:.2f} s -> at best {n / bound:.1f} req/s "
-          f"({card['name']}: {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
-          f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16)")
-    return {"compute_s": compute_s, "memory_s": memory_s, "requests_per_s": n / bound, "card": card}
 
 
 def main() -> None:
@@ -103,16 +86,19 @@ def main() -> None:
     core = None
     free(args.device)
     if args.device.startswith("cuda"):
-        results["roofline"] = roofline(args, measure_card())
+        results["roofline"] = workload_roofline(args.shape, args.num_prompts, args.input_len, args.output_len,
+                                                args.max_num_seqs, measure_card())
     if args.peer:
         model = peer_model(args.shape)
         peer_prompts = prompts[:args.peer_num_prompts or len(prompts)]
         results["rows"].append(report(f"transformers generate (bs {args.peer_batch_size})",
                                       peer_generate(model, peer_prompts, args.output_len, args.peer_batch_size),
                                       args, len(peer_prompts)))
-        results["rows"].append(report("transformers generate_batch",
-                                      peer_generate_batch(model, peer_prompts, args.output_len), args,
-                                      len(peer_prompts)))
+        batch = peer_generate_batch(model, peer_prompts, args.output_len)
+        results["rows"].append({**report("transformers generate_batch", batch["seconds"], args, len(peer_prompts)),
+                                "wall_s_with_warmup": round(batch["wall_s"], 2)})
+        print(f"  (from its first request's admission to its last token; {batch['wall_s']:.1f} s with its "
+              f"start-up and CUDA-graph warm-up)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
