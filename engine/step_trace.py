@@ -68,7 +68,7 @@ class StepTrace:
             "between_steps_s": end - begin - in_steps - (self.steps[0].start - begin),
             "prefill_steps": len(prefill),
             "prefill_step_median_ms": statistics.median(s.seconds for s in prefill) * 1e3 if prefill else 0.0,
-            "prefill_tokens": sum(s.num_tokens for s in prefill),
+            "prefill_step_tokens": sum(s.num_tokens for s in prefill),  # their decode tokens too
             "decode_steps": len(decode),
             "decode_step_median_ms": statistics.median(s.seconds for s in decode) * 1e3 if decode else 0.0,
             **around,
@@ -84,8 +84,8 @@ def print_summary(summary: dict[str, float]) -> None:
           f"{summary['first_step_after_s'] * 1e3:.1f} ms")
     print(f"    {summary['steps']} steps: {summary['in_steps_s']:.2f} s in them ({summary['device_wait_s']:.2f} s "
           f"waiting for the device), {summary['between_steps_s']:.2f} s between them")
-    print(f"    {summary['prefill_steps']} with prompt tokens ({summary['prefill_tokens']} tokens; median "
-          f"{summary['prefill_step_median_ms']:.1f} ms), {summary['decode_steps']} decode-only (median "
+    print(f"    {summary['prefill_steps']} with prompt tokens ({summary['prefill_step_tokens']} tokens in all; "
+          f"median {summary['prefill_step_median_ms']:.1f} ms), {summary['decode_steps']} decode-only (median "
           f"{summary['decode_step_median_ms']:.1f} ms)")
     if "lead_s" in summary:
         print(f"    the client's run: {summary['lead_s'] * 1e3:.0f} ms before the first arrival, "

@@ -23,7 +23,7 @@ def test_throughput_smoke(tmp_path):
     (row,) = result["rows"]
     assert row["system"] == "kvbox" and row["requests_per_s"] > 0 and row["output_tokens_per_s"] > 0
     trace = row["step_trace"]  # the 6 prompts' 144 tokens go in with the first step; 4 more decode each
-    assert trace["arrivals"] == 6 and trace["prefill_steps"] == 1 and trace["prefill_tokens"] == 6 * 24
+    assert trace["arrivals"] == 6 and trace["prefill_steps"] == 1 and trace["prefill_step_tokens"] == 6 * 24
     assert trace["decode_steps"] == 4 and trace["steps"] == 5 and 0 < trace["in_steps_s"] <= trace["span_s"]
 
 
@@ -47,7 +47,7 @@ def test_serve_smoke(tmp_path):
     assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
     assert result["client"]["chunks"] >= 6 and result["client"]["cpu_s"] > 0  # chunks merge tokens under load
     trace = result["step_trace"]  # the warm-up's requests are outside the run's window
-    assert trace["arrivals"] == 6 and trace["prefill_tokens"] >= 6 * 16 and trace["decode_steps"] >= 4
+    assert trace["arrivals"] == 6 and trace["prefill_step_tokens"] >= 6 * 16 and trace["decode_steps"] >= 4
     assert trace["lead_s"] >= 0 and trace["tail_s"] >= 0 and trace["span_s"] <= result["seconds"]
     (profile,) = tmp_path.glob("engine.*.txt")
     summary = re.search(r"(\d+) function calls .*in ([\d.]+) seconds", profile.read_text())
