@@ -21,7 +21,7 @@ from appliance import ipc
 from engine.config import EngineConfig
 from engine.lora.manager import LoraInfo
 from engine.output_processor import OutputProcessor, RequestOutput
-from engine.outputs import SchedulerStats
+from engine.contract import SchedulerStats
 from engine.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger("kvbox.supervisor")

@@ -15,7 +15,7 @@ import msgspec
 
 from engine.config import EngineConfig
 from engine.lora.manager import LoraInfo
-from engine.outputs import EngineCoreOutput, SchedulerStats
+from engine.contract import EngineCoreOutput, SchedulerStats
 from engine.sampling_params import SamplingParams
 
 _HEADER = struct.Struct(">I")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from appliance.ipc import StepOutputs
     from appliance.supervisor import ModelRuntime, Supervisor
     from engine.output_processor import RequestOutput
-    from engine.outputs import SchedulerStats
+    from engine.contract import SchedulerStats
 
 WINDOW_S = 180  # history kept and charted, in one-second buckets
 RATE_WINDOW_S = 5  # "now" rates (tokens/s, batch size, hit rate) average over this many seconds

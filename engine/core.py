@@ -24,11 +24,11 @@ from engine.config import EngineConfig
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import LoraInfo, LoraManager
 from engine.models.config import ModelConfig
-from engine.outputs import EngineCoreOutput, SchedulerStats
+from engine.contract import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, core_output
+from engine.scheduler import Scheduler, core_output
 from engine.step_trace import StepRecord, StepTrace
 
 logger = logging.getLogger(__name__)
@@ -68,19 +68,12 @@ class EngineCore:
                 f"max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
-                    num_blocks * self.runner.kv_bytes_per_block / 2**30)
+                    num_blocks * self.runner.kv_memory.bytes_per_block / 2**30)
         if self.runner.use_cuda_graphs:
             with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes"):
                 self.runner.capture_cuda_graphs()
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            policy=config.scheduling_policy,
-            max_loras=config.max_loras if config.enable_lora else None,
-        ), self.kv_manager)
+        self.scheduler = Scheduler(config, self.max_model_len, self.kv_manager)
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0
@@ -104,10 +97,9 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
                     lora_name: str | None = None) -> list[str]:
-        """Validates and queues a request; returns the ids of its samples (one per n)."""
+        """Queues a request that `engine.validation` accepted; returns the ids of its samples (one per n)."""
         if request_id in self._samples_of:
             raise InvalidParameterError("request_id", f"a request with id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
         adapter_id = None
         if lora_name is not None:
             if self.lora is None:
@@ -130,17 +122,6 @@ class EngineCore:
         if len(samples) > 1:
             self._waiting_siblings[samples[0].request_id] = samples[1:]
         return self._samples_of[request_id]
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise InvalidParameterError("prompt", "the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidParameterError(
-                "prompt", f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length is "
-                          f"{self.max_model_len} (and at least one token must be generated)")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise InvalidParameterError("prompt", f"token ids must be in [0, {self.vocab_size})")
-        params.verify_for_model(self.vocab_size)
 
     def abort_requests(self, parent_ids: list[str]) -> list[EngineCoreOutput]:
         outputs = []
@@ -172,10 +153,10 @@ class EngineCore:
             seconds = time.perf_counter() - start
             self.step_seconds += seconds
             if self.step_trace is not None:
-                launched = self._launched_last.scheduled
+                launched = self._launched_last
                 self.step_trace.steps.append(StepRecord(
-                    started_at, seconds, self.device_wait_seconds - wait_before,
-                    sum(s.num_new_tokens for s in launched), len(launched)))
+                    started_at, seconds, self.device_wait_seconds - wait_before, launched.num_tokens,
+                    launched.num_reqs))
 
     def _step(self) -> list[EngineCoreOutput]:
         outputs = []
@@ -199,10 +180,7 @@ class EngineCore:
         return outputs
 
     def _may_schedule_ahead(self, in_flight: SchedulerOutput) -> bool:
-        """Penalties need every earlier output token on the host, so a batch using them is completed before the
-        next step is scheduled."""
-        return self.async_scheduling and not any(
-            s.samples and s.request.sampling_params.needs_penalties for s in in_flight.scheduled)
+        return self.async_scheduling and self.scheduler.can_schedule_ahead_of(in_flight)
 
     def _launch(self, scheduler_output: SchedulerOutput,
                 outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:
@@ -232,10 +210,9 @@ class EngineCore:
         # fault (torch.AcceleratorError: an illegal address, an ECC error) is not caught: it leaves the CUDA context
         # unusable, so every later step would fail too; the engine process ends instead and its supervisor fails
         # its requests and restarts it. Running out of memory is an ordinary failure of the batch.
-        logger.exception("model step failed; finishing its %d requests with an error", len(scheduler_output.scheduled))
-        failed = [s.request for s in scheduler_output.scheduled if not s.request.is_finished]
-        self.scheduler.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
-        return [core_output(r, [], None, None) for r in failed]
+        logger.exception("model step failed; finishing its %d requests with an error: %s", scheduler_output.num_reqs,
+                         ", ".join(scheduler_output.req_ids()))
+        return [core_output(r, [], None, None) for r in self.scheduler.fail_step(scheduler_output)]
 
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
         stats = self.scheduler.stats(with_block_states)

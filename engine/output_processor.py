@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import EngineCoreOutput, TokenLogprobs
+from engine.contract import EngineCoreOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -100,8 +98,10 @@ class Request:
         # the next step is scheduled before the current one's tokens arrive; each pending token is one more position
         # to compute, and its id reaches the next step's input on the device.
         self.num_pending_outputs = 0
-
-        self._generator: torch.Generator | None = None
+        # What the model runner holds of it (see engine.contract): later steps send only what it lacks.
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
+        self.resumed = False  # preempted since it was last scheduled
 
     @property
     def num_tokens(self) -> int:
@@ -133,18 +133,6 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None and self.index == 0
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The request's own random generator (None when unseeded), created on the sampling device on first use.
-
-        Each seeded request owns its generator, so its samples do not depend on which requests share the batch.
-        """
-        if self.sampling_params.seed is None:
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.sampling_params.seed + self.index)
-        return self._generator
 
     @property
     def needs_prompt_logprobs(self) -> bool:

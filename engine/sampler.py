@@ -1,8 +1,8 @@
 """Logits -> next tokens (+ logprobs) for the rows of a batch that need one.
 
 The sampler owns the per-step sampling math; it does not know about the scheduler, the KV cache or stop checks.
-`SamplingMetadata.from_requests` turns the batch's requests into tensors, building only what some row uses, so a
-plain greedy batch costs an argmax.
+`SamplingMetadata.from_rows` turns the batch's sampling rows (the runner's copies of their requests) into tensors,
+building only what some row uses, so a plain greedy batch costs an argmax.
 
 Order of operations in `Sampler.__call__`:
   1. Logprobs, when any row asked for them, come from the RAW logits (log_softmax before any processing, like
@@ -23,10 +23,12 @@ Everything stays on the logits' device; nothing here waits for the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.request import Request
+if TYPE_CHECKING:
+    from engine.input_batch import ScheduledRow
 
 
 @dataclass
@@ -53,8 +55,9 @@ class SamplingMetadata:
     max_num_logprobs: int | None  # the largest `logprobs` over rows; None when no row wants logprobs
 
     @classmethod
-    def from_requests(cls, requests: list[Request], device: torch.device) -> SamplingMetadata:
+    def from_rows(cls, rows: list[ScheduledRow], device: torch.device) -> SamplingMetadata:
         device = torch.device(device)
+        requests = [row.state for row in rows]
         params = [r.sampling_params for r in requests]
         greedy = [p.is_greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
@@ -71,9 +74,9 @@ class SamplingMetadata:
 
         bias_entries = [(row, token_id, bias) for row, p in enumerate(params)
                         for token_id, bias in (p.logit_bias or {}).items()]
-        banned = [(row, token_id) for row, r in enumerate(requests)
-                  if r.num_prior_outputs < r.sampling_params.min_tokens
-                  for token_id in sorted(set(r.eos_token_ids) | set(r.sampling_params.stop_token_ids))]
+        banned = [(i, token_id) for i, row in enumerate(rows)
+                  if row.num_prior_outputs < row.state.sampling_params.min_tokens
+                  for token_id in sorted(set(row.state.eos_token_ids) | set(row.state.sampling_params.stop_token_ids))]
         logit_bias = min_tokens_mask = None
         if bias_entries:
             rows, token_ids, biases = zip(*bias_entries)

@@ -22,72 +22,36 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field
 
+from engine.config import EngineConfig
+from engine.contract import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                             SchedulerOutput, SchedulerStats, TokenLogprobs)
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name
-from engine.outputs import EngineCoreOutput, SchedulerStats, TokenLogprobs
 from engine.request import Request, RequestStatus
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 4096
-    enable_chunked_prefill: bool = True
-    policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, then arrival)
-    max_loras: int | None = None  # most distinct LoRA adapters among running requests; None: no adapters
+class _Scheduled:
+    """One request's share of a step, on the scheduler's side (the runner gets it as plain data)."""
 
-    def __post_init__(self) -> None:
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
-                             f"({self.max_num_batched_tokens} < {self.max_model_len})")
+    __slots__ = ("request", "num_computed_before", "num_new_tokens", "samples")
 
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_computed_before: int  # K/V already cached before this step (prefix hits included)
-    num_new_tokens: int  # tokens this step computes: positions num_computed_before ... + num_new_tokens - 1
-    block_ids: list[int]  # the request's block table (the KV manager's live list)
-    samples: bool = field(init=False)  # the step reaches the request's last token, so its logits give the next one
-
-    def __post_init__(self) -> None:
-        self.samples = self.num_computed_before + self.num_new_tokens == self.request.num_scheduled_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class ModelRunnerOutput:
-    """What the runner produced for the requests that sampled (in `request_ids` order)."""
-
-    request_ids: list[str]
-    sampled_token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None = None  # one per sampled token, when any request asked
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    def __init__(self, request: Request, num_computed_before: int, num_new_tokens: int):
+        self.request = request
+        self.num_computed_before = num_computed_before  # K/V already cached before this step (prefix hits included)
+        self.num_new_tokens = num_new_tokens
+        # The step reaches the request's last token, so its logits give the next one.
+        self.samples = num_computed_before + num_new_tokens == request.num_scheduled_tokens
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+    def __init__(self, config: EngineConfig, max_model_len: int, kv_manager: KVCacheManager):
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                             f"({config.max_num_batched_tokens} < {max_model_len})")
         self.config = config
+        self.max_model_len = max_model_len
+        self.max_loras = config.max_loras if config.enable_lora else None
         self.kv = kv_manager
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # sorted by _rank
@@ -97,10 +61,15 @@ class Scheduler:
         self.num_preemptions = 0
         self.last_step_num_tokens = 0
         self.last_step_num_seqs = 0
+        self._step_ids = itertools.count(1)
+        self._in_flight: dict[int, list[_Scheduled]] = {}  # step id -> what it scheduled, until its output is back
+        # The runner's copy of a request must be dropped; sent with the next step that runs.
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []
 
     # ---- queue management ----
     def add_request(self, request: Request) -> None:
-        priority = request.priority if self.config.policy == "priority" else 0
+        priority = request.priority if self.config.scheduling_policy == "priority" else 0
         self._rank_of[request.request_id] = (priority, next(self._arrival_seq))
         self.requests[request.request_id] = request
         self._enqueue(request)
@@ -128,10 +97,21 @@ class Scheduler:
 
     # ---- one step ----
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: dict[str, ScheduledRequest] = {}
+        scheduled, budget, preempted_now = self._schedule_running(budget)
+        scheduled += self._schedule_waiting(budget, preempted_now)
+        for item in scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                item.request.num_pending_outputs += 1
+        self.last_step_num_tokens = sum(item.num_new_tokens for item in scheduled)
+        self.last_step_num_seqs = len(scheduled)
+        return self._to_output(scheduled)
 
+    def _schedule_running(self, budget: int) -> tuple[list[_Scheduled], int, set[str]]:
+        """Running requests first, preempting the lowest ranked ones when the KV pool runs dry."""
+        scheduled: dict[str, _Scheduled] = {}  # in order
+        preempted_now: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -143,23 +123,21 @@ class Scheduler:
             while not self.kv.allocate_slots(request, num_new):
                 victim = max(self.running, key=self._rank)
                 self._preempt(victim)
-                out.preempted_ids.append(victim.request_id)
-                if victim.request_id in scheduled_ids:
-                    undone = scheduled_ids.pop(victim.request_id)
-                    out.scheduled.remove(undone)
-                    budget += undone.num_new_tokens
+                preempted_now.add(victim.request_id)
+                if victim.request_id in scheduled:
+                    budget += scheduled.pop(victim.request_id).num_new_tokens
                     i -= 1
                 if victim is request:
                     break
             else:
-                item = ScheduledRequest(request, request.num_computed_tokens, num_new,
-                                        self.kv.block_ids(request.request_id))
-                out.scheduled.append(item)
-                scheduled_ids[request.request_id] = item
+                scheduled[request.request_id] = _Scheduled(request, request.num_computed_tokens, num_new)
                 budget -= num_new
                 i += 1
+        return list(scheduled.values()), budget, preempted_now
 
-        preempted_now = set(out.preempted_ids)
+    def _schedule_waiting(self, budget: int, preempted_now: set[str]) -> list[_Scheduled]:
+        """Admits waiting requests in queue order while budget, sequence slots, KV blocks and LoRA slots last."""
+        scheduled = []
         # Running requests use at most max_loras adapters, so any step's adapters fit the device's LoRA slots.
         running_adapters = {r.adapter_id for r in self.running if r.adapter_id is not None}
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -187,23 +165,58 @@ class Scheduler:
             self.running.append(request)
             if request.adapter_id is not None:
                 running_adapters.add(request.adapter_id)
-            out.scheduled.append(ScheduledRequest(request, num_computed, num_new, self.kv.block_ids(request.request_id)))
+            scheduled.append(_Scheduled(request, num_computed, num_new))
             budget -= num_new
+        return scheduled
 
-        for item in out.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-            if item.samples:
-                item.request.num_pending_outputs += 1
-        self.last_step_num_tokens = out.num_tokens
-        self.last_step_num_seqs = len(out.scheduled)
+    def _to_output(self, scheduled: list[_Scheduled]) -> SchedulerOutput:
+        """The step as plain data: requests the runner holds as diffs, the others whole (see engine.contract)."""
+        if not scheduled:
+            return SchedulerOutput()  # nothing runs; the ids to forget wait for a step that does
+        out = SchedulerOutput(step_id=next(self._step_ids), finished_ids=self._finished_ids,
+                              preempted_ids=self._preempted_ids)
+        self._finished_ids, self._preempted_ids = [], []
+        for item in scheduled:
+            request = item.request
+            block_ids = self.kv.block_ids(request.request_id)
+            if request.num_tokens_sent == 0:
+                out.new_requests.append(_new_request_data(request, block_ids, item))
+            else:
+                # A request resumed after preemption sends its whole (new) block table.
+                first_block = 0 if request.resumed else request.num_blocks_sent
+                out.cached_requests.append(
+                    request.request_id, request.all_token_ids[request.num_tokens_sent:], block_ids[first_block:],
+                    item.num_computed_before, item.num_new_tokens, request.resumed)
+            request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)
+            request.resumed = False
+            if request.needs_prompt_logprobs:
+                first = max(item.num_computed_before, request.num_prompt_logprobs_done)
+                last = min(item.num_computed_before + item.num_new_tokens, request.num_prompt_tokens - 1)
+                if last > first:
+                    out.prompt_logprob_spans[request.request_id] = (first, last)
+                    request.num_prompt_logprobs_done = last
+        self._in_flight[out.step_id] = scheduled
         return out
+
+    def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
+        """Penalties need every earlier output token on the host, so a batch using them is completed before the
+        next step is scheduled."""
+        return not any(item.samples and item.request.sampling_params.needs_penalties
+                       for item in self._in_flight.get(scheduler_output.step_id, ()))
+
+    def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """A step that could not run: its requests end with an error. Returns them."""
+        failed = [item.request for item in self._in_flight.pop(scheduler_output.step_id, ())
+                  if not item.request.is_finished]
+        self.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
+        return failed
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Appends sampled tokens, applies token-level stop rules and frees finished requests' blocks."""
-        sampled = dict(zip(runner_output.request_ids, range(len(runner_output.request_ids))))
+        sampled = dict(zip(runner_output.req_ids, range(len(runner_output.req_ids))))
         outputs = []
-        for item in scheduler_output.scheduled:
+        for item in self._in_flight.pop(scheduler_output.step_id, ()):
             request = item.request
             if item.samples:
                 request.num_pending_outputs -= 1
@@ -251,7 +264,7 @@ class Scheduler:
 
     # ---- internals ----
     def _adapter_names(self, requests: list[Request]) -> list[str]:
-        if self.config.max_loras is None:
+        if self.max_loras is None:
             return []
         return sorted({adapter_name(r.adapter_id) for r in requests if r.adapter_id is not None})
 
@@ -260,12 +273,12 @@ class Scheduler:
 
     def _adapter_fits(self, request: Request, running_adapters: set[str]) -> bool:
         return (request.adapter_id is None or request.adapter_id in running_adapters
-                or len(running_adapters) < self.config.max_loras)
+                or len(running_adapters) < self.max_loras)
 
     def _stops_by_length_with_pending(self, request: Request) -> bool:
         num_outputs = request.num_output_tokens + request.num_pending_outputs
         return ((request.max_tokens is not None and num_outputs >= request.max_tokens)
-                or request.num_scheduled_tokens >= self.config.max_model_len)
+                or request.num_scheduled_tokens >= self.max_model_len)
 
     def _dequeue(self, request: Request) -> None:
         (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
@@ -277,7 +290,9 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        self._preempted_ids.append(request.request_id)
         request.num_computed_tokens = 0
+        request.resumed = True
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -295,7 +310,7 @@ class Scheduler:
                 return
         if request.max_tokens is not None and request.num_output_tokens >= request.max_tokens:
             request.status = RequestStatus.FINISHED_LENGTH
-        elif request.num_tokens >= self.config.max_model_len:
+        elif request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
@@ -304,6 +319,8 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.kv.free(request)
+        if request.num_tokens_sent:
+            self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]
         del self._rank_of[request.request_id]
 
@@ -323,4 +340,20 @@ def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[T
         stop_reason=request.stop_reason,
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
+    )
+
+
+def _new_request_data(request: Request, block_ids: list[int], item: _Scheduled) -> NewRequestData:
+    params = request.sampling_params
+    return NewRequestData(
+        req_id=request.request_id,
+        token_ids=list(request.all_token_ids),
+        num_prompt_tokens=request.num_prompt_tokens,
+        sampling_params=params,
+        eos_token_ids=sorted(request.eos_token_ids),
+        block_ids=list(block_ids),
+        num_computed_tokens=item.num_computed_before,
+        num_new_tokens=item.num_new_tokens,
+        seed=None if params.seed is None else params.seed + request.index,
+        adapter_id=request.adapter_id,
     )

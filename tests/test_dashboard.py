@@ -25,7 +25,7 @@ from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.stats import MAX_LATENCY_SAMPLES, MAX_MAP_CELLS, StatsHub, block_map
 from appliance.supervisor import ModelRuntime, ModelStatus, Supervisor
-from engine.outputs import EngineCoreOutput, SchedulerStats
+from engine.contract import EngineCoreOutput, SchedulerStats
 from ui import session
 
 pytest.register_assert_rewrite("helpers_server")

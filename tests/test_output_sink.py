@@ -11,7 +11,7 @@ from appliance.engine_client import EngineDeadError, OutputSink
 from appliance.metrics import Metrics
 from appliance.openai.serving import Generation
 from engine.output_processor import OutputProcessor
-from engine.outputs import EngineCoreOutput, TokenLogprobs
+from engine.contract import EngineCoreOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 VOCAB = ["<eos>", "the", "cat", "sat", "on", "a", "mat", "STOP", "and", "slept"]

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Sequence
 
 from appliance.openai.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
-from engine.outputs import TokenLogprobs
+from engine.contract import TokenLogprobs
 
 # JSON has no -inf; vLLM reports this instead.
 _MIN_LOGPROB = -9999.0

@@ -1,0 +1,144 @@
+"""Every struct that crosses a process boundary, as plain data (msgspec Structs, msgpack on the wire, never pickle).
+
+Two boundaries meet here:
+- scheduler -> model runner (a worker process, under tensor or pipeline parallelism): `SchedulerOutput` each step,
+  `ModelRunnerOutput` back. A runner never sees a scheduler's `Request`: a request reaches it once, whole, as
+  `NewRequestData` when first scheduled, and afterwards only as a diff in `CachedRequestData` (tokens the host
+  learnt, blocks added, the new block table of a request resumed after preemption). Finished ids tell the runner
+  what to forget.
+- engine -> front end: `EngineCoreOutput` per request and step, `SchedulerStats`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.sampling_params import SamplingParams
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """One position's logprobs: the chosen (or prompt) token first, then the top-k alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int  # rank of token_ids[0] among all tokens (1 = most likely)
+
+
+# ---- scheduler -> runner ----
+class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the runner does not hold yet: everything it needs to compute and sample it."""
+
+    req_id: str
+    token_ids: list[int]  # prompt, then the outputs the host knows (a request resumed after preemption has some)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]  # masked while fewer than min_tokens outputs exist
+    block_ids: list[int]
+    num_computed_tokens: int  # K/V already cached (prefix-cache hits, a sibling's shared prompt)
+    num_new_tokens: int  # scheduled this step
+    seed: int | None = None  # its random generator's seed (one per sample of n), None: the global RNG
+    adapter_id: str | None = None  # LoRA adapter version
+
+
+class CachedRequestData(msgspec.Struct, array_like=True):
+    """Requests the runner already holds, one column entry per request, in the step's order."""
+
+    req_ids: list[str] = []
+    new_token_ids: list[list[int]] = []  # outputs the host learnt since they were last sent
+    new_block_ids: list[list[int]] = []  # blocks appended to the block table
+    num_computed_tokens: list[int] = []
+    num_new_tokens: list[int] = []
+    # Resumed after a preemption: its blocks were freed, and new_block_ids is its whole new block table.
+    resumed: list[bool] = []
+
+    def append(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int], num_computed_tokens: int,
+               num_new_tokens: int, resumed: bool) -> None:
+        self.req_ids.append(req_id)
+        self.new_token_ids.append(new_token_ids)
+        self.new_block_ids.append(new_block_ids)
+        self.num_computed_tokens.append(num_computed_tokens)
+        self.num_new_tokens.append(num_new_tokens)
+        self.resumed.append(resumed)
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True):
+    """One step. The batch runs the cached requests in their order, then the new ones."""
+
+    step_id: int = 0
+    cached_requests: CachedRequestData = msgspec.field(default_factory=CachedRequestData)
+    new_requests: list[NewRequestData] = []
+    # Requests the runner must forget before this step's: finished (or aborted) since the last step. Preempted ones
+    # lose their blocks but keep the rest (their random generator, tokens) until they resume.
+    finished_ids: list[str] = []
+    preempted_ids: list[str] = []
+    # req id -> [first, last): prompt positions whose next-token logprobs this step computes.
+    prompt_logprob_spans: dict[str, tuple[int, int]] = {}
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.cached_requests.req_ids) + len(self.new_requests)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.cached_requests.num_new_tokens) + sum(r.num_new_tokens for r in self.new_requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_reqs == 0
+
+    def req_ids(self) -> list[str]:
+        return [*self.cached_requests.req_ids, *(r.req_id for r in self.new_requests)]
+
+
+# ---- runner -> scheduler ----
+class ModelRunnerOutput(msgspec.Struct, array_like=True):
+    """What the runner produced for the requests that sampled, in `req_ids` order."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None  # one per sampled token, when any request asked
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+
+
+# ---- engine -> front end ----
+class EngineCoreOutput(msgspec.Struct):
+    request_id: str
+    parent_id: str
+    index: int  # which of the parent's n samples
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    # Logprobs of prompt tokens 1.. computed this step (token 0 has none); None when not asked for.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # FinishReason value
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct):
+    num_running: int
+    num_waiting: int
+    num_preempted_waiting: int  # waiting requests that were preempted and wait to resume
+    kv_usage: float  # share of KV blocks in use
+    num_kv_blocks: int
+    num_free_blocks: int
+    num_cached_free_blocks: int
+    prefix_cache_queries: int  # cumulative, in blocks
+    prefix_cache_hits: int
+    num_preemptions: int  # cumulative
+    step_num_tokens: int  # tokens in the last step
+    step_num_seqs: int
+    # One byte per block: 0 free, 1 in use, 2 free but holding a reusable prefix (the dashboard's block map);
+    # attached at most once a second.
+    block_states: bytes | None = None
+    # With LoRA: the adapters (by name) of running requests, and of waiting ones.
+    running_loras: list[str] = []
+    waiting_loras: list[str] = []
+    # Cumulative: seconds in engine steps, and of those, seconds the host waited for the device to finish one. Their
+    # ratio tells a device-bound engine (close to 1) from one whose host work leaves the device idle.
+    step_seconds: float = 0.0
+    device_wait_seconds: float = 0.0

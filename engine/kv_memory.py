@@ -1,0 +1,92 @@
+"""KV cache memory: how many blocks the engine can afford, and the cache tensors bound to the attention layers.
+
+Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
+forward of the largest step leaves under `kv_cache_memory_fraction`, else on the CPU enough for every sequence slot
+within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
+layer. It does not decide which blocks a request uses: that is the KV cache manager's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.models.config import ModelConfig
+
+
+class KVMemory:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, device: torch.device):
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.device = device
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
+        self.num_blocks = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        element_size = torch.empty((), dtype=mc.dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_size * element_size
+
+    def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
+        """`run_largest_step(lengths, block_tables)` runs the largest forward the scheduler can produce, one
+        sequence of each length on its block table (the GPU profile)."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes // self.bytes_per_block
+        if self.device.type == "cuda":
+            return self._profile_gpu_budget(run_largest_step) // self.bytes_per_block
+        # No device to profile: enough for every sequence slot at full length, within a fixed budget.
+        useful = self.config.max_num_seqs * self.max_blocks_per_seq
+        return min(useful, DEFAULT_CPU_KV_BYTES // self.bytes_per_block)
+
+    def allocate(self, num_blocks: int) -> None:
+        mc = self.model_config
+        self.num_blocks = num_blocks
+        for layer in self.model.attention_layers():
+            layer.kv_cache = torch.zeros(
+                (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_size), dtype=mc.dtype, device=self.device)
+
+    def release(self) -> None:
+        for layer in self.model.attention_layers():
+            layer.kv_cache = None
+
+    def _profile_shapes(self) -> tuple[list[int], list[list[int]]]:
+        """The profiling step: `max_num_seqs` sequences (at most one per token) sharing `max_num_batched_tokens`
+        tokens, each on blocks of its own; allocates a throwaway cache that holds them."""
+        num_tokens = self.config.max_num_batched_tokens
+        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        tables, start = [], 0
+        for n in lengths:
+            num_blocks = -(-n // self.block_size)
+            tables.append(list(range(start, start + num_blocks)))
+            start += num_blocks
+        self.allocate(start)
+        return lengths, tables
+
+    def _profile_gpu_budget(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
+        """Runs the largest step on a throwaway cache and returns what memory is left for the KV cache under
+        `kv_cache_memory_fraction`."""
+        lengths, tables = self._profile_shapes()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        run_largest_step(lengths, tables)
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        self.release()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        if budget < self.bytes_per_block * self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache of one full-length sequence: {budget / 2**30:.2f} GiB left "
+                f"after weights and activations; raise kv_cache_memory_fraction or lower max_model_len / "
+                f"max_num_batched_tokens")
+        return budget
