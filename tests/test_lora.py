@@ -272,17 +272,17 @@ def test_without_lora_the_model_is_untouched_and_adapters_are_refused(llama_setu
 
 
 def test_scheduler_runs_at_most_max_loras_adapters():
-    s = make_scheduler(max_loras=2)
+    s = make_scheduler(enable_lora=True, max_loras=2)
     for request_id, adapter in [("a", "A@1"), ("b", "B@1"), ("c", "C@1"), ("base", None), ("b2", "B@1")]:
         request = make_request(request_id, 4, max_tokens=2 if request_id == "a" else 4, first_token=ord(request_id[0]))
         request.adapter_id = adapter
         s.add_request(request)
     out, _ = run_step(s)
     # c's adapter finds no slot: it waits, and first come first served holds back those behind it too
-    assert [x.request.request_id for x in out.scheduled] == ["a", "b"]
+    assert out.req_ids() == ["a", "b"]
     run_step(s)  # a finishes, freeing its adapter's slot
     out, _ = run_step(s)
-    assert [x.request.request_id for x in out.scheduled] == ["b", "c", "base", "b2"]
+    assert out.req_ids() == ["b", "c", "base", "b2"]
 
 
 @pytest.mark.gpu

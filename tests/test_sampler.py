@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.request import Request
+from engine.input_batch import CachedRequestState, ScheduledRow
 from engine.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_penalties, apply_top_k_top_p,
                             compute_prompt_logprobs)
 from engine.sampling_params import SamplingParams
@@ -11,17 +11,18 @@ VOCAB = 50
 EOS = 7
 
 
-def make_request(i: int = 0, prompt: list[int] | None = None, outputs: list[int] = (), **params) -> Request:
+def make_request(i: int = 0, prompt: list[int] | None = None, outputs: list[int] = (), **params) -> ScheduledRow:
+    """A sampling row as the runner sees it: the request's last known token computed this step."""
     params.setdefault("max_tokens", 100)
-    request = Request(f"r{i}", prompt if prompt is not None else [1, 2, 3], SamplingParams(**params),
-                      eos_token_ids=frozenset({EOS}))
-    for token_id in outputs:
-        request.append_output_token(token_id)
-    return request
+    params = SamplingParams(**params)
+    prompt = prompt if prompt is not None else [1, 2, 3]
+    token_ids = [*prompt, *outputs]
+    state = CachedRequestState(f"r{i}", token_ids, len(prompt), params, frozenset({EOS}), [0], params.seed, None)
+    return ScheduledRow(state, len(token_ids) - 1, 1)
 
 
-def sample(requests: list[Request], logits: torch.Tensor):
-    return Sampler()(logits, SamplingMetadata.from_requests(requests, CPU))
+def sample(requests: list[ScheduledRow], logits: torch.Tensor):
+    return Sampler()(logits, SamplingMetadata.from_rows(requests, CPU))
 
 
 def random_logits(n: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
@@ -30,7 +31,7 @@ def random_logits(n: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
 
 def test_plain_greedy_batch_builds_nothing_and_takes_argmax():
     requests = [make_request(i, temperature=0.0) for i in range(4)]
-    metadata = SamplingMetadata.from_requests(requests, CPU)
+    metadata = SamplingMetadata.from_rows(requests, CPU)
     assert metadata.all_greedy and metadata.temperature is None and metadata.top_k is None
     assert metadata.output_token_ids is None and metadata.logit_bias is None and metadata.min_tokens_mask is None
     assert metadata.max_num_logprobs is None

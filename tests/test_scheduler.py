@@ -2,17 +2,22 @@
 
 import pytest
 
+from engine.config import EngineConfig
+from engine.contract import ModelRunnerOutput
+from engine.input_batch import RequestStates
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ModelRunnerOutput, Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 
 EOS = 999
 
 
-def make_scheduler(num_blocks=100, block_size=4, prefix_caching=True, **config):
-    config.setdefault("max_model_len", 64)
-    return Scheduler(SchedulerConfig(**config), KVCacheManager(num_blocks, block_size, prefix_caching))
+def make_scheduler(num_blocks=100, block_size=4, prefix_caching=True, max_model_len=64, **config):
+    scheduler = Scheduler(EngineConfig(model="unused", **config), max_model_len,
+                          KVCacheManager(num_blocks, block_size, prefix_caching))
+    scheduler.runner_states = RequestStates()  # the runner's copies, kept from the steps' plain data
+    return scheduler
 
 
 def make_request(request_id, num_prompt, max_tokens=4, priority=0, first_token=0, **params):
@@ -24,7 +29,8 @@ def make_request(request_id, num_prompt, max_tokens=4, priority=0, first_token=0
 def run_step(scheduler, next_token=7):
     """Schedules one step and answers every sampling request with `next_token` (or a dict id -> token)."""
     out = scheduler.schedule()
-    sampling = [s.request.request_id for s in out.scheduled if s.samples]
+    rows = scheduler.runner_states.apply(out)
+    sampling = [row.state.req_id for row in rows if row.samples]
     tokens = [next_token[r] if isinstance(next_token, dict) else next_token for r in sampling]
     outputs = scheduler.update_from_output(out, ModelRunnerOutput(sampling, tokens))
     scheduler.kv.pool.check_integrity()
@@ -32,7 +38,8 @@ def run_step(scheduler, next_token=7):
 
 
 def scheduled_tokens(out):
-    return {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+    counts = [*out.cached_requests.num_new_tokens, *(r.num_new_tokens for r in out.new_requests)]
+    return dict(zip(out.req_ids(), counts))
 
 
 def test_prefill_then_decode_in_one_batch():
@@ -133,7 +140,8 @@ def test_preemption_recomputes_and_keeps_tokens():
 
 def test_preempting_an_already_scheduled_request_returns_its_budget():
     # Priority policy: the victim is the lowest-priority running request, even one already scheduled this step.
-    s = make_scheduler(num_blocks=4, block_size=4, max_model_len=16, prefix_caching=False, policy="priority")
+    s = make_scheduler(num_blocks=4, block_size=4, max_model_len=16, prefix_caching=False,
+                       scheduling_policy="priority")
     s.add_request(make_request("low", 4, max_tokens=8, priority=5))
     run_step(s, {"low": 1})  # low: 5 tokens known, 1 block
     s.add_request(make_request("high", 8, max_tokens=8, priority=0, first_token=100))
@@ -148,7 +156,7 @@ def test_preempting_an_already_scheduled_request_returns_its_budget():
 
 
 def test_priority_policy_orders_waiting_and_picks_victim():
-    s = make_scheduler(max_num_seqs=1, policy="priority")
+    s = make_scheduler(max_num_seqs=1, scheduling_policy="priority")
     s.add_request(make_request("late-important", 4, priority=0))
     s.add_request(make_request("unimportant", 4, priority=9, first_token=10))
     s.add_request(make_request("important", 4, priority=0, first_token=20))
@@ -156,7 +164,7 @@ def test_priority_policy_orders_waiting_and_picks_victim():
 
 
 def test_fcfs_ignores_priority():
-    s = make_scheduler(policy="fcfs")
+    s = make_scheduler(scheduling_policy="fcfs")
     s.add_request(make_request("first", 4, priority=9))
     s.add_request(make_request("second", 4, priority=0, first_token=10))
     assert [r.request_id for r in s.waiting] == ["first", "second"]
@@ -170,7 +178,7 @@ def test_prefix_cache_hit_skips_cached_tokens():
     out, _ = run_step(s)
     # 10 tokens: blocks [0-3] and [4-7] are cached, the last 2 tokens are computed.
     assert scheduled_tokens(out) == {"b": 2}
-    assert out.scheduled[0].num_computed_before == 8
+    assert out.new_requests[0].num_computed_tokens == 8
 
 
 def test_abort_frees_blocks():
@@ -186,6 +194,6 @@ def test_abort_frees_blocks():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="policy"):
-        SchedulerConfig(policy="lifo")
+        EngineConfig(model="unused", scheduling_policy="lifo")
     with pytest.raises(ValueError, match="chunked prefill"):
-        SchedulerConfig(max_num_batched_tokens=16, max_model_len=64, enable_chunked_prefill=False)
+        make_scheduler(max_num_batched_tokens=16, max_model_len=64, enable_chunked_prefill=False)
