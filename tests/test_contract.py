@@ -7,6 +7,7 @@ import pathlib
 
 import msgspec
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.contract import ModelRunnerOutput, SchedulerOutput
@@ -58,9 +59,15 @@ def through_the_wire(llm: LLM, steps: list[SchedulerOutput]) -> None:
     llm.core.runner.execute = execute_decoded
 
 
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_runner_driven_by_decoded_steps_gives_identical_outputs(model_dir, async_scheduling):
-    options = dict(dtype="float32", device="cpu", async_scheduling=async_scheduling, **CRAMPED)
+def test_runner_driven_by_decoded_steps_gives_identical_outputs(model_dir, async_scheduling, device):
+    """On CUDA: Triton kernels, CUDA graphs for the decode steps and device-side pending tokens."""
+    options = dict(dtype="float32", device=device, async_scheduling=async_scheduling, **CRAMPED)
     reference = LLM(model_dir, **options)
     wired = LLM(model_dir, **options)
     steps: list[SchedulerOutput] = []
