@@ -21,6 +21,7 @@ import time
 import torch
 
 from engine.config import EngineConfig
+from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import LoraInfo, LoraManager
 from engine.models.config import ModelConfig
@@ -50,7 +51,7 @@ def sample_request_id(parent_id: str, index: int, n: int) -> str:
 class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = config.torch_device()
+        self.device = torch_device(config.device)
         torch.manual_seed(config.seed)
         dtype = None if config.dtype == "auto" else config.dtype
         self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)

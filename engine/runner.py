@@ -104,7 +104,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_gpu_budget(self) -> int:
         """Runs the largest step the scheduler can produce on a throwaway cache and returns what memory is left
-        for the KV cache under `kv_cache_memory_fraction`."""
+        for the KV cache under `gpu_memory_utilization`."""
         num_tokens = self.config.max_num_batched_tokens
         num_seqs = min(self.config.max_num_seqs, num_tokens)
         lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
@@ -125,11 +125,11 @@ class ModelRunner:
         del hidden
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activation_peak
         if budget < self.kv_bytes_per_block * self.max_blocks_per_seq:
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache of one full-length sequence: {budget / 2**30:.2f} GiB left "
-                f"after weights and activations; raise kv_cache_memory_fraction or lower max_model_len / "
+                f"after weights and activations; raise gpu_memory_utilization or lower max_model_len / "
                 f"max_num_batched_tokens")
         return budget
 
