@@ -114,7 +114,6 @@ def test_defaults():
     assert (m.scheduler.max_num_seqs, m.scheduler.max_num_batched_tokens, m.scheduler.policy) == (256, 8192, "fcfs")
     assert m.parallelism.num_gpus == 1 and m.quantization is None and m.lora.enabled is False
     assert (config.ui.enabled, config.ui.path, config.metrics.path) == (True, "/ui", "/metrics")
-    assert m.source_kind == "builtin"
 
 
 def test_schema_is_frozen():
@@ -258,11 +257,11 @@ def test_sources_resolve_by_kind(tmp_path):
           - {name: d, source: builtin:smollm2-135m-instruct}
         """, base_dir=tmp_path)
     a, b, c, d = config.models
-    assert (a.source, a.source_kind) == (str(tmp_path / "folder"), "folder")
+    assert a.source == str(tmp_path / "folder")
     assert a.chat_template == str(tmp_path / "chat.jinja")
-    assert (b.source, b.source_kind, b.tokenizer) == (str(tmp_path / "model.gguf"), "gguf", str(tmp_path / "folder"))
-    assert (c.source, c.source_kind, c.chat_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "hf", "{{ messages }}")
-    assert d.source_kind == "builtin"
+    assert (b.source, b.tokenizer) == (str(tmp_path / "model.gguf"), str(tmp_path / "folder"))
+    assert (c.source, c.chat_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "{{ messages }}")
+    assert d.source == "builtin:smollm2-135m-instruct"
 
 
 def test_bad_sources(tmp_path):

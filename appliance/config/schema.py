@@ -220,15 +220,6 @@ class ModelSpec(_Schema, kw_only=True):
         "Sampling defaults for requests that leave a parameter unset (null: none).")] = None
     seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = engine_default("seed")
 
-    @property
-    def source_kind(self) -> Literal["builtin", "gguf", "folder", "hf"]:
-        """How to fetch `source`; exact for specs from `load_config`, whose local sources are absolute paths."""
-        if self.source.startswith("builtin:"):
-            return "builtin"
-        if os.path.isabs(self.source):
-            return "gguf" if self.source.endswith(".gguf") else "folder"
-        return "hf"
-
     def to_engine_config(self, model_path: str) -> EngineConfig:
         """The engine's options for this model; `model_path` is `source` resolved to a local path. Raises
         `engine.config.EngineConfigError` for options the engine refuses (`load_config` has checked them)."""
