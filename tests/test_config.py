@@ -418,13 +418,14 @@ def other_value(option: str):
 
 def test_engine_keys_cover_every_engine_option_and_round_trip_each():
     """Each YAML engine key, set alone to a value other than its default, reaches exactly its EngineConfig field."""
-    assert set(ENGINE_KEYS) == {f.name for f in mi.type_info(EngineConfig).fields} - {"model"}
+    options = [f.name for f in mi.type_info(EngineConfig).fields]
+    assert set(ENGINE_KEYS) == set(options) - {"model"}
     base = ModelSpec(name="m", source="builtin:tiny").to_engine_config("/m")
     for option, path in ENGINE_KEYS.items():
         value = other_value(option)
         assert value != getattr(base, option), option
         engine = parse(model(yaml_key(path, value))).models[0].to_engine_config("/m")
-        changed = {f.name for f in mi.type_info(EngineConfig).fields if getattr(engine, f.name) != getattr(base, f.name)}
+        changed = {name for name in options if getattr(engine, name) != getattr(base, name)}
         assert (changed, getattr(engine, option)) == ({option}, value), option
 
 
