@@ -12,7 +12,7 @@ import hmac
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from appliance.config import ServerConfig
+from appliance.config import ServerSpec
 from appliance.errors import APIError
 
 
@@ -41,7 +41,7 @@ def is_public(path: str, public_paths: tuple[str, ...]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in public_paths)
 
 
-def _server_config(connection: ASGIConnection) -> ServerConfig:
+def _server_config(connection: ASGIConnection) -> ServerSpec:
     return connection.app.state.supervisor.config.server
 
 

@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(args.config)
     if args.command == "check-config":
-        from appliance.config import check_config_main
-
-        return check_config_main(args.config)
+        return _check_config(args.config)
     if args.command == "chat":
         from appliance.chat_cli import chat_main, default_api_key
 
@@ -57,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     from engine.tools.tiny_model import build_tiny_model
 
     print(build_tiny_model(args.family, args.out_dir, seed=args.seed))
+    return 0
+
+
+def _check_config(path: str) -> int:
+    """0 and a summary if the config is usable, else 1 and the error on stderr. Imports no torch: a config is checked
+    on machines (CI, an admin's laptop) that may have none."""
+    from appliance.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    names = ", ".join(m.name for m in config.models)
+    print(f"OK: {len(config.models)} model{'s' if len(config.models) != 1 else ''} ({names})")
     return 0
 
 

@@ -19,7 +19,16 @@ from engine.contract import EngineCoreOutput, SchedulerStats
 from engine.sampling_params import SamplingParams
 
 _HEADER = struct.Struct(">I")
+# Far above any real message; a length beyond it means a corrupt or hostile stream, refused before reading a byte.
 MAX_FRAME_BYTES = 256 << 20
+
+
+class FrameTooLarge(ValueError):
+    """A frame whose length prefix exceeds MAX_FRAME_BYTES, received or about to be sent."""
+
+    def __init__(self, size: int):
+        super().__init__(f"IPC frame of {size} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes (MAX_FRAME_BYTES)")
+        self.size = size
 
 
 # ---- supervisor -> engine ----
@@ -106,7 +115,16 @@ _from_engine = msgspec.msgpack.Decoder(FromEngine)
 
 def frame(message: msgspec.Struct) -> bytes:
     payload = _encoder.encode(message)
+    if len(payload) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(len(payload))
     return _HEADER.pack(len(payload)) + payload
+
+
+def _payload_size(header: bytes) -> int:
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME_BYTES:
+        raise FrameTooLarge(size)
+    return size
 
 
 def decode_to_engine(payload: bytes) -> ToEngine:
@@ -128,13 +146,11 @@ class BlockingChannel:
         self.sock.sendall(frame(message))
 
     def recv(self) -> bytes | None:
-        """The next frame's payload, or None when the other end has closed."""
+        """The next frame's payload, or None when the other end has closed; FrameTooLarge for an oversized one."""
         header = self._file.read(_HEADER.size)
         if len(header) < _HEADER.size:
             return None
-        (size,) = _HEADER.unpack(header)
-        if size > MAX_FRAME_BYTES:
-            raise ValueError(f"frame of {size} bytes exceeds the limit")
+        size = _payload_size(header)
         payload = self._file.read(size)
         return payload if len(payload) == size else None
 
@@ -155,9 +171,10 @@ class AsyncChannel:
         self.writer.write(frame(message))
 
     async def recv(self) -> bytes | None:
+        """The next frame's payload, or None when the other end has closed; FrameTooLarge for an oversized one."""
         try:
             header = await self.reader.readexactly(_HEADER.size)
-            (size,) = _HEADER.unpack(header)
+            size = _payload_size(header)
             return await self.reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError):
             return None

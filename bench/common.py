@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.config import engine_default
 from engine.sampling_params import SamplingParams
 
 SHAPES = {
@@ -217,8 +218,8 @@ def add_workload_args(parser) -> None:
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=engine_default("max_num_seqs"))
+    parser.add_argument("--max-num-batched-tokens", type=int, default=engine_default("max_num_batched_tokens"))
 
 
 def profile_kernels(fn, device: str, row_limit: int = 25) -> dict[str, float]:

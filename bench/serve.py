@@ -39,6 +39,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (SHAPES, measure_card, peer_generate_batch, peer_model, random_prompts,  # noqa: E402
                           report_engine_time, shape_folder, workload_roofline)
+from engine.config import engine_default  # noqa: E402
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 
@@ -306,7 +307,7 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("KVBOX_API_KEY"))
     parser.add_argument("--launch", choices=sorted(SHAPES), help="start kvbox serve on this shape (dummy weights)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=engine_default("max_num_seqs"))
     parser.add_argument("--launch-timeout", type=float, default=300)
     parser.add_argument("--vocab-size", type=int, help="default: the launched shape's, else 32000")
     parser.add_argument("--num-prompts", type=int, default=200)

@@ -1,37 +1,51 @@
-"""The engine's own options: one frozen object, validated at construction.
+"""The engine's own options: one frozen object, validated at construction, and the one home of their defaults.
 
-The appliance's YAML schema maps onto this; offline users pass the same names as keyword arguments to `LLM`.
+Offline users pass the same names as keyword arguments to `LLM` (vLLM's names where vLLM has the option). The
+appliance's YAML schema takes its defaults and choices from here and maps onto this in one function
+(`ModelSpec.to_engine_config`). This module imports no torch, so that `kvbox check-config` stays light; turning
+`device` into a torch device is `engine.device.torch_device`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Literal, get_args
 
-import torch
-
-BLOCK_SIZES = (8, 16, 32)
+BlockSize = Literal[8, 16, 32]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: the checkpoint's
+LoadFormat = Literal["auto", "dummy"]  # dummy: random weights at the real shapes
+KernelBackend = Literal["auto", "torch", "triton"]
+SchedulingPolicy = Literal["fcfs", "priority"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+class EngineConfigError(ValueError):
+    """An option out of range; `field` names the option, so that the YAML loader can name its key instead."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     tokenizer: str | None = None  # default: the model folder
-    dtype: str = "auto"  # auto (the checkpoint's), float32, float16, bfloat16
+    dtype: Dtype = "auto"
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    load_format: str = "auto"  # auto (safetensors) or dummy (random weights at the real shapes)
-    block_size: int = 16
-    kv_cache_memory_fraction: float = 0.9  # share of the GPU's memory the engine may use in all
+    load_format: LoadFormat = "auto"
+    block_size: BlockSize = 16
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
     kv_cache_memory_bytes: int | None = None  # an explicit KV budget, instead of profiling
     num_kv_blocks: int | None = None  # an explicit block count (tests, benchmarks)
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    kernel_backend: str = "auto"  # auto, torch, triton
+    scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
+    kernel_backend: KernelBackend = "auto"
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
     async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA only
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
@@ -41,22 +55,27 @@ class EngineConfig:
     max_cpu_loras: int = 8  # adapters loaded in host memory, those on the device included
 
     def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype: expected auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format: expected auto or dummy, got {self.load_format!r}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"kv_cache_memory_fraction: must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_loras", "max_lora_rank",
-                     "max_cpu_loras"):
+        for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
+                              ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy)):
+            if getattr(self, name) not in get_args(choices):
+                raise EngineConfigError(name, f"expected one of {', '.join(map(str, get_args(choices)))}, "
+                                              f"got {getattr(self, name)!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
+                     "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
+                raise EngineConfigError(name, f"must be >= 1, got {value}")
+        # Without chunking a prompt is computed in one step, so the step budget must hold the longest one. With
+        # max_model_len None the model's length is known only once it is loaded; the engine checks it then.
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
+                                    f"without chunked prefill, got {self.max_num_batched_tokens}")
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), since adapters on the device "
-                             f"also stay in host memory; got {self.max_cpu_loras}")
+            raise EngineConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), since adapters on the "
+                                                     f"device also stay in host memory; got {self.max_cpu_loras}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
@@ -66,7 +85,10 @@ class EngineConfig:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(model=model, **kwargs)
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+
+def engine_default(name: str) -> Any:
+    """The default of the option `name`; a KeyError for an option without one, so that a typo fails at import."""
+    default = {f.name: f.default for f in fields(EngineConfig)}[name]
+    if default is MISSING:
+        raise KeyError(f"{name} has no default")
+    return default

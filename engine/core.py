@@ -15,12 +15,14 @@ one with `lora_name` and keeps the version it got for its whole life, even if th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
 import torch
 
 from engine.config import EngineConfig
+from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import LoraInfo, LoraManager
 from engine.models.config import ModelConfig
@@ -49,12 +51,13 @@ def sample_request_id(parent_id: str, index: int, n: int) -> str:
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self.device = config.torch_device()
+        self.device = torch_device(config.device)
         torch.manual_seed(config.seed)
         dtype = None if config.dtype == "auto" else config.dtype
         self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
         self.max_model_len = self.model_config.max_model_len
+        # Resolved, so that the config's checks that involve the context length run (again) on the real one.
+        self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"):
             self.runner = ModelRunner(config, self.model_config, self.device)
 
@@ -73,7 +76,7 @@ class EngineCore:
             with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes"):
                 self.runner.capture_cuda_graphs()
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.max_model_len, self.kv_manager)
+        self.scheduler = Scheduler(config, self.kv_manager)
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0

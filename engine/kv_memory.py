@@ -1,7 +1,7 @@
 """KV cache memory: how many blocks the engine can afford, and the cache tensors bound to the attention layers.
 
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
-forward of the largest step leaves under `kv_cache_memory_fraction`, else on the CPU enough for every sequence slot
+forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
 layer. It does not decide which blocks a request uses: that is the KV cache manager's job.
 """
@@ -73,7 +73,7 @@ class KVMemory:
 
     def _profile_gpu_budget(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
         """Runs the largest step on a throwaway cache and returns what memory is left for the KV cache under
-        `kv_cache_memory_fraction`."""
+        `gpu_memory_utilization`."""
         lengths, tables = self._profile_shapes()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -83,10 +83,10 @@ class KVMemory:
         self.release()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.kv_cache_memory_fraction) - (total - free) - activation_peak
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activation_peak
         if budget < self.bytes_per_block * self.max_blocks_per_seq:
             raise RuntimeError(
                 f"not enough GPU memory for the KV cache of one full-length sequence: {budget / 2**30:.2f} GiB left "
-                f"after weights and activations; raise kv_cache_memory_fraction or lower max_model_len / "
+                f"after weights and activations; raise gpu_memory_utilization or lower max_model_len / "
                 f"max_num_batched_tokens")
         return budget

@@ -95,9 +95,6 @@ class OutputProcessor:
                     params: SamplingParams) -> None:
         self._states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._states
-
     def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Returns the request outputs that changed (deltas filled in) and the sample ids to stop in the core."""
         changed: dict[str, RequestOutput] = {}

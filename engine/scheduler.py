@@ -45,12 +45,10 @@ class _Scheduled:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, max_model_len: int, kv_manager: KVCacheManager):
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
-            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len "
-                             f"({config.max_num_batched_tokens} < {max_model_len})")
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager):
+        """`config.max_model_len` must be resolved (the engine core sets the model's own when it was None)."""
         self.config = config
-        self.max_model_len = max_model_len
+        self.max_model_len = config.max_model_len
         self.max_loras = config.max_loras if config.enable_lora else None
         self.kv = kv_manager
         self.requests: dict[str, Request] = {}

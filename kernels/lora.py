@@ -197,12 +197,6 @@ def add_lora_dense(out, x, lora_a, lora_b, token_slots, output_slices) -> None:
     _add_lora_dense(out, x, lora_a, lora_b, token_slots, output_slices)
 
 
-def add_lora_per_token(out, x, lora_a, lora_b, token_slots, output_slices) -> None:
-    """`add_lora` by the per-token Triton kernels whatever the batch size."""
-    _check(out, x, lora_a, lora_b, token_slots, output_slices)
-    _add_lora_per_token(out, x, lora_a, lora_b, token_slots, output_slices)
-
-
 def _add_lora_dense(out, x, lora_a, lora_b, token_slots, output_slices) -> None:
     num_tokens = x.shape[0]
     num_slices, max_loras, max_rank, in_features = lora_a.shape

@@ -1,6 +1,8 @@
 """The YAML config: the example, the schema's documentation, defaults, and errors that name the key path."""
 
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -9,7 +11,9 @@ import pytest
 import yaml
 from msgspec import inspect as mi
 
-from appliance.config import (AppConfig, ConfigError, ModelSpec, check_config_main, load_config, parse_config)
+from appliance.cli import main as kvbox
+from appliance.config import ENGINE_KEYS, AppConfig, ConfigError, ModelSpec, load_config, parse_config
+from engine.config import EngineConfig, EngineConfigError, engine_default
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 ONE_MODEL = "models:\n  - name: m\n    source: builtin:tiny\n"
@@ -110,7 +114,6 @@ def test_defaults():
     assert (m.scheduler.max_num_seqs, m.scheduler.max_num_batched_tokens, m.scheduler.policy) == (256, 8192, "fcfs")
     assert m.parallelism.num_gpus == 1 and m.quantization is None and m.lora.enabled is False
     assert (config.ui.enabled, config.ui.path, config.metrics.path) == (True, "/ui", "/metrics")
-    assert m.source_kind == "builtin"
 
 
 def test_schema_is_frozen():
@@ -254,11 +257,11 @@ def test_sources_resolve_by_kind(tmp_path):
           - {name: d, source: builtin:smollm2-135m-instruct}
         """, base_dir=tmp_path)
     a, b, c, d = config.models
-    assert (a.source, a.source_kind) == (str(tmp_path / "folder"), "folder")
+    assert a.source == str(tmp_path / "folder")
     assert a.chat_template == str(tmp_path / "chat.jinja")
-    assert (b.source, b.source_kind, b.tokenizer) == (str(tmp_path / "model.gguf"), "gguf", str(tmp_path / "folder"))
-    assert (c.source, c.source_kind, c.chat_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "hf", "{{ messages }}")
-    assert d.source_kind == "builtin"
+    assert (b.source, b.tokenizer) == (str(tmp_path / "model.gguf"), str(tmp_path / "folder"))
+    assert (c.source, c.chat_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "{{ messages }}")
+    assert d.source == "builtin:smollm2-135m-instruct"
 
 
 def test_bad_sources(tmp_path):
@@ -371,31 +374,149 @@ def test_to_engine_config_maps_every_engine_option():
         max_model_len: 4096
         load_format: dummy
         kv_cache: {block_size: 32, memory_fraction: 0.5, memory_bytes: 1000000, num_blocks: 64, prefix_caching: false}
-        scheduler: {max_num_seqs: 8, max_num_batched_tokens: 1024, chunked_prefill: false, policy: priority}
+        scheduler: {max_num_seqs: 8, max_num_batched_tokens: 4096, chunked_prefill: false, policy: priority}
         kernel_backend: torch
+        cuda_graphs: false
+        async_scheduling: true
         seed: 7
+        lora: {enabled: true, max_loras: 2, max_lora_rank: 32, max_cpu_loras: 3}
         """)).models[0]
     engine = spec.to_engine_config("/models/m")
     assert (engine.model, engine.tokenizer, engine.dtype, engine.device) == ("/models/m", "org/tok", "bfloat16", "cpu")
     assert (engine.max_model_len, engine.load_format, engine.kernel_backend, engine.seed) == (4096, "dummy", "torch", 7)
-    assert (engine.block_size, engine.kv_cache_memory_fraction, engine.kv_cache_memory_bytes, engine.num_kv_blocks,
+    assert (engine.block_size, engine.gpu_memory_utilization, engine.kv_cache_memory_bytes, engine.num_kv_blocks,
             engine.enable_prefix_caching) == (32, 0.5, 1000000, 64, False)
     assert (engine.max_num_seqs, engine.max_num_batched_tokens, engine.enable_chunked_prefill,
-            engine.scheduling_policy) == (8, 1024, False, "priority")
+            engine.scheduling_policy) == (8, 4096, False, "priority")
+    assert (engine.cuda_graphs, engine.async_scheduling) == (False, True)
+    assert (engine.enable_lora, engine.max_loras, engine.max_lora_rank, engine.max_cpu_loras) == (True, 2, 32, 3)
 
 
-def test_check_config_main(tmp_path, capsys):
-    assert check_config_main(EXAMPLE) == 0
+def yaml_key(path: tuple[str, ...], value) -> str:
+    """`path` (e.g. ("kv_cache", "block_size")) set to `value`, as YAML lines for `model`."""
+    for key in reversed(path):
+        value = {key: value}
+    return yaml.safe_dump(value)
+
+
+# Valid values other than the default, for the engine options whose default suggests none.
+OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True}
+
+
+def other_value(option: str):
+    """A valid value of the engine option `option` other than its default."""
+    if option in OTHER_VALUES:
+        return OTHER_VALUES[option]
+    default = engine_default(option)
+    if isinstance(default, bool):
+        return not default
+    engine_type = _unwrap(next(f.type for f in mi.type_info(EngineConfig).fields if f.name == option))
+    if isinstance(engine_type, mi.LiteralType):
+        return next(v for v in engine_type.values if v != default)
+    return (default or 0) + 3
+
+
+def test_engine_keys_cover_every_engine_option_and_round_trip_each():
+    """Each YAML engine key, set alone to a value other than its default, reaches exactly its EngineConfig field."""
+    options = [f.name for f in mi.type_info(EngineConfig).fields]
+    assert set(ENGINE_KEYS) == set(options) - {"model"}
+    base = ModelSpec(name="m", source="builtin:tiny").to_engine_config("/m")
+    for option, path in ENGINE_KEYS.items():
+        value = other_value(option)
+        assert value != getattr(base, option), option
+        engine = parse(model(yaml_key(path, value))).models[0].to_engine_config("/m")
+        changed = {name for name in options if getattr(engine, name) != getattr(base, name)}
+        assert (changed, getattr(engine, option)) == ({option}, value), option
+
+
+def test_yaml_defaults_are_the_engine_defaults():
+    """The defaults are the engine's, not copies: the engine config of a model that sets nothing is the default one,
+    and so is every YAML engine key's default."""
+    spec = parse(ONE_MODEL).models[0]
+    assert spec.to_engine_config("/m") == EngineConfig(model="/m")
+    for option, path in ENGINE_KEYS.items():
+        section = spec
+        for key in path[:-1]:
+            section = getattr(section, key)
+        field = next(f for f in mi.type_info(type(section)).fields if f.name == path[-1])
+        assert field.default == engine_default(option), option
+
+
+def test_engine_default_refuses_unknown_and_required_options():
+    with pytest.raises(KeyError):
+        engine_default("max_num_seq")
+    with pytest.raises(KeyError, match="model has no default"):
+        engine_default("model")
+
+
+@pytest.mark.parametrize("text, path, problem", [
+    ("scheduler: {chunked_prefill: false, max_num_batched_tokens: 2048}\nmax_model_len: 4096",
+     "models[0].scheduler.max_num_batched_tokens", "must be >= max_model_len (4096) without chunked prefill, got 2048"),
+    ("lora: {max_loras: 8, max_cpu_loras: 4}", "models[0].lora.max_cpu_loras", "must be >= max_loras (8), since"),
+])
+def test_engine_checks_name_the_yaml_key(text, path, problem):
+    message = error(model(text))
+    assert message.startswith(f"config.yaml: {path}: {problem}")
+
+
+def test_scheduler_checks_need_max_model_len_only_without_chunked_prefill():
+    text = "scheduler: {chunked_prefill: true, max_num_batched_tokens: 2048}\nmax_model_len: 4096"
+    assert parse(model(text)).models[0].scheduler.max_num_batched_tokens == 2048
+    # Without a max_model_len the model's own is known only when it loads; the engine checks it then.
+    text = "scheduler: {chunked_prefill: false, max_num_batched_tokens: 16}"
+    assert parse(model(text)).models[0].scheduler.chunked_prefill is False
+
+
+@pytest.mark.parametrize("options, field, problem", [
+    ({"scheduling_policy": "lifo"}, "scheduling_policy", "expected one of fcfs, priority, got 'lifo'"),
+    ({"max_num_seqs": 0}, "max_num_seqs", "must be >= 1, got 0"),
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens", "must be >= 1, got 0"),
+    ({"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 16}, "max_num_batched_tokens",
+     "must be >= max_model_len (64) without chunked prefill, got 16"),
+    ({"block_size": 12}, "block_size", "expected one of 8, 16, 32, got 12"),
+    ({"gpu_memory_utilization": 0}, "gpu_memory_utilization", "must be in (0, 1], got 0"),
+    ({"max_loras": 9}, "max_cpu_loras", "must be >= max_loras (9)"),
+])
+def test_engine_config_checks(options, field, problem):
+    with pytest.raises(EngineConfigError) as info:
+        EngineConfig(model="/m", **options)
+    assert (info.value.field, str(info.value)[:len(field) + 2 + len(problem)]) == (field, f"{field}: {problem}")
+    assert isinstance(info.value, ValueError)
+
+
+def test_engine_config_without_chunked_prefill_accepts_a_large_enough_budget():
+    config = EngineConfig(model="/m", enable_chunked_prefill=False, max_model_len=64, max_num_batched_tokens=64)
+    assert config.max_num_batched_tokens == config.max_model_len == 64
+    assert EngineConfig(model="/m", enable_chunked_prefill=False, max_num_batched_tokens=16).max_model_len is None
+
+
+def test_offline_keywords_are_checked():
+    assert EngineConfig.from_kwargs("/m", max_num_seqs=4, enable_prefix_caching=False) == \
+        EngineConfig(model="/m", max_num_seqs=4, enable_prefix_caching=False)
+    with pytest.raises(TypeError, match="unknown engine option.s.: kv_cache_memory_fraction"):
+        EngineConfig.from_kwargs("/m", kv_cache_memory_fraction=0.5)
+
+
+def test_check_config_command(tmp_path, capsys):
+    assert kvbox(["check-config", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out == "OK: 1 model (smollm2)\n"
 
     good = tmp_path / "two.yaml"
     good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")
-    assert check_config_main(good) == 0
+    assert kvbox(["check-config", str(good)]) == 0
     assert capsys.readouterr().out == "OK: 2 models (m, n)\n"
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(model("kv_cache: {block_size: 12}"))
-    assert check_config_main(bad) == 1
+    assert kvbox(["check-config", str(bad)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"{bad}: models[0].kv_cache.block_size: expected one of 8, 16, 32, got 12\n"
+
+
+def test_check_config_imports_no_torch():
+    code = ("import sys; from appliance.cli import main; code = main(['check-config', sys.argv[1]]); "
+            "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], capture_output=True, text=True, check=True,
+                            cwd=EXAMPLE.parent)
+    assert result.stdout.splitlines()[-1] == "0 False"

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from engine.config import EngineConfigError
 from engine import LLM, InvalidParameterError, SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "def fibonacci(n):"]
@@ -281,3 +282,9 @@ def test_stats_count_step_time_and_the_wait_for_the_device(model_dir, monkeypatc
     stats = llm.core.stats()
     assert llm.core.num_steps >= 5
     assert 0.02 * llm.core.num_steps <= stats.device_wait_seconds < stats.step_seconds
+
+
+def test_a_budget_below_the_models_own_context_is_refused_without_chunked_prefill(model_dir):
+    """max_model_len left unset: the check runs again once the engine knows the model's context length."""
+    with pytest.raises(EngineConfigError, match="max_num_batched_tokens: must be >= max_model_len"):
+        LLM(model_dir, dtype="float32", device="cpu", enable_chunked_prefill=False, max_num_batched_tokens=16)

@@ -14,7 +14,7 @@ EOS = 999
 
 
 def make_scheduler(num_blocks=100, block_size=4, prefix_caching=True, max_model_len=64, **config):
-    scheduler = Scheduler(EngineConfig(model="unused", **config), max_model_len,
+    scheduler = Scheduler(EngineConfig(model="unused", max_model_len=max_model_len, **config),
                           KVCacheManager(num_blocks, block_size, prefix_caching))
     scheduler.runner_states = RequestStates()  # the runner's copies, kept from the steps' plain data
     return scheduler
@@ -190,10 +190,3 @@ def test_abort_frees_blocks():
     assert [r.request_id for r in finished] == ["a"]
     assert s.requests.keys() == {"b"}
     s.kv.pool.check_integrity()
-
-
-def test_config_validation():
-    with pytest.raises(ValueError, match="policy"):
-        EngineConfig(model="unused", scheduling_policy="lifo")
-    with pytest.raises(ValueError, match="chunked prefill"):
-        make_scheduler(max_num_batched_tokens=16, max_model_len=64, enable_chunked_prefill=False)

@@ -25,7 +25,7 @@ from litestar import Request
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from appliance.config import ModelSpec, ServerConfig
+from appliance.config import ModelSpec, ServerSpec
 from appliance.engine_client import EngineClient, OutputSink
 from appliance.errors import RETRY_QUEUE_FULL_S, RETRY_UNAVAILABLE_S, APIError, error_body, to_api_error
 from appliance.metrics import Metrics
@@ -47,11 +47,11 @@ async def read_request(request: Request, type_: type[msgspec.Struct]) -> msgspec
     return decode(await request.body(), type_)
 
 
-def server_config(request: Request) -> ServerConfig:
+def server_config(request: Request) -> ServerSpec:
     return request.app.state.supervisor.config.server
 
 
-def check_limits(server: ServerConfig, req: SamplingFields, *, max_tokens: tuple[str, int | None],
+def check_limits(server: ServerSpec, req: SamplingFields, *, max_tokens: tuple[str, int | None],
                  logprobs: tuple[str, int | None], prompt_chars: tuple[str, int]) -> None:
     """The server's caps, checked before tokenizing so that an oversized request costs nothing. Each argument is
     (the request's name for the field, its value)."""

@@ -1,0 +1,129 @@
+"""What the schema alone cannot say: local paths made absolute against the config file's folder (sources, tokenizers,
+chat templates, adapters), and the checks that span fields or models. The engine's own checks run here too, on the
+options each model would start with, so that an engine option it refuses fails at load time under its YAML key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgspec
+
+from appliance.config.error import ConfigError
+from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
+from engine.config import EngineConfigError
+
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BUILTIN = re.compile(r"^builtin:[A-Za-z0-9._-]+$")
+# Raises the ConfigError of a key (relative to the model being checked) and a problem.
+Fail = Callable[[str, str], NoReturn]
+
+
+def _local(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def _resolve_source(value: str, base: Path, where: str, source: str, allow_files: bool) -> str:
+    """A local path made absolute, or a Hugging Face repo id / builtin name as given."""
+    if allow_files and value.startswith("builtin:"):
+        if not _BUILTIN.match(value):
+            raise ConfigError(source, where, f"expected builtin:NAME, got {value!r}")
+        return value
+    local = _local(value, base)
+    if local.is_dir() or (allow_files and local.is_file() and local.suffix == ".gguf"):
+        return str(local)
+    if local.exists():
+        wanted = "a model folder or a .gguf file" if allow_files else "a folder"
+        raise ConfigError(source, where, f"expected {wanted}, got the file {str(local)!r}")
+    # Like transformers: a name that is no local path but has the form org/name is a Hub repo.
+    if _HF_REPO_ID.match(value) and not value.endswith(".gguf"):
+        return value
+    raise ConfigError(source, where, f"{str(local)!r} does not exist (and {value!r} is no Hugging Face repo id)")
+
+
+def resolve_paths(config: AppConfig, base: Path, source: str) -> AppConfig:
+    replace = msgspec.structs.replace
+    models = []
+    for i, m in enumerate(config.models):
+        changes: dict[str, Any] = {"source": _resolve_source(m.source, base, f"models[{i}].source", source, True)}
+        if m.tokenizer is not None:
+            changes["tokenizer"] = _resolve_source(m.tokenizer, base, f"models[{i}].tokenizer", source, False)
+        if m.chat_template is not None and m.chat_template.endswith(".jinja"):
+            template = _local(m.chat_template, base)
+            if not template.is_file():
+                raise ConfigError(source, f"models[{i}].chat_template", f"no such file {str(template)!r}")
+            changes["chat_template"] = str(template)
+        changes["lora"] = replace(
+            m.lora, allowed_dirs=tuple(str(_local(d, base)) for d in m.lora.allowed_dirs),
+            adapters=tuple(replace(a, path=str(_local(a.path, base))) for a in m.lora.adapters))
+        models.append(replace(m, **changes))
+    return replace(config, models=tuple(models))
+
+
+def check(config: AppConfig, source: str) -> None:
+    # Clients pick models and adapters by the same `model` field, so all their names share one namespace.
+    claimed: dict[str, str] = {}
+
+    def claim(name: str, path: str, kind: str) -> None:
+        if name in claimed:
+            raise ConfigError(source, path, f"duplicate {kind} name {name!r} (also {claimed[name]})")
+        claimed[name] = path
+
+    for i, m in enumerate(config.models):
+        claim(m.name, f"models[{i}].name", "model")
+    for i, m in enumerate(config.models):
+        at = f"models[{i}]"
+
+        def fail(key: str, problem: str) -> NoReturn:
+            raise ConfigError(source, f"{at}.{key}", problem)
+
+        _check_engine_options(m, fail)
+        _check_gpus(m, fail)
+        _check_lora(m, fail)
+        for j, adapter in enumerate(m.lora.adapters):
+            claim(adapter.name, f"{at}.lora.adapters[{j}].name", "adapter")
+        defaults = m.default_sampling
+        if defaults and defaults.max_tokens is not None and defaults.max_tokens > config.server.max_tokens:
+            fail("default_sampling.max_tokens",
+                 f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
+
+
+def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
+    try:
+        m.to_engine_config(m.source)
+    except EngineConfigError as e:
+        fail(".".join(ENGINE_KEYS[e.field]), e.problem)
+
+
+def _check_gpus(m: ModelSpec, fail: Fail) -> None:
+    p = m.parallelism
+    if m.gpu_ids is not None:
+        if m.device == "cpu" or m.device.startswith("cuda:"):
+            fail("gpu_ids", f"cannot be combined with device {m.device!r}; use device auto or cuda")
+        if len(set(m.gpu_ids)) != len(m.gpu_ids):
+            fail("gpu_ids", f"lists a GPU twice: {list(m.gpu_ids)}")
+        if len(m.gpu_ids) != p.num_gpus:
+            fail("gpu_ids", f"{len(m.gpu_ids)} GPU ids given, but parallelism needs tensor x pipeline x "
+                            f"data = {p.tensor} x {p.pipeline} x {p.data} = {p.num_gpus}")
+    for kind in ("tensor", "pipeline", "expert"):
+        # The engine runs each replica on one device for now; refusing beats silently running unsplit.
+        if getattr(p, kind) > 1:
+            fail(f"parallelism.{kind}", f"{kind} parallelism is not implemented yet; only data "
+                                        f"parallelism (replicas) can be above 1")
+
+
+def _check_lora(m: ModelSpec, fail: Fail) -> None:
+    lora = m.lora
+    if lora.adapters and not lora.enabled:
+        fail("lora.enabled", "adapters are listed but LoRA is not enabled")
+    for j, adapter in enumerate(lora.adapters):
+        if not lora.is_allowed_path(adapter.path):
+            real = os.path.realpath(adapter.path)
+            shown = f"{adapter.path!r}" + (f" (resolves to {real!r})" if real != adapter.path else "")
+            allowed = ", ".join(map(repr, lora.allowed_dirs)) or "none given"
+            fail(f"lora.adapters[{j}].path", f"{shown} is outside lora.allowed_dirs ({allowed})")

@@ -1,0 +1,254 @@
+"""The YAML configuration's schema: one tree of frozen msgspec Structs that validates, defaults and documents every key.
+
+Each field's `msgspec.Meta` carries its description and range, so the schema documents and checks itself;
+`config.example.yaml` shows every key (a test holds it to that). A struct is named after what it describes: `*Spec`
+for a section of the file, `AppConfig` for the whole file.
+
+The engine's options keep their defaults and choices in `engine.config`; the fields that map onto them take both
+from there, and `ENGINE_KEYS` is the one mapping between the two (`ModelSpec.to_engine_config`). What other settings
+do at run time belongs to their consumers: the HTTP layer (server, ui, metrics) and the supervisor (sources, GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache, reduce
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, field
+from msgspec import inspect as mi
+
+from appliance.config.introspect import redact
+from engine.config import BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, SchedulingPolicy, engine_default
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
+_URL_PATH = r"^/"
+
+
+def _doc(description: str, **constraints: Any) -> Meta:
+    return Meta(description=description, **constraints)
+
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+# The marker lets `AppConfig.redacted` and error messages find secrets from the schema alone.
+Secret = Annotated[str, Meta(min_length=1, extra={"secret": True})]
+
+
+class _Schema(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Subclasses pass kw_only=True themselves: msgspec does not inherit it."""
+
+
+class CorsSpec(_Schema, kw_only=True):
+    allow_origins: Annotated[tuple[Annotated[str, Meta(pattern=r"^(\*|https?://[^/\s]+)$")], ...], _doc(
+        "Origins allowed to call the API from a browser ('*' or 'https://host[:port]'). Empty: CORS is off.")] = ()
+
+
+class ServerSpec(_Schema, kw_only=True):
+    host: Annotated[str, _doc("Address to listen on. 127.0.0.1 serves this machine only; use 0.0.0.0 in a "
+                              "container or to serve the network.", min_length=1)] = "127.0.0.1"
+    port: Annotated[int, _doc("TCP port to listen on (0: any free port).", ge=0, le=65535)] = 8000
+    api_keys: Annotated[tuple[Secret, ...], _doc(
+        "Keys accepted as 'Authorization: Bearer KEY' on the API. Empty: no authentication.")] = ()
+    admin_keys: Annotated[tuple[Secret, ...], _doc(
+        "Keys for the admin routes (adapters, reload); an admin key also works wherever an API key does. Empty: "
+        "the admin routes are open when api_keys is empty too (no authentication at all), else they refuse "
+        "every request.")] = ()
+    public_paths: Annotated[tuple[Annotated[str, Meta(pattern=_URL_PATH)], ...], _doc(
+        "Routes reachable without a key.")] = ("/health", "/ready")
+    max_body_bytes: Annotated[int, _doc("Largest request body accepted, in bytes (larger: 413).", ge=1)] = 1 << 20
+    max_n: Annotated[int, _doc("Largest `n` (completions per request).", ge=1)] = 16
+    max_tokens: Annotated[int, _doc("Largest `max_tokens` a request may ask for.", ge=1)] = 16384
+    max_logprobs: Annotated[int, _doc("Largest `logprobs` / `top_logprobs` (OpenAI's cap is 20).", ge=0, le=20)] = 20
+    max_stop_strings: Annotated[int, _doc("Most stop strings per request.", ge=0)] = 16
+    max_stop_string_length: Annotated[int, _doc("Longest stop string, in characters.", ge=1)] = 256
+    max_prompt_chars: Annotated[int, _doc(
+        "Longest prompt (all chat messages together), in characters, checked before tokenizing.", ge=1)] = 262144
+    cors: Annotated[CorsSpec, _doc("Cross-origin requests from browsers.")] = field(default_factory=CorsSpec)
+    drain_timeout_s: Annotated[float, _doc(
+        "On shutdown or reload, seconds to let running requests finish before aborting them.", ge=0)] = 30.0
+    engine_hang_timeout_s: Annotated[float, _doc(
+        "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
+        "considered hung, killed and restarted.", ge=1)] = 120.0
+
+
+class KVCacheSpec(_Schema, kw_only=True):
+    block_size: Annotated[BlockSize, _doc("Tokens per KV cache block.")] = engine_default("block_size")
+    memory_fraction: Annotated[float, _doc(
+        "Share of the GPU's memory the engine may use in all (weights, activations, KV cache).",
+        gt=0, le=1)] = engine_default("gpu_memory_utilization")
+    memory_bytes: Annotated[PositiveInt | None, _doc(
+        "An explicit KV cache budget in bytes, instead of profiling (null: profile).",
+    )] = engine_default("kv_cache_memory_bytes")
+    num_blocks: Annotated[PositiveInt | None, _doc(
+        "An explicit number of KV blocks (null: from the budget).")] = engine_default("num_kv_blocks")
+    prefix_caching: Annotated[bool, _doc(
+        "Reuse the KV blocks of prompts' shared prefixes.")] = engine_default("enable_prefix_caching")
+
+
+class SchedulerSpec(_Schema, kw_only=True):
+    max_num_seqs: Annotated[int, _doc("Most requests running at once.", ge=1)] = engine_default("max_num_seqs")
+    max_num_batched_tokens: Annotated[int, _doc(
+        "Most tokens computed in one step; without chunked_prefill at least max_model_len.",
+        ge=1)] = engine_default("max_num_batched_tokens")
+    chunked_prefill: Annotated[bool, _doc(
+        "Split long prompts over several steps, between decodes.")] = engine_default("enable_chunked_prefill")
+    policy: Annotated[SchedulingPolicy, _doc(
+        "Order of admission: first come first served, or by each request's priority (lower first).",
+    )] = engine_default("scheduling_policy")
+
+
+class ParallelismSpec(_Schema, kw_only=True):
+    tensor: Annotated[int, _doc("Tensor-parallel GPUs (each layer split across them).", ge=1)] = 1
+    pipeline: Annotated[int, _doc("Pipeline stages (layers split into consecutive groups).", ge=1)] = 1
+    data: Annotated[int, _doc("Replicas of the whole model, each serving its share of requests.", ge=1)] = 1
+    expert: Annotated[int, _doc("Expert-parallel size for mixture-of-experts models.", ge=1)] = 1
+
+    @property
+    def num_gpus(self) -> int:
+        # Expert parallelism shards experts over the GPUs the other dimensions already use; it adds none.
+        return self.tensor * self.pipeline * self.data
+
+
+class LoraAdapterSpec(_Schema, kw_only=True):
+    name: Annotated[str, _doc("What clients send as `model` to use this adapter.", pattern=MODEL_NAME_PATTERN)]
+    path: Annotated[str, _doc("The adapter's folder; must lie inside one of allowed_dirs.", min_length=1)]
+
+
+class LoraSpec(_Schema, kw_only=True):
+    enabled: Annotated[bool, _doc("Serve LoRA adapters on this model.")] = engine_default("enable_lora")
+    max_loras: Annotated[int, _doc(
+        "Most adapters used in one batch (held on the GPU).", ge=1)] = engine_default("max_loras")
+    max_lora_rank: Annotated[int, _doc("Largest adapter rank accepted.", ge=1)] = engine_default("max_lora_rank")
+    max_cpu_loras: Annotated[int, _doc(
+        "Most adapters kept loaded in CPU memory, those on the GPU included; at least max_loras.",
+        ge=1)] = engine_default("max_cpu_loras")
+    allowed_dirs: Annotated[tuple[NonEmptyStr, ...], _doc(
+        "Folders adapters may be loaded from, here or at run time; symlinks are resolved before the check.")] = ()
+    adapters: Annotated[tuple[LoraAdapterSpec, ...], _doc("Adapters loaded at start.")] = ()
+
+    def is_allowed_path(self, path: str) -> bool:
+        """Whether `path`, with symlinks resolved, lies inside one of `allowed_dirs`."""
+        real = os.path.realpath(path)
+        for allowed in self.allowed_dirs:
+            allowed_real = os.path.realpath(allowed)
+            if os.path.commonpath([real, allowed_real]) == allowed_real:
+                return True
+        return False
+
+
+class SamplingDefaults(_Schema, kw_only=True):
+    temperature: Annotated[Annotated[float, Meta(ge=0)] | None, _doc(
+        "Default temperature (null: the model's generation_config, else 1.0).")] = None
+    top_p: Annotated[Annotated[float, Meta(gt=0, le=1)] | None, _doc("Default nucleus sampling mass.")] = None
+    top_k: Annotated[Annotated[int, Meta(ge=-1)] | None, _doc("Default top-k (0 or -1: off).")] = None
+    min_p: Annotated[Annotated[float, Meta(ge=0, le=1)] | None, _doc("Default min-p.")] = None
+    max_tokens: Annotated[PositiveInt | None, _doc("Default max_tokens when a request sets none.")] = None
+    presence_penalty: Annotated[Penalty | None, _doc("Default presence penalty.")] = None
+    frequency_penalty: Annotated[Penalty | None, _doc("Default frequency penalty.")] = None
+    repetition_penalty: Annotated[Annotated[float, Meta(gt=0)] | None, _doc(
+        "Default repetition penalty (1: off).")] = None
+
+
+# EngineConfig option -> its key path within a model. The one mapping between the YAML and the engine: it builds
+# the engine's options (`ModelSpec.to_engine_config`) and names the key of an option the engine refuses.
+ENGINE_KEYS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("tokenizer",),
+    "dtype": ("dtype",),
+    "device": ("device",),
+    "max_model_len": ("max_model_len",),
+    "load_format": ("load_format",),
+    "block_size": ("kv_cache", "block_size"),
+    "gpu_memory_utilization": ("kv_cache", "memory_fraction"),
+    "kv_cache_memory_bytes": ("kv_cache", "memory_bytes"),
+    "num_kv_blocks": ("kv_cache", "num_blocks"),
+    "enable_prefix_caching": ("kv_cache", "prefix_caching"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "enable_chunked_prefill": ("scheduler", "chunked_prefill"),
+    "scheduling_policy": ("scheduler", "policy"),
+    "kernel_backend": ("kernel_backend",),
+    "cuda_graphs": ("cuda_graphs",),
+    "async_scheduling": ("async_scheduling",),
+    "seed": ("seed",),
+    "enable_lora": ("lora", "enabled"),
+    "max_loras": ("lora", "max_loras"),
+    "max_lora_rank": ("lora", "max_lora_rank"),
+    "max_cpu_loras": ("lora", "max_cpu_loras"),
+}
+
+
+class ModelSpec(_Schema, kw_only=True):
+    name: Annotated[str, _doc("What clients send as `model`.", pattern=MODEL_NAME_PATTERN)]
+    source: Annotated[str, _doc(
+        "The weights: a local folder (Hugging Face layout), a .gguf file, a Hugging Face repo id (org/name) or "
+        "builtin:NAME. Relative paths are relative to the config file's folder.", min_length=1)]
+    tokenizer: Annotated[NonEmptyStr | None, _doc(
+        "A tokenizer folder or Hugging Face repo id (null: the model's own).")] = engine_default("tokenizer")
+    dtype: Annotated[Dtype, _doc("Weight and activation type (auto: the checkpoint's).")] = engine_default("dtype")
+    device: Annotated[str, _doc("auto (cuda if available), cpu, cuda or cuda:N.",
+                                pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$")] = engine_default("device")
+    gpu_ids: Annotated[tuple[Annotated[int, Meta(ge=0)], ...] | None, _doc(
+        "GPUs this model may use (null: the engine picks); as many as parallelism needs.")] = None
+    max_model_len: Annotated[PositiveInt | None, _doc(
+        "Longest sequence, prompt plus output (null: the model's maximum).")] = engine_default("max_model_len")
+    load_format: Annotated[LoadFormat, _doc(
+        "auto: load the weights; dummy: random weights at the real shapes (tests, benchmarks).",
+    )] = engine_default("load_format")
+    kv_cache: Annotated[KVCacheSpec, _doc("The paged KV cache.")] = field(default_factory=KVCacheSpec)
+    scheduler: Annotated[SchedulerSpec, _doc("Continuous batching.")] = field(default_factory=SchedulerSpec)
+    queue_cap: Annotated[int, _doc(
+        "Most requests waiting for this model; beyond it requests get 429.", ge=1)] = 256
+    parallelism: Annotated[ParallelismSpec, _doc(
+        "How the model is spread over GPUs.")] = field(default_factory=ParallelismSpec)
+    quantization: Annotated[Literal["none"] | None, _doc(
+        "Weight quantization method; kvbox implements none yet (null or none).")] = None
+    lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
+    chat_template: Annotated[NonEmptyStr | None, _doc(
+        "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
+    kernel_backend: Annotated[KernelBackend, _doc(
+        "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = engine_default("kernel_backend")
+    cuda_graphs: Annotated[bool, _doc(
+        "Replay decode steps as CUDA graphs captured at start-up (CUDA with Triton kernels only).",
+    )] = engine_default("cuda_graphs")
+    async_scheduling: Annotated[bool | None, _doc(
+        "Schedule the next step while the current one runs on the device (null: on with CUDA, off on the CPU).",
+    )] = engine_default("async_scheduling")
+    default_sampling: Annotated[SamplingDefaults | None, _doc(
+        "Sampling defaults for requests that leave a parameter unset (null: none).")] = None
+    seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = engine_default("seed")
+
+    def to_engine_config(self, model_path: str) -> EngineConfig:
+        """The engine's options for this model; `model_path` is `source` resolved to a local path. Raises
+        `engine.config.EngineConfigError` for options the engine refuses (`load_config` has checked them)."""
+        return EngineConfig(model=model_path, **{option: reduce(getattr, path, self)
+                                                  for option, path in ENGINE_KEYS.items()})
+
+
+class UiSpec(_Schema, kw_only=True):
+    enabled: Annotated[bool, _doc("Serve the dashboard.")] = True
+    path: Annotated[str, _doc("URL path of the dashboard.", pattern=_URL_PATH)] = "/ui"
+
+
+class MetricsSpec(_Schema, kw_only=True):
+    enabled: Annotated[bool, _doc("Serve Prometheus metrics.")] = True
+    path: Annotated[str, _doc("URL path of the metrics.", pattern=_URL_PATH)] = "/metrics"
+
+
+class AppConfig(_Schema, kw_only=True):
+    server: Annotated[ServerSpec, _doc("The HTTP server.")] = field(default_factory=ServerSpec)
+    models: Annotated[tuple[ModelSpec, ...], _doc("The models served, one engine each.", min_length=1)]
+    ui: Annotated[UiSpec, _doc("The web dashboard.")] = field(default_factory=UiSpec)
+    metrics: Annotated[MetricsSpec, _doc("The metrics endpoint.")] = field(default_factory=MetricsSpec)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with every secret replaced by '***', safe for logs and the dashboard."""
+        return redact(msgspec.to_builtins(self), schema_type())
+
+
+@cache
+def schema_type() -> mi.Type:
+    """The schema as msgspec describes it, for walking (error messages, redaction)."""
+    return mi.type_info(AppConfig)
