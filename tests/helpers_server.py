@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 import yaml
 
@@ -133,6 +134,10 @@ def run_server(config: dict, workdir: Path, start_timeout_s: float = 180) -> Ite
 @contextmanager
 def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProcessServer]:
     """The app and its engines in this process (see the module docstring); ready once every model has started."""
+    # The engines share this process's torch thread pool with the server and the test's clients; OpenMP's
+    # spinning workers would starve them all of the machine's few cores (an engine process gets its own share).
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     app_config = parse_config(yaml.safe_dump(config))
     supervisor = Supervisor(app_config, engine_factory=InProcessEngineClient)
     server = uvicorn.Server(uvicorn.Config(create_app(app_config, supervisor), host="127.0.0.1", port=0,
@@ -152,6 +157,7 @@ def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProc
         server.should_exit = True
         thread.join(60)
         loop.close()
+        torch.set_num_threads(num_threads)
 
 
 def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:
