@@ -67,7 +67,7 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
         "replicas": [{
             "replica": r.replica,
             "pid": r.pid,
-            "alive": r.info is not None and not r.dead.is_set(),
+            "alive": r.live,
             "num_inflight": r.num_inflight,
             "engine": msgspec.to_builtins(r.info),
             "stats": msgspec.to_builtins(r.stats),

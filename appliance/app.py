@@ -1,7 +1,11 @@
-"""create_app(config, supervisor) -> the Litestar app: routes, API-key guard, error handling, metrics, lifespan.
+"""create_app(config, supervisor) -> the Litestar app: routes, API-key guard, request ids, error handling, metrics,
+lifespan.
 
-The app holds no config of its own beyond what must be fixed at build time (body size limit, metrics path, CORS):
-handlers read `supervisor.config`, which a reload replaces, so keys and limits follow SIGHUP.
+The supervisor is the app's view of the models, whatever runs their engines: engine processes (`Supervisor(config)`,
+what `kvbox serve` uses) or engines on threads of this process (`Supervisor(config, engine_factory=
+InProcessEngineClient)`, for tests and embedding). The app holds no config of its own beyond what must be fixed at
+build time (body size limit, metrics path, CORS): handlers read `supervisor.config`, which a reload replaces, so keys
+and limits follow SIGHUP.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from appliance import admin, openai
+from appliance import admin
 from appliance.auth import require_api_key
 from appliance.config import AppConfig
 from appliance.errors import handle_exception
 from appliance.metrics import Metrics, metrics_route
-from appliance.openai import lora
-from appliance.openai.serving import Admission
+from appliance.openai.context import ServingContext
+from appliance.openai.routes import ROUTES
+from appliance.request_ids import request_id_middleware
 from appliance.stats import StatsHub
 from appliance.supervisor import Supervisor
 from ui.routes import ui_router
@@ -39,20 +44,23 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
             await asyncio.gather(app.state.startup, return_exceptions=True)
             await supervisor.stop()
 
-    routes = [*openai.ROUTES, *admin.ROUTES, *lora.ROUTES]
+    routes = [*ROUTES, *admin.ROUTES]
+    serving = ServingContext(supervisor, Metrics(supervisor))
     if config.metrics.enabled:
-        routes.append(metrics_route(config.metrics.path))
-    state = {"supervisor": supervisor, "metrics": Metrics(supervisor), "admission": Admission()}
+        routes.append(metrics_route(config.metrics.path, serving.metrics))
     if config.ui.enabled:
         # The dashboard's statistics, fed by every engine step; its routes check the admin key or its own cookie.
-        state["stats"] = StatsHub(supervisor)
-        supervisor.on_step = state["stats"].on_step
+        serving.stats = StatsHub(supervisor)
+        supervisor.on_step = serving.stats.on_step
         routes += [*admin.STATS_ROUTES, ui_router(config.ui.path)]
+    # The supervisor and the statistics also on their own: the API-key guard and the dashboard read them.
+    state = {"supervisor": supervisor, "serving": serving, "stats": serving.stats}
     origins = config.server.cors.allow_origins
     return Litestar(
         route_handlers=routes,
         guards=[skip_self_authenticated(require_api_key)],
         exception_handlers={Exception: handle_exception},
+        middleware=[request_id_middleware],
         request_max_body_size=config.server.max_body_bytes,
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         lifespan=[lifespan],

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from appliance.engine_client import EngineDeadError
+from appliance.engines import EngineDeadError
+from appliance.openai.protocol import ErrorBody, ErrorDetail
 from appliance.supervisor import ModelNotFoundError, ModelUnavailableError
 from engine.sampling_params import InvalidParameterError
 
@@ -47,17 +47,6 @@ class APIError(Exception):
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
 
-class ErrorDetail(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(msgspec.Struct):
-    error: ErrorDetail
-
-
 def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
@@ -81,5 +70,7 @@ def error_body(error: APIError) -> ErrorBody:
 
 def handle_exception(request: Request, exc: Exception) -> Response:
     error = to_api_error(exc)
+    if error.status >= 500:
+        logger.warning("request %s: answered %d: %s", request.state.get("request_id"), error.status, error.message)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     return Response(error_body(error), status_code=error.status, headers=headers)

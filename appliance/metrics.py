@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.handlers import HTTPRouteHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
@@ -199,7 +199,7 @@ class _LoraCollector:
                     total = totals.setdefault(info.name, [0, 0, 0])
                     for i, (count, last) in enumerate(zip(counts, before.get(info.name, (0, 0, 0)))):
                         total[i] += count - last
-                    if replica.info is not None and not replica.dead.is_set():
+                    if replica.live:
                         where = resident.setdefault(info.name, {"gpu": 0, "host": 0})
                         where["host" if info.slot is None else "gpu"] += 1
                 # An adapter unloaded since keeps its last counts: loaded again, the engine goes on from them.
@@ -221,9 +221,9 @@ class _LoraCollector:
         yield from (requests, tokens, slot_loads, residency, requests_info)
 
 
-def metrics_route(path: str) -> HTTPRouteHandler:
+def metrics_route(path: str, metrics: Metrics) -> HTTPRouteHandler:
     @get(path, sync_to_thread=False, include_in_schema=False)
-    def metrics(request: Request) -> Response:
-        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    def render_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return metrics
+    return render_metrics

@@ -258,7 +258,7 @@ class StatsHub:
 
     def _model_snapshot(self, runtime: ModelRuntime, now: float, wall: float) -> dict[str, Any]:
         spec, model = runtime.spec, self.model(runtime.name)
-        live = [r for r in runtime.replicas if r.info is not None and not r.dead.is_set()]
+        live = [r for r in runtime.replicas if r.live]
         reported = [r for r in live if r.stats is not None]
         info = live[0].info if live else runtime.info
         stats = [r.stats for r in reported]
@@ -295,7 +295,7 @@ class StatsHub:
             "uptime_s": max(wall - runtime.started_at, 0.0),
             "restarts": runtime.restarts,
             "num_inflight": runtime.num_inflight,
-            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.info is not None and not r.dead.is_set()}
+            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.live}
                          for r in runtime.replicas],
             "requests": {
                 "running": sum(s.num_running for s in stats),

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from appliance import ipc
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
-from appliance.engine_client import EngineClient, EngineDeadError, EngineStartError, SpawnedEngine, spawn_engine
+from appliance.engine_client import ProcessEngineClient
+from appliance.engines import EngineClient, EngineDeadError, EngineFactory, EnginePlan, EngineStartError
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
 
@@ -92,7 +93,7 @@ class ModelRuntime:
     def pick_replica(self) -> EngineClient:
         if self.status is not ModelStatus.READY:
             raise ModelUnavailableError(self.name, self.status)
-        live = [r for r in self.replicas if r.info is not None and not r.closed]
+        live = [r for r in self.replicas if r.live]
         if not live:
             raise ModelUnavailableError(self.name, ModelStatus.RESTARTING)
         return min(live, key=lambda r: r.num_inflight)
@@ -103,8 +104,12 @@ class ModelRuntime:
 
 
 class Supervisor:
-    def __init__(self, config: AppConfig):
+    """`engine_factory` makes each replica: an engine process by default, `InProcessEngineClient` for an engine on
+    a thread of this process."""
+
+    def __init__(self, config: AppConfig, engine_factory: EngineFactory = ProcessEngineClient):
         self.config = config
+        self.engine_factory = engine_factory
         self.models: dict[str, ModelRuntime] = {}
         self.draining = False
         # Called with (model name, replica, StepOutputs) for every step message of every replica (the dashboard's
@@ -178,7 +183,7 @@ class Supervisor:
             return next((r.loras for r in results if isinstance(r, ipc.LoraResult)), [])
 
     def _live_replicas(self, model: ModelRuntime) -> list[EngineClient]:
-        replicas = [r for r in model.replicas if r.info is not None and not r.dead.is_set()]
+        replicas = [r for r in model.replicas if r.live]
         if not replicas:
             raise ModelUnavailableError(model.name, model.status)
         return replicas
@@ -203,7 +208,7 @@ class Supervisor:
                     return
                 if not result.ok:
                     lost[name] = result.message
-            others = [r for r in model.replicas if r is not client and r.info is not None and not r.dead.is_set()]
+            others = [r for r in model.replicas if r is not client and r.live]
             for name, message in lost.items():
                 await asyncio.gather(*(r.unload_lora(name) for r in others), return_exceptions=True)
                 del model.adapters[name]
@@ -247,28 +252,27 @@ class Supervisor:
             model.status = ModelStatus.FAILED
             return
         engine_config = spec.to_engine_config(model.model_path)
-        envs = [_replica_env(spec, i, self.config) for i in range(spec.parallelism.data)]
+        on_step = self.on_step
+        model.replicas = [self.engine_factory(EnginePlan(
+            spec.name, engine_config, i, _replica_env(spec, i, self.config), self.config.server.engine_hang_timeout_s,
+            on_step=functools.partial(on_step, spec.name, i) if on_step else None))
+            for i in range(spec.parallelism.data)]
         # The engines import and build (the longest part of a start) while this process loads the tokenizer.
-        for replica in range(len(envs)):
-            logger.info("%s[%d]: starting its engine process", spec.name, replica)
-        spawned = await asyncio.gather(*(spawn_engine(engine_config, env) for env in envs))
+        for replica in model.replicas:
+            logger.info("%s[%d]: starting its engine", spec.name, replica.replica)
+        await asyncio.gather(*(replica.launch() for replica in model.replicas))
         try:
             started = time.perf_counter()
             model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
             logger.info("%s: tokenizer loaded in %.1f s", spec.name, time.perf_counter() - started)
         except BaseException as e:  # a failure, or a shutdown cancelling the start: no engine may outlive it
-            await asyncio.gather(*(engine.kill() for engine in spawned))
+            await asyncio.gather(*(replica.kill() for replica in model.replicas))
             if not isinstance(e, Exception):
                 raise
             model.record_error(f"cannot load the tokenizer of {spec.tokenizer or spec.source!r}: {e}")
             model.status = ModelStatus.FAILED
             return
-        model.replicas = [EngineClient(spec.name, engine_config, model.tokenizer, replica=i, env=env,
-                                       on_step=functools.partial(self.on_step, spec.name, i) if self.on_step else None,
-                                       hang_timeout_s=self.config.server.engine_hang_timeout_s)
-                          for i, env in enumerate(envs)]
-        results = await asyncio.gather(*(self._start_replica(model, r, engine)
-                                         for r, engine in zip(model.replicas, spawned)))
+        results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
         if all(results):  # before READY, so that the configured adapters are there from the first request
             await self._load_configured_loras(model)
         if model.status is ModelStatus.LOADING:
@@ -276,12 +280,9 @@ class Supervisor:
         model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
                        for r in model.replicas if r.info is not None]
 
-    async def _start_replica(self, model: ModelRuntime, client: EngineClient,
-                             spawned: SpawnedEngine | None = None) -> bool:
-        if spawned is None:
-            logger.info("%s[%d]: starting its engine process", model.name, client.replica)
+    async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> bool:
         try:
-            info = await client.start(spawned=spawned)
+            info = await client.start(model.tokenizer)
         except EngineStartError as e:
             model.record_error(str(e))
             return False
@@ -295,7 +296,7 @@ class Supervisor:
             await client.dead.wait()
             if model.status in (ModelStatus.DRAINING, ModelStatus.STOPPED):
                 return
-            code = client.process.returncode if client.process else None
+            code = client.exit_code
             model.record_error(f"engine replica {client.replica} exited (code {code})")
             now = time.monotonic()
             model.crash_times.append(now)
@@ -306,14 +307,14 @@ class Supervisor:
             model.status = ModelStatus.RESTARTING
             delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
             await asyncio.sleep(delay)
-            replacement = EngineClient(client.name, client.engine_config, client.tokenizer, client.replica,
-                                       client.env, on_step=client.on_step, hang_timeout_s=client.hang_timeout_s)
+            logger.info("%s[%d]: starting its engine again", model.name, client.replica)
+            replacement = self.engine_factory(client.plan)
             model.replicas[model.replicas.index(client)] = replacement
             client = replacement
             model.restarts += 1
             if await self._start_replica(model, client):
                 await self._restore_loras(model, client)
-                if all(r.info is not None and not r.dead.is_set() for r in model.replicas):
+                if all(r.live for r in model.replicas):
                     model.status = ModelStatus.READY
             else:
                 client.dead.set()  # counts as another crash on the next turn

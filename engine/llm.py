@@ -18,6 +18,7 @@ from engine.output_processor import OutputProcessor, RequestOutput
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer, render_chat
+from engine.validation import validate_prompt
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -66,6 +67,8 @@ class LLM:
 
     def _add(self, text: str | None, token_ids: list[int], params: SamplingParams, priority: int,
              lora_name: str | None) -> str:
+        """Validates and queues one prompt (raising InvalidParameterError before anything is queued)."""
+        validate_prompt(token_ids, params, max_model_len=self.core.max_model_len, vocab_size=self.core.vocab_size)
         request_id = str(next(self._ids))
         self.core.add_request(request_id, token_ids, params, priority=priority, lora_name=lora_name)
         self.output_processor.add_request(request_id, text, token_ids, params)

@@ -1,16 +1,23 @@
-"""Runs the real server for API tests: `python -m appliance.server CONFIG` in a subprocess, real engines, stopped
-with SIGTERM (and its exit code checked: a clean drain exits 0).
+"""Servers for API tests, both on a real port so that the `openai` client, httpx and subprocesses reach them alike:
 
-Test modules load this as a plugin (`pytest_plugins = ["helpers_server"]`), so that `api_server`, one server with
-two tiny models, is started once for the whole session however many modules use it.
+- `run_inprocess(config)`: the app (`create_app`) on uvicorn in a thread of the test process, its engines
+  `InProcessEngineClient`s on threads too. It is up in well under a second; most API tests use it.
+- `run_server(config, workdir)`: the real thing, `python -m appliance.server CONFIG` in a subprocess with engine
+  processes, stopped with SIGTERM (and its exit code checked: a clean drain exits 0). For what needs processes:
+  killed engines, signals, reloads.
+
+Test modules load this as a plugin (`pytest_plugins = ["helpers_server"]`), so that `api_server`, one in-process
+server with two tiny models, is started once for the whole session however many modules use it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +27,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
+import uvicorn
 import yaml
+
+from appliance.app import create_app
+from appliance.config import parse_config
+from appliance.inprocess import InProcessEngineClient
+from appliance.supervisor import ModelStatus, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-api-key"
@@ -29,11 +43,8 @@ MAX_BODY_BYTES = 64 * 1024
 LONG_CONTEXT = 2048
 
 
-@dataclass
-class RunningServer:
+class _Clients:
     base_url: str
-    process: subprocess.Popen
-    log_path: Path
 
     def client(self, **options) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, max_retries=0, **options)
@@ -45,6 +56,45 @@ class RunningServer:
     def admin_models(self) -> dict[str, dict]:
         with self.http(ADMIN_KEY) as http:
             return {m["name"]: m for m in http.get("/admin/models").json()["models"]}
+
+
+@dataclass
+class RunningServer(_Clients):
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def pause(self, seconds: float) -> None:
+        """Stops the server's process (not its engines) for a while: the engines run ahead of it."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+
+@dataclass
+class InProcessServer(_Clients):
+    base_url: str
+    supervisor: Supervisor
+    loop: asyncio.AbstractEventLoop
+
+    def pause(self, seconds: float) -> None:
+        """Blocks the server's event loop for a while (the engines' threads go on stepping); returns once it is
+        blocked."""
+        blocked = threading.Event()
+
+        def block() -> None:
+            blocked.set()
+            time.sleep(seconds)
+
+        self.loop.call_soon_threadsafe(block)
+        blocked.wait()
+
+    def kill_engine(self, model: str, replica: int = 0) -> None:
+        """As if the replica's engine crashed: the supervisor fails its requests and restarts it."""
+        engine = self.supervisor.models[model].replicas[replica]
+        asyncio.run_coroutine_threadsafe(engine.kill(), self.loop).result(10)
 
 
 def model_config(name: str, source: str, **overrides) -> dict:
@@ -81,6 +131,35 @@ def run_server(config: dict, workdir: Path, start_timeout_s: float = 180) -> Ite
         stop(process, log_path)
 
 
+@contextmanager
+def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProcessServer]:
+    """The app and its engines in this process (see the module docstring); ready once every model has started."""
+    # The engines share this process's torch thread pool with the server and the test's clients; OpenMP's
+    # spinning workers would starve them all of the machine's few cores (an engine process gets its own share).
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    app_config = parse_config(yaml.safe_dump(config))
+    supervisor = Supervisor(app_config, engine_factory=InProcessEngineClient)
+    server = uvicorn.Server(uvicorn.Config(create_app(app_config, supervisor), host="127.0.0.1", port=0,
+                                           lifespan="on", log_level="warning"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), name="api-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started or any(m.status is ModelStatus.LOADING for m in supervisor.models.values()) \
+                or len(supervisor.models) < len(app_config.models):
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield InProcessServer(f"http://127.0.0.1:{port}", supervisor, loop)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        loop.close()
+        torch.set_num_threads(num_threads)
+
+
 def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -108,12 +187,12 @@ def _tail(log_path: Path, num_lines: int = 60) -> str:
 
 
 @pytest.fixture(scope="session")
-def api_server(tiny_model, tmp_path_factory) -> Iterator[RunningServer]:
-    """Two tiny models: `llama` (long context, small queue, for 429s) and `qwen` (512 tokens of context, greedy by
-    default, for per-model defaults)."""
+def api_server(tiny_model) -> Iterator[InProcessServer]:
+    """In process, two tiny models: `llama` (long context, small queue, for 429s) and `qwen` (512 tokens of context,
+    greedy by default, for per-model defaults)."""
     config = server_config([
         model_config("llama", long_llama(tiny_model), queue_cap=1, scheduler={"max_num_seqs": 2}),
         model_config("qwen", tiny_model("qwen3"), default_sampling={"temperature": 0.0}),
     ])
-    with run_server(config, tmp_path_factory.mktemp("api_server")) as server:
+    with run_inprocess(config) as server:
         yield server

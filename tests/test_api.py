@@ -1,8 +1,8 @@
-"""The OpenAI-compatible API end to end: the real server, real engines, the official `openai` client."""
+"""The OpenAI-compatible API end to end over HTTP with the official `openai` client: the app and its engines in
+process (`api_server`); `test_api_e2e.py` has the same through engine processes."""
 
 import json
 import re
-import signal
 import time
 
 import httpx
@@ -89,14 +89,10 @@ def test_streamed_chat_names_the_role_once_and_reports_usage(client):
 
 
 def paused_stream(api_server, chunks):
-    """Reads a stream's first chunk, then stops the server's process (not its engines) for a while so that the
-    engine runs ahead, then reads the rest: the tokens made meanwhile must reach the client merged, nothing lost."""
+    """Reads a stream's first chunk, then pauses the server (not its engines) for a while so that the engine runs
+    ahead, then reads the rest: the tokens made meanwhile must reach the client merged, nothing lost."""
     first = next(chunks)
-    api_server.process.send_signal(signal.SIGSTOP)
-    try:
-        time.sleep(0.3)
-    finally:
-        api_server.process.send_signal(signal.SIGCONT)
+    api_server.pause(0.3)
     return [first, *chunks]
 
 

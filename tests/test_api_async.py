@@ -8,7 +8,7 @@ import time
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, long_llama, model_config, run_server, server_config
+from helpers_server import ADMIN_KEY, long_llama, model_config, run_inprocess, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -22,14 +22,14 @@ REQUESTS = [  # completions requests, each sent to both models
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def server(tiny_model):
     source = long_llama(tiny_model)
     # 10 blocks of 16 tokens for 4 running requests of up to 5 blocks each (prompt and 60 tokens): as soon as three
     # decode together, one is preempted.
     options = {"max_model_len": 128, "kv_cache": {"num_blocks": 10}, "scheduler": {"max_num_seqs": 4}}
     config = server_config([model_config("sync", source, async_scheduling=False, **options),
                             model_config("async", source, async_scheduling=True, **options)])
-    with run_server(config, tmp_path_factory.mktemp("api_async")) as running:
+    with run_inprocess(config) as running:
         yield running
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -71,7 +70,7 @@ def fake_supervisor(num_models: int, num_running: int = 0, num_replicas: int = 1
     for i in range(num_models):
         runtime = ModelRuntime(supervisor.config.models[i], status=ModelStatus.READY)
         runtime.replicas = [SimpleNamespace(
-            replica=r, pid=1000 + i, dead=asyncio.Event(), num_inflight=num_running,
+            replica=r, pid=1000 + i, live=True, num_inflight=num_running,
             info=ipc.EngineReady(vocab_size=32000, max_model_len=4096, eos_token_ids=[2], num_kv_blocks=100,
                                  block_size=16, device="cuda:0", dtype="bfloat16", kernel_backend="triton"),
             stats=None, loras=[]) for r in range(num_replicas)]
@@ -83,7 +82,7 @@ def step(hub: StatsHub, model: str, outputs, stats=None, seconds: float = 0.01, 
     message = ipc.StepOutputs(outputs, stats, seconds)
     runtime = hub.supervisor.models.get(model)
     if stats is not None and runtime is not None:
-        runtime.replicas[replica].stats = stats  # as EngineClient._dispatch does before calling the hook
+        runtime.replicas[replica].stats = stats  # as EngineClientBase._on_step does before calling the hook
     hub.on_step(model, replica, message)
 
 
@@ -147,7 +146,7 @@ def test_replicas_add_up_and_each_has_its_block_map():
     assert [(map_["replica"], map_["cells"].count("1")) for map_ in m["kv"]["maps"]] == [(0, 40), (1, 0)]
     assert m["prefix_cache"]["lifetime_hit_rate"] == 0.2 and m["totals"]["prompt_tokens"] == 30
     assert m["series"]["kv_usage"] == [None] * hub.window_s  # the current second is not charted yet
-    hub.supervisor.models["m0"].replicas[1].dead.set()  # a dead replica leaves the live figures
+    hub.supervisor.models["m0"].replicas[1].live = False  # a dead replica leaves the live figures
     m = hub.snapshot()["models"][0]
     assert m["requests"]["running"] == 1 and len(m["kv"]["maps"]) == 1 and m["kv"]["num_blocks"] == 100
 

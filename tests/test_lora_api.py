@@ -1,7 +1,8 @@
 """LoRA adapters through the API: declared in the YAML, hot-loaded, replaced and unloaded (vLLM's routes and the admin
 API), served as `model: "<adapter>"` with the same greedy output as the offline engine, and every refusal a 400 that
-leaves the server as it was. One real server: `llama` with LoRA, `plain` (the same weights) without; and one with
-`llama` on two data-parallel replicas, where a load that one replica refuses is rolled back on the other."""
+leaves the server as it was. One in-process server: `llama` with LoRA, `plain` (the same weights) without; and one
+real server with `llama` on two data-parallel engine processes, where a load that one replica refuses is rolled back
+on the other."""
 
 import os
 import signal
@@ -16,7 +17,7 @@ from test_lora_metrics import lora_metrics
 from engine import LLM, SamplingParams
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, API_KEY, model_config, run_server, server_config
+from helpers_server import ADMIN_KEY, API_KEY, model_config, run_inprocess, run_server, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -46,7 +47,7 @@ def setup(tiny_model, tmp_path_factory):
     lora = {"enabled": True, "allowed_dirs": [str(allowed)],
             "adapters": [{"name": "yaml-attn", "path": paths["yaml-attn"]}]}
     config = server_config([model_config("llama", base_dir, lora=lora), model_config("plain", base_dir)])
-    with run_server(config, root) as server:
+    with run_inprocess(config) as server:
         yield server, paths, allowed, outside, base_dir, expected
 
 

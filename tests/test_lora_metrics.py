@@ -1,9 +1,7 @@
-"""Per-adapter Prometheus metrics through the real server: requests, computed tokens, GPU slot loads and residency
+"""Per-adapter Prometheus metrics through the API (in process): requests, computed tokens, GPU slot loads and residency
 per adapter, and counters that never go back when an adapter is replaced, unloaded and loaded again, or when its
 engine is killed and restarted."""
 
-import os
-import signal
 import time
 
 import pytest
@@ -11,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_lora import ADAPTERS, make_adapter
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, model_config, run_server, server_config
+from helpers_server import ADMIN_KEY, model_config, run_inprocess, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -29,7 +27,7 @@ def lora_server(tiny_model, tmp_path_factory):
     paths = {name: make_adapter(base_dir, allowed / name, seed=seed, **ADAPTERS[name])
              for seed, name in enumerate(("attn", "mlp"))}
     config = server_config([model_config("llama", base_dir, lora={"enabled": True, "allowed_dirs": [str(allowed)]})])
-    with run_server(config, root) as server:
+    with run_inprocess(config) as server:
         yield server, paths
 
 
@@ -74,9 +72,6 @@ def load(server, name: str, path: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def engine_pid(server) -> int:
-    (replica,) = server.admin_models()["llama"]["replicas"]
-    return replica["pid"]
 
 
 def test_per_adapter_metrics_count_requests_and_tokens_and_never_go_back(lora_server):
@@ -117,10 +112,10 @@ def test_per_adapter_metrics_count_requests_and_tokens_and_never_go_back(lora_se
     wait_for(server, {requests: 5, tokens: computed})
 
     # A killed engine restarts with the adapters restored and its counts at zero; the counters do not go back.
-    pid = engine_pid(server)
-    os.kill(pid, signal.SIGKILL)
+    restarts = server.admin_models()["llama"]["restarts"]
+    server.kill_engine("llama")
     deadline = time.monotonic() + 60
-    while engine_pid(server) == pid or server.admin_models()["llama"]["status"] != "ready":
+    while (model := server.admin_models()["llama"])["restarts"] == restarts or model["status"] != "ready":
         assert time.monotonic() < deadline, "the killed engine did not come back"
         time.sleep(0.2)
     found = wait_for(server, {("kvbox:lora_adapter_residency", "used", "host"): 1})  # restored, not in a slot yet

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from appliance.engine_client import EngineDeadError, OutputSink
+from appliance.engines import EngineDeadError, OutputSink
 from appliance.metrics import Metrics
-from appliance.openai.serving import Generation
+from appliance.openai.generation import Generation
 from engine.output_processor import OutputProcessor
 from engine.contract import EngineCoreOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
@@ -108,7 +108,7 @@ def test_an_error_comes_after_the_outputs_put_before_it(tokenizer):
 class FakeClient:
     """Just enough of an EngineClient for a Generation: it records where outputs go and what was aborted."""
 
-    name = "model"
+    name, replica = "model", 0
 
     def __init__(self):
         self.sink, self.aborted = None, []
@@ -123,8 +123,8 @@ class FakeClient:
 def test_a_generation_streams_what_came_before_a_failure_and_releases_each_prompt_once(tokenizer):
     async def main():
         client, released = FakeClient(), []
-        generation = Generation(client, [(None, [1]), (None, [1])], SamplingParams(max_tokens=4), 0,
-                                Metrics(SimpleNamespace(models={})), on_done=lambda: released.append(1))
+        generation = Generation(client, "r", [(None, [1]), (None, [1])], SamplingParams(max_tokens=4),
+                                metrics=Metrics(SimpleNamespace(models={})), on_done=lambda: released.append(1))
         processor = OutputProcessor(tokenizer)
         processor.add_request("r", None, [1], SamplingParams(max_tokens=4))
         for token_id in (2, 3):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from litestar import Request, Response, post
 
-from appliance.errors import APIError
+from appliance.openai.context import serving_context
+from appliance.openai.generation import collect, stream_response
 from appliance.openai.logprobs import completion_logprobs
+from appliance.openai.prompts import Prompt, prompt_inputs, tokenize_inputs
 from appliance.openai.protocol import Completion, CompletionChoice, CompletionRequest, Usage, now
-from appliance.openai.serving import (Prompt, check_limits, collect, open_model, read_request, sampling_params,
-                                      server_config, start, stream_response)
+from appliance.openai.serving import check_limits, open_model, read_request, sampling_params, start
+from appliance.request_ids import request_id
 from engine.output_processor import CompletionOutput, RequestOutput
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # the completions API's default; chat's is "as many as fit"
@@ -20,48 +21,36 @@ OPENAI_DEFAULT_MAX_TOKENS = 16  # the completions API's default; chat's is "as m
 @post("/v1/completions", status_code=200)
 async def create_completion(request: Request) -> Response:
     req: CompletionRequest = await read_request(request, CompletionRequest)
-    inputs = _prompt_inputs(req.prompt)
-    check_limits(server_config(request), req, max_tokens=("max_tokens", req.max_tokens),
-                 logprobs=("logprobs", req.logprobs),
+    inputs = prompt_inputs(req.prompt)
+    context = serving_context(request)
+    check_limits(context.server, req, max_tokens=("max_tokens", req.max_tokens), logprobs=("logprobs", req.logprobs),
                  prompt_chars=("prompt", sum(len(p) for p in inputs if isinstance(p, str))))
-    model, client = open_model(request, req.model)
-    params = sampling_params(req, model.spec, max_tokens=req.max_tokens, default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS,
-                             logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+    target = open_model(context.supervisor, req.model)
+    params = sampling_params(req, target.model.spec, max_tokens=req.max_tokens,
+                             default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
+                             prompt_logprobs=req.logprobs if req.echo else None)
     # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a
     # thread hop would queue them behind every request the loop has not parsed yet.
+    tokenizer = target.model.tokenizer
     needs_tokenizer = req.echo or any(isinstance(p, str) for p in inputs)
-    prompts = (await asyncio.to_thread(_tokenize, model.tokenizer, inputs, req.echo) if needs_tokenizer
+    prompts = (await asyncio.to_thread(tokenize_inputs, tokenizer, inputs, req.echo) if needs_tokenizer
                else [(None, p) for p in inputs])
-    generation = start(request, model, client, prompts, params, "prompt", req.priority)
-    choices = _Choices(req.model, model.tokenizer, prompts, params.n, req.echo, req.logprobs is not None)
+    generation = start(context, request_id(request), target, prompts, params, "prompt", req.priority)
+    choices = _Choices(f"cmpl-{generation.request_id}", req.model, tokenizer, prompts, params.n, req.echo,
+                       req.logprobs is not None)
     if req.stream:
         return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None)
     outputs = await collect(request, generation)
     return Response(choices.response(outputs, generation.usage()))
 
 
-def _prompt_inputs(prompt: str | list) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [prompt]
-    if prompt and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
-        return list(prompt)
-    raise APIError.invalid("prompt", "expected a string, a list of strings, a list of token ids or a list of "
-                                     "token-id lists, none of them empty")
-
-
-def _tokenize(tokenizer, inputs: list[str | list[int]], echo: bool) -> list[Prompt]:
-    return [(p, tokenizer.encode(p)) if isinstance(p, str) else (tokenizer.decode(p) if echo else None, p)
-            for p in inputs]
-
-
 class _Choices:
     """Builds the response's choices, whole or as stream chunks; a stream's first chunk of a choice carries the
     echoed prompt, and its logprobs' text offsets continue from chunk to chunk."""
 
-    def __init__(self, model: str, tokenizer, prompts: list[Prompt], n: int, echo: bool, logprobs: bool):
-        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", now(), model
+    def __init__(self, response_id: str, model: str, tokenizer, prompts: list[Prompt], n: int, echo: bool,
+                 logprobs: bool):
+        self.id, self.created, self.model = response_id, now(), model
         self.tokenizer, self.prompts, self.n, self.echo, self.logprobs = tokenizer, prompts, n, echo, logprobs
         self._text_offsets: dict[int, int] = {}  # choice -> offset after the text streamed so far
 

@@ -18,7 +18,9 @@ from litestar import Request, Response, delete, get, post
 
 from appliance.auth import require_admin_key
 from appliance.errors import RETRY_UNAVAILABLE_S, APIError
-from appliance.openai.protocol import decode
+from appliance.openai.context import serving_context
+from appliance.openai.protocol import AdminLoadLora, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from appliance.openai.serving import decode
 from appliance.supervisor import LoraError, ModelRuntime, Supervisor
 from ui.session import SELF_AUTHENTICATED, require_admin_session_for_changes
 
@@ -27,25 +29,8 @@ from ui.session import SELF_AUTHENTICATED, require_admin_session_for_changes
 _ADMIN = {"guards": [require_admin_session_for_changes], "opt": {SELF_AUTHENTICATED: True}}
 
 
-class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
-    lora_name: str
-    lora_path: str
-    base_model: str | None = None
-
-
-class UnloadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
-    lora_name: str
-    lora_int_id: int | None = None  # vLLM's; ignored
-    base_model: str | None = None
-
-
-class AdminLoadLora(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    path: str
-
-
 def _supervisor(request: Request) -> Supervisor:
-    return request.app.state.supervisor
+    return serving_context(request).supervisor
 
 
 def _base_model(supervisor: Supervisor, base_model: str | None, lora_name: str) -> ModelRuntime:
@@ -77,7 +62,7 @@ def _listing(model: ModelRuntime) -> dict:
     """The adapters served, with the engine's usage counters (from the first live replica that reported them)."""
     infos = {}
     for replica in model.replicas:
-        if replica.info is not None and not replica.dead.is_set():
+        if replica.live:
             infos = {info.name: info for info in replica.loras}
             break
     loras = []

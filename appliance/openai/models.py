@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from litestar import Request, get
 
+from appliance.openai.context import serving_context
 from appliance.openai.protocol import ModelCard, ModelList
-from appliance.supervisor import ModelRuntime, Supervisor
+from appliance.supervisor import ModelRuntime
 
 
 @get("/v1/models", sync_to_thread=False)
 def list_models(request: Request) -> ModelList:
-    supervisor: Supervisor = request.app.state.supervisor
+    supervisor = serving_context(request).supervisor
     return ModelList([card for model in supervisor.models.values()
                       for card in [_card(model), *(_card(model, name) for name in model.adapters)]])
 
@@ -19,7 +20,7 @@ def list_models(request: Request) -> ModelList:
 @get("/v1/models/{name:path}", sync_to_thread=False)
 def retrieve_model(request: Request, name: str) -> ModelCard:
     # A path parameter because model names may contain "/" (org/model); litestar keeps the leading one.
-    model, adapter = request.app.state.supervisor.resolve(name.removeprefix("/"))
+    model, adapter = serving_context(request).supervisor.resolve(name.removeprefix("/"))
     return _card(model, adapter)
 
 

@@ -1,39 +1,18 @@
-"""The OpenAI-compatible wire format: request and response bodies as msgspec Structs.
+"""The wire format of every route's payloads as msgspec Structs: OpenAI's (completions, chat, models, the error
+object), vLLM's (tokenize, LoRA adapters) and the admin API's LoRA changes.
 
-Requests are decoded with `decode`, which turns msgspec's errors into `APIError`s whose `param` names the field.
-Optional request fields default to None so that "not given" stays distinguishable from a value: a model's
-configured sampling defaults fill exactly the fields a request leaves out. Unknown fields are ignored, as OpenAI's
-and vLLM's servers do.
+Requests are decoded by `appliance.openai.serving.read_request`, which turns msgspec's errors into `APIError`s whose
+`param` names the field. Optional request fields default to None so that "not given" stays distinguishable from a
+value: a model's configured sampling defaults fill exactly the fields a request leaves out. Unknown fields are
+ignored, as OpenAI's and vLLM's servers do (the LoRA routes' excepted: a typo there would change the wrong thing).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Literal
 
 import msgspec
-
-from appliance.errors import APIError
-
-
-def decode(body: bytes, type_: type[msgspec.Struct]) -> msgspec.Struct:
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as e:
-        raise APIError.invalid(*_validation_param(str(e))) from None
-    except msgspec.DecodeError as e:
-        raise APIError.invalid(None, f"the request body is not valid JSON: {e}") from None
-
-
-def _validation_param(message: str) -> tuple[str | None, str]:
-    """("messages[0].role", message) from msgspec's "... - at `$.messages[0].role`" or "missing field `model`"."""
-    at = re.search(r" - at `\$(.*)`$", message)
-    path = at.group(1).lstrip(".") if at else ""
-    missing = re.match(r"Object missing required field `(.+?)`", message)
-    if missing:
-        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
-    return path or None, message
 
 
 # ---- requests ----
@@ -245,3 +224,33 @@ class TokenizeResponse(msgspec.Struct):
 
 class DetokenizeResponse(msgspec.Struct):
     prompt: str
+
+
+# ---- LoRA adapters ----
+class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
+    lora_name: str
+    lora_path: str
+    base_model: str | None = None
+
+
+class UnloadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; ignored
+    base_model: str | None = None
+
+
+class AdminLoadLora(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    path: str
+
+
+# ---- errors ----
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail

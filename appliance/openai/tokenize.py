@@ -7,9 +7,10 @@ import asyncio
 from litestar import Request, post
 
 from appliance.errors import APIError
-from appliance.openai.chat import chat_messages, render_prompt
+from appliance.openai.context import serving_context
+from appliance.openai.prompts import chat_messages, render_prompt
 from appliance.openai.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from appliance.openai.serving import read_request, server_config
+from appliance.openai.serving import read_request
 from appliance.supervisor import ModelRuntime, ModelUnavailableError, Supervisor
 
 
@@ -20,11 +21,12 @@ async def tokenize(request: Request) -> TokenizeResponse:
         raise APIError.invalid("prompt", "give either prompt or messages")
     messages = chat_messages(req.messages) if req.messages is not None else None
     num_chars = len(req.prompt) if messages is None else sum(len(m["content"]) for m in messages)
-    limit = server_config(request).max_prompt_chars
+    context = serving_context(request)
+    limit = context.server.max_prompt_chars
     if num_chars > limit:
         raise APIError.invalid("prompt" if messages is None else "messages",
                                f"the prompt has {num_chars} characters; this server allows at most {limit}")
-    model = _model(request, req.model)
+    model = _model(context.supervisor, req.model)
     if messages is None:
         tokens = await asyncio.to_thread(model.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     else:
@@ -37,17 +39,16 @@ async def tokenize(request: Request) -> TokenizeResponse:
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request) -> DetokenizeResponse:
     req: DetokenizeRequest = await read_request(request, DetokenizeRequest)
-    model = _model(request, req.model)
+    model = _model(serving_context(request).supervisor, req.model)
     vocab_size = len(model.tokenizer)
     if any(not 0 <= t < vocab_size for t in req.tokens):
         raise APIError.invalid("tokens", f"token ids must be in [0, {vocab_size})")
     return DetokenizeResponse(await asyncio.to_thread(model.tokenizer.decode, req.tokens))
 
 
-def _model(request: Request, name: str | None) -> ModelRuntime:
+def _model(supervisor: Supervisor, name: str | None) -> ModelRuntime:
     """The named model (an adapter name means its base model, whose tokenizer it shares); the name may be left out
     when the server has only one."""
-    supervisor: Supervisor = request.app.state.supervisor
     if name is None:
         if len(supervisor.models) != 1:
             raise APIError.invalid("model", "this server has several models; name one")

@@ -1,0 +1,24 @@
+"""The one check of a request against the model it goes to, for every front end (the appliance, the offline `LLM`).
+
+The engine core trusts its input: whatever reaches `EngineCore.add_request` has passed `validate_prompt`. Each
+failure is an `InvalidParameterError` whose `param` names the request's field, which the appliance turns into
+OpenAI's error object.
+"""
+
+from __future__ import annotations
+
+from engine.sampling_params import InvalidParameterError, SamplingParams
+
+
+def validate_prompt(token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int,
+                    param: str = "prompt") -> None:
+    """Checks that the prompt is non-empty, leaves room for one generated token, and names only tokens of the
+    vocabulary, and that the parameters fit the model; `param` is the request's name for the prompt."""
+    if not token_ids:
+        raise InvalidParameterError(param, "the prompt is empty")
+    if len(token_ids) >= max_model_len:
+        raise InvalidParameterError(param, f"the prompt has {len(token_ids)} tokens, but this model's context "
+                                           f"length is {max_model_len} (and at least one token must be generated)")
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        raise InvalidParameterError(param, f"token ids must be in [0, {vocab_size})")
+    params.verify_for_model(vocab_size)
