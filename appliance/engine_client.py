@@ -19,8 +19,9 @@ import time
 from collections import deque
 
 from appliance import ipc
+from engine import contract
 from appliance.engines import EngineDeadError, EnginePlan, EngineStartError, OutputSink
-from engine.lora.manager import LoraInfo
+from engine.contract import LoraInfo
 from engine.output_processor import OutputProcessor
 from engine.contract import SchedulerStats
 from engine.sampling_params import InvalidParameterError, SamplingParams
@@ -31,7 +32,7 @@ logger = logging.getLogger("kvbox.supervisor")
 class EngineClientBase:
     def __init__(self, plan: EnginePlan):
         self.plan = plan
-        self.info: ipc.EngineReady | None = None
+        self.info: contract.EngineReady | None = None
         self.stats: SchedulerStats | None = None
         self.loras: list[LoraInfo] = []  # the adapters this engine serves, as of its latest report
         self.dead = asyncio.Event()  # set once the engine is gone and reaped
@@ -59,17 +60,17 @@ class EngineClientBase:
     def num_inflight(self) -> int:
         return len(self._inflight)
 
-    def _send(self, message: ipc.ToEngine) -> None:
+    def _send(self, message: contract.ToEngine) -> None:
         raise NotImplementedError
 
-    async def _recv(self) -> ipc.FromEngine | None:
+    async def _recv(self) -> contract.FromEngine | None:
         """The engine's next message; None once it has gone."""
         raise NotImplementedError
 
     async def _reap(self) -> None:
         raise NotImplementedError
 
-    def _ready(self, info: ipc.EngineReady, tokenizer) -> ipc.EngineReady:
+    def _ready(self, info: contract.EngineReady, tokenizer) -> contract.EngineReady:
         self.info = info
         self._output_processor = OutputProcessor(tokenizer)
         self._reader = asyncio.create_task(self._read_loop(), name=f"engine-reader-{self.name}-{self.replica}")
@@ -85,7 +86,7 @@ class EngineClientBase:
             raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
         self._inflight[request_id] = (sink, index)
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
-        self._send(ipc.AddRequest(request_id, prompt_token_ids, params, priority, lora_name=lora_name))
+        self._send(contract.AddRequest(request_id, prompt_token_ids, params, priority, lora_name=lora_name))
 
     def abort(self, request_ids: list[str]) -> None:
         """Stops those of the requests still running; their sinks hear nothing more."""
@@ -93,16 +94,16 @@ class EngineClientBase:
         for request_id in running:
             self._output_processor.abort(request_id)
         if running and not self.closed:
-            self._send(ipc.AbortRequests(running))
+            self._send(contract.AbortRequests(running))
 
-    async def load_lora(self, name: str, path: str) -> ipc.LoraResult:
+    async def load_lora(self, name: str, path: str) -> contract.LoraResult:
         """Loads or replaces adapter `name`; the result says whether the engine accepted it (and why not)."""
-        return await self._change_lora(ipc.LoadLora(name, path))
+        return await self._change_lora(contract.LoadLora(name, path))
 
-    async def unload_lora(self, name: str) -> ipc.LoraResult:
-        return await self._change_lora(ipc.UnloadLora(name))
+    async def unload_lora(self, name: str) -> contract.LoraResult:
+        return await self._change_lora(contract.UnloadLora(name))
 
-    async def _change_lora(self, message: ipc.LoadLora | ipc.UnloadLora) -> ipc.LoraResult:
+    async def _change_lora(self, message: contract.LoadLora | contract.UnloadLora) -> contract.LoraResult:
         if not self.live:
             raise EngineDeadError(f"model {self.name!r} is not running")
         waiter = asyncio.get_running_loop().create_future()
@@ -122,16 +123,16 @@ class EngineClientBase:
             await self._reap()
             self.dead.set()
 
-    def _dispatch(self, message: ipc.FromEngine) -> None:
-        if isinstance(message, ipc.StepOutputs):
+    def _dispatch(self, message: contract.FromEngine) -> None:
+        if isinstance(message, contract.StepOutputs):
             self._on_step(message)
-        elif isinstance(message, ipc.LoraResult):
+        elif isinstance(message, contract.LoraResult):
             self.loras = message.loras
             if self._lora_waiters:
                 waiter = self._lora_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(message)
-        elif isinstance(message, ipc.RequestRejected):
+        elif isinstance(message, contract.RequestRejected):
             logger.info("request %s: %s[%d] refused it: %s: %s", message.request_id, self.name, self.replica,
                         message.param, message.message)
             target = self._inflight.pop(message.request_id, None)
@@ -140,7 +141,7 @@ class EngineClientBase:
                 sink, index = target
                 sink.fail(index, InvalidParameterError(message.param, message.message))
 
-    def _on_step(self, message: ipc.StepOutputs) -> None:
+    def _on_step(self, message: contract.StepOutputs) -> None:
         if message.stats is not None:
             if message.stats.block_states is None and self.stats is not None:
                 # The block map comes less often than the counts; keep showing the last one.
@@ -152,7 +153,7 @@ class EngineClientBase:
             self.plan.on_step(message)
         request_outputs, to_stop = self._output_processor.process(message.outputs)
         if to_stop:
-            self._send(ipc.FinishSamples(to_stop))
+            self._send(contract.FinishSamples(to_stop))
         for output in request_outputs:
             target = (self._inflight.pop(output.request_id, None) if output.finished
                       else self._inflight.get(output.request_id))
@@ -204,9 +205,9 @@ class ProcessEngineClient(EngineClientBase):
             pass_fds=(child_sock.fileno(),), env={**os.environ, **self.plan.env}, start_new_session=False)
         child_sock.close()
         self._channel = await ipc.AsyncChannel.open(parent_sock)
-        self._channel.send(ipc.StartEngine(self.plan.engine_config))
+        self._channel.send(contract.StartEngine(self.plan.engine_config))
 
-    async def start(self, tokenizer, timeout_s: float = 600.0) -> ipc.EngineReady:
+    async def start(self, tokenizer, timeout_s: float = 600.0) -> contract.EngineReady:
         """Waits until the launched engine is ready (launching it first if `launch` was not called)."""
         if self.process is None:
             await self.launch()
@@ -216,9 +217,9 @@ class ProcessEngineClient(EngineClientBase):
             await self.kill()
             raise EngineStartError(f"{self.name}: engine not ready after {timeout_s:.0f} s") from None
         message = ipc.decode_from_engine(payload) if payload is not None else None
-        if not isinstance(message, ipc.EngineReady):
+        if not isinstance(message, contract.EngineReady):
             await self.kill()
-            reason = message.message if isinstance(message, ipc.EngineFailed) else "the engine process exited"
+            reason = message.message if isinstance(message, contract.EngineFailed) else "the engine process exited"
             raise EngineStartError(f"{self.name}: {reason}")
         self._last_heard = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
@@ -229,7 +230,7 @@ class ProcessEngineClient(EngineClientBase):
             return
         if self._channel is not None and self.process.returncode is None:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                self._channel.send(ipc.Shutdown())
+                self._channel.send(contract.Shutdown())
         try:
             await asyncio.wait_for(self.process.wait(), timeout_s)
         except TimeoutError:
@@ -249,10 +250,10 @@ class ProcessEngineClient(EngineClientBase):
         if self._channel is not None:
             self._channel.close()
 
-    def _send(self, message: ipc.ToEngine) -> None:
+    def _send(self, message: contract.ToEngine) -> None:
         self._channel.send(message)
 
-    async def _recv(self) -> ipc.FromEngine | None:
+    async def _recv(self) -> contract.FromEngine | None:
         payload = await self._channel.recv()
         if payload is None:
             return None

@@ -25,6 +25,7 @@ import torch
 
 import kernels
 from appliance import ipc
+from engine import contract
 from engine.core import EngineCore
 from engine.request import RequestStatus
 from engine.sampling_params import InvalidParameterError
@@ -78,27 +79,28 @@ class EngineLoop:
                 return
 
     def _handle(self, message) -> None:
-        if message is _CLOSED or isinstance(message, ipc.Shutdown):
+        if message is _CLOSED or isinstance(message, contract.Shutdown):
             self._running = False
-        elif isinstance(message, ipc.AddRequest):
+        elif isinstance(message, contract.AddRequest):
             try:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                       priority=message.priority, cache_salt=message.cache_salt,
                                       lora_name=message.lora_name)
             except InvalidParameterError as e:
-                self.channel.send(ipc.RequestRejected(message.request_id, e.param, e.message))
-        elif isinstance(message, ipc.AbortRequests):
+                logger.warning("request %s rejected: %s", message.request_id, e)
+                self.channel.send(contract.RequestRejected(message.request_id, e.param, e.message))
+        elif isinstance(message, contract.AbortRequests):
             self._send_outputs(self.core.abort_requests(message.request_ids), 0.0)
-        elif isinstance(message, ipc.FinishSamples):
+        elif isinstance(message, contract.FinishSamples):
             self.core.finish_requests(message.sample_ids, RequestStatus.FINISHED_STOPPED)
-        elif isinstance(message, (ipc.LoadLora, ipc.UnloadLora)):
+        elif isinstance(message, (contract.LoadLora, contract.UnloadLora)):
             self._change_lora(message)
 
-    def _change_lora(self, message: ipc.LoadLora | ipc.UnloadLora) -> None:
+    def _change_lora(self, message: contract.LoadLora | contract.UnloadLora) -> None:
         """A refused adapter (bad files, over a limit, unknown name) changes nothing and is reported, not raised."""
         ok, text = True, ""
         try:
-            if isinstance(message, ipc.LoadLora):
+            if isinstance(message, contract.LoadLora):
                 self.core.add_lora(message.name, message.path)
             else:
                 self.core.remove_lora(message.name)
@@ -107,7 +109,7 @@ class EngineLoop:
         except Exception as e:  # e.g. an OSError reading the files: still the adapter's fault, not the engine's
             logger.exception("LoRA adapter %r: unexpected error", message.name)
             ok, text = False, f"{type(e).__name__}: {e}"
-        self.channel.send(ipc.LoraResult(message.name, ok, text, self.core.list_loras()))
+        self.channel.send(contract.LoraResult(message.name, ok, text, self.core.list_loras()))
 
     def _send_outputs(self, outputs, step_seconds: float, force_stats: bool = False) -> None:
         now = time.monotonic()
@@ -120,7 +122,21 @@ class EngineLoop:
         loras = self.core.list_loras() if stats is not None and stats.block_states is not None and \
             self.core.config.enable_lora else None
         if outputs or stats is not None:
-            self.channel.send(ipc.StepOutputs(outputs, stats, step_seconds, loras))
+            self.channel.send(contract.StepOutputs(outputs, stats, step_seconds, loras))
+
+
+def ready_message(core: EngineCore) -> contract.EngineReady:
+    """What the front end learns of a built engine (for the process client and the in-process one alike)."""
+    return contract.EngineReady(
+        vocab_size=core.vocab_size,
+        max_model_len=core.max_model_len,
+        eos_token_ids=sorted(core.eos_token_ids),
+        num_kv_blocks=core.kv_manager.pool.num_blocks,
+        block_size=core.config.block_size,
+        device=str(core.device),
+        dtype=str(core.model_config.dtype).removeprefix("torch."),
+        kernel_backend=kernels.backend_name(),
+    )
 
 
 @contextlib.contextmanager
@@ -151,24 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if payload is None:
         return 1
     start = ipc.decode_to_engine(payload)
-    assert isinstance(start, ipc.StartEngine), start
+    assert isinstance(start, contract.StartEngine), start
     logger.info("engine process %d: building the engine", os.getpid())  # its time since the spawn is imports
     try:
         core = EngineCore(start.engine_config)
     except Exception as e:  # a model that cannot load is reported, not silently retried
         logger.exception("engine failed to start")
-        channel.send(ipc.EngineFailed(f"{type(e).__name__}: {e}"))
+        channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}"))
         return 1
-    channel.send(ipc.EngineReady(
-        vocab_size=core.vocab_size,
-        max_model_len=core.max_model_len,
-        eos_token_ids=sorted(core.eos_token_ids),
-        num_kv_blocks=core.kv_manager.pool.num_blocks,
-        block_size=core.config.block_size,
-        device=str(core.device),
-        dtype=str(core.model_config.dtype).removeprefix("torch."),
-        kernel_backend=kernels.backend_name(),
-    ))
+    channel.send(ready_message(core))
     # The model, tokenizer and torch leave ~200k long-lived objects; a full collection over them took ~90 ms, a stall
     # of the step loop every so often. Frozen, the collector leaves them alone.
     gc.freeze()

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from appliance import ipc
+from engine import contract
 from engine.config import EngineConfig
-from engine.lora.manager import LoraInfo
+from engine.contract import LoraInfo
 from engine.output_processor import RequestOutput
 from engine.contract import SchedulerStats
 from engine.sampling_params import SamplingParams
@@ -39,7 +39,7 @@ class EnginePlan:
     env: dict[str, str] = field(default_factory=dict)  # a process's environment (its GPUs, its CPU threads)
     hang_timeout_s: float = 120.0
     # Called with every step message (the dashboard's statistics).
-    on_step: Callable[[ipc.StepOutputs], None] | None = None
+    on_step: Callable[[contract.StepOutputs], None] | None = None
 
 
 class EngineClient(Protocol):
@@ -49,7 +49,7 @@ class EngineClient(Protocol):
     and `dead` is set once the engine is gone for good."""
 
     plan: EnginePlan
-    info: ipc.EngineReady | None
+    info: contract.EngineReady | None
     stats: SchedulerStats | None
     loras: list[LoraInfo]
     dead: asyncio.Event
@@ -68,12 +68,12 @@ class EngineClient(Protocol):
     def exit_code(self) -> int | None: ...
 
     async def launch(self) -> None: ...
-    async def start(self, tokenizer, timeout_s: float = 600.0) -> ipc.EngineReady: ...
+    async def start(self, tokenizer, timeout_s: float = 600.0) -> contract.EngineReady: ...
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     sink: OutputSink, index: int, priority: int = 0, lora_name: str | None = None) -> None: ...
     def abort(self, request_ids: list[str]) -> None: ...
-    async def load_lora(self, name: str, path: str) -> ipc.LoraResult: ...
-    async def unload_lora(self, name: str) -> ipc.LoraResult: ...
+    async def load_lora(self, name: str, path: str) -> contract.LoraResult: ...
+    async def unload_lora(self, name: str) -> contract.LoraResult: ...
     async def shutdown(self, timeout_s: float = 10.0) -> None: ...
     async def kill(self) -> None: ...
 

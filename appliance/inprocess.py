@@ -14,10 +14,9 @@ import asyncio
 import logging
 import threading
 
-import kernels
-from appliance import ipc
+from engine import contract
 from appliance.engine_client import EngineClientBase
-from appliance.engine_process import EngineLoop
+from appliance.engine_process import EngineLoop, ready_message
 from appliance.engines import EnginePlan, EngineStartError
 from engine.core import EngineCore
 
@@ -30,7 +29,7 @@ class _Outbox:
     def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
         self._loop, self._queue = loop, queue
 
-    def send(self, message: ipc.FromEngine | None) -> None:
+    def send(self, message: contract.FromEngine | None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
         except RuntimeError:  # the event loop has closed: nobody is listening any more
@@ -53,7 +52,7 @@ class InProcessEngineClient(EngineClientBase):
     async def launch(self) -> None:
         self._building = asyncio.ensure_future(asyncio.to_thread(EngineCore, self.plan.engine_config))
 
-    async def start(self, tokenizer, timeout_s: float = 600.0) -> ipc.EngineReady:
+    async def start(self, tokenizer, timeout_s: float = 600.0) -> contract.EngineReady:
         if self._building is None:
             await self.launch()
         try:
@@ -63,7 +62,7 @@ class InProcessEngineClient(EngineClientBase):
         self._engine_loop = EngineLoop(_Outbox(asyncio.get_running_loop(), self._messages), core)
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}-{self.replica}", daemon=True)
         self._thread.start()
-        return self._ready(_ready_message(core), tokenizer)
+        return self._ready(ready_message(core), tokenizer)
 
     def _run(self) -> None:
         try:
@@ -79,7 +78,7 @@ class InProcessEngineClient(EngineClientBase):
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         if self._engine_loop is None:
             return
-        self._send(ipc.Shutdown())
+        self._send(contract.Shutdown())
         await asyncio.to_thread(self._thread.join, timeout_s)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -88,26 +87,13 @@ class InProcessEngineClient(EngineClientBase):
         """Stops the step loop at its next turn, as if the engine had crashed (the supervisor restarts it)."""
         if self._engine_loop is not None and self.exit_code is None:
             self.exit_code = -9
-            self._send(ipc.Shutdown())
+            self._send(contract.Shutdown())
 
-    def _send(self, message: ipc.ToEngine) -> None:
+    def _send(self, message: contract.ToEngine) -> None:
         self._engine_loop.inbox.put(message)
 
-    async def _recv(self) -> ipc.FromEngine | None:
+    async def _recv(self) -> contract.FromEngine | None:
         return await self._messages.get()
 
     async def _reap(self) -> None:
         await asyncio.to_thread(self._thread.join)
-
-
-def _ready_message(core: EngineCore) -> ipc.EngineReady:
-    return ipc.EngineReady(
-        vocab_size=core.vocab_size,
-        max_model_len=core.max_model_len,
-        eos_token_ids=sorted(core.eos_token_ids),
-        num_kv_blocks=core.kv_manager.pool.num_blocks,
-        block_size=core.config.block_size,
-        device=str(core.device),
-        dtype=str(core.model_config.dtype).removeprefix("torch."),
-        kernel_backend=kernels.backend_name(),
-    )

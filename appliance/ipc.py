@@ -1,4 +1,5 @@
-"""Every message that crosses the boundary between the supervisor and an engine process, and their framing.
+"""The framing of the messages between the supervisor and an engine process (the messages themselves are in
+`engine.contract`).
 
 Messages are msgspec Structs (tagged unions), encoded as msgpack and sent as length-prefixed frames over a Unix
 socket pair that the supervisor creates and hands to the engine process as an inherited file descriptor. Nothing is
@@ -13,10 +14,7 @@ import struct
 
 import msgspec
 
-from engine.config import EngineConfig
-from engine.lora.manager import LoraInfo
-from engine.contract import EngineCoreOutput, SchedulerStats
-from engine.sampling_params import SamplingParams
+from engine.contract import FromEngine, ToEngine
 
 _HEADER = struct.Struct(">I")
 # Far above any real message; a length beyond it means a corrupt or hostile stream, refused before reading a byte.
@@ -30,83 +28,6 @@ class FrameTooLarge(ValueError):
         super().__init__(f"IPC frame of {size} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes (MAX_FRAME_BYTES)")
         self.size = size
 
-
-# ---- supervisor -> engine ----
-class StartEngine(msgspec.Struct, tag=True):
-    engine_config: EngineConfig
-
-
-class AddRequest(msgspec.Struct, tag=True):
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int = 0
-    cache_salt: str | None = None
-    lora_name: str | None = None  # a loaded LoRA adapter's name (None: the base model)
-
-
-class AbortRequests(msgspec.Struct, tag=True):
-    request_ids: list[str]  # parent request ids
-
-
-class FinishSamples(msgspec.Struct, tag=True):
-    sample_ids: list[str]  # samples the front end found finished (a stop string)
-
-
-class LoadLora(msgspec.Struct, tag=True):
-    """Loads (or atomically replaces) the adapter `name`; answered by one `LoraResult`."""
-    name: str
-    path: str
-
-
-class UnloadLora(msgspec.Struct, tag=True):
-    """Removes the adapter `name` (running requests keep it until they finish); answered by one `LoraResult`."""
-    name: str
-
-
-class Shutdown(msgspec.Struct, tag=True):
-    pass
-
-
-# ---- engine -> supervisor ----
-class EngineReady(msgspec.Struct, tag=True):
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: list[int]
-    num_kv_blocks: int
-    block_size: int
-    device: str
-    dtype: str
-    kernel_backend: str
-
-
-class StepOutputs(msgspec.Struct, tag=True):
-    outputs: list[EngineCoreOutput]
-    stats: SchedulerStats | None = None  # attached at most a few times a second
-    step_seconds: float = 0.0
-    loras: list[LoraInfo] | None = None  # with LoRA enabled, attached with the block map (about once a second)
-
-
-class RequestRejected(msgspec.Struct, tag=True):
-    request_id: str
-    param: str
-    message: str
-
-
-class EngineFailed(msgspec.Struct, tag=True):
-    message: str
-
-
-class LoraResult(msgspec.Struct, tag=True):
-    """The answer to a LoadLora or UnloadLora, in the order they were sent; `loras`: the adapters served after it."""
-    name: str
-    ok: bool
-    message: str = ""
-    loras: list[LoraInfo] = []
-
-
-ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
-FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed | LoraResult
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)

@@ -262,23 +262,6 @@ class StatsHub:
         reported = [r for r in live if r.stats is not None]
         info = live[0].info if live else runtime.info
         stats = [r.stats for r in reported]
-        num_blocks = sum(s.num_kv_blocks for s in stats)
-        num_free = sum(s.num_free_blocks for s in stats)
-        num_cached = sum(s.num_cached_free_blocks for s in stats)
-        queries = sum(s.prefix_cache_queries for s in stats)
-        hits = sum(s.prefix_cache_hits for s in stats)
-
-        ring, current = model.ring, int(now)
-        first_rate = current - RATE_WINDOW_S + 1
-        # The current second is partial: rates divide by the time the window really spans.
-        rate_span = max(now - first_rate, 1e-9)
-        steps = ring.total("steps", first_rate, current)
-        first_hit_rate = current - HIT_RATE_WINDOW_S + 1
-        window_queries = ring.total("prefix_queries", first_hit_rate, current)
-        window_hits = ring.total("prefix_hits", first_hit_rate, current)
-        first, last = current - self.window_s, current - 1  # charts show whole seconds only
-        slots = ring.reported(first, last)  # seconds in which no replica reported read null
-        batch_seqs, num_steps = ring.series("batch_seqs", slots), ring.series("steps", slots)
         parallelism = spec.parallelism
         return {
             "name": runtime.name,
@@ -295,22 +278,58 @@ class StatsHub:
             "uptime_s": max(wall - runtime.started_at, 0.0),
             "restarts": runtime.restarts,
             "num_inflight": runtime.num_inflight,
-            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.live}
-                         for r in runtime.replicas],
+            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.live} for r in runtime.replicas],
             "requests": {
                 "running": sum(s.num_running for s in stats),
                 "waiting": sum(s.num_waiting for s in stats),
                 "preempted": sum(s.num_preempted_waiting for s in stats),
                 "preemptions": sum(s.num_preemptions for s in stats),
             },
-            "kv": {
-                "usage": (num_blocks - num_free) / num_blocks if num_blocks else 0.0,
-                "num_blocks": num_blocks,
-                "num_used_blocks": num_blocks - num_free,
-                "num_free_blocks": num_free,  # as the engine counts them: the cached ones too
-                "num_cached_free_blocks": num_cached,
-                "maps": [self._block_map(model.replica(r.replica), r.replica, r.stats) for r in reported],
+            "kv": self._kv_snapshot(model, reported),
+            **self._rates_snapshot(model, stats, now),
+            "totals": {
+                "prompt_tokens": model.num_prompt_tokens,
+                "generation_tokens": model.num_generation_tokens,
+                "finished_requests": model.num_finished,
+                "steps": model.num_steps,
             },
+            "latency": {
+                "ttft": model.ttft.percentiles(now - LATENCY_WINDOW_S),
+                "itl": model.itl.percentiles(now - LATENCY_WINDOW_S),
+            },
+            "series": self._series_snapshot(model, now),
+            "lora": {"enabled": spec.lora.enabled, "max_loras": spec.lora.max_loras,
+                     "adapters": _adapters(runtime, spec)},
+            "errors": [{"time": t, "message": message} for t, message in runtime.errors],
+        }
+
+    def _kv_snapshot(self, model: ModelStats, reported: list) -> dict[str, Any]:
+        stats = [r.stats for r in reported]
+        num_blocks = sum(s.num_kv_blocks for s in stats)
+        num_free = sum(s.num_free_blocks for s in stats)
+        return {
+            "usage": (num_blocks - num_free) / num_blocks if num_blocks else 0.0,
+            "num_blocks": num_blocks,
+            "num_used_blocks": num_blocks - num_free,
+            "num_free_blocks": num_free,  # as the engine counts them: the cached ones too
+            "num_cached_free_blocks": sum(s.num_cached_free_blocks for s in stats),
+            "maps": [self._block_map(model.replica(r.replica), r.replica, r.stats) for r in reported],
+        }
+
+    @staticmethod
+    def _rates_snapshot(model: ModelStats, stats: list[SchedulerStats], now: float) -> dict[str, Any]:
+        """Throughput, batch size and prefix-cache hits over their windows."""
+        ring, current = model.ring, int(now)
+        first_rate = current - RATE_WINDOW_S + 1
+        # The current second is partial: rates divide by the time the window really spans.
+        rate_span = max(now - first_rate, 1e-9)
+        steps = ring.total("steps", first_rate, current)
+        first_hit_rate = current - HIT_RATE_WINDOW_S + 1
+        window_queries = ring.total("prefix_queries", first_hit_rate, current)
+        window_hits = ring.total("prefix_hits", first_hit_rate, current)
+        queries = sum(s.prefix_cache_queries for s in stats)
+        hits = sum(s.prefix_cache_hits for s in stats)
+        return {
             "throughput": {
                 "prompt_tokens_per_s": ring.total("prompt_tokens", first_rate, current) / rate_span,
                 "generation_tokens_per_s": ring.total("generation_tokens", first_rate, current) / rate_span,
@@ -320,37 +339,27 @@ class StatsHub:
                 "mean": ring.total("batch_seqs", first_rate, current) / steps if steps else 0.0,
                 "last": sum(s.step_num_seqs for s in stats),
             },
-            "totals": {
-                "prompt_tokens": model.num_prompt_tokens,
-                "generation_tokens": model.num_generation_tokens,
-                "finished_requests": model.num_finished,
-                "steps": model.num_steps,
-            },
             "prefix_cache": {
                 "hit_rate": window_hits / window_queries if window_queries else None,  # HIT_RATE_WINDOW_S
                 "lifetime_hit_rate": hits / queries if queries else None,
                 "queries": queries,  # in blocks, since the replicas started
                 "hits": hits,
             },
-            "latency": {
-                "ttft": model.ttft.percentiles(now - LATENCY_WINDOW_S),
-                "itl": model.itl.percentiles(now - LATENCY_WINDOW_S),
-            },
-            "series": {
-                "prompt_tokens_per_s": ring.series("prompt_tokens", slots),
-                "generation_tokens_per_s": ring.series("generation_tokens", slots),
-                "kv_usage": ring.series("kv_usage", slots),
-                "running": ring.series("running", slots),
-                "waiting": ring.series("waiting", slots),
-                "batch_size": [None if n is None else b / n if n else 0
-                               for b, n in zip(batch_seqs, num_steps, strict=True)],
-            },
-            "lora": {
-                "enabled": spec.lora.enabled,
-                "max_loras": spec.lora.max_loras,
-                "adapters": _adapters(runtime, spec),
-            },
-            "errors": [{"time": t, "message": message} for t, message in runtime.errors],
+        }
+
+    def _series_snapshot(self, model: ModelStats, now: float) -> dict[str, Any]:
+        ring, current = model.ring, int(now)
+        first, last = current - self.window_s, current - 1  # charts show whole seconds only
+        slots = ring.reported(first, last)  # seconds in which no replica reported read null
+        batch_seqs, num_steps = ring.series("batch_seqs", slots), ring.series("steps", slots)
+        return {
+            "prompt_tokens_per_s": ring.series("prompt_tokens", slots),
+            "generation_tokens_per_s": ring.series("generation_tokens", slots),
+            "kv_usage": ring.series("kv_usage", slots),
+            "running": ring.series("running", slots),
+            "waiting": ring.series("waiting", slots),
+            "batch_size": [None if n is None else b / n if n else 0
+                           for b, n in zip(batch_seqs, num_steps, strict=True)],
         }
 
     def _block_map(self, replica: _Replica, index: int, stats: SchedulerStats) -> dict[str, Any]:

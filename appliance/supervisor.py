@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance import ipc
+from engine import contract
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
 from appliance.engine_client import ProcessEngineClient
 from appliance.engines import EngineClient, EngineDeadError, EngineFactory, EnginePlan, EngineStartError
@@ -158,15 +158,15 @@ class Supervisor:
         async with model.lora_lock:
             replicas = self._live_replicas(model)
             results = await asyncio.gather(*(r.load_lora(name, real) for r in replicas), return_exceptions=True)
-            refused = [r for r in results if not (isinstance(r, ipc.LoraResult) and r.ok)]
+            refused = [r for r in results if not (isinstance(r, contract.LoraResult) and r.ok)]
             if refused:
                 previous = model.adapters.get(name)
                 await asyncio.gather(*(
                     replica.load_lora(name, previous) if previous is not None else replica.unload_lora(name)
                     for replica, result in zip(replicas, results)
-                    if isinstance(result, ipc.LoraResult) and result.ok), return_exceptions=True)
+                    if isinstance(result, contract.LoraResult) and result.ok), return_exceptions=True)
                 first = refused[0]
-                if isinstance(first, ipc.LoraResult):
+                if isinstance(first, contract.LoraResult):
                     raise LoraError(first.message, "lora_path")
                 raise LoraError(f"a replica of model {model.name!r} stopped while loading the adapter ({first}); "
                                 f"nothing changed, retry once it is back", status=503)
@@ -180,7 +180,7 @@ class Supervisor:
             replicas = self._live_replicas(model)
             results = await asyncio.gather(*(r.unload_lora(name) for r in replicas), return_exceptions=True)
             model.adapters.pop(name, None)
-            return next((r.loras for r in results if isinstance(r, ipc.LoraResult)), [])
+            return next((r.loras for r in results if isinstance(r, contract.LoraResult)), [])
 
     def _live_replicas(self, model: ModelRuntime) -> list[EngineClient]:
         replicas = [r for r in model.replicas if r.live]

@@ -6,13 +6,15 @@ Two boundaries meet here:
   `NewRequestData` when first scheduled, and afterwards only as a diff in `CachedRequestData` (tokens the host
   learnt, blocks added, the new block table of a request resumed after preemption). Finished ids tell the runner
   what to forget.
-- engine -> front end: `EngineCoreOutput` per request and step, `SchedulerStats`.
+- front end (the supervisor) <-> engine process: the messages below `EngineCoreOutput` (tagged unions `ToEngine`
+  and `FromEngine`); `appliance.ipc` frames them on the socket.
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 
 
@@ -142,3 +144,94 @@ class SchedulerStats(msgspec.Struct):
     # ratio tells a device-bound engine (close to 1) from one whose host work leaves the device idle.
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+
+
+class LoraInfo(msgspec.Struct):
+    """One served adapter (its current version) and its name's usage since the engine started."""
+
+    name: str
+    adapter_id: str
+    path: str
+    rank: int
+    slot: int | None  # its GPU slot, or None while it is in host memory only
+    num_requests: int  # requests that used the name
+    num_tokens: int  # tokens computed with it: prompts, recomputes and generated tokens
+    num_slot_loads: int  # how often it was copied into a GPU slot
+
+
+# ---- front end (the supervisor) -> engine process ----
+class StartEngine(msgspec.Struct, tag=True):
+    engine_config: EngineConfig
+
+
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    lora_name: str | None = None  # a loaded LoRA adapter's name (None: the base model)
+
+
+class AbortRequests(msgspec.Struct, tag=True):
+    request_ids: list[str]  # parent request ids
+
+
+class FinishSamples(msgspec.Struct, tag=True):
+    sample_ids: list[str]  # samples the front end found finished (a stop string)
+
+
+class LoadLora(msgspec.Struct, tag=True):
+    """Loads (or atomically replaces) the adapter `name`; answered by one `LoraResult`."""
+    name: str
+    path: str
+
+
+class UnloadLora(msgspec.Struct, tag=True):
+    """Removes the adapter `name` (running requests keep it until they finish); answered by one `LoraResult`."""
+    name: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# ---- engine process -> front end ----
+class EngineReady(msgspec.Struct, tag=True):
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+    block_size: int
+    device: str
+    dtype: str
+    kernel_backend: str
+
+
+class StepOutputs(msgspec.Struct, tag=True):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats | None = None  # attached at most a few times a second
+    step_seconds: float = 0.0
+    loras: list[LoraInfo] | None = None  # with LoRA enabled, attached with the block map (about once a second)
+
+
+class RequestRejected(msgspec.Struct, tag=True):
+    request_id: str
+    param: str
+    message: str
+
+
+class EngineFailed(msgspec.Struct, tag=True):
+    message: str
+
+
+class LoraResult(msgspec.Struct, tag=True):
+    """The answer to a LoadLora or UnloadLora, in the order they were sent; `loras`: the adapters served after it."""
+    name: str
+    ok: bool
+    message: str = ""
+    loras: list[LoraInfo] = []
+
+
+ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
+FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed | LoraResult

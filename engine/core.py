@@ -24,7 +24,8 @@ import torch
 from engine.config import EngineConfig
 from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
-from engine.lora.manager import LoraInfo, LoraManager
+from engine.contract import LoraInfo
+from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.contract import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from engine.request import Request, RequestStatus

@@ -45,11 +45,10 @@ class LLM:
             prompts = [prompts]
         params_list = _broadcast(params or SamplingParams(), len(prompts))
         lora_names = _broadcast_lora_names(lora_name, len(prompts))
-        request_ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-            text, token_ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-            request_ids.append(self._add(text, token_ids, p, priorities[i] if priorities else 0, lora_names[i]))
-        return self._run(request_ids, use_tqdm)
+        texts = [prompt if isinstance(prompt, str) else None for prompt in prompts]
+        token_ids = [self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
+        return self._run(self._add_all(texts, token_ids, params_list, priorities or [0] * len(prompts), lora_names),
+                         use_tqdm)
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -61,18 +60,21 @@ class LLM:
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         params_list = _broadcast(params or SamplingParams(), len(prompts))
         lora_names = _broadcast_lora_names(lora_name, len(prompts))
-        request_ids = [self._add(text, ids, p, 0, name)
-                       for text, ids, p, name in zip(prompts, token_ids, params_list, lora_names)]
-        return self._run(request_ids, use_tqdm)
+        return self._run(self._add_all(prompts, token_ids, params_list, [0] * len(prompts), lora_names), use_tqdm)
 
-    def _add(self, text: str | None, token_ids: list[int], params: SamplingParams, priority: int,
-             lora_name: str | None) -> str:
-        """Validates and queues one prompt (raising InvalidParameterError before anything is queued)."""
-        validate_prompt(token_ids, params, max_model_len=self.core.max_model_len, vocab_size=self.core.vocab_size)
-        request_id = str(next(self._ids))
-        self.core.add_request(request_id, token_ids, params, priority=priority, lora_name=lora_name)
-        self.output_processor.add_request(request_id, text, token_ids, params)
-        return request_id
+    def _add_all(self, texts: Sequence[str | None], token_ids: Sequence[list[int]], params: Sequence[SamplingParams],
+                 priorities: Sequence[int], lora_names: Sequence[str | None]) -> list[str]:
+        """Validates every prompt, then queues them all: a bad one raises InvalidParameterError before any is
+        queued."""
+        for ids, p in zip(token_ids, params):
+            validate_prompt(ids, p, max_model_len=self.core.max_model_len, vocab_size=self.core.vocab_size)
+        request_ids = []
+        for text, ids, p, priority, lora_name in zip(texts, token_ids, params, priorities, lora_names):
+            request_id = str(next(self._ids))
+            self.core.add_request(request_id, ids, p, priority=priority, lora_name=lora_name)
+            self.output_processor.add_request(request_id, text, ids, p)
+            request_ids.append(request_id)
+        return request_ids
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

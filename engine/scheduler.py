@@ -24,7 +24,7 @@ import bisect
 import itertools
 
 from engine.config import EngineConfig
-from engine.contract import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                              SchedulerOutput, SchedulerStats, TokenLogprobs)
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name

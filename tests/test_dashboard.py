@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from appliance import ipc
+from engine import contract
 from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.stats import MAX_LATENCY_SAMPLES, MAX_MAP_CELLS, StatsHub, block_map
@@ -71,7 +71,7 @@ def fake_supervisor(num_models: int, num_running: int = 0, num_replicas: int = 1
         runtime = ModelRuntime(supervisor.config.models[i], status=ModelStatus.READY)
         runtime.replicas = [SimpleNamespace(
             replica=r, pid=1000 + i, live=True, num_inflight=num_running,
-            info=ipc.EngineReady(vocab_size=32000, max_model_len=4096, eos_token_ids=[2], num_kv_blocks=100,
+            info=contract.EngineReady(vocab_size=32000, max_model_len=4096, eos_token_ids=[2], num_kv_blocks=100,
                                  block_size=16, device="cuda:0", dtype="bfloat16", kernel_backend="triton"),
             stats=None, loras=[]) for r in range(num_replicas)]
         supervisor.models[runtime.name] = runtime
@@ -79,7 +79,7 @@ def fake_supervisor(num_models: int, num_running: int = 0, num_replicas: int = 1
 
 
 def step(hub: StatsHub, model: str, outputs, stats=None, seconds: float = 0.01, replica: int = 0) -> None:
-    message = ipc.StepOutputs(outputs, stats, seconds)
+    message = contract.StepOutputs(outputs, stats, seconds)
     runtime = hub.supervisor.models.get(model)
     if stats is not None and runtime is not None:
         runtime.replicas[replica].stats = stats  # as EngineClientBase._on_step does before calling the hook

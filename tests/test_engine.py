@@ -163,8 +163,12 @@ def test_model_dependent_validation(llm):
     ]
     for prompt_ids, params, param in cases:
         with pytest.raises(InvalidParameterError) as excinfo:
-            llm.generate(prompt_ids, params, use_tqdm=False) if prompt_ids else llm.core.add_request("x", [], params)
+            llm.generate([prompt_ids], params, use_tqdm=False)
         assert excinfo.value.param == param
+    assert not llm.core.has_unfinished_requests()
+    # A bad prompt after good ones: nothing is queued.
+    with pytest.raises(InvalidParameterError):
+        llm.generate([[1, 2], [3, 4], [1, vocab]], SamplingParams(), use_tqdm=False)
     assert not llm.core.has_unfinished_requests()
 
 

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from appliance import ipc
+from engine import contract
 
 
 def oversized_header() -> bytes:
@@ -36,10 +37,10 @@ def blocking_recv(data: bytes) -> bytes | None:
 
 @pytest.mark.parametrize("recv", [blocking_recv, lambda data: asyncio.run(async_recv(data))], ids=["blocking", "async"])
 def test_frames_round_trip_and_end_at_close(recv):
-    payload = recv(ipc.frame(ipc.AbortRequests(["a", "b"])))
-    assert ipc.decode_to_engine(payload) == ipc.AbortRequests(["a", "b"])
+    payload = recv(ipc.frame(contract.AbortRequests(["a", "b"])))
+    assert ipc.decode_to_engine(payload) == contract.AbortRequests(["a", "b"])
     assert recv(b"") is None
-    assert recv(ipc.frame(ipc.Shutdown())[:-1]) is None  # cut short: the other end died mid-frame
+    assert recv(ipc.frame(contract.Shutdown())[:-1]) is None  # cut short: the other end died mid-frame
 
 
 @pytest.mark.parametrize("recv", [blocking_recv, lambda data: asyncio.run(async_recv(data))], ids=["blocking", "async"])
@@ -54,6 +55,6 @@ def test_oversized_length_prefix_is_refused(recv):
 
 def test_oversized_message_is_not_sent(monkeypatch):
     monkeypatch.setattr(ipc, "MAX_FRAME_BYTES", 16)
-    assert len(ipc.frame(ipc.Shutdown())) <= 4 + 16
+    assert len(ipc.frame(contract.Shutdown())) <= 4 + 16
     with pytest.raises(ipc.FrameTooLarge, match="of [0-9]+ bytes exceeds the limit of 16 bytes"):
-        ipc.frame(ipc.AbortRequests(["x" * 20]))
+        ipc.frame(contract.AbortRequests(["x" * 20]))

@@ -1,6 +1,5 @@
 """Scheduler fed with hand-made model outputs: budgets, chunking, preemption, finishing."""
 
-import pytest
 
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput

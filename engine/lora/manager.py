@@ -21,10 +21,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import msgspec
 
 from engine.config import EngineConfig
 from engine.lora.adapter import LoraAdapter, load_adapter
+from engine.contract import LoraInfo
 from engine.lora.layers import LoraLinear
 from engine.sampling_params import InvalidParameterError
 
@@ -35,19 +35,6 @@ _VERSION_SEP = "@"
 def adapter_name(adapter_id: str) -> str:
     """The served name of an adapter version's id (`name@N`)."""
     return adapter_id.rpartition(_VERSION_SEP)[0]
-
-
-class LoraInfo(msgspec.Struct):
-    """One served adapter (its current version) and its name's usage since the engine started."""
-
-    name: str
-    adapter_id: str
-    path: str
-    rank: int
-    slot: int | None  # its GPU slot, or None while it is in host memory only
-    num_requests: int  # requests that used the name
-    num_tokens: int  # tokens computed with it: prompts, recomputes and generated tokens
-    num_slot_loads: int  # how often it was copied into a GPU slot
 
 
 @dataclass
