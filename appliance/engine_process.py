@@ -27,6 +27,7 @@ import kernels
 from appliance import ipc
 from engine import contract
 from engine.core import EngineCore
+from engine.distributed.tp_runner import WorkerDiedError
 from engine.request import RequestStatus
 from engine.sampling_params import InvalidParameterError
 from engine.step_trace import StepTrace
@@ -187,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _profiled(os.environ.get("KVBOX_ENGINE_PROFILE")):
             loop.run()
-    except torch.AcceleratorError:
-        # The CUDA context is unusable after a device fault; the supervisor fails this engine's requests and
-        # starts a fresh process.
-        logger.exception("device fault: the engine exits to be restarted")
+    except (torch.AcceleratorError, WorkerDiedError):
+        # The CUDA context is unusable after a device fault, and a model missing a tensor-parallel shard cannot run;
+        # the supervisor fails this engine's requests and starts a fresh process.
+        logger.exception("device fault or lost tensor-parallel worker: the engine exits to be restarted")
         return 3
     finally:
+        core.shutdown()
         if core.step_trace is not None:
             core.step_trace.write(f"{trace_prefix}.{os.getpid()}.json")
     return 0

@@ -337,7 +337,8 @@ def _replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, 
         ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
     if spec.device == "cpu" or (spec.device == "auto" and not spec.gpu_ids and not _has_cuda()):
-        num_engines = sum(m.parallelism.data for m in config.models)
+        # Each tensor-parallel rank is a process of its own.
+        num_engines = sum(m.parallelism.data * m.parallelism.tensor for m in config.models)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_engines))
     return env
 

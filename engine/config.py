@@ -53,6 +53,7 @@ class EngineConfig:
     max_loras: int = 4  # adapters on the device at once, hence distinct adapters per step
     max_lora_rank: int = 16  # the largest adapter rank accepted; the device slots are sized for it
     max_cpu_loras: int = 8  # adapters loaded in host memory, those on the device included
+    tensor_parallel_size: int = 1  # ranks each layer is split over, one process (and device) each
 
     def __post_init__(self) -> None:
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
@@ -63,7 +64,7 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
-                     "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras"):
+                     "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
@@ -73,6 +74,9 @@ class EngineConfig:
                 and self.max_num_batched_tokens < self.max_model_len):
             raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
                                     f"without chunked prefill, got {self.max_num_batched_tokens}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
+                                                            f"ranks yet), got {self.tensor_parallel_size}")
         if self.max_cpu_loras < self.max_loras:
             raise EngineConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), since adapters on the "
                                                      f"device also stay in host memory; got {self.max_cpu_loras}")

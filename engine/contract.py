@@ -6,6 +6,8 @@ Two boundaries meet here:
   `NewRequestData` when first scheduled, and afterwards only as a diff in `CachedRequestData` (tokens the host
   learnt, blocks added, the new block table of a request resumed after preemption). Finished ids tell the runner
   what to forget.
+- engine process (tensor-parallel rank 0) -> worker processes (ranks 1..): `WorkerCommand`, which carries each step's
+  `SchedulerOutput`; only rank 0's results are used, since every rank samples the same tokens.
 - front end (the supervisor) <-> engine process: the messages below `EngineCoreOutput` (tagged unions `ToEngine`
   and `FromEngine`); `appliance.ipc` frames them on the socket.
 """
@@ -157,6 +159,34 @@ class LoraInfo(msgspec.Struct):
     num_requests: int  # requests that used the name
     num_tokens: int  # tokens computed with it: prompts, recomputes and generated tokens
     num_slot_loads: int  # how often it was copied into a GPU slot
+
+
+# ---- engine process (rank 0) -> tensor-parallel workers, broadcast each time ----
+class StartWorker(msgspec.Struct, tag=True):
+    engine_config: EngineConfig  # max_model_len resolved
+
+
+class DetermineNumKVBlocks(msgspec.Struct, tag=True):
+    """Every rank sizes its cache (the GPU profile runs collectives); the smallest count wins."""
+
+
+class AllocateKVCache(msgspec.Struct, tag=True):
+    num_blocks: int
+
+
+class CaptureCudaGraphs(msgspec.Struct, tag=True):
+    pass
+
+
+class ExecuteStep(msgspec.Struct, tag=True):
+    scheduler_output: SchedulerOutput
+
+
+class StopWorker(msgspec.Struct, tag=True):
+    pass
+
+
+WorkerCommand = StartWorker | DetermineNumKVBlocks | AllocateKVCache | CaptureCudaGraphs | ExecuteStep | StopWorker
 
 
 # ---- front end (the supervisor) -> engine process ----

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, EngineConfigError
 from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
@@ -29,6 +29,7 @@ from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.contract import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from engine.request import Request, RequestStatus
+from engine.distributed.tp_runner import TensorParallelRunner, WorkerDiedError
 from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import Scheduler, core_output
@@ -46,6 +47,18 @@ def _timed(what: str):
     logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
+def _check_tensor_parallel_split(model_config: ModelConfig, size: int) -> None:
+    """Every rank holds an equal share of the heads and of the MLP (the vocabulary may split unevenly)."""
+    for what, count in (("attention heads", model_config.num_heads),
+                        ("MLP features (intermediate_size)", model_config.intermediate_size)):
+        if count % size:
+            raise EngineConfigError("tensor_parallel_size", f"{size} does not divide the model's {count} {what}")
+    num_kv_heads = model_config.num_kv_heads
+    if (size % num_kv_heads if size > num_kv_heads else num_kv_heads % size):
+        raise EngineConfigError("tensor_parallel_size", f"{size} neither divides nor is a multiple of the model's "
+                                                        f"{num_kv_heads} KV heads")
+
+
 def sample_request_id(parent_id: str, index: int, n: int) -> str:
     return parent_id if n == 1 else f"{parent_id}/{index}"
 
@@ -59,9 +72,33 @@ class EngineCore:
         self.max_model_len = self.model_config.max_model_len
         # Resolved, so that the config's checks that involve the context length run (again) on the real one.
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
-        with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"):
-            self.runner = ModelRunner(config, self.model_config, self.device)
+        _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
+        with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
+                    + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
+                       else "")):
+            self.runner = (ModelRunner(config, self.model_config, self.device) if config.tensor_parallel_size == 1
+                           else TensorParallelRunner(config, self.model_config, self.device))
+        try:
+            num_blocks = self._set_up_kv_cache_and_graphs()
+        except BaseException:
+            self.shutdown()  # tensor-parallel workers must not outlive a failed start
+            raise
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_manager)
+        self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
+        self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
+        self.num_steps = 0
+        self.step_seconds = 0.0  # in `step`, cumulative
+        self.device_wait_seconds = 0.0  # of it, waiting for the device's results
+        self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
+        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
+    def _set_up_kv_cache_and_graphs(self) -> int:
+        config = self.config
         with _timed("sizing the KV cache" + (" (profiling a forward pass)" if self.device.type == "cuda" else "")):
             num_blocks = self.runner.determine_num_kv_blocks()
         blocks_per_seq = -(-self.max_model_len // config.block_size)
@@ -76,19 +113,7 @@ class EngineCore:
         if self.runner.use_cuda_graphs:
             with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes"):
                 self.runner.capture_cuda_graphs()
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv_manager)
-        self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
-        self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
-        self.num_steps = 0
-        self.step_seconds = 0.0  # in `step`, cumulative
-        self.device_wait_seconds = 0.0  # of it, waiting for the device's results
-        self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
-        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
-        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
-        self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
+        return num_blocks
 
     @property
     def vocab_size(self) -> int:
@@ -191,7 +216,7 @@ class EngineCore:
         self.num_steps += 1
         try:
             return scheduler_output, self.runner.execute(scheduler_output)
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):
             raise  # see _fail
         except Exception:
             outputs += self._fail(scheduler_output)
@@ -201,7 +226,7 @@ class EngineCore:
         waiting_since = time.perf_counter()
         try:
             runner_output = pending.get()
-        except torch.AcceleratorError:
+        except (torch.AcceleratorError, WorkerDiedError):
             raise  # see _fail
         except Exception:
             return self._fail(scheduler_output)
@@ -211,12 +236,17 @@ class EngineCore:
 
     def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
         # A failing batch must not take the engine down: its requests end with an error, the rest go on. A device
-        # fault (torch.AcceleratorError: an illegal address, an ECC error) is not caught: it leaves the CUDA context
-        # unusable, so every later step would fail too; the engine process ends instead and its supervisor fails
-        # its requests and restarts it. Running out of memory is an ordinary failure of the batch.
+        # fault (torch.AcceleratorError: an illegal address, an ECC error) or a dead tensor-parallel worker is not
+        # caught: every later step would fail too; the engine process ends instead and its supervisor fails its
+        # requests and restarts it. Running out of memory is an ordinary failure of the batch.
         logger.exception("model step failed; finishing its %d requests with an error: %s", scheduler_output.num_reqs,
                          ", ".join(scheduler_output.req_ids()))
         return [core_output(r, [], None, None) for r in self.scheduler.fail_step(scheduler_output)]
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (a single-rank engine holds nothing to release)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.shutdown()
 
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
         stats = self.scheduler.stats(with_block_states)

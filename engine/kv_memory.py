@@ -3,7 +3,8 @@
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
-layer. It does not decide which blocks a request uses: that is the KV cache manager's job.
+layer (with tensor parallelism, of this rank's KV heads). It does not decide which blocks a request uses: that is
+the KV cache manager's job.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ class KVMemory:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.num_blocks = 0
+        attention = model.attention_layers()[0]
+        # This rank's shard of the heads (all of them without tensor parallelism).
+        self.num_kv_heads, self.head_size = attention.num_kv_heads, attention.head_size
 
     @property
     def bytes_per_block(self) -> int:
         mc = self.model_config
         element_size = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_size * element_size
+        return 2 * mc.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
 
     def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
         """`run_largest_step(lengths, block_tables)` runs the largest forward the scheduler can produce, one
@@ -47,11 +51,10 @@ class KVMemory:
         return min(useful, DEFAULT_CPU_KV_BYTES // self.bytes_per_block)
 
     def allocate(self, num_blocks: int) -> None:
-        mc = self.model_config
         self.num_blocks = num_blocks
         for layer in self.model.attention_layers():
-            layer.kv_cache = torch.zeros(
-                (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_size), dtype=mc.dtype, device=self.device)
+            layer.kv_cache = torch.zeros((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size),
+                                         dtype=self.model_config.dtype, device=self.device)
 
     def release(self) -> None:
         for layer in self.model.attention_layers():

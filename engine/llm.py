@@ -32,6 +32,11 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the engine's tensor-parallel worker processes (with tensor_parallel_size > 1; they also end with
+        this process)."""
+        self.core.shutdown()
+
     def add_lora(self, name: str, path: str) -> None:
         """Loads the PEFT adapter folder at `path` under `name` (replacing one of that name)."""
         self.core.add_lora(name, path)

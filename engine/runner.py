@@ -30,12 +30,14 @@ from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_p
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp_rank: int = 0):
+        """`tp_rank`: which shard of the model this runner holds (of `config.tensor_parallel_size`)."""
         self.config = config
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
-        self.model = load_model(model_config, config.model, device, config.load_format)
+        self.model = load_model(model_config, config.model, device, config.load_format, tp_rank,
+                                config.tensor_parallel_size)
         self.sampler = Sampler()
         self.kv_memory = KVMemory(config, model_config, self.model, device)
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,

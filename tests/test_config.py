@@ -181,10 +181,17 @@ def test_gpu_ids_must_match_parallelism():
     assert parse(model("gpu_ids: [2, 3]\nparallelism: {data: 2}")).models[0].gpu_ids == (2, 3)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "pipeline", "expert"])
+@pytest.mark.parametrize("kind", ["pipeline", "expert"])
 def test_unimplemented_parallelism_is_refused(kind):
     assert (f"models[0].parallelism.{kind}: {kind} parallelism is not implemented yet"
             in error(model(f"parallelism: {{{kind}: 2}}")))
+
+
+def test_tensor_parallelism_maps_onto_the_engine_and_refuses_lora():
+    spec = parse(model("parallelism: {tensor: 2}")).models[0]
+    assert spec.to_engine_config("/m").tensor_parallel_size == 2
+    assert ("models[0].parallelism.tensor: must be 1 with LoRA adapters"
+            in error(model("parallelism: {tensor: 2}\nlora: {enabled: true}")))
 
 
 def test_default_sampling_max_tokens_within_the_server_cap():

@@ -102,9 +102,11 @@ def test_steps_after_the_first_send_only_diffs(model_dir):
 
 
 def test_runner_modules_never_import_the_schedulers_request():
-    """The runner side of the contract holds no `Request` (it could not cross to a worker process)."""
+    """The runner side of the contract, tensor-parallel workers included, holds no `Request` (it could not cross to
+    a worker process)."""
     root = pathlib.Path(__file__).resolve().parent.parent / "engine"
-    for name in ("runner.py", "input_batch.py", "cuda_graphs.py", "kv_memory.py", "sampler.py"):
+    for name in ("runner.py", "input_batch.py", "cuda_graphs.py", "kv_memory.py", "sampler.py",
+                 "distributed/worker.py", "distributed/tp_runner.py", "distributed/parallel_state.py"):
         tree = ast.parse((root / name).read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "engine.request" not in imported and "engine.scheduler" not in imported, name

@@ -110,11 +110,11 @@ def _check_gpus(m: ModelSpec, fail: Fail) -> None:
         if len(m.gpu_ids) != p.num_gpus:
             fail("gpu_ids", f"{len(m.gpu_ids)} GPU ids given, but parallelism needs tensor x pipeline x "
                             f"data = {p.tensor} x {p.pipeline} x {p.data} = {p.num_gpus}")
-    for kind in ("tensor", "pipeline", "expert"):
-        # The engine runs each replica on one device for now; refusing beats silently running unsplit.
+    for kind in ("pipeline", "expert"):
+        # Refusing beats silently running unsplit.
         if getattr(p, kind) > 1:
-            fail(f"parallelism.{kind}", f"{kind} parallelism is not implemented yet; only data "
-                                        f"parallelism (replicas) can be above 1")
+            fail(f"parallelism.{kind}", f"{kind} parallelism is not implemented yet; only tensor and data "
+                                        f"parallelism can be above 1")
 
 
 def _check_lora(m: ModelSpec, fail: Fail) -> None:

@@ -177,6 +177,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "max_loras": ("lora", "max_loras"),
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),
+    "tensor_parallel_size": ("parallelism", "tensor"),
 }
 
 

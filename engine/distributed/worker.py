@@ -1,0 +1,86 @@
+"""A tensor-parallel worker: one rank (1..) of an engine, as `python -m engine.distributed.worker RANK SIZE ADDR DEVICE`.
+
+Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`). It builds its shard of the model and its
+share of the KV cache, then carries out each `WorkerCommand` that rank 0 broadcasts, in lockstep: the model's
+collectives pair each rank's forward with the others'. It holds no request state but the runner's copies, kept from
+the steps' plain data; its sampled tokens equal rank 0's and are dropped. It ends with rank 0: on `StopWorker`, when
+a collective fails (rank 0 died), or when its parent process dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+import torch
+
+from engine import contract
+from engine.distributed import parallel_state
+from engine.models.config import ModelConfig
+from engine.runner import ModelRunner
+
+logger = logging.getLogger("kvbox.worker")
+_PR_SET_PDEATHSIG = 1
+_decoder = msgspec.msgpack.Decoder(contract.WorkerCommand)
+
+
+def _die_with_parent() -> None:
+    """Linux ends this process when the engine process that started it dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def receive() -> contract.WorkerCommand:
+    return _decoder.decode(parallel_state.broadcast_bytes(None))
+
+
+def serve(rank: int) -> None:
+    start = receive()
+    assert isinstance(start, contract.StartWorker), start
+    config = start.engine_config
+    device = torch.device(worker_device(config.device, rank))
+    torch.manual_seed(config.seed)
+    dtype = None if config.dtype == "auto" else config.dtype
+    model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
+    runner = ModelRunner(config, model_config, device, tp_rank=rank)
+    while not isinstance(command := receive(), contract.StopWorker):
+        if isinstance(command, contract.ExecuteStep):
+            runner.execute(command.scheduler_output)
+        elif isinstance(command, contract.DetermineNumKVBlocks):
+            parallel_state.min_over_ranks(runner.determine_num_kv_blocks())
+        elif isinstance(command, contract.AllocateKVCache):
+            runner.allocate_kv_cache(command.num_blocks)
+        elif isinstance(command, contract.CaptureCudaGraphs):
+            runner.capture_cuda_graphs()
+
+
+def worker_device(device: str, rank: int) -> str:
+    """Rank r takes the r-th device after the one configured for rank 0 (cuda -> cuda:r, cuda:2 -> cuda:2+r)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    first = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
+    return f"cuda:{first + rank}"
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world_size, init_method, device = int(argv[0]), int(argv[1]), argv[2], argv[3]
+    parallel_state.init_tensor_parallel(rank, world_size, init_method, torch.device(device))
+    try:
+        serve(rank)
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        return 1
+    finally:
+        parallel_state.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    # Skip interpreter teardown (CUDA contexts, process-group threads) once the loop has ended.
+    os._exit(main(sys.argv[1:]))
