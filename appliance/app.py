@@ -46,12 +46,19 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
 
     routes = [*ROUTES, *admin.ROUTES]
     serving = ServingContext(supervisor, Metrics(supervisor))
+    supervisor.on_step = serving.metrics.on_step
     if config.metrics.enabled:
         routes.append(metrics_route(config.metrics.path, serving.metrics))
     if config.ui.enabled:
         # The dashboard's statistics, fed by every engine step; its routes check the admin key or its own cookie.
-        serving.stats = StatsHub(supervisor)
-        supervisor.on_step = serving.stats.on_step
+        stats = serving.stats = StatsHub(supervisor)
+        metrics_on_step = serving.metrics.on_step
+
+        def on_step(model_name: str, replica_index: int, message) -> None:
+            metrics_on_step(model_name, replica_index, message)
+            stats.on_step(model_name, replica_index, message)
+
+        supervisor.on_step = on_step
         routes += [*admin.STATS_ROUTES, ui_router(config.ui.path)]
     # The supervisor and the statistics also on their own: the API-key guard and the dashboard read them.
     state = {"supervisor": supervisor, "serving": serving, "stats": serving.stats}

@@ -48,7 +48,7 @@ class Generation:
         self._sink = OutputSink()
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
-        self._observers = [(metrics.request(client.name, lora_name),
+        self._observers = [(metrics.request(client.name, lora_name, params),
                             stats.request(client.name) if stats is not None else None) for _ in prompts]
         try:
             for i, (text, token_ids) in enumerate(prompts):
@@ -103,7 +103,8 @@ class Generation:
         if running:
             logger.info("request %s: aborted (%s)", self.request_id, ", ".join(running.values()))
         self._client.abort(list(running.values()))
-        for _ in running:
+        for index in running:
+            self._observers[index][0].aborted()
             self._on_done()
 
 
