@@ -1,7 +1,9 @@
 """/metrics against vLLM's: every query of vLLM's example Grafana dashboard finds its series after some traffic, the
 core set has vLLM's types and buckets, and the engine's phase timings add up."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -135,3 +137,14 @@ def test_request_phases_params_and_lengths_are_counted(traffic):
     assert grew("vllm:iteration_tokens_total_sum") == prompt_tokens + 14
     info = [s for s in after["vllm:cache_config_info"] if s.labels["model_name"] == "llama"]
     assert info[0].value == 1 and info[0].labels["num_gpu_blocks"] == "300" and info[0].labels["block_size"]
+
+
+def test_our_grafana_dashboard_queries_only_metrics_we_export(traffic):
+    _, after, response = traffic
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-kvbox.json").read_text())
+    families = {f.name for f in text_string_to_metric_families(response.text)}
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"(?:vllm|kvbox):\w+", target["expr"])}
+    assert len(queried) > 20
+    for name in queried:
+        assert name in after or name in families or re.sub(r"_(bucket|sum|count|total)$", "", name) in families, name
