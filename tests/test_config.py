@@ -13,6 +13,7 @@ from msgspec import inspect as mi
 
 from appliance.cli import main as kvbox
 from appliance.config import ENGINE_KEYS, AppConfig, ConfigError, ModelSpec, load_config, parse_config
+from appliance.config.schema import SamplingDefaults
 from engine.config import EngineConfig, EngineConfigError, engine_default
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -60,7 +61,10 @@ def schema_fields(t=None, prefix=""):
 
 def test_example_loads_with_every_key_at_its_default():
     config = load_config(EXAMPLE)
-    assert config == AppConfig(models=(ModelSpec(name="smollm2", source="builtin:smollm2-135m-instruct"),))
+    # The built-in model's published sampling settings, and a cap so that a bare request ends soon.
+    defaults = SamplingDefaults(temperature=0.2, top_p=0.9, max_tokens=512)
+    assert config == AppConfig(models=(ModelSpec(name="smollm2", source="builtin:smollm2-135m-instruct",
+                                                 default_sampling=defaults),))
     assert config.models[0].device == "auto" and config.server.host == "127.0.0.1"
 
 
@@ -91,7 +95,7 @@ def test_example_mentions_every_schema_key():
     assert len(list(schema_fields())) > 60
     assert list(missing_keys(yaml.safe_load(text), mi.type_info(AppConfig), "", text)) == []
     # The check itself notices a key that is missing, live or commented out.
-    for key, typo in [("max_prompt_chars:", "max_prompt_charz:"), ("#     top_k:", "#     topk:")]:
+    for key, typo in [("max_prompt_chars:", "max_prompt_charz:"), ("      top_k:", "      topk:")]:
         broken = text.replace(key, typo)
         assert list(missing_keys(yaml.safe_load(broken), mi.type_info(AppConfig), "", broken)) != []
 
