@@ -19,6 +19,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
 from appliance import admin
+from appliance.access_log import access_log_middleware
 from appliance.auth import require_api_key
 from appliance.config import AppConfig
 from appliance.errors import handle_exception
@@ -67,7 +68,7 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         route_handlers=routes,
         guards=[skip_self_authenticated(require_api_key)],
         exception_handlers={Exception: handle_exception},
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, access_log_middleware(_quiet_paths(config))],
         request_max_body_size=config.server.max_body_bytes,
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         lifespan=[lifespan],
@@ -75,3 +76,8 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         openapi_config=None,
         logging_config=None,  # the server configures logging; litestar's default would replace its format
     )
+
+
+def _quiet_paths(config: AppConfig) -> frozenset[str]:
+    """Monitoring that polls: kept out of the access log unless it fails."""
+    return frozenset({config.metrics.path, "/health", "/ready", "/admin/stats", "/admin/stats/stream"})
