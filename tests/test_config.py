@@ -524,3 +524,20 @@ def test_check_config_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], capture_output=True, text=True, check=True,
                             cwd=EXAMPLE.parent)
     assert result.stdout.splitlines()[-1] == "0 False"
+
+
+def test_check_config_reports_every_schema_error_in_one_run(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: abc, max_n: 0, hostt: x}\n"
+                    "models:\n"
+                    "  - {name: a, source: org/a, dtype: float8, kv_cache: {block_size: 12}}\n"
+                    "  - {source: org/b}\n")
+    assert kvbox(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: server.port: expected an integer, got a string 'abc'",
+        f"{path}: server.max_n: expected an integer >= 1, got 0",
+        f"{path}: server.hostt: unknown key (did you mean 'host'?)",
+        f"{path}: models[0].dtype: expected one of auto, bfloat16, float16, float32, got 'float8'",
+        f"{path}: models[0].kv_cache.block_size: expected one of 8, 16, 32, got 12",
+        f"{path}: models[1].name: required key is missing",
+    ]
