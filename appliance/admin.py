@@ -9,7 +9,6 @@ dashboard's session cookie."""
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +21,7 @@ from appliance.auth import require_admin_key
 from appliance.config import ConfigError
 from appliance.errors import APIError
 from appliance.supervisor import ModelRuntime, Supervisor
+from appliance.version import kvbox_version
 from ui.session import SELF_AUTHENTICATED, require_admin_session
 
 STREAM_INTERVAL_S = (0.25, 1.0, 5.0)  # the least, default and most seconds between two stats events
@@ -42,10 +42,7 @@ def ready(request: Request) -> Response:
 
 @get("/version", sync_to_thread=False)
 def version() -> dict:
-    try:
-        return {"version": importlib.metadata.version("kvbox")}
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return {"version": "unknown"}
+    return {"version": kvbox_version()}
 
 
 @get("/admin/models", guards=[require_admin_key], sync_to_thread=False)

@@ -19,6 +19,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
 from appliance import admin
+from appliance.access_log import access_log_middleware
 from appliance.auth import require_api_key
 from appliance.config import AppConfig
 from appliance.errors import handle_exception
@@ -46,12 +47,19 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
 
     routes = [*ROUTES, *admin.ROUTES]
     serving = ServingContext(supervisor, Metrics(supervisor))
+    supervisor.on_step = serving.metrics.on_step
     if config.metrics.enabled:
         routes.append(metrics_route(config.metrics.path, serving.metrics))
     if config.ui.enabled:
         # The dashboard's statistics, fed by every engine step; its routes check the admin key or its own cookie.
-        serving.stats = StatsHub(supervisor)
-        supervisor.on_step = serving.stats.on_step
+        stats = serving.stats = StatsHub(supervisor)
+        metrics_on_step = serving.metrics.on_step
+
+        def on_step(model_name: str, replica_index: int, message) -> None:
+            metrics_on_step(model_name, replica_index, message)
+            stats.on_step(model_name, replica_index, message)
+
+        supervisor.on_step = on_step
         routes += [*admin.STATS_ROUTES, ui_router(config.ui.path)]
     # The supervisor and the statistics also on their own: the API-key guard and the dashboard read them.
     state = {"supervisor": supervisor, "serving": serving, "stats": serving.stats}
@@ -60,7 +68,7 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         route_handlers=routes,
         guards=[skip_self_authenticated(require_api_key)],
         exception_handlers={Exception: handle_exception},
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, access_log_middleware(_quiet_paths(config))],
         request_max_body_size=config.server.max_body_bytes,
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         lifespan=[lifespan],
@@ -68,3 +76,8 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         openapi_config=None,
         logging_config=None,  # the server configures logging; litestar's default would replace its format
     )
+
+
+def _quiet_paths(config: AppConfig) -> frozenset[str]:
+    """Monitoring that polls: kept out of the access log unless it fails."""
+    return frozenset({config.metrics.path, "/health", "/ready", "/admin/stats", "/admin/stats/stream"})

@@ -5,44 +5,83 @@ from __future__ import annotations
 import argparse
 import sys
 
+from appliance.logs import FORMATS, LEVELS
+from appliance.version import kvbox_version
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvbox", description="kvbox: an LLM serving appliance")
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (the help says what applies then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0 to 65535)")
+    return port
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Every option's help shows its default; flag names follow vLLM's where vLLM has the option.
+    formatter = _Formatter
+    parser = argparse.ArgumentParser(prog="kvbox", description="kvbox: an LLM serving appliance",
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"kvbox {kvbox_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the models of a config file over the OpenAI API")
+    serve = commands.add_parser("serve", help="serve the models of a config file over the OpenAI API",
+                                formatter_class=formatter)
     serve.add_argument("-c", "--config", required=True, help="the YAML config (see config.example.yaml)")
+    serve.add_argument("--host", help="address to listen on, instead of the file's server.host")
+    serve.add_argument("--port", type=_port, help="TCP port to listen on, instead of the file's server.port")
+    serve.add_argument("--api-key-env", metavar="VAR", help="the name of an environment variable holding the one "
+                       "API key, instead of the file's server.api_keys")
+    serve.add_argument("--log-level", choices=LEVELS, default="info", help="the least severe level logged")
+    serve.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or JSON lines for log "
+                       "shippers (the engine processes follow)")
 
-    check = commands.add_parser("check-config", help="validate a config file without starting anything")
-    check.add_argument("config")
+    check = commands.add_parser("check-config", help="validate a config file without starting anything",
+                                formatter_class=formatter)
+    check.add_argument("config", help="the YAML config")
 
-    chat = commands.add_parser("chat", help="chat in the terminal with a model of a running server")
-    chat.add_argument("model")
-    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
-    chat.add_argument("--api-key", help="default: $KVBOX_API_KEY or $OPENAI_API_KEY")
+    chat = commands.add_parser("chat", help="chat in the terminal with a model of a running server",
+                               formatter_class=formatter)
+    chat.add_argument("model", help="the served model's name (or a LoRA adapter's)")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    chat.add_argument("--api-key", help="the API key (when unset: $KVBOX_API_KEY, else $OPENAI_API_KEY)")
     chat.add_argument("--system", help="a system message")
-    chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=512, help="the longest answer, in tokens")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
 
-    generate = commands.add_parser("generate", help="generate offline from a model folder (no server)")
+    generate = commands.add_parser("generate", help="generate offline from a model folder (no server)",
+                                   formatter_class=formatter)
     generate.add_argument("--model", required=True, help="a Hugging Face model folder, a .gguf file or builtin:NAME")
     generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    generate.add_argument("--max-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most per prompt")
+    generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
-    generate.add_argument("--dtype", default="auto")
-    generate.add_argument("--device", default="auto")
+    generate.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16 or bfloat16")
+    generate.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
 
-    tiny = commands.add_parser("make-tiny-model", help="build a tiny random checkpoint (tests, demos)")
-    tiny.add_argument("family")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = commands.add_parser("make-tiny-model", help="build a tiny random checkpoint (tests, demos)",
+                               formatter_class=formatter)
+    tiny.add_argument("family", help="the model family, e.g. llama or qwen3 (an unknown one lists them all)")
+    tiny.add_argument("out_dir", help="the folder to write")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "serve":
-        from appliance.server import serve_main
+        from appliance.server import ServeOptions, serve_main
 
-        return serve_main(args.config)
+        return serve_main(args.config, ServeOptions(args.host, args.port, args.api_key_env, args.log_level,
+                                                    args.log_format))
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "chat":

@@ -25,6 +25,7 @@ import torch
 
 import kernels
 from appliance import ipc
+from appliance.logs import configure_logging
 from engine import contract
 from engine.core import EngineCore
 from engine.distributed.tp_runner import WorkerDiedError
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C in the terminal reaches the whole process group; the supervisor ends engines through the socket
     # after draining, so an engine must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()  # the server's level and format, from the environment it passed on
     channel = ipc.BlockingChannel(socket.socket(fileno=int(argv[0])))
     payload = channel.recv()
     if payload is None:

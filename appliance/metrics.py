@@ -1,10 +1,14 @@
-"""Prometheus metrics under vLLM's names and `model_name` label, so that vLLM's Grafana dashboards work unchanged.
+"""Prometheus metrics under vLLM's names, types, buckets and `model_name` label, so that vLLM's Grafana dashboards
+work unchanged (`docs/grafana-kvbox.json` is ours, with kvbox's extras).
 
-Three sources: counters and histograms observed in the request path (`RequestMetrics`, one per engine request; with
-an adapter also `kvbox:lora_prompt_tokens` and `kvbox:lora_generation_tokens`), gauges/counters read from each
-replica's latest `SchedulerStats` when Prometheus scrapes (`_EngineStatsCollector`), and per LoRA adapter
-(`kvbox:lora_*`, labelled `model_name` and `lora_name`, and vLLM's `vllm:lora_requests_info`), the adapter lists and
-stats the replicas report (`_LoraCollector`).
+Three sources:
+- the request path (`RequestMetrics`, one per engine request): tokens, TTFT, inter-token latency, end-to-end latency,
+  finish reasons (a client that disconnects counts as `abort`), the request's `n` and `max_tokens`, prompt and
+  generation lengths; with an adapter also `kvbox:lora_prompt_tokens` and `kvbox:lora_generation_tokens`;
+- every engine step message (`Metrics.on_step`): tokens per iteration, and each finished request's queue, prefill,
+  decode and inference times, which the engine measures (`EngineCoreOutput.timing`);
+- scrape time (`appliance.metric_collectors`): gauges and counters from each replica's latest `SchedulerStats`,
+  `vllm:cache_config_info`, and per-LoRA-adapter series.
 Each app has its own `CollectorRegistry`: no global state, so several apps can live in one process.
 """
 
@@ -14,52 +18,133 @@ import time
 
 from litestar import Response, get
 from litestar.handlers import HTTPRouteHandler
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from appliance.metric_collectors import EngineStatsCollector, LoraCollector
 from appliance.supervisor import Supervisor
+from engine.contract import EngineCoreOutput, StepOutputs
 from engine.output_processor import RequestOutput
 from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
 
 # vLLM's buckets, for comparable dashboards.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                  40.0, 80.0, 160.0, 640.0, 2560.0)
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-                480.0, 960.0, 1920.0, 7680.0)
+_REQUEST_TIME_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                         240.0, 480.0, 960.0, 1920.0, 7680.0)
+_PREFILL_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM runs its 1-2-5 series up to the one model's max_model_len; one registry serves every model here, and a
+# histogram's buckets are fixed per name, so the series runs to a million tokens.
+_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5)) + (1_000_000,)
+
+
+def count_step_tokens(outputs: list[EngineCoreOutput], prefilled: set[str]) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, finished samples) of one step's outputs. A prompt counts once, at its first
+    token (vLLM's rule), and n sibling samples share it; `prefilled` remembers the requests already counted."""
+    num_prompt = num_generated = num_finished = 0
+    for output in outputs:
+        if output.new_token_ids:
+            num_generated += len(output.new_token_ids)
+            if output.index == 0 and output.request_id not in prefilled:
+                prefilled.add(output.request_id)
+                num_prompt += output.num_prompt_tokens
+        if output.finish_reason is not None:
+            num_finished += 1
+            prefilled.discard(output.request_id)
+    if len(prefilled) > 100_000:  # requests lost with a dead engine never report their end
+        prefilled.clear()
+    return num_prompt, num_generated, num_finished
 
 
 class Metrics:
     def __init__(self, supervisor: Supervisor):
         self.registry = CollectorRegistry()
         r, model = self.registry, ["model_name"]
+
+        def histogram(name: str, documentation: str, buckets: tuple) -> Histogram:
+            return Histogram(name, documentation, model, buckets=buckets, registry=r)
+
         # prometheus_client appends `_total` to counter names: these are vLLM's `vllm:prompt_tokens_total` etc.
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of requests.", model, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", model, registry=r)
-        self.request_success = Counter("vllm:request_success", "Finished completions, by finish reason.",
-                                       model + ["finished_reason"], registry=r)
-        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", model,
-                                             buckets=_TTFT_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output updates.",
-                                             model, buckets=_ITL_BUCKETS, registry=r)
-        self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to end.",
-                                             model, buckets=_E2E_BUCKETS, registry=r)
+        self.request_success = Counter("vllm:request_success", "Finished completions, by finish reason (abort: "
+                                       "the client went away).", model + ["finished_reason"], registry=r)
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "Time to first token.",
+                                             _TTFT_BUCKETS)
+        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds", "Time between output updates.",
+                                             _ITL_BUCKETS)
+        # vLLM's name for the same samples before 0.10; its example Grafana dashboard plots this one.
+        self.time_per_output_token = histogram("vllm:time_per_output_token_seconds", "Time between output updates "
+                                               "(the name before vLLM 0.10).", _ITL_BUCKETS)
+        self.request_time_per_output_token = histogram(
+            "vllm:request_time_per_output_token_seconds", "Per request: decode time / (generated tokens - 1).",
+            _ITL_BUCKETS)
+        self.e2e_request_latency = histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to end.",
+                                             _REQUEST_TIME_BUCKETS)
+        self.request_queue_time = histogram("vllm:request_queue_time_seconds", "Time waiting in the engine's "
+                                            "queue before first scheduled.", _REQUEST_TIME_BUCKETS)
+        self.request_prefill_time = histogram("vllm:request_prefill_time_seconds", "Time from first scheduled to "
+                                              "the first token.", _REQUEST_TIME_BUCKETS)
+        self.request_decode_time = histogram("vllm:request_decode_time_seconds", "Time from the first token to the "
+                                             "last.", _REQUEST_TIME_BUCKETS)
+        self.request_inference_time = histogram("vllm:request_inference_time_seconds", "Time from first scheduled "
+                                                "to the last token (prefill + decode).", _REQUEST_TIME_BUCKETS)
+        self.time_per_prefill_token = histogram("vllm:time_per_prefill_token_request_seconds", "Per request: "
+                                                "prefill time / prompt tokens.", _PREFILL_TOKEN_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Tokens per engine step (prompts at their "
+                                          "first token, plus generated tokens).", _ITERATION_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Generated tokens per "
+                                                   "finished request.", _TOKEN_BUCKETS)
+        self.request_max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens", "Per request, the most tokens one of its n samples generated.",
+            _TOKEN_BUCKETS)
+        self.request_params_n = histogram("vllm:request_params_n", "The n request parameter.", _N_BUCKETS)
+        self.request_params_max_tokens = histogram("vllm:request_params_max_tokens", "The max_tokens request "
+                                                   "parameter (requests that set it).", _TOKEN_BUCKETS)
         adapter = ["model_name", "lora_name"]
         self.lora_prompt_tokens = Counter("kvbox:lora_prompt_tokens", "Prompt tokens of requests with the LoRA "
                                           "adapter.", adapter, registry=r)
         self.lora_generation_tokens = Counter("kvbox:lora_generation_tokens", "Tokens generated with the LoRA "
                                               "adapter.", adapter, registry=r)
-        r.register(_EngineStatsCollector(supervisor))
-        r.register(_LoraCollector(supervisor))
+        r.register(EngineStatsCollector(supervisor))
+        r.register(LoraCollector(supervisor))
         self._series: dict[tuple[str, str | None], _Series] = {}
+        self._prefilled: dict[tuple[str, int], set[str]] = {}  # (model, replica) -> requests whose prompt counted
 
-    def request(self, model_name: str, lora_name: str | None = None) -> RequestMetrics:
+    def series(self, model_name: str, lora_name: str | None = None) -> _Series:
         key = (model_name, lora_name)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = _Series(self, model_name, lora_name)
-        return RequestMetrics(series)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = _Series(self, model_name, lora_name)
+        return found
+
+    def request(self, model_name: str, lora_name: str | None = None,
+                params: SamplingParams | None = None) -> RequestMetrics:
+        return RequestMetrics(self.series(model_name, lora_name), params)
+
+    def on_step(self, model_name: str, replica_index: int, message: StepOutputs) -> None:
+        """Called with every step message of every replica (the supervisor's `on_step` hook)."""
+        series = self.series(model_name)
+        prefilled = self._prefilled.setdefault((model_name, replica_index), set())
+        num_prompt, num_generated, _ = count_step_tokens(message.outputs, prefilled)
+        if message.step_seconds > 0:  # an engine step ran (aborts and idle reports have none)
+            series.iteration_tokens.observe(num_prompt + num_generated)
+        for output in message.outputs:
+            timing = output.timing
+            if timing is None:
+                continue
+            series.request_queue_time.observe(timing.queued_s)
+            series.request_prefill_time.observe(timing.prefill_s)
+            series.request_decode_time.observe(timing.decode_s)
+            series.request_inference_time.observe(timing.prefill_s + timing.decode_s)
+            if output.num_prompt_tokens:
+                series.time_per_prefill_token.observe(timing.prefill_s / output.num_prompt_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -68,162 +153,86 @@ class Metrics:
 class _Series:
     """One model's (and adapter's) labelled children, looked up once: `.labels()` costs more than observing."""
 
+    _PER_MODEL = ("time_to_first_token", "prompt_tokens", "inter_token_latency", "time_per_output_token",
+                  "request_time_per_output_token", "generation_tokens", "e2e_request_latency", "request_queue_time",
+                  "request_prefill_time", "request_decode_time", "request_inference_time", "time_per_prefill_token",
+                  "iteration_tokens", "request_prompt_tokens", "request_generation_tokens",
+                  "request_max_num_generation_tokens", "request_params_n", "request_params_max_tokens")
+
     def __init__(self, metrics: Metrics, model_name: str, lora_name: str | None):
-        m = metrics
-        self.time_to_first_token = m.time_to_first_token.labels(model_name)
-        self.prompt_tokens = m.prompt_tokens.labels(model_name)
-        self.inter_token_latency = m.inter_token_latency.labels(model_name)
-        self.generation_tokens = m.generation_tokens.labels(model_name)
-        self.e2e_request_latency = m.e2e_request_latency.labels(model_name)
-        self.request_success = {reason.value: m.request_success.labels(model_name, reason.value)
+        for name in self._PER_MODEL:
+            setattr(self, name, getattr(metrics, name).labels(model_name))
+        self.request_success = {reason.value: metrics.request_success.labels(model_name, reason.value)
                                 for reason in FinishReason}
-        self.lora_prompt_tokens = m.lora_prompt_tokens.labels(model_name, lora_name) if lora_name else None
-        self.lora_generation_tokens = m.lora_generation_tokens.labels(model_name, lora_name) if lora_name else None
+        self.lora_prompt_tokens = metrics.lora_prompt_tokens.labels(model_name, lora_name) if lora_name else None
+        self.lora_generation_tokens = (metrics.lora_generation_tokens.labels(model_name, lora_name) if lora_name
+                                       else None)
 
 
 class RequestMetrics:
-    """Observes one engine request's output snapshots as they arrive."""
+    """Observes one engine request's output snapshots as they arrive, and its abort if its client goes away."""
 
-    def __init__(self, series: _Series):
+    def __init__(self, series: _Series, params: SamplingParams | None = None):
         self._series = series
+        self._params = params
         self._arrival = time.monotonic()
+        self._first_token_time: float | None = None
         self._last_token_time: float | None = None
+        self._num_prompt_tokens = 0
+        self._done = False
 
     def observe(self, output: RequestOutput) -> None:
         series, now = self._series, time.monotonic()
         num_new_tokens = sum(len(c.delta_token_ids) for c in output.outputs)
         if num_new_tokens:
             if self._last_token_time is None:
+                self._first_token_time = now
+                self._num_prompt_tokens = len(output.prompt_token_ids)
                 series.time_to_first_token.observe(now - self._arrival)
-                series.prompt_tokens.inc(len(output.prompt_token_ids))
+                series.prompt_tokens.inc(self._num_prompt_tokens)
                 if series.lora_prompt_tokens is not None:
-                    series.lora_prompt_tokens.inc(len(output.prompt_token_ids))
+                    series.lora_prompt_tokens.inc(self._num_prompt_tokens)
             else:
                 series.inter_token_latency.observe(now - self._last_token_time)
+                series.time_per_output_token.observe(now - self._last_token_time)
             self._last_token_time = now
             series.generation_tokens.inc(num_new_tokens)
             if series.lora_generation_tokens is not None:
                 series.lora_generation_tokens.inc(num_new_tokens)
         if output.finished:
-            series.e2e_request_latency.observe(now - self._arrival)
-            for completion in output.outputs:
-                series.request_success[completion.finish_reason].inc()
+            self._finish(now, [c.finish_reason for c in output.outputs], [len(c.token_ids) for c in output.outputs],
+                         len(output.prompt_token_ids))
 
+    def aborted(self) -> None:
+        """Its client went away before it finished: each of its samples ends as `abort`."""
+        if not self._done:
+            n = self._params.n if self._params is not None else 1
+            self._finish(time.monotonic(), [FinishReason.ABORT.value] * n, [], self._num_prompt_tokens)
 
-class _EngineStatsCollector:
-    """Reads the replicas' latest scheduler stats at scrape time; sums over a model's replicas."""
-
-    def __init__(self, supervisor: Supervisor):
-        self._supervisor = supervisor
-
-    def collect(self):
-        labels = ["model_name"]
-        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", labels=labels)
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to run.", labels=labels)
-        kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
-        # The name before vLLM 0.10; older dashboards still plot it.
-        gpu_usage = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full).", labels=labels)
-        preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions.", labels=labels)
-        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", labels=labels)
-        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", labels=labels)
-        step_seconds = CounterMetricFamily("kvbox:engine_step_seconds", "Seconds the engines spent in steps.",
-                                           labels=labels)
-        device_wait = CounterMetricFamily(
-            "kvbox:engine_device_wait_seconds", "Of the step seconds, those the engines waited for the device: "
-            "close to the step seconds, the device is the bottleneck; far below, host work leaves it idle.",
-            labels=labels)
-        for model in list(self._supervisor.models.values()):
-            # (stats, block size) of each replica that has reported; a restarted replica's counters start over.
-            reported = [(r.stats, r.info.block_size) for r in model.replicas if r.stats is not None and r.info]
-            if not reported:
-                continue
-            name = [model.name]
-            running.add_metric(name, sum(s.num_running for s, _ in reported))
-            waiting.add_metric(name, sum(s.num_waiting for s, _ in reported))
-            usage = sum(s.kv_usage for s, _ in reported) / len(reported)
-            kv_usage.add_metric(name, usage)
-            gpu_usage.add_metric(name, usage)
-            preemptions.add_metric(name, sum(s.num_preemptions for s, _ in reported))
-            queries.add_metric(name, sum(s.prefix_cache_queries * size for s, size in reported))
-            hits.add_metric(name, sum(s.prefix_cache_hits * size for s, size in reported))
-            step_seconds.add_metric(name, sum(s.step_seconds for s, _ in reported))
-            device_wait.add_metric(name, sum(s.device_wait_seconds for s, _ in reported))
-        yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits, step_seconds, device_wait)
-
-
-class _LoraCollector:
-    """Per-adapter requests, tokens, GPU slot loads and residency, from each replica's latest adapter list
-    (`EngineClient.loras`: sent with every LoRA change and about once a second).
-
-    An engine counts per adapter name from its start, across replacing and reloading the name. The exported
-    counters add, at each scrape, what each engine counted since the previous scrape, and all of a new engine's
-    counts (a restarted replica, or a reloaded model): so they never go back. What an engine counted after the last
-    scrape that read it is lost when it is replaced.
-    """
-
-    def __init__(self, supervisor: Supervisor):
-        self._supervisor = supervisor
-        # model name -> adapter name -> [requests, tokens, slot loads] added up over the model's engines
-        self._totals: dict[str, dict[str, list[int]]] = {}
-        # (model name, replica index) -> (the engine client last read, its counts then by adapter name)
-        self._seen: dict[tuple[str, int], tuple[object, dict[str, tuple[int, int, int]]]] = {}
-
-    def collect(self):
-        labels = ["model_name", "lora_name"]
-        requests = CounterMetricFamily("kvbox:lora_requests", "Requests that used the LoRA adapter.", labels=labels)
-        tokens = CounterMetricFamily("kvbox:lora_tokens", "Tokens computed with the LoRA adapter: prompt tokens "
-                                     "(less prefix-cache hits), recomputed and generated ones.", labels=labels)
-        slot_loads = CounterMetricFamily("kvbox:lora_slot_loads", "Copies of the LoRA adapter into a GPU slot.",
-                                         labels=labels)
-        residency = GaugeMetricFamily("kvbox:lora_adapter_residency", "Replicas holding the LoRA adapter in a GPU "
-                                      "slot (location=gpu) or in host memory only (location=host).",
-                                      labels=[*labels, "location"])
-        # vLLM's: one sample per model whose labels name the adapters in use; its value is the time of the reading.
-        requests_info = GaugeMetricFamily(
-            "vllm:lora_requests_info", "Running and waiting LoRA adapters (comma-separated names).",
-            labels=["model_name", "running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-        # Only the models and replicas there now are remembered: a model removed and added again starts over.
-        all_totals, seen = {}, {}
-        for name, model in list(self._supervisor.models.items()):
-            if not model.spec.lora.enabled:
-                continue
-            totals = all_totals[name] = self._totals.get(name, {})
-            resident: dict[str, dict[str, int]] = {}  # adapter name -> location -> replicas
-            for replica in model.replicas:
-                client, before = self._seen.get((name, replica.replica), (None, {}))
-                if client is not replica:
-                    before = {}
-                now = {}
-                for info in replica.loras:
-                    counts = now[info.name] = (info.num_requests, info.num_tokens, info.num_slot_loads)
-                    total = totals.setdefault(info.name, [0, 0, 0])
-                    for i, (count, last) in enumerate(zip(counts, before.get(info.name, (0, 0, 0)))):
-                        total[i] += count - last
-                    if replica.live:
-                        where = resident.setdefault(info.name, {"gpu": 0, "host": 0})
-                        where["host" if info.slot is None else "gpu"] += 1
-                # An adapter unloaded since keeps its last counts: loaded again, the engine goes on from them.
-                seen[name, replica.replica] = (replica, {**before, **now})
-            for adapter, (num_requests, num_tokens, num_slot_loads) in totals.items():
-                requests.add_metric([name, adapter], num_requests)
-                tokens.add_metric([name, adapter], num_tokens)
-                slot_loads.add_metric([name, adapter], num_slot_loads)
-            for adapter, where in resident.items():
-                for location, num_replicas in where.items():
-                    residency.add_metric([name, adapter, location], num_replicas)
-            reported = [r.stats for r in model.replicas if r.stats is not None]
-            if reported:
-                running = sorted({a for stats in reported for a in stats.running_loras})
-                waiting = sorted({a for stats in reported for a in stats.waiting_loras})
-                requests_info.add_metric([name, ",".join(running), ",".join(waiting), str(model.spec.lora.max_loras)],
-                                         time.time())
-        self._totals, self._seen = all_totals, seen
-        yield from (requests, tokens, slot_loads, residency, requests_info)
+    def _finish(self, now: float, reasons: list[str], lengths: list[int], num_prompt_tokens: int) -> None:
+        series, self._done = self._series, True
+        series.e2e_request_latency.observe(now - self._arrival)
+        for reason in reasons:
+            series.request_success[reason].inc()
+        for length in lengths:
+            series.request_prompt_tokens.observe(num_prompt_tokens)
+            series.request_generation_tokens.observe(length)
+        if lengths:
+            series.request_max_num_generation_tokens.observe(max(lengths))
+            generated = max(lengths)
+            if generated > 1 and self._first_token_time is not None:
+                series.request_time_per_output_token.observe(
+                    (self._last_token_time - self._first_token_time) / (generated - 1))
+        if self._params is not None:
+            series.request_params_n.observe(self._params.n)
+            if self._params.max_tokens is not None:
+                series.request_params_max_tokens.observe(self._params.max_tokens)
 
 
 def metrics_route(path: str, metrics: Metrics) -> HTTPRouteHandler:
     @get(path, sync_to_thread=False, include_in_schema=False)
     def render_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # litestar appends the charset to text/* itself; prometheus_client's CONTENT_TYPE_LATEST already has one.
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return render_metrics

@@ -14,13 +14,19 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 
+from dataclasses import dataclass
+
+import msgspec
 import uvicorn
 
 from appliance.app import create_app
 from appliance.config import AppConfig, ConfigError, load_config
+from appliance.logs import configure_logging
+from appliance.version import kvbox_version
 from appliance.supervisor import ModelStatus, Supervisor
 
 logger = logging.getLogger("kvbox.server")
@@ -28,23 +34,48 @@ logger = logging.getLogger("kvbox.server")
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def serve_main(config_path: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("kvbox serve %s: starting", config_path)
-    try:
+@dataclass(frozen=True)
+class ServeOptions:
+    """Command-line overrides of the file's keys; they hold across reloads too."""
+
+    host: str | None = None
+    port: int | None = None
+    api_key_env: str | None = None  # the name of an environment variable holding the one API key
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def load(self, config_path: str) -> AppConfig:
         config = load_config(config_path)
+        server = config.server
+        changes = {k: v for k, v in (("host", self.host), ("port", self.port)) if v is not None}
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ConfigError("--api-key-env", "", f"environment variable {self.api_key_env} is not set")
+            changes["api_keys"] = (key,)
+        return msgspec.structs.replace(config, server=msgspec.structs.replace(server, **changes))
+
+
+def serve_main(config_path: str, options: ServeOptions | None = None) -> int:
+    options = options or ServeOptions()
+    configure_logging(options.log_level, options.log_format)
+    logger.info("kvbox %s serve %s: starting", kvbox_version(), config_path)
+    try:
+        config = options.load(config_path)
     except ConfigError as e:
         print(f"kvbox: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(config_path, config))
+    return asyncio.run(_serve(config_path, config, options))
 
 
-async def _serve(config_path: str, config: AppConfig) -> int:
+async def _serve(config_path: str, config: AppConfig, options: ServeOptions) -> int:
     supervisor = Supervisor(config)
     app = create_app(config, supervisor)
-    server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
-                                    lifespan="on", reload=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-    lifecycle = _Lifecycle(server, supervisor, config_path)
+    # uvicorn logs through the root logger's format (log_config=None); kvbox's access log replaces uvicorn's.
+    server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_config=None,
+                                    access_log=False, lifespan="on", reload=False,
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    lifecycle = _Lifecycle(server, supervisor, config_path, options)
     app.state.reload = lifecycle.reload_now
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lifecycle.stop)
@@ -66,10 +97,11 @@ class _Server(uvicorn.Server):
 
 
 class _Lifecycle:
-    def __init__(self, server: uvicorn.Server, supervisor: Supervisor, config_path: str):
+    def __init__(self, server: uvicorn.Server, supervisor: Supervisor, config_path: str, options: ServeOptions):
         self.server = server
         self.supervisor = supervisor
         self.config_path = config_path
+        self.options = options
         self.exit_code = 0
         self._draining: asyncio.Task | None = None
         self._reloading: asyncio.Task | None = None
@@ -108,7 +140,7 @@ class _Lifecycle:
     async def reload_now(self) -> dict[str, list[str]]:
         """Reloads the config file (POST /admin/reload and SIGHUP); raises ConfigError for an invalid file."""
         async with self._reload_lock:
-            config = await asyncio.to_thread(load_config, self.config_path)
+            config = await asyncio.to_thread(self.options.load, self.config_path)
             old = self.supervisor.config
             if (config.server.host, config.server.port, config.server.max_body_bytes, config.server.cors,
                     config.metrics, config.ui) != (old.server.host, old.server.port, old.server.max_body_bytes,

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from appliance.metrics import count_step_tokens
+
 if TYPE_CHECKING:
     from appliance.config import ModelSpec
     from appliance.ipc import StepOutputs
@@ -39,7 +41,6 @@ LATENCY_WINDOW_S = 60.0  # TTFT / ITL percentiles cover the samples of this many
 HIT_RATE_WINDOW_S = 60  # the prefix cache's recent hit rate covers this many seconds
 MAX_LATENCY_SAMPLES = 2048  # per model and kind: the most recent ones
 MAX_MAP_CELLS = 2048  # the block map's resolution; larger pools fold several blocks into a cell
-MAX_TRACKED_REQUESTS = 1 << 16  # request ids remembered per replica to count prompts once
 REPORT_FRESH_S = 2.0  # a replica silent this long (dead, or gone with a reload) leaves the charted gauges
 
 FREE, USED, CACHED = "0", "1", "2"  # block map cells, as `BlockPool.block_states()` numbers them
@@ -195,20 +196,8 @@ class StatsHub:
         ring = model.ring
         now = self.clock()
         i = ring.slot(int(now))
-        num_generated = num_prompt = 0
-        seen = replica.seen
-        for output in message.outputs:
-            if output.new_token_ids:
-                num_generated += len(output.new_token_ids)
-                # A prompt counts once, at its first token (vLLM's rule); sibling samples (n > 1) share it.
-                if output.index == 0 and output.request_id not in seen:
-                    seen.add(output.request_id)
-                    num_prompt += output.num_prompt_tokens
-            if output.finish_reason is not None:
-                model.num_finished += 1
-                seen.discard(output.request_id)
-        if len(seen) > MAX_TRACKED_REQUESTS:  # requests lost with a dead engine never report their end
-            seen.clear()
+        num_prompt, num_generated, num_finished = count_step_tokens(message.outputs, replica.seen)
+        model.num_finished += num_finished
         sums = ring.sums
         if num_generated or num_prompt:
             sums["generation_tokens"][i] += num_generated

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from engine import contract
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
+from appliance.config.schema import SamplingDefaults
 from appliance.engine_client import ProcessEngineClient
 from appliance.engines import EngineClient, EngineDeadError, EngineFactory, EnginePlan, EngineStartError
+from appliance.sampling_defaults import model_sampling_defaults
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
 
@@ -68,6 +70,7 @@ class ModelRuntime:
     status: ModelStatus = ModelStatus.LOADING
     model_path: str | None = None
     tokenizer: object = None
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # YAML over the checkpoint's
     replicas: list[EngineClient] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     restarts: int = 0
@@ -265,6 +268,7 @@ class Supervisor:
             started = time.perf_counter()
             model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
             logger.info("%s: tokenizer loaded in %.1f s", spec.name, time.perf_counter() - started)
+            model.sampling_defaults = model_sampling_defaults(spec, model.model_path, self.config.server.max_tokens)
         except BaseException as e:  # a failure, or a shutdown cancelling the start: no engine may outlive it
             await asyncio.gather(*(replica.kill() for replica in model.replicas))
             if not isinstance(e, Exception):

@@ -105,6 +105,15 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
 
 
 # ---- engine -> front end ----
+class RequestTiming(msgspec.Struct, array_like=True):
+    """Where a finished request's time went in the engine (vLLM's phases): queued from arrival to its first
+    scheduling, prefill from then to its first token, decode from the first token to the last."""
+
+    queued_s: float
+    prefill_s: float
+    decode_s: float
+
+
 class EngineCoreOutput(msgspec.Struct):
     request_id: str
     parent_id: str
@@ -117,6 +126,7 @@ class EngineCoreOutput(msgspec.Struct):
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    timing: RequestTiming | None = None  # on a request's last output only, when it produced a token
 
     @property
     def finished(self) -> bool:

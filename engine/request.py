@@ -102,6 +102,9 @@ class Request:
         self.num_tokens_sent = 0
         self.num_blocks_sent = 0
         self.resumed = False  # preempted since it was last scheduled
+        # For the phase timings of its finished output (monotonic clock, as arrival_time).
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 
 from engine.config import EngineConfig
-from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData, RequestTiming,
                              SchedulerOutput, SchedulerStats, TokenLogprobs)
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name
@@ -158,6 +159,8 @@ class Scheduler:
             self.waiting.pop(0)
             if request.num_computed_tokens == 0 and request.num_preemptions == 0:
                 request.num_cached_tokens = num_computed
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -230,6 +233,8 @@ class Scheduler:
             # Preempted while this step ran (async scheduling): it waits for its recompute with this token.
             queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
             request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
             self._check_stop(request, token_id)
             new_logprobs = [runner_output.logprobs[row]] if runner_output.logprobs is not None else None
             if request.sampling_params.logprobs is None:
@@ -338,7 +343,16 @@ def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[T
         stop_reason=request.stop_reason,
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
+        timing=_timing(request) if reason else None,
     )
+
+
+def _timing(request: Request) -> RequestTiming | None:
+    scheduled, first_token = request.first_scheduled_time, request.first_token_time
+    if scheduled is None or first_token is None:
+        return None
+    return RequestTiming(queued_s=scheduled - request.arrival_time, prefill_s=first_token - scheduled,
+                         decode_s=time.monotonic() - first_token)
 
 
 def _new_request_data(request: Request, block_ids: list[int], item: _Scheduled) -> NewRequestData:

@@ -13,6 +13,7 @@ from msgspec import inspect as mi
 
 from appliance.cli import main as kvbox
 from appliance.config import ENGINE_KEYS, AppConfig, ConfigError, ModelSpec, load_config, parse_config
+from appliance.config.schema import SamplingDefaults
 from engine.config import EngineConfig, EngineConfigError, engine_default
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -60,7 +61,10 @@ def schema_fields(t=None, prefix=""):
 
 def test_example_loads_with_every_key_at_its_default():
     config = load_config(EXAMPLE)
-    assert config == AppConfig(models=(ModelSpec(name="smollm2", source="builtin:smollm2-135m-instruct"),))
+    # The built-in model's published sampling settings, and a cap so that a bare request ends soon.
+    defaults = SamplingDefaults(temperature=0.2, top_p=0.9, max_tokens=512)
+    assert config == AppConfig(models=(ModelSpec(name="smollm2", source="builtin:smollm2-135m-instruct",
+                                                 default_sampling=defaults),))
     assert config.models[0].device == "auto" and config.server.host == "127.0.0.1"
 
 
@@ -91,7 +95,7 @@ def test_example_mentions_every_schema_key():
     assert len(list(schema_fields())) > 60
     assert list(missing_keys(yaml.safe_load(text), mi.type_info(AppConfig), "", text)) == []
     # The check itself notices a key that is missing, live or commented out.
-    for key, typo in [("max_prompt_chars:", "max_prompt_charz:"), ("#     top_k:", "#     topk:")]:
+    for key, typo in [("max_prompt_chars:", "max_prompt_charz:"), ("      top_k:", "      topk:")]:
         broken = text.replace(key, typo)
         assert list(missing_keys(yaml.safe_load(broken), mi.type_info(AppConfig), "", broken)) != []
 
@@ -527,3 +531,20 @@ def test_check_config_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code, str(EXAMPLE)], capture_output=True, text=True, check=True,
                             cwd=EXAMPLE.parent)
     assert result.stdout.splitlines()[-1] == "0 False"
+
+
+def test_check_config_reports_every_schema_error_in_one_run(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: abc, max_n: 0, hostt: x}\n"
+                    "models:\n"
+                    "  - {name: a, source: org/a, dtype: float8, kv_cache: {block_size: 12}}\n"
+                    "  - {source: org/b}\n")
+    assert kvbox(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: server.port: expected an integer, got a string 'abc'",
+        f"{path}: server.max_n: expected an integer >= 1, got 0",
+        f"{path}: server.hostt: unknown key (did you mean 'host'?)",
+        f"{path}: models[0].dtype: expected one of auto, bfloat16, float16, float32, got 'float8'",
+        f"{path}: models[0].kv_cache.block_size: expected one of 8, 16, 32, got 12",
+        f"{path}: models[1].name: required key is missing",
+    ]

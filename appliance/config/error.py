@@ -9,3 +9,13 @@ class ConfigError(Exception):
     def __init__(self, source: str, key_path: str, problem: str):
         super().__init__(": ".join(part for part in (source, key_path, problem) if part))
         self.source, self.key_path, self.problem = source, key_path, problem
+
+
+class ConfigErrors(ConfigError):
+    """Several problems of one file, found in one run (one line each), so that fixing a config takes one pass."""
+
+    def __init__(self, errors: list[ConfigError]):
+        first = errors[0]
+        super().__init__(first.source, first.key_path, first.problem)
+        self.args = ("\n".join(str(e) for e in errors),)
+        self.errors = errors

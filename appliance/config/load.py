@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from appliance.config.check import check, resolve_paths
-from appliance.config.error import ConfigError
+from appliance.config.error import ConfigError, ConfigErrors
 from appliance.config.introspect import is_secret, literal_values, schema_at, struct_fields, unwrap
 from appliance.config.schema import AppConfig, schema_type
 
@@ -48,11 +48,7 @@ def parse_config(text: str, source_name: str = "<string>", base_dir: str | Path 
     if not isinstance(data, dict):
         raise ConfigError(source_name, "", f"expected a mapping of keys at the top level, got {_kind(data)}")
     data = _substitute_env(data, (), source_name)
-    try:
-        # Lax mode lets numbers and booleans arrive as strings, which is all `${VAR}` can produce.
-        config = msgspec.convert(data, AppConfig, strict=False)
-    except msgspec.ValidationError as e:
-        raise _translate(e, data, source_name) from None
+    config = _convert(data, source_name)
     config = resolve_paths(config, Path(base_dir or os.getcwd()).absolute(), source_name)
     check(config, source_name)
     return config
@@ -112,6 +108,53 @@ def _substitute_env(value: Any, path: tuple, source: str) -> Any:
         return found
 
     return _ENV_REF.sub(replace, value)
+
+
+# --- schema conversion, every error at once -----------------------------------------------------------------------
+_MAX_ERRORS = 50
+
+
+def _convert(data: dict, source: str) -> AppConfig:
+    """The file against the schema. msgspec stops at the first error; to report them all, each failing key is
+    dropped (its default applies) and the conversion retried, until it passes or a key cannot be dropped (a
+    required one, a list item)."""
+    errors: list[ConfigError] = []
+    while True:
+        try:
+            # Lax mode lets numbers and booleans arrive as strings, which is all `${VAR}` can produce.
+            config = msgspec.convert(data, AppConfig, strict=False)
+        except msgspec.ValidationError as e:
+            error = _translate(e, data, source)
+            if any(error.key_path == seen.key_path for seen in errors):
+                break  # a required key this loop dropped: already reported
+            errors.append(error)
+            if len(errors) >= _MAX_ERRORS or not _drop(data, _error_path(e)):
+                break
+        else:
+            if not errors:
+                return config
+            break
+    raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def _error_path(error: msgspec.ValidationError) -> tuple:
+    match = _MSGSPEC_ERROR.match(str(error))
+    path = _parse_path(match.group("at") or "$")
+    if m := re.fullmatch(r"Object (?:contains unknown|missing required) field `(.+)`", match.group("problem")):
+        path = (*path, m.group(1))
+    return path
+
+
+def _drop(data: Any, path: tuple) -> bool:
+    """Removes the mapping key at `path`; False where there is none to remove."""
+    for key in path[:-1]:
+        if not isinstance(data, (dict, list)) or (isinstance(data, dict) and key not in data):
+            return False
+        data = data[key]
+    if not path or not isinstance(data, dict) or path[-1] not in data:
+        return False
+    del data[path[-1]]
+    return True
 
 
 # --- msgspec errors -> key paths -----------------------------------------------------------------------------------

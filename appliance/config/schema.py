@@ -218,7 +218,8 @@ class ModelSpec(_Schema, kw_only=True):
         "Schedule the next step while the current one runs on the device (null: on with CUDA, off on the CPU).",
     )] = engine_default("async_scheduling")
     default_sampling: Annotated[SamplingDefaults | None, _doc(
-        "Sampling defaults for requests that leave a parameter unset (null: none).")] = None
+        "Sampling defaults for requests that leave a parameter unset (null: none); a key left null comes from the "
+        "checkpoint's generation_config.json, if it sets one.")] = None
     seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = engine_default("seed")
 
     def to_engine_config(self, model_path: str) -> EngineConfig:

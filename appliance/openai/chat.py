@@ -37,7 +37,7 @@ async def create_chat_completion(request: Request) -> Response:
     target = open_model(context.supervisor, req.model)
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Chat's default is "as many as fit": the server's cap, which the engine lowers to what the context leaves.
-    params = sampling_params(req, target.model.spec, max_tokens=max_tokens[1], default_max_tokens=server.max_tokens,
+    params = sampling_params(req, target.model.sampling_defaults, max_tokens=max_tokens[1], default_max_tokens=server.max_tokens,
                              logprobs=num_logprobs)
     prompt = await asyncio.to_thread(render_prompt, target.model, messages, req.add_generation_prompt)
     generation = start(context, request_id(request), target, [prompt], params, "messages", req.priority)

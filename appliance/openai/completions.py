@@ -26,7 +26,7 @@ async def create_completion(request: Request) -> Response:
     check_limits(context.server, req, max_tokens=("max_tokens", req.max_tokens), logprobs=("logprobs", req.logprobs),
                  prompt_chars=("prompt", sum(len(p) for p in inputs if isinstance(p, str))))
     target = open_model(context.supervisor, req.model)
-    params = sampling_params(req, target.model.spec, max_tokens=req.max_tokens,
+    params = sampling_params(req, target.model.sampling_defaults, max_tokens=req.max_tokens,
                              default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
                              prompt_logprobs=req.logprobs if req.echo else None)
     # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a

@@ -17,6 +17,7 @@ from litestar import Request
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
+from appliance import access_log
 from appliance.engines import EngineClient, OutputSink
 from appliance.errors import APIError, error_body, to_api_error
 from appliance.metrics import Metrics
@@ -48,7 +49,8 @@ class Generation:
         self._sink = OutputSink()
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
-        self._observers = [(metrics.request(client.name, lora_name),
+        access_log.note(model=client.name, adapter=lora_name)
+        self._observers = [(metrics.request(client.name, lora_name, params),
                             stats.request(client.name) if stats is not None else None) for _ in prompts]
         try:
             for i, (text, token_ids) in enumerate(prompts):
@@ -100,10 +102,13 @@ class Generation:
     def _close(self) -> None:
         """Aborts what still runs (nothing once all finished); safe to call more than once."""
         running, self._running = self._running, {}
+        usage = self.usage()
+        access_log.note(prompt_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
         if running:
             logger.info("request %s: aborted (%s)", self.request_id, ", ".join(running.values()))
         self._client.abort(list(running.values()))
-        for _ in running:
+        for index in running:
+            self._observers[index][0].aborted()
             self._on_done()
 
 

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import msgspec
 from litestar import Request
 
-from appliance.config import ModelSpec, ServerSpec
+from appliance.config import ServerSpec
+from appliance.config.schema import SamplingDefaults
 from appliance.engines import EngineClient
 from appliance.errors import RETRY_UNAVAILABLE_S, APIError
 from appliance.openai.context import ServingContext
@@ -94,18 +95,19 @@ def open_model(supervisor: Supervisor, name: str) -> Target:
     return Target(model, model.pick_replica(), lora_name)
 
 
-def sampling_params(req: SamplingFields, spec: ModelSpec, *, max_tokens: int | None, default_max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """Request fields, else the model's configured defaults, else SamplingParams' own defaults."""
-    defaults = spec.default_sampling
+def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_tokens: int | None,
+                    default_max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """Request fields, else the model's defaults (`ModelRuntime.sampling_defaults`: the YAML's over the
+    checkpoint's), else SamplingParams' own defaults."""
     options = {}
     for name in _DEFAULTABLE:
         value = getattr(req, name)
-        if value is None and defaults is not None:
+        if value is None:
             value = getattr(defaults, name)
         if value is not None:
             options[name] = value
-    if max_tokens is None and defaults is not None:
+    if max_tokens is None:
         max_tokens = defaults.max_tokens
     return SamplingParams(
         **options,
