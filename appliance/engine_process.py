@@ -87,7 +87,7 @@ class EngineLoop:
             try:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                       priority=message.priority, cache_salt=message.cache_salt,
-                                      lora_name=message.lora_name)
+                                      lora_name=message.lora_name, pooling=message.pooling)
             except InvalidParameterError as e:
                 logger.warning("request %s rejected: %s", message.request_id, e)
                 self.channel.send(contract.RequestRejected(message.request_id, e.param, e.message))
@@ -138,6 +138,7 @@ def ready_message(core: EngineCore) -> contract.EngineReady:
         device=str(core.device),
         dtype=str(core.model_config.dtype).removeprefix("torch."),
         kernel_backend=kernels.backend_name(),
+        pooler=core.pooler_info,
     )
 
 

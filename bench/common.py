@@ -37,15 +37,17 @@ SHAPES = {
 }
 
 
-def shape_folder(shape: str) -> str:
+def shape_folder(shape: str, config: dict | None = None) -> str:
     """A folder with the shape's config.json (enough for `load_format: dummy`) and a word-level tokenizer of the
-    shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token ids."""
+    shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token ids. `config`: a shape
+    of the caller's own instead of one of SHAPES."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder = Path(tempfile.mkdtemp(prefix=f"kvbox-{shape}-"))
-    (folder / "config.json").write_text(json.dumps(SHAPES[shape]))
-    vocab_size = SHAPES[shape]["vocab_size"]
+    config = config or SHAPES[shape]
+    (folder / "config.json").write_text(json.dumps(config))
+    vocab_size = config["vocab_size"]
     tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)

@@ -16,6 +16,8 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: the checkpoin
 LoadFormat = Literal["auto", "dummy"]  # dummy: random weights at the real shapes
 KernelBackend = Literal["auto", "torch", "triton"]
 SchedulingPolicy = Literal["fcfs", "priority"]
+Task = Literal["generate", "embed", "score"]  # score: a cross-encoder (*ForSequenceClassification)
+PoolingType = Literal["last", "mean", "cls"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -54,10 +56,18 @@ class EngineConfig:
     max_lora_rank: int = 16  # the largest adapter rank accepted; the device slots are sized for it
     max_cpu_loras: int = 8  # adapters loaded in host memory, those on the device included
     tensor_parallel_size: int = 1  # ranks each layer is split over, one process (and device) each
+    task: Task = "generate"
+    # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.
+    pooling_type: PoolingType | None = None
+    pooling_normalize: bool | None = None
+    # Output sizes a Matryoshka model may be truncated to (a request's `dimensions`); None: the checkpoint's
+    # config.json `matryoshka_dimensions`, else truncation is refused.
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
-                              ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy)):
+                              ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy),
+                              ("task", Task)):
             if getattr(self, name) not in get_args(choices):
                 raise EngineConfigError(name, f"expected one of {', '.join(map(str, get_args(choices)))}, "
                                               f"got {getattr(self, name)!r}")
@@ -74,9 +84,20 @@ class EngineConfig:
                 and self.max_num_batched_tokens < self.max_model_len):
             raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
                                     f"without chunked prefill, got {self.max_num_batched_tokens}")
+        if self.task != "generate" and self.tensor_parallel_size > 1:
+            raise EngineConfigError("tensor_parallel_size", f"must be 1 for task {self.task!r} (pooling models are "
+                                                            f"not sharded yet), got {self.tensor_parallel_size}")
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
                                                             f"ranks yet), got {self.tensor_parallel_size}")
+        if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
+            raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "
+                                                    f"got {self.pooling_type!r}")
+        if self.matryoshka_dimensions is not None and (not self.matryoshka_dimensions
+                                                       or min(self.matryoshka_dimensions) < 1):
+            raise EngineConfigError("matryoshka_dimensions", "must be a non-empty list of sizes >= 1")
+        if self.task != "generate" and self.enable_lora:
+            raise EngineConfigError("enable_lora", f"LoRA adapters serve generation only, not task {self.task!r}")
         if self.max_cpu_loras < self.max_loras:
             raise EngineConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), since adapters on the "
                                                      f"device also stay in host memory; got {self.max_cpu_loras}")

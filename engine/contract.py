@@ -28,6 +28,24 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
     rank: int  # rank of token_ids[0] among all tokens (1 = most likely)
 
 
+class PoolingParams(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a pooling request (task embed or score) asks beyond its tokens; it samples nothing and ends when its
+    prompt is computed."""
+
+    dimensions: int | None = None  # Matryoshka: keep the first `dimensions` features (then normalize)
+    token_type_ids: list[int] | None = None  # a cross-encoder's text pair: 0 for the first text, 1 for the second
+
+
+class PoolerInfo(msgspec.Struct):
+    """An embedding or scoring engine's resolved pooling, for the front end's checks and the model list."""
+
+    task: str  # embed | score
+    pooling_type: str  # last | mean | cls
+    normalize: bool
+    hidden_size: int  # an embedding's length (a score has one value)
+    matryoshka_dimensions: list[int] | None = None  # sizes `dimensions` may take; None: no truncation
+
+
 # ---- scheduler -> runner ----
 class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     """A request the runner does not hold yet: everything it needs to compute and sample it."""
@@ -42,6 +60,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     num_new_tokens: int  # scheduled this step
     seed: int | None = None  # its random generator's seed (one per sample of n), None: the global RNG
     adapter_id: str | None = None  # LoRA adapter version
+    pooling: PoolingParams | None = None  # a pooling engine's request
 
 
 class CachedRequestData(msgspec.Struct, array_like=True):
@@ -102,6 +121,8 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None  # one per sampled token, when any request asked
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    # A pooling engine's requests whose prompt this step finished: req id -> float32 vector (little-endian bytes).
+    pooled: dict[str, bytes] = {}
 
 
 # ---- engine -> front end ----
@@ -127,6 +148,7 @@ class EngineCoreOutput(msgspec.Struct):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     timing: RequestTiming | None = None  # on a request's last output only, when it produced a token
+    pooled: bytes | None = None  # a pooling request's result: float32 little-endian (an embedding, or one score)
 
     @property
     def finished(self) -> bool:
@@ -211,6 +233,7 @@ class AddRequest(msgspec.Struct, tag=True):
     priority: int = 0
     cache_salt: str | None = None
     lora_name: str | None = None  # a loaded LoRA adapter's name (None: the base model)
+    pooling: PoolingParams | None = None  # required by (and only by) an embed or score engine
 
 
 class AbortRequests(msgspec.Struct, tag=True):
@@ -246,6 +269,7 @@ class EngineReady(msgspec.Struct, tag=True):
     device: str
     dtype: str
     kernel_backend: str
+    pooler: PoolerInfo | None = None  # an embed or score engine's pooling
 
 
 class StepOutputs(msgspec.Struct, tag=True):

@@ -10,6 +10,10 @@ prompt's K/V is computed and stored once.
 
 With `enable_lora`, adapters are added, replaced and removed by name (`add_lora`, `remove_lora`); a request names
 one with `lora_name` and keeps the version it got for its whole life, even if the name is replaced meanwhile.
+
+With `task` embed or score, every request carries `PoolingParams` and ends with its pooled vector once its prompt
+is computed. An encoder (BERT, RoBERTa) keeps no KV across steps, so each prompt is computed whole in one step:
+chunked prefill and prefix caching are off for it, and its KV blocks are mere bookkeeping (no memory behind them).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
 from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
-from engine.contract import EngineCoreOutput, SchedulerOutput, SchedulerStats
+from engine.contract import EngineCoreOutput, PoolingParams, SchedulerOutput, SchedulerStats
+from engine.models.registry import is_encoder
+from engine.pooling.config import max_seq_length, resolve_pooler
 from engine.request import Request, RequestStatus
 from engine.distributed.tp_runner import TensorParallelRunner, WorkerDiedError
 from engine.runner import ModelRunner, PendingRunnerOutput
@@ -68,15 +74,21 @@ class EngineCore:
         self.device = torch_device(config.device)
         torch.manual_seed(config.seed)
         dtype = None if config.dtype == "auto" else config.dtype
-        self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
+        max_model_len = config.max_model_len
+        if config.task != "generate" and max_model_len is None:
+            max_model_len = max_seq_length(config.model)  # what the checkpoint's sentence-transformers results assume
+        self.model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=max_model_len)
         self.max_model_len = self.model_config.max_model_len
+        self.pooler_info = resolve_pooler(config, self.model_config)
         # Resolved, so that the config's checks that involve the context length run (again) on the real one.
-        self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
+        self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
+                                                   **self._encoder_options(config))
         _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
                     + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
                        else "")):
-            self.runner = (ModelRunner(config, self.model_config, self.device) if config.tensor_parallel_size == 1
+            self.runner = (ModelRunner(config, self.model_config, self.device, self.pooler_info)
+                           if config.tensor_parallel_size == 1
                            else TensorParallelRunner(config, self.model_config, self.device))
         try:
             num_blocks = self._set_up_kv_cache_and_graphs()
@@ -115,6 +127,17 @@ class EngineCore:
                 self.runner.capture_cuda_graphs()
         return num_blocks
 
+    def _encoder_options(self, config: EngineConfig) -> dict:
+        """An encoder computes each prompt whole in one step and caches nothing; mean and CLS pooling need every
+        prompt token's state, so no cached prefix may stand in for them."""
+        if is_encoder(self.model_config.architecture):
+            blocks_per_seq = -(-self.max_model_len // config.block_size)
+            return {"enable_chunked_prefill": False, "enable_prefix_caching": False,
+                    "num_kv_blocks": config.max_num_seqs * blocks_per_seq}
+        if self.pooler_info is not None and self.pooler_info.pooling_type != "last":
+            return {"enable_prefix_caching": False}
+        return {}
+
     @property
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
@@ -125,10 +148,14 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
-                    lora_name: str | None = None) -> list[str]:
+                    lora_name: str | None = None, pooling: PoolingParams | None = None) -> list[str]:
         """Queues a request that `engine.validation` accepted; returns the ids of its samples (one per n)."""
         if request_id in self._samples_of:
             raise InvalidParameterError("request_id", f"a request with id {request_id!r} is already running")
+        if (pooling is None) != (self.pooler_info is None):
+            raise InvalidParameterError("model", f"this model's task is {self.config.task}; "
+                                                 + ("it needs pooling requests" if pooling is None else
+                                                    "it does not pool"))
         adapter_id = None
         if lora_name is not None:
             if self.lora is None:
@@ -141,7 +168,7 @@ class EngineCore:
         samples = [
             Request(sample_request_id(request_id, i, params.n), prompt_token_ids, params, self.eos_token_ids,
                     max_tokens=max_tokens, arrival_time=arrival_time, priority=priority, cache_salt=cache_salt,
-                    adapter_id=adapter_id, parent_id=request_id, index=i)
+                    adapter_id=adapter_id, parent_id=request_id, index=i, pooling=pooling)
             for i in range(params.n)
         ]
         self._samples_of[request_id] = [r.request_id for r in samples]

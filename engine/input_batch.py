@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.contract import SchedulerOutput
+from engine.contract import PoolingParams, SchedulerOutput
 from engine.models.attention import AttentionMetadata
 from engine.sampling_params import SamplingParams
 
@@ -33,6 +33,7 @@ class CachedRequestState:
     block_ids: list[int]
     seed: int | None
     adapter_id: str | None
+    pooling: PoolingParams | None = None
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -101,7 +102,7 @@ class RequestStates:
         for new in out.new_requests:
             state = states[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                frozenset(new.eos_token_ids), list(new.block_ids), new.seed, new.adapter_id)
+                frozenset(new.eos_token_ids), list(new.block_ids), new.seed, new.adapter_id, new.pooling)
             rows.append(ScheduledRow(state, new.num_computed_tokens, new.num_new_tokens))
         return rows
 

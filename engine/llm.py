@@ -2,6 +2,8 @@
 
 Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
 With `enable_lora=True`, `add_lora(name, path)` loads a PEFT adapter and `lora_name` picks one per prompt.
+With `task="embed"`, `embed(texts)` returns embeddings; with `task="score"` (a cross-encoder), `score(query,
+documents)` returns one relevance score per document.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.contract import PoolingParams
 from engine.output_processor import OutputProcessor, RequestOutput
+from engine.pooling.inputs import POOLING_SAMPLING, EmbeddingOutput, ScoreOutput, decode_vector, encode_pair
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer, render_chat
-from engine.validation import validate_prompt
+from engine.validation import validate_pooling_prompt, validate_prompt
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -66,6 +70,43 @@ class LLM:
         params_list = _broadcast(params or SamplingParams(), len(prompts))
         lora_names = _broadcast_lora_names(lora_name, len(prompts))
         return self._run(self._add_all(prompts, token_ids, params_list, [0] * len(prompts), lora_names), use_tqdm)
+
+    def embed(self, inputs: Prompt | Sequence[Prompt], dimensions: int | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingOutput]:
+        """One embedding per input (text, or a list of token ids), in input order; `dimensions` truncates a
+        Matryoshka model's embeddings (renormalized)."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        token_ids = [self.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in inputs]
+        outputs = self._pool(token_ids, [PoolingParams(dimensions=dimensions)] * len(token_ids), use_tqdm)
+        return [EmbeddingOutput(o.prompt_token_ids, decode_vector(o.pooled).tolist()) for o in outputs]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              use_tqdm: bool = True) -> list[ScoreOutput]:
+        """A cross-encoder's relevance of each pair: one `text_1` against every `text_2`, or pairwise."""
+        firsts = [text_1] if isinstance(text_1, str) else list(text_1)
+        seconds = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds):
+            raise ValueError(f"got {len(firsts)} first texts for {len(seconds)} second texts")
+        pairs = [encode_pair(self.tokenizer, a, b) for a, b in zip(firsts, seconds)]
+        outputs = self._pool([ids for ids, _ in pairs], [pooling for _, pooling in pairs], use_tqdm)
+        return [ScoreOutput(o.prompt_token_ids, float(decode_vector(o.pooled)[0])) for o in outputs]
+
+    def _pool(self, token_ids: list[list[int]], poolings: list[PoolingParams], use_tqdm: bool) -> list[RequestOutput]:
+        if self.core.pooler_info is None:
+            raise ValueError(f"this model's task is {self.config.task}; start it with task='embed' or 'score'")
+        for ids, pooling in zip(token_ids, poolings):
+            validate_pooling_prompt(ids, pooling, self.core.pooler_info, max_model_len=self.core.max_model_len,
+                                    vocab_size=self.core.vocab_size)
+        request_ids = []
+        for ids, pooling in zip(token_ids, poolings):
+            request_id = str(next(self._ids))
+            self.core.add_request(request_id, ids, POOLING_SAMPLING, pooling=pooling)
+            self.output_processor.add_request(request_id, None, ids, POOLING_SAMPLING)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
 
     def _add_all(self, texts: Sequence[str | None], token_ids: Sequence[list[int]], params: Sequence[SamplingParams],
                  priorities: Sequence[int], lora_names: Sequence[str | None]) -> list[str]:

@@ -53,6 +53,7 @@ class RequestOutput:
     # One entry per prompt token; the first is None (nothing predicts it). None when not asked for.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    pooled: bytes | None = None  # a pooling request's float32 vector, once finished
 
     @property
     def finished(self) -> bool:
@@ -66,11 +67,12 @@ class RequestOutput:
     def snapshot(self) -> RequestOutput:
         """A copy that the processor's later steps leave alone (it updates its own objects in place)."""
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [c.snapshot() for c in self.outputs], self.prompt_logprobs, self.num_cached_tokens)
+                             [c.snapshot() for c in self.outputs], self.prompt_logprobs, self.num_cached_tokens,
+                             self.pooled)
 
     def add(self, newer: RequestOutput) -> None:
         """Folds a later snapshot of this request into this one: deltas concatenate, the rest is the newer's."""
-        self.num_cached_tokens = newer.num_cached_tokens
+        self.num_cached_tokens, self.pooled = newer.num_cached_tokens, newer.pooled
         for completion, update in zip(self.outputs, newer.outputs):
             completion.add(update)
 
@@ -111,6 +113,8 @@ class OutputProcessor:
                 continue
             request_output = state.output
             request_output.num_cached_tokens = out.num_cached_tokens
+            if out.pooled is not None:
+                request_output.pooled = out.pooled
             if out.prompt_logprobs:
                 request_output.prompt_logprobs.extend(out.prompt_logprobs)
             detokenizer = state.detokenizers[out.index]

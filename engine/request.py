@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 
+from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
 
 
@@ -68,6 +69,7 @@ class Request:
         adapter_id: str | None = None,
         parent_id: str | None = None,
         index: int = 0,
+        pooling: PoolingParams | None = None,
     ):
         self.request_id = request_id
         # n > 1 fans out into one request per sample; they share `parent_id` and differ in `index`.
@@ -83,6 +85,7 @@ class Request:
         # Both become part of every block hash, so that cached prefixes never cross tenants or adapters.
         self.cache_salt = cache_salt
         self.adapter_id = adapter_id
+        self.pooling = pooling  # a pooling engine's request: it ends with its prompt computed
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

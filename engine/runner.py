@@ -9,6 +9,9 @@ serves in-process or in a worker process.
 With LoRA enabled, the model's targetable linears are wrapped (`engine.lora.layers`) and each token gets its
 adapter's GPU slot (-1: none); the batch is ordered by adapter so that the LoRA kernel reads each adapter's weights
 once per token block. Without LoRA nothing of this exists.
+
+A pooling engine (task embed or score, `pooler_info` given) samples nothing: a request whose prompt the step
+completes gets its pooled vector (`engine.pooling.pooler`) instead of a token.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 import kernels
 from engine.config import EngineConfig
-from engine.contract import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, graph_batch_sizes
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
@@ -26,18 +29,21 @@ from engine.lora.layers import add_lora_layers
 from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
+from engine.pooling.pooler import PooledOutput, Pooler
 from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, tp_rank: int = 0):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                 pooler_info: PoolerInfo | None = None, tp_rank: int = 0):
         """`tp_rank`: which shard of the model this runner holds (of `config.tensor_parallel_size`)."""
         self.config = config
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
-        self.model = load_model(model_config, config.model, device, config.load_format, tp_rank,
+        self.model = load_model(model_config, config.model, device, config.load_format, config.task, tp_rank,
                                 config.tensor_parallel_size)
+        self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
         self.kv_memory = KVMemory(config, model_config, self.model, device)
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,
@@ -50,7 +56,7 @@ class ModelRunner:
         # Async scheduling: the latest step's sampled ids, on the device, and the row of each request among them.
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
         self._last_sampled_rows: dict[str, int] = {}
-        self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda"
+        self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
                                 and kernels.backend_name() == "triton")
         self.cuda_graphs = CudaGraphs(self.graph_batch_sizes())
 
@@ -73,10 +79,12 @@ class ModelRunner:
         metadata = self.batch.fill([BatchRow(np.zeros(n, dtype=np.int64), 0, n, table)
                                     for n, table in zip(lengths, block_tables)])
         hidden = self._forward(sum(lengths), metadata)
-        self.model.compute_logits(hidden[:len(lengths)])
+        if self.pooler is None:
+            self.model.compute_logits(hidden[:len(lengths)])
 
-    def _forward(self, num_tokens: int, metadata) -> torch.Tensor:
-        return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens], metadata)
+    def _forward(self, num_tokens: int, metadata, **extra_inputs) -> torch.Tensor:
+        return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens], metadata,
+                          **extra_inputs)
 
     # ---- one step ----
     @torch.inference_mode()
@@ -100,6 +108,9 @@ class ModelRunner:
         self.batch.mark_copies_queued()
         if graph_size is not None:
             hidden = self.cuda_graphs.replay(graph_size)
+        elif self.pooler is not None:
+            hidden = self._forward(num_tokens, metadata, **self.pooler.model_inputs(rows))
+            return self._pool(hidden, rows, scheduler_output.finished_ids)
         else:
             hidden = self._forward(num_tokens, metadata)
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
@@ -107,6 +118,14 @@ class ModelRunner:
             self._sample(hidden, num_tokens, [row for _, row in sampling], output)
         if prompt_rows[0]:
             self._prompt_logprobs(hidden, *prompt_rows, output)
+        if self.device.type == "cuda":
+            output.ready = torch.cuda.Event()
+            output.ready.record()
+        return output
+
+    def _pool(self, hidden: torch.Tensor, rows: list[ScheduledRow], finished_ids: list[str]) -> PendingRunnerOutput:
+        output = PendingRunnerOutput([])
+        output.pooled = self.pooler.pool(hidden, rows, finished_ids)
         if self.device.type == "cuda":
             output.ready = torch.cuda.Event()
             output.ready.record()
@@ -187,6 +206,7 @@ class PendingRunnerOutput:
         self.sampled_token_ids: torch.Tensor | None = None
         self.logprobs: tuple[LogprobsTensors, list[int]] | None = None  # tensors, each row's k
         self.prompt_logprobs: tuple[LogprobsTensors, list[tuple[str, int, int]]] | None = None  # (id, k, count)
+        self.pooled: PooledOutput | None = None
         self.ready: torch.cuda.Event | None = None
 
     def get(self) -> ModelRunnerOutput:
@@ -197,6 +217,8 @@ class PendingRunnerOutput:
             output.sampled_token_ids = self.sampled_token_ids.tolist()
         if self.logprobs is not None:
             output.logprobs = _to_token_logprobs(*self.logprobs)
+        if self.pooled is not None:
+            output.pooled = self.pooled.to_bytes()
         if self.prompt_logprobs is not None:
             tensors, parts = self.prompt_logprobs
             flat = _to_token_logprobs(tensors, [k for _, k, count in parts for _ in range(count)])

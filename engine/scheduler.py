@@ -11,6 +11,9 @@ After the model runs, `update_from_output` appends the sampled tokens and applie
 stop token ids, max_tokens, context length). Stop strings need text, so the output processor finds them and calls
 `finish_requests`.
 
+A pooling request (task embed or score) samples nothing: the step that completes its prompt returns its pooled
+vector, and it finishes then (reason "stop").
+
 With async scheduling the engine schedules step N+1 before step N's tokens reach the host: a request that samples in
 step N counts one pending token (`Request.num_pending_outputs`), which step N+1 computes from the device-side id.
 A request that will stop by length once its pending tokens arrive is not scheduled again; one that stops on EOS
@@ -223,6 +226,9 @@ class Scheduler:
                 request.num_pending_outputs -= 1
             if request.is_finished:  # aborted while the step ran, or stopped by the step before
                 continue
+            if (pooled := runner_output.pooled.get(request.request_id)) is not None:
+                outputs.append(self._finish_pooled(request, pooled))
+                continue
             row = sampled.get(request.request_id)
             prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             if row is None:
@@ -266,6 +272,11 @@ class Scheduler:
         )
 
     # ---- internals ----
+    def _finish_pooled(self, request: Request, pooled: bytes) -> EngineCoreOutput:
+        self._dequeue(request)  # preempted while the step ran (async scheduling): the result stands all the same
+        self._finish(request, RequestStatus.FINISHED_STOPPED)
+        return core_output(request, [], None, None, pooled)
+
     def _adapter_names(self, requests: list[Request]) -> list[str]:
         if self.max_loras is None:
             return []
@@ -329,7 +340,7 @@ class Scheduler:
 
 
 def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
-                prompt_logprobs: list[TokenLogprobs] | None) -> EngineCoreOutput:
+                prompt_logprobs: list[TokenLogprobs] | None, pooled: bytes | None = None) -> EngineCoreOutput:
     # Only a finished request has a reason; looking one up (an enum hash) for every token of every step is not free.
     reason = request.status.finish_reason if request.is_finished else None
     return EngineCoreOutput(
@@ -344,6 +355,7 @@ def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[T
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
         timing=_timing(request) if reason else None,
+        pooled=pooled,
     )
 
 
@@ -368,4 +380,5 @@ def _new_request_data(request: Request, block_ids: list[int], item: _Scheduled) 
         num_new_tokens=item.num_new_tokens,
         seed=None if params.seed is None else params.seed + request.index,
         adapter_id=request.adapter_id,
+        pooling=request.pooling,
     )

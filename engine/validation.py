@@ -7,6 +7,7 @@ OpenAI's error object.
 
 from __future__ import annotations
 
+from engine.contract import PoolerInfo, PoolingParams
 from engine.sampling_params import InvalidParameterError, SamplingParams
 
 
@@ -22,3 +23,26 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, *, max_model_l
     if min(token_ids) < 0 or max(token_ids) >= vocab_size:
         raise InvalidParameterError(param, f"token ids must be in [0, {vocab_size})")
     params.verify_for_model(vocab_size)
+
+
+def validate_pooling_prompt(token_ids: list[int], pooling: PoolingParams, pooler: PoolerInfo, *, max_model_len: int,
+                            vocab_size: int, param: str = "input") -> None:
+    """A pooling request: a non-empty prompt that fits the context whole (nothing is generated after it), tokens of
+    the vocabulary, and a `dimensions` the model can be truncated to."""
+    if not token_ids:
+        raise InvalidParameterError(param, "the input is empty")
+    if len(token_ids) > max_model_len:
+        raise InvalidParameterError(param, f"the input has {len(token_ids)} tokens, but this model takes at most "
+                                           f"{max_model_len}")
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        raise InvalidParameterError(param, f"token ids must be in [0, {vocab_size})")
+    if pooling.dimensions is not None:
+        allowed = pooler.matryoshka_dimensions
+        if allowed is None:
+            raise InvalidParameterError("dimensions", "this model does not support `dimensions` (it is not a "
+                                                      "Matryoshka model)")
+        if pooling.dimensions not in allowed:
+            raise InvalidParameterError("dimensions", f"this model's embeddings can be truncated to "
+                                                      f"{', '.join(map(str, allowed))}; got {pooling.dimensions}")
+    if pooling.token_type_ids is not None and len(pooling.token_type_ids) != len(token_ids):
+        raise InvalidParameterError(param, "token_type_ids must have one entry per token")

@@ -66,3 +66,12 @@ def test_lora_smoke():
     ratio = re.search(r"^LoRA / base output throughput: ([\d.]+) \(target >= 0.8\)$", out, re.MULTILINE)
     load = re.search(r"^adapter load \(rank 16, q/k/v/o/gate/up/down\): median ([\d.]+) ms of 3 ", out, re.MULTILINE)
     assert ratio and float(ratio[1]) > 0 and load and float(load[1]) > 0, out
+
+
+def test_embed_smoke(tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "embed.py"), "--shape", "tiny-bert", "--device", "cpu",
+                    "--num-inputs", "12", "--max-len", "64", "--peer", "--peer-batch-sizes", "4",
+                    "--json", str(out)], check=True, timeout=300)
+    kvbox, peer = json.loads(out.read_text())["rows"]
+    assert kvbox["system"] == "kvbox" and kvbox["inputs_per_s"] > 0 and peer["system"] == "transformers"

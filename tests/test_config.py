@@ -411,7 +411,8 @@ def yaml_key(path: tuple[str, ...], value) -> str:
 
 
 # Valid values other than the default, for the engine options whose default suggests none.
-OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True}
+OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True,
+                "pooling_normalize": False, "matryoshka_dimensions": (64, 128)}
 
 
 def other_value(option: str):

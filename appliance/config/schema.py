@@ -20,7 +20,8 @@ from msgspec import Meta, field
 from msgspec import inspect as mi
 
 from appliance.config.introspect import redact
-from engine.config import BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, SchedulingPolicy, engine_default
+from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, PoolingType, SchedulingPolicy,
+                           Task, engine_default)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 _URL_PATH = r"^/"
@@ -152,6 +153,15 @@ class SamplingDefaults(_Schema, kw_only=True):
         "Default repetition penalty (1: off).")] = None
 
 
+class PoolingSpec(_Schema, kw_only=True):
+    type: Annotated[PoolingType | None, _doc(
+        "How an embed model pools its token states: last token, mean or CLS (null: the checkpoint's "
+        "sentence-transformers files, else last for decoders and cls for encoders).")] = engine_default("pooling_type")
+    normalize: Annotated[bool | None, _doc(
+        "L2-normalize embeddings (null: the checkpoint's sentence-transformers files, else true).",
+    )] = engine_default("pooling_normalize")
+
+
 # EngineConfig option -> its key path within a model. The one mapping between the YAML and the engine: it builds
 # the engine's options (`ModelSpec.to_engine_config`) and names the key of an option the engine refuses.
 ENGINE_KEYS: dict[str, tuple[str, ...]] = {
@@ -178,6 +188,10 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),
     "tensor_parallel_size": ("parallelism", "tensor"),
+    "task": ("task",),
+    "pooling_type": ("pooling", "type"),
+    "pooling_normalize": ("pooling", "normalize"),
+    "matryoshka_dimensions": ("matryoshka_dimensions",),
 }
 
 
@@ -195,6 +209,13 @@ class ModelSpec(_Schema, kw_only=True):
         "GPUs this model may use (null: the engine picks); as many as parallelism needs.")] = None
     max_model_len: Annotated[PositiveInt | None, _doc(
         "Longest sequence, prompt plus output (null: the model's maximum).")] = engine_default("max_model_len")
+    task: Annotated[Task, _doc(
+        "generate (completions, chat), embed (/v1/embeddings: decoder embedders, BERT, RoBERTa) or score (a "
+        "cross-encoder for /v1/score and /v1/rerank).")] = engine_default("task")
+    pooling: Annotated[PoolingSpec, _doc("An embed model's pooling.")] = field(default_factory=PoolingSpec)
+    matryoshka_dimensions: Annotated[Annotated[tuple[PositiveInt, ...], Meta(min_length=1)] | None, _doc(
+        "Sizes an embed model's embeddings may be truncated to with `dimensions` (null: the checkpoint's "
+        "config.json matryoshka_dimensions, else `dimensions` is refused).")] = engine_default("matryoshka_dimensions")
     load_format: Annotated[LoadFormat, _doc(
         "auto: load the weights; dummy: random weights at the real shapes (tests, benchmarks).",
     )] = engine_default("load_format")

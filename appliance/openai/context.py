@@ -38,7 +38,8 @@ class Admission:
             raise APIError(409, f"a request with id {request_id!r} is running; ids must be unique while their "
                                 f"requests run", param=HEADER, code="duplicate_request_id")
         cap = model.spec.queue_cap + model.spec.scheduler.max_num_seqs * len(model.replicas)
-        if self._counts[model.name] + num > cap:
+        # A request larger than the cap (an embeddings batch) is admitted alone, when nothing else is queued.
+        if self._counts[model.name] and self._counts[model.name] + num > cap:
             raise APIError(429, f"model {model.name!r} has {self._counts[model.name]} requests running or queued, "
                                 f"its limit; retry later", code="queue_full", retry_after=RETRY_QUEUE_FULL_S)
         self._counts[model.name] += num

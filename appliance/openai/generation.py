@@ -24,6 +24,7 @@ from appliance.metrics import Metrics
 from appliance.openai.prompts import Prompt
 from appliance.openai.protocol import PromptTokensDetails, Usage
 from appliance.stats import StatsHub
+from engine.contract import PoolingParams
 from engine.output_processor import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -41,7 +42,7 @@ class Generation:
 
     def __init__(self, client: EngineClient, request_id: str, prompts: list[Prompt], params: SamplingParams, *,
                  metrics: Metrics, on_done: Callable[[], None], stats: StatsHub | None = None, priority: int = 0,
-                 lora_name: str | None = None):
+                 lora_name: str | None = None, pooling: list[PoolingParams] | None = None):
         self.request_id = request_id
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
@@ -54,7 +55,8 @@ class Generation:
                             stats.request(client.name) if stats is not None else None) for _ in prompts]
         try:
             for i, (text, token_ids) in enumerate(prompts):
-                client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name)
+                client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name,
+                                   pooling[i] if pooling is not None else None)
         except BaseException:
             self._close()
             raise

@@ -47,15 +47,16 @@ def render_prompt(model: ModelRuntime, messages: list[dict[str, str]], add_gener
     return text, model.tokenizer.encode(text, add_special_tokens=False)
 
 
-def prompt_inputs(prompt: str | list) -> list[str | list[int]]:
-    """A completions request's `prompt` as a list of prompts, each text or token ids."""
+def prompt_inputs(prompt: str | list, param: str = "prompt") -> list[str | list[int]]:
+    """A completions request's `prompt` (an embeddings request's `input`: `param`) as a list of prompts, each text
+    or token ids."""
     if isinstance(prompt, str):
         return [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [prompt]
     if prompt and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
         return list(prompt)
-    raise APIError.invalid("prompt", "expected a string, a list of strings, a list of token ids or a list of "
+    raise APIError.invalid(param, "expected a string, a list of strings, a list of token ids or a list of "
                                      "token-id lists, none of them empty")
 
 

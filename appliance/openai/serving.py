@@ -26,8 +26,9 @@ from appliance.openai.generation import Generation
 from appliance.openai.prompts import Prompt
 from appliance.openai.protocol import SamplingFields
 from appliance.supervisor import ModelRuntime, Supervisor
+from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
-from engine.validation import validate_prompt
+from engine.validation import validate_pooling_prompt, validate_prompt
 
 logger = logging.getLogger("kvbox.api")
 
@@ -53,7 +54,7 @@ def _validation_param(message: str) -> tuple[str | None, str]:
     """("messages[0].role", message) from msgspec's "... - at `$.messages[0].role`" or "missing field `model`"."""
     at = re.search(r" - at `\$(.*)`$", message)
     path = at.group(1).lstrip(".") if at else ""
-    missing = re.match(r"Object missing required field `(.+?)`", message)
+    missing = re.match(r"Object (?:missing required|contains unknown) field `(.+?)`", message)
     if missing:
         path = f"{path}.{missing.group(1)}" if path else missing.group(1)
     return path or None, message
@@ -87,11 +88,15 @@ class Target(NamedTuple):
     lora_name: str | None
 
 
-def open_model(supervisor: Supervisor, name: str) -> Target:
-    """The model a request names (a LoRA adapter's name routes to its base model) and its least-loaded replica."""
+def open_model(supervisor: Supervisor, name: str, tasks: tuple[str, ...] = ("generate",)) -> Target:
+    """The model a request names (a LoRA adapter's name routes to its base model) and its least-loaded replica;
+    a model whose task is not one of `tasks` (chat on an embedder) is refused."""
     if supervisor.draining:
         raise APIError(503, "the server is shutting down", code="draining", retry_after=RETRY_UNAVAILABLE_S)
     model, lora_name = supervisor.resolve(name)
+    if model.spec.task not in tasks:
+        raise APIError(400, f"model {name!r} serves task {model.spec.task!r}; this route needs a model of task "
+                            f"{' or '.join(map(repr, tasks))}", param="model", code="wrong_model_task")
     return Target(model, model.pick_replica(), lora_name)
 
 
@@ -136,15 +141,20 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 def start(context: ServingContext, request_id: str, target: Target, prompts: list[Prompt], params: SamplingParams,
-          prompt_param: str, priority: int = 0) -> Generation:
-    """Checks the prompts against the model, admits the request and starts its engine requests."""
+          prompt_param: str, priority: int = 0, pooling: list[PoolingParams] | None = None) -> Generation:
+    """Checks the prompts against the model, admits the request and starts its engine requests (with `pooling`, one
+    per prompt: an embed or score model's)."""
     info = target.client.info
-    for _, token_ids in prompts:
-        validate_prompt(token_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                        param=prompt_param)
+    for i, (_, token_ids) in enumerate(prompts):
+        if pooling is not None:
+            validate_pooling_prompt(token_ids, pooling[i], info.pooler, max_model_len=info.max_model_len,
+                                    vocab_size=info.vocab_size, param=prompt_param)
+        else:
+            validate_prompt(token_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                            param=prompt_param)
     model = target.model
     context.admission.acquire(model, request_id, len(prompts))
     logger.debug("request %s: %d prompt(s) to %s[%d]", request_id, len(prompts), model.name, target.client.replica)
     return Generation(target.client, request_id, prompts, params, metrics=context.metrics, stats=context.stats,
-                      priority=priority, lora_name=target.lora_name,
+                      priority=priority, lora_name=target.lora_name, pooling=pooling,
                       on_done=lambda: context.admission.release(model.name, request_id))

@@ -29,6 +29,8 @@ _DTYPES = {
 
 # Families whose HF config class defaults tie_word_embeddings to True when config.json leaves it out.
 _TIED_BY_DEFAULT = frozenset({"gemma2"})
+# RoBERTa's learned positions start after its padding index.
+_LEARNED_FROM_PADDING = frozenset({"roberta", "xlm-roberta"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class ModelConfig:
     eos_token_ids: frozenset[int]
     bos_token_id: int | None
     pad_token_id: int | None
+    # Encoders (BERT, RoBERTa): post-norm eps, token types, the first position's index, a cross-encoder's labels.
+    layer_norm_eps: float = 1e-12
+    type_vocab_size: int = 0
+    position_offset: int = 0
+    num_labels: int = 0
 
     @property
     def rotary_dim(self) -> int:
@@ -132,6 +139,10 @@ class ModelConfig:
             eos_token_ids=_token_ids(_first_set("eos_token_id", generation, hf)),
             bos_token_id=_first_set("bos_token_id", generation, hf),
             pad_token_id=_first_set("pad_token_id", generation, hf),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+            type_vocab_size=int(hf.get("type_vocab_size", 0)),
+            position_offset=hf.get("pad_token_id", 1) + 1 if model_type in _LEARNED_FROM_PADDING else 0,
+            num_labels=len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 0)),
         )
 
 

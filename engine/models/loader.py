@@ -31,12 +31,13 @@ _DUMMY_SEED = 0
 
 
 def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
-               tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
-    """The model for `config.architecture`, in `config.dtype` on `device`, weights loaded, in eval mode; with
-    `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full tensors)."""
+               task: str = "generate", tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
+    """The model that runs `config.architecture` for `task`, in `config.dtype` on `device`, weights loaded, in eval
+    mode; with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
+    tensors)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
-    model_cls = get_model_class(config.architecture)
+    model_cls = get_model_class(config.architecture, task)
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
     with _default_dtype(config.dtype), torch.device(device):
         model = model_cls(config, tp_rank, tp_size)

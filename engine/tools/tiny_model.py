@@ -17,6 +17,8 @@ import os
 import pathlib
 
 import torch
+
+from engine.tools.tiny_encoder import ENCODER_FAMILIES, build_tiny_encoder
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -29,7 +31,8 @@ from transformers import (
     Qwen3Config,
 )
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2")  # the decoders
+ALL_FAMILIES = FAMILIES + ENCODER_FAMILIES
 
 BOS, EOS, IM_START, IM_END, PAD = (
     "<|begin_of_text|>",
@@ -216,9 +219,11 @@ def build_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, 
     `config_overrides` are passed to the transformers config class, e.g.
     `num_hidden_layers=3` or `max_position_embeddings=128`.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     out = pathlib.Path(out_dir)
+    if family in ENCODER_FAMILIES:  # `pooling=` (mean, cls, last) adds the sentence-transformers files
+        return build_tiny_encoder(family, out, _CORPUS, seed=seed, **config_overrides)
     tokenizer = _train_tokenizer()
     special_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = _config(family, len(tokenizer), special_ids, config_overrides)
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.tools.tiny_model", description="Build a tiny random Hugging Face checkpoint."
     )
-    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("family", choices=ALL_FAMILIES)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
