@@ -27,9 +27,10 @@ class KVMemory:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.num_blocks = 0
-        attention = model.attention_layers()[0]
-        # This rank's shard of the heads (all of them without tensor parallelism).
-        self.num_kv_heads, self.head_size = attention.num_kv_heads, attention.head_size
+        layers = model.attention_layers()
+        # This rank's shard of the heads (all of them without tensor parallelism); an encoder caches nothing.
+        self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
+                                             else (model_config.num_kv_heads, model_config.head_size))
 
     @property
     def bytes_per_block(self) -> int:

@@ -73,7 +73,7 @@ class BertLayer(nn.Module):
         return self.mlp_norm(hidden + self.down_proj(self.act(self.up_proj(hidden))))
 
     def _attention(self, hidden: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
-        num_tokens, width = hidden.shape[0], self.num_heads * self.head_size
+        width = self.num_heads * self.head_size
         qkv = self.qkv_proj(hidden)  # [num_tokens, 3 * width]
         padded = qkv.new_zeros(batch.num_seqs * batch.max_len, 3 * width).index_copy_(0, batch.index, qkv)
         # [3, num_seqs, heads, max_len, head_size]

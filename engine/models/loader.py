@@ -40,7 +40,8 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     model_cls = get_model_class(config.architecture, task)
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
     with _default_dtype(config.dtype), torch.device(device):
-        model = model_cls(config, tp_rank, tp_size)
+        # Only the generation families shard (pooling models refuse tensor parallelism at config time).
+        model = model_cls(config) if tp_size == 1 else model_cls(config, tp_rank, tp_size)
     if load_format == "dummy":
         _fill_dummy(model)
     else:
