@@ -35,7 +35,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
-        self.model = load_model(model_config, config.model, device, config.load_format)
+        self.model = load_model(model_config, config.model, device, config.load_format, config.quantization)
         self.sampler = Sampler()
         self.kv_memory = KVMemory(config, model_config, self.model, device)
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,

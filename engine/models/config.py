@@ -64,6 +64,8 @@ class ModelConfig:
     eos_token_ids: frozenset[int]
     bos_token_id: int | None
     pad_token_id: int | None
+    # config.json's quantization_config as the tool wrote it (`engine.quantization.spec` reads it); None: float.
+    quantization_config: dict[str, Any] | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -132,6 +134,7 @@ class ModelConfig:
             eos_token_ids=_token_ids(_first_set("eos_token_id", generation, hf)),
             bos_token_id=_first_set("bos_token_id", generation, hf),
             pad_token_id=_first_set("pad_token_id", generation, hf),
+            quantization_config=hf.get("quantization_config"),
         )
 
 

@@ -1,6 +1,7 @@
 """Builds a model from a `ModelConfig` and fills its parameters: from a folder's safetensors (one file, or shards
 listed in `model.safetensors.index.json`), from a GGUF file (`gguf.py`) or, for benchmarks at real shapes, with
-deterministic random weights.
+deterministic random weights. The linears are built with the model's linear method (`engine.quantization`), which
+turns the loaded tensors into their runtime layout once everything is in.
 
 Tensors are read one at a time (memory-mapped) and copied into the already-allocated parameters by each
 parameter's own weight_loader, so a checkpoint never sits in memory twice. Pickled `.bin` checkpoints are refused:
@@ -22,6 +23,9 @@ from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
+from engine.quantization import building_with
+from engine.quantization.methods import linear_method_for
+from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _INDEX_FILE = "model.safetensors.index.json"
@@ -30,20 +34,37 @@ _DUMMY_STD = 0.02
 _DUMMY_SEED = 0
 
 
-def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto") -> nn.Module:
-    """The model for `config.architecture`, in `config.dtype` on `device`, weights loaded, in eval mode."""
+def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
+               quantization: str | None = None) -> nn.Module:
+    """The model for `config.architecture`, in `config.dtype` on `device`, weights loaded, in eval mode; its
+    linears quantized as the checkpoint's quantization_config says, or online by `quantization` (fp8, int8)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture)
+    scheme = model_quantization(config, path, quantization)
+    if load_format == "dummy" and scheme is not None and not scheme.online:
+        raise ValueError(f"model {path}: load_format dummy cannot fill {scheme.method} weights yet")
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
-    with _default_dtype(config.dtype), torch.device(device):
+    with _default_dtype(config.dtype), torch.device(device), building_with(linear_method_for(scheme)):
         model = model_cls(config)
     if load_format == "dummy":
         _fill_dummy(model)
     else:
         source = resolve_model_source(path)
         model.load_weights(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
+    for module in model.modules():
+        if hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+    model.quant_scheme = scheme
     return model.eval()
+
+
+def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None) -> QuantScheme | None:
+    """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
+    try:
+        return parse_quantization(config.quantization_config, quantization)
+    except QuantizationConfigError as error:
+        raise QuantizationConfigError(error.key, error.value, f"{error.problem} (model {path})") from None
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
