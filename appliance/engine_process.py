@@ -136,6 +136,7 @@ def ready_message(core: EngineCore) -> contract.EngineReady:
         device=str(core.device),
         dtype=str(core.model_config.dtype).removeprefix("torch."),
         kernel_backend=kernels.backend_name(),
+        quantization=core.runner.model.quant_scheme.describe() if core.runner.model.quant_scheme else "none",
     )
 
 

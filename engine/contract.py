@@ -206,6 +206,7 @@ class EngineReady(msgspec.Struct, tag=True):
     device: str
     dtype: str
     kernel_backend: str
+    quantization: str = "none"  # the scheme the model runs, as QuantScheme.describe() says it
 
 
 class StepOutputs(msgspec.Struct, tag=True):

@@ -181,3 +181,23 @@ def test_a_group_size_that_does_not_divide_fails_at_load_naming_the_model(tiny_m
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(QuantizationConfigError, match=rf"bits = 2: .*\(model {tmp_path / 'q'}\)"):
         load_model(ModelConfig.from_pretrained(tmp_path / "q"), tmp_path / "q", CPU)
+
+
+def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(float_model, tmp_path, capsys):
+    from appliance.cli import main
+
+    write_format("gptq-4b-g32-asym-actorder", float_model, tmp_path / "gptq")
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  - name: m\n    source: gptq\n    device: cpu\n")
+    assert main(["check-config", str(config)]) == 0
+    assert "m: quantization gptq 4-bit, group 32, zero points, act-order, weight-only" in capsys.readouterr().out
+
+    config.write_text("models:\n  - name: m\n    source: gptq\n    quantization: int8\n")
+    assert main(["check-config", str(config)]) == 1
+    assert "models[0].quantization: the checkpoint is already quantized" in capsys.readouterr().err
+    checkpoint = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    checkpoint["quantization_config"]["bits"] = 3
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(checkpoint))
+    config.write_text("models:\n  - name: m\n    source: gptq\n")
+    assert main(["check-config", str(config)]) == 1
+    assert "models[0].source: quantization_config.bits = 3: kvbox supports 4, 8" in capsys.readouterr().err

@@ -1,31 +1,5 @@
-"""Quantized linears: the scheme a model runs (`spec.py`, torch-free), the linear method of each format (one file
-each), and the choice of method while a model is built.
-
-The loader builds a model inside `building_with(method)`; each linear asks `current_linear_method()` as it is
-constructed, so the model files only wire layers and never see a quantization format. Outside that block (tests
-that build layers directly, the float path) linears are unquantized.
+"""Quantized linears: the scheme a model runs (`spec.py`, torch-free so that `kvbox check-config` can read it), the
+linear method of each format (one file each: `unquantized.py`, `gptq.py`, `awq.py`, `compressed_tensors.py`,
+`w8a8.py`, sharing `wna16.py`), the method chosen for a scheme (`methods.py`) and the one in effect while a model
+is built (`context.py`). Nothing here is imported by this package itself, so importing `spec` stays light.
 """
-
-from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from engine.quantization.base import LinearMethod
-from engine.quantization.unquantized import UnquantizedLinearMethod
-
-_UNQUANTIZED = UnquantizedLinearMethod()
-_active: list[LinearMethod] = [_UNQUANTIZED]
-
-
-def current_linear_method() -> LinearMethod:
-    return _active[-1]
-
-
-@contextmanager
-def building_with(method: LinearMethod) -> Iterator[None]:
-    _active.append(method)
-    try:
-        yield
-    finally:
-        _active.pop()

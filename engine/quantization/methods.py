@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.quantization import _UNQUANTIZED
+from engine.quantization.context import UNQUANTIZED
 from engine.quantization.awq import AWQLinearMethod
 from engine.quantization.base import LinearMethod
 from engine.quantization.compressed_tensors import PackQuantizedLinearMethod
@@ -20,4 +20,4 @@ _METHODS = {
 
 
 def linear_method_for(scheme: QuantScheme | None) -> LinearMethod:
-    return _UNQUANTIZED if scheme is None else _METHODS[scheme.layout](scheme)
+    return UNQUANTIZED if scheme is None else _METHODS[scheme.layout](scheme)
