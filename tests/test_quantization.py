@@ -201,3 +201,16 @@ def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(f
     config.write_text("models:\n  - name: m\n    source: gptq\n")
     assert main(["check-config", str(config)]) == 1
     assert "models[0].source: quantization_config.bits = 3: kvbox supports 4, 8" in capsys.readouterr().err
+
+
+def test_lora_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights(float_model, tmp_path):
+    from test_lora import ADAPTERS, check_workload, lora_llm, make_adapter, peft_reference
+
+    dequantized = write_format("awq-g64", float_model, tmp_path / "quantized")
+    reference_folder = qc.write_float(float_model, tmp_path / "reference", dequantized)
+    adapters = {name: make_adapter(reference_folder, tmp_path / name, seed=i, **ADAPTERS[name])
+                for i, name in enumerate(("attn", "mlp"))}
+    llm = lora_llm(str(tmp_path / "quantized"), adapters)
+    prompt_ids = [llm.tokenizer.encode(text) for text in ("Hello there", "def fibonacci(n):")]
+    references = {name: peft_reference(reference_folder, adapters.get(name), prompt_ids) for name in ("attn", "mlp")}
+    check_workload(llm, [(0, "attn"), (1, "mlp"), (1, "attn")], prompt_ids, references)
