@@ -107,8 +107,16 @@ def _check_config(path: str) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    from appliance.config.check import model_quantization
+
     names = ", ".join(m.name for m in config.models)
     print(f"OK: {len(config.models)} model{'s' if len(config.models) != 1 else ''} ({names})")
+    for m in config.models:
+        scheme = model_quantization(m)
+        # GGUF files (the built-ins are GGUF) are dequantized to the model dtype as they load, for now.
+        gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
+        shown = scheme.describe() if scheme else "gguf, dequantized at load" if gguf else "none"
+        print(f"  {m.name}: quantization {shown}")
     return 0
 
 

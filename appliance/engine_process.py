@@ -139,6 +139,7 @@ def ready_message(core: EngineCore) -> contract.EngineReady:
         dtype=str(core.model_config.dtype).removeprefix("torch."),
         kernel_backend=kernels.backend_name(),
         pooler=core.pooler_info,
+        quantization=core.runner.model.quant_scheme.describe() if core.runner.model.quant_scheme else "none",
     )
 
 

@@ -258,7 +258,8 @@ class StatsHub:
             "device": info.device if info else spec.device,
             "dtype": info.dtype if info else spec.dtype,
             "kernel_backend": info.kernel_backend if info else spec.kernel_backend,
-            "quantization": spec.quantization or "none",
+            # Until the engine reports what it loaded, only the requested online method is known.
+            "quantization": info.quantization if info else (spec.quantization or "none"),
             "parallelism": {"tensor": parallelism.tensor, "pipeline": parallelism.pipeline,
                             "data": parallelism.data, "expert": parallelism.expert},
             "max_model_len": info.max_model_len if info else None,

@@ -18,6 +18,8 @@ KernelBackend = Literal["auto", "torch", "triton"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 Task = Literal["generate", "embed", "score"]  # score: a cross-encoder (*ForSequenceClassification)
 PoolingType = Literal["last", "mean", "cls"]
+# Online quantization of a float checkpoint at load (vLLM's names); None or "none": the checkpoint as it is.
+Quantization = Literal["none", "fp8", "int8"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -63,6 +65,7 @@ class EngineConfig:
     # Output sizes a Matryoshka model may be truncated to (a request's `dimensions`); None: the checkpoint's
     # config.json `matryoshka_dimensions`, else truncation is refused.
     matryoshka_dimensions: tuple[int, ...] | None = None
+    quantization: Quantization | None = None  # a quantized checkpoint's own method is read from its config.json
 
     def __post_init__(self) -> None:
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
@@ -71,6 +74,9 @@ class EngineConfig:
             if getattr(self, name) not in get_args(choices):
                 raise EngineConfigError(name, f"expected one of {', '.join(map(str, get_args(choices)))}, "
                                               f"got {getattr(self, name)!r}")
+        if self.quantization is not None and self.quantization not in get_args(Quantization):
+            raise EngineConfigError("quantization", f"expected null or one of {', '.join(get_args(Quantization))}, "
+                                                    f"got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",

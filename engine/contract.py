@@ -270,6 +270,7 @@ class EngineReady(msgspec.Struct, tag=True):
     dtype: str
     kernel_backend: str
     pooler: PoolerInfo | None = None  # an embed or score engine's pooling
+    quantization: str = "none"  # the scheme the model runs, as QuantScheme.describe() says it
 
 
 class StepOutputs(msgspec.Struct, tag=True):

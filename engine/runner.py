@@ -41,8 +41,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
-        self.model = load_model(model_config, config.model, device, config.load_format, config.task, tp_rank,
-                                config.tensor_parallel_size)
+        self.model = load_model(model_config, config.model, device, config.load_format, config.task,
+                                config.quantization, tp_rank, config.tensor_parallel_size)
         self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
         self.kv_memory = KVMemory(config, model_config, self.model, device)

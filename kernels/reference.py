@@ -212,3 +212,63 @@ def add_lora(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias, by torch itself (in the input dtype: the CPU path's linears stay as fast as torch's)."""
     return F.linear(x, weight, bias)
+
+
+def dequantize_wna16(
+    qweight: torch.Tensor,  # [in / (32 / bits), out] int32: input rows packed low bits first (GPTQ's layout)
+    scales: torch.Tensor,  # [groups, out]
+    zeros: torch.Tensor,  # [groups, out] int16: unsigned zero points
+    g_idx: torch.Tensor,  # [in] int32: each input row's group
+    bits: int,
+) -> torch.Tensor:
+    """The float32 weight [out, in] of a W4A16 / W8A16 layer: (q - zero[g]) * scale[g] per input row."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)  # [in / pack, pack, out]
+    q = q.reshape(-1, qweight.shape[1])  # [in, out]
+    return ((q.float() - zeros[g_idx].float()) * scales[g_idx].float()).T
+
+
+def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias with W dequantized in float32 for this call only (the packed weight stays packed)."""
+    weight = dequantize_wna16(qweight, scales, zeros, g_idx, bits)
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+INT8_MAX = 127.0
+
+
+def quantize_activations(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None):
+    """x [n, k] -> (x quantized to `dtype` (float8_e4m3fn or int8), float32 scale): the static per-tensor `scale`
+    if given, else one scale per token (row) so that its largest magnitude maps to the type's largest value."""
+    top = FP8_MAX if dtype == torch.float8_e4m3fn else INT8_MAX
+    x = x.float()
+    if scale is None:
+        scale = (x.abs().amax(dim=-1, keepdim=True) / top).clamp(min=1e-12)  # [n, 1]
+    scaled = (x / scale).clamp(-top, top)
+    return (scaled.to(dtype) if dtype == torch.float8_e4m3fn else scaled.round().to(dtype)), scale
+
+
+def dequantize_w8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """8-bit weight [out, in] (float8_e4m3fn or int8) -> float32: `weight_scale` is per output channel [out] or
+    per block [ceil(out / b0), ceil(in / b1)]."""
+    w = weight.float()
+    if weight_scale.dim() == 1:
+        return w * weight_scale[:, None]
+    rows = -(-weight.shape[0] // weight_scale.shape[0])
+    cols = -(-weight.shape[1] // weight_scale.shape[1])
+    full = weight_scale.repeat_interleave(rows, 0)[:weight.shape[0]].repeat_interleave(cols, 1)[:, :weight.shape[1]]
+    return w * full
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                bias: torch.Tensor | None = None, quantize_input: bool = True) -> torch.Tensor:
+    """y = Q(x) @ W.T + bias for 8-bit weights, emulated in float32: Q quantizes x as the GPU's W8A8 GEMM does
+    (static per-tensor `input_scale`, or dynamic per token when it is None); quantize_input=False: weight-only."""
+    xf = x.float()
+    if quantize_input:
+        q, scale = quantize_activations(xf, weight.dtype, input_scale)
+        xf = q.float() * scale
+    y = xf @ dequantize_w8(weight, weight_scale).T
+    return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -173,7 +173,7 @@ def test_duplicate_model_name():
 
 def test_unknown_quantization_method_is_refused():
     assert error(model("quantization: awq")) == \
-        "config.yaml: models[0].quantization: expected one of none, null, got 'awq'"
+        "config.yaml: models[0].quantization: expected one of fp8, int8, none, null, got 'awq'"
     assert parse(model("quantization: none")).models[0].quantization == "none"
 
 
@@ -511,12 +511,12 @@ def test_offline_keywords_are_checked():
 
 def test_check_config_command(tmp_path, capsys):
     assert kvbox(["check-config", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out == "OK: 1 model (smollm2)\n"
+    assert capsys.readouterr().out == "OK: 1 model (smollm2)\n  smollm2: quantization gguf, dequantized at load\n"
 
     good = tmp_path / "two.yaml"
     good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")
     assert kvbox(["check-config", str(good)]) == 0
-    assert capsys.readouterr().out == "OK: 2 models (m, n)\n"
+    assert capsys.readouterr().out.startswith("OK: 2 models (m, n)\n  m: quantization")
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(model("kv_cache: {block_size: 12}"))

@@ -5,6 +5,7 @@ options each model would start with, so that an engine option it refuses fails a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import msgspec
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import EngineConfigError
+from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUILTIN = re.compile(r"^builtin:[A-Za-z0-9._-]+$")
@@ -83,6 +85,7 @@ def check(config: AppConfig, source: str) -> None:
             raise ConfigError(source, f"{at}.{key}", problem)
 
         _check_engine_options(m, fail)
+        _check_quantization(m, fail)
         _check_gpus(m, fail)
         _check_lora(m, fail)
         for j, adapter in enumerate(m.lora.adapters):
@@ -98,6 +101,22 @@ def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
         m.to_engine_config(m.source)
     except EngineConfigError as e:
         fail(".".join(ENGINE_KEYS[e.field]), e.problem)
+
+
+def model_quantization(m: ModelSpec) -> QuantScheme | None:
+    """The scheme a model will run: a local checkpoint's quantization_config with `quantization` applied (a Hub repo
+    or a GGUF file is read when the engine starts, which checks it again)."""
+    config_file = Path(m.source) / "config.json"
+    checkpoint = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
+    return parse_quantization(checkpoint, m.quantization)
+
+
+def _check_quantization(m: ModelSpec, fail: Fail) -> None:
+    try:
+        model_quantization(m)
+    except QuantizationConfigError as e:
+        # The user's own key, or the checkpoint's setting (under source, since the file is the checkpoint's).
+        fail("quantization", e.problem) if e.key == "quantization" else fail("source", str(e))
 
 
 def _check_gpus(m: ModelSpec, fail: Fail) -> None:

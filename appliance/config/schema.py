@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 from functools import cache, reduce
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, field
 from msgspec import inspect as mi
 
 from appliance.config.introspect import redact
-from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, PoolingType, SchedulingPolicy,
-                           Task, engine_default)
+from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, PoolingType, Quantization,
+                           SchedulingPolicy, Task, engine_default)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 _URL_PATH = r"^/"
@@ -192,6 +192,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "pooling_type": ("pooling", "type"),
     "pooling_normalize": ("pooling", "normalize"),
     "matryoshka_dimensions": ("matryoshka_dimensions",),
+    "quantization": ("quantization",),
 }
 
 
@@ -225,8 +226,10 @@ class ModelSpec(_Schema, kw_only=True):
         "Most requests waiting for this model; beyond it requests get 429.", ge=1)] = 256
     parallelism: Annotated[ParallelismSpec, _doc(
         "How the model is spread over GPUs.")] = field(default_factory=ParallelismSpec)
-    quantization: Annotated[Literal["none"] | None, _doc(
-        "Weight quantization method; kvbox implements none yet (null or none).")] = None
+    quantization: Annotated[Quantization | None, _doc(
+        "Quantize a float checkpoint at load: fp8 (e4m3 weights per output channel, dynamic per-token activations) "
+        "or int8 (W8A8, the same scales). null or none: run the checkpoint as it is, quantized (GPTQ, AWQ, "
+        "compressed-tensors, fp8: read from its config.json) or not.")] = engine_default("quantization")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     chat_template: Annotated[NonEmptyStr | None, _doc(
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None

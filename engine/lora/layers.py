@@ -25,13 +25,14 @@ class LoraLinear(nn.Module):
         self.output_slices = base.output_slices
         self.max_rank = max_rank
         self.token_slots = token_slots  # [max_num_batched_tokens] int32, the runner fills a prefix each step
-        weight = base.weight
+        # In the model dtype, whatever the base stores (a quantized base has no float weight).
+        dtype, device = base.params_dtype, token_slots.device
         # Buffers, not parameters: they are no part of the checkpoint. Layouts as kernels.add_lora takes them.
         self.register_buffer("lora_a", torch.zeros(  # [num_slices, max_loras, max_rank, in_features]
-            len(self.output_slices), max_loras, max_rank, base.input_size, dtype=weight.dtype, device=weight.device),
+            len(self.output_slices), max_loras, max_rank, base.input_size, dtype=dtype, device=device),
             persistent=False)
         self.register_buffer("lora_b", torch.zeros(  # [out_features, max_loras, max_rank]
-            base.output_size, max_loras, max_rank, dtype=weight.dtype, device=weight.device), persistent=False)
+            base.output_size, max_loras, max_rank, dtype=dtype, device=device), persistent=False)
 
     @property
     def input_size(self) -> int:

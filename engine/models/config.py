@@ -71,6 +71,8 @@ class ModelConfig:
     type_vocab_size: int = 0
     position_offset: int = 0
     num_labels: int = 0
+    # config.json's quantization_config as the tool wrote it (`engine.quantization.spec` reads it); None: float.
+    quantization_config: dict[str, Any] | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -143,6 +145,7 @@ class ModelConfig:
             type_vocab_size=int(hf.get("type_vocab_size", 0)),
             position_offset=hf.get("pad_token_id", 1) + 1 if model_type in _LEARNED_FROM_PADDING else 0,
             num_labels=len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 0)),
+            quantization_config=hf.get("quantization_config"),
         )
 
 

@@ -1,4 +1,5 @@
 """Building blocks shared by the model files: tensor-parallel linears, embeddings, RMSNorm, RoPE, the gated MLP.
+How a linear stores and multiplies its weight (float or quantized) is its linear method's (`engine.quantization`).
 
 Every linear is written for tensor parallelism: it holds only its rank's shard (`tp_rank` of `tp_size`) and each of
 its parameters carries a `weight_loader(param, loaded_weight, shard_id=None)` that cuts that shard out of a full HF
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.quantization.context import current_linear_method
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
@@ -31,6 +33,14 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _scaled(features: int, extent: int, total: int) -> int:
+    """`features` of `total` expressed along an axis of `extent` entries (packed or grouped)."""
+    if features * extent % total:
+        raise ValueError(f"{features} of {total} output features do not fall on a boundary of an axis of {extent} "
+                         "(packing or group size does not divide the merged projections)")
+    return features * extent // total
+
+
 def _divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} does not split evenly over tensor-parallel size {denominator}")
@@ -38,25 +48,51 @@ def _divide(numerator: int, denominator: int) -> int:
 
 
 class _ParallelLinear(nn.Module):
-    """A linear layer whose weight [output_size, input_size] is split along `shard_dim` (0: output, 1: input)."""
+    """A linear layer whose weight [output_size, input_size] is split along `shard_dim` (0: output, 1: input).
+
+    Its parameters come from the model's linear method (`engine.quantization`: float, GPTQ, FP8...), chosen at load;
+    `_part` says where each checkpoint tensor's output features go, and one weight_loader serves every format.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool, shard_dim: int, tp_rank: int, tp_size: int):
         super().__init__()
         self.tp_rank, self.tp_size, self.shard_dim = tp_rank, tp_size, shard_dim
         self.input_size = input_size if shard_dim == 0 else _divide(input_size, tp_size)
         self.output_size = _divide(output_size, tp_size) if shard_dim == 0 else output_size
-        self.weight = nn.Parameter(torch.empty(self.output_size, self.input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = torch.get_default_dtype()
+        self.quant_method = current_linear_method()
+        self.quant_method.create_weights(self, self.input_size, self.output_size, self.output_slices,
+                                         self.params_dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size), requires_grad=False)
             # A row-parallel bias is not sharded: every rank holds all of it (and only rank 0 adds it).
+            self.bias.output_dim, self.bias.input_dim, self.bias.per_part = 0, None, False
             self.bias.weight_loader = self.weight_loader if shard_dim == 0 else default_weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def _part(self, shard_id: Any) -> tuple[int, int, int, int]:
+        """(merged part index, first output feature on this rank, feature count, index of the checkpoint's shard
+        to take) for a checkpoint tensor of `shard_id`. Column-parallel: this rank's slice of the output."""
+        return 0, 0, self.output_size, self.tp_rank if self.shard_dim == 0 else 0
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        size = param.shape[self.shard_dim]
-        _copy(param.data, loaded_weight.narrow(self.shard_dim, self.tp_rank * size, size))
+        part, offset, size, source = self._part(shard_id)
+        if param.per_part:
+            dst = param.data[part]
+            _copy(dst, loaded_weight.reshape(dst.shape))
+            return
+        dst = param.data
+        if param.output_dim is not None:
+            # A packed axis holds features at a fixed ratio (AWQ: 8 per int32), so offsets scale by its extent.
+            extent = dst.shape[param.output_dim]
+            offset, size = _scaled(offset, extent, self.output_size), _scaled(size, extent, self.output_size)
+            dst = dst.narrow(param.output_dim, offset, size)
+            loaded_weight = loaded_weight.narrow(param.output_dim, source * size, size)
+        if param.input_dim is not None and self.shard_dim == 1:
+            extent = dst.shape[param.input_dim]
+            loaded_weight = loaded_weight.narrow(param.input_dim, self.tp_rank * extent, extent)
+        _copy(dst, loaded_weight)
 
     @property
     def output_slices(self) -> tuple[int, ...]:
@@ -71,7 +107,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(input_size, output_size, bias, 0, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -83,10 +119,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+    def _part(self, shard_id: Any) -> tuple[int, int, int, int]:
         offset = _divide(sum(self.output_sizes[:shard_id]), self.tp_size)
-        size = _divide(self.output_sizes[shard_id], self.tp_size)
-        _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+        return shard_id, offset, _divide(self.output_sizes[shard_id], self.tp_size), self.tp_rank
 
     @property
     def output_slices(self) -> tuple[int, ...]:
@@ -118,13 +153,12 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_size
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size, shard_index = {
-            "q": (0, self.q_size, self.tp_rank),
-            "k": (self.q_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
-            "v": (self.q_size + self.kv_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
+    def _part(self, shard_id: Any) -> tuple[int, int, int, int]:
+        return {
+            "q": (0, 0, self.q_size, self.tp_rank),
+            "k": (1, self.q_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
+            "v": (2, self.q_size + self.kv_size, self.kv_size, self.tp_rank // self.num_kv_replicas),
         }[shard_id]
-        _copy(param.data.narrow(0, offset, size), loaded_weight.narrow(0, shard_index * size, size))
 
     @property
     def output_slices(self) -> tuple[int, ...]:
@@ -139,7 +173,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
-        y = kernels.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

@@ -1,6 +1,7 @@
 """Builds a model from a `ModelConfig` and fills its parameters: from a folder's safetensors (one file, or shards
 listed in `model.safetensors.index.json`), from a GGUF file (`gguf.py`) or, for benchmarks at real shapes, with
-deterministic random weights.
+deterministic random weights. The linears are built with the model's linear method (`engine.quantization`), which
+turns the loaded tensors into their runtime layout once everything is in.
 
 Tensors are read one at a time (memory-mapped) and copied into the already-allocated parameters by each
 parameter's own weight_loader, so a checkpoint never sits in memory twice. Pickled `.bin` checkpoints are refused:
@@ -22,6 +23,9 @@ from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
+from engine.quantization.context import building_with
+from engine.quantization.methods import linear_method_for
+from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _INDEX_FILE = "model.safetensors.index.json"
@@ -31,15 +35,20 @@ _DUMMY_SEED = 0
 
 
 def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
-               task: str = "generate", tp_rank: int = 0, tp_size: int = 1) -> nn.Module:
+               task: str = "generate", quantization: str | None = None, tp_rank: int = 0,
+               tp_size: int = 1) -> nn.Module:
     """The model that runs `config.architecture` for `task`, in `config.dtype` on `device`, weights loaded, in eval
-    mode; with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
+    mode; its linears quantized as the checkpoint's quantization_config says, or online by `quantization` (fp8,
+    int8); with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
     tensors)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
+    scheme = model_quantization(config, path, quantization)
+    if load_format == "dummy" and scheme is not None and not scheme.online:
+        raise ValueError(f"model {path}: load_format dummy cannot fill {scheme.method} weights yet")
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
-    with _default_dtype(config.dtype), torch.device(device):
+    with _default_dtype(config.dtype), torch.device(device), building_with(linear_method_for(scheme)):
         # Only the generation families shard (pooling models refuse tensor parallelism at config time).
         model = model_cls(config) if tp_size == 1 else model_cls(config, tp_rank, tp_size)
     if load_format == "dummy":
@@ -47,7 +56,19 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     else:
         source = resolve_model_source(path)
         model.load_weights(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
+    for module in model.modules():
+        if hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+    model.quant_scheme = scheme
     return model.eval()
+
+
+def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None) -> QuantScheme | None:
+    """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
+    try:
+        return parse_quantization(config.quantization_config, quantization)
+    except QuantizationConfigError as error:
+        raise QuantizationConfigError(error.key, error.value, f"{error.problem} (model {path})") from None
 
 
 def safetensors_files(path: str | Path) -> list[Path]:

@@ -1,0 +1,188 @@
+"""What a model's quantization is, read from its checkpoint's `quantization_config` and the user's `quantization`
+option, checked, and reduced to one `QuantScheme`; torch-free, so that `kvbox check-config` can show and check it.
+
+Each released tool writes its own keys (GPTQ: auto-gptq / gptqmodel; AWQ: AutoAWQ; compressed-tensors: llm-compressor;
+fp8: vLLM / FP8 checkpoints); everything outside what kvbox runs is refused here with the key and its value, so a
+model never loads half-understood. Which linear method runs a scheme is `engine.quantization.methods`' job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
+CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8")
+GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
+_IGNORABLE = ("lm_head",)  # kvbox never quantizes the LM head, so a checkpoint may say so
+
+
+class QuantizationConfigError(ValueError):
+    """A quantization setting kvbox cannot run; `key` names it (`quantization_config.bits`, `quantization`)."""
+
+    def __init__(self, key: str, value: Any, problem: str):
+        super().__init__(f"{key} = {value!r}: {problem}")
+        self.key, self.value, self.problem = key, value, problem
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How every decoder linear of the model stores and runs its weight.
+
+    `layout` picks the linear method: gptq | awq | pack (compressed-tensors pack-quantized) | fp8 | int8.
+    `activations` is None for weight-only schemes, "token" for dynamic per-token scales, "tensor" for a static
+    per-tensor `input_scale` from the checkpoint. `weight_strategy` is channel | tensor | group | block.
+    """
+
+    method: str  # what the user sees: gptq, awq, compressed-tensors, fp8, int8
+    layout: str
+    bits: int
+    group_size: int = -1
+    symmetric: bool = True
+    act_order: bool = False
+    weight_strategy: str = "group"
+    block_size: tuple[int, int] | None = None
+    activations: str | None = None
+    online: bool = False
+
+    def describe(self) -> str:
+        """One line for check-config and the dashboard: "gptq 4-bit, group 128, act-order"."""
+        parts = [f"{self.method}{' (online)' if self.online else ''} {self.bits}-bit"]
+        if self.weight_strategy == "group":
+            parts.append("per-channel" if self.group_size == -1 else f"group {self.group_size}")
+        elif self.weight_strategy == "block":
+            parts.append(f"block {self.block_size[0]}x{self.block_size[1]}")
+        else:
+            parts.append(f"per-{self.weight_strategy}")
+        if not self.symmetric:
+            parts.append("zero points")
+        if self.act_order:
+            parts.append("act-order")
+        parts.append({None: "weight-only", "token": "dynamic per-token activations",
+                      "tensor": "static activation scale"}[self.activations])
+        return ", ".join(parts)
+
+
+def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None) -> QuantScheme | None:
+    """The scheme in effect: the checkpoint's, or `requested` (fp8 / int8) applied to a float checkpoint."""
+    if requested in (None, "none"):
+        return _parse_checkpoint(checkpoint) if checkpoint else None
+    if requested not in ONLINE_METHODS:
+        raise QuantizationConfigError("quantization", requested, f"expected one of none, {', '.join(ONLINE_METHODS)}")
+    if not checkpoint:
+        return QuantScheme(requested, requested, 8, weight_strategy="channel", activations="token", online=True)
+    scheme = _parse_checkpoint(checkpoint)
+    if scheme.layout == requested:
+        return scheme  # an fp8 checkpoint asked to run as fp8 is just that
+    raise QuantizationConfigError("quantization", requested, f"the checkpoint is already quantized "
+                                  f"({scheme.describe()}); leave quantization unset to run it as it is")
+
+
+def _parse_checkpoint(config: dict[str, Any]) -> QuantScheme:
+    method = config.get("quant_method")
+    parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8}
+    if method not in parsers:
+        raise QuantizationConfigError("quantization_config.quant_method", method,
+                                      f"kvbox runs {', '.join(CHECKPOINT_METHODS)}")
+    return parsers[method](config)
+
+
+def _key(config: dict[str, Any], key: str, allowed: tuple, default: Any = None, prefix: str = "") -> Any:
+    value = config.get(key, default)
+    if value not in allowed:
+        raise QuantizationConfigError(f"quantization_config.{prefix}{key}", value,
+                                      f"kvbox supports {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _gptq(config: dict[str, Any]) -> QuantScheme:
+    # gptq_v2 (gptqmodel's internal format) stores zero points without the minus one; only the classic one is read.
+    _key(config, "checkpoint_format", ("gptq",), "gptq")
+    if config.get("dynamic"):
+        raise QuantizationConfigError("quantization_config.dynamic", config["dynamic"],
+                                      "per-module GPTQ overrides are not supported")
+    return QuantScheme("gptq", "gptq", _key(config, "bits", (4, 8)), _key(config, "group_size", GROUP_SIZES),
+                       symmetric=_key(config, "sym", (True, False), True),
+                       act_order=_key(config, "desc_act", (True, False), False))
+
+
+def _awq(config: dict[str, Any]) -> QuantScheme:
+    version = str(config.get("version", "gemm")).lower()
+    _key({"version": version}, "version", ("gemm",))
+    _key(config, "zero_point", (True,), True)
+    if config.get("modules_to_not_convert"):
+        raise QuantizationConfigError("quantization_config.modules_to_not_convert", config["modules_to_not_convert"],
+                                      "kvbox quantizes every decoder linear alike")
+    return QuantScheme("awq", "awq", _key(config, "bits", (4,)), _key(config, "group_size", GROUP_SIZES[1:]),
+                       symmetric=False)
+
+
+def _fp8(config: dict[str, Any]) -> QuantScheme:
+    activations = {"dynamic": "token", "static": "tensor"}[_key(config, "activation_scheme", ("dynamic", "static"))]
+    _check_ignored(config, "ignored_layers")
+    block = config.get("weight_block_size")
+    if block is None:
+        return QuantScheme("fp8", "fp8", 8, weight_strategy="tensor", activations=activations)
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise QuantizationConfigError("quantization_config.weight_block_size", block, "expected [rows, columns]")
+    return QuantScheme("fp8", "fp8", 8, weight_strategy="block", block_size=(block[0], block[1]),
+                       activations=activations)
+
+
+def _check_ignored(config: dict[str, Any], key: str) -> None:
+    others = [name for name in config.get(key) or () if not any(part in name for part in _IGNORABLE)]
+    if others:
+        raise QuantizationConfigError(f"quantization_config.{key}", others,
+                                      "only lm_head may stay unquantized: kvbox quantizes every decoder linear alike")
+
+
+_CT_FORMATS = {"pack-quantized": "pack", "int-quantized": "int8", "float-quantized": "fp8", "naive-quantized": "int8"}
+
+
+def _compressed_tensors(config: dict[str, Any]) -> QuantScheme:
+    fmt = _key(config, "format", tuple(_CT_FORMATS))
+    _check_ignored(config, "ignore")
+    if config.get("kv_cache_scheme"):
+        raise QuantizationConfigError("quantization_config.kv_cache_scheme", config["kv_cache_scheme"],
+                                      "a quantized KV cache from the checkpoint is not supported yet")
+    groups = config.get("config_groups") or {}
+    if len(groups) != 1:
+        raise QuantizationConfigError("quantization_config.config_groups", sorted(groups),
+                                      "kvbox runs exactly one config group (one scheme for every linear)")
+    (name, group), = groups.items()
+    at = f"config_groups.{name}."
+    if not any(target in ("Linear", "re:.*") for target in group.get("targets", ())):
+        raise QuantizationConfigError(f"quantization_config.{at}targets", group.get("targets"),
+                                      "the group must target Linear")
+    weights = group.get("weights") or {}
+    layout = _CT_FORMATS[fmt]
+    kind = "float" if layout == "fp8" else "int"
+    _key(weights, "type", (kind,), prefix=at + "weights.")
+    bits = _key(weights, "num_bits", (4, 8) if layout == "pack" else (8,), prefix=at + "weights.")
+    strategies = ("group", "channel") if layout == "pack" else ("tensor", "channel")
+    strategy = _key(weights, "strategy", strategies, prefix=at + "weights.")
+    symmetric = _key(weights, "symmetric", (True,) if layout != "pack" else (True, False), True, at + "weights.")
+    group_size = _key(weights, "group_size", GROUP_SIZES[1:], prefix=at + "weights.") if strategy == "group" else -1
+    actorder = _key(weights, "actorder", (None, "group", "weight", "static", False), prefix=at + "weights.")
+    activations = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
+    return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
+                       act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
+                       activations=activations)
+
+
+def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> str | None:
+    if args is None:
+        if layout == "int8":
+            raise QuantizationConfigError(f"quantization_config.{at[:-1]}", None,
+                                          "int-quantized weights need int8 input activations (W8A8)")
+        return None
+    if layout == "pack":
+        raise QuantizationConfigError(f"quantization_config.{at[:-1]}", args, "pack-quantized runs weight-only")
+    _key(args, "type", ("float" if layout == "fp8" else "int",), prefix=at)
+    _key(args, "num_bits", (8,), prefix=at)
+    _key(args, "symmetric", (True,), True, prefix=at)
+    if args.get("dynamic", False):
+        _key(args, "strategy", ("token",), prefix=at)
+        return "token"
+    _key(args, "strategy", ("tensor",), prefix=at)
+    return "tensor"

@@ -1,0 +1,83 @@
+"""8-bit weights, float8 e4m3 or int8, with their activations quantized to the same type (W8A8) or not (FP8 weight-
+only): pre-quantized checkpoints (vLLM's `fp8`: `weight` + per-tensor `weight_scale` or block `weight_scale_inv`,
+optional static `input_scale`; compressed-tensors float-quantized / int-quantized: per-tensor or per-channel
+`weight_scale`) and online quantization of a float checkpoint at load (`quantization: fp8 | int8`: per-output-channel
+weight scales, dynamic per-token activations).
+
+After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
+(per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
+the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.reference.w8a8_linear` runs it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.quantization.base import LinearMethod, add_param, replace_param
+from engine.quantization.spec import QuantScheme
+from kernels import reference
+
+_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+class W8A8LinearMethod(LinearMethod):
+    def __init__(self, scheme: QuantScheme):
+        self.scheme = scheme
+        self.dtype = _DTYPES[scheme.layout]
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
+                       output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
+        s = self.scheme
+        weight_dtype = params_dtype if s.online else self.dtype
+        add_param(layer, "weight", torch.empty(output_size, input_size, dtype=weight_dtype), output_dim=0,
+                  input_dim=1)
+        layer.output_parts = output_slices
+        if s.online:
+            return
+        if s.weight_strategy == "tensor":
+            add_param(layer, "weight_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
+        elif s.weight_strategy == "channel":
+            add_param(layer, "weight_scale", torch.empty(output_size, 1, dtype=torch.float32), output_dim=0)
+        else:
+            rows, cols = s.block_size
+            if any(size % rows for size in output_slices) or input_size % cols:
+                raise ValueError(f"fp8: weight_block_size {list(s.block_size)} does not divide a linear of "
+                                 f"{input_size} inputs and outputs {list(output_slices)}")
+            add_param(layer, "weight_scale_inv", torch.empty(output_size // rows, input_size // cols,
+                                                             dtype=torch.float32), output_dim=0, input_dim=1)
+        if s.activations == "tensor":
+            add_param(layer, "input_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        s = self.scheme
+        if s.online:
+            weight, scale = _quantize_per_channel(layer.weight.data, self.dtype)
+            replace_param(layer, "weight", weight)
+        elif s.weight_strategy == "tensor":
+            scale = torch.repeat_interleave(layer.weight_scale.data,
+                                            torch.tensor(layer.output_parts, device=layer.weight.device))
+        elif s.weight_strategy == "channel":
+            scale = layer.weight_scale.data[:, 0]
+        else:
+            scale = layer.weight_scale_inv.data
+            replace_param(layer, "weight_scale_inv", None)
+        if hasattr(layer, "weight_scale"):
+            replace_param(layer, "weight_scale", None)
+        layer.register_buffer("weight_scale", scale.float().contiguous())
+        input_scale = None
+        if s.activations == "tensor":
+            input_scale = layer.input_scale.data.max()
+            replace_param(layer, "input_scale", None)
+        layer.register_buffer("input_scale", input_scale)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return reference.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
+                                     quantize_input=self.scheme.activations is not None)
+
+
+def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [out, in] -> (8-bit weight, float32 scale [out]): each row's largest magnitude maps to the
+    type's largest value (symmetric, round to nearest)."""
+    quantized, scale = reference.quantize_activations(weight, dtype)  # row-wise is what per-token does
+    return quantized, scale[:, 0]

@@ -1,0 +1,216 @@
+"""Weight-only quantized checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized) against transformers running
+their dequantized float32 weights, and the checks that refuse what kvbox cannot run.
+
+Each checkpoint is written as its public tool writes it (`engine.tools.quantized_checkpoints`; compressed-tensors'
+own library for its format). The canonical weights must equal the writer's dequantized weights exactly, the logits
+must match transformers within LOGITS_ATOL, and greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.models.attention import AttentionMetadata
+from engine.models.config import ModelConfig
+from engine.models.loader import load_model
+from engine.quantization.spec import QuantizationConfigError, parse_quantization
+from engine.tools import quantized_checkpoints as qc
+from kernels.reference import dequantize_wna16
+
+CPU = torch.device("cpu")
+LOGITS_ATOL = 1e-4  # float32 both sides on the same float32 weights; only the matmul order differs
+# Wide enough for group size 128 on every linear: q 128, k/v 64 outputs; inputs 128 and 256.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    from engine.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llama", tmp_path_factory.mktemp("float"), **SHAPE)
+
+
+def prefill_logits(model, config: ModelConfig, token_ids: list[int]) -> torch.Tensor:
+    n, block = len(token_ids), 16
+    blocks = -(-n // block)
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.zeros(2, blocks, block, config.num_kv_heads, config.head_size)
+    metadata = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+                                 seq_lens=torch.tensor([n], dtype=torch.int32),
+                                 query_start_loc=torch.tensor([0, n], dtype=torch.int32), max_query_len=n,
+                                 max_seq_len=n)
+    return model.compute_logits(model(torch.tensor(token_ids), torch.arange(n), metadata))
+
+
+def ct_pack_writer(bits: int, group_size: int | None, symmetric: bool):
+    """compressed-tensors' own quantizer and packer (what llm-compressor saves), and its own config serialization."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="group" if group_size else "channel", group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+
+    def layer(w: torch.Tensor):
+        grouped = w.reshape(w.shape[0], -1, group_size or w.shape[1])  # [out, groups, size]
+        scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+        state = {"weight": w, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero.to(torch.int8)}
+        packed = PackedQuantizationCompressor.compress(state, scheme)
+        # Its own unpacking, in float32 (with bfloat16 scales it would round the products to bfloat16).
+        as_float32 = {**packed, "weight_scale": packed["weight_scale"].float()}
+        return packed, PackedQuantizationCompressor.decompress(as_float32, scheme)["weight"]
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                quantization_status="compressed", ignore=["lm_head"])
+    # What ModelCompressor.update_config writes into config.json.
+    as_saved = {"version": "0.0", "quant_method": "compressed-tensors", "sparsity_config": {},
+                "transform_config": {}, **json.loads(config.model_dump_json(exclude=["quant_method"]))}
+    return as_saved, layer
+
+
+FORMATS = {
+    **{f"gptq-{bits}b-g{group}-{'sym' if sym else 'asym'}{'-actorder' if act else ''}": (
+        qc.gptq_config(bits, group, sym, act), lambda w, b=bits, g=group, s=sym, a=act: qc.gptq_tensors(w, b, g, s, a))
+       for bits, group, sym, act in [(4, 128, True, False), (4, 32, False, True), (8, 64, True, True),
+                                     (8, -1, False, False), (4, -1, True, True)]},
+    "awq-g64": (qc.awq_config(64), lambda w: qc.awq_tensors(w, 64)),
+    "awq-g128": (qc.awq_config(128), lambda w: qc.awq_tensors(w, 128)),
+}
+CT_FORMATS = {"ct-w4a16-g32-sym": (4, 32, True), "ct-w4a16-g64-asym": (4, 64, False),
+              "ct-w8a16-channel": (8, None, True), "ct-w8a16-g128-asym": (8, 128, False)}
+
+
+def write_format(name: str, float_model: Path, out: Path) -> dict[str, torch.Tensor]:
+    if name in FORMATS:
+        config, layer = FORMATS[name]
+    else:
+        config, layer = ct_pack_writer(*CT_FORMATS[name])
+    return qc.write_quantized(float_model, out, config, layer)
+
+
+@pytest.mark.parametrize("name", [*FORMATS, *CT_FORMATS])
+@torch.inference_mode()
+def test_weight_only_checkpoint_runs_its_dequantized_weights(float_model, tmp_path, name):
+    dequantized = write_format(name, float_model, tmp_path / "quantized")
+    config = ModelConfig.from_pretrained(tmp_path / "quantized", dtype="float32")
+    model = load_model(config, tmp_path / "quantized", CPU)
+    # The packed weights unpack to exactly the weights the writer says they stand for.
+    layer = model.model.layers[1]
+    for module, parts in ((layer.self_attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+                          (layer.mlp.down_proj, ("down_proj",))):
+        got = dequantize_wna16(module.qweight, module.scales, module.zeros, module.g_idx, model.quant_scheme.bits)
+        prefix = "model.layers.1." + ("self_attn." if parts[0] != "down_proj" else "mlp.")
+        assert torch.equal(got, torch.cat([dequantized[prefix + part + ".weight"] for part in parts])), name
+        assert module.qweight.dtype == torch.int32 and not hasattr(module, "weight")
+
+    reference_folder = qc.write_float(float_model, tmp_path / "reference", dequantized)
+    reference = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    token_ids = torch.randint(0, config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    want = reference(torch.tensor([token_ids])).logits[0]
+    torch.testing.assert_close(prefill_logits(model, config, token_ids), want, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gptq-4b-g32-asym-actorder", "awq-g64", "ct-w4a16-g64-asym"])
+def test_greedy_tokens_match_transformers(float_model, tmp_path, name):
+    dequantized = write_format(name, float_model, tmp_path / "quantized")
+    reference = AutoModelForCausalLM.from_pretrained(qc.write_float(float_model, tmp_path / "ref", dequantized),
+                                                     dtype=torch.float32).eval()
+    llm = LLM(str(tmp_path / "quantized"), dtype="float32", num_kv_blocks=64)
+    prompts = [[5, 17, 99, 3], list(range(40, 70))]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                           use_tqdm=False)
+    for ids, output in zip(prompts, outputs):
+        input_ids = torch.tensor([ids])
+        expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                      max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        assert output.outputs[0].token_ids == expected[0, len(ids):].tolist(), name
+
+
+def test_packed_weights_take_a_fraction_of_the_float_bytes(float_model, tmp_path):
+    write_format("gptq-4b-g128-sym", float_model, tmp_path / "q")
+    config = ModelConfig.from_pretrained(tmp_path / "q", dtype="float32")
+    qkv = load_model(config, tmp_path / "q", CPU).model.layers[0].self_attn.qkv_proj
+    packed = sum(t.numel() * t.element_size() for t in (qkv.qweight, qkv.scales, qkv.zeros, qkv.g_idx))
+    assert packed < 0.2 * qkv.input_size * qkv.output_size * 4  # vs float32: 1/8 for the weight, plus metadata
+
+
+@pytest.mark.parametrize("checkpoint, requested, key, value", [
+    ({"quant_method": "bitsandbytes"}, None, "quantization_config.quant_method", "bitsandbytes"),
+    ({**qc.gptq_config(3, 128, True, False)}, None, "quantization_config.bits", 3),
+    ({**qc.gptq_config(4, 48, True, False)}, None, "quantization_config.group_size", 48),
+    ({**qc.gptq_config(4, 128, True, False), "checkpoint_format": "gptq_v2"}, None,
+     "quantization_config.checkpoint_format", "gptq_v2"),
+    ({**qc.awq_config(128), "version": "gemv"}, None, "quantization_config.version", "gemv"),
+    ({**qc.awq_config(128), "zero_point": False}, None, "quantization_config.zero_point", False),
+    (qc.gptq_config(4, 128, True, False), "fp8", "quantization", "fp8"),
+    (None, "fp4", "quantization", "fp4"),
+])
+def test_unsupported_settings_name_the_key_and_value(checkpoint, requested, key, value):
+    with pytest.raises(QuantizationConfigError) as error:
+        parse_quantization(checkpoint, requested)
+    assert (error.value.key, error.value.value) == (key, value)
+    assert f"{key} = {value!r}" in str(error.value)
+
+
+def test_compressed_tensors_settings_are_checked():
+    config, _ = ct_pack_writer(4, 32, True)
+    config["config_groups"]["group_0"]["weights"]["num_bits"] = 2
+    with pytest.raises(QuantizationConfigError, match=r"config_groups.group_0.weights.num_bits = 2"):
+        parse_quantization(config, None)
+    config["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    config["ignore"] = ["lm_head", "model.layers.0.mlp.down_proj"]
+    with pytest.raises(QuantizationConfigError, match=r"quantization_config.ignore"):
+        parse_quantization(config, None)
+
+
+def test_a_group_size_that_does_not_divide_fails_at_load_naming_the_model(tiny_model, tmp_path):
+    folder = tiny_model("llama")  # hidden size 64: group size 128 cannot divide it
+    qc.write_quantized(folder, tmp_path / "q", qc.gptq_config(4, 128, True, False),
+                       lambda w: qc.gptq_tensors(w, 4, -1, True, False))
+    with pytest.raises(ValueError, match="input size 64 is not a multiple of the group size 128"):
+        load_model(ModelConfig.from_pretrained(tmp_path / "q"), tmp_path / "q", CPU)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["bits"] = 2
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationConfigError, match=rf"bits = 2: .*\(model {tmp_path / 'q'}\)"):
+        load_model(ModelConfig.from_pretrained(tmp_path / "q"), tmp_path / "q", CPU)
+
+
+def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(float_model, tmp_path, capsys):
+    from appliance.cli import main
+
+    write_format("gptq-4b-g32-asym-actorder", float_model, tmp_path / "gptq")
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  - name: m\n    source: gptq\n    device: cpu\n")
+    assert main(["check-config", str(config)]) == 0
+    assert "m: quantization gptq 4-bit, group 32, zero points, act-order, weight-only" in capsys.readouterr().out
+
+    config.write_text("models:\n  - name: m\n    source: gptq\n    quantization: int8\n")
+    assert main(["check-config", str(config)]) == 1
+    assert "models[0].quantization: the checkpoint is already quantized" in capsys.readouterr().err
+    checkpoint = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    checkpoint["quantization_config"]["bits"] = 3
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(checkpoint))
+    config.write_text("models:\n  - name: m\n    source: gptq\n")
+    assert main(["check-config", str(config)]) == 1
+    assert "models[0].source: quantization_config.bits = 3: kvbox supports 4, 8" in capsys.readouterr().err
+
+
+def test_lora_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights(float_model, tmp_path):
+    from test_lora import ADAPTERS, check_workload, lora_llm, make_adapter, peft_reference
+
+    dequantized = write_format("awq-g64", float_model, tmp_path / "quantized")
+    reference_folder = qc.write_float(float_model, tmp_path / "reference", dequantized)
+    adapters = {name: make_adapter(reference_folder, tmp_path / name, seed=i, **ADAPTERS[name])
+                for i, name in enumerate(("attn", "mlp"))}
+    llm = lora_llm(str(tmp_path / "quantized"), adapters)
+    prompt_ids = [llm.tokenizer.encode(text) for text in ("Hello there", "def fibonacci(n):")]
+    references = {name: peft_reference(reference_folder, adapters.get(name), prompt_ids) for name in ("attn", "mlp")}
+    check_workload(llm, [(0, "attn"), (1, "mlp"), (1, "attn")], prompt_ids, references)

@@ -1,0 +1,141 @@
+"""8-bit weights with quantized activations (FP8 and INT8 W8A8: fp8 checkpoints, compressed-tensors float- and
+int-quantized, online `quantization: fp8 | int8`) against a fake-quantized transformers model of the same scheme.
+
+They cannot match float token for token, so the rule is relative to the quantization's own effect: along the
+reference's greedy path, the mean |logprob difference| between kvbox and the fake-quantized reference must be at most
+TOLERANCE times the mean |logprob difference| between that reference and the float model. A checkpoint whose weight
+scales are 25% off must fail the rule (a test shows it does).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.models.config import ModelConfig
+from engine.models.loader import load_model
+from engine.tools import quantized_checkpoints as qc
+from tests.test_quantization import SHAPE, prefill_logits
+
+CPU = torch.device("cpu")
+TOLERANCE = 0.1
+INPUT_SCALE = 4.0 / 448  # a static fp8 activation scale: the tiny model's normed activations stay within about 4
+TOKENS = torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    from engine.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llama", tmp_path_factory.mktemp("float"), **SHAPE)
+
+
+def fake_quant(x: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
+    """The activation quantization of the scheme, written here independently of kernels.reference."""
+    top = 448.0 if dtype == torch.float8_e4m3fn else 127.0
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / top if scale is None else torch.tensor(scale)
+    q = (x / s).clamp(-top, top)
+    return (q.to(dtype).float() if dtype == torch.float8_e4m3fn else q.round()) * s
+
+
+def ct_config(kind: str, strategy: str, static: bool) -> dict:
+    """compressed-tensors' own serialization of an FP8 / INT8 W8A8 scheme (as llm-compressor saves it)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy=strategy),
+        input_activations=QuantizationArgs(num_bits=8, type=kind, symmetric=True, dynamic=not static,
+                                           strategy="tensor" if static else "token"))
+    fmt = "float-quantized" if kind == "float" else "int-quantized"
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                                ignore=["lm_head"])
+    return {"version": "0.0", "quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
+            **json.loads(config.model_dump_json(exclude=["quant_method"]))}
+
+
+def int8_tensors(w: torch.Tensor):
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    q = (w / scale).round().clamp(-128, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale.to(torch.bfloat16)}, q.float() * scale.to(torch.bfloat16).float()
+
+
+# name -> (quantization_config, layer writer, activation dtype, static input scale)
+CHECKPOINTS = {
+    "fp8-tensor-dynamic": (qc.fp8_config(False), lambda w: qc.fp8_tensors(w, False, None), torch.float8_e4m3fn, None),
+    "fp8-tensor-static": (qc.fp8_config(True), lambda w: qc.fp8_tensors(w, False, INPUT_SCALE), torch.float8_e4m3fn,
+                          INPUT_SCALE),
+    "ct-fp8-channel-dynamic": (ct_config("float", "channel", False), lambda w: qc.fp8_tensors(w, True, None),
+                               torch.float8_e4m3fn, None),
+    "ct-int8-channel-dynamic": (ct_config("int", "channel", False), int8_tensors, torch.int8, None),
+}
+
+
+def reference_logits(folder, weights: dict[str, torch.Tensor] | None, dtype, input_scale) -> torch.Tensor:
+    """transformers in float32 with each decoder linear's weight replaced and its input fake-quantized."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in qc.LINEARS:
+            if weights is not None:
+                module.weight.data = weights[name + ".weight"]
+            if dtype is not None:
+                module.register_forward_pre_hook(lambda _, args: (fake_quant(args[0], dtype, input_scale),))
+    with torch.inference_mode():
+        return model(torch.tensor([TOKENS])).logits[0]
+
+
+def rule_ratio(got: torch.Tensor, fake: torch.Tensor, float_logits: torch.Tensor) -> float:
+    """kvbox's distance from the fake-quantized reference over the quantization's own effect, on the greedy path."""
+    path = fake.argmax(-1, keepdim=True)
+    def logprobs(logits):
+        return logits.log_softmax(-1).gather(-1, path)
+    own_effect = (logprobs(fake) - logprobs(float_logits)).abs().mean()
+    return float((logprobs(got) - logprobs(fake)).abs().mean() / own_effect)
+
+
+@pytest.fixture(scope="module")
+def float_logits(float_model):
+    return reference_logits(float_model, None, None, None)
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+@torch.inference_mode()
+def test_w8a8_checkpoint_within_the_rule(float_model, float_logits, tmp_path, name):
+    config_dict, writer, dtype, input_scale = CHECKPOINTS[name]
+    dequantized = qc.write_quantized(float_model, tmp_path / "q", config_dict, writer)
+    config = ModelConfig.from_pretrained(tmp_path / "q", dtype="float32")
+    model = load_model(config, tmp_path / "q", CPU)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    got = prefill_logits(model, config, TOKENS)
+    fake = reference_logits(float_model, dequantized, dtype, input_scale)
+    assert rule_ratio(got, fake, float_logits) <= TOLERANCE
+
+    # The same rule catches weight scales 25% off.
+    qc.write_quantized(float_model, tmp_path / "off", config_dict,
+                       lambda w: ({k: v * 1.25 if k == "weight_scale" else v for k, v in writer(w)[0].items()}, None))
+    wrong = prefill_logits(load_model(config, tmp_path / "off", CPU), config, TOKENS)
+    assert rule_ratio(wrong, fake, float_logits) > TOLERANCE
+
+
+@pytest.mark.parametrize("method, dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+@torch.inference_mode()
+def test_online_quantization_within_the_rule(float_model, float_logits, method, dtype):
+    config = ModelConfig.from_pretrained(float_model, dtype="float32")
+    model = load_model(config, float_model, CPU, quantization=method)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == dtype and qkv.weight_scale.shape == (qkv.output_size,)
+    # The reference quantizes each weight row symmetrically to the type's range, as vLLM's per-channel schemes do.
+    weights = {}
+    for name, module in AutoModelForCausalLM.from_pretrained(float_model, dtype=torch.float32).named_modules():
+        if name.split(".")[-1] in qc.LINEARS:
+            weights[name + ".weight"] = fake_quant(module.weight.data, dtype, None)
+    fake = reference_logits(float_model, weights, dtype, None)
+    assert rule_ratio(prefill_logits(model, config, TOKENS), fake, float_logits) <= TOLERANCE
+
+
+def test_online_fp8_serves_through_the_engine(float_model):
+    llm = LLM(str(float_model), dtype="float32", quantization="fp8", num_kv_blocks=32)
+    [output] = llm.generate([[5, 17, 99, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                            use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 4
