@@ -38,7 +38,12 @@ _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "f
 
 
 async def read_request(request: Request, type_: type[msgspec.Struct]) -> msgspec.Struct:
-    """The body as `type_`; unknown fields are refused unless the server is configured to ignore them."""
+    """The body as `type_`; unknown fields are refused unless the server is configured to ignore them. The body is
+    read as JSON whatever its Content-Type says (`curl -d` sends a form type), but never compressed."""
+    encoding = request.headers.get("content-encoding", "identity")
+    if encoding.lower() != "identity":
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported; send the JSON body uncompressed",
+                       param="Content-Encoding")
     ignore_unknown = serving_context(request).server.ignore_unknown_fields
     return decode(await request.body(), type_, ignore_unknown)
 

@@ -39,6 +39,13 @@ _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 def decode(body: bytes, type_: type[msgspec.Struct], ignore_unknown: bool = False) -> msgspec.Struct:
     try:
+        return _decode(body, type_, ignore_unknown)
+    except RecursionError:  # free-form fields (chat_template_kwargs) take any JSON, nested as deep as it comes
+        raise APIError.invalid(None, "the request body is nested too deeply") from None
+
+
+def _decode(body: bytes, type_: type[msgspec.Struct], ignore_unknown: bool) -> msgspec.Struct:
+    try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as e:
         error = e
