@@ -80,8 +80,9 @@ class _Choices:
                                   self.tokenizer, output.prompt_token_ids, output.prompt_logprobs))
 
     def role_chunk(self, choice: int) -> ChatCompletionChunk:
-        """A choice's first chunk names the role and nothing else, as OpenAI's and vLLM's streams do."""
-        return self._chunk([ChatChunkChoice(choice, Delta(role="assistant", content=""))])
+        """A choice's first chunk names the role and nothing else, as OpenAI's and vLLM's streams do (with an empty
+        logprobs list when logprobs were asked for: every chunk of such a stream has one)."""
+        return self._chunk([ChatChunkChoice(choice, Delta(role="assistant", content=""), self._logprobs([]))])
 
     def chunk(self, choice: int, completion: CompletionOutput, output: RequestOutput) -> ChatCompletionChunk:
         return self._chunk([ChatChunkChoice(choice, Delta(content=completion.delta_text),
