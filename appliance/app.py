@@ -25,6 +25,7 @@ from appliance.config import AppConfig
 from appliance.errors import handle_exception
 from appliance.metrics import Metrics, metrics_route
 from appliance.openai.context import ServingContext
+from appliance.openai.openapi import openapi_config
 from appliance.openai.routes import ROUTES
 from appliance.request_ids import request_id_middleware
 from appliance.stats import StatsHub
@@ -73,7 +74,7 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         lifespan=[lifespan],
         state=State(state),
-        openapi_config=None,
+        openapi_config=openapi_config(routes),
         logging_config=None,  # the server configures logging; litestar's default would replace its format
     )
 

@@ -78,7 +78,7 @@ class EngineClientBase:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     sink: OutputSink, index: int, priority: int = 0, lora_name: str | None = None,
-                    pooling: contract.PoolingParams | None = None) -> None:
+                    pooling: contract.PoolingParams | None = None, cache_salt: str | None = None) -> None:
         """Starts a request; its snapshots go to `sink` under `index` as it grows, the last one finished. A
         rejection or the engine's death goes there too (`OutputSink.fail`)."""
         if not self.live:
@@ -87,8 +87,8 @@ class EngineClientBase:
             raise InvalidParameterError("request_id", f"duplicate request id {request_id!r}")
         self._inflight[request_id] = (sink, index)
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
-        self._send(contract.AddRequest(request_id, prompt_token_ids, params, priority, lora_name=lora_name,
-                                       pooling=pooling))
+        self._send(contract.AddRequest(request_id, prompt_token_ids, params, priority, cache_salt=cache_salt,
+                                       lora_name=lora_name, pooling=pooling))
 
     def abort(self, request_ids: list[str]) -> None:
         """Stops those of the requests still running; their sinks hear nothing more."""

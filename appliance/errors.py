@@ -30,13 +30,14 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None):
+                 retry_after: int | None = None, allow: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.allow = allow  # a 405's methods, for its Allow header
 
     @classmethod
     def invalid(cls, param: str | None, message: str) -> APIError:
@@ -59,7 +60,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"{exc}; retry later", code="engine_unavailable", retry_after=RETRY_UNAVAILABLE_S)
     if isinstance(exc, HTTPException):
-        return APIError(exc.status_code, exc.detail, code="request_too_large" if exc.status_code == 413 else None)
+        allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        return APIError(exc.status_code, exc.detail, code="request_too_large" if exc.status_code == 413 else None,
+                        allow=allow)
     logger.error("unhandled error", exc_info=exc)
     return APIError(500, "internal server error", code="internal_error")
 
@@ -72,5 +75,9 @@ def handle_exception(request: Request, exc: Exception) -> Response:
     error = to_api_error(exc)
     if error.status >= 500:
         logger.warning("request %s: answered %d: %s", request.state.get("request_id"), error.status, error.message)
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
-    return Response(error_body(error), status_code=error.status, headers=headers)
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if error.allow is not None:
+        headers["Allow"] = error.allow
+    return Response(error_body(error), status_code=error.status, headers=headers or None)

@@ -8,7 +8,9 @@ Order of operations in `Sampler.__call__`:
   1. Logprobs, when any row asked for them, come from the RAW logits (log_softmax before any processing, like
      vLLM's default), so they describe the model, not our sampling settings.
   2. Logit bias is added.
-  3. min_tokens: rows with fewer than min_tokens outputs get their EOS and stop token ids masked to -inf.
+  3. Token masks: rows with fewer than min_tokens outputs get their EOS and stop token ids masked to -inf, and so
+     do bad words (a one-token word always; a longer word's last token when the output ends with its others);
+     rows with allowed_token_ids get every other token masked.
   4. Penalties: repetition (HF/vLLM: for tokens seen in prompt or output, positive logits are divided by the
      penalty and negative ones multiplied), then frequency and presence over OUTPUT tokens only (OpenAI:
      logit -= count * frequency + (count > 0) * presence).
@@ -51,7 +53,8 @@ class SamplingMetadata:
     output_token_ids: torch.Tensor | None  # [n, max_output_len] int64
     # Sparse (row, token id) lists: a handful of entries, never a [n, vocab] tensor.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
-    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid (min_tokens, bad words)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids: the only ones those rows may sample
     max_num_logprobs: int | None  # the largest `logprobs` over rows; None when no row wants logprobs
 
     @classmethod
@@ -74,16 +77,18 @@ class SamplingMetadata:
 
         bias_entries = [(row, token_id, bias) for row, p in enumerate(params)
                         for token_id, bias in (p.logit_bias or {}).items()]
-        banned = [(i, token_id) for i, row in enumerate(rows)
-                  if row.num_prior_outputs < row.state.sampling_params.min_tokens
-                  for token_id in sorted(set(row.state.eos_token_ids) | set(row.state.sampling_params.stop_token_ids))]
-        logit_bias = min_tokens_mask = None
+        banned = [(i, token_id) for i, row in enumerate(rows) for token_id in _banned(row)]
+        allowed_entries = [(row, token_id) for row, p in enumerate(params) for token_id in p.allowed_token_ids or ()]
+        logit_bias = min_tokens_mask = allowed = None
         if bias_entries:
             rows, token_ids, biases = zip(*bias_entries)
             logit_bias = column(rows, torch.int64), column(token_ids, torch.int64), column(biases, torch.float32)
         if banned:
             rows, token_ids = zip(*banned)
             min_tokens_mask = column(rows, torch.int64), column(token_ids, torch.int64)
+        if allowed_entries:
+            rows, token_ids = zip(*allowed_entries)
+            allowed = column(rows, torch.int64), column(token_ids, torch.int64)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         return cls(
@@ -105,6 +110,7 @@ class SamplingMetadata:
                 [r.output_token_ids for r in requests], device) if needs_penalties else None,
             logit_bias=logit_bias,
             min_tokens_mask=min_tokens_mask,
+            allowed=allowed,
             max_num_logprobs=max(logprobs) if logprobs else None,
         )
 
@@ -141,6 +147,8 @@ class Sampler:
             rows, token_ids = metadata.min_tokens_mask
             # A filled tensor rather than a scalar one: copying a scalar to the device would wait for it.
             logits = logits.index_put((rows, token_ids), torch.full_like(token_ids, float("-inf"), dtype=logits.dtype))
+        if metadata.allowed is not None:
+            logits = apply_allowed_token_ids(logits, *metadata.allowed)
         if metadata.output_token_ids is not None:
             logits = apply_penalties(logits, metadata.prompt_token_ids, metadata.output_token_ids,
                                      metadata.repetition_penalties, metadata.frequency_penalties,
@@ -159,6 +167,29 @@ def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor
     logits: [n, vocab] for n prompt positions; target_token_ids: [n], the token that follows each position.
     """
     return _gather_logprobs(torch.log_softmax(logits, dim=-1), target_token_ids, num_top)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Masks to -inf every token but the listed ones in the listed rows; other rows stay as they are."""
+    restricted = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device).index_fill_(0, rows, True)
+    allowed = torch.zeros_like(logits, dtype=torch.bool)
+    allowed.index_put_((rows, token_ids), torch.ones_like(rows, dtype=torch.bool))
+    return logits.masked_fill(restricted.unsqueeze(1) & ~allowed, float("-inf"))
+
+
+def _banned(row: ScheduledRow) -> list[int]:
+    """The tokens this row may not sample now: its EOS and stop ids while under min_tokens, and its bad words'
+    last tokens where the output ends with the words' other tokens."""
+    state, params = row.state, row.state.sampling_params
+    banned = set()
+    if row.num_prior_outputs < params.min_tokens:
+        banned |= set(state.eos_token_ids) | set(params.stop_token_ids)
+    if params.bad_words_token_ids:
+        outputs = state.output_token_ids
+        for *prefix, last in params.bad_words_token_ids:
+            if not prefix or (len(outputs) >= len(prefix) and outputs[len(outputs) - len(prefix):] == prefix):
+                banned.add(last)
+    return sorted(banned)
 
 
 def apply_penalties(

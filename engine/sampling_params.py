@@ -8,6 +8,7 @@ Validation happens in two stages: `SamplingParams.__post_init__` checks what can
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # OpenAI caps top_logprobs at 20; we allow more offline but keep a hard ceiling so that one request cannot make the
@@ -35,6 +36,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] = field(default_factory=list)  # never generated; tokenized by `update_from_tokenizer`
+    bad_words_token_ids: list[list[int]] | None = None
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to the model's context length
     min_tokens: int = 0
@@ -52,6 +56,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words = list(self.bad_words or [])
         if self.top_k == -1:
             self.top_k = 0
         self._check()
@@ -92,18 +97,39 @@ class SamplingParams:
             if value is not None:
                 require(_is_int(value) and 0 <= value <= MAX_LOGPROBS, name,
                         f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        for i, word in enumerate(self.bad_words):
+            require(isinstance(word, str) and word.strip() != "", f"bad_words[{i}]", "must be a non-empty word")
+        if self.allowed_token_ids is not None:
+            require(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must name at least one token")
+            for i, t in enumerate(self.allowed_token_ids):
+                require(_is_int(t) and t >= 0, f"allowed_token_ids[{i}]", f"must be a token id >= 0, got {t!r}")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
                 require(_is_int(token_id) and token_id >= 0, "logit_bias", f"key {token_id!r} is not a token id")
                 require(_is_number(bias) and -100 <= bias <= 100, "logit_bias",
                         f"bias for token {token_id} must be in [-100, 100], got {bias!r}")
 
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Tokenizes `bad_words` as vLLM does: each word alone and after a space, as the model would write it
+        mid-text. A front end calls this before the request reaches the engine."""
+        sequences = []
+        for word in self.bad_words:
+            for variant in (word, " " + word.lstrip()):
+                token_ids = tokenizer.encode(variant, add_special_tokens=False)
+                if token_ids and token_ids not in sequences:
+                    sequences.append(token_ids)
+        self.bad_words_token_ids = sequences
+
     def verify_for_model(self, vocab_size: int) -> None:
-        """Checks the parameters that depend on the model: token ids must exist in its vocabulary."""
-        for i, t in enumerate(self.stop_token_ids):
-            if t >= vocab_size:
-                raise InvalidParameterError(f"stop_token_ids[{i}]", f"token id {t} is outside the vocabulary "
-                                                                    f"(size {vocab_size})")
+        """Checks the parameters that depend on the model: token ids must exist in its vocabulary, and bad words
+        must have been tokenized."""
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for i, t in enumerate(getattr(self, name) or []):
+                if t >= vocab_size:
+                    raise InvalidParameterError(f"{name}[{i}]", f"token id {t} is outside the vocabulary "
+                                                                f"(size {vocab_size})")
+        if self.bad_words and self.bad_words_token_ids is None:
+            raise InvalidParameterError("bad_words", "bad words need the tokenizer: call update_from_tokenizer")
         for token_id in self.logit_bias or {}:
             if token_id >= vocab_size:
                 raise InvalidParameterError("logit_bias", f"token id {token_id} is outside the vocabulary "
@@ -118,6 +144,12 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def needs_output_history(self) -> bool:
+        """Sampling reads the earlier output tokens: penalties, and bad words of several tokens (their last token
+        is banned only after the others)."""
+        return self.needs_penalties or any(len(s) > 1 for s in self.bad_words_token_ids or ())
+
+    @property
     def max_stop_string_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 
@@ -127,4 +159,4 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

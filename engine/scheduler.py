@@ -203,9 +203,9 @@ class Scheduler:
         return out
 
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
-        """Penalties need every earlier output token on the host, so a batch using them is completed before the
-        next step is scheduled."""
-        return not any(item.samples and item.request.sampling_params.needs_penalties
+        """Penalties and multi-token bad words need every earlier output token on the host, so a batch using them
+        is completed before the next step is scheduled."""
+        return not any(item.samples and item.request.sampling_params.needs_output_history
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:

@@ -2,6 +2,8 @@
 
 Templates render through transformers' `apply_chat_template`, which compiles them in jinja2's
 `ImmutableSandboxedEnvironment`: a template from a model folder cannot reach Python internals or mutate our objects.
+A request's extra template variables (`template_kwargs`, e.g. `enable_thinking`) reach the template only: the names
+that steer `apply_chat_template` itself (`RESERVED_TEMPLATE_KWARGS`) are refused.
 """
 
 from __future__ import annotations
@@ -12,11 +14,19 @@ from typing import TYPE_CHECKING
 
 from engine.models.builtin import resolve_model_source
 from engine.models.gguf import is_gguf
+from engine.sampling_params import InvalidParameterError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
+# apply_chat_template's own arguments, and the variables it sets: a request's template kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "bos_token", "eos_token",
+    "unk_token", "pad_token", "raise_exception", "strftime_now",
+})
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -43,8 +53,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template: str | None = None,
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, *, continue_final_message: bool = False,
+                documents: list[dict[str, str]] | None = None, template_kwargs: dict | None = None) -> str:
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the model has no chat template; configure one or use completions")
+    for name in sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or ())):
+        raise InvalidParameterError(f"chat_template_kwargs.{name}", f"{name} is not a template variable a request "
+                                                                    f"may set")
     return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, documents=documents,
+                                         **(template_kwargs or {}))

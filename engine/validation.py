@@ -12,9 +12,12 @@ from engine.sampling_params import InvalidParameterError, SamplingParams
 
 
 def validate_prompt(token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int,
-                    param: str = "prompt") -> None:
+                    param: str = "prompt", max_tokens_param: str | None = None) -> None:
     """Checks that the prompt is non-empty, leaves room for one generated token, and names only tokens of the
-    vocabulary, and that the parameters fit the model; `param` is the request's name for the prompt."""
+    vocabulary, and that the parameters fit the model; `param` is the request's name for the prompt.
+
+    `max_tokens_param` names the request's explicit max_tokens field, whose value must then fit in what the
+    context leaves after the prompt (vLLM's server refuses it too); without it a too-large max_tokens is lowered."""
     if not token_ids:
         raise InvalidParameterError(param, "the prompt is empty")
     if len(token_ids) >= max_model_len:
@@ -22,6 +25,11 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, *, max_model_l
                                            f"length is {max_model_len} (and at least one token must be generated)")
     if min(token_ids) < 0 or max(token_ids) >= vocab_size:
         raise InvalidParameterError(param, f"token ids must be in [0, {vocab_size})")
+    if max_tokens_param is not None and params.max_tokens is not None \
+            and len(token_ids) + params.max_tokens > max_model_len:
+        raise InvalidParameterError(max_tokens_param, f"this model's context length is {max_model_len} tokens; the "
+                                                      f"prompt has {len(token_ids)} and {max_tokens_param} asks for "
+                                                      f"{params.max_tokens} more")
     params.verify_for_model(vocab_size)
 
 

@@ -244,3 +244,25 @@ def test_compute_prompt_logprobs():
     for row, target in enumerate(targets.tolist()):
         assert lp.ranks[row].item() == sorted_ids[row].tolist().index(target) + 1
     assert compute_prompt_logprobs(logits, targets, num_top=0).token_ids.shape == (5, 1)
+
+
+def test_bad_words_ban_single_tokens_always_and_a_longer_words_last_token_after_its_prefix():
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 9] = logits[:, 11] = 5.0  # 9 beats 11 (lower index wins the argmax tie)
+    rows = [make_request(i, temperature=0.0, outputs=outputs) for i, outputs in enumerate([[], [3, 4], [4, 3]])]
+    for row in rows:
+        row.state.sampling_params.bad_words_token_ids = [[2], [3, 4, 9]]
+    rows[0].state.sampling_params.bad_words_token_ids = [[9]]
+    metadata = SamplingMetadata.from_rows(rows, CPU)
+    assert Sampler()(logits, metadata).sampled_token_ids.tolist() == [11, 11, 9]
+    assert metadata.min_tokens_mask[1].tolist().count(2) == 2  # the one-token word, on both rows that have it
+
+
+def test_allowed_token_ids_mask_every_other_token_of_their_rows_only():
+    logits = random_logits(2)
+    rows = [make_request(0, temperature=0.0, allowed_token_ids=[5, 6]), make_request(1, temperature=0.0)]
+    sampled = sample(rows, logits).sampled_token_ids.tolist()
+    assert sampled[0] == (5 if logits[0, 5] > logits[0, 6] else 6)
+    assert sampled[1] == logits[1].argmax().item()
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])

@@ -67,6 +67,9 @@ class ServerSpec(_Schema, kw_only=True):
     max_stop_string_length: Annotated[int, _doc("Longest stop string, in characters.", ge=1)] = 256
     max_prompt_chars: Annotated[int, _doc(
         "Longest prompt (all chat messages together), in characters, checked before tokenizing.", ge=1)] = 262144
+    ignore_unknown_fields: Annotated[bool, _doc(
+        "Accept API requests with fields kvbox does not know, logging a warning and ignoring them (false: such a "
+        "request gets 400 naming the field). Fields kvbox knows but cannot honour are refused either way.")] = False
     cors: Annotated[CorsSpec, _doc("Cross-origin requests from browsers.")] = field(default_factory=CorsSpec)
     drain_timeout_s: Annotated[float, _doc(
         "On shutdown or reload, seconds to let running requests finish before aborting them.", ge=0)] = 30.0

@@ -6,26 +6,30 @@ from __future__ import annotations
 import asyncio
 
 from litestar import Request, Response, post
+from msgspec import UNSET
 
 from appliance.errors import APIError
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
-from appliance.openai.logprobs import chat_logprobs
-from appliance.openai.prompts import chat_messages, render_prompt
+from appliance.openai.logprobs import chat_logprobs, prompt_logprobs
+from appliance.openai.openapi import request_body
+from appliance.openai.prompts import Prompt, chat_messages, check_continuation, render_prompt, truncate
 from appliance.openai.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                        ChatCompletionChunk, ChatCompletionRequest, Delta, Usage, now)
-from appliance.openai.serving import check_limits, open_model, read_request, sampling_params, start
+from appliance.openai.serving import (check_limits, fingerprint, open_model, read_request, sampling_params,
+                                      start)
 from appliance.request_ids import request_id
 from engine.output_processor import CompletionOutput, RequestOutput
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, operation_class=request_body(ChatCompletionRequest))
 async def create_chat_completion(request: Request) -> Response:
     req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
     if req.chat_template is not None:
         raise APIError.invalid("chat_template", "requests cannot supply a chat template; the server's operator "
                                                 "configures it per model")
     messages = chat_messages(req.messages)
+    check_continuation(messages, req.add_generation_prompt, req.continue_final_message)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs: true")
     max_tokens = (("max_completion_tokens", req.max_completion_tokens) if req.max_completion_tokens is not None
@@ -38,36 +42,58 @@ async def create_chat_completion(request: Request) -> Response:
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Chat's default is "as many as fit": the server's cap, which the engine lowers to what the context leaves.
     params = sampling_params(req, target.model.sampling_defaults, max_tokens=max_tokens[1], default_max_tokens=server.max_tokens,
-                             logprobs=num_logprobs)
-    prompt = await asyncio.to_thread(render_prompt, target.model, messages, req.add_generation_prompt)
-    generation = start(context, request_id(request), target, [prompt], params, "messages", req.priority)
-    choices = _Choices(f"chatcmpl-{generation.request_id}", req.model, target.model.tokenizer, num_logprobs)
+                             logprobs=num_logprobs, prompt_logprobs=req.prompt_logprobs)
+    prompt = await asyncio.to_thread(_prompt, target, messages, req, params)
+    generation = start(context, request_id(request), target, [prompt], params, req, "messages",
+                       max_tokens[0] if max_tokens[1] is not None else None)
+    choices = _Choices(f"chatcmpl-{generation.request_id}", req, target.model.tokenizer, num_logprobs,
+                       fingerprint(target.model))
     if req.stream:
-        return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None)
+        return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None,
+                               first=[choices.role_chunk(i) for i in range(params.n)])
     outputs = await collect(request, generation)
     return Response(choices.response(outputs[0], generation.usage()))
 
 
+def _prompt(target, messages: list[dict[str, str]], req: ChatCompletionRequest, params) -> Prompt:
+    """The rendered, tokenized and truncated conversation, and the bad words tokenized; blocking."""
+    params.update_from_tokenizer(target.model.tokenizer)
+    prompt = render_prompt(target.model, messages, req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message, documents=req.documents,
+                           template_kwargs=req.chat_template_kwargs)
+    return truncate([prompt], req.truncate_prompt_tokens, target.model.tokenizer)[0]
+
+
 class _Choices:
-    def __init__(self, response_id: str, model: str, tokenizer, num_logprobs: int | None):
-        self.id, self.created, self.model = response_id, now(), model
-        self.tokenizer, self.num_logprobs = tokenizer, num_logprobs
-        self._started: set[int] = set()  # choices whose first chunk (the one naming the role) went out
+    def __init__(self, response_id: str, req: ChatCompletionRequest, tokenizer, num_logprobs: int | None,
+                 system_fingerprint: str):
+        self.id, self.created, self.model, self.fingerprint = response_id, now(), req.model, system_fingerprint
+        self.tokenizer, self.num_logprobs, self.num_prompt_logprobs = tokenizer, num_logprobs, req.prompt_logprobs
+        # OpenAI puts `"usage": null` on a stream's chunks only when the stream asked for usage; else no key.
+        self.chunk_usage = None if req.include_usage else UNSET
 
     def response(self, output: RequestOutput, usage: Usage) -> ChatCompletion:
         choices = [ChatChoice(c.index, AssistantMessage(c.text), self._logprobs(c.logprobs), c.finish_reason,
                               c.stop_reason) for c in output.outputs]
-        return ChatCompletion(self.id, self.created, self.model, choices, usage)
+        return ChatCompletion(self.id, self.created, self.model, choices, usage, self.fingerprint,
+                              UNSET if self.num_prompt_logprobs is None else prompt_logprobs(
+                                  self.tokenizer, output.prompt_token_ids, output.prompt_logprobs))
+
+    def role_chunk(self, choice: int) -> ChatCompletionChunk:
+        """A choice's first chunk names the role and nothing else, as OpenAI's and vLLM's streams do (with an empty
+        logprobs list when logprobs were asked for: every chunk of such a stream has one)."""
+        return self._chunk([ChatChunkChoice(choice, Delta(role="assistant", content=""), self._logprobs([]))])
 
     def chunk(self, choice: int, completion: CompletionOutput, output: RequestOutput) -> ChatCompletionChunk:
-        delta = Delta(role=None if choice in self._started else "assistant", content=completion.delta_text)
-        self._started.add(choice)
-        return ChatCompletionChunk(self.id, self.created, self.model, [ChatChunkChoice(
-            choice, delta, self._logprobs(completion.delta_logprobs), completion.finish_reason,
-            completion.stop_reason)])
+        return self._chunk([ChatChunkChoice(choice, Delta(content=completion.delta_text),
+                                            self._logprobs(completion.delta_logprobs), completion.finish_reason,
+                                            completion.stop_reason)])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
-        return ChatCompletionChunk(self.id, self.created, self.model, [], usage)
+        return ChatCompletionChunk(self.id, self.created, self.model, [], usage, self.fingerprint)
+
+    def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(self.id, self.created, self.model, choices, self.chunk_usage, self.fingerprint)
 
     def _logprobs(self, entries):
         return None if self.num_logprobs is None else chat_logprobs(self.tokenizer, entries or [],

@@ -1,24 +1,28 @@
-"""POST /v1/completions: one or several prompts (text or token ids), `echo`, and the legacy logprobs format."""
+"""POST /v1/completions: one or several prompts (text or token ids), `echo`, the legacy logprobs format and vLLM's
+`prompt_logprobs` (asked for, or implied by echo with logprobs)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from litestar import Request, Response, post
+from msgspec import UNSET
 
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
-from appliance.openai.logprobs import completion_logprobs
-from appliance.openai.prompts import Prompt, prompt_inputs, tokenize_inputs
+from appliance.openai.logprobs import completion_logprobs, prompt_logprobs
+from appliance.openai.openapi import request_body
+from appliance.openai.prompts import Prompt, prompt_inputs, tokenize_inputs, truncate
 from appliance.openai.protocol import Completion, CompletionChoice, CompletionRequest, Usage, now
-from appliance.openai.serving import check_limits, open_model, read_request, sampling_params, start
+from appliance.openai.serving import (check_limits, fingerprint, open_model, read_request, sampling_params,
+                                      start)
 from appliance.request_ids import request_id
 from engine.output_processor import CompletionOutput, RequestOutput
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # the completions API's default; chat's is "as many as fit"
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, operation_class=request_body(CompletionRequest))
 async def create_completion(request: Request) -> Response:
     req: CompletionRequest = await read_request(request, CompletionRequest)
     inputs = prompt_inputs(req.prompt)
@@ -26,44 +30,63 @@ async def create_completion(request: Request) -> Response:
     check_limits(context.server, req, max_tokens=("max_tokens", req.max_tokens), logprobs=("logprobs", req.logprobs),
                  prompt_chars=("prompt", sum(len(p) for p in inputs if isinstance(p, str))))
     target = open_model(context.supervisor, req.model)
+    num_prompt_logprobs = _num_prompt_logprobs(req)
     params = sampling_params(req, target.model.sampling_defaults, max_tokens=req.max_tokens,
                              default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
-                             prompt_logprobs=req.logprobs if req.echo else None)
+                             prompt_logprobs=num_prompt_logprobs)
     # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a
     # thread hop would queue them behind every request the loop has not parsed yet.
     tokenizer = target.model.tokenizer
-    needs_tokenizer = req.echo or any(isinstance(p, str) for p in inputs)
-    prompts = (await asyncio.to_thread(tokenize_inputs, tokenizer, inputs, req.echo) if needs_tokenizer
-               else [(None, p) for p in inputs])
-    generation = start(context, request_id(request), target, prompts, params, "prompt", req.priority)
-    choices = _Choices(f"cmpl-{generation.request_id}", req.model, tokenizer, prompts, params.n, req.echo,
-                       req.logprobs is not None)
+    needs_tokenizer = req.echo or req.bad_words or any(isinstance(p, str) for p in inputs)
+    prompts = (await asyncio.to_thread(_prompts, tokenizer, inputs, req, params) if needs_tokenizer
+               else truncate([(None, p) for p in inputs], req.truncate_prompt_tokens, tokenizer))
+    generation = start(context, request_id(request), target, prompts, params, req, "prompt",
+                       "max_tokens" if req.max_tokens is not None else None)
+    choices = _Choices(f"cmpl-{generation.request_id}", req, tokenizer, prompts, params.n,
+                       num_prompt_logprobs is not None, fingerprint(target.model))
     if req.stream:
         return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None)
     outputs = await collect(request, generation)
     return Response(choices.response(outputs, generation.usage()))
 
 
+def _num_prompt_logprobs(req: CompletionRequest) -> int | None:
+    """Echo with logprobs implies prompt logprobs (the echoed tokens get theirs), as in vLLM."""
+    implied = req.logprobs if req.echo else None
+    if req.prompt_logprobs is None or implied is None:
+        return implied if req.prompt_logprobs is None else req.prompt_logprobs
+    return max(req.prompt_logprobs, implied)
+
+
+def _prompts(tokenizer, inputs: list[str | list[int]], req: CompletionRequest, params) -> list[Prompt]:
+    """The prompts tokenized and truncated, and the bad words tokenized; blocking."""
+    params.update_from_tokenizer(tokenizer)
+    return truncate(tokenize_inputs(tokenizer, inputs, req.echo), req.truncate_prompt_tokens, tokenizer)
+
+
 class _Choices:
     """Builds the response's choices, whole or as stream chunks; a stream's first chunk of a choice carries the
     echoed prompt, and its logprobs' text offsets continue from chunk to chunk."""
 
-    def __init__(self, response_id: str, model: str, tokenizer, prompts: list[Prompt], n: int, echo: bool,
-                 logprobs: bool):
-        self.id, self.created, self.model = response_id, now(), model
-        self.tokenizer, self.prompts, self.n, self.echo, self.logprobs = tokenizer, prompts, n, echo, logprobs
+    def __init__(self, response_id: str, req: CompletionRequest, tokenizer, prompts: list[Prompt], n: int,
+                 with_prompt_logprobs: bool, system_fingerprint: str):
+        self.id, self.created, self.model, self.fingerprint = response_id, now(), req.model, system_fingerprint
+        self.tokenizer, self.prompts, self.n, self.echo = tokenizer, prompts, n, req.echo
+        self.logprobs, self.with_prompt_logprobs = req.logprobs is not None, with_prompt_logprobs
+        self.chunk_usage = None if req.include_usage else UNSET  # as chat's
         self._text_offsets: dict[int, int] = {}  # choice -> offset after the text streamed so far
 
     def response(self, outputs: list[RequestOutput], usage: Usage) -> Completion:
         choices = [self._choice(i * self.n + c.index, c, o, whole=True) for i, o in enumerate(outputs)
                    for c in o.outputs]
-        return Completion(self.id, self.created, self.model, choices, usage)
+        return Completion(self.id, self.created, self.model, choices, usage, self.fingerprint)
 
     def chunk(self, choice: int, completion: CompletionOutput, output: RequestOutput) -> Completion:
-        return Completion(self.id, self.created, self.model, [self._choice(choice, completion, output, whole=False)])
+        return Completion(self.id, self.created, self.model, [self._choice(choice, completion, output, whole=False)],
+                          self.chunk_usage, self.fingerprint)
 
     def usage_chunk(self, usage: Usage) -> Completion:
-        return Completion(self.id, self.created, self.model, [], usage)
+        return Completion(self.id, self.created, self.model, [], usage, self.fingerprint)
 
     def _choice(self, choice: int, completion: CompletionOutput, output: RequestOutput,
                 whole: bool) -> CompletionChoice:
@@ -80,4 +103,7 @@ class _Choices:
             logprobs, text_offset = completion_logprobs(self.tokenizer, token_ids, entries,
                                                         0 if whole else self._text_offsets.get(choice, 0))
         self._text_offsets[choice] = text_offset
-        return CompletionChoice(choice, text, logprobs, completion.finish_reason, completion.stop_reason)
+        prompt_entries = (prompt_logprobs(self.tokenizer, output.prompt_token_ids, output.prompt_logprobs)
+                          if self.with_prompt_logprobs and whole else UNSET)
+        return CompletionChoice(choice, text, logprobs, completion.finish_reason, completion.stop_reason,
+                                prompt_entries)

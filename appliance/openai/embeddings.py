@@ -50,7 +50,7 @@ async def create_embeddings(request: Request) -> Response:
 async def pool(request: Request, context: ServingContext, target: Target, prompts: list[Prompt],
                pooling: list[PoolingParams], param: str) -> list[np.ndarray]:
     """Each prompt's pooled vector (an embedding, or a cross-encoder's one score), in prompt order."""
-    generation = start(context, request_id(request), target, prompts, POOLING_SAMPLING, param, pooling=pooling)
+    generation = start(context, request_id(request), target, prompts, POOLING_SAMPLING, None, param, pooling=pooling)
     outputs = await collect(request, generation)
     return [decode_vector(output.pooled) for output in outputs]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import msgspec
 from litestar import Request
@@ -42,7 +42,8 @@ class Generation:
 
     def __init__(self, client: EngineClient, request_id: str, prompts: list[Prompt], params: SamplingParams, *,
                  metrics: Metrics, on_done: Callable[[], None], stats: StatsHub | None = None, priority: int = 0,
-                 lora_name: str | None = None, pooling: list[PoolingParams] | None = None):
+                 cache_salt: str | None = None, lora_name: str | None = None,
+                 pooling: list[PoolingParams] | None = None):
         self.request_id = request_id
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
@@ -56,7 +57,7 @@ class Generation:
         try:
             for i, (text, token_ids) in enumerate(prompts):
                 client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name,
-                                   pooling[i] if pooling is not None else None)
+                                   pooling[i] if pooling is not None else None, cache_salt=cache_salt)
         except BaseException:
             self._close()
             raise
@@ -149,10 +150,11 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def stream_response(generation: Generation, render: Callable[[int, CompletionOutput, RequestOutput], msgspec.Struct],
-                    usage_chunk: Callable[[Usage], msgspec.Struct] | None) -> Stream:
-    """Server-sent events: a chunk per update of each choice (under load one update carries several tokens), the
-    usage chunk if asked, then `[DONE]`. A failure mid-stream (an engine that died) ends it with an error event; the
-    HTTP status is already sent."""
+                    usage_chunk: Callable[[Usage], msgspec.Struct] | None,
+                    first: Sequence[msgspec.Struct] = ()) -> Stream:
+    """Server-sent events: the `first` chunks (chat's role chunks), a chunk per update of each choice (under load
+    one update carries several tokens), the usage chunk if asked, then `[DONE]`. A failure mid-stream (an engine
+    that died) ends it with an error event; the HTTP status is already sent."""
 
     def render_batch(batch: list[tuple[int, RequestOutput]], finished: set[int]) -> bytes:
         return b"".join(_event(render(choice, completion, output)) for index, output in batch
@@ -162,6 +164,8 @@ def stream_response(generation: Generation, render: Callable[[int, CompletionOut
         finished: set[int] = set()
         try:
             try:
+                if first:
+                    yield b"".join(map(_event, first))
                 async for batch in generation.outputs():
                     # A batch's chunks go out in one write: the HTTP layer's cost is per write, hardly per byte.
                     if chunks := render_batch(batch, finished):

@@ -1,4 +1,5 @@
-"""Logprobs in OpenAI's two formats: completions' legacy parallel lists, and chat's per-token objects with bytes.
+"""Logprobs in OpenAI's two formats: completions' legacy parallel lists, and chat's per-token objects with bytes;
+and vLLM's `prompt_logprobs` (per prompt token, token id -> logprob, rank, decoded token).
 
 A token's text is its own bytes decoded on their own, so a token holding part of a UTF-8 character reads as U+FFFD;
 chat's `bytes` field carries the exact bytes, which clients join to rebuild such characters. Byte-level BPE
@@ -10,7 +11,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
-from appliance.openai.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from appliance.openai.protocol import (ChatLogprobs, CompletionLogprobs, PromptLogprob, PromptLogprobs,
+                                       TokenLogprob, TopLogprob)
 from engine.contract import TokenLogprobs
 
 # JSON has no -inf; vLLM reports this instead.
@@ -60,6 +62,23 @@ def chat_logprobs(tokenizer, entries: Sequence[TokenLogprobs], num_top: int) -> 
                                    for t, lp in zip(e.token_ids[1:num_top + 1], e.logprobs[1:num_top + 1])])
         for e in entries
     ])
+
+
+def prompt_logprobs(tokenizer, token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None] | None
+                    ) -> PromptLogprobs:
+    """vLLM's format: for each prompt token (None for the first, which nothing predicts) the token itself with its
+    rank, and the top k with ranks 1 ... k."""
+    result: PromptLogprobs = []
+    for token_id, entry in zip(token_ids, entries or []):
+        if entry is None:
+            result.append(None)
+            continue
+        ranks = [entry.rank, *range(1, len(entry.token_ids))]
+        position: dict[str, PromptLogprob] = {}
+        for t, lp, rank in zip(entry.token_ids, entry.logprobs, ranks):  # the prompt token first: its rank stays
+            position.setdefault(str(t), PromptLogprob(max(lp, _MIN_LOGPROB), rank, token_text(tokenizer, t)))
+        result.append(position)
+    return result
 
 
 def _top(tokenizer, token_id: int, logprob: float) -> dict:

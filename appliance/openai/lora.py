@@ -19,8 +19,9 @@ from litestar import Request, Response, delete, get, post
 from appliance.auth import require_admin_key
 from appliance.errors import RETRY_UNAVAILABLE_S, APIError
 from appliance.openai.context import serving_context
+from appliance.openai.openapi import request_body
 from appliance.openai.protocol import AdminLoadLora, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
-from appliance.openai.serving import decode
+from appliance.openai.strict import decode
 from appliance.supervisor import LoraError, ModelRuntime, Supervisor
 from ui.session import SELF_AUTHENTICATED, require_admin_session_for_changes
 
@@ -91,7 +92,8 @@ async def _unload(supervisor: Supervisor, model: ModelRuntime, name: str) -> Non
 
 
 # ---- vLLM-compatible ----
-@post("/v1/load_lora_adapter", guards=[require_admin_key], status_code=200)
+@post("/v1/load_lora_adapter", guards=[require_admin_key], status_code=200,
+      operation_class=request_body(LoadLoraAdapterRequest))
 async def load_lora_adapter(request: Request) -> Response:
     req = decode(await request.body(), LoadLoraAdapterRequest)
     supervisor = _supervisor(request)
@@ -99,7 +101,8 @@ async def load_lora_adapter(request: Request) -> Response:
     return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.", media_type="text/plain")
 
 
-@post("/v1/unload_lora_adapter", guards=[require_admin_key], status_code=200)
+@post("/v1/unload_lora_adapter", guards=[require_admin_key], status_code=200,
+      operation_class=request_body(UnloadLoraAdapterRequest))
 async def unload_lora_adapter(request: Request) -> Response:
     req = decode(await request.body(), UnloadLoraAdapterRequest)
     supervisor = _supervisor(request)
@@ -114,7 +117,7 @@ def admin_list_loras(request: Request, model: str) -> dict:
     return _listing(_supervisor(request).get(model))
 
 
-@post("/admin/models/{model:str}/loras", **_ADMIN, status_code=200)
+@post("/admin/models/{model:str}/loras", **_ADMIN, status_code=200, operation_class=request_body(AdminLoadLora))
 async def admin_load_lora(request: Request, model: str) -> dict:
     req = decode(await request.body(), AdminLoadLora)
     supervisor = _supervisor(request)

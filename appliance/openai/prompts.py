@@ -11,9 +11,22 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from appliance.errors import APIError
 from appliance.openai.protocol import ChatMessage
 from appliance.supervisor import ModelRuntime
+from engine.sampling_params import InvalidParameterError
 from engine.tokenizer import render_chat
 
 Prompt = tuple[str | None, list[int]]  # (text if known, token ids)
+
+
+def check_continuation(messages: list[dict[str, str]], add_generation_prompt: bool,
+                       continue_final_message: bool) -> None:
+    """vLLM's rules for continuing the last message rather than answering it."""
+    if not continue_final_message:
+        return
+    if add_generation_prompt:
+        raise APIError.invalid("continue_final_message", "continue_final_message needs add_generation_prompt: "
+                                                         "false (a reply cannot also continue the last message)")
+    if messages[-1]["role"] != "assistant":
+        raise APIError.invalid("continue_final_message", "continue_final_message needs an assistant message last")
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -33,16 +46,18 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return result
 
 
-def render_prompt(model: ModelRuntime, messages: list[dict[str, str]], add_generation_prompt: bool) -> Prompt:
-    """Renders and tokenizes a conversation; blocking."""
+def render_prompt(model: ModelRuntime, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  **options) -> Prompt:
+    """Renders and tokenizes a conversation; blocking. `options`: `render_chat`'s (continue_final_message,
+    documents, template_kwargs)."""
     template = model.spec.chat_template
     if template is not None and template.endswith(".jinja"):
         template = Path(template).read_text()  # read each time, so that an edited file applies on reload
     try:
-        text = render_chat(model.tokenizer, messages, template, add_generation_prompt)
-    except TemplateSyntaxError:
-        raise  # the operator's template is broken: a server error, logged
-    except (ValueError, TemplateError) as e:  # no template, or the template refused these messages
+        text = render_chat(model.tokenizer, messages, template, add_generation_prompt, **options)
+    except (TemplateSyntaxError, InvalidParameterError):
+        raise  # the operator's template is broken (a server error, logged), or a request's kwarg named its param
+    except (ValueError, TemplateError, TypeError) as e:  # no template, or it refused these messages (or kwargs)
         raise APIError.invalid("messages", f"cannot apply the chat template: {e}") from None
     return text, model.tokenizer.encode(text, add_special_tokens=False)
 
@@ -58,6 +73,15 @@ def prompt_inputs(prompt: str | list, param: str = "prompt") -> list[str | list[
         return list(prompt)
     raise APIError.invalid(param, "expected a string, a list of strings, a list of token ids or a list of "
                                      "token-id lists, none of them empty")
+
+
+def truncate(prompts: list[Prompt], num_tokens: int | None, tokenizer) -> list[Prompt]:
+    """Each prompt's last `num_tokens` tokens (vLLM's `truncate_prompt_tokens`), its text decoded again if it had
+    some (an echo shows what the model saw). Blocking."""
+    if num_tokens is None:
+        return prompts
+    return [(text if len(ids) <= num_tokens or text is None else tokenizer.decode(ids[-num_tokens:]),
+             ids[-num_tokens:]) for text, ids in prompts]
 
 
 def tokenize_inputs(tokenizer, inputs: list[str | list[int]], echo: bool) -> list[Prompt]:

@@ -4,47 +4,62 @@ object), vLLM's (tokenize, LoRA adapters) and the admin API's LoRA changes.
 Requests are decoded by `appliance.openai.serving.read_request`, which turns msgspec's errors into `APIError`s whose
 `param` names the field. Optional request fields default to None so that "not given" stays distinguishable from a
 value: a model's configured sampling defaults fill exactly the fields a request leaves out. Unknown fields are
-ignored, as OpenAI's and vLLM's servers do (the LoRA routes' excepted: a typo there would change the wrong thing).
+refused (`forbid_unknown_fields`): a misspelt or unsupported field silently ignored would change the answer without a
+word (`server.ignore_unknown_fields` relaxes this). Integers are bounded to int64 here, so that nothing larger reaches
+the engine's tensors. The same structs describe the request bodies in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
 # ---- requests ----
-class StreamOptions(msgspec.Struct):
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    """Every request struct: unknown fields are refused."""
+
+
+class StreamOptions(Strict, kw_only=True):
     include_usage: bool = False
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
+class SamplingFields(Strict, kw_only=True):
     """Fields that completions and chat share; `appliance.openai.serving.sampling_params` maps them."""
 
     model: str
-    n: int | None = None
+    n: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys are strings) -> bias
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int64 = 0
+    stop_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    prompt_logprobs: Int64 | None = None
+    truncate_prompt_tokens: Int64 | None = None  # keep the prompt's last k tokens
+    cache_salt: str | None = None  # prompts share cached KV blocks only with requests of the same salt
+    priority: Int64 = 0
 
     @property
     def include_usage(self) -> bool:
@@ -54,17 +69,18 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     # A string, a list of strings, a list of token ids or a list of token-id lists (checked in completions.py;
     # msgspec unions cannot hold several list types).
-    prompt: str | list[str | int | list[int]]
-    max_tokens: int | None = None
-    logprobs: int | None = None
+    prompt: str | list[str | TokenId | list[TokenId]]
+    max_tokens: Int64 | None = None
+    logprobs: Int64 | None = None
     echo: bool = False
 
 
-class TextPart(msgspec.Struct, tag="text"):
+class TextPart(Strict, kw_only=True):
+    type: Literal["text"]  # a field rather than a tag: a tag may be left out, and a part must say what it is
     text: str
 
 
-class ChatMessage(msgspec.Struct):
+class ChatMessage(Strict, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # text parts only: kvbox serves no multimodal models
     name: str | None = None
@@ -73,26 +89,31 @@ class ChatMessage(msgspec.Struct):
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
+    documents: list[dict[str, str]] | None = None  # for retrieval-augmented templates (vLLM's shape)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the model's chat template
     chat_template: str | None = None  # refused: templates run code, so only the operator may set them
 
 
-class TokenizeRequest(msgspec.Struct, kw_only=True):
+class TokenizeRequest(Strict, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(msgspec.Struct, kw_only=True):
+class DetokenizeRequest(Strict, kw_only=True):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ---- responses ----
@@ -120,12 +141,25 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int] = msgspec.field(default_factory=list)
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's per-token entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, token id (a string: JSON keys are) -> its entry; None for the first
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # present when asked for (or echo with logprobs)
 
 
 class Completion(msgspec.Struct):
@@ -135,7 +169,8 @@ class Completion(msgspec.Struct):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: Usage | None | UnsetType = UNSET  # a chunk has none unless the stream asked for usage (then null)
+    system_fingerprint: str | None = None
     object: str = "text_completion"
 
 
@@ -175,6 +210,8 @@ class ChatCompletion(msgspec.Struct):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
     object: str = "chat.completion"
 
 
@@ -196,7 +233,8 @@ class ChatCompletionChunk(msgspec.Struct):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None | UnsetType = UNSET  # as in `Completion`
+    system_fingerprint: str | None = None
     object: str = "chat.completion.chunk"
 
 
@@ -227,19 +265,19 @@ class DetokenizeResponse(msgspec.Struct):
 
 
 # ---- LoRA adapters ----
-class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
+class LoadLoraAdapterRequest(Strict, kw_only=True):
     lora_name: str
     lora_path: str
     base_model: str | None = None
 
 
-class UnloadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True):
+class UnloadLoraAdapterRequest(Strict, kw_only=True):
     lora_name: str
-    lora_int_id: int | None = None  # vLLM's; ignored
+    lora_int_id: Int64 | None = None  # vLLM's; ignored
     base_model: str | None = None
 
 
-class AdminLoadLora(msgspec.Struct, forbid_unknown_fields=True):
+class AdminLoadLora(Strict, kw_only=True):
     name: str
     path: str
 

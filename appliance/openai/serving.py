@@ -10,8 +10,9 @@ or `InvalidParameterError`, which `appliance.errors` turns into OpenAI's error o
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
+from importlib.metadata import version
 from typing import NamedTuple
 
 import msgspec
@@ -21,10 +22,11 @@ from appliance.config import ServerSpec
 from appliance.config.schema import SamplingDefaults
 from appliance.engines import EngineClient
 from appliance.errors import RETRY_UNAVAILABLE_S, APIError
-from appliance.openai.context import ServingContext
+from appliance.openai.context import ServingContext, serving_context
 from appliance.openai.generation import Generation
 from appliance.openai.prompts import Prompt
 from appliance.openai.protocol import SamplingFields
+from appliance.openai.strict import decode
 from appliance.supervisor import ModelRuntime, Supervisor
 from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
@@ -38,32 +40,21 @@ _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "f
 
 
 async def read_request(request: Request, type_: type[msgspec.Struct]) -> msgspec.Struct:
-    return decode(await request.body(), type_)
-
-
-def decode(body: bytes, type_: type[msgspec.Struct]) -> msgspec.Struct:
-    try:
-        return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as e:
-        raise APIError.invalid(*_validation_param(str(e))) from None
-    except msgspec.DecodeError as e:
-        raise APIError.invalid(None, f"the request body is not valid JSON: {e}") from None
-
-
-def _validation_param(message: str) -> tuple[str | None, str]:
-    """("messages[0].role", message) from msgspec's "... - at `$.messages[0].role`" or "missing field `model`"."""
-    at = re.search(r" - at `\$(.*)`$", message)
-    path = at.group(1).lstrip(".") if at else ""
-    missing = re.match(r"Object (?:missing required|contains unknown) field `(.+?)`", message)
-    if missing:
-        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
-    return path or None, message
+    """The body as `type_`; unknown fields are refused unless the server is configured to ignore them. The body is
+    read as JSON whatever its Content-Type says (`curl -d` sends a form type), but never compressed."""
+    encoding = request.headers.get("content-encoding", "identity")
+    if encoding.lower() != "identity":
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported; send the JSON body uncompressed",
+                       param="Content-Encoding")
+    ignore_unknown = serving_context(request).server.ignore_unknown_fields
+    return decode(await request.body(), type_, ignore_unknown)
 
 
 def check_limits(server: ServerSpec, req: SamplingFields, *, max_tokens: tuple[str, int | None],
                  logprobs: tuple[str, int | None], prompt_chars: tuple[str, int]) -> None:
-    """The server's caps, checked before tokenizing so that an oversized request costs nothing. Each argument is
-    (the request's name for the field, its value)."""
+    """The server's caps and OpenAI's ranges, checked before tokenizing so that an oversized request costs nothing.
+    Each argument is (the request's name for the field, its value)."""
+    _check_consistency(req)
     if req.n is not None and req.n > server.max_n:
         raise APIError.invalid("n", f"n is {req.n}; this server allows at most {server.max_n}")
     for (param, value), cap in ((max_tokens, server.max_tokens), (logprobs, server.max_logprobs)):
@@ -75,10 +66,27 @@ def check_limits(server: ServerSpec, req: SamplingFields, *, max_tokens: tuple[s
                                        f"{server.max_stop_strings}")
     if any(len(s) > server.max_stop_string_length for s in stop):
         raise APIError.invalid("stop", f"a stop string is longer than {server.max_stop_string_length} characters")
+    if req.prompt_logprobs is not None and req.prompt_logprobs > server.max_logprobs:
+        raise APIError.invalid("prompt_logprobs", f"prompt_logprobs is {req.prompt_logprobs}; this server allows at "
+                                                  f"most {server.max_logprobs}")
     param, num_chars = prompt_chars
     if num_chars > server.max_prompt_chars:
         raise APIError.invalid(param, f"the prompt has {num_chars} characters; this server allows at most "
                                       f"{server.max_prompt_chars}")
+
+
+def _check_consistency(req: SamplingFields) -> None:
+    """Where OpenAI's (or vLLM's) server refuses a combination or a range that the engine alone would accept."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError.invalid("stream_options", "stream_options is only allowed with stream: true")
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError.invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        raise APIError.invalid("temperature", f"temperature must be in [0, 2] (OpenAI's range), got "
+                                              f"{req.temperature}")
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
+        raise APIError.invalid("truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (the number of the "
+                                                         "prompt's last tokens to keep)")
 
 
 class Target(NamedTuple):
@@ -98,6 +106,12 @@ def open_model(supervisor: Supervisor, name: str, tasks: tuple[str, ...] = ("gen
         raise APIError(400, f"model {name!r} serves task {model.spec.task!r}; this route needs a model of task "
                             f"{' or '.join(map(repr, tasks))}", param="model", code="wrong_model_task")
     return Target(model, model.pick_replica(), lora_name)
+
+
+def fingerprint(model: ModelRuntime) -> str:
+    """OpenAI's `system_fingerprint`: it changes when kvbox's version or the model's configuration does, either of
+    which may change what the same seed gives."""
+    return "fp_" + hashlib.sha256(msgspec.json.encode([version("kvbox"), model.spec])).hexdigest()[:12]
 
 
 def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_tokens: int | None,
@@ -122,6 +136,8 @@ def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_toke
         seed=req.seed,
         stop=req.stop or [],
         stop_token_ids=req.stop_token_ids or [],
+        bad_words=req.bad_words or [],
+        allowed_token_ids=req.allowed_token_ids,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
@@ -141,9 +157,11 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 
 def start(context: ServingContext, request_id: str, target: Target, prompts: list[Prompt], params: SamplingParams,
-          prompt_param: str, priority: int = 0, pooling: list[PoolingParams] | None = None) -> Generation:
-    """Checks the prompts against the model, admits the request and starts its engine requests (with `pooling`, one
-    per prompt: an embed or score model's)."""
+          req: SamplingFields | None, prompt_param: str, max_tokens_param: str | None = None,
+          pooling: list[PoolingParams] | None = None) -> Generation:
+    """Checks the prompts against the model, admits the request and starts its engine requests. `req` gives the
+    priority and cache salt (None: the defaults); `max_tokens_param` names the request's max_tokens field if it gave
+    one (a value beyond the context is then refused); with `pooling`, one per prompt: an embed or score model's."""
     info = target.client.info
     for i, (_, token_ids) in enumerate(prompts):
         if pooling is not None:
@@ -151,10 +169,12 @@ def start(context: ServingContext, request_id: str, target: Target, prompts: lis
                                     vocab_size=info.vocab_size, param=prompt_param)
         else:
             validate_prompt(token_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                            param=prompt_param)
+                            param=prompt_param, max_tokens_param=max_tokens_param)
     model = target.model
     context.admission.acquire(model, request_id, len(prompts))
     logger.debug("request %s: %d prompt(s) to %s[%d]", request_id, len(prompts), model.name, target.client.replica)
     return Generation(target.client, request_id, prompts, params, metrics=context.metrics, stats=context.stats,
-                      priority=priority, lora_name=target.lora_name, pooling=pooling,
+                      priority=req.priority if req is not None else 0,
+                      cache_salt=req.cache_salt if req is not None else None, lora_name=target.lora_name,
+                      pooling=pooling,
                       on_done=lambda: context.admission.release(model.name, request_id))

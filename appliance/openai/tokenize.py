@@ -8,18 +8,21 @@ from litestar import Request, post
 
 from appliance.errors import APIError
 from appliance.openai.context import serving_context
-from appliance.openai.prompts import chat_messages, render_prompt
+from appliance.openai.openapi import request_body
+from appliance.openai.prompts import chat_messages, check_continuation, render_prompt
 from appliance.openai.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from appliance.openai.serving import read_request
 from appliance.supervisor import ModelRuntime, ModelUnavailableError, Supervisor
 
 
-@post("/tokenize", status_code=200)
+@post("/tokenize", status_code=200, operation_class=request_body(TokenizeRequest))
 async def tokenize(request: Request) -> TokenizeResponse:
     req: TokenizeRequest = await read_request(request, TokenizeRequest)
     if (req.prompt is None) == (req.messages is None):
         raise APIError.invalid("prompt", "give either prompt or messages")
     messages = chat_messages(req.messages) if req.messages is not None else None
+    if messages is not None:
+        check_continuation(messages, req.add_generation_prompt, req.continue_final_message)
     num_chars = len(req.prompt) if messages is None else sum(len(m["content"]) for m in messages)
     context = serving_context(request)
     limit = context.server.max_prompt_chars
@@ -30,13 +33,15 @@ async def tokenize(request: Request) -> TokenizeResponse:
     if messages is None:
         tokens = await asyncio.to_thread(model.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        _, tokens = await asyncio.to_thread(render_prompt, model, messages, req.add_generation_prompt)
+        _, tokens = await asyncio.to_thread(render_prompt, model, messages, req.add_generation_prompt,
+                                            continue_final_message=req.continue_final_message,
+                                            template_kwargs=req.chat_template_kwargs)
     info = model.info
     return TokenizeResponse(len(tokens), info.max_model_len if info is not None else None, tokens,
                             model.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None)
 
 
-@post("/detokenize", status_code=200)
+@post("/detokenize", status_code=200, operation_class=request_body(DetokenizeRequest))
 async def detokenize(request: Request) -> DetokenizeResponse:
     req: DetokenizeRequest = await read_request(request, DetokenizeRequest)
     model = _model(serving_context(request).supervisor, req.model)
