@@ -12,7 +12,12 @@ from __future__ import annotations
 import enum
 import time
 
+from typing import TYPE_CHECKING
+
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured_output.manager import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -102,6 +107,8 @@ class Request:
         self.num_tokens_sent = 0
         self.num_blocks_sent = 0
         self.resumed = False  # preempted since it was last scheduled
+        # Structured outputs: the grammar's compilation, then this request's own matcher (the scheduler's).
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

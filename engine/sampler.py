@@ -7,7 +7,8 @@ building only what some row uses, so a plain greedy batch costs an argmax.
 Order of operations in `Sampler.__call__`:
   1. Logprobs, when any row asked for them, come from the RAW logits (log_softmax before any processing, like
      vLLM's default), so they describe the model, not our sampling settings.
-  2. Logit bias is added.
+  2. Structured outputs: tokens the row's grammar forbids get -inf (xgrammar's bitmask, one kernel).
+     Logit bias is added.
   3. min_tokens: rows with fewer than min_tokens outputs get their EOS and stop token ids masked to -inf.
   4. Penalties: repetition (HF/vLLM: for tokens seen in prompt or output, positive logits are divided by the
      penalty and negative ones multiplied), then frequency and presence over OUTPUT tokens only (OpenAI:
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from engine.contract import SchedulerOutput
     from engine.input_batch import ScheduledRow
 
 
@@ -53,6 +55,9 @@ class SamplingMetadata:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, biases
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
     max_num_logprobs: int | None  # the largest `logprobs` over rows; None when no row wants logprobs
+    # Structured outputs: xgrammar's packed bitmask of allowed tokens ([k, ceil(vocab / 32)] int32, on the device)
+    # and the batch row of each of its k rows.
+    grammar_bitmask: tuple[torch.Tensor, list[int]] | None = None
 
     @classmethod
     def from_rows(cls, rows: list[ScheduledRow], device: torch.device) -> SamplingMetadata:
@@ -134,6 +139,8 @@ class Sampler:
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        if metadata.grammar_bitmask is not None:
+            logits = _apply_grammar_bitmask(logits, *metadata.grammar_bitmask)
         if metadata.logit_bias is not None:
             rows, token_ids, biases = metadata.logit_bias
             logits = logits.index_put((rows, token_ids), biases, accumulate=True)
@@ -211,6 +218,24 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
         return logits
     threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)  # log(0) = -inf keeps every token
     return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def grammar_bitmask(scheduler_output: SchedulerOutput, rows: list[ScheduledRow],
+                    device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The step's grammar bitmask (engine.contract's bytes) on the device, and the sampling row of each of its rows."""
+    row_of = {row.state.req_id: i for i, row in enumerate(rows)}
+    num_rows = len(scheduler_output.structured_req_ids)
+    words = torch.frombuffer(bytearray(scheduler_output.grammar_bitmask), dtype=torch.int32).view(num_rows, -1)
+    return _to_device(words, device), [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
+
+
+def _apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Disallowed tokens of the structured rows -> -inf, in one kernel (xgrammar's, on CPU or CUDA)."""
+    import xgrammar as xgr
+
+    logits = logits.clone()  # the caller's logits stay untouched, as with every step here
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    return logits
 
 
 def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

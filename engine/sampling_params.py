@@ -46,6 +46,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a schema, regex or grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +93,9 @@ class SamplingParams:
             if value is not None:
                 require(_is_int(value) and 0 <= value <= MAX_LOGPROBS, name,
                         f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.structured_outputs is not None:
+            require(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                    "must be a StructuredOutputsParams")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
                 require(_is_int(token_id) and token_id >= 0, "logit_bias", f"key {token_id!r} is not a token id")
@@ -128,3 +132,7 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Imported last: the params module raises this module's InvalidParameterError.
+from engine.structured_output.params import StructuredOutputsParams  # noqa: E402
