@@ -222,11 +222,16 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
 
 def grammar_bitmask(scheduler_output: SchedulerOutput, rows: list[ScheduledRow],
                     device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """The step's grammar bitmask (engine.contract's bytes) on the device, and the sampling row of each of its rows."""
+    """The step's grammar bitmask (engine.contract's bytes) widened to every sampling row (all tokens allowed on
+    rows without a grammar: xgrammar indexes the logits and the bitmask alike), on the device; and the structured
+    rows."""
     row_of = {row.state.req_id: i for i, row in enumerate(rows)}
-    num_rows = len(scheduler_output.structured_req_ids)
-    words = torch.frombuffer(bytearray(scheduler_output.grammar_bitmask), dtype=torch.int32).view(num_rows, -1)
-    return _to_device(words, device), [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
+    num_structured = len(scheduler_output.structured_req_ids)
+    words = torch.frombuffer(bytearray(scheduler_output.grammar_bitmask), dtype=torch.int32).view(num_structured, -1)
+    structured_rows = [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
+    bitmask = torch.full((len(rows), words.shape[1]), -1, dtype=torch.int32)
+    bitmask[structured_rows] = words
+    return _to_device(bitmask, device), structured_rows
 
 
 def _apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:

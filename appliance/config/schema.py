@@ -69,6 +69,9 @@ class ServerSpec(_Schema, kw_only=True):
     cors: Annotated[CorsSpec, _doc("Cross-origin requests from browsers.")] = field(default_factory=CorsSpec)
     drain_timeout_s: Annotated[float, _doc(
         "On shutdown or reload, seconds to let running requests finish before aborting them.", ge=0)] = 30.0
+    max_grammar_compile_s: Annotated[float, _doc(
+        "Longest a structured-output request's schema, regex or grammar may take to compile; a slower one gets a "
+        "400 before it reaches an engine.", gt=0)] = 10.0
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0

@@ -8,6 +8,7 @@ import asyncio
 from litestar import Request, Response, post
 
 from appliance.errors import APIError
+from appliance.openai import structured
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
 from appliance.openai.logprobs import chat_logprobs
@@ -38,7 +39,8 @@ async def create_chat_completion(request: Request) -> Response:
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Chat's default is "as many as fit": the server's cap, which the engine lowers to what the context leaves.
     params = sampling_params(req, target.model.spec, max_tokens=max_tokens[1], default_max_tokens=server.max_tokens,
-                             logprobs=num_logprobs)
+                             logprobs=num_logprobs,
+                             structured_outputs=await structured.for_request(req, target, server))
     prompt = await asyncio.to_thread(render_prompt, target.model, messages, req.add_generation_prompt)
     generation = start(context, request_id(request), target, [prompt], params, "messages", req.priority)
     choices = _Choices(f"chatcmpl-{generation.request_id}", req.model, target.model.tokenizer, num_logprobs)

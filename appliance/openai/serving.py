@@ -26,6 +26,7 @@ from appliance.openai.prompts import Prompt
 from appliance.openai.protocol import SamplingFields
 from appliance.supervisor import ModelRuntime, Supervisor
 from engine.sampling_params import SamplingParams
+from engine.structured_output.params import StructuredOutputsParams
 from engine.validation import validate_prompt
 
 logger = logging.getLogger("kvbox.api")
@@ -95,7 +96,8 @@ def open_model(supervisor: Supervisor, name: str) -> Target:
 
 
 def sampling_params(req: SamplingFields, spec: ModelSpec, *, max_tokens: int | None, default_max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Request fields, else the model's configured defaults, else SamplingParams' own defaults."""
     defaults = spec.default_sampling
     options = {}
@@ -121,6 +123,7 @@ def sampling_params(req: SamplingFields, spec: ModelSpec, *, max_tokens: int | N
         skip_special_tokens=req.skip_special_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        structured_outputs=structured_outputs,
     )
 
 

@@ -1,5 +1,5 @@
-"""StructuredOutputsParams -> xgrammar: the syntax check (no tokenizer needed) and the compilation (a tokenizer's
-vocabulary needed). The API runs both up front under a time bound; the engine compiles again, cached.
+"""StructuredOutputsParams -> an xgrammar compiled grammar for a model's vocabulary. The API compiles up front under
+a time bound (bad input is a 400 there); the engine compiles again, off its step loop, cached.
 
 JSON is generated compact (`any_whitespace=False`): with free whitespace a weak model emits newlines forever and
 never closes its object. `strict_mode` keeps to the properties the schema names, so every output validates.
@@ -17,23 +17,6 @@ if TYPE_CHECKING:
     import xgrammar as xgr
 
 _JSON_OBJECT_SCHEMA = '{"type": "object"}'
-
-
-def check_syntax(params: StructuredOutputsParams) -> None:
-    """Raises InvalidParameterError (param: structured_outputs.<kind>) for a schema, regex or grammar that xgrammar
-    cannot read."""
-    import xgrammar as xgr
-
-    kind, spec = params.key
-    try:
-        if kind == "json":
-            xgr.Grammar.from_json_schema(_schema_text(spec), any_whitespace=False)
-        elif kind == "regex":
-            xgr.Grammar.from_regex(spec)
-        elif kind == "grammar":
-            xgr.Grammar.from_ebnf(spec)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise InvalidParameterError(f"structured_outputs.{kind}", _reason(e)) from None
 
 
 def compile_grammar(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
