@@ -43,8 +43,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template: str | None = None,
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                template_kwargs: dict | None = None) -> str:
+    """`tools` (OpenAI's function definitions) and `template_kwargs` (e.g. enable_thinking) reach the template as
+    variables; neither may override the arguments this function sets."""
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the model has no chat template; configure one or use completions")
+    extra = dict(template_kwargs or {})
+    clashes = sorted(set(extra) & {"messages", "conversation", "chat_template", "tokenize", "tools",
+                                   "add_generation_prompt", "return_dict", "tokenizer_kwargs"})
+    if clashes:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clashes)}")
     return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt, tools=tools, **extra)

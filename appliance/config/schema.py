@@ -211,6 +211,13 @@ class ModelSpec(_Schema, kw_only=True):
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     chat_template: Annotated[NonEmptyStr | None, _doc(
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
+    tool_parser: Annotated[Literal["hermes", "llama3_json", "mistral", "auto"] | None, _doc(
+        "How tool calls are read from this model's text for tool_choice auto: hermes (Hermes, Qwen: <tool_call> "
+        "JSON), llama3_json (Llama 3.x JSON), mistral ([TOOL_CALLS]), auto (chosen from the chat template); null: "
+        "tool_choice auto is refused (required and named choices work on any model).")] = None
+    reasoning_parser: Annotated[Literal["deepseek_r1", "qwen3"] | None, _doc(
+        "Moves the model's <think>...</think> text to message.reasoning_content (null: it stays in content).",
+    )] = None
     kernel_backend: Annotated[KernelBackend, _doc(
         "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = engine_default("kernel_backend")
     cuda_graphs: Annotated[bool, _doc(

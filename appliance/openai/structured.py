@@ -66,6 +66,20 @@ async def for_request(req: SamplingFields, target, server) -> StructuredOutputsP
     return params
 
 
+async def for_chat(req, tool_plan, target, server) -> StructuredOutputsParams | None:
+    """Chat's structured outputs: the request's own, or the grammar a required or named tool choice imposes."""
+    forced = tool_plan.structured_outputs if tool_plan is not None else None
+    if forced is None:
+        return await for_request(req, target, server)
+    if requested(req) is not None:
+        raise APIError.invalid("tool_choice", "a required or named tool choice fixes the output's format; it "
+                                              "cannot be combined with response_format or structured outputs")
+    info = target.client.info
+    await check("tools", forced, target.model.tokenizer, info.vocab_size, info.eos_token_ids,
+                server.max_grammar_compile_s)
+    return forced
+
+
 async def check(field: str, params: StructuredOutputsParams, tokenizer, vocab_size: int, eos_token_ids: list[int],
                 timeout_s: float) -> None:
     """Compiles the grammar as the engine will, in a thread, within `timeout_s`; APIError (400) otherwise."""
@@ -88,6 +102,4 @@ def _compile(params: StructuredOutputsParams, tokenizer, vocab_size: int, eos_to
 
 def _param(field: str, engine_param: str) -> str:
     """The request's name for the part that failed: structured_outputs.regex stays, guided_regex stays."""
-    if field == "structured_outputs":
-        return engine_param
-    return field
+    return engine_param if field == "structured_outputs" else field
