@@ -30,6 +30,7 @@ class ReasoningStream:
         self._seen = ""  # the reply's text before the decision (deepseek_r1 decides at once)
         self._thinking: bool | None = True if parser == "deepseek_r1" else None
         self._held = ""
+        self._after_end = False  # newlines right after </think> are the template's, not content
 
     def feed(self, delta: str, final: bool) -> tuple[str, str]:
         """(reasoning delta, content delta) for the next piece of text."""
@@ -41,15 +42,22 @@ class ReasoningStream:
             self._thinking = stripped.startswith(START)
             delta = stripped[len(START):] if self._thinking else self._seen
         if not self._thinking:
-            return "", delta
+            return "", self._content(delta)
         text = (self._held + delta).replace(START, "", 1) if not self._held else self._held + delta
         if END in text:
             reasoning, content = text.split(END, 1)
-            self._thinking, self._held = False, ""
-            return reasoning, content.lstrip("\n")
+            self._thinking, self._held, self._after_end = False, "", True
+            return reasoning, self._content(content)
         keep = 0 if final else _partial_suffix(text, END)
         self._held = text[len(text) - keep:]
         return text[:len(text) - keep], ""
+
+
+    def _content(self, delta: str) -> str:
+        if self._after_end:
+            delta = delta.lstrip("\n")
+            self._after_end = not delta
+        return delta
 
 
 def _partial_suffix(text: str, tag: str) -> int:
