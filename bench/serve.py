@@ -57,9 +57,20 @@ class Result:
     error: str = ""
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> Result:
+def structured_body(kind: str | None, output_len: int) -> dict:
+    """--structured json_schema: every request follows one JSON schema whose array cannot close within output_len
+    tokens, so constrained and free runs generate the same number of tokens."""
+    if kind is None:
+        return {}
+    schema = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "integer"},
+                                                          "minItems": output_len}}, "required": ["values"]}
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}}
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int,
+                      structured: str | None = None) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **structured_body(structured, output_len)}
     result = Result()
     start = last = time.perf_counter()
     try:
@@ -100,7 +111,7 @@ async def run_share(args, prompts: list[list[int]], delays: list[float], concurr
     async def limited(client, prompt, send_at):
         await asyncio.sleep(max(0.0, send_at - time.monotonic()))
         async with limit:
-            return await one_request(client, args.model, prompt, args.output_len)
+            return await one_request(client, args.model, prompt, args.output_len, args.structured)
 
     # httpcore's pool scans every connection whenever one is assigned or released: one pool for 200 streams spent
     # more CPU there than in the streams themselves, so each pool serves at most CONNECTIONS_PER_POOL.
@@ -326,6 +337,8 @@ def main() -> None:
     parser.add_argument("--startup-only", action="store_true", help="with --launch: only time the start-up")
     parser.add_argument("--step-trace", action="store_true",
                         help="with --launch: print the engine's step timeline over the run (engine.step_trace)")
+    parser.add_argument("--structured", choices=["json_schema"],
+                        help="constrain every request's output with a JSON schema (compare with a run without)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.peer and not (args.launch and args.device.startswith("cuda")):

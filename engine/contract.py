@@ -96,6 +96,10 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     preempted_ids: list[str] = []
     # req id -> [first, last): prompt positions whose next-token logprobs this step computes.
     prompt_logprob_spans: dict[str, tuple[int, int]] = {}
+    # Structured outputs: the allowed next tokens of the sampling rows that follow a grammar, as xgrammar's packed
+    # int32 bitmask (row i: structured_req_ids[i], ceil(vocab / 32) words, native byte order). None: no such row.
+    structured_req_ids: list[str] = []
+    grammar_bitmask: bytes | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -40,8 +40,12 @@ from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
 from engine.scheduler import Scheduler, core_output
 from engine.step_trace import StepRecord, StepTrace
+from engine.structured_output.backend import GrammarBackend
+from engine.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
+# Longest wait for a grammar's compilation when nothing else can run: short, so new messages are seen promptly.
+_IDLE_WAIT_S = 0.01
 
 
 @contextlib.contextmanager
@@ -96,7 +100,9 @@ class EngineCore:
             self.shutdown()  # tensor-parallel workers must not outlive a failed start
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv_manager)
+        self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
+            config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
+        self.scheduler = Scheduler(config, self.kv_manager, self.structured)
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0
@@ -220,6 +226,11 @@ class EngineCore:
             outputs += self._complete(*self._in_flight)
             self._in_flight = None
         scheduler_output = self._launched_last = self.scheduler.schedule()
+        if self.scheduler.failed_outputs:
+            outputs += self.scheduler.failed_outputs
+            self.scheduler.failed_outputs = []
+        elif scheduler_output.is_empty and self._in_flight is None and self.scheduler.waiting:
+            self.structured.wait_for_compilation(_IDLE_WAIT_S)  # only grammars being compiled can hold them
         self._fork_ready_siblings()
         launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
         if self._in_flight is not None:

@@ -12,8 +12,13 @@ from __future__ import annotations
 import enum
 import time
 
+from typing import TYPE_CHECKING
+
 from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured_output.manager import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -108,6 +113,8 @@ class Request:
         # For the phase timings of its finished output (monotonic clock, as arrival_time).
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        # Structured outputs: the grammar's compilation, then this request's own matcher (the scheduler's).
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

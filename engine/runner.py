@@ -30,7 +30,7 @@ from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
-from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs
+from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
 
 
 class ModelRunner:
@@ -115,7 +115,7 @@ class ModelRunner:
             hidden = self._forward(num_tokens, metadata)
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
         if sampling:
-            self._sample(hidden, num_tokens, [row for _, row in sampling], output)
+            self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output)
         if prompt_rows[0]:
             self._prompt_logprobs(hidden, *prompt_rows, output)
         if self.device.type == "cuda":
@@ -165,13 +165,16 @@ class ModelRunner:
         return indices, targets
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
-                output: PendingRunnerOutput) -> None:
+                output: PendingRunnerOutput, scheduler_output: SchedulerOutput) -> None:
         num_rows = len(rows)
         # When every token samples (decode), its hidden states are the rows, in order.
         rows_hidden = (hidden[:num_rows] if num_rows == num_tokens
                        else hidden[self.batch.sample_rows.device[:num_rows]])
         logits = self.model.compute_logits(rows_hidden)
-        sampled = self.sampler(logits, SamplingMetadata.from_rows(rows, self.device))
+        metadata = SamplingMetadata.from_rows(rows, self.device)
+        if scheduler_output.grammar_bitmask is not None:
+            metadata.grammar_bitmask = grammar_bitmask(scheduler_output, rows, self.device)
+        sampled = self.sampler(logits, metadata)
         self._last_sampled = sampled.sampled_token_ids
         self._last_sampled_rows = {row.state.req_id: i for i, row in enumerate(rows)}
         output.sampled_token_ids = _to_host(sampled.sampled_token_ids)

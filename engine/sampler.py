@@ -7,7 +7,8 @@ building only what some row uses, so a plain greedy batch costs an argmax.
 Order of operations in `Sampler.__call__`:
   1. Logprobs, when any row asked for them, come from the RAW logits (log_softmax before any processing, like
      vLLM's default), so they describe the model, not our sampling settings.
-  2. Logit bias is added.
+  2. Structured outputs: tokens the row's grammar forbids get -inf (xgrammar's bitmask, one kernel).
+     Logit bias is added.
   3. Token masks: rows with fewer than min_tokens outputs get their EOS and stop token ids masked to -inf, and so
      do bad words (a one-token word always; a longer word's last token when the output ends with its others);
      rows with allowed_token_ids get every other token masked.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from engine.contract import SchedulerOutput
     from engine.input_batch import ScheduledRow
 
 
@@ -56,6 +58,9 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid (min_tokens, bad words)
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids: the only ones those rows may sample
     max_num_logprobs: int | None  # the largest `logprobs` over rows; None when no row wants logprobs
+    # Structured outputs: xgrammar's packed bitmask of allowed tokens ([k, ceil(vocab / 32)] int32, on the device)
+    # and the batch row of each of its k rows.
+    grammar_bitmask: tuple[torch.Tensor, list[int]] | None = None
 
     @classmethod
     def from_rows(cls, rows: list[ScheduledRow], device: torch.device) -> SamplingMetadata:
@@ -140,6 +145,8 @@ class Sampler:
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
 
+        if metadata.grammar_bitmask is not None:
+            logits = _apply_grammar_bitmask(logits, *metadata.grammar_bitmask)
         if metadata.logit_bias is not None:
             rows, token_ids, biases = metadata.logit_bias
             logits = logits.index_put((rows, token_ids), biases, accumulate=True)
@@ -242,6 +249,29 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
         return logits
     threshold = logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(1)  # log(0) = -inf keeps every token
     return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def grammar_bitmask(scheduler_output: SchedulerOutput, rows: list[ScheduledRow],
+                    device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The step's grammar bitmask (engine.contract's bytes) widened to every sampling row (all tokens allowed on
+    rows without a grammar: xgrammar indexes the logits and the bitmask alike), on the device; and the structured
+    rows."""
+    row_of = {row.state.req_id: i for i, row in enumerate(rows)}
+    num_structured = len(scheduler_output.structured_req_ids)
+    words = torch.frombuffer(bytearray(scheduler_output.grammar_bitmask), dtype=torch.int32).view(num_structured, -1)
+    structured_rows = [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
+    bitmask = torch.full((len(rows), words.shape[1]), -1, dtype=torch.int32)
+    bitmask[structured_rows] = words
+    return _to_device(bitmask, device), structured_rows
+
+
+def _apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Disallowed tokens of the structured rows -> -inf, in one kernel (xgrammar's, on CPU or CUDA)."""
+    import xgrammar as xgr
+
+    logits = logits.clone()  # the caller's logits stay untouched, as with every step here
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    return logits
 
 
 def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -50,6 +50,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a schema, regex or grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +104,9 @@ class SamplingParams:
             require(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must name at least one token")
             for i, t in enumerate(self.allowed_token_ids):
                 require(_is_int(t) and t >= 0, f"allowed_token_ids[{i}]", f"must be a token id >= 0, got {t!r}")
+        if self.structured_outputs is not None:
+            require(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                    "must be a StructuredOutputsParams")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
                 require(_is_int(token_id) and token_id >= 0, "logit_bias", f"key {token_id!r} is not a token id")
@@ -160,3 +164,7 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Imported last: the params module raises this module's InvalidParameterError.
+from engine.structured_output.params import StructuredOutputsParams  # noqa: E402

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import time
 
 from engine.config import EngineConfig
@@ -33,6 +34,10 @@ from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name
 from engine.request import Request, RequestStatus
+from engine.sampling_params import InvalidParameterError
+from engine.structured_output.manager import StructuredOutputManager
+
+logger = logging.getLogger(__name__)
 
 
 class _Scheduled:
@@ -49,8 +54,13 @@ class _Scheduled:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager):
-        """`config.max_model_len` must be resolved (the engine core sets the model's own when it was None)."""
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager,
+                 structured: StructuredOutputManager | None = None):
+        """`config.max_model_len` must be resolved (the engine core sets the model's own when it was None).
+        Without `structured`, requests with structured outputs are refused."""
+        self.structured = structured
+        # Requests ended while scheduling (their grammar failed to compile), for the engine to report.
+        self.failed_outputs: list[EngineCoreOutput] = []
         self.config = config
         self.max_model_len = config.max_model_len
         self.max_loras = config.max_loras if config.enable_lora else None
@@ -71,6 +81,10 @@ class Scheduler:
 
     # ---- queue management ----
     def add_request(self, request: Request) -> None:
+        if request.sampling_params.structured_outputs is not None:
+            if self.structured is None:
+                raise InvalidParameterError("structured_outputs", "this engine has no structured-output backend")
+            self.structured.register(request)
         priority = request.priority if self.config.scheduling_policy == "priority" else 0
         self._rank_of[request.request_id] = (priority, next(self._arrival_seq))
         self.requests[request.request_id] = request
@@ -142,8 +156,12 @@ class Scheduler:
         scheduled = []
         # Running requests use at most max_loras adapters, so any step's adapters fit the device's LoRA slots.
         running_adapters = {r.adapter_id for r in self.running if r.adapter_id is not None}
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[i]
+            if request.grammar is not None and not self._grammar_ready(request):
+                i += 1  # compiling: the requests behind it need not wait for that
+                continue
             if request.request_id in preempted_now:
                 break  # it just lost its blocks; let the running ones progress first
             if not self._adapter_fits(request, running_adapters):
@@ -159,7 +177,7 @@ class Scheduler:
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, cached):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             if request.num_computed_tokens == 0 and request.num_preemptions == 0:
                 request.num_cached_tokens = num_computed
             if request.first_scheduled_time is None:
@@ -199,13 +217,30 @@ class Scheduler:
                 if last > first:
                     out.prompt_logprob_spans[request.request_id] = (first, last)
                     request.num_prompt_logprobs_done = last
+        structured = [item.request for item in scheduled if item.samples and item.request.grammar is not None]
+        if structured:
+            out.structured_req_ids = [r.request_id for r in structured]
+            out.grammar_bitmask = self.structured.bitmask(structured)
         self._in_flight[out.step_id] = scheduled
         return out
 
+    def _grammar_ready(self, request: Request) -> bool:
+        """Whether a waiting request's grammar is compiled; one that failed to compile ends with an error."""
+        try:
+            return request.grammar.ready()
+        except InvalidParameterError as e:
+            logger.warning("request %s: its grammar failed to compile: %s", request.request_id, e)
+            self.waiting.remove(request)
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+            self.failed_outputs.append(core_output(request, [], None, None))
+            return False
+
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
-        """Penalties and multi-token bad words need every earlier output token on the host, so a batch using them
-        is completed before the next step is scheduled."""
-        return not any(item.samples and item.request.sampling_params.needs_output_history
+        """Penalties and multi-token bad words need every earlier output token on the host, and a grammar's next
+        bitmask needs the token before it, so a batch using any of them is completed before the next step is
+        scheduled."""
+        return not any(item.samples and (item.request.sampling_params.needs_output_history
+                                         or item.request.grammar is not None)
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
@@ -241,7 +276,8 @@ class Scheduler:
             request.append_output_token(token_id)
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            self._check_stop(request, token_id)
+            if request.grammar is None or not self._grammar_stops(request, token_id):
+                self._check_stop(request, token_id)
             new_logprobs = [runner_output.logprobs[row]] if runner_output.logprobs is not None else None
             if request.sampling_params.logprobs is None:
                 new_logprobs = None
@@ -326,6 +362,16 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH
         elif request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
+
+    def _grammar_stops(self, request: Request, token_id: int) -> bool:
+        """Advances the request's matcher; True when that ended the request: the grammar is complete ("stop") or,
+        which the bitmask should make impossible, refused the token ("error")."""
+        if not request.grammar.accept(token_id):
+            logger.error("request %s: the grammar refused token %d", request.request_id, token_id)
+            request.status = RequestStatus.FINISHED_ERROR
+        elif request.grammar.terminated:
+            request.status = RequestStatus.FINISHED_STOPPED
+        return request.is_finished
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status

@@ -54,7 +54,10 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template: str | None = None,
                 add_generation_prompt: bool = True, *, continue_final_message: bool = False,
-                documents: list[dict[str, str]] | None = None, template_kwargs: dict | None = None) -> str:
+                documents: list[dict[str, str]] | None = None, tools: list[dict] | None = None,
+                template_kwargs: dict | None = None) -> str:
+    """`tools` (OpenAI's function definitions), `documents` and `template_kwargs` (e.g. enable_thinking) reach the
+    template as variables; a request's kwargs may not override the arguments this function sets."""
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("the model has no chat template; configure one or use completions")
     for name in sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or ())):
@@ -63,4 +66,4 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], cha
     return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
                                          continue_final_message=continue_final_message, documents=documents,
-                                         **(template_kwargs or {}))
+                                         tools=tools, **(template_kwargs or {}))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from functools import cache, reduce
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, field
@@ -73,6 +73,9 @@ class ServerSpec(_Schema, kw_only=True):
     cors: Annotated[CorsSpec, _doc("Cross-origin requests from browsers.")] = field(default_factory=CorsSpec)
     drain_timeout_s: Annotated[float, _doc(
         "On shutdown or reload, seconds to let running requests finish before aborting them.", ge=0)] = 30.0
+    max_grammar_compile_s: Annotated[float, _doc(
+        "Longest a structured-output request's schema, regex or grammar may take to compile; a slower one gets a "
+        "400 before it reaches an engine.", gt=0)] = 10.0
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
@@ -236,6 +239,13 @@ class ModelSpec(_Schema, kw_only=True):
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     chat_template: Annotated[NonEmptyStr | None, _doc(
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
+    tool_parser: Annotated[Literal["hermes", "llama3_json", "mistral", "auto"] | None, _doc(
+        "How tool calls are read from this model's text for tool_choice auto: hermes (Hermes, Qwen: <tool_call> "
+        "JSON), llama3_json (Llama 3.x JSON), mistral ([TOOL_CALLS]), auto (chosen from the chat template); null: "
+        "tool_choice auto is refused (required and named choices work on any model).")] = None
+    reasoning_parser: Annotated[Literal["deepseek_r1", "qwen3"] | None, _doc(
+        "Moves the model's <think>...</think> text to message.reasoning_content (null: it stays in content).",
+    )] = None
     kernel_backend: Annotated[KernelBackend, _doc(
         "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = engine_default("kernel_backend")
     cuda_graphs: Annotated[bool, _doc(

@@ -9,11 +9,13 @@ from litestar import Request, Response, post
 from msgspec import UNSET
 
 from appliance.errors import APIError
+from appliance.openai import structured, tools
+from appliance.openai.chat_reply import ReplyShaper
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
 from appliance.openai.logprobs import chat_logprobs, prompt_logprobs
 from appliance.openai.openapi import request_body
-from appliance.openai.prompts import Prompt, chat_messages, check_continuation, render_prompt, truncate
+from appliance.openai.prompts import Prompt, chat_messages, check_continuation, render_prompt, template_text, truncate
 from appliance.openai.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                        ChatCompletionChunk, ChatCompletionRequest, Delta, Usage, now)
 from appliance.openai.serving import (check_limits, fingerprint, open_model, read_request, sampling_params,
@@ -40,14 +42,21 @@ async def create_chat_completion(request: Request) -> Response:
                  prompt_chars=("messages", sum(len(m["content"]) for m in messages)))
     target = open_model(context.supervisor, req.model)
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    spec = target.model.spec
+    tool_plan = tools.plan(req, spec.tool_parser, template_text(target.model))
     # Chat's default is "as many as fit": the server's cap, which the engine lowers to what the context leaves.
-    params = sampling_params(req, target.model.sampling_defaults, max_tokens=max_tokens[1], default_max_tokens=server.max_tokens,
-                             logprobs=num_logprobs, prompt_logprobs=req.prompt_logprobs)
-    prompt = await asyncio.to_thread(_prompt, target, messages, req, params)
+    params = sampling_params(req, target.model.sampling_defaults, max_tokens=max_tokens[1],
+                             default_max_tokens=server.max_tokens, logprobs=num_logprobs,
+                             prompt_logprobs=req.prompt_logprobs,
+                             structured_outputs=await structured.for_chat(req, tool_plan, target, server))
+    if tool_plan is not None and tool_plan.parser is not None:
+        params.skip_special_tokens = False  # a format's markers (<tool_call>, [TOOL_CALLS]) may be special tokens
+    prompt = await asyncio.to_thread(_prompt, target, messages, req, params,
+                                     tool_plan.template_tools if tool_plan else None)
     generation = start(context, request_id(request), target, [prompt], params, req, "messages",
                        max_tokens[0] if max_tokens[1] is not None else None)
     choices = _Choices(f"chatcmpl-{generation.request_id}", req, target.model.tokenizer, num_logprobs,
-                       fingerprint(target.model))
+                       fingerprint(target.model), ReplyShaper(tool_plan, spec.reasoning_parser))
     if req.stream:
         return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None,
                                first=[choices.role_chunk(i) for i in range(params.n)])
@@ -55,10 +64,11 @@ async def create_chat_completion(request: Request) -> Response:
     return Response(choices.response(outputs[0], generation.usage()))
 
 
-def _prompt(target, messages: list[dict[str, str]], req: ChatCompletionRequest, params) -> Prompt:
+def _prompt(target, messages: list[dict], req: ChatCompletionRequest, params, template_tools: list[dict] | None
+            ) -> Prompt:
     """The rendered, tokenized and truncated conversation, and the bad words tokenized; blocking."""
     params.update_from_tokenizer(target.model.tokenizer)
-    prompt = render_prompt(target.model, messages, req.add_generation_prompt,
+    prompt = render_prompt(target.model, messages, req.add_generation_prompt, template_tools,
                            continue_final_message=req.continue_final_message, documents=req.documents,
                            template_kwargs=req.chat_template_kwargs)
     return truncate([prompt], req.truncate_prompt_tokens, target.model.tokenizer)[0]
@@ -66,15 +76,16 @@ def _prompt(target, messages: list[dict[str, str]], req: ChatCompletionRequest, 
 
 class _Choices:
     def __init__(self, response_id: str, req: ChatCompletionRequest, tokenizer, num_logprobs: int | None,
-                 system_fingerprint: str):
+                 system_fingerprint: str, shaper: ReplyShaper):
         self.id, self.created, self.model, self.fingerprint = response_id, now(), req.model, system_fingerprint
         self.tokenizer, self.num_logprobs, self.num_prompt_logprobs = tokenizer, num_logprobs, req.prompt_logprobs
+        self.shaper = shaper
         # OpenAI puts `"usage": null` on a stream's chunks only when the stream asked for usage; else no key.
         self.chunk_usage = None if req.include_usage else UNSET
 
     def response(self, output: RequestOutput, usage: Usage) -> ChatCompletion:
-        choices = [ChatChoice(c.index, AssistantMessage(c.text), self._logprobs(c.logprobs), c.finish_reason,
-                              c.stop_reason) for c in output.outputs]
+        choices = [ChatChoice(c.index, message, self._logprobs(c.logprobs), finish_reason, c.stop_reason)
+                   for c in output.outputs for message, finish_reason in [self._message(c)]]
         return ChatCompletion(self.id, self.created, self.model, choices, usage, self.fingerprint,
                               UNSET if self.num_prompt_logprobs is None else prompt_logprobs(
                                   self.tokenizer, output.prompt_token_ids, output.prompt_logprobs))
@@ -85,9 +96,17 @@ class _Choices:
         return self._chunk([ChatChunkChoice(choice, Delta(role="assistant", content=""), self._logprobs([]))])
 
     def chunk(self, choice: int, completion: CompletionOutput, output: RequestOutput) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(choice, Delta(content=completion.delta_text),
-                                            self._logprobs(completion.delta_logprobs), completion.finish_reason,
+        if self.shaper.active:
+            delta, finish_reason = self.shaper.delta(choice, completion.delta_text, completion.finish_reason, None)
+        else:
+            delta, finish_reason = Delta(content=completion.delta_text), completion.finish_reason
+        return self._chunk([ChatChunkChoice(choice, delta, self._logprobs(completion.delta_logprobs), finish_reason,
                                             completion.stop_reason)])
+
+    def _message(self, c: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+        if self.shaper.active:
+            return self.shaper.message(c.text, c.finish_reason)
+        return AssistantMessage(c.text), c.finish_reason
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(self.id, self.created, self.model, [], usage, self.fingerprint)

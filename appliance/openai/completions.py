@@ -8,6 +8,7 @@ import asyncio
 from litestar import Request, Response, post
 from msgspec import UNSET
 
+from appliance.openai import structured
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
 from appliance.openai.logprobs import completion_logprobs, prompt_logprobs
@@ -33,7 +34,8 @@ async def create_completion(request: Request) -> Response:
     num_prompt_logprobs = _num_prompt_logprobs(req)
     params = sampling_params(req, target.model.sampling_defaults, max_tokens=req.max_tokens,
                              default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
-                             prompt_logprobs=num_prompt_logprobs)
+                             prompt_logprobs=num_prompt_logprobs,
+                             structured_outputs=await structured.for_request(req, target, context.server))
     # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a
     # thread hop would queue them behind every request the loop has not parsed yet.
     tokenizer = target.model.tokenizer

@@ -4,6 +4,7 @@ Shared by chat, completions and tokenize; the blocking parts run in worker threa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jinja2 import TemplateError, TemplateSyntaxError
@@ -17,7 +18,7 @@ from engine.tokenizer import render_chat
 Prompt = tuple[str | None, list[int]]  # (text if known, token ids)
 
 
-def check_continuation(messages: list[dict[str, str]], add_generation_prompt: bool,
+def check_continuation(messages: list[dict], add_generation_prompt: bool,
                        continue_final_message: bool) -> None:
     """vLLM's rules for continuing the last message rather than answering it."""
     if not continue_final_message:
@@ -29,8 +30,9 @@ def check_continuation(messages: list[dict[str, str]], add_generation_prompt: bo
         raise APIError.invalid("continue_final_message", "continue_final_message needs an assistant message last")
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The messages as the template sees them; text parts are joined, as vLLM does."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the template sees them; text parts are joined, as vLLM does. An assistant turn's tool calls
+    carry their arguments as an object (templates write them with `tojson`), or as sent when not JSON."""
     if not messages:
         raise APIError.invalid("messages", "at least one message is required")
     result = []
@@ -39,22 +41,41 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
             raise APIError.invalid(f"messages[{i}].content", f"a {m.role} message needs content")
         content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
         message = {"role": m.role, "content": content}
-        for key in ("name", "tool_call_id"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 message[key] = getattr(m, key)
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
         result.append(message)
     return result
 
 
-def render_prompt(model: ModelRuntime, messages: list[dict[str, str]], add_generation_prompt: bool,
-                  **options) -> Prompt:
-    """Renders and tokenizes a conversation; blocking. `options`: `render_chat`'s (continue_final_message,
-    documents, template_kwargs)."""
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def template_text(model: ModelRuntime) -> str | None:
+    """The chat template in force: the config's (a file read each time, so that an edited one applies on reload),
+    else the model's."""
     template = model.spec.chat_template
     if template is not None and template.endswith(".jinja"):
-        template = Path(template).read_text()  # read each time, so that an edited file applies on reload
+        return Path(template).read_text()
+    return template if template is not None else model.tokenizer.chat_template
+
+
+def render_prompt(model: ModelRuntime, messages: list[dict], add_generation_prompt: bool,
+                  tools: list[dict] | None = None, **options) -> Prompt:
+    """Renders and tokenizes a conversation; blocking. `tools` and `options` (`render_chat`'s
+    continue_final_message, documents, template_kwargs such as enable_thinking) reach the template."""
+    template = model.spec.chat_template
+    if template is not None:
+        template = template_text(model)
     try:
-        text = render_chat(model.tokenizer, messages, template, add_generation_prompt, **options)
+        text = render_chat(model.tokenizer, messages, template, add_generation_prompt, tools=tools, **options)
     except (TemplateSyntaxError, InvalidParameterError):
         raise  # the operator's template is broken (a server error, logged), or a request's kwarg named its param
     except (ValueError, TemplateError, TypeError) as e:  # no template, or it refused these messages (or kwargs)

@@ -30,6 +30,27 @@ class StreamOptions(Strict, kw_only=True):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict, kw_only=True):
+    name: str
+    schema: dict | None = None  # OpenAI: absent means any JSON object
+    description: str | None = None
+    strict: bool | None = None  # kvbox is always strict: outputs follow the schema's named properties only
+
+
+class ResponseFormat(Strict, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(Strict, kw_only=True):
+    """vLLM's `structured_outputs`: exactly one of these (see engine.structured_output.params)."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(Strict, kw_only=True):
     """Fields that completions and chat share; `appliance.openai.serving.sampling_params` maps them."""
 
@@ -60,6 +81,13 @@ class SamplingFields(Strict, kw_only=True):
     truncate_prompt_tokens: Int64 | None = None  # keep the prompt's last k tokens
     cache_salt: str | None = None  # prompts share cached KV blocks only with requests of the same salt
     priority: Int64 = 0
+    # Structured outputs (appliance.openai.structured): OpenAI's, vLLM's, and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -80,11 +108,45 @@ class TextPart(Strict, kw_only=True):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Strict, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # text parts only: kvbox serves no multimodal models
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back with the tools' answers
+    reasoning_content: str | None = None
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; absent: no arguments
+    strict: bool | None = None  # kvbox's forced calls always follow the schema
+
+
+class ChatTool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -98,6 +160,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     documents: list[dict[str, str]] | None = None  # for retrieval-augmented templates (vLLM's shape)
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the model's chat template
     chat_template: str | None = None  # refused: templates run code, so only the operator may set them
+    chat_template_kwargs: dict | None = None  # extra template variables, e.g. {"enable_thinking": false}
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(Strict, kw_only=True):
@@ -192,8 +258,17 @@ class ChatLogprobs(msgspec.Struct):
 
 
 class AssistantMessage(msgspec.Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: dict | None = None  # {"name": ..., "arguments": ...}, either part left out when not in this chunk
 
 
 class ChatChoice(msgspec.Struct):
@@ -218,6 +293,8 @@ class ChatCompletion(msgspec.Struct):
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

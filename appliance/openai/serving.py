@@ -30,6 +30,7 @@ from appliance.openai.strict import decode
 from appliance.supervisor import ModelRuntime, Supervisor
 from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
+from engine.structured_output.params import StructuredOutputsParams
 from engine.validation import validate_pooling_prompt, validate_prompt
 
 logger = logging.getLogger("kvbox.api")
@@ -116,7 +117,8 @@ def fingerprint(model: ModelRuntime) -> str:
 
 def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_tokens: int | None,
                     default_max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None,
+                    structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Request fields, else the model's defaults (`ModelRuntime.sampling_defaults`: the YAML's over the
     checkpoint's), else SamplingParams' own defaults."""
     options = {}
@@ -144,6 +146,7 @@ def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_toke
         skip_special_tokens=req.skip_special_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        structured_outputs=structured_outputs,
     )
 
 

@@ -1,0 +1,58 @@
+"""`GrammarBackend`: compiles grammars in a thread pool, off the engine's step loop, and caches them by key.
+
+The tokenizer (whose vocabulary xgrammar indexes) loads in the pool on the first structured request, so an engine
+that never sees one never pays for it. A request whose grammar is still compiling waits in the scheduler's queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from engine.structured_output.grammar import compile_grammar, make_compiler
+from engine.structured_output.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+MAX_CACHED_GRAMMARS = 512
+_NUM_THREADS = 2
+
+
+class GrammarBackend:
+    def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]):
+        self._executor = ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="grammar")
+        self._compiler: Future[xgr.GrammarCompiler] = self._executor.submit(
+            self._load_compiler, tokenizer_path, vocab_size, stop_token_ids)
+        self._grammars: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiled = threading.Condition()  # notified whenever a compilation ends
+
+    @staticmethod
+    def _load_compiler(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> xgr.GrammarCompiler:
+        from engine.tokenizer import load_tokenizer
+
+        return make_compiler(load_tokenizer(tokenizer_path), vocab_size, stop_token_ids, max_threads=_NUM_THREADS)
+
+    def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
+        """The compiled grammar's future; equal keys share one compilation. Failures raise InvalidParameterError."""
+        key = params.key
+        with self._lock:
+            future = self._grammars.get(key)
+            if future is not None and not (future.done() and future.exception() is not None):
+                self._grammars.move_to_end(key)
+                return future
+            future = self._grammars[key] = self._executor.submit(self._compile, params)
+            while len(self._grammars) > MAX_CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
+        future.add_done_callback(self._notify)
+        return future
+
+    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        return compile_grammar(self._compiler.result(), params)
+
+    def _notify(self, _future: Future) -> None:
+        with self.compiled:
+            self.compiled.notify_all()
