@@ -48,7 +48,8 @@ def lenient_server(tiny_model):
     ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
      "stream_options.x"),
     ("/v1/completions", {**COMPLETION, "max_token": 3}, "max_token"),
-    ("/v1/completions", {**COMPLETION, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {**COMPLETION, "response_format": {"type": "json_object", "strictness": 1}},
+     "response_format.strictness"),
     ("/tokenize", {"model": "llama", "prompt": "Hi", "add_special_token": False}, "add_special_token"),
     ("/detokenize", {"model": "llama", "tokens": [1], "skip": True}, "skip"),
 ])

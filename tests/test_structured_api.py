@@ -6,7 +6,6 @@ import json
 import re
 from typing import Literal
 
-import httpx
 import jsonschema
 import openai
 import pydantic
@@ -90,7 +89,7 @@ def test_vllm_fields_on_completions(client):
     ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs.regex"),
     ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
-    ({"structured_outputs": {"regexp": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
     ({"guided_regex": "(", "guided_choice": ["a"]}, "guided_choice"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_choice": []}, "guided_choice"),

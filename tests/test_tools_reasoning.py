@@ -5,7 +5,6 @@ schema, even on random weights), streamed as OpenAI's deltas; tools and chat_tem
 import json
 
 import jsonschema
-import openai
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
