@@ -119,3 +119,20 @@ def test_the_bitmask_crosses_as_plain_data():
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=SchedulerOutput) == out
     params = SamplingParams(structured_outputs=structured(json=SCHEMA))
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams) == params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_json_schema_on_cuda_with_graphs_and_async_scheduling(tiny_model):
+    """The bitmask applied on the device, beside decode steps that replay CUDA graphs."""
+    llm = LLM(tiny_model("llama", max_position_embeddings=512), device="cuda", dtype="float32", num_kv_blocks=200,
+              async_scheduling=True)
+    params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=80, structured_outputs=structured(json=SCHEMA))
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    expected = texts(llm, plain)
+    outputs = llm.generate([*PROMPTS, *PROMPTS], [params, params, plain, plain], use_tqdm=False)
+    for output in outputs[:2]:
+        for completion in output.outputs:
+            assert completion.finish_reason == "stop", completion.text
+            jsonschema.validate(json.loads(completion.text), SCHEMA)
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs[2:]] == expected
