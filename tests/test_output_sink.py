@@ -113,7 +113,8 @@ class FakeClient:
     def __init__(self):
         self.sink, self.aborted = None, []
 
-    def add_request(self, request_id, prompt, prompt_token_ids, params, sink, index, priority, lora_name):
+    def add_request(self, request_id, prompt, prompt_token_ids, params, sink, index, priority, lora_name,
+                    pooling=None, cache_salt=None):
         self.sink = sink
 
     def abort(self, request_ids):
