@@ -24,6 +24,7 @@ from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
 from appliance.config.schema import SamplingDefaults
 from appliance.engine_client import ProcessEngineClient
 from appliance.engines import EngineClient, EngineDeadError, EngineFactory, EnginePlan, EngineStartError
+from appliance.routing import PrefixRouter
 from appliance.sampling_defaults import model_sampling_defaults
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
@@ -80,6 +81,13 @@ class ModelRuntime:
     # The LoRA adapters served, name -> resolved path: applied to every replica, and again to one that restarts.
     adapters: dict[str, str] = field(default_factory=dict)
     lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    router: PrefixRouter | None = None  # data-parallel replicas only
+
+    def __post_init__(self) -> None:
+        if self.spec.parallelism.data > 1:
+            # A replica a quarter of a batch busier than the least loaded one still gets a prompt it has cached.
+            self.router = PrefixRouter(self.spec.kv_cache.block_size,
+                                       max_busier=max(1, self.spec.scheduler.max_num_seqs // 4))
 
     @property
     def name(self) -> str:
@@ -93,12 +101,16 @@ class ModelRuntime:
     def info(self):
         return next((r.info for r in self.replicas if r.info is not None), None)
 
-    def pick_replica(self) -> EngineClient:
+    def pick_replica(self, token_ids: list[int] | None = None) -> EngineClient:
+        """The least-loaded live replica, or (given the prompt, with data parallelism) the one whose prefix cache
+        likely holds most of it (`appliance.routing`)."""
         if self.status is not ModelStatus.READY:
             raise ModelUnavailableError(self.name, self.status)
         live = [r for r in self.replicas if r.live]
         if not live:
             raise ModelUnavailableError(self.name, ModelStatus.RESTARTING)
+        if token_ids is not None and self.router is not None:
+            return self.router.choose(live, token_ids)
         return min(live, key=lambda r: r.num_inflight)
 
     def record_error(self, message: str) -> None:

@@ -174,9 +174,11 @@ def start(context: ServingContext, request_id: str, target: Target, prompts: lis
             validate_prompt(token_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                             param=prompt_param, max_tokens_param=max_tokens_param)
     model = target.model
+    # With data parallelism the replica is chosen again, now that the prompt is known (prefix-cache affinity).
+    client = model.pick_replica(prompts[0][1]) if model.router is not None else target.client
     context.admission.acquire(model, request_id, len(prompts))
-    logger.debug("request %s: %d prompt(s) to %s[%d]", request_id, len(prompts), model.name, target.client.replica)
-    return Generation(target.client, request_id, prompts, params, metrics=context.metrics, stats=context.stats,
+    logger.debug("request %s: %d prompt(s) to %s[%d]", request_id, len(prompts), model.name, client.replica)
+    return Generation(client, request_id, prompts, params, metrics=context.metrics, stats=context.stats,
                       priority=req.priority if req is not None else 0,
                       cache_salt=req.cache_salt if req is not None else None, lora_name=target.lora_name,
                       pooling=pooling,
