@@ -59,6 +59,7 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
         "status": model.status.value,
         "started_at": model.started_at,
         "restarts": model.restarts,
+        "last_wake": model.last_wake,  # unix time its engines last started after a sleep (null: never slept)
         "num_inflight": model.num_inflight,
         "errors": [{"time": t, "message": message} for t, message in model.errors],
         "replicas": [{

@@ -18,11 +18,12 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from appliance import admin
+from appliance import admin, admin_fleet
 from appliance.access_log import access_log_middleware
 from appliance.auth import require_api_key
 from appliance.config import AppConfig
 from appliance.errors import handle_exception
+from appliance.fleet import Fleet
 from appliance.metrics import Metrics, metrics_route
 from appliance.openai.context import ServingContext
 from appliance.openai.openapi import openapi_config
@@ -39,15 +40,17 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         # Models load in the background so that /health answers at once; /ready turns 200 when they are loaded.
         app.state.startup = asyncio.create_task(supervisor.start(), name="supervisor-start")
+        serving.fleet.start()
         try:
             yield
         finally:
             app.state.startup.cancel()
             await asyncio.gather(app.state.startup, return_exceptions=True)
+            await serving.fleet.stop()
             await supervisor.stop()
 
-    routes = [*ROUTES, *admin.ROUTES]
-    serving = ServingContext(supervisor, Metrics(supervisor))
+    routes = [*ROUTES, *admin.ROUTES, *admin_fleet.ROUTES]
+    serving = ServingContext(supervisor, Metrics(supervisor), fleet=Fleet(supervisor))
     supervisor.on_step = serving.metrics.on_step
     if config.metrics.enabled:
         routes.append(metrics_route(config.metrics.path, serving.metrics))

@@ -43,6 +43,7 @@ class ModelStatus(str, enum.Enum):
     FAILED = "failed"
     DRAINING = "draining"
     STOPPED = "stopped"
+    SLEEPING = "sleeping"  # no engine runs (level 2: weights dropped); the next request wakes it
 
 
 class ModelNotFoundError(LookupError):
@@ -82,6 +83,9 @@ class ModelRuntime:
     adapters: dict[str, str] = field(default_factory=dict)
     lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     router: PrefixRouter | None = None  # data-parallel replicas only
+    last_used: float = field(default_factory=time.monotonic)  # the latest request's admission (LRU and idle sleep)
+    last_wake: float | None = None  # unix time its engines last started after a sleep
+    waking: asyncio.Task | None = None  # the one wake that concurrent requests share
 
     def __post_init__(self) -> None:
         if self.spec.parallelism.data > 1:
@@ -137,7 +141,9 @@ class Supervisor:
 
     @property
     def is_ready(self) -> bool:
-        return bool(self.models) and all(m.status is ModelStatus.READY for m in self.models.values())
+        # A sleeping model is ready in the sense that matters: a request to it is answered (once it wakes).
+        return bool(self.models) and all(m.status in (ModelStatus.READY, ModelStatus.SLEEPING)
+                                         for m in self.models.values())
 
     def get(self, name: str) -> ModelRuntime:
         model = self.models.get(name)
@@ -266,6 +272,17 @@ class Supervisor:
             model.record_error(f"cannot load {spec.source!r}: {e}")
             model.status = ModelStatus.FAILED
             return
+        if spec.load == "on_demand":
+            # The first request starts the engines (appliance.fleet); the tokenizer serves /tokenize meanwhile.
+            if await self._load_tokenizer(model):
+                model.status = ModelStatus.SLEEPING
+            return
+        await self.start_engines(model)
+
+    async def start_engines(self, model: ModelRuntime) -> None:
+        """Starts the model's replicas (and loads its tokenizer the first time); READY or FAILED after."""
+        spec = model.spec
+        model.status = ModelStatus.LOADING
         engine_config = spec.to_engine_config(model.model_path)
         on_step = self.on_step
         model.replicas = [self.engine_factory(EnginePlan(
@@ -276,6 +293,29 @@ class Supervisor:
         for replica in model.replicas:
             logger.info("%s[%d]: starting its engine", spec.name, replica.replica)
         await asyncio.gather(*(replica.launch() for replica in model.replicas))
+        if model.tokenizer is None and not await self._load_tokenizer(model):
+            return
+        results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
+        if all(results):  # before READY, so that the adapters are there from the first request
+            if model.adapters:  # woken from sleep: the adapters it served before
+                await asyncio.gather(*(self._restore_loras(model, r) for r in model.replicas))
+            else:
+                await self._load_configured_loras(model)
+        if model.status is ModelStatus.LOADING:
+            model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
+        model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
+                       for r in model.replicas if r.info is not None]
+
+    async def stop_engines(self, model: ModelRuntime, status: ModelStatus) -> None:
+        """Stops the model's replicas and leaves it in `status` (its tokenizer and adapter list stay)."""
+        model.status = status
+        for task in model.tasks:
+            task.cancel()
+        await asyncio.gather(*(r.shutdown() for r in model.replicas), return_exceptions=True)
+        model.replicas, model.tasks = [], []
+
+    async def _load_tokenizer(self, model: ModelRuntime) -> bool:
+        spec = model.spec
         try:
             started = time.perf_counter()
             model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
@@ -287,14 +327,8 @@ class Supervisor:
                 raise
             model.record_error(f"cannot load the tokenizer of {spec.tokenizer or spec.source!r}: {e}")
             model.status = ModelStatus.FAILED
-            return
-        results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
-        if all(results):  # before READY, so that the configured adapters are there from the first request
-            await self._load_configured_loras(model)
-        if model.status is ModelStatus.LOADING:
-            model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
-        model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
-                       for r in model.replicas if r.info is not None]
+            return False
+        return True
 
     async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> bool:
         try:
@@ -336,10 +370,9 @@ class Supervisor:
                 client.dead.set()  # counts as another crash on the next turn
 
     async def _stop_model(self, model: ModelRuntime) -> None:
-        model.status = ModelStatus.STOPPED
-        for task in model.tasks:
-            task.cancel()
-        await asyncio.gather(*(r.shutdown() for r in model.replicas), return_exceptions=True)
+        if model.waking is not None:
+            model.waking.cancel()
+        await self.stop_engines(model, ModelStatus.STOPPED)
         if self.models.get(model.name) is model:
             del self.models[model.name]
 

@@ -181,7 +181,7 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones(lone_server):
     with lone_server.http() as http:
         result = {}
         running = threading.Thread(target=lambda: result.update(response=http.post("/v1/completions", json={
-            **COMPLETION, "max_tokens": 600, "ignore_eos": True})))
+            **COMPLETION, "max_tokens": 300, "ignore_eos": True})))
         running.start()
         while not lone_server.admin_models()["llama"]["num_inflight"]:
             time.sleep(0.02)
@@ -193,7 +193,7 @@ def test_sigterm_drains_running_requests_and_refuses_new_ones(lone_server):
         assert http.get("/ready").status_code == 503 and http.get("/health").status_code == 200
         running.join()
     assert result["response"].status_code == 200
-    assert result["response"].json()["usage"]["completion_tokens"] == 600
+    assert result["response"].json()["usage"]["completion_tokens"] == 300
     assert lone_server.process.wait(30) == 0  # the drain ends in a clean exit...
     with pytest.raises(ProcessLookupError):  # ...with its engine gone
         os.kill(engine_pid, 0)

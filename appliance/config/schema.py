@@ -79,6 +79,11 @@ class ServerSpec(_Schema, kw_only=True):
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
+    max_active_models: Annotated[PositiveInt | None, _doc(
+        "Most models with running engines at once; waking another first puts the least recently used idle one to "
+        "sleep (null: no limit).")] = None
+    wake_timeout_s: Annotated[float, _doc(
+        "Seconds a request waits for its sleeping model to wake before it gets 503 with Retry-After.", gt=0)] = 300.0
 
 
 class KVCacheSpec(_Schema, kw_only=True):
@@ -258,6 +263,11 @@ class ModelSpec(_Schema, kw_only=True):
         "Sampling defaults for requests that leave a parameter unset (null: none); a key left null comes from the "
         "checkpoint's generation_config.json, if it sets one.")] = None
     seed: Annotated[int, _doc("Seeds the random draws of requests that give no seed.", ge=0)] = engine_default("seed")
+    load: Annotated[Literal["eager", "on_demand"], _doc(
+        "eager: start the engines with the server; on_demand: at the first request for the model.")] = "eager"
+    idle_sleep_s: Annotated[Annotated[float, Meta(gt=0)] | None, _doc(
+        "Put the model to sleep (its engines stopped, level 2) after this many seconds without a request; the "
+        "next request wakes it (null: never).")] = None
 
     def to_engine_config(self, model_path: str) -> EngineConfig:
         """The engine's options for this model; `model_path` is `source` resolved to a local path. Raises

@@ -40,7 +40,7 @@ async def create_chat_completion(request: Request) -> Response:
     server = context.server
     check_limits(server, req, max_tokens=max_tokens, logprobs=("top_logprobs", req.top_logprobs),
                  prompt_chars=("messages", sum(len(m["content"]) for m in messages)))
-    target = open_model(context.supervisor, req.model)
+    target = await open_model(context, req.model)
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     spec = target.model.spec
     tool_plan = tools.plan(req, spec.tool_parser, template_text(target.model))

@@ -30,7 +30,7 @@ async def create_completion(request: Request) -> Response:
     context = serving_context(request)
     check_limits(context.server, req, max_tokens=("max_tokens", req.max_tokens), logprobs=("logprobs", req.logprobs),
                  prompt_chars=("prompt", sum(len(p) for p in inputs if isinstance(p, str))))
-    target = open_model(context.supervisor, req.model)
+    target = await open_model(context, req.model)
     num_prompt_logprobs = _num_prompt_logprobs(req)
     params = sampling_params(req, target.model.sampling_defaults, max_tokens=req.max_tokens,
                              default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,

@@ -11,6 +11,7 @@ from litestar import Request
 
 from appliance.config import ServerSpec
 from appliance.errors import RETRY_QUEUE_FULL_S, APIError
+from appliance.fleet import Fleet
 from appliance.metrics import Metrics
 from appliance.request_ids import HEADER
 from appliance.stats import StatsHub
@@ -59,6 +60,7 @@ class ServingContext:
     metrics: Metrics
     stats: StatsHub | None = None  # with the dashboard only
     admission: Admission = field(default_factory=Admission)
+    fleet: Fleet | None = None  # sleeping models and their wake; set by create_app
 
     @property
     def server(self) -> ServerSpec:

@@ -36,7 +36,7 @@ async def create_embeddings(request: Request) -> Response:
     if num_chars > context.server.max_prompt_chars:
         raise APIError.invalid("input", f"the input has {num_chars} characters; this server allows at most "
                                         f"{context.server.max_prompt_chars}")
-    target = open_model(context.supervisor, req.model, ("embed",))
+    target = await open_model(context, req.model, ("embed",))
     prompts = (await asyncio.to_thread(tokenize_inputs, target.model.tokenizer, inputs, False)
                if num_chars else [(None, list(i)) for i in inputs])
     vectors = await pool(request, context, target, prompts, [PoolingParams(dimensions=req.dimensions)] * len(prompts),

@@ -68,7 +68,7 @@ async def _score(request: Request, model: str, firsts: list[str], seconds: list[
     if num_chars > context.server.max_prompt_chars:
         raise APIError.invalid(param, f"the texts have {num_chars} characters; this server allows at most "
                                       f"{context.server.max_prompt_chars}")
-    target = open_model(context.supervisor, model, _TASKS)
+    target = await open_model(context, model, _TASKS)
     if target.model.spec.task == "score":
         pairs = await asyncio.to_thread(_encode_pairs, target, firsts, seconds)
         vectors = await pool(request, context, target, [(None, ids) for ids, _ in pairs], [p for _, p in pairs],

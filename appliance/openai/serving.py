@@ -27,7 +27,7 @@ from appliance.openai.generation import Generation
 from appliance.openai.prompts import Prompt
 from appliance.openai.protocol import SamplingFields
 from appliance.openai.strict import decode
-from appliance.supervisor import ModelRuntime, Supervisor
+from appliance.supervisor import ModelRuntime
 from engine.contract import PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.structured_output.params import StructuredOutputsParams
@@ -97,15 +97,17 @@ class Target(NamedTuple):
     lora_name: str | None
 
 
-def open_model(supervisor: Supervisor, name: str, tasks: tuple[str, ...] = ("generate",)) -> Target:
-    """The model a request names (a LoRA adapter's name routes to its base model) and its least-loaded replica;
-    a model whose task is not one of `tasks` (chat on an embedder) is refused."""
+async def open_model(context: ServingContext, name: str, tasks: tuple[str, ...] = ("generate",)) -> Target:
+    """The model a request names (a LoRA adapter's name routes to its base model), woken if it sleeps, and its
+    least-loaded replica; a model whose task is not one of `tasks` (chat on an embedder) is refused."""
+    supervisor = context.supervisor
     if supervisor.draining:
         raise APIError(503, "the server is shutting down", code="draining", retry_after=RETRY_UNAVAILABLE_S)
     model, lora_name = supervisor.resolve(name)
     if model.spec.task not in tasks:
         raise APIError(400, f"model {name!r} serves task {model.spec.task!r}; this route needs a model of task "
                             f"{' or '.join(map(repr, tasks))}", param="model", code="wrong_model_task")
+    await context.fleet.ensure_awake(model)
     return Target(model, model.pick_replica(), lora_name)
 
 
