@@ -30,6 +30,7 @@ _TRITON_MODULES = {
     "gelu_tanh_and_mul": "kernels.activation",
     "add_lora": "kernels.lora",
     "linear": "kernels.gemv",
+    "wna16_linear": "kernels.wna16",
 }
 
 _active = SimpleNamespace(name="torch", ops=reference)
@@ -98,3 +99,7 @@ def add_lora(*args, **kwargs):
 
 def linear(*args, **kwargs):
     return _active.ops.linear(*args, **kwargs)
+
+
+def wna16_linear(*args, **kwargs):
+    return _active.ops.wna16_linear(*args, **kwargs)

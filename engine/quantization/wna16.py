@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.quantization.base import LinearMethod, replace_param
 from engine.quantization.spec import QuantScheme
-from kernels import reference
+import kernels
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -71,10 +71,13 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("scales", scales.contiguous())
         layer.register_buffer("zeros", zeros.to(torch.int16).contiguous())
         layer.register_buffer("g_idx", g_idx.to(torch.int32).contiguous())
+        # Without act-order the groups are contiguous rows, which the GPU kernel reads a tile at a time.
+        plain = torch.equal(layer.g_idx, default_g_idx(values.shape[0], self.scheme.group_size, values.device))
+        layer.contiguous_group_size = self.scheme.group_size if plain else 0
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return reference.wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.scheme.bits,
-                                      bias)
+        return kernels.wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.scheme.bits, bias,
+                                    layer.contiguous_group_size)
 
 
 def shared_g_idx(g_idx: torch.Tensor, method: str) -> torch.Tensor:
