@@ -31,6 +31,7 @@ _TRITON_MODULES = {
     "add_lora": "kernels.lora",
     "linear": "kernels.gemv",
     "wna16_linear": "kernels.wna16",
+    "w8a8_linear": "kernels.w8a8",
 }
 
 _active = SimpleNamespace(name="torch", ops=reference)
@@ -103,3 +104,7 @@ def linear(*args, **kwargs):
 
 def wna16_linear(*args, **kwargs):
     return _active.ops.wna16_linear(*args, **kwargs)
+
+
+def w8a8_linear(*args, **kwargs):
+    return _active.ops.w8a8_linear(*args, **kwargs)

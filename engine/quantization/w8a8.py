@@ -6,7 +6,7 @@ weight scales, dynamic per-token activations).
 
 After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
 (per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
-the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.reference.w8a8_linear` runs it.
+the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.w8a8_linear` runs it (the float32 emulation on CPU, cuBLAS on CUDA).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.quantization.base import LinearMethod, add_param, replace_param
 from engine.quantization.spec import QuantScheme
+import kernels
 from kernels import reference
 
 _DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -72,8 +73,8 @@ class W8A8LinearMethod(LinearMethod):
         layer.register_buffer("input_scale", input_scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return reference.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
-                                     quantize_input=self.scheme.activations is not None)
+        return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
+                                   quantize_input=self.scheme.activations is not None)
 
 
 def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
