@@ -140,6 +140,7 @@ def ready_message(core: EngineCore) -> contract.EngineReady:
         kernel_backend=kernels.backend_name(),
         pooler=core.pooler_info,
         quantization=core.runner.model.quant_scheme.describe() if core.runner.model.quant_scheme else "none",
+        weight_bytes=core.weight_bytes,
     )
 
 

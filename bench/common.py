@@ -37,6 +37,30 @@ SHAPES = {
 }
 
 
+# `--quantization`: the quantization_config a checkpoint of each format carries, as its tool writes it; dummy weights
+# then fill the packed tensors at the real shapes (`engine.quantization`'s `fill_dummy`).
+QUANTIZATIONS = {
+    "none": None,
+    "gptq-w4a16": {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                   "desc_act": False},
+    "awq-w4a16": {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True},
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic"},  # vLLM's fp8 checkpoints
+    "int8": {"quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],  # llm-compressor W8A8
+             "config_groups": {"group_0": {
+                 "targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                 "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                       "dynamic": True}}}},
+}
+
+
+def quantized_shape_folder(shape: str, quantization: str = "none") -> str:
+    """`shape_folder` whose config.json declares the `QUANTIZATIONS` format."""
+    config = SHAPES[shape] if QUANTIZATIONS[quantization] is None else {
+        **SHAPES[shape], "quantization_config": QUANTIZATIONS[quantization]}
+    return shape_folder(shape, config)
+
+
 def shape_folder(shape: str, config: dict | None = None) -> str:
     """A folder with the shape's config.json (enough for `load_format: dummy`) and a word-level tokenizer of the
     shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token ids. `config`: a shape

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, measure_card, num_parameters, peer_generate, peer_model,  # noqa: E402
-                          random_prompts, shape_folder, sync)
+from bench.common import (QUANTIZATIONS, SHAPES, measure_card, peer_generate, peer_model,  # noqa: E402
+                          random_prompts, quantized_shape_folder, sync)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -27,14 +27,15 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 
 def make_core(args) -> EngineCore:
     return EngineCore(EngineConfig(
-        model=shape_folder(args.shape), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
+        model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len),
         async_scheduling=False if args.sync_scheduling else None))
 
 
-def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
-    """Median time to first token (s) and decode tokens/s; `profiler` (cProfile) watches the timed requests."""
+def run_kvbox(args, prompts, profiler=None) -> tuple[float, float, int]:
+    """Median time to first token (s), decode tokens/s and the engine's weight bytes; `profiler` (cProfile) watches
+    the timed requests."""
     core = make_core(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     ttfts, rates = [], []
@@ -56,7 +57,7 @@ def run_kvbox(args, prompts, profiler=None) -> tuple[float, float]:
             rates.append((args.output_len - 1) / (end - first))
     if profiler is not None:
         profiler.disable()
-    return statistics.median(ttfts), statistics.median(rates)
+    return statistics.median(ttfts), statistics.median(rates), core.weight_bytes
 
 
 def gpu_profile(args, prompts) -> None:
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
+                        help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true")
@@ -112,15 +115,17 @@ def main() -> None:
         import pstats
 
         profiler = cProfile.Profile()
-        ttft, rate = run_kvbox(args, prompts, profiler)
+        ttft, rate, weights = run_kvbox(args, prompts, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     else:
-        ttft, rate = run_kvbox(args, prompts)
-    print(f"kvbox: time to first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tokens/s")
-    results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate}}
+        ttft, rate, weights = run_kvbox(args, prompts)
+    print(f"kvbox ({args.quantization}, weights {weights / 1e9:.2f} GB): time to first token {ttft * 1e3:.1f} ms, "
+          f"decode {rate:.1f} tokens/s")
+    results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate,
+                                             "weight_gb": weights / 1e9}}
     if args.device.startswith("cuda"):
         card = measure_card()
-        bound = card["copy_bytes_per_s"] / (num_parameters(args.shape) * 2)
+        bound = card["copy_bytes_per_s"] / weights  # every weight byte read once per token
         print(f"roofline: {bound:.1f} tokens/s at batch 1 ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} "
               f"TB/s copy); kvbox reaches {rate / bound:.0%}")
         results["roofline"] = {"decode_tokens_per_s": bound, "card": card}

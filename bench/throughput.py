@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, add_workload_args, free, measure_card, peer_generate,  # noqa: E402
+from bench.common import (QUANTIZATIONS, SHAPES, add_workload_args, free, measure_card, peer_generate,  # noqa: E402
                           peer_generate_batch, peer_model, profile_kernels, random_prompts, run_workload,
-                          shape_folder, sync, workload_roofline)
+                          quantized_shape_folder, sync, workload_roofline)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -30,7 +30,7 @@ def warm_core(args) -> EngineCore:
     """An engine for the workload, its kernels compiled by two short requests."""
     dtype = SHAPES[args.shape]["torch_dtype"]
     core = EngineCore(EngineConfig(
-        model=shape_folder(args.shape), load_format="dummy", dtype=dtype, device=args.device,
+        model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=dtype, device=args.device,
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None))
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
+    parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
+                        help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")
     parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--peer-num-prompts", type=int,
                         help="run the peer on the first N prompts only (it is slow); its rates are per its prompts")
@@ -75,7 +77,8 @@ def main() -> None:
     if args.gpu_profile:
         profile_kernels(lambda: run_workload(core, args, prompts), args.device)
         return
-    results = {"args": vars(args), "rows": []}
+    results = {"args": vars(args), "rows": [], "weight_gb": core.weight_bytes / 1e9}
+    print(f"kvbox ({args.quantization}): weights {core.weight_bytes / 1e9:.2f} GB")
     for i in range(args.repeat):
         core.step_trace = StepTrace() if args.step_trace else None
         results["rows"].append(report("kvbox" if args.repeat == 1 else f"kvbox (run {i + 1})",

@@ -275,6 +275,7 @@ class EngineReady(msgspec.Struct, tag=True):
     kernel_backend: str
     pooler: PoolerInfo | None = None  # an embed or score engine's pooling
     quantization: str = "none"  # the scheme the model runs, as QuantScheme.describe() says it
+    weight_bytes: int = 0  # what the model's weights hold in memory (this rank's shard), packed as they run
 
 
 class StepOutputs(msgspec.Struct, tag=True):

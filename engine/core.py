@@ -31,6 +31,7 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
 from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
+from engine.models.loader import weight_bytes
 from engine.contract import EngineCoreOutput, PoolingParams, SchedulerOutput, SchedulerStats
 from engine.models.registry import is_encoder
 from engine.pooling.config import max_seq_length, resolve_pooler
@@ -94,6 +95,9 @@ class EngineCore:
             self.runner = (ModelRunner(config, self.model_config, self.device, self.pooler_info)
                            if config.tensor_parallel_size == 1
                            else TensorParallelRunner(config, self.model_config, self.device))
+        self.weight_bytes = weight_bytes(self.runner.model)
+        logger.info("model weights: %.2f GB (%s)", self.weight_bytes / 1e9,
+                    self.runner.model.quant_scheme.describe() if self.runner.model.quant_scheme else "not quantized")
         try:
             num_blocks = self._set_up_kv_cache_and_graphs()
         except BaseException:

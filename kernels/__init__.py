@@ -30,6 +30,8 @@ _TRITON_MODULES = {
     "gelu_tanh_and_mul": "kernels.activation",
     "add_lora": "kernels.lora",
     "linear": "kernels.gemv",
+    "wna16_linear": "kernels.wna16",
+    "w8a8_linear": "kernels.w8a8",
 }
 
 _active = SimpleNamespace(name="torch", ops=reference)
@@ -98,3 +100,11 @@ def add_lora(*args, **kwargs):
 
 def linear(*args, **kwargs):
     return _active.ops.linear(*args, **kwargs)
+
+
+def wna16_linear(*args, **kwargs):
+    return _active.ops.wna16_linear(*args, **kwargs)
+
+
+def w8a8_linear(*args, **kwargs):
+    return _active.ops.w8a8_linear(*args, **kwargs)

@@ -229,8 +229,9 @@ def dequantize_wna16(
 
 
 def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + bias with W dequantized in float32 for this call only (the packed weight stays packed)."""
+                 g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+    """y = x @ W.T + bias with W dequantized in float32 for this call only (the packed weight stays packed).
+    `group_size` (g_idx is `row // group_size`) only helps the GPU kernel; g_idx alone says it all here."""
     weight = dequantize_wna16(qweight, scales, zeros, g_idx, bits)
     return F.linear(x, weight.to(x.dtype), bias)
 

@@ -214,3 +214,25 @@ def test_lora_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights
     prompt_ids = [llm.tokenizer.encode(text) for text in ("Hello there", "def fibonacci(n):")]
     references = {name: peft_reference(reference_folder, adapters.get(name), prompt_ids) for name in ("attn", "mlp")}
     check_workload(llm, [(0, "attn"), (1, "mlp"), (1, "attn")], prompt_ids, references)
+
+
+@pytest.mark.parametrize("quantization", ["gptq-w4a16", "awq-w4a16", "fp8", "int8"])
+def test_dummy_weights_fill_every_format_at_a_realistic_spread(quantization):
+    """`load_format: dummy` with a checkpoint's quantization_config (what the benchmarks run): packed tensors filled,
+    processed like a real load, weights about as large as the float dummy's, finite logits, fewer bytes."""
+    from bench.common import QUANTIZATIONS, SHAPES, shape_folder
+    from engine.models.loader import weight_bytes
+
+    base = {**SHAPES["tiny-llama"], **SHAPE, "num_hidden_layers": 1}
+    models = {}
+    for name, quantization_config in (("float", None), (quantization, QUANTIZATIONS[quantization])):
+        folder = shape_folder("tiny-llama", {**base, "quantization_config": quantization_config})
+        config = ModelConfig.from_pretrained(folder, dtype="float32")
+        models[name] = (load_model(config, folder, CPU, "dummy"), config)
+    (model, config), (float_model, _) = models[quantization], models["float"]
+    assert model.quant_scheme is not None and weight_bytes(model) < weight_bytes(float_model)
+    down = model.model.layers[0].mlp.down_proj
+    weight = down.quant_method.apply(down, torch.eye(down.input_size), None)  # the dequantized weight, transposed
+    float_std = float(float_model.model.layers[0].mlp.down_proj.weight.std())
+    assert 0.5 < float(weight.std()) / float_std < 2, float(weight.std())
+    assert torch.isfinite(prefill_logits(model, config, list(range(10)))).all()

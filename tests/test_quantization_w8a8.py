@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
+from engine.quantization.spec import QuantizationConfigError, parse_quantization
 from engine.tools import quantized_checkpoints as qc
 from tests.test_quantization import SHAPE, prefill_logits
 
@@ -139,3 +140,16 @@ def test_online_fp8_serves_through_the_engine(float_model):
     [output] = llm.generate([[5, 17, 99, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                             use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4
+
+
+def test_fp8_activations_are_refused_on_a_gpu_older_than_ada(monkeypatch):
+    from engine.models import loader
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    scheme = parse_quantization(None, "fp8")
+    with pytest.raises(QuantizationConfigError, match=r"quantization = 'fp8': FP8 W8A8 needs compute capability "
+                       r"8.9 or newer .*A100 has 8.0 \(model m\)"):
+        loader.check_device_runs(scheme, torch.device("cuda"), "m")
+    loader.check_device_runs(parse_quantization(None, "int8"), torch.device("cuda"), "m")  # int8 runs anywhere
+    loader.check_device_runs(scheme, torch.device("cpu"), "m")  # emulated on the CPU

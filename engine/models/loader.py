@@ -23,7 +23,7 @@ from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
-from engine.quantization.context import building_with
+from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.methods import linear_method_for
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
@@ -45,8 +45,7 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
     scheme = model_quantization(config, path, quantization)
-    if load_format == "dummy" and scheme is not None and not scheme.online:
-        raise ValueError(f"model {path}: load_format dummy cannot fill {scheme.method} weights yet")
+    check_device_runs(scheme, device, path)
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
     with _default_dtype(config.dtype), torch.device(device), building_with(linear_method_for(scheme)):
         # Only the generation families shard (pooling models refuse tensor parallelism at config time).
@@ -69,6 +68,19 @@ def model_quantization(config: ModelConfig, path: str | Path, quantization: str 
         return parse_quantization(config.quantization_config, quantization)
     except QuantizationConfigError as error:
         raise QuantizationConfigError(error.key, error.value, f"{error.problem} (model {path})") from None
+
+
+def check_device_runs(scheme: QuantScheme | None, device: torch.device, path: str | Path) -> None:
+    """FP8 activations need FP8 tensor cores (compute capability 8.9: Ada, Hopper); older GPUs are refused before
+    anything is allocated, rather than failing at the first forward."""
+    if scheme is None or scheme.layout != "fp8" or scheme.activations is None or device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        key, value = ("quantization", "fp8") if scheme.online else ("quantization_config.quant_method", scheme.method)
+        raise QuantizationConfigError(key, value, f"FP8 W8A8 needs compute capability 8.9 or newer (Ada, Hopper); "
+                                      f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]} "
+                                      f"(model {path})")
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -106,14 +118,26 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """What the model's weights hold in memory (parameters and buffers, packed as they run)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 @torch.no_grad()
 def _fill_dummy(model: nn.Module) -> None:
-    """Matrices get small normal noise from a fixed seed; vectors keep their init (unit norms, zero biases) so the
-    activations stay in a realistic range."""
-    generator = None
-    for param in model.parameters():
-        if param.dim() < 2:
+    """Float matrices get small normal noise from a fixed seed; vectors keep their init (unit norms, zero biases)
+    so the activations stay in a realistic range. A quantized linear's method fills its own tensors (random packed
+    values, scales that give weights of the same spread), so benchmarks run every format at real shapes."""
+    generator, seen = None, set()
+    for module in model.modules():
+        method = getattr(module, "quant_method", UNQUANTIZED)
+        params = [p for name, p in module.named_parameters(recurse=False) if name != "bias" and id(p) not in seen]
+        seen.update(map(id, params))
+        if generator is None and params:
+            generator = torch.Generator(device=params[0].device).manual_seed(_DUMMY_SEED)
+        if method is not UNQUANTIZED:
+            method.fill_dummy(module, generator, _DUMMY_STD)
             continue
-        if generator is None:
-            generator = torch.Generator(device=param.device).manual_seed(_DUMMY_SEED)
-        param.normal_(0.0, _DUMMY_STD, generator=generator)
+        for param in params:
+            if param.dim() >= 2:
+                param.normal_(0.0, _DUMMY_STD, generator=generator)

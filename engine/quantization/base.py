@@ -28,6 +28,17 @@ class LinearMethod:
         """x [num_tokens, input_size] -> [num_tokens, output_size] in x's dtype."""
         raise NotImplementedError
 
+    def fill_dummy(self, layer: nn.Module, generator: torch.Generator, std: float) -> None:
+        """`load_format: dummy`: fills the parameters `create_weights` made (not the bias) as a checkpoint of this
+        format would, with weights of about `std`; `process_weights_after_loading` follows as after a real load."""
+        raise NotImplementedError
+
+
+def random_words(param: torch.Tensor, generator: torch.Generator) -> None:
+    """Random int32 words: any bits are valid packed values."""
+    words = torch.randint(-2**31, 2**31, param.shape, generator=generator, device=param.device, dtype=torch.int64)
+    param.copy_(words.to(torch.int32))
+
 
 def add_param(layer: nn.Module, name: str, data: torch.Tensor, *, output_dim: int | None = None,
               input_dim: int | None = None, per_part: bool = False) -> nn.Parameter:

@@ -6,7 +6,7 @@ weight scales, dynamic per-token activations).
 
 After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
 (per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
-the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.reference.w8a8_linear` runs it.
+the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.w8a8_linear` runs it (the float32 emulation on CPU, cuBLAS on CUDA).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.quantization.base import LinearMethod, add_param, replace_param
 from engine.quantization.spec import QuantScheme
+import kernels
 from kernels import reference
 
 _DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -71,9 +72,24 @@ class W8A8LinearMethod(LinearMethod):
             replace_param(layer, "input_scale", None)
         layer.register_buffer("input_scale", input_scale)
 
+    def fill_dummy(self, layer: nn.Module, generator: torch.Generator, std: float) -> None:
+        weight = layer.weight.data
+        if self.scheme.online:  # a float checkpoint, quantized after loading like a real one
+            weight.normal_(0.0, std, generator=generator)
+            return
+        top = reference.FP8_MAX if self.dtype == torch.float8_e4m3fn else reference.INT8_MAX
+        for rows in torch.split(weight, 4096):  # bounded float copies
+            values = torch.randn(rows.shape, generator=generator, device=weight.device).mul_(top / 4).clamp_(-top, top)
+            rows.copy_(values if self.dtype == torch.float8_e4m3fn else values.round())
+        for name in ("weight_scale", "weight_scale_inv"):
+            if hasattr(layer, name):
+                getattr(layer, name).data.fill_(std / (top / 4))
+        if hasattr(layer, "input_scale"):  # activations of about unit size, their extremes near the type's top
+            layer.input_scale.data.fill_(8.0 / top)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return reference.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
-                                     quantize_input=self.scheme.activations is not None)
+        return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
+                                   quantize_input=self.scheme.activations is not None)
 
 
 def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.quantization.base import LinearMethod, replace_param
+from engine.quantization.base import LinearMethod, random_words, replace_param
 from engine.quantization.spec import QuantScheme
-from kernels import reference
+import kernels
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -71,10 +71,26 @@ class WNA16LinearMethod(LinearMethod):
         layer.register_buffer("scales", scales.contiguous())
         layer.register_buffer("zeros", zeros.to(torch.int16).contiguous())
         layer.register_buffer("g_idx", g_idx.to(torch.int32).contiguous())
+        # Without act-order the groups are contiguous rows, which the GPU kernel reads a tile at a time.
+        plain = torch.equal(layer.g_idx, default_g_idx(values.shape[0], self.scheme.group_size, values.device))
+        layer.contiguous_group_size = self.scheme.group_size if plain else 0
+
+    def fill_dummy(self, layer: nn.Module, generator: torch.Generator, std: float) -> None:
+        # Random values and zero points: q - zero then spreads about 2^bits / sqrt(6).
+        scale = std * 6**0.5 / (1 << self.scheme.bits)
+        for name, param in layer.named_parameters(recurse=False):
+            if "g_idx" in name:  # plain groups (act-order permutes rows; the kernel reads them a tile at a time)
+                param.data.copy_(default_g_idx(layer.input_size, self.scheme.group_size, param.device))
+            elif name == "weight_shape":  # compressed-tensors: each part's unpacked shape
+                param.data.copy_(torch.tensor([[size, layer.input_size] for size in layer.output_parts]))
+            elif param.dtype == torch.int32:
+                random_words(param.data, generator)
+            elif name != "bias":
+                param.data.uniform_(0.5 * scale, 1.5 * scale, generator=generator)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return reference.wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.scheme.bits,
-                                      bias)
+        return kernels.wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.scheme.bits, bias,
+                                    layer.contiguous_group_size)
 
 
 def shared_g_idx(g_idx: torch.Tensor, method: str) -> torch.Tensor:

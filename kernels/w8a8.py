@@ -1,0 +1,40 @@
+"""8-bit linears on CUDA through cuBLAS(Lt): FP8 W8A8 by `torch._scaled_mm` (Hopper / Ada) and INT8 W8A8 by
+`torch._int_mm`, both with per-token (or static per-tensor) activation scales times per-output-channel weight scales
+applied after the integer / fp8 GEMM. Same signature and quantization as `kernels.reference.w8a8_linear`, which
+emulates it in float32.
+
+What cuBLAS does not take goes the dequantizing way, on any GPU: weight-only 8-bit (`quantize_input=False`) and
+block-scaled weights (fp8 checkpoints with `weight_block_size`) get the weight dequantized to x's dtype for the call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import dequantize_w8, quantize_activations
+
+_INT_MM_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                bias: torch.Tensor | None = None, quantize_input: bool = True) -> torch.Tensor:
+    """[..., K] x 8-bit [N, K] -> [..., N] in x's dtype."""
+    if not quantize_input or weight_scale.dim() != 1:
+        return F.linear(x, dequantize_w8(weight, weight_scale).to(x.dtype), bias)
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    q, scale = quantize_activations(x2, weight.dtype, input_scale)
+    scale = scale.reshape(-1, 1).expand(m, 1).contiguous()  # a static scale serves every row
+    if weight.dtype == torch.float8_e4m3fn:
+        # Row-wise scaling writes bfloat16 only.
+        out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, n),
+                               out_dtype=torch.bfloat16)
+    else:
+        padded = F.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - m)) if m < _INT_MM_MIN_ROWS else q
+        out = torch._int_mm(padded, weight.t())[:m].float() * scale * weight_scale.view(1, n)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)

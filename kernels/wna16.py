@@ -1,0 +1,142 @@
+"""Weight-only integer linears on CUDA (W4A16 / W8A16): y = x @ dequant(W).T (+ bias) on the canonical GPTQ layout of
+`engine.quantization.wna16` (int32 words packing input rows low bits first, per-group scales and zeros, g_idx).
+
+Two paths, chosen by the number of rows without measuring (the choice is a threshold, `FUSED_MAX_ROWS`):
+- up to 256 rows (decode and small mixed steps): one fused kernel. Each program takes BLOCK_N output columns and
+  BLOCK_M rows over all of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in registers, applies its
+  group's scale and zero and feeds the tensor cores; the weight is read once, at 4 bits, which is the whole point
+  at decode. When g_idx is plain `row // group_size` (no act-order) one scale row serves a whole K tile; with
+  act-order each row gathers its own group.
+- more rows (prefill): the layer is dequantized once into a scratch [K, N] buffer of x's dtype and cuBLAS runs the
+  GEMM; at that size the matmul's FLOPs dwarf the extra pass over the weight.
+The reference is `kernels.reference.wna16_linear` (dequantize in float32, cast to x's dtype, F.linear), which the
+fused kernel matches: it rounds the dequantized weight to x's dtype before the dot, as the reference does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FUSED_MAX_ROWS = 256
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """The float32 weight tile [BLOCK_K, BLOCK_N] of input rows `kk` (from `k0`) and output columns `cols`."""
+    PACK: tl.constexpr = 32 // BITS
+    mask = k_mask[:, None] & col_mask[None, :]
+    packed = tl.load(qw_ptr + (kk // PACK)[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0)
+    q = (packed >> ((kk % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+    if GROUP_SIZE > 0:  # the tile lies in one group (the launcher makes BLOCK_K divide the group size)
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0)[None, :]
+        zero = tl.load(zeros_ptr + group * N + cols, mask=col_mask, other=0)[None, :]
+    else:
+        group = tl.load(g_idx_ptr + kk, mask=k_mask, other=0)[:, None].to(tl.int64)
+        scale = tl.load(scales_ptr + group * N + cols[None, :], mask=mask, other=0.0)
+        zero = tl.load(zeros_ptr + group * N + cols[None, :], mask=mask, other=0)
+    return (q.to(tl.float32) - zero.to(tl.float32)) * scale.to(tl.float32)
+
+
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["M"])
+def _wna16_fused_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    M, N, stride_x,
+    K: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,  # GROUP_SIZE 0: read g_idx
+    HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,  # bf16 dots are wrong in the interpreter
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    col_mask, row_mask = cols < N, rows < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kk = k + ks
+        k_mask = kk < K
+        w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k, kk, cols, k_mask, col_mask, N, BITS,
+                              GROUP_SIZE)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + kk[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if F32_DOT:
+            acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _wna16_dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K,
+                             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    kk = k0 + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask, col_mask = kk < K, cols < N
+    w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N, BITS, GROUP_SIZE)
+    tl.store(out_ptr + kk[:, None].to(tl.int64) * N + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & col_mask[None, :])
+
+
+def _block_k(k: int, group_size: int, widest: int) -> tuple[int, int]:
+    """(BLOCK_K, GROUP_SIZE for the kernel): a K tile inside one group when the groups are contiguous, else 0 and
+    a free tile (each row reads its own group)."""
+    block = min(widest, triton.next_power_of_2(k))
+    if group_size > 0:
+        group = k if group_size == -1 else group_size
+        if group % block:
+            block = min(block, group & -group)  # the largest power of two dividing the group
+        if block >= 16:
+            return block, group
+    return max(16, block), 0
+
+
+def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, group_size: int = 0, *,
+                 fused_max_rows: int = FUSED_MAX_ROWS) -> torch.Tensor:
+    """[..., K] -> [..., N] in x's dtype. `group_size`: a promise that g_idx is `row // group_size` (-1: one group
+    over K), which lets the kernel read one scale row per tile; 0: g_idx is read per row (act-order).
+    `fused_max_rows` is overridable for the tests."""
+    k, n = x.shape[-1], qweight.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > fused_max_rows:
+        weight = dequantize_wna16_t(qweight, scales, zeros, g_idx, bits, x.dtype, group_size)
+        out = x2 @ weight if bias is None else torch.addmm(bias.to(x.dtype), x2, weight)
+        return out.view(*x.shape[:-1], n)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    block_m = 16 if m <= 16 else 64
+    block_n = 32 if m <= 16 else 64
+    block_k, group = _block_k(k, group_size, 128)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _wna16_fused_kernel[grid](
+        x2, qweight, scales, zeros, g_idx, bias if bias is not None else scales, out, m, n, x2.stride(0),
+        K=k, BITS=bits, GROUP_SIZE=group, HAS_BIAS=bias is not None,
+        F32_DOT=_INTERPRET or x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=4 if m <= 16 else 3)
+    return out.view(*x.shape[:-1], n)
+
+
+def dequantize_wna16_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                       bits: int, dtype: torch.dtype, group_size: int = 0) -> torch.Tensor:
+    """The layer's weight transposed, [K, N] in `dtype` (the reference's `dequantize_wna16(...).T`, rounded)."""
+    k, n = g_idx.shape[0], qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    block_k, group = _block_k(k, group_size, 64)
+    _wna16_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, 64))](
+        qweight, scales, zeros, g_idx, out, n, k, BITS=bits, GROUP_SIZE=group, BLOCK_K=block_k, BLOCK_N=64)
+    return out

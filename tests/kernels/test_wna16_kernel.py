@@ -1,0 +1,79 @@
+"""The weight-only integer linear (kernels/wna16.py) against `kernels.reference.wna16_linear` on random canonical
+layouts: 4 and 8 bits, contiguous groups, one group over K and act-order g_idx, with and without bias, on both paths
+(the fused kernel for small batches, dequantize + cuBLAS above `fused_max_rows`).
+
+Without CUDA a few tiny cases run under the Triton interpreter (see conftest.py); Llama-3.1-8B's projections at
+decode and prefill sizes are marked `gpu`.
+"""
+
+import pytest
+import torch
+from test_kernels import DEVICE, dtype_id, gpu
+
+from engine.quantization.wna16 import default_g_idx, pack_rows
+from kernels import reference, wna16
+
+# (atol, rtol) for outputs of about unit size: the dequantized weight is rounded to x's dtype as the reference does;
+# only the order of the float32 sums differs.
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def make_layer(k, n, bits, group_size, act_order, seed):
+    """Canonical tensors (qweight, scales, zeros, g_idx) and the `contiguous_group_size` hint the method passes."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else k // group_size
+    values = torch.randint(0, 1 << bits, (k, n), generator=g)
+    zeros = torch.randint(0, 1 << bits, (groups, n), generator=g, dtype=torch.int16)
+    spread = (1 << bits) / 3.5  # about the std of q - zero
+    scales = (torch.rand(groups, n, generator=g) + 0.5) / (spread * k**0.5)
+    g_idx = default_g_idx(k, group_size, torch.device("cpu"))
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    tensors = (pack_rows(values, bits), scales.half(), zeros, g_idx)
+    return [t.to(DEVICE) for t in tensors], 0 if act_order else group_size
+
+
+def check(m, k, n, bits, group_size, act_order, dtype, bias, **options):
+    (qweight, scales, zeros, g_idx), hint = make_layer(k, n, bits, group_size, act_order, seed=m * k + n)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    out = wna16.wna16_linear(x, qweight, scales, zeros, g_idx, bits, b, hint, **options)
+    expected = reference.wna16_linear(x.float(), qweight, scales, zeros, g_idx, bits,
+                                      None if b is None else b.float())
+    if dtype != torch.float32:  # the reference rounds the weight to x's dtype: do the same before the float32 sum
+        weight = reference.dequantize_wna16(qweight, scales, zeros, g_idx, bits).to(dtype).float()
+        expected = torch.nn.functional.linear(x.float(), weight, None if b is None else b.float())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, expected.to(dtype), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(("m", "k", "n", "bits", "group_size", "act_order", "dtype", "bias"), [
+    (1, 64, 48, 4, 32, False, torch.float32, False),  # decode: one scale row per tile
+    (5, 128, 40, 8, -1, False, torch.float16, True),  # 8 bits, one group over K, masked columns
+    (3, 64, 32, 4, 32, True, torch.bfloat16, False),  # act-order: each row gathers its group
+    (20, 64, 32, 4, 32, False, torch.float32, False),  # more rows than one tile of 16
+], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else None)
+def test_fused_kernel_matches_reference(m, k, n, bits, group_size, act_order, dtype, bias):
+    check(m, k, n, bits, group_size, act_order, dtype, bias)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_then_gemm_path_matches_reference(act_order):
+    check(6, 64, 48, 4, 32, act_order, torch.float32, True, fused_max_rows=4)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 256, 1024])
+@pytest.mark.parametrize(("k", "n"), [(4096, 6144), (4096, 28672), (14336, 4096)])
+def test_llama_8b_projections(m, k, n, dtype):
+    check(m, k, n, 4, 128, False, dtype, False)
+
+
+@gpu
+@pytest.mark.parametrize(("bits", "group_size", "act_order"), [(4, -1, False), (8, 128, False), (4, 128, True),
+                                                                (4, 32, False)])
+@pytest.mark.parametrize("m", [1, 64, 600])
+def test_other_formats_on_the_gpu(m, bits, group_size, act_order):
+    check(m, 2048, 1024, bits, group_size, act_order, torch.bfloat16, True)

@@ -1,0 +1,56 @@
+"""Quantized tiny models on the GPU (Triton W4A16 kernel, cuBLAS W8A8) against the same checkpoint on the CPU
+reference path. Skipped without CUDA.
+
+Weight-only formats in float32: the kernel dequantizes exactly as the reference does and sums in float32, so greedy
+tokens must be identical. W8A8 (online fp8 / int8) in bfloat16: the FP8 GEMM writes bfloat16 and the CPU emulation
+float32, so the rule is the one of the CPU W8A8 tests: the mean absolute logprob difference along the greedy path
+stays a small fraction of what the quantization itself moves.
+"""
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from test_quantization import SHAPE, write_format
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+PROMPTS = [[5, 17, 99, 3], list(range(40, 70)), list(range(100, 400))]  # the long one takes the dequantize path
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    from engine.tools.tiny_model import build_tiny_model
+    return build_tiny_model("llama", tmp_path_factory.mktemp("float"), max_position_embeddings=512, **SHAPE)
+
+
+def greedy(model_dir, device, dtype="float32", **options):
+    llm = LLM(str(model_dir), dtype=dtype, device=device, num_kv_blocks=64, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+    return [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("name", ["gptq-4b-g32-asym-actorder", "gptq-4b-g128-sym", "gptq-8b-g64-sym-actorder", "awq-g64", "ct-w4a16-g64-asym"])
+def test_weight_only_gpu_tokens_match_the_cpu_path(float_model, tmp_path, name):
+    write_format(name, float_model, tmp_path / "q")
+    gpu = greedy(tmp_path / "q", "cuda", kernel_backend="triton")
+    cpu = greedy(tmp_path / "q", "cpu")
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu], name
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_w8a8_gpu_follows_the_cpu_emulation(float_model, method):
+    if method == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9")
+    quantized_gpu = greedy(float_model, "cuda", "bfloat16", quantization=method, kernel_backend="triton")
+    quantized_cpu = greedy(float_model, "cpu", "bfloat16", quantization=method)
+    float_cpu = greedy(float_model, "cpu", "bfloat16")
+    same = sum(a.token_ids == b.token_ids for a, b in zip(quantized_gpu, quantized_cpu))
+    assert same >= len(PROMPTS) - 1, (method, same)
+
+    def mean_gap(a, b):  # the chosen tokens' logprobs, up to where the two paths part
+        gaps = [abs(x.logprobs[i].logprobs[0] - y.logprobs[i].logprobs[0])
+                for x, y in zip(a, b) for i in range(NEW_TOKENS) if x.token_ids[:i + 1] == y.token_ids[:i + 1]]
+        return sum(gaps) / max(1, len(gaps))
+
+    assert mean_gap(quantized_gpu, quantized_cpu) <= 0.5 * mean_gap(quantized_cpu, float_cpu) + 1e-3, method
