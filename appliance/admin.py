@@ -89,17 +89,19 @@ ROUTES = [health, ready, version, admin_models, admin_reload]
 
 
 @get("/admin/stats", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
-def admin_stats(request: Request, range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S) -> Response:
-    """The snapshot, its charts covering `range` seconds (one of `RANGES_S`)."""
+def admin_stats(request: Request, range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S,
+                charted: Annotated[str | None, Parameter(query="model")] = None) -> Response:
+    """The snapshot, its charts covering `range` seconds (one of `RANGES_S`), of every model or only of `model`."""
     start = time.perf_counter()
-    body = request.app.state.stats.snapshot_json(_range(range_s))
+    body = request.app.state.stats.snapshot_json(_range(range_s), charted)
     return Response(body, media_type="application/json", headers={
         "Cache-Control": "no-store", "Server-Timing": f"stats;dur={(time.perf_counter() - start) * 1000:.2f}"})
 
 
 @get("/admin/stats/stream", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
 def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INTERVAL_S[1],
-                       range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S) -> Stream:
+                       range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S,
+                       charted: Annotated[str | None, Parameter(query="model")] = None) -> Stream:
     """A snapshot every `interval` seconds until the client leaves or a drain has stopped every engine (the page
     shows the drain until then; an open stream must not hold up the server's exit)."""
     stats, supervisor = request.app.state.stats, request.app.state.supervisor
@@ -109,7 +111,7 @@ def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INT
     async def events() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"  # EventSource reconnects after 2 s
         while not (supervisor.draining and not supervisor.models):
-            yield b"data: " + stats.snapshot_json(range_s) + b"\n\n"  # compact JSON: one line
+            yield b"data: " + stats.snapshot_json(range_s, charted) + b"\n\n"  # compact JSON: one line
             await asyncio.sleep(interval)
 
     return Stream(events(), media_type="text/event-stream",

@@ -21,7 +21,6 @@ kind), the request table is bounded (`appliance.request_log`) and the block map 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from appliance.block_map import MAX_MAP_CELLS, block_map
 from appliance.host_stats import HostSampler
 from appliance.metrics import count_step_tokens
 from appliance.request_log import RequestLog, RequestRecord
-from appliance.stats_ring import RANGES_S, History, Samples
+from appliance.stats_ring import RANGES_S, History, LengthCounts, Samples
 
 if TYPE_CHECKING:
     from appliance.config import ModelSpec
@@ -77,7 +76,8 @@ class ModelStats:
         self.history = History(MODEL_SUMS, MODEL_GAUGES)
         self.replicas: dict[int, _Replica] = {}
         self.num_prompt_tokens = self.num_generation_tokens = self.num_finished = self.num_steps = 0
-        self.samples = {kind: Samples(MAX_LATENCY_SAMPLES) for kind in (*LATENCY_KINDS, "prompt_len", "output_len")}
+        self.samples = {kind: Samples(MAX_LATENCY_SAMPLES) for kind in LATENCY_KINDS}
+        self.lengths = {kind: LengthCounts(MAX_LATENCY_SAMPLES, len(LENGTH_EDGES) + 1) for kind in ("prompt", "output")}
         self.last_step_end = 0.0  # the clock when its last step's outputs arrived
         self.processes: dict[int, dict] = {}  # replica -> its process's latest reading
 
@@ -120,8 +120,8 @@ class RequestObserver:
         samples, history = model.samples, model.history
         e2e = now - record.arrival
         samples["e2e"].add(now, e2e)
-        samples["prompt_len"].add(now, record.prompt_tokens)
-        samples["output_len"].add(now, record.output_tokens)
+        model.lengths["prompt"].add(now, record.prompt_tokens)
+        model.lengths["output"].add(now, record.output_tokens)
         history.add("requests", now, 1)
         history.add("e2e_sum", now, e2e)
         if record.first_token is not None:
@@ -241,7 +241,9 @@ class StatsHub:
         host.forget_others(pids)
 
     # ---- the snapshot ----
-    def snapshot(self, range_s: int = DEFAULT_RANGE_S) -> dict[str, Any]:
+    def snapshot(self, range_s: int = DEFAULT_RANGE_S, charted: str | None = None) -> dict[str, Any]:
+        """Everything, with the charts' series of `range_s` seconds for every model, or only for the model named
+        `charted` (the dashboard draws the selected model's: a fraction of the cost with many models)."""
         now, wall = self.clock(), self.wall_clock()
         supervisor = self.supervisor
         ring, first, last = self.host_history.window(range_s, now)
@@ -260,12 +262,13 @@ class StatsHub:
                      "http_totals": dict(self.http_totals),
                      "http": {c: ring.total(f"http_{c}", now - range_s, now) for c in HTTP_CLASSES},
                      "series": {name: ring.series(name, slots) for name in (*HOST_GAUGES, *HOST_SUMS)}},
-            "models": [self._model_snapshot(m, now, wall, range_s) for m in list(supervisor.models.values())],
+            "models": [self._model_snapshot(m, now, wall, range_s if charted in (None, m.name) else 0)
+                       for m in list(supervisor.models.values())],
             "requests": self.requests.snapshot(),
         }
 
-    def snapshot_json(self, range_s: int = DEFAULT_RANGE_S) -> bytes:
-        return _encoder.encode(self.snapshot(range_s))
+    def snapshot_json(self, range_s: int = DEFAULT_RANGE_S, charted: str | None = None) -> bytes:
+        return _encoder.encode(self.snapshot(range_s, charted))
 
     def _model_snapshot(self, runtime: ModelRuntime, now: float, wall: float, range_s: int) -> dict[str, Any]:
         spec, model = runtime.spec, self.model(runtime.name)
@@ -309,9 +312,8 @@ class StatsHub:
                 "steps": model.num_steps,
             },
             **_samples_snapshot(model, now),
-            "finish_reasons": {r: round(model.history.ring(range_s).total(f"finish_{r}", now - range_s, now))
-                               for r in FINISH_REASONS},
-            "series": _series_snapshot(model, now, range_s, stats),
+            "finish_reasons": _finish_reasons(model, now, range_s or DEFAULT_RANGE_S),
+            "series": _series_snapshot(model, now, range_s, stats) if range_s else None,
             "lora": {"enabled": spec.lora.enabled, "max_loras": spec.lora.max_loras,
                      "adapters": _adapters(runtime, spec)},
             "errors": [{"time": t, "message": message} for t, message in runtime.errors],
@@ -367,18 +369,15 @@ def _rates_snapshot(model: ModelStats, stats: list[SchedulerStats], now: float) 
 
 
 def _samples_snapshot(model: ModelStats, now: float) -> dict[str, Any]:
-    since, samples = now - LATENCY_WINDOW_S, model.samples
-    prompt, output = samples["prompt_len"].recent(since), samples["output_len"].recent(since)
+    since, samples, lengths = now - LATENCY_WINDOW_S, model.samples, model.lengths
     return {"latency": {kind: samples[kind].percentiles(since) for kind in LATENCY_KINDS},
-            "lengths": {"edges": [0, *LENGTH_EDGES], "prompt": _histogram(prompt), "output": _histogram(output)}}
+            "lengths": {"edges": [0, *LENGTH_EDGES], "prompt": lengths["prompt"].histogram(since),
+                        "output": lengths["output"].histogram(since)}}
 
 
-def _histogram(values: list[float]) -> list[int]:
-    """Counts per bin: 0, then [1, 2), [2, 4), ... up to the last edge and beyond."""
-    counts = [0] * (len(LENGTH_EDGES) + 1)
-    for v in values:
-        counts[0 if v < 1 else min(int(math.log2(v)) + 1, len(LENGTH_EDGES))] += 1
-    return counts
+def _finish_reasons(model: ModelStats, now: float, range_s: int) -> dict[str, int]:
+    ring = model.history.ring(range_s)
+    return {r: round(ring.total(f"finish_{r}", now - range_s, now)) for r in FINISH_REASONS}
 
 
 def _series_snapshot(model: ModelStats, now: float, range_s: int, stats: list[SchedulerStats]) -> dict[str, Any]:

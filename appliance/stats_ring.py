@@ -135,3 +135,31 @@ class Samples:
         # Nearest rank: a percentile is always one of the samples.
         return {"p50": ordered[round(0.50 * last)], "p90": ordered[round(0.90 * last)],
                 "p99": ordered[round(0.99 * last)], "count": len(ordered)}
+
+
+class LengthCounts:
+    """Recent lengths counted per power-of-two bin (0, [1, 2), [2, 4), ... up to `num_bins - 1` and beyond), kept
+    up to date as they come and expire, so that reading the histogram costs nothing per sample."""
+
+    def __init__(self, maxlen: int, num_bins: int):
+        self.times: deque[float] = deque()
+        self.bins: deque[int] = deque()
+        self.counts = [0] * num_bins
+        self.maxlen = maxlen
+
+    def add(self, time_: float, length: int) -> None:
+        b = min(int(length).bit_length(), len(self.counts) - 1)  # 0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3, ...
+        self.times.append(time_)
+        self.bins.append(b)
+        self.counts[b] += 1
+        if len(self.times) > self.maxlen:
+            self._drop()
+
+    def histogram(self, since: float) -> list[int]:
+        while self.times and self.times[0] < since:
+            self._drop()
+        return list(self.counts)
+
+    def _drop(self) -> None:
+        self.times.popleft()
+        self.counts[self.bins.popleft()] -= 1
