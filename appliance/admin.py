@@ -15,7 +15,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.params import FromQuery, Parameter
+from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
 from appliance.auth import require_admin_key
@@ -89,8 +89,8 @@ ROUTES = [health, ready, version, admin_models, admin_reload]
 
 
 @get("/admin/stats", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
-def admin_stats(request: Request, range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S,
-                charted: Annotated[str | None, Parameter(query="model")] = None) -> Response:
+def admin_stats(request: Request, range_s: Annotated[int, QueryParameter(query="range")] = DEFAULT_RANGE_S,
+                charted: Annotated[str | None, QueryParameter(query="model")] = None) -> Response:
     """The snapshot, its charts covering `range` seconds (one of `RANGES_S`), of every model or only of `model`."""
     start = time.perf_counter()
     body = request.app.state.stats.snapshot_json(_range(range_s), charted)
@@ -100,8 +100,8 @@ def admin_stats(request: Request, range_s: Annotated[int, Parameter(query="range
 
 @get("/admin/stats/stream", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
 def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INTERVAL_S[1],
-                       range_s: Annotated[int, Parameter(query="range")] = DEFAULT_RANGE_S,
-                       charted: Annotated[str | None, Parameter(query="model")] = None) -> Stream:
+                       range_s: Annotated[int, QueryParameter(query="range")] = DEFAULT_RANGE_S,
+                       charted: Annotated[str | None, QueryParameter(query="model")] = None) -> Stream:
     """A snapshot every `interval` seconds until the client leaves or a drain has stopped every engine (the page
     shows the drain until then; an open stream must not hold up the server's exit)."""
     stats, supervisor = request.app.state.stats, request.app.state.supervisor
