@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +16,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 logger = logging.getLogger("kvbox.access")
 # The fields of the request being handled; a dict shared with copies of the context (streams, worker threads).
 _fields: ContextVar[dict | None] = ContextVar("kvbox_access_fields", default=None)
+ResponseHook = Callable[[str, str, int, dict], None]
 
 
 def note(**fields) -> None:
@@ -24,7 +26,10 @@ def note(**fields) -> None:
         current.update(fields)
 
 
-def access_log_middleware(quiet_paths: frozenset[str]):
+def access_log_middleware(quiet_paths: frozenset[str], on_response: ResponseHook | None = None):
+    """`on_response(request id, path, status, fields)` also sees every response that is logged (the dashboard's
+    request table and status counts)."""
+
     def wrap(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
@@ -44,6 +49,9 @@ def access_log_middleware(quiet_paths: frozenset[str]):
             finally:
                 if status[0] >= 400 or scope["path"] not in quiet_paths:
                     _log(scope, status[0] or 500, time.perf_counter() - started, fields)
+                    if on_response is not None:
+                        on_response(scope.get("state", {}).get("request_id", "-"), scope["path"], status[0] or 500,
+                                    fields)
 
         return middleware
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.params import FromQuery
+from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
 from appliance.auth import require_admin_key
 from appliance.config import ConfigError
 from appliance.errors import APIError
+from appliance.stats import DEFAULT_RANGE_S, RANGES_S
 from appliance.supervisor import ModelRuntime, Supervisor
 from appliance.version import kvbox_version
 from ui.session import SELF_AUTHENTICATED, require_admin_session
@@ -88,28 +90,39 @@ ROUTES = [health, ready, version, admin_models, admin_reload]
 
 
 @get("/admin/stats", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
-def admin_stats(request: Request) -> Response:
+def admin_stats(request: Request, range_s: Annotated[int, QueryParameter(query="range")] = DEFAULT_RANGE_S,
+                charted: Annotated[str | None, QueryParameter(query="model")] = None) -> Response:
+    """The snapshot, its charts covering `range` seconds (one of `RANGES_S`), of every model or only of `model`."""
     start = time.perf_counter()
-    body = request.app.state.stats.snapshot_json()
+    body = request.app.state.stats.snapshot_json(_range(range_s), charted)
     return Response(body, media_type="application/json", headers={
         "Cache-Control": "no-store", "Server-Timing": f"stats;dur={(time.perf_counter() - start) * 1000:.2f}"})
 
 
 @get("/admin/stats/stream", guards=[require_admin_session], opt={SELF_AUTHENTICATED: True}, sync_to_thread=False)
-def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INTERVAL_S[1]) -> Stream:
+def admin_stats_stream(request: Request, interval: FromQuery[float] = STREAM_INTERVAL_S[1],
+                       range_s: Annotated[int, QueryParameter(query="range")] = DEFAULT_RANGE_S,
+                       charted: Annotated[str | None, QueryParameter(query="model")] = None) -> Stream:
     """A snapshot every `interval` seconds until the client leaves or a drain has stopped every engine (the page
     shows the drain until then; an open stream must not hold up the server's exit)."""
     stats, supervisor = request.app.state.stats, request.app.state.supervisor
     interval = min(max(interval, STREAM_INTERVAL_S[0]), STREAM_INTERVAL_S[2])
+    range_s = _range(range_s)
 
     async def events() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"  # EventSource reconnects after 2 s
         while not (supervisor.draining and not supervisor.models):
-            yield b"data: " + stats.snapshot_json() + b"\n\n"  # compact JSON: one line
+            yield b"data: " + stats.snapshot_json(range_s, charted) + b"\n\n"  # compact JSON: one line
             await asyncio.sleep(interval)
 
     return Stream(events(), media_type="text/event-stream",
                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _range(range_s: int) -> int:
+    if range_s not in RANGES_S:
+        raise APIError(400, f"range must be one of {', '.join(map(str, RANGES_S))} (seconds)", param="range")
+    return range_s
 
 
 STATS_ROUTES = [admin_stats, admin_stats_stream]

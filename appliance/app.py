@@ -41,11 +41,15 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         # Models load in the background so that /health answers at once; /ready turns 200 when they are loaded.
         app.state.startup = asyncio.create_task(supervisor.start(), name="supervisor-start")
         serving.fleet.start()
+        tasks = [app.state.startup]
+        if serving.stats is not None:  # the dashboard's once-a-second sampler
+            tasks.append(asyncio.create_task(serving.stats.run(), name="stats-sampler"))
         try:
             yield
         finally:
-            app.state.startup.cancel()
-            await asyncio.gather(app.state.startup, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await serving.fleet.stop()
             await supervisor.stop()
 
@@ -72,7 +76,8 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
         route_handlers=routes,
         guards=[skip_self_authenticated(require_api_key)],
         exception_handlers={Exception: handle_exception},
-        middleware=[request_id_middleware, access_log_middleware(_quiet_paths(config))],
+        middleware=[request_id_middleware, access_log_middleware(
+            _quiet_paths(config), serving.stats.on_http if serving.stats is not None else None)],
         request_max_body_size=config.server.max_body_bytes,
         cors_config=CORSConfig(allow_origins=list(origins)) if origins else None,
         lifespan=[lifespan],

@@ -1,146 +1,85 @@
-"""Live statistics for the dashboard and `GET /admin/stats`: what each model is doing now and over the last minutes.
+"""Live statistics for the dashboard and `GET /admin/stats`: what each model, its requests and the host are doing now
+and over the last hour.
 
-Two feeds, both pushed, never scraped from logs:
-- the engines: every `StepOutputs` an engine client receives goes to `StatsHub.on_step` (the `on_step` hook), which
-  adds the step's prompt and generated tokens, its batch size and time to a per-second ring of the model, and,
-  when the message carries `SchedulerStats` (a few times a second), the gauges (KV usage, running, waiting) and the
-  prefix-cache counters' increments;
-- the request path: `StatsHub.request(model)` gives a `RequestTimer` that sees each output snapshot of one engine
-  request and records its time to first token and inter-token latencies.
+Three feeds, all pushed, never scraped from logs:
+- the engines: every `StepOutputs` an engine client receives goes to `StatsHub.on_step`, which adds the step's
+  prompt and generated tokens, its batch and time to the model's history, spread over the seconds the step took (so
+  a slow engine's continuous work charts as a continuous rate), the prefix-cache counters' increments, and each
+  finished engine request's queue, prefill and decode times;
+- the request path: `StatsHub.begin()` gives a `RequestObserver` per API request (its row in the request table,
+  `appliance.request_log`, and its TTFT, inter-token, end-to-end and length samples), and the HTTP layer reports
+  every response's status (`on_http`);
+- a sampler once a second (`run` / `tick`): each model's gauges from its replicas' latest reports (KV usage,
+  running, waiting: carried over the seconds a long step leaves without a report), engine processes' memory and
+  CPU, device memory, and the host's CPU and memory.
 
-`snapshot()` turns that plus each live replica's latest `SchedulerStats` into plain data (the stats endpoint's JSON).
-Its cost does not grow with traffic: the rings are fixed-size (`WINDOW_S` seconds), latency samples are capped
-(`MAX_LATENCY_SAMPLES` per model and kind), and the block map is at most `MAX_MAP_CELLS` cells, computed once per
-engine report. Per step, `on_step` walks the step's outputs once (a few operations per running request).
-
-This module owns the numbers only; the supervisor owns the models and their lifecycle, `ui/` the presentation.
+`snapshot(range_s)` turns that into plain data (the stats endpoint's JSON). Its cost does not grow with traffic or
+time: histories are fixed rings (`appliance.stats_ring`), samples are capped (`MAX_LATENCY_SAMPLES` per model and
+kind), the request table is bounded (`appliance.request_log`) and the block map is computed once per engine report.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from appliance.block_map import MAX_MAP_CELLS, block_map
+from appliance.host_stats import HostSampler
 from appliance.metrics import count_step_tokens
+from appliance.request_log import RequestLog, RequestRecord
+from appliance.stats_ring import RANGES_S, History, LengthCounts, Samples
 
 if TYPE_CHECKING:
     from appliance.config import ModelSpec
     from appliance.ipc import StepOutputs
     from appliance.supervisor import ModelRuntime, Supervisor
-    from engine.output_processor import RequestOutput
     from engine.contract import SchedulerStats
+    from engine.output_processor import RequestOutput
 
-WINDOW_S = 180  # history kept and charted, in one-second buckets
-RATE_WINDOW_S = 5  # "now" rates (tokens/s, batch size, hit rate) average over this many seconds
-LATENCY_WINDOW_S = 60.0  # TTFT / ITL percentiles cover the samples of this many seconds
+__all__ = ["MAX_LATENCY_SAMPLES", "MAX_MAP_CELLS", "RANGES_S", "StatsHub", "block_map"]
+
+DEFAULT_RANGE_S = RANGES_S[0]
+RATE_WINDOW_S = 5  # "now" rates (tokens/s, batch size) average over this many seconds
+LATENCY_WINDOW_S = 300.0  # latency percentiles and length distributions cover the samples of this many seconds
 HIT_RATE_WINDOW_S = 60  # the prefix cache's recent hit rate covers this many seconds
 MAX_LATENCY_SAMPLES = 2048  # per model and kind: the most recent ones
-MAX_MAP_CELLS = 2048  # the block map's resolution; larger pools fold several blocks into a cell
-REPORT_FRESH_S = 2.0  # a replica silent this long (dead, or gone with a reload) leaves the charted gauges
-
-FREE, USED, CACHED = "0", "1", "2"  # block map cells, as `BlockPool.block_states()` numbers them
-_STATE_CHARS = bytes.maketrans(b"\x00\x01\x02", b"012")
+LATENCY_KINDS = ("ttft", "itl", "e2e", "queue", "prefill", "decode")
+LENGTH_EDGES = tuple(2 ** i for i in range(17))  # length histogram bins: [1, 2), [2, 4), ... [65536, inf); 0 first
+FINISH_REASONS = ("stop", "length", "abort", "error")
+MODEL_SUMS = ("prompt_tokens", "generation_tokens", "steps", "batch_seqs", "step_seconds", "prefix_queries",
+              "prefix_hits", "requests", "e2e_sum", "ttft_sum", "ttft_count",
+              *(f"finish_{reason}" for reason in FINISH_REASONS))
+MODEL_GAUGES = ("kv_usage", "running", "waiting", "rss", "cpu", "device_memory")
+HTTP_CLASSES = ("2xx", "4xx", "429", "5xx", "503")
+HOST_SUMS = tuple(f"http_{c}" for c in HTTP_CLASSES)
+HOST_GAUGES = ("cpu", "ram_used", "server_rss")
 _encoder = msgspec.json.Encoder()
-
-
-class _Ring:
-    """One bucket per whole second of the monotonic clock, the last `size` seconds. Sums (tokens, steps, ...) add
-    up within a second; gauges (KV usage, running, waiting) keep the second's last sample."""
-
-    SUMS = ("prompt_tokens", "generation_tokens", "steps", "batch_seqs", "step_seconds", "prefix_queries",
-            "prefix_hits")
-    GAUGES = ("kv_usage", "running", "waiting")
-
-    def __init__(self, size: int):
-        self.size = size
-        self.second = [-1] * size
-        self.sums = {name: [0] * size for name in self.SUMS}
-        self.gauges = {name: [None] * size for name in self.GAUGES}
-
-    def slot(self, second: int) -> int:
-        i = second % self.size
-        if self.second[i] != second:
-            self.second[i] = second
-            for values in self.sums.values():
-                values[i] = 0
-            for values in self.gauges.values():
-                values[i] = None
-        return i
-
-    def total(self, name: str, first: int, last: int) -> float:
-        """The sum of `name` over seconds first..last, both included."""
-        values, seconds = self.sums[name], self.second
-        return sum(values[s % self.size] for s in range(first, last + 1) if seconds[s % self.size] == s)
-
-    def reported(self, first: int, last: int) -> list[int]:
-        """For each second first..last, its bucket if a replica reported stats in it, else -1 (the model was not
-        there: not started yet, or restarting)."""
-        seconds, kv_usage, size = self.second, self.gauges["kv_usage"], self.size
-        slots = []
-        for second in range(first, last + 1):
-            i = second % size
-            slots.append(i if seconds[i] == second and kv_usage[i] is not None else -1)
-        return slots
-
-    def series(self, name: str, slots: list[int]) -> list:
-        """`name` in each of `slots` (from `reported`); None where -1."""
-        values = self.sums.get(name) or self.gauges[name]
-        return [values[i] if i >= 0 else None for i in slots]
-
-
-class _Samples:
-    """Recent latency samples in arrival (so time) order, as two aligned deques capped at `maxlen`."""
-
-    def __init__(self, maxlen: int):
-        self.times: deque[float] = deque(maxlen=maxlen)
-        self.values: deque[float] = deque(maxlen=maxlen)
-
-    def add(self, time_: float, value: float) -> None:
-        self.times.append(time_)
-        self.values.append(value)
-
-    def percentiles(self, since: float) -> dict[str, float | int | None]:
-        times, values = self.times, self.values
-        while times and times[0] < since:  # samples arrive in time order: the old ones are on the left
-            times.popleft()
-            values.popleft()
-        if not values:
-            return {"p50": None, "p90": None, "p99": None, "count": 0}
-        ordered = sorted(values)
-        last = len(ordered) - 1
-        # Nearest rank: a percentile is always one of the samples.
-        return {"p50": ordered[round(0.50 * last)], "p90": ordered[round(0.90 * last)],
-                "p99": ordered[round(0.99 * last)], "count": len(ordered)}
 
 
 class _Replica:
     """What the hub remembers of one replica between its reports."""
 
     def __init__(self):
-        self.stats: SchedulerStats | None = None
-        self.reported_at = 0.0  # the clock at its last stats
         self.seen: set[str] = set()  # requests whose prompt was counted (at their first token)
         self.prefix = (0, 0)  # the last cumulative (queries, hits)
         self.map: tuple[object, dict] | None = None  # (the stats it was computed from, the block map)
 
 
 class ModelStats:
-    """One model's rings, totals and latency samples (summed over its replicas)."""
+    """One model's history, totals and samples (summed over its replicas)."""
 
-    def __init__(self, window_s: int):
-        self.ring = _Ring(max(window_s, HIT_RATE_WINDOW_S) + RATE_WINDOW_S + 1)
+    def __init__(self):
+        self.history = History(MODEL_SUMS, MODEL_GAUGES)
         self.replicas: dict[int, _Replica] = {}
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
-        self.num_finished = 0
-        self.num_steps = 0
-        self.ttft = _Samples(MAX_LATENCY_SAMPLES)
-        self.itl = _Samples(MAX_LATENCY_SAMPLES)
+        self.num_prompt_tokens = self.num_generation_tokens = self.num_finished = self.num_steps = 0
+        self.samples = {kind: Samples(MAX_LATENCY_SAMPLES) for kind in LATENCY_KINDS}
+        self.lengths = {kind: LengthCounts(MAX_LATENCY_SAMPLES, len(LENGTH_EDGES) + 1) for kind in ("prompt", "output")}
+        self.last_step_end = 0.0  # the clock when its last step's outputs arrived
+        self.processes: dict[int, dict] = {}  # replica -> its process's latest reading
 
     def replica(self, index: int) -> _Replica:
         found = self.replicas.get(index)
@@ -149,103 +88,189 @@ class ModelStats:
         return found
 
 
-class RequestTimer:
-    """Observes one engine request's output snapshots (as `RequestMetrics` does) for TTFT and ITL samples."""
+class RequestObserver:
+    """One API request's outputs (one engine request per prompt): its row in the request table and its samples."""
 
-    __slots__ = ("_arrival", "_clock", "_last", "_model")
+    __slots__ = ("_hub", "_model", "_last", "record")
 
-    def __init__(self, model: ModelStats, clock: Callable[[], float]):
-        self._model, self._clock = model, clock
-        self._arrival = clock()
-        self._last: float | None = None
+    def __init__(self, hub: StatsHub, model: ModelStats, record: RequestRecord, num_prompts: int):
+        self._hub, self._model, self.record = hub, model, record
+        self._last: list[float | None] = [None] * num_prompts  # per prompt: when its last tokens came
 
-    def observe(self, output: RequestOutput) -> None:
-        if not any(c.delta_token_ids for c in output.outputs):
+    def observe(self, index: int, output: RequestOutput) -> None:
+        num_new = sum(len(c.delta_token_ids) for c in output.outputs)
+        if not num_new:
             return
-        now = self._clock()
-        if self._last is None:
-            self._model.ttft.add(now, now - self._arrival)
+        now, samples, last = self._hub.clock(), self._model.samples, self._last[index]
+        if last is None:
+            samples["ttft"].add(now, now - self.record.arrival)
+            self.record.on_first_token(now, len(output.prompt_token_ids))
         else:
-            self._model.itl.add(now, now - self._last)
-        self._last = now
+            samples["itl"].add(now, now - last)
+        self._last[index] = now
+        self.record.on_tokens(num_new)
+
+    def close(self, reasons: list[str], aborted: bool) -> None:
+        """The request ended: `reasons` holds each sample's finish reason."""
+        record, hub, model = self.record, self._hub, self._model
+        if record.finished_at is not None:
+            return
+        now = hub.clock()
+        record.finish(now, reasons, aborted)
+        samples, history = model.samples, model.history
+        e2e = now - record.arrival
+        samples["e2e"].add(now, e2e)
+        model.lengths["prompt"].add(now, record.prompt_tokens)
+        model.lengths["output"].add(now, record.output_tokens)
+        history.add("requests", now, 1)
+        history.add("e2e_sum", now, e2e)
+        if record.first_token is not None:
+            history.add("ttft_sum", now, record.first_token - record.arrival)
+            history.add("ttft_count", now, 1)
+        for reason in reasons:
+            if reason in FINISH_REASONS:
+                history.add(f"finish_{reason}", now, 1)
 
 
 class StatsHub:
-    def __init__(self, supervisor: Supervisor, window_s: int = WINDOW_S, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
+    def __init__(self, supervisor: Supervisor, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, host: HostSampler | None = None):
         self.supervisor = supervisor
-        self.window_s = window_s
-        self.clock = clock
-        self.wall_clock = wall_clock
+        self.clock, self.wall_clock = clock, wall_clock
         self.models: dict[str, ModelStats] = {}
+        self.requests = RequestLog(clock, wall_clock)
+        self.host_history = History(HOST_SUMS, HOST_GAUGES)
+        self.host = host if host is not None else HostSampler()
+        self.http_totals = dict.fromkeys(HTTP_CLASSES, 0)
 
     def model(self, name: str) -> ModelStats:
         found = self.models.get(name)
         if found is None:
-            found = self.models[name] = ModelStats(self.window_s)
+            found = self.models[name] = ModelStats()
         return found
 
     # ---- the feeds ----
-    def request(self, model_name: str) -> RequestTimer:
-        return RequestTimer(self.model(model_name), self.clock)
+    def begin(self, request_id: str, model_name: str, adapter: str | None, num_prompts: int,
+              prompt: str | None = None) -> RequestObserver:
+        keep_prompt = self.supervisor.config.ui.show_prompts
+        record = self.requests.begin(request_id, model_name, adapter, prompt if keep_prompt else None)
+        return RequestObserver(self, self.model(model_name), record, num_prompts)
+
+    def on_http(self, request_id: str, path: str, status: int, fields: dict) -> None:
+        """Every HTTP response that ended (but the dashboard's own polling and scrapes that succeeded)."""
+        self.requests.on_http(request_id, path, status, fields)
+        classes = [f"{status // 100}xx"] + ([str(status)] if status in (429, 503) else [])
+        now = self.clock()
+        for name in classes:
+            if name in self.http_totals:
+                self.http_totals[name] += 1
+                self.host_history.add(f"http_{name}", now, 1)
 
     def on_step(self, model_name: str, replica_index: int, message: StepOutputs) -> None:
         """Called by the engine client with every message of outputs (and sometimes stats) from one replica."""
         model = self.model(model_name)
         replica = model.replica(replica_index)
-        ring = model.ring
-        now = self.clock()
-        i = ring.slot(int(now))
+        history, now = model.history, self.clock()
         num_prompt, num_generated, num_finished = count_step_tokens(message.outputs, replica.seen)
         model.num_finished += num_finished
-        sums = ring.sums
+        duration = message.step_seconds
         if num_generated or num_prompt:
-            sums["generation_tokens"][i] += num_generated
-            sums["prompt_tokens"][i] += num_prompt
+            history.add("generation_tokens", now, num_generated, duration)
+            history.add("prompt_tokens", now, num_prompt, duration)
             model.num_generation_tokens += num_generated
             model.num_prompt_tokens += num_prompt
         stats = message.stats
-        if message.step_seconds > 0:  # an engine step ran (aborts and idle reports have none)
+        if duration > 0:  # an engine step ran (aborts and idle reports have none)
             # The true batch size rides along with the stats; between them, the sequences that got a token.
-            sums["batch_seqs"][i] += stats.step_num_seqs if stats is not None else len(message.outputs)
-            sums["steps"][i] += 1
-            sums["step_seconds"][i] += message.step_seconds
+            history.add("batch_seqs", now, stats.step_num_seqs if stats is not None else len(message.outputs),
+                        duration)
+            history.add("steps", now, 1, duration)
+            history.add("step_seconds", now, duration, duration)
             model.num_steps += 1
+            model.last_step_end = now
+        for output in message.outputs:
+            if output.timing is not None:
+                self._on_timing(model, output.parent_id, output.timing, now)
         if stats is not None:
-            queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
-            last_queries, last_hits = replica.prefix
-            if queries < last_queries or hits < last_hits:  # a restarted engine counts from zero again
-                last_queries = last_hits = 0
-            sums["prefix_queries"][i] += queries - last_queries
-            sums["prefix_hits"][i] += hits - last_hits
-            replica.prefix = (queries, hits)
-            replica.stats, replica.reported_at = stats, now
-            reported = [r.stats for r in model.replicas.values()
-                        if r.stats is not None and now - r.reported_at < REPORT_FRESH_S]
-            num_blocks = sum(s.num_kv_blocks for s in reported)
-            gauges = ring.gauges
-            gauges["kv_usage"][i] = sum(s.num_kv_blocks - s.num_free_blocks for s in reported) / max(num_blocks, 1)
-            gauges["running"][i] = sum(s.num_running for s in reported)
-            gauges["waiting"][i] = sum(s.num_waiting for s in reported)
+            self._on_prefix_counters(history, replica, stats, now)
+
+    def _on_timing(self, model: ModelStats, parent_id: str, timing, now: float) -> None:
+        samples = model.samples
+        samples["queue"].add(now, timing.queued_s)
+        samples["prefill"].add(now, timing.prefill_s)
+        samples["decode"].add(now, timing.decode_s)
+        self.requests.on_timing(parent_id, timing)
+
+    @staticmethod
+    def _on_prefix_counters(history: History, replica: _Replica, stats: SchedulerStats, now: float) -> None:
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        last_queries, last_hits = replica.prefix
+        if queries < last_queries or hits < last_hits:  # a restarted engine counts from zero again
+            last_queries = last_hits = 0
+        history.add("prefix_queries", now, queries - last_queries)
+        history.add("prefix_hits", now, hits - last_hits)
+        replica.prefix = (queries, hits)
+
+    # ---- the sampler ----
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Samples once a second until cancelled (the app's lifespan runs it)."""
+        while True:
+            self.tick()
+            await asyncio.sleep(interval_s - (self.clock() % interval_s) + 0.01)  # just past each second's start
+
+    def tick(self) -> None:
+        now, host = self.clock(), self.host
+        self.host_history.sample(now, host.host())
+        pids = set()
+        for runtime in list(self.supervisor.models.values()):
+            model = self.model(runtime.name)
+            reported = [r for r in runtime.replicas if r.live and r.stats is not None]
+            processes = {r.replica: {"pid": r.pid, **host.process(r.pid)} for r in runtime.replicas
+                         if r.live and r.pid}
+            model.processes = processes
+            pids.update(p["pid"] for p in processes.values())
+            if not reported:
+                continue  # the model is not there: its gauges read null for this second
+            stats = [r.stats for r in reported]
+            num_blocks = sum(s.num_kv_blocks for s in stats)
+            model.history.sample(now, {
+                "kv_usage": sum(s.num_kv_blocks - s.num_free_blocks for s in stats) / max(num_blocks, 1),
+                "running": sum(s.num_running for s in stats), "waiting": sum(s.num_waiting for s in stats),
+                "rss": sum(p["rss"] for p in processes.values()), "cpu": sum(p["cpu"] for p in processes.values()),
+                "device_memory": sum(s.device_memory_bytes for s in stats)})
+        host.forget_others(pids)
 
     # ---- the snapshot ----
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, range_s: int = DEFAULT_RANGE_S, charted: str | None = None) -> dict[str, Any]:
+        """Everything, with the charts' series of `range_s` seconds for every model, or only for the model named
+        `charted` (the dashboard draws the selected model's: a fraction of the cost with many models)."""
         now, wall = self.clock(), self.wall_clock()
         supervisor = self.supervisor
+        ring, first, last = self.host_history.window(range_s, now)
+        slots = ring.present(first, last)
+        host = self.host
         return {
             "time": wall,
             "draining": supervisor.draining,
-            "window_s": self.window_s,
+            "window_s": range_s,
+            "ranges_s": list(RANGES_S),
+            "resolution_s": ring.resolution_s,
             "rate_window_s": RATE_WINDOW_S,
             "latency_window_s": LATENCY_WINDOW_S,
             "hit_rate_window_s": HIT_RATE_WINDOW_S,
-            "models": [self._model_snapshot(m, now, wall) for m in list(supervisor.models.values())],
+            "host": {"num_cpus": host.num_cpus, "ram_total": host.ram_total,
+                     "http_totals": dict(self.http_totals),
+                     "http": {c: ring.total(f"http_{c}", now - range_s, now) for c in HTTP_CLASSES},
+                     "series": {name: ring.series(name, slots) for name in (*HOST_GAUGES, *HOST_SUMS)}},
+            "models": [self._model_snapshot(m, now, wall, range_s if charted in (None, m.name) else 0)
+                       for m in list(supervisor.models.values())],
+            "requests": self.requests.snapshot(),
         }
 
-    def snapshot_json(self) -> bytes:
-        return _encoder.encode(self.snapshot())
+    def snapshot_json(self, range_s: int = DEFAULT_RANGE_S, charted: str | None = None) -> bytes:
+        return _encoder.encode(self.snapshot(range_s, charted))
 
-    def _model_snapshot(self, runtime: ModelRuntime, now: float, wall: float) -> dict[str, Any]:
+    def _model_snapshot(self, runtime: ModelRuntime, now: float, wall: float, range_s: int) -> dict[str, Any]:
         spec, model = runtime.spec, self.model(runtime.name)
         live = [r for r in runtime.replicas if r.live]
         reported = [r for r in live if r.stats is not None]
@@ -268,7 +293,10 @@ class StatsHub:
             "uptime_s": max(wall - runtime.started_at, 0.0),
             "restarts": runtime.restarts,
             "num_inflight": runtime.num_inflight,
-            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.live} for r in runtime.replicas],
+            "replicas": [{"replica": r.replica, "pid": r.pid, "alive": r.live,
+                          **_process(model.processes.get(r.replica)),
+                          "device_memory": r.stats.device_memory_bytes if r.stats is not None else None}
+                         for r in runtime.replicas],
             "requests": {
                 "running": sum(s.num_running for s in stats),
                 "waiting": sum(s.num_waiting for s in stats),
@@ -276,18 +304,16 @@ class StatsHub:
                 "preemptions": sum(s.num_preemptions for s in stats),
             },
             "kv": self._kv_snapshot(model, reported),
-            **self._rates_snapshot(model, stats, now),
+            **_rates_snapshot(model, stats, now),
             "totals": {
                 "prompt_tokens": model.num_prompt_tokens,
                 "generation_tokens": model.num_generation_tokens,
                 "finished_requests": model.num_finished,
                 "steps": model.num_steps,
             },
-            "latency": {
-                "ttft": model.ttft.percentiles(now - LATENCY_WINDOW_S),
-                "itl": model.itl.percentiles(now - LATENCY_WINDOW_S),
-            },
-            "series": self._series_snapshot(model, now),
+            **_samples_snapshot(model, now),
+            "finish_reasons": _finish_reasons(model, now, range_s or DEFAULT_RANGE_S),
+            "series": _series_snapshot(model, now, range_s, stats) if range_s else None,
             "lora": {"enabled": spec.lora.enabled, "max_loras": spec.lora.max_loras,
                      "adapters": _adapters(runtime, spec)},
             "errors": [{"time": t, "message": message} for t, message in runtime.errors],
@@ -303,65 +329,98 @@ class StatsHub:
             "num_used_blocks": num_blocks - num_free,
             "num_free_blocks": num_free,  # as the engine counts them: the cached ones too
             "num_cached_free_blocks": sum(s.num_cached_free_blocks for s in stats),
-            "maps": [self._block_map(model.replica(r.replica), r.replica, r.stats) for r in reported],
+            "maps": [_block_map(model.replica(r.replica), r.replica, r.stats) for r in reported],
         }
 
-    @staticmethod
-    def _rates_snapshot(model: ModelStats, stats: list[SchedulerStats], now: float) -> dict[str, Any]:
-        """Throughput, batch size and prefix-cache hits over their windows."""
-        ring, current = model.ring, int(now)
-        first_rate = current - RATE_WINDOW_S + 1
-        # The current second is partial: rates divide by the time the window really spans.
-        rate_span = max(now - first_rate, 1e-9)
-        steps = ring.total("steps", first_rate, current)
-        first_hit_rate = current - HIT_RATE_WINDOW_S + 1
-        window_queries = ring.total("prefix_queries", first_hit_rate, current)
-        window_hits = ring.total("prefix_hits", first_hit_rate, current)
-        queries = sum(s.prefix_cache_queries for s in stats)
-        hits = sum(s.prefix_cache_hits for s in stats)
-        return {
-            "throughput": {
-                "prompt_tokens_per_s": ring.total("prompt_tokens", first_rate, current) / rate_span,
-                "generation_tokens_per_s": ring.total("generation_tokens", first_rate, current) / rate_span,
-                "steps_per_s": steps / rate_span,
-            },
-            "batch": {
-                "mean": ring.total("batch_seqs", first_rate, current) / steps if steps else 0.0,
-                "last": sum(s.step_num_seqs for s in stats),
-            },
-            "prefix_cache": {
-                "hit_rate": window_hits / window_queries if window_queries else None,  # HIT_RATE_WINDOW_S
-                "lifetime_hit_rate": hits / queries if queries else None,
-                "queries": queries,  # in blocks, since the replicas started
-                "hits": hits,
-            },
-        }
 
-    def _series_snapshot(self, model: ModelStats, now: float) -> dict[str, Any]:
-        ring, current = model.ring, int(now)
-        first, last = current - self.window_s, current - 1  # charts show whole seconds only
-        slots = ring.reported(first, last)  # seconds in which no replica reported read null
-        batch_seqs, num_steps = ring.series("batch_seqs", slots), ring.series("steps", slots)
-        return {
-            "prompt_tokens_per_s": ring.series("prompt_tokens", slots),
-            "generation_tokens_per_s": ring.series("generation_tokens", slots),
-            "kv_usage": ring.series("kv_usage", slots),
-            "running": ring.series("running", slots),
-            "waiting": ring.series("waiting", slots),
-            "batch_size": [None if n is None else b / n if n else 0
-                           for b, n in zip(batch_seqs, num_steps, strict=True)],
-        }
+def _process(reading: dict | None) -> dict[str, Any]:
+    return {"rss": reading["rss"], "cpu": reading["cpu"]} if reading else {"rss": None, "cpu": None}
 
-    def _block_map(self, replica: _Replica, index: int, stats: SchedulerStats) -> dict[str, Any]:
-        """The replica's block pool as at most MAX_MAP_CELLS cells ('0' free, '1' in use, '2' cached), computed once
-        per report. With the engine's per-block states (`SchedulerStats.block_states`, one byte a block, when the
-        engine sends them) the cells are in block-id order; without, the counts are drawn in state order."""
-        if replica.map is not None and replica.map[0] is stats:
-            return replica.map[1]
-        result = block_map(stats)
-        result["replica"] = index
-        replica.map = (stats, result)
-        return result
+
+def _rates_snapshot(model: ModelStats, stats: list[SchedulerStats], now: float) -> dict[str, Any]:
+    """Throughput, batch size and prefix-cache hits over their windows (the fine ring's whole seconds)."""
+    ring = model.history.fine
+    first_rate = int(now) - RATE_WINDOW_S + 1
+    # The current second is partial: rates divide by the time the window really spans.
+    rate_span = max(now - first_rate, 1e-9)
+    steps = ring.total("steps", first_rate, now)
+    first_hit_rate = int(now) - HIT_RATE_WINDOW_S + 1
+    window_queries = ring.total("prefix_queries", first_hit_rate, now)
+    window_hits = ring.total("prefix_hits", first_hit_rate, now)
+    queries = sum(s.prefix_cache_queries for s in stats)
+    hits = sum(s.prefix_cache_hits for s in stats)
+    return {
+        "throughput": {
+            "prompt_tokens_per_s": ring.total("prompt_tokens", first_rate, now) / rate_span,
+            "generation_tokens_per_s": ring.total("generation_tokens", first_rate, now) / rate_span,
+            "steps_per_s": steps / rate_span,
+        },
+        "batch": {
+            "mean": ring.total("batch_seqs", first_rate, now) / steps if steps else 0.0,
+            "last": sum(s.step_num_seqs for s in stats),
+        },
+        "prefix_cache": {
+            "hit_rate": window_hits / window_queries if window_queries else None,  # HIT_RATE_WINDOW_S
+            "lifetime_hit_rate": hits / queries if queries else None,
+            "queries": queries,  # in blocks, since the replicas started
+            "hits": hits,
+        },
+    }
+
+
+def _samples_snapshot(model: ModelStats, now: float) -> dict[str, Any]:
+    since, samples, lengths = now - LATENCY_WINDOW_S, model.samples, model.lengths
+    return {"latency": {kind: samples[kind].percentiles(since) for kind in LATENCY_KINDS},
+            "lengths": {"edges": [0, *LENGTH_EDGES], "prompt": lengths["prompt"].histogram(since),
+                        "output": lengths["output"].histogram(since)}}
+
+
+def _finish_reasons(model: ModelStats, now: float, range_s: int) -> dict[str, int]:
+    ring = model.history.ring(range_s)
+    return {r: round(ring.total(f"finish_{r}", now - range_s, now)) for r in FINISH_REASONS}
+
+
+def _series_snapshot(model: ModelStats, now: float, range_s: int, stats: list[SchedulerStats]) -> dict[str, Any]:
+    ring, first, last = model.history.window(range_s, now)
+    slots = ring.present(first, last)
+    # While requests run, the seconds after the last step's end are not over: a step still running adds to them.
+    busy = any(s.num_running for s in stats)
+    work = ring.present(first, last, known_until=model.last_step_end) if busy else slots
+    batch_seqs, num_steps = ring.series("batch_seqs", work), ring.series("steps", work)
+    requests, e2e = ring.series("requests", slots), ring.series("e2e_sum", slots)
+    ttft, ttft_count = ring.series("ttft_sum", slots), ring.series("ttft_count", slots)
+    return {
+        "prompt_tokens_per_s": ring.series("prompt_tokens", work),
+        "generation_tokens_per_s": ring.series("generation_tokens", work),
+        "kv_usage": ring.series("kv_usage", slots),
+        "running": ring.series("running", slots),
+        "waiting": ring.series("waiting", slots),
+        "batch_size": [None if b is None else round(b / n, 3) if n else 0
+                       for b, n in zip(batch_seqs, num_steps, strict=True)],
+        "requests_per_s": requests,
+        "e2e_mean": [_ratio(s, n) for s, n in zip(e2e, requests, strict=True)],
+        "ttft_mean": [_ratio(s, n) for s, n in zip(ttft, ttft_count, strict=True)],
+        "rss": ring.series("rss", slots, 0),
+        "cpu": ring.series("cpu", slots),
+        "device_memory": ring.series("device_memory", slots, 0),
+    }
+
+
+def _ratio(total: float | None, count: float | None) -> float | None:
+    """A mean per bucket; None where the model was not there or nothing was counted (a gap, not a zero)."""
+    if total is None:
+        return None
+    return round(total / count, 4) if count else None
+
+
+def _block_map(replica: _Replica, index: int, stats: SchedulerStats) -> dict[str, Any]:
+    """The replica's block map, computed once per report."""
+    if replica.map is not None and replica.map[0] is stats:
+        return replica.map[1]
+    result = block_map(stats)
+    result["replica"] = index
+    replica.map = (stats, result)
+    return result
 
 
 def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:
@@ -371,38 +430,3 @@ def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:
             return [{"name": a.name, "path": a.path, "rank": a.rank, "slot": a.slot, "requests": a.num_requests,
                      "tokens": a.num_tokens} for a in replica.loras]
     return [{"name": a.name, "path": a.path} for a in spec.lora.adapters]
-
-
-def block_map(stats: SchedulerStats) -> dict[str, Any]:
-    num_blocks = stats.num_kv_blocks
-    states = stats.block_states
-    num_cells = min(num_blocks, MAX_MAP_CELLS)
-    per_cell = max(1, math.ceil(num_blocks / max(num_cells, 1)))
-    if states is not None and len(states) == num_blocks:
-        states = bytes(states)
-        if per_cell == 1:
-            cells = states.translate(_STATE_CHARS).decode("ascii")
-        else:  # each cell shows its blocks' most common state
-            chunks = (states[i:i + per_cell] for i in range(0, num_blocks, per_cell))
-            cells = "".join(_dominant(chunk) for chunk in chunks)
-        return {"cells": cells, "blocks_per_cell": per_cell, "exact": True}
-    num_cached = stats.num_cached_free_blocks
-    num_used = num_blocks - stats.num_free_blocks
-    num_free = num_blocks - num_used - num_cached
-    used_cells, cached_cells = round(num_used / per_cell), round(num_cached / per_cell)
-    if num_used and not used_cells:
-        used_cells = 1  # a pool in use never shows as empty
-    free_cells = max(0, math.ceil(num_blocks / per_cell) - used_cells - cached_cells)
-    if num_free and not free_cells and used_cells + cached_cells > 1:
-        free_cells = 1
-    return {"cells": USED * used_cells + CACHED * cached_cells + FREE * free_cells, "blocks_per_cell": per_cell,
-            "exact": False}
-
-
-def _dominant(chunk: bytes) -> str:
-    used, cached = chunk.count(1), chunk.count(2)
-    free = len(chunk) - used - cached
-    if used >= cached and used >= free:
-        return USED
-    return CACHED if cached >= free else FREE
-

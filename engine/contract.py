@@ -182,6 +182,7 @@ class SchedulerStats(msgspec.Struct):
     # ratio tells a device-bound engine (close to 1) from one whose host work leaves the device idle.
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+    device_memory_bytes: int = 0  # what the engine's device allocator holds (rank 0's GPU); 0 on a CPU
 
 
 class LoraInfo(msgspec.Struct):

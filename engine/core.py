@@ -293,6 +293,8 @@ class EngineCore:
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
         stats = self.scheduler.stats(with_block_states)
         stats.step_seconds, stats.device_wait_seconds = self.step_seconds, self.device_wait_seconds
+        if self.device.type == "cuda":  # the caching allocator's count: no device sync
+            stats.device_memory_bytes = torch.cuda.memory_reserved(self.device)
         return stats
 
     # ---- LoRA adapters ----

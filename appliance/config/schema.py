@@ -279,6 +279,8 @@ class ModelSpec(_Schema, kw_only=True):
 class UiSpec(_Schema, kw_only=True):
     enabled: Annotated[bool, _doc("Serve the dashboard.")] = True
     path: Annotated[str, _doc("URL path of the dashboard.", pattern=_URL_PATH)] = "/ui"
+    show_prompts: Annotated[bool, _doc("Show each request's prompt (its first 300 characters) in the dashboard's "
+                                       "request table. Off by default: prompts may hold users' data.")] = False
 
 
 class MetricsSpec(_Schema, kw_only=True):

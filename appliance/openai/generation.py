@@ -52,8 +52,10 @@ class Generation:
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
         access_log.note(model=client.name, adapter=lora_name)
-        self._observers = [(metrics.request(client.name, lora_name, params),
-                            stats.request(client.name) if stats is not None else None) for _ in prompts]
+        self._observers = [metrics.request(client.name, lora_name, params) for _ in prompts]
+        # The dashboard's row for this request and its latency samples.
+        self._stats = None if stats is None else stats.begin(
+            request_id, client.name, lora_name, len(prompts), prompts[0][0] if prompts else None)
         try:
             for i, (text, token_ids) in enumerate(prompts):
                 client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name,
@@ -88,10 +90,9 @@ class Generation:
 
     def _accept(self, index: int, output: RequestOutput) -> APIError | None:
         """Observes and keeps an update; returns the error it reports, if any."""
-        observer, timer = self._observers[index]
-        observer.observe(output)
-        if timer is not None:  # the dashboard's TTFT and inter-token latency
-            timer.observe(output)
+        self._observers[index].observe(output)
+        if self._stats is not None:
+            self._stats.observe(index, output)
         if output.finished:
             del self._running[index]
             self._on_done()
@@ -111,8 +112,20 @@ class Generation:
             logger.info("request %s: aborted (%s)", self.request_id, ", ".join(running.values()))
         self._client.abort(list(running.values()))
         for index in running:
-            self._observers[index][0].aborted()
+            self._observers[index].aborted()
             self._on_done()
+        if self._stats is not None:
+            self._stats.close(self._finish_reasons(running), aborted=bool(running))
+
+    def _finish_reasons(self, aborted: dict[int, str]) -> list[str]:
+        """Each sample's finish reason: an aborted prompt's samples 'abort', a failed one's (never kept) 'error'."""
+        reasons = []
+        for index, output in enumerate(self.latest):
+            if index in aborted or output is None:
+                reasons += ["abort" if index in aborted else "error"] * self.n
+            else:
+                reasons += [c.finish_reason or "abort" for c in output.outputs]
+        return reasons
 
 
 def _failed(output: RequestOutput) -> bool:

@@ -15,7 +15,8 @@
   const boot = JSON.parse(document.getElementById("kvbox-boot").textContent);
   const panels = new Map(); // model name -> { section, row, tab, fields: Map(name -> [elements]) }
   // Exposed for tests and for curious operators: the last snapshot and how the page gets its data.
-  const state = { last: null, updates: 0, mode: "connecting", selected: null, lastUpdate: 0 };
+  const state = { last: null, updates: 0, mode: "connecting", selected: null, lastUpdate: 0,
+    range: boot.snapshot.window_s, requestView: "inflight", source: null };
   window.kvbox = state;
 
   // ---- formatting ----
@@ -38,6 +39,13 @@
   };
   const fmtClock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
   const fmtDate = (t) => new Date(t * 1000).toLocaleString([], { hour12: false });
+  const fmtBytes = (v) => {
+    if (v == null) return "—";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
+    return (v >= 100 || i === 0 ? Math.round(v) : v.toFixed(1)) + " " + units[i];
+  };
   const level = (usage) => (usage >= 0.9 ? "crit" : usage >= 0.7 ? "warn" : "ok");
 
   // ---- the page's parts ----
@@ -90,6 +98,8 @@
       if (p.tab) p.tab.setAttribute("aria-selected", on ? "true" : "false");
     }
     history.replaceState(null, "", "#" + encodeURIComponent(name));
+    const charted = state.last && state.last.models.find((m) => m.name === name);
+    if (charted && !charted.series) restartStream();  // the next snapshot brings its series
     drawSelected();
     if (scroll) panels.get(name).section.scrollIntoView({ behavior: "smooth", block: "start" });
   }
@@ -110,6 +120,8 @@
       const panel = panels.get(model.name);
       if (panel) renderModel(panel, model, snapshot);
     }
+    renderHost(snapshot.host);
+    renderRequests(snapshot.requests);
     drawSelected();
     refreshConnection();
   }
@@ -164,16 +176,94 @@
     set(p, "batch", m.batch.mean.toFixed(1), m.batch.mean);
     set(p, "hit-rate", fmtPct(m.prefix_cache.hit_rate), m.prefix_cache.hit_rate);
     set(p, "hit-rate-lifetime", fmtPct(m.prefix_cache.lifetime_hit_rate), m.prefix_cache.lifetime_hit_rate);
-    for (const kind of ["ttft", "itl"]) {
+    for (const kind of ["ttft", "itl", "e2e", "queue", "prefill", "decode"]) {
       const lat = m.latency[kind];
       for (const q of ["p50", "p90", "p99"]) set(p, `${kind}-${q}`, fmtSeconds(lat[q]), lat[q]);
       set(p, `${kind}-count`, fmtInt(lat.count), lat.count);
     }
+    for (const [reason, count] of Object.entries(m.finish_reasons)) set(p, `finish-${reason}`, fmtInt(count), count);
+    set(p, "length-window", fmtDuration(snapshot.latency_window_s));
+    const processes = m.replicas.filter((r) => r.alive && r.rss != null);
+    const rss = processes.length ? processes.reduce((a, r) => a + r.rss, 0) : null;
+    const cpu = processes.length ? processes.reduce((a, r) => a + r.cpu, 0) : null;
+    const device = m.replicas.reduce((a, r) => a + (r.device_memory || 0), 0);
+    set(p, "rss", fmtBytes(rss), rss);
+    set(p, "engine-cpu", cpu == null ? "—" : cpu.toFixed(1), cpu);
+    set(p, "device-memory", device ? fmtBytes(device) : "—", device || null);
     renderErrors(p, m.errors);
     if (m.lora && m.lora.enabled) {
       const card = document.querySelector(`[data-lora="${CSS.escape(m.name)}"]`);
       if (card) refreshAdapters(card, m.lora.adapters);
     }
+  }
+
+  // ---- the host (every model's) ----
+  function setHost(name, text) {
+    for (const el of document.querySelectorAll(`[data-h="${name}"]`)) if (el.textContent !== text) el.textContent = text;
+  }
+
+  function renderHost(host) {
+    const s = host.series, lastOf = (values) => { for (let i = values.length - 1; i >= 0; i--) if (values[i] != null) return values[i]; return null; };
+    const cpu = lastOf(s.cpu), ram = lastOf(s.ram_used);
+    setHost("cpu", cpu == null ? "—" : fmtPct(cpu));
+    setHost("num-cpus", String(host.num_cpus));
+    setHost("ram", fmtBytes(ram));
+    setHost("ram-total", fmtBytes(host.ram_total));
+    for (const c of ["2xx", "4xx", "429", "5xx", "503"]) setHost(`http-${c}`, fmtInt(host.http[c]));
+    const svg = (kind) => document.querySelector(`svg[data-chart="${kind}"]`);
+    chart(svg("host-cpu"), [{ values: s.cpu, cls: "s-generation", area: true }], { max: 1, format: (v) => Math.round(100 * v) + "%" });
+    chart(svg("host-ram"), [{ values: s.ram_used, cls: "s-kv", area: true }, { values: s.server_rss, cls: "s-info" }],
+      { max: host.ram_total, format: fmtBytesAxis });
+    chart(svg("host-http"), [{ values: s.http_4xx, cls: "s-waiting" }, { values: s.http_429, cls: "s-info" },
+      { values: s.http_5xx, cls: "s-crit" }, { values: s.http_503, cls: "s-cached" }], { format: fmtAxis });
+  }
+
+  // ---- the request table (every model's) ----
+  const REQUEST_COLUMNS = [
+    (r) => r.id, (r) => r.model + (r.adapter ? " · " + r.adapter : ""), (r) => r.state,
+    (r) => (r.status == null ? "—" : String(r.status)), (r) => fmtInt(r.prompt_tokens), (r) => fmtInt(r.output_tokens),
+    (r) => fmtSeconds(r.queue_s), (r) => fmtSeconds(r.ttft_s), (r) => fmtSeconds(r.e2e_s),
+    (r) => r.finish_reason || "—", (r) => fmtClock(r.created)];
+  const NUMERIC = new Set([3, 4, 5, 6, 7, 8]);
+  let requestsKey = null;
+
+  function renderRequests(requests) {
+    document.getElementById("req-inflight-count").textContent = fmtInt(requests.num_inflight);
+    document.getElementById("req-finished-count").textContent = fmtInt(requests.finished.length);
+    const rows = state.requestView === "inflight" ? requests.inflight : requests.finished;
+    const key = state.requestView + JSON.stringify(rows);
+    if (key === requestsKey) return;
+    requestsKey = key;
+    const tbody = document.querySelector("#request-table tbody");
+    tbody.replaceChildren(...rows.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.id = r.id;
+      tr.dataset.state = r.state;
+      REQUEST_COLUMNS.forEach((column, i) => {
+        const td = document.createElement("td");
+        td.textContent = column(r);
+        if (NUMERIC.has(i)) td.className = "num";
+        if (i === 2) td.className = "req-state";
+        if (i === 3 && r.status >= 400) td.className = "num bad";
+        if (i === 0 && r.prompt != null) {
+          const prompt = document.createElement("div");
+          prompt.className = "prompt muted small";
+          prompt.textContent = r.prompt;
+          td.append(prompt);
+        }
+        tr.append(td);
+      });
+      return tr;
+    }));
+    document.getElementById("req-empty").hidden = rows.length > 0;
+  }
+
+  for (const button of document.querySelectorAll("[data-req]")) {
+    button.addEventListener("click", () => {
+      state.requestView = button.dataset.req;
+      for (const b of document.querySelectorAll("[data-req]")) b.setAttribute("aria-selected", String(b === button));
+      if (state.last) renderRequests(state.last.requests);
+    });
   }
 
   function renderErrors(p, errors) {
@@ -208,14 +298,24 @@
     const model = state.last && state.last.models.find((m) => m.name === state.selected);
     if (!p || !model) return;
     const s = model.series;
+    if (!s) return;
     const charts = p.section.querySelectorAll("svg[data-chart]");
     for (const svg of charts) {
       const kind = svg.dataset.chart;
-      if (kind === "throughput") {
-        const span = state.last.rate_window_s;
-        chart(svg, [{ values: trailingMean(s.prompt_tokens_per_s, span), cls: "s-prompt", area: true },
-          { values: trailingMean(s.generation_tokens_per_s, span), cls: "s-generation", area: true }],
-        { format: fmtAxis });
+      if (kind === "generation") {
+        chart(svg, [{ values: s.generation_tokens_per_s, cls: "s-generation", area: true }], { format: fmtAxis });
+      } else if (kind === "prompt") {
+        chart(svg, [{ values: s.prompt_tokens_per_s, cls: "s-prompt", area: true }], { format: fmtAxis });
+      } else if (kind === "rate") {
+        chart(svg, [{ values: s.requests_per_s, cls: "s-running", area: true }], { format: fmtAxis });
+      } else if (kind === "latency") {
+        chart(svg, [{ values: s.ttft_mean, cls: "s-prompt", connect: true }, { values: s.e2e_mean, cls: "s-generation", connect: true }],
+          { format: fmtSecondsAxis });
+      } else if (kind === "memory") {
+        chart(svg, [{ values: s.rss, cls: "s-info", area: true }, { values: s.device_memory, cls: "s-used" }], { format: fmtBytesAxis });
+      } else if (kind === "prompt-lengths" || kind === "output-lengths") {
+        const lengths = model.lengths;
+        bars(svg, lengths[kind === "prompt-lengths" ? "prompt" : "output"], lengths.edges);
       } else if (kind === "kv") {
         chart(svg, [{ values: s.kv_usage, cls: "s-kv", area: true }],
           { max: 1, format: (v) => Math.round(100 * v) + "%" });
@@ -229,21 +329,31 @@
     drawMaps(p, model.kv.maps);
   }
 
-  // Per-second counts averaged over the `window` seconds up to each point (as the "now" rates are); null where the
-  // model was not there.
-  function trailingMean(values, window) {
-    const out = new Array(values.length);
-    let sum = 0, count = 0;
-    for (let i = 0; i < values.length; i++) {
-      if (values[i] != null) { sum += values[i]; count += 1; }
-      const old = i - window;
-      if (old >= 0 && values[old] != null) { sum -= values[old]; count -= 1; }
-      out[i] = values[i] == null ? null : sum / Math.max(count, 1);
-    }
-    return out;
-  }
+  const fmtAxis = (v) => (v >= 1000 ? +(v / 1000).toFixed(1) + "k" : Number.isInteger(v) ? String(v) : +v.toPrecision(2) + "");
+  const fmtSecondsAxis = (v) => (v === 0 ? "0" : fmtSeconds(v));
+  const fmtBytesAxis = (v) => (v === 0 ? "0" : fmtBytes(v));
 
-  const fmtAxis = (v) => (v >= 1000 ? +(v / 1000).toFixed(1) + "k" : Number.isInteger(v) ? String(v) : v.toFixed(1));
+  // A histogram of lengths: one bar per power-of-two bin, labelled by its lower edge.
+  function bars(svg, counts, edges) {
+    const w = svg.clientWidth, h = svg.clientHeight;
+    if (!w || !h) return;
+    svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    let first = counts.findIndex((c) => c > 0), last = counts.length - 1 - [...counts].reverse().findIndex((c) => c > 0);
+    if (first < 0) { first = 0; last = Math.min(10, counts.length - 1); }
+    const shown = counts.slice(first, last + 1), max = niceCeil(Math.max(...shown), true);
+    const left = 40, bottom = 20, top = 8, slot = (w - left - 4) / shown.length;
+    const nodes = [el("text", { class: "axis-label", x: left - 6, y: top + 4, "text-anchor": "end" }, fmtAxis(max)),
+      el("text", { class: "axis-label", x: left - 6, y: h - bottom, "text-anchor": "end" }, "0")];
+    shown.forEach((c, i) => {
+      const height = (c / max) * (h - top - bottom), x = left + i * slot;
+      nodes.push(el("rect", { class: "bar-rect", x: x + 1, y: h - bottom - height, width: Math.max(1, slot - 2), height },
+        undefined));
+      nodes[nodes.length - 1].append(el("title", {}, `${c} requests of ${edges[first + i]}+ tokens`));
+      const e = edges[first + i];
+      nodes.push(el("text", { class: "axis-label", x: x + slot / 2, y: h - 4, "text-anchor": "middle" }, e >= 1024 ? e / 1024 + "k" : String(e)));
+    });
+    svg.replaceChildren(...nodes);
+  }
 
   function niceCeil(v, integers) {
     if (!(v > 0)) return 1;
@@ -263,6 +373,7 @@
   }
 
   function chart(svg, lines, options) {
+    if (!svg) return;
     const w = svg.clientWidth, h = svg.clientHeight;
     if (!w || !h) return;
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
@@ -282,15 +393,16 @@
       nodes.push(el("line", { class: "grid-line", x1: left, x2: w - right, y1: yy, y2: yy }));
       nodes.push(el("text", { class: "axis-label", x: left - 6, y: yy + 3.5, "text-anchor": "end" }, options.format(max * f)));
     }
-    for (let ago = 0; ago < n; ago += 60) {
+    const res = state.last ? state.last.resolution_s : 1, range = n * res, tick = range > 900 ? 600 : range > 300 ? 120 : 60;
+    for (let ago = 0; ago < range; ago += tick) {
       const label = ago === 0 ? "now" : `−${ago / 60}m`;
-      nodes.push(el("text", { class: "axis-label", x: x(n - 1 - ago), y: h - 4, "text-anchor": ago === 0 ? "end" : "middle" }, label));
+      nodes.push(el("text", { class: "axis-label", x: x(n - 1 - ago / res), y: h - 4, "text-anchor": ago === 0 ? "end" : "middle" }, label));
     }
     for (const line of lines) {
       let path = "", area = "", runStart = -1;
       const closeRun = (end) => { if (runStart >= 0 && line.area) area += `L${x(end).toFixed(1)},${y(0).toFixed(1)}L${x(runStart).toFixed(1)},${y(0).toFixed(1)}Z`; };
       line.values.forEach((v, i) => {
-        if (v == null) { closeRun(i - 1); runStart = -1; return; }
+        if (v == null) { if (!line.connect) { closeRun(i - 1); runStart = -1; } return; }
         const point = `${x(i).toFixed(1)},${y(v).toFixed(1)}`;
         if (runStart < 0) { runStart = i; path += "M" + point; area += "M" + point; } else { path += "L" + point; area += "L" + point; }
       });
@@ -493,9 +605,18 @@
     refreshConnection();
   }
 
+  // The charts' range, and only the selected model's series (the others' are not drawn).
+  function statsQuery(url) {
+    return `${url}?range=${state.range}&model=${encodeURIComponent(state.selected || "")}`;
+  }
+
+  function restartStream() {
+    if (state.source) { state.source.close(); state.source = null; startStream(); }  // polling reads the state
+  }
+
   function startStream() {
     if (typeof window.EventSource !== "function") return startPolling();
-    const source = new EventSource(boot.stream_url);
+    const source = state.source = new EventSource(statsQuery(boot.stream_url));
     let delivered = false;
     source.onmessage = (event) => {
       delivered = true;
@@ -518,7 +639,7 @@
     setMode("polling");
     const tick = async () => {
       try {
-        const response = await fetch(boot.stats_url, { credentials: "same-origin", cache: "no-store",
+        const response = await fetch(statsQuery(boot.stats_url), { credentials: "same-origin", cache: "no-store",
           headers: { Accept: "application/json" } });
         if (response.status === 401) { location.href = boot.login_url; return; }
         if (!response.ok) throw new Error(String(response.status));
@@ -530,6 +651,14 @@
       setTimeout(tick, POLL_INTERVAL_MS);
     };
     tick();
+  }
+
+  for (const button of document.querySelectorAll("[data-range]")) {
+    button.addEventListener("click", () => {
+      state.range = Number(button.dataset.range);
+      for (const b of document.querySelectorAll("[data-range]")) b.setAttribute("aria-pressed", String(b === button));
+      restartStream();
+    });
   }
 
   let resizeQueued = false;
