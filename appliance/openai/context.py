@@ -1,6 +1,7 @@
 """What the API's handlers share, one `ServingContext` per app: the models (the supervisor), the admission counts,
-the metrics and the dashboard's statistics. Handlers get it from `serving_context(request)` and hand on what each
-step needs, so that no step looks anything up in `app.state` behind its caller's back."""
+the metrics, the dashboard's statistics and the Responses API's stored responses. Handlers get it from
+`serving_context(request)` and hand on what each step needs, so that no step looks anything up in `app.state`
+behind its caller's back."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from litestar import Request
 from appliance.config import ServerSpec
 from appliance.errors import RETRY_QUEUE_FULL_S, APIError
 from appliance.metrics import Metrics
+from appliance.openai.responses_store import ResponseStore
 from appliance.request_ids import HEADER
 from appliance.stats import StatsHub
 from appliance.supervisor import ModelRuntime, Supervisor
@@ -59,6 +61,7 @@ class ServingContext:
     metrics: Metrics
     stats: StatsHub | None = None  # with the dashboard only
     admission: Admission = field(default_factory=Admission)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
 
     @property
     def server(self) -> ServerSpec:
