@@ -107,16 +107,14 @@ class ReasoningText(msgspec.Struct, kw_only=True):
     text: str
 
 
-class OutputMessage(msgspec.Struct, kw_only=True):
-    type: str = "message"
+class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message"):
     id: str
     status: str
     role: str = "assistant"
     content: list[OutputText]
 
 
-class FunctionCallItem(msgspec.Struct, kw_only=True):
-    type: str = "function_call"
+class FunctionCallItem(msgspec.Struct, kw_only=True, tag_field="type", tag="function_call"):
     id: str
     call_id: str
     name: str
@@ -124,8 +122,7 @@ class FunctionCallItem(msgspec.Struct, kw_only=True):
     status: str
 
 
-class ReasoningItem(msgspec.Struct, kw_only=True):
-    type: str = "reasoning"
+class ReasoningItem(msgspec.Struct, kw_only=True, tag_field="type", tag="reasoning"):
     id: str
     summary: list = msgspec.field(default_factory=list)
     content: list[ReasoningText]
