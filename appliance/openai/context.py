@@ -1,6 +1,7 @@
 """What the API's handlers share, one `ServingContext` per app: the models (the supervisor), the admission counts,
-the metrics and the dashboard's statistics. Handlers get it from `serving_context(request)` and hand on what each
-step needs, so that no step looks anything up in `app.state` behind its caller's back."""
+the metrics, the dashboard's statistics and the Responses API's stored responses. Handlers get it from
+`serving_context(request)` and hand on what each step needs, so that no step looks anything up in `app.state`
+behind its caller's back."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from appliance.config import ServerSpec
 from appliance.errors import RETRY_QUEUE_FULL_S, APIError
 from appliance.fleet import Fleet
 from appliance.metrics import Metrics
+from appliance.openai.responses_store import ResponseStore
 from appliance.request_ids import HEADER
 from appliance.stats import StatsHub
 from appliance.supervisor import ModelRuntime, Supervisor
@@ -61,6 +63,7 @@ class ServingContext:
     stats: StatsHub | None = None  # with the dashboard only
     admission: Admission = field(default_factory=Admission)
     fleet: Fleet | None = None  # sleeping models and their wake; set by create_app
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
 
     @property
     def server(self) -> ServerSpec:

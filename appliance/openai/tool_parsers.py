@@ -4,6 +4,8 @@
 - llama3_json (Llama 3.1-3.3): an optional `<|python_tag|>`, then `{"name": ..., "parameters": {...}}` objects
   separated by `;`; only when the whole reply is calls (text before them is prose, not a call).
 - mistral: `[TOOL_CALLS]` then a JSON list of {"name", "arguments"}, or (newer templates) `name[ARGS]{...}` pairs.
+- qwen3_coder (Qwen3-Coder): `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>...</function></tool_call>`,
+  values written raw, typed by the tool's schema (a string property keeps the text; others are read as JSON).
 - auto: picked from the chat template's text.
 
 A parser returns the text before the calls (the message's content) and the calls; text that does not parse as a
@@ -50,7 +52,12 @@ def _json_values(text: str) -> list:
         values.append(value)
 
 
-class HermesParser:
+class _Parser:
+    def __init__(self, tools: list[dict] | None = None):
+        self.schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools or []}
+
+
+class HermesParser(_Parser):
     start_marker = "<tool_call>"
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -64,7 +71,7 @@ class HermesParser:
         return Parsed(text[:start].rstrip(), calls)
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_Parser):
     start_marker = "<|python_tag|>"
 
     def parse(self, text: str) -> Parsed:
@@ -78,7 +85,7 @@ class Llama3JsonParser:
         return Parsed("", calls)
 
 
-class MistralParser:
+class MistralParser(_Parser):
     start_marker = "[TOOL_CALLS]"
     _named = re.compile(r"([A-Za-z0-9_.-]+)\[ARGS\]")
 
@@ -110,13 +117,52 @@ class MistralParser:
         return calls if i == len(body) else []
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
+class Qwen3CoderParser(_Parser):
+    start_marker = "<tool_call>"
+    _function = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)(?:</function>\s*(?:</tool_call>|$)|$)",
+                           re.DOTALL)
+    # A value runs to its closing tag, or (a model that left it out) to the next parameter or the function's end.
+    _parameter = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+
+    def parse(self, text: str) -> Parsed:
+        start = text.find(self.start_marker)
+        if start < 0:
+            return Parsed(text, [])
+        calls = [ParsedCall(name.strip(), json.dumps(self._arguments(name.strip(), body), ensure_ascii=False))
+                 for name, body in self._function.findall(text[start:])]
+        return Parsed(text[:start].rstrip(), calls) if calls else Parsed(text, [])
+
+    def _arguments(self, name: str, body: str) -> dict:
+        properties = self.schemas.get(name, {}).get("properties") or {}
+        return {key.strip(): _typed(value, properties.get(key.strip())) for key, value in self._parameter.findall(body)}
 
 
-def parser_for(name: str | None, chat_template: str | None):
-    """The configured parser; `auto` picks one from the chat template (None when no format is recognized)."""
+def _typed(value: str, schema: dict | None):
+    """A raw parameter value as its schema's type says: text for strings (and unknown parameters), else JSON."""
+    kinds = (schema or {}).get("type", "string")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if value.strip() == "null" and "string" not in kinds:
+        return None
+    if "string" in kinds:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        if "boolean" in kinds and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        return value
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
+           "qwen3_coder": Qwen3CoderParser}
+
+
+def parser_for(name: str | None, chat_template: str | None, tools: list[dict] | None = None):
+    """The configured parser for these tools; `auto` picks one from the chat template (None when no format is
+    recognized)."""
     if name == "auto":
         template = chat_template or ""
-        name = ("hermes" if "<tool_call>" in template else "mistral" if "[TOOL_CALLS]" in template
+        name = ("qwen3_coder" if "<function=" in template else "hermes" if "<tool_call>" in template
+                else "mistral" if "[TOOL_CALLS]" in template
                 else "llama3_json" if "<|python_tag|>" in template or "ipython" in template else None)
-    return PARSERS[name]() if name is not None else None
+    return PARSERS[name](tools) if name is not None else None

@@ -80,7 +80,7 @@ def plan(req: ChatCompletionRequest, tool_parser: str | None, chat_template: str
             raise APIError.invalid("tool_choice.function.name", f"no tool is named {choice.function.name!r}")
         return ToolPlan("named", tools, name=choice.function.name, parallel=parallel)
     mode = choice or "auto"
-    parser = parser_for(tool_parser, chat_template) if mode == "auto" else None
+    parser = parser_for(tool_parser, chat_template, tools) if mode == "auto" else None
     if mode == "auto" and parser is None:
         raise APIError.invalid("tool_choice", "tool_choice auto needs a tool_parser configured for this model; use "
                                               "required or a named function, or ask the operator to set one")
