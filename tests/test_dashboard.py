@@ -427,11 +427,12 @@ def dashboard_server(tiny_model, tmp_path_factory):
 
 class Load:
     """Threads streaming completions to each model until stopped, or `max_s` at the latest. Prompts share a prefix
-    (prefix-cache hits) and ignore EOS, so that each request holds its KV blocks for a while."""
+    (prefix-cache hits) and ignore EOS, so that each request holds its KV blocks for a while; prompt plus max_tokens
+    stay within the tiny qwen3's 512-token context (a request beyond it is refused)."""
 
     PREFIX = "Every request of the dashboard test starts with the same few sentences, for the prefix cache. " * 5
 
-    def __init__(self, server, models=("llama", "qwen"), per_model: int = 4, max_tokens: int = 300,
+    def __init__(self, server, models=("llama", "qwen"), per_model: int = 4, max_tokens: int = 250,
                  max_s: float = 180):
         self.server, self.max_tokens, self.deadline = server, max_tokens, time.monotonic() + max_s
         self.stop = threading.Event()
