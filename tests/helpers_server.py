@@ -34,6 +34,7 @@ import yaml
 from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.inprocess import InProcessEngineClient
+from appliance.server import connection_options
 from appliance.supervisor import ModelStatus, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProc
     app_config = parse_config(yaml.safe_dump(config))
     supervisor = Supervisor(app_config, engine_factory=InProcessEngineClient)
     server = uvicorn.Server(uvicorn.Config(create_app(app_config, supervisor), host="127.0.0.1", port=0,
-                                           lifespan="on", log_level="warning"))
+                                           lifespan="on", log_level="warning", **connection_options(app_config)))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), name="api-server", daemon=True)
     thread.start()

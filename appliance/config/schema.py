@@ -79,6 +79,11 @@ class ServerSpec(_Schema, kw_only=True):
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
+    request_read_timeout_s: Annotated[float, _doc(
+        "Seconds a client has to send a whole request (head and body) once it connects or starts one; a slower "
+        "connection is closed (slowloris). Responses, long streams included, are not limited by it.", gt=0)] = 30.0
+    keep_alive_timeout_s: Annotated[float, _doc(
+        "Seconds an idle keep-alive connection stays open between requests.", gt=0)] = 5.0
 
 
 class KVCacheSpec(_Schema, kw_only=True):
