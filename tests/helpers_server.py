@@ -64,6 +64,13 @@ class RunningServer(_Clients):
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    expected_exit_code: int = 0  # a test that kills the server on purpose says so
+
+    def engine_pids(self) -> list[int]:
+        """The server's child processes that run an engine, from /proc."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children if b"appliance.engine_process" in _cmdline(int(c))]
 
     def pause(self, seconds: float) -> None:
         """Stops the server's process (not its engines) for a while: the engines run ahead of it."""
@@ -125,11 +132,12 @@ def run_server(config: dict, workdir: Path, start_timeout_s: float = 180) -> Ite
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(config_path)], cwd=ROOT,
                                    stdout=log, stderr=subprocess.STDOUT)
+    server = None
     try:
         server = RunningServer(_wait_for_banner(process, log_path, start_timeout_s), process, log_path)
         yield server
     finally:
-        stop(process, log_path)
+        stop(process, log_path, expected_exit_code=server.expected_exit_code if server else 0)
 
 
 @contextmanager
@@ -161,7 +169,14 @@ def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProc
         torch.set_num_threads(num_threads)
 
 
-def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # exited meanwhile
+        return b""
+
+
+def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60, expected_exit_code: int = 0) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
@@ -169,7 +184,7 @@ def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> No
     except subprocess.TimeoutExpired:
         process.kill()
         raise AssertionError(f"the server did not exit {timeout_s:.0f} s after SIGTERM; log:\n{_tail(log_path)}")
-    assert code == 0, f"the server exited with {code}; log:\n{_tail(log_path)}"
+    assert code == expected_exit_code, f"the server exited with {code}; log:\n{_tail(log_path)}"
 
 
 def _wait_for_banner(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
