@@ -91,8 +91,9 @@ async def _serve(config_path: str, config: AppConfig, options: ServeOptions) -> 
 
 
 def connection_options(config: AppConfig) -> dict:
-    """uvicorn's options for client connections: the read deadline (appliance.http_protocol), keep-alive."""
-    return {"http": protocol_class(config.server.request_read_timeout_s),
+    """uvicorn's options for client connections: the deadlines on slow clients (appliance.http_protocol),
+    keep-alive."""
+    return {"http": protocol_class(config.server.request_read_timeout_s, config.server.write_stall_timeout_s),
             "timeout_keep_alive": config.server.keep_alive_timeout_s}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -78,20 +79,25 @@ async def flood(base_url: str, model: str, num_streams: int, max_tokens: int = 1
     return result
 
 
-async def stalled_reader(base_url: str, model: str, max_tokens: int, api_key: str | None = None
-                         ) -> asyncio.StreamWriter:
-    """Opens a stream, reads its first bytes, then never reads again (the caller closes the returned writer)."""
+async def stalled_reader(base_url: str, model: str, max_tokens: int, api_key: str | None = None, **extra
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Opens a stream (`extra`: more request fields), reads its first byte, then stops reading. Its socket's receive
+    buffer is small and fixed: left to autotuning on loopback it absorbs megabytes before the server notices."""
     url = urlsplit(base_url)
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (url.hostname, url.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
-                       "ignore_eos": True, "stream": True}).encode()
+                       "ignore_eos": True, "stream": True, **extra}).encode()
     auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
     writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {url.hostname}\r\n{auth}Content-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
     first = await asyncio.wait_for(reader.read(1), 60)
     assert first == b"H", first
-    return writer
+    return reader, writer
 
 
 async def slowloris(base_url: str, partial: bytes, wait_s: float) -> float | None:
@@ -136,7 +142,7 @@ async def run(base_url: str, model: str, args, server_pid: int | None) -> dict:
     closed_after = await asyncio.gather(*lorises)
     if server_pid:
         report["server_rss_mib_with_stalled_readers"] = round(rss_mib(server_pid), 1)
-    for writer in stalled:
+    for _, writer in stalled:
         writer.close()
     latencies = sorted(result.latencies_s)
     report.update(outcomes=result.outcomes, max_latency_s=round(latencies[-1], 2) if latencies else None,
