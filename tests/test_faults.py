@@ -1,5 +1,6 @@
-"""Faults against the real server: a killed engine among two models, a flood of streams against a queue cap, and
-configs that must stop `kvbox serve` before anything starts."""
+"""Faults against the real server: a killed or hung engine, a killed supervisor, a reload under load, logs on a full
+disk, a corrupt checkpoint or tokenizer among good models, a flood of streams against a queue cap, and configs that
+must stop `kvbox serve` before anything starts."""
 
 import asyncio
 import json
@@ -17,6 +18,9 @@ import httpx
 import pytest
 import yaml
 from helpers_server import ADMIN_KEY, API_KEY, ROOT, long_llama, model_config, run_server, server_config
+
+sys.path.insert(0, str(ROOT))
+from bench.load import flood  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
 
@@ -80,31 +84,13 @@ def test_hung_engine_is_killed_and_restarted_and_its_stream_ends_with_an_error(t
 
 
 def test_200_streams_against_a_queue_cap_of_50_all_end_cleanly(two_models):
-    async def one_stream(client: httpx.AsyncClient) -> str:
-        body = {**COMPLETION, "model": "bystander", "stream": True}
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                assert response.json()["error"]["message"]
-                assert response.status_code in (429, 503) and response.headers.get("Retry-After")
-                return str(response.status_code)
-            events = [line async for line in response.aiter_lines() if line]
-            assert events[-1] == "data: [DONE]", events[-3:]
-            assert not any('"error"' in e for e in events)
-            return "completed"
-
-    async def flood() -> list[str]:
-        limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=two_models.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                                     timeout=120, limits=limits) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one_stream(client) for _ in range(200))), 180)
-
-    outcomes = asyncio.run(flood())
-    counts = {o: outcomes.count(o) for o in set(outcomes)}
-    print(f"\n200 concurrent streams, queue cap 50 + 4 running: {counts}")
-    assert set(counts) <= {"completed", "429", "503"}
-    assert counts.get("completed", 0) >= 54  # at least what the queue and the running slots admit at once
-    assert counts.get("429", 0) > 0  # the flood did overflow the queue
+    """The real server (bench/load.py's flood): each stream completes with [DONE] or gets 429 with Retry-After."""
+    result = asyncio.run(flood(two_models.base_url, "bystander", 200, max_tokens=8, api_key=API_KEY, timeout_s=180))
+    print(f"\n200 concurrent streams, queue cap 50 + 4 running: {result.outcomes}, "
+          f"max latency {max(result.latencies_s):.1f} s")
+    assert set(result.outcomes) <= {"completed", "429", "503"}, result.outcomes
+    assert result.outcomes.get("completed", 0) >= 54  # at least what the queue and the running slots admit at once
+    assert result.outcomes.get("429", 0) > 0  # the flood did overflow the queue
     with two_models.http() as http:  # and the server is fine afterwards
         assert http.post("/v1/completions", json={**COMPLETION, "model": "bystander"}).status_code == 200
 
