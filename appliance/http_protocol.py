@@ -35,6 +35,18 @@ class DeadlineH11Protocol(H11Protocol):
         self._read_deadline: asyncio.TimerHandle | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state in _READING:
+            if self._read_deadline is None:  # the first byte of a next request on a kept-alive connection
+                self._arm_read()
+        else:
+            self._disarm_read()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_deadline is None:
@@ -42,49 +54,38 @@ class DeadlineH11Protocol(H11Protocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._disarm_write()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read()
+        self._disarm_write()
+        super().connection_lost(exc)
+
+    def _arm_read(self) -> None:
+        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._on_read_deadline)
+
+    def _disarm_read(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _disarm_write(self) -> None:
         if self._write_deadline is not None:
             self._write_deadline.cancel()
             self._write_deadline = None
+
+    def _on_read_deadline(self) -> None:
+        self._read_deadline = None
+        if self.conn.their_state in _READING and not self.transport.is_closing():
+            logger.info("%s: request not received within %.0f s; closing the connection", self._peer(),
+                        self.read_timeout_s)
+            self.transport.close()
 
     def _on_write_stall(self) -> None:
         self._write_deadline = None
         logger.info("%s: not reading its response for %.0f s; dropping the connection", self._peer(),
                     self.write_stall_timeout_s)
         self.transport.abort()  # close() would wait for the buffer to drain, which it never does
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state in _READING:
-            if self._read_deadline is None:  # the first byte of a next request on a kept-alive connection
-                self._arm()
-        else:
-            self._disarm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        if self._write_deadline is not None:
-            self._write_deadline.cancel()
-            self._write_deadline = None
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._on_deadline)
-
-    def _disarm(self) -> None:
-        if self._read_deadline is not None:
-            self._read_deadline.cancel()
-            self._read_deadline = None
-
-    def _on_deadline(self) -> None:
-        self._read_deadline = None
-        if self.conn.their_state in _READING and not self.transport.is_closing():
-            logger.info("%s: request not received within %.0f s; closing the connection", self._peer(),
-                        self.read_timeout_s)
-            self.transport.close()
 
     def _peer(self) -> str:
         return "%s:%d" % self.client[:2] if self.client else "client"
