@@ -25,6 +25,7 @@ import uvicorn
 
 from appliance.app import create_app
 from appliance.config import AppConfig, ConfigError, load_config
+from appliance.http_protocol import protocol_class
 from appliance.logs import configure_logging
 from appliance.version import kvbox_version
 from appliance.supervisor import ModelStatus, Supervisor
@@ -74,7 +75,7 @@ async def _serve(config_path: str, config: AppConfig, options: ServeOptions) -> 
     # uvicorn logs through the root logger's format (log_config=None); kvbox's access log replaces uvicorn's.
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_config=None,
                                     access_log=False, lifespan="on", reload=False,
-                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **connection_options(config)))
     lifecycle = _Lifecycle(server, supervisor, config_path, options)
     app.state.reload = lifecycle.reload_now
     loop = asyncio.get_running_loop()
@@ -87,6 +88,13 @@ async def _serve(config_path: str, config: AppConfig, options: ServeOptions) -> 
     finally:
         announcing.cancel()
     return lifecycle.exit_code
+
+
+def connection_options(config: AppConfig) -> dict:
+    """uvicorn's options for client connections: the deadlines on slow clients (appliance.http_protocol),
+    keep-alive."""
+    return {"http": protocol_class(config.server.request_read_timeout_s, config.server.write_stall_timeout_s),
+            "timeout_keep_alive": config.server.keep_alive_timeout_s}
 
 
 class _Server(uvicorn.Server):
@@ -168,7 +176,8 @@ class _Lifecycle:
             self.exit_code = 1
             self.server.should_exit = True
             return
-        print(_banner(self.supervisor.config, self._address()), flush=True)
+        with contextlib.suppress(OSError):  # a full disk or a closed terminal must not stop the serving
+            print(_banner(self.supervisor.config, self._address()), flush=True)
         for model in models:
             if model.status is not ModelStatus.READY:
                 logger.error("model %r is %s: %s", model.name, model.status.value,

@@ -303,7 +303,7 @@ def launch(args) -> subprocess.Popen:
     model = {"name": args.model, "source": shape_folder(args.launch, tokenizer=args.tokenizer), "load_format": "dummy",
              "device": args.device,
              "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.input_len + args.output_len,
-             "kv_cache": {"prefix_caching": False}, "queue_cap": max(256, args.num_prompts),
+             "kv_cache": {"prefix_caching": False, "num_blocks": args.num_kv_blocks}, "queue_cap": max(256, args.num_prompts),
              "scheduler": {"max_num_seqs": args.max_num_seqs}}
     config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -348,6 +348,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-num-seqs", type=int, default=engine_default("max_num_seqs"))
     parser.add_argument("--launch-timeout", type=float, default=300)
+    parser.add_argument("--num-kv-blocks", type=int, help="with --launch: a KV cache of this many blocks (KV pressure)")
     parser.add_argument("--vocab-size", type=int, help="default: the launched shape's, else 32000")
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--input-len", type=int, default=1024)

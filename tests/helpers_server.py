@@ -34,6 +34,7 @@ import yaml
 from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.inprocess import InProcessEngineClient
+from appliance.server import connection_options
 from appliance.supervisor import ModelStatus, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,13 @@ class RunningServer(_Clients):
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    expected_exit_code: int = 0  # a test that kills the server on purpose says so
+
+    def engine_pids(self) -> list[int]:
+        """The server's child processes that run an engine, from /proc."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in children if b"appliance.engine_process" in _cmdline(int(c))]
 
     def pause(self, seconds: float) -> None:
         """Stops the server's process (not its engines) for a while: the engines run ahead of it."""
@@ -124,11 +132,12 @@ def run_server(config: dict, workdir: Path, start_timeout_s: float = 180) -> Ite
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(config_path)], cwd=ROOT,
                                    stdout=log, stderr=subprocess.STDOUT)
+    server = None
     try:
         server = RunningServer(_wait_for_banner(process, log_path, start_timeout_s), process, log_path)
         yield server
     finally:
-        stop(process, log_path)
+        stop(process, log_path, expected_exit_code=server.expected_exit_code if server else 0)
 
 
 @contextmanager
@@ -141,7 +150,7 @@ def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProc
     app_config = parse_config(yaml.safe_dump(config))
     supervisor = Supervisor(app_config, engine_factory=InProcessEngineClient)
     server = uvicorn.Server(uvicorn.Config(create_app(app_config, supervisor), host="127.0.0.1", port=0,
-                                           lifespan="on", log_level="warning"))
+                                           lifespan="on", log_level="warning", **connection_options(app_config)))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), name="api-server", daemon=True)
     thread.start()
@@ -160,7 +169,14 @@ def run_inprocess(config: dict, start_timeout_s: float = 120) -> Iterator[InProc
         torch.set_num_threads(num_threads)
 
 
-def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # exited meanwhile
+        return b""
+
+
+def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60, expected_exit_code: int = 0) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
@@ -168,7 +184,7 @@ def stop(process: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> No
     except subprocess.TimeoutExpired:
         process.kill()
         raise AssertionError(f"the server did not exit {timeout_s:.0f} s after SIGTERM; log:\n{_tail(log_path)}")
-    assert code == 0, f"the server exited with {code}; log:\n{_tail(log_path)}"
+    assert code == expected_exit_code, f"the server exited with {code}; log:\n{_tail(log_path)}"
 
 
 def _wait_for_banner(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:

@@ -220,6 +220,8 @@ BROKEN_YAML = {
     "int64 overflow": "server:\n  port: 99999999999999999999999\nmodels:\n  - name: m\n    source: builtin:tiny\n",
     "duplicate model names": "models:\n  - name: m\n    source: builtin:tiny\n  - name: m\n    source: builtin:tiny\n",
     "python object tag": "models: !!python/object/apply:os.system ['true']\n",
+    "zero read deadline": "server:\n  request_read_timeout_s: 0\nmodels:\n  - name: m\n    source: builtin:tiny\n",
+    "negative write stall": "server:\n  write_stall_timeout_s: -1\nmodels:\n  - name: m\n    source: builtin:tiny\n",
 }
 
 

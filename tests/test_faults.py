@@ -1,10 +1,13 @@
-"""Faults against the real server: a killed engine among two models, a flood of streams against a queue cap, and
-configs that must stop `kvbox serve` before anything starts."""
+"""Faults against the real server: a killed or hung engine, a killed supervisor, a reload under load, logs on a full
+disk, a corrupt checkpoint or tokenizer among good models, a flood of streams against a queue cap, and configs that
+must stop `kvbox serve` before anything starts."""
 
 import asyncio
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers_server import ADMIN_KEY, API_KEY, long_llama, model_config, run_server, server_config
+from helpers_server import ADMIN_KEY, API_KEY, ROOT, long_llama, model_config, run_server, server_config
+
+sys.path.insert(0, str(ROOT))
+from bench.load import flood  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
 
@@ -78,31 +84,13 @@ def test_hung_engine_is_killed_and_restarted_and_its_stream_ends_with_an_error(t
 
 
 def test_200_streams_against_a_queue_cap_of_50_all_end_cleanly(two_models):
-    async def one_stream(client: httpx.AsyncClient) -> str:
-        body = {**COMPLETION, "model": "bystander", "stream": True}
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                assert response.json()["error"]["message"]
-                assert response.status_code in (429, 503) and response.headers.get("Retry-After")
-                return str(response.status_code)
-            events = [line async for line in response.aiter_lines() if line]
-            assert events[-1] == "data: [DONE]", events[-3:]
-            assert not any('"error"' in e for e in events)
-            return "completed"
-
-    async def flood() -> list[str]:
-        limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=two_models.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                                     timeout=120, limits=limits) as client:
-            return await asyncio.wait_for(asyncio.gather(*(one_stream(client) for _ in range(200))), 180)
-
-    outcomes = asyncio.run(flood())
-    counts = {o: outcomes.count(o) for o in set(outcomes)}
-    print(f"\n200 concurrent streams, queue cap 50 + 4 running: {counts}")
-    assert set(counts) <= {"completed", "429", "503"}
-    assert counts.get("completed", 0) >= 54  # at least what the queue and the running slots admit at once
-    assert counts.get("429", 0) > 0  # the flood did overflow the queue
+    """The real server (bench/load.py's flood): each stream completes with [DONE] or gets 429 with Retry-After."""
+    result = asyncio.run(flood(two_models.base_url, "bystander", 200, max_tokens=8, api_key=API_KEY, timeout_s=180))
+    print(f"\n200 concurrent streams, queue cap 50 + 4 running: {result.outcomes}, "
+          f"max latency {max(result.latencies_s):.1f} s")
+    assert set(result.outcomes) <= {"completed", "429", "503"}, result.outcomes
+    assert result.outcomes.get("completed", 0) >= 54  # at least what the queue and the running slots admit at once
+    assert result.outcomes.get("429", 0) > 0  # the flood did overflow the queue
     with two_models.http() as http:  # and the server is fine afterwards
         assert http.post("/v1/completions", json={**COMPLETION, "model": "bystander"}).status_code == 200
 
@@ -170,12 +158,6 @@ def test_data_parallel_replicas_share_the_requests(tiny_model, tmp_path):
         assert all(n > 0 for n in lookups), lookups
 
 
-def engine_processes(server_pid: int) -> list[int]:
-    """The server's child processes that run an engine, from /proc."""
-    children = (Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text()).split()
-    return [int(pid) for pid in children if b"appliance.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 def test_a_tokenizer_that_cannot_load_fails_its_model_and_stops_its_engines(tiny_model, tmp_path):
     """Engines start while the supervisor loads the tokenizer: when that fails, the model's engines (2 replicas) are
     stopped, not left running, and the other model serves."""
@@ -186,7 +168,118 @@ def test_a_tokenizer_that_cannot_load_fails_its_model_and_stops_its_engines(tiny
     with run_server(config, tmp_path) as server:
         broken = server.admin_models()["broken"]
         assert broken["status"] == "failed" and "cannot load the tokenizer" in broken["errors"][-1]["message"], broken
-        assert [r["pid"] for r in server.admin_models()["fine"]["replicas"]] == engine_processes(server.process.pid)
+        assert [r["pid"] for r in server.admin_models()["fine"]["replicas"]] == server.engine_pids()
         with server.http() as http:
             assert http.post("/v1/completions", json={**COMPLETION, "model": "fine"}).status_code == 200
             assert http.post("/v1/completions", json={**COMPLETION, "model": "broken"}).status_code == 503
+
+
+def test_killed_supervisor_leaves_no_engine_behind(tiny_model, tmp_path):
+    """SIGKILL gives the server no chance to stop its engines: each notices its socket close (even mid-stream) and
+    exits on its own, well within 10 s."""
+    config = server_config([model_config("busy", long_llama(tiny_model)), model_config("idle", tiny_model("qwen3"))])
+    with run_server(config, tmp_path) as server, server.http() as http:
+        engines = server.engine_pids()
+        assert len(engines) == 2
+        body = {**COMPLETION, "model": "busy", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            next(response.iter_lines())  # "busy" is mid-stream
+            server.expected_exit_code = -signal.SIGKILL
+            server.process.kill()
+            server.process.wait(10)
+        deadline = time.monotonic() + 10
+        while alive := [pid for pid in engines if _running(pid)]:
+            assert time.monotonic() < deadline, f"engines {alive} outlived their supervisor by 10 s"
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by init; one not yet reaped has exited all the same)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_reload_under_load_completes_every_stream_of_the_unchanged_model(tiny_model, tmp_path):
+    keep = model_config("keep", long_llama(tiny_model), queue_cap=50, scheduler={"max_num_seqs": 4})
+    config = server_config([keep, model_config("drop", tiny_model("qwen3"))])
+
+    async def streams_during_reload(server) -> list[str]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+            async def one() -> str:
+                body = {**COMPLETION, "model": "keep", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    events = [line async for line in response.aiter_lines() if line]
+                return "ok" if response.status_code == 200 and events[-1] == "data: [DONE]" and \
+                    not any('"error"' in e for e in events) else f"{response.status_code}: {events[-2:]}"
+
+            tasks = [asyncio.create_task(one()) for _ in range(12)]
+            await asyncio.sleep(0.5)  # the streams are running
+            (tmp_path / "kvbox.yaml").write_text(yaml.safe_dump(server_config([keep, model_config(
+                "added", tiny_model("qwen2"))])))
+            reload = await client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            assert reload.is_success and reload.json()["unchanged"] == ["keep"], reload.text
+            assert not all(t.done() for t in tasks), "the streams ended before the reload did: no load to test"
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    with run_server(config, tmp_path) as server:
+        outcomes = asyncio.run(streams_during_reload(server))
+        assert outcomes == ["ok"] * 12, outcomes
+        assert sorted(server.admin_models()) == ["added", "keep"]
+
+
+def test_a_full_disk_under_the_logs_does_not_stop_the_serving(tiny_model, tmp_path):
+    """The server's and engines' output go to /dev/full (every write fails with ENOSPC): logging drops the lines,
+    the banner is skipped, requests are served, and SIGTERM still drains cleanly."""
+    port = _free_port()
+    config_path = tmp_path / "kvbox.yaml"
+    config_path.write_text(yaml.safe_dump(server_config([model_config("llama", tiny_model("llama"))], port=port)))
+    with open("/dev/full", "wb") as full:
+        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "-c", str(config_path),
+                                    "--log-level", "debug"], cwd=ROOT, stdout=full, stderr=full)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            deadline = time.monotonic() + 120
+            while not _ready(http):
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+            for _ in range(3):
+                answer = http.post("/v1/completions", json={**COMPLETION, "model": "llama"})
+                assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
+            with http.stream("POST", "/v1/completions", json={**COMPLETION, "model": "llama", "stream": True}) as r:
+                assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(http: httpx.Client) -> bool:
+    try:
+        return http.get("/ready").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_corrupt_checkpoint_fails_its_model_with_a_clear_error_while_the_others_serve(tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model("llama"), corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a download cut short
+    config = server_config([model_config("corrupt", str(corrupt)), model_config("fine", tiny_model("qwen3"))])
+    with run_server(config, tmp_path) as server, server.http() as http:
+        broken = server.admin_models()["corrupt"]
+        assert broken["status"] == "failed", broken
+        print("\n", broken["errors"][-1]["message"])
+        assert "model.safetensors" in broken["errors"][-1]["message"]
+        assert http.post("/v1/completions", json={**COMPLETION, "model": "fine"}).status_code == 200
+        refused = http.post("/v1/completions", json={**COMPLETION, "model": "corrupt"})
+        assert refused.status_code == 503 and refused.json()["error"]["message"]

@@ -87,6 +87,14 @@ class ServerSpec(_Schema, kw_only=True):
         "sleep (null: no limit).")] = None
     wake_timeout_s: Annotated[float, _doc(
         "Seconds a request waits for its sleeping model to wake before it gets 503 with Retry-After.", gt=0)] = 300.0
+    request_read_timeout_s: Annotated[float, _doc(
+        "Seconds a client has to send a whole request (head and body) once it connects or starts one; a slower "
+        "connection is closed (slowloris). Responses, long streams included, are not limited by it.", gt=0)] = 30.0
+    write_stall_timeout_s: Annotated[float, _doc(
+        "Seconds a client may leave its response unread (the server's send buffer full) before the connection is "
+        "dropped and its request aborted.", gt=0)] = 60.0
+    keep_alive_timeout_s: Annotated[float, _doc(
+        "Seconds an idle keep-alive connection stays open between requests.", gt=0)] = 5.0
 
 
 class KVCacheSpec(_Schema, kw_only=True):

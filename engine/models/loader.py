@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.models.builtin import resolve_model_source
@@ -103,9 +103,19 @@ def safetensors_files(path: str | Path) -> list[Path]:
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs, one tensor in memory at a time; the weight loaders move them to the device."""
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        # safetensors' own message ("incomplete metadata, file not fully covered") names neither the file nor
+        # the likely cause, a download cut short.
+        try:
+            f = safe_open(file, framework="pt", device="cpu")
+            names = list(f.keys())
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); is the checkpoint complete?") from None
+        for name in names:
+            try:
+                tensor = f.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: tensor {name!r} is unreadable ({e}); is the checkpoint complete?") from None
+            yield name, tensor
 
 
 @contextmanager
