@@ -34,11 +34,11 @@ from engine.models.config import ModelConfig
 from engine.contract import EngineCoreOutput, PoolingParams, SchedulerOutput, SchedulerStats
 from engine.models.registry import is_encoder
 from engine.pooling.config import max_seq_length, resolve_pooler
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, core_output
 from engine.distributed.tp_runner import TensorParallelRunner, WorkerDiedError
 from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
-from engine.scheduler import Scheduler, core_output
+from engine.scheduler import Scheduler
 from engine.step_trace import StepRecord, StepTrace
 from engine.structured_output.backend import GrammarBackend
 from engine.structured_output.manager import StructuredOutputManager
