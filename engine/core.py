@@ -162,6 +162,9 @@ class EngineCore:
             raise InvalidParameterError("model", f"this model's task is {self.config.task}; "
                                                  + ("it needs pooling requests" if pooling is None else
                                                     "it does not pool"))
+        if params.structured_outputs is not None and self.config.speculative_config is not None:
+            raise InvalidParameterError("structured_outputs", "structured outputs are not supported on a model served "
+                                                              "with speculative decoding")
         adapter_id = None
         if lora_name is not None:
             if self.lora is None:

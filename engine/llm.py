@@ -3,7 +3,7 @@
 Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
 With `enable_lora=True`, `add_lora(name, path)` loads a PEFT adapter and `lora_name` picks one per prompt.
 With `task="embed"`, `embed(texts)` returns embeddings; with `task="score"` (a cross-encoder), `score(query,
-documents)` returns one relevance score per document.
+documents)` returns one relevance score per document. `get_metrics()` reads the engine's counters (vLLM's names).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.contract import PoolingParams
+from engine.metrics_reader import Metric, read_metrics
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.pooling.inputs import POOLING_SAMPLING, EmbeddingOutput, ScoreOutput, decode_vector, encode_pair
 from engine.request import RequestStatus
@@ -40,6 +41,10 @@ class LLM:
         """Stops the engine's tensor-parallel worker processes (with tensor_parallel_size > 1; they also end with
         this process)."""
         self.core.shutdown()
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges under vLLM's names (speculative decoding's among them, when on)."""
+        return read_metrics(self.core.stats(), self.config.model, self.config.block_size)
 
     def add_lora(self, name: str, path: str) -> None:
         """Loads the PEFT adapter folder at `path` under `name` (replacing one of that name)."""
