@@ -2,6 +2,9 @@
 logprobs, finish reasons) with chunked prefill, prefix caching, penalties, n > 1, async scheduling, stops and
 preemption; sampled outputs keep their distribution; metrics; refusals."""
 
+import re
+import time
+
 import pytest
 import torch
 
@@ -162,3 +165,34 @@ def test_speculative_config_defaults_follow_vllm():
     assert (config.speculative_config.prompt_lookup_min, config.speculative_config.prompt_lookup_max) == (5, 5)
     with pytest.raises(EngineConfigError, match="generation only"):
         EngineConfig(model="m", task="embed", speculative_config={"num_speculative_tokens": 2})
+
+
+def test_served_with_speculation(tiny_model):
+    """The YAML key `speculative`, the same greedy text as offline without it, vLLM's counters on /metrics, and a
+    structured-output request refused with a 400 naming its parameter."""
+    import openai
+
+    from tests.helpers_server import model_config, run_inprocess, server_config
+
+    model_dir = tiny_model("gemma2", max_position_embeddings=256)
+    expected = LLM(model_dir, **OPTIONS).generate([PROMPTS[2]], SamplingParams(
+        temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
+    config = server_config([model_config("spec", model_dir, speculative=SPEC)])
+    with run_inprocess(config) as server:
+        client = server.client()
+        completion = client.completions.create(model="spec", prompt=PROMPTS[2], max_tokens=20, temperature=0.0,
+                                               extra_body={"ignore_eos": True})
+        assert completion.choices[0].text == expected
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="spec", messages=[{"role": "user", "content": "hi"}],
+                                           response_format={"type": "json_object"}, max_tokens=5)
+        assert "speculative decoding" in e.value.message
+        with server.http() as http:
+            deadline = time.monotonic() + 10
+            while "vllm:spec_decode_num_accepted_tokens_total{" not in (text := http.get("/metrics").text):
+                assert time.monotonic() < deadline, "no speculative decoding counters on /metrics"
+                time.sleep(0.2)
+    accepted = re.search(r'^vllm:spec_decode_num_accepted_tokens_total\{model_name="spec"\} (\S+)$', text, re.M)
+    assert float(accepted.group(1)) > 0
+    assert 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="spec",position="0"}' in text
+    assert 'vllm:spec_decode_num_drafts_total{model_name="spec"}' in text
