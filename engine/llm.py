@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.contract import PoolingParams
@@ -63,6 +64,19 @@ class LLM:
         token_ids = [self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
         return self._run(self._add_all(texts, token_ids, params_list, priorities or [0] * len(prompts), lora_names),
                          use_tqdm)
+
+    def beam_search(self, prompts: Prompt | dict | Sequence[Prompt | dict],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (`engine.beam_search`) for each prompt (text, token ids, or a {"prompt": ...} dict); per
+        prompt the `beam_width` best sequences, best first."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+        token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for ids in token_ids:
+            validate_prompt(ids, SamplingParams(), max_model_len=self.core.max_model_len,
+                            vocab_size=self.core.vocab_size)
+        return beam_search(self, token_ids, params)
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -30,7 +30,8 @@ from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
-from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
+from engine.sampler import (LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask,
+                            to_device)
 from engine.spec_decode.verify import split_verified, verification_rows
 
 
@@ -189,7 +190,7 @@ class ModelRunner:
         if scheduler_output.grammar_bitmask is not None:
             metadata.grammar_bitmask = grammar_bitmask(scheduler_output, rows, self.device)
         if draft_ids is not None:
-            sampled = self.sampler(logits, metadata, torch.tensor(draft_ids, device=self.device))
+            sampled = self.sampler(logits, metadata, to_device(torch.tensor(draft_ids), self.device))
             output.accepted = _to_host(sampled.accepted)
         else:
             sampled = self.sampler(logits, metadata)

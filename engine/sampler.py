@@ -73,7 +73,7 @@ class SamplingMetadata:
         random_params = [p for p in params if not p.is_greedy]
 
         def column(values, dtype: torch.dtype) -> torch.Tensor:
-            return _to_device(torch.tensor(values, dtype=dtype), device)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         def column_if(used: bool, values, dtype: torch.dtype) -> torch.Tensor | None:
             return column(values, dtype) if used else None
@@ -275,7 +275,7 @@ def grammar_bitmask(scheduler_output: SchedulerOutput, rows: list[ScheduledRow],
     structured_rows = [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
     bitmask = torch.full((len(rows), words.shape[1]), -1, dtype=torch.int32)
     bitmask[structured_rows] = words
-    return _to_device(bitmask, device), structured_rows
+    return to_device(bitmask, device), structured_rows
 
 
 def _apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -370,10 +370,10 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(map(len, rows))
-    return _to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
+    return to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         # A copy from pinned memory can be asynchronous: it does not wait for the work already queued on the GPU.
         tensor = tensor.pin_memory()
