@@ -18,7 +18,7 @@ from appliance.errors import APIError
 logger = logging.getLogger("kvbox.api")
 
 UNSUPPORTED = {
-    "best_of": "best_of is not supported (vLLM dropped it too); use n and pick on the client",
+    "best_of": "best_of is not supported here; /v1/completions takes it",
     "suffix": "suffix (insertion completions) is not supported",
     "functions": "the deprecated functions API is not supported",
     "function_call": "the deprecated functions API is not supported",
