@@ -7,15 +7,17 @@ blocks go back to the pool when it ends.
 Scores (transformers' convention): the sum of the beam's token logprobs (the model's, before any temperature),
 divided by its generated length (an ending EOS not counted) to the power `length_penalty` for the final ranking.
 Each step keeps the `beam_width` best candidates that do not end in EOS; those that do are finished hypotheses
-(unless `ignore_eos`). A prompt's search ends when its best live beam cannot beat its `beam_width` finished ones,
-at `max_tokens`, or at the context length.
+(unless `ignore_eos`). A prompt's search ends when its best live beam cannot beat its `beam_width` finished ones
+(with `early_stopping`: once it has that many), at `max_tokens`, or at the context length.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from engine.contract import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS, InvalidParameterError, SamplingParams
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ class BeamSearchParams:
     ignore_eos: bool = False
     temperature: float = 0.0  # passed to each step's request as vLLM does; the scores use the model's logprobs
     length_penalty: float = 1.0
+    early_stopping: bool = False  # stop a prompt at beam_width finished sequences, even if a live one could win
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
@@ -63,49 +66,71 @@ class _Search:
     done: list[BeamSearchSequence] = field(default_factory=list)
 
 
+class BeamSearch:
+    """The search, apart from how its steps run (offline: `beam_search`; the HTTP API runs them on an engine
+    client): `pending()` gives the sequences to extend, `update()` takes each one's next-token logprobs (the
+    engine's `TokenLogprobs` of a max_tokens = 1 request with `step_params`), until `pending()` is empty."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: frozenset[int],
+                 max_model_len: int):
+        self.params, self.eos_token_ids, self.max_model_len = params, eos_token_ids, max_model_len
+        self.step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width,
+                                          temperature=params.temperature, ignore_eos=True)
+        self._searches = [_Search(list(prompt)) for prompt in prompts]
+        self._num_steps = 0
+        self._live: list[tuple[_Search, BeamSearchSequence]] = []
+
+    def pending(self) -> list[list[int]]:
+        if self._num_steps == self.params.max_tokens:
+            return []
+        self._live = [(search, beam) for search in self._searches for beam in search.beams]
+        return [search.prompt_ids + beam.tokens for search, beam in self._live]
+
+    def update(self, next_logprobs: list[TokenLogprobs]) -> None:
+        self._num_steps += 1
+        candidates: dict[int, list[BeamSearchSequence]] = {id(search): [] for search in self._searches}
+        for (search, beam), top in zip(self._live, next_logprobs):
+            # The sampled token comes first, then the top 2 * beam_width.
+            candidates[id(search)].extend(BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob)
+                                          for token, logprob in zip(top.token_ids[1:], top.logprobs[1:]))
+        for search in self._searches:
+            self._advance(search, candidates[id(search)])
+
+    def results(self, decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
+        """Per prompt the `beam_width` best sequences, best first, with their text."""
+        outputs = []
+        for search in self._searches:
+            ranked = sorted(search.done + search.beams, key=lambda s: s.score(self.params.length_penalty),
+                            reverse=True)[:self.params.beam_width]
+            for sequence in ranked:
+                sequence.text = decode(sequence.tokens)
+            outputs.append(BeamSearchOutput(ranked))
+        return outputs
+
+    def _advance(self, search: _Search, candidates: list[BeamSearchSequence]) -> None:
+        """Keeps the best `beam_width` candidates that go on; those ending in EOS join the finished ones."""
+        params = self.params
+        search.beams = []
+        room = self.max_model_len - len(search.prompt_ids)
+        for candidate in sorted(candidates, key=lambda c: c.cum_logprob, reverse=True):
+            if len(search.beams) == params.beam_width:
+                break
+            if not params.ignore_eos and candidate.tokens[-1] in self.eos_token_ids:
+                candidate.finished = True
+                search.done.append(candidate)
+            elif len(candidate.tokens) >= room:
+                search.done.append(candidate)  # the context is full
+            else:
+                search.beams.append(candidate)
+        if len(search.done) >= params.beam_width and search.beams:
+            worst_kept = sorted(s.score(params.length_penalty) for s in search.done)[-params.beam_width]
+            if params.early_stopping or search.beams[0].score(params.length_penalty) < worst_kept:
+                search.beams = []  # enough finished ones, and (unless early_stopping) no live beam overtakes them
+
+
 def beam_search(llm: LLM, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
-    searches = [_Search(list(prompt)) for prompt in prompts]
-    step = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
-                          ignore_eos=True, skip_special_tokens=True)
-    for _ in range(params.max_tokens):
-        live = [(search, beam) for search in searches for beam in search.beams]
-        if not live:
-            break
-        outputs = llm.generate([search.prompt_ids + beam.tokens for search, beam in live], step, use_tqdm=False)
-        candidates: dict[int, list[BeamSearchSequence]] = {}
-        for (search, beam), output in zip(live, outputs):
-            top = output.outputs[0].logprobs[0]  # the sampled token, then the top 2 * beam_width
-            candidates.setdefault(id(search), []).extend(
-                BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob)
-                for token, logprob in zip(top.token_ids[1:], top.logprobs[1:]))
-        for search in searches:
-            _advance(search, candidates.get(id(search), []), params, llm)
-    return [_result(search, params, llm) for search in searches]
-
-
-def _advance(search: _Search, candidates: list[BeamSearchSequence], params: BeamSearchParams, llm: LLM) -> None:
-    """Keeps the best `beam_width` candidates that go on; those ending in EOS join the finished ones."""
-    search.beams = []
-    eos, room = llm.core.eos_token_ids, llm.core.max_model_len - len(search.prompt_ids)
-    for candidate in sorted(candidates, key=lambda c: c.cum_logprob, reverse=True):
-        if len(search.beams) == params.beam_width:
-            break
-        if not params.ignore_eos and candidate.tokens[-1] in eos:
-            candidate.finished = True
-            search.done.append(candidate)
-        elif len(candidate.tokens) >= room:
-            search.done.append(candidate)  # the context is full
-        else:
-            search.beams.append(candidate)
-    if len(search.done) >= params.beam_width and search.beams:
-        worst_kept = sorted(s.score(params.length_penalty) for s in search.done)[-params.beam_width]
-        if search.beams[0].score(params.length_penalty) < worst_kept:
-            search.beams = []  # no live beam can overtake the finished ones
-
-
-def _result(search: _Search, params: BeamSearchParams, llm: LLM) -> BeamSearchOutput:
-    ranked = sorted(search.done + search.beams, key=lambda s: s.score(params.length_penalty), reverse=True)
-    best = ranked[:params.beam_width]
-    for sequence in best:
-        sequence.text = llm.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
-    return BeamSearchOutput(best)
+    search = BeamSearch(prompts, params, llm.core.eos_token_ids, llm.core.max_model_len)
+    while sequences := search.pending():
+        outputs = llm.generate(sequences, search.step_params, use_tqdm=False)
+        search.update([output.outputs[0].logprobs[0] for output in outputs])
+    return search.results(lambda tokens: llm.tokenizer.decode(tokens, skip_special_tokens=True))
