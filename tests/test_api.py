@@ -174,6 +174,17 @@ def test_best_of_keeps_the_n_samples_of_highest_cumulative_logprob(client):
     assert plain.choices[0].text == max((sum(c.logprobs.token_logprobs), c.text) for c in every[:3])[1]
 
 
+def test_beam_search_equals_the_offline_engines(client, offline_llama):
+    from engine import BeamSearchParams
+
+    completion = client.completions.create(model="llama", prompt=PROMPT, max_tokens=5, n=3, temperature=0,
+                                           extra_body={"use_beam_search": True, "ignore_eos": True})
+    expected = offline_llama.beam_search(PROMPT, BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True))
+    assert [c.text for c in completion.choices] == [s.text for s in expected[0].sequences]
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert completion.usage.completion_tokens == 15 and completion.choices[0].finish_reason == "length"
+
+
 def test_completion_logprobs_and_echo(client):
     response = client.completions.create(model="llama", prompt=PROMPT, max_tokens=5, logprobs=2, echo=True,
                                          temperature=0)
