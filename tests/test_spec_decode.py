@@ -217,3 +217,25 @@ def test_lora_adapters_with_speculation(tiny_model, tmp_path):
         results.append(flat(llm.generate(PROMPTS[1:], params, use_tqdm=False, lora_name=["a", None])))
     assert results[0] == results[1]
     assert llm.core.stats().spec_decoding.num_accepted_tokens > 0
+
+
+def test_tokens_past_a_stop_string_in_one_output_are_dropped(tiny_model):
+    """Verification emits several tokens at once; those after the one that completes a stop string are not part of
+    the output (nor their logprobs), as if they had come one by one."""
+    from engine.contract import EngineCoreOutput, TokenLogprobs
+    from engine.output_processor import OutputProcessor
+    from engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model("llama", max_position_embeddings=256))
+    tokens = tokenizer.encode(" the quick brown fox jumps", add_special_tokens=False)
+    texts = [tokenizer.decode(tokens[:i + 1]) for i in range(len(tokens))]
+    stop_at = next(i for i, text in enumerate(texts) if "brown" in text)
+    assert stop_at < len(tokens) - 1
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("r", None, [1, 2], SamplingParams(stop=["brown"], logprobs=0))
+    logprobs = [TokenLogprobs([t], [-0.5], 1) for t in tokens]
+    (output,), to_stop = processor.process([EngineCoreOutput("r", "r", 0, tokens, logprobs)])
+    completion = output.outputs[0]
+    assert completion.token_ids == tokens[:stop_at + 1] and len(completion.logprobs) == stop_at + 1
+    assert completion.finish_reason == "stop" and completion.text == texts[stop_at].split("brown")[0]
+    assert to_stop == ["r"]
