@@ -53,7 +53,7 @@ class _Ring:
     up within a second; gauges (KV usage, running, waiting) keep the second's last sample."""
 
     SUMS = ("prompt_tokens", "generation_tokens", "steps", "batch_seqs", "step_seconds", "prefix_queries",
-            "prefix_hits")
+            "prefix_hits", "draft_tokens", "accepted_tokens")
     GAUGES = ("kv_usage", "running", "waiting")
 
     def __init__(self, size: int):
@@ -126,6 +126,7 @@ class _Replica:
         self.reported_at = 0.0  # the clock at its last stats
         self.seen: set[str] = set()  # requests whose prompt was counted (at their first token)
         self.prefix = (0, 0)  # the last cumulative (queries, hits)
+        self.spec = (0, 0)  # the last cumulative (draft tokens, accepted tokens), with speculative decoding
         self.map: tuple[object, dict] | None = None  # (the stats it was computed from, the block map)
 
 
@@ -212,13 +213,11 @@ class StatsHub:
             sums["step_seconds"][i] += message.step_seconds
             model.num_steps += 1
         if stats is not None:
-            queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
-            last_queries, last_hits = replica.prefix
-            if queries < last_queries or hits < last_hits:  # a restarted engine counts from zero again
-                last_queries = last_hits = 0
-            sums["prefix_queries"][i] += queries - last_queries
-            sums["prefix_hits"][i] += hits - last_hits
-            replica.prefix = (queries, hits)
+            replica.prefix = _add_growth(sums, i, ("prefix_queries", "prefix_hits"),
+                                         (stats.prefix_cache_queries, stats.prefix_cache_hits), replica.prefix)
+            if (spec := stats.spec_decoding) is not None:
+                replica.spec = _add_growth(sums, i, ("draft_tokens", "accepted_tokens"),
+                                           (spec.num_draft_tokens, spec.num_accepted_tokens), replica.spec)
             replica.stats, replica.reported_at = stats, now
             reported = [r.stats for r in model.replicas.values()
                         if r.stats is not None and now - r.reported_at < REPORT_FRESH_S]
@@ -335,6 +334,7 @@ class StatsHub:
                 "queries": queries,  # in blocks, since the replicas started
                 "hits": hits,
             },
+            "spec_decode": _spec_snapshot(ring, stats, first_hit_rate, current),
         }
 
     def _series_snapshot(self, model: ModelStats, now: float) -> dict[str, Any]:
@@ -362,6 +362,34 @@ class StatsHub:
         result["replica"] = index
         replica.map = (stats, result)
         return result
+
+
+def _add_growth(sums: dict, i: int, names: tuple[str, ...], values: tuple[int, ...],
+                last: tuple[int, ...]) -> tuple[int, ...]:
+    """Adds to second `i` how much cumulative counters grew since their last report; returns the new last values.
+    A restarted engine counts from zero again: its first report adds, never subtracts."""
+    if any(value < before for value, before in zip(values, last)):
+        last = (0,) * len(values)
+    for name, value, before in zip(names, values, last):
+        sums[name][i] += value - before
+    return values
+
+
+def _spec_snapshot(ring, stats: list[SchedulerStats], first: int, current: int) -> dict[str, Any] | None:
+    """Speculative decoding's draft acceptance over the hit-rate window and since start (None: not speculating)."""
+    specs = [s.spec_decoding for s in stats if s.spec_decoding is not None]
+    if not specs:
+        return None
+    drafted, accepted = ring.total("draft_tokens", first, current), ring.total("accepted_tokens", first, current)
+    lifetime_drafted = sum(s.num_draft_tokens for s in specs)
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "lifetime_acceptance_rate": sum(s.num_accepted_tokens for s in specs) / lifetime_drafted
+        if lifetime_drafted else None,
+        "drafts": sum(s.num_drafts for s in specs),
+        "draft_tokens": lifetime_drafted,
+        "accepted_tokens": sum(s.num_accepted_tokens for s in specs),
+    }
 
 
 def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:

@@ -86,6 +86,19 @@ def step(hub: StatsHub, model: str, outputs, stats=None, seconds: float = 0.01, 
     hub.on_step(model, replica, message)
 
 
+def test_speculative_decoding_acceptance_over_the_window_and_since_start():
+    clock = Clock(1000.0)
+    hub = StatsHub(fake_supervisor(1), clock=clock)
+    step(hub, "m0", [output("a")], scheduler_stats())
+    assert hub.snapshot()["models"][0]["spec_decode"] is None  # not speculating
+    step(hub, "m0", [output("a")], scheduler_stats(spec_decoding=contract.SpecDecodingStats(5, 20, 10, [6, 4])))
+    clock.now = 1100.0  # the first report has left the 60 s window
+    step(hub, "m0", [output("a")], scheduler_stats(spec_decoding=contract.SpecDecodingStats(9, 36, 12, [7, 5])))
+    spec = hub.snapshot()["models"][0]["spec_decode"]
+    assert spec == {"acceptance_rate": 2 / 16, "lifetime_acceptance_rate": 12 / 36, "drafts": 9, "draft_tokens": 36,
+                    "accepted_tokens": 12}
+
+
 def test_steps_become_rates_totals_and_per_second_series():
     clock = Clock(1000.0)
     hub = StatsHub(fake_supervisor(1), window_s=10, clock=clock)

@@ -164,6 +164,10 @@
     set(p, "batch", m.batch.mean.toFixed(1), m.batch.mean);
     set(p, "hit-rate", fmtPct(m.prefix_cache.hit_rate), m.prefix_cache.hit_rate);
     set(p, "hit-rate-lifetime", fmtPct(m.prefix_cache.lifetime_hit_rate), m.prefix_cache.lifetime_hit_rate);
+    const spec = m.spec_decode;
+    set(p, "spec-acceptance", spec ? fmtPct(spec.acceptance_rate) : "off", spec && spec.acceptance_rate);
+    set(p, "spec-acceptance-lifetime", spec ? fmtPct(spec.lifetime_acceptance_rate) : "off",
+        spec && spec.lifetime_acceptance_rate);
     for (const kind of ["ttft", "itl"]) {
       const lat = m.latency[kind];
       for (const q of ["p50", "p90", "p99"]) set(p, `${kind}-${q}`, fmtSeconds(lat[q]), lat[q]);
