@@ -22,11 +22,14 @@ def verification_rows(row: ScheduledRow, last_index: int,
     state = row.state
     drafts = state.spec_token_ids
     state.generator(device)  # created once, so that every row draws from the request's one seeded stream
-    first = last_index - len(drafts)
-    rows = [(first, ScheduledRow(state, len(state.token_ids) - 1, 1))]
-    for j in range(1, len(drafts) + 1):
-        view = dataclasses.replace(state, token_ids=state.token_ids + drafts[:j], spec_token_ids=[])
-        rows.append((first + j, ScheduledRow(view, len(view.token_ids) - 1, 1)))
+    first, last_known = last_index - len(drafts), len(state.token_ids) - 1
+    rows = []
+    for j in range(len(drafts) + 1):
+        if j and state.sampling_params.needs_output_history:  # penalties, bad words: a copy with the drafts
+            view = dataclasses.replace(state, token_ids=state.token_ids + drafts[:j], spec_token_ids=[])
+            rows.append((first + j, ScheduledRow(view, last_known + j, 1)))
+        else:  # only the count of prior outputs matters (min_tokens): the row's position says it
+            rows.append((first + j, ScheduledRow(state, last_known + j, 1)))
     return rows, [*drafts, -1]
 
 
