@@ -1,7 +1,7 @@
 """What Prometheus reads at scrape time, under vLLM's names where vLLM has the metric.
 
 `EngineStatsCollector`: gauges and counters from each replica's latest `SchedulerStats` (summed over a model's
-replicas) and `vllm:cache_config_info`; `LoraCollector`: per LoRA adapter (`kvbox:lora_*`, labelled `model_name` and
+replicas; speculative decoding's `vllm:spec_decode_*` for models served with it) and `vllm:cache_config_info`; `LoraCollector`: per LoRA adapter (`kvbox:lora_*`, labelled `model_name` and
 `lora_name`, and vLLM's `vllm:lora_requests_info`), from the adapter lists and stats the replicas report.
 """
 
@@ -63,6 +63,27 @@ class EngineStatsCollector:
             cpu_usage.add_metric(name, 0)
         yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits, step_seconds, device_wait,
                     swapped, cpu_usage, self._cache_config_info())
+        yield from self._spec_decoding()
+
+    def _spec_decoding(self):
+        """vLLM's speculative decoding counters, for models served with it (summed over replicas)."""
+        labels = ["model_name"]
+        families = {name: CounterMetricFamily(f"vllm:spec_decode_{name}", documentation, labels=labels)
+                    for name, documentation in (("num_drafts", "Verifications of drafts (one per request and step)."),
+                                                ("num_draft_tokens", "Draft tokens proposed."),
+                                                ("num_accepted_tokens", "Draft tokens accepted."))}
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at "
+                                      "each position of the drafts.", labels=[*labels, "position"])
+        for model in list(self._supervisor.models.values()):
+            reported = [r.stats.spec_decoding for r in model.replicas
+                        if r.stats is not None and r.stats.spec_decoding is not None]
+            if not reported:
+                continue
+            for name, family in families.items():
+                family.add_metric([model.name], sum(getattr(s, name) for s in reported))
+            for position, counts in enumerate(zip(*(s.num_accepted_tokens_per_pos for s in reported))):
+                per_pos.add_metric([model.name, str(position)], sum(counts))
+        yield from (*families.values(), per_pos)
 
     def _cache_config_info(self) -> GaugeMetricFamily:
         """vLLM's info gauge (always 1) whose labels are each replica's KV cache configuration."""

@@ -66,6 +66,7 @@ class _Replica:
     def __init__(self):
         self.seen: set[str] = set()  # requests whose prompt was counted (at their first token)
         self.prefix = (0, 0)  # the last cumulative (queries, hits)
+        self.spec = (0, 0)  # the last cumulative (draft tokens, accepted tokens), with speculative decoding
         self.map: tuple[object, dict] | None = None  # (the stats it was computed from, the block map)
 
 
@@ -421,6 +422,17 @@ def _block_map(replica: _Replica, index: int, stats: SchedulerStats) -> dict[str
     result["replica"] = index
     replica.map = (stats, result)
     return result
+
+
+def _add_growth(sums: dict, i: int, names: tuple[str, ...], values: tuple[int, ...],
+                last: tuple[int, ...]) -> tuple[int, ...]:
+    """Adds to second `i` how much cumulative counters grew since their last report; returns the new last values.
+    A restarted engine counts from zero again: its first report adds, never subtracts."""
+    if any(value < before for value, before in zip(values, last)):
+        last = (0,) * len(values)
+    for name, value, before in zip(names, values, last):
+        sums[name][i] += value - before
+    return values
 
 
 def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:

@@ -2,9 +2,13 @@
 
     python bench/latency.py --shape llama-3.1-8b --input-len 128 --output-len 128 --peer
     python bench/latency.py --shape tiny-llama --device cpu --iters 2  # smoke
+    python bench/latency.py --shape llama-3.1-8b --speculative replay:4 --batch 32
 
 Prints the time to first token and the decode rate (tokens/s after the first) for kvbox, and with --peer for
 transformers' `generate` at batch 1; on a GPU, the batch-1 decode roofline (weight bytes over the copy bandwidth).
+`--batch B` sends B requests at a time (the rate is then theirs together). `--speculative ngram:K` runs again with
+n-gram speculation of K tokens, `replay:K` with a bench-only proposer that replays the greedy continuation of the
+run without it (acceptance 1.0: the draft-free upper bound), and prints both rates, the speedup and the acceptance.
 """
 
 from __future__ import annotations
@@ -19,45 +23,74 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (QUANTIZATIONS, SHAPES, measure_card, peer_generate, peer_model,  # noqa: E402
-                          random_prompts, quantized_shape_folder, sync)
+                          quantized_shape_folder, random_prompts, sync)
+from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def make_core(args) -> EngineCore:
+def make_core(args, speculative_tokens: int | None = None) -> EngineCore:
+    speculative = None
+    if speculative_tokens is not None:
+        speculative = {"method": "ngram", "num_speculative_tokens": speculative_tokens, "prompt_lookup_min": 1,
+                       "prompt_lookup_max": 4}
     return EngineCore(EngineConfig(
-        model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=SHAPES[args.shape]["torch_dtype"],
+        model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy",
+        dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
-        max_num_seqs=8, max_num_batched_tokens=max(2048, args.input_len),
-        async_scheduling=False if args.sync_scheduling else None))
+        max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(2048, args.input_len * args.batch),
+        async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative))
 
 
-def run_kvbox(args, prompts, profiler=None) -> tuple[float, float, int]:
-    """Median time to first token (s), decode tokens/s and the engine's weight bytes; `profiler` (cProfile) watches
-    the timed requests."""
-    core = make_core(args)
+def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> tuple[float, float, dict, int]:
+    """Median time to first token (s) and decode tokens/s over batches of `args.batch` prompts (the first batch
+    warms up), each prompt + its output, and the engine's weight bytes; `profiler` (cProfile) watches the timed
+    batches."""
+    core = core or make_core(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    ttfts, rates = [], []
-    for i, prompt in enumerate(prompts):
-        if i == 1 and profiler is not None:  # after the warm-up request, which compiles kernels
+    ttfts, rates, sequences = [], [], {str(i): list(prompt) for i, prompt in enumerate(prompts)}
+    for b in range(0, len(prompts), args.batch):
+        if b == args.batch and profiler is not None:  # after the warm-up batch, which compiles kernels
             profiler.enable()
         sync(args.device)
         start = time.perf_counter()
-        core.add_request(str(i), prompt, params)
-        core.step()
+        for i in range(b, b + args.batch):
+            core.add_request(str(i), prompts[i], params)
+        outputs = core.step()
         sync(args.device)
         first = time.perf_counter()
         while core.has_unfinished_requests():
-            core.step()
+            outputs += core.step()
         sync(args.device)
         end = time.perf_counter()
-        if i > 0:  # the first request warms up
+        for output in outputs:
+            sequences[output.request_id] += output.new_token_ids
+        if b > 0:
             ttfts.append(first - start)
-            rates.append((args.output_len - 1) / (end - first))
+            rates.append(args.batch * (args.output_len - 1) / (end - first))
     if profiler is not None:
         profiler.disable()
-    return statistics.median(ttfts), statistics.median(rates), core.weight_bytes
+    return statistics.median(ttfts), statistics.median(rates), sequences, core.weight_bytes
+
+
+def run_speculative(args, prompts, sequences: dict[str, list[int]], rate: float) -> dict:
+    """The same prompts with speculation (`ngram:K` or `replay:K`); prints and returns its rate beside `rate`."""
+    method, _, k = args.speculative.partition(":")
+    core = make_core(args, int(k))
+    if method == "replay":
+        core.scheduler.drafter.proposer = ReplayProposer(list(sequences.values()), args.input_len)
+    elif method != "ngram":
+        raise SystemExit(f"--speculative: expected ngram:K or replay:K, got {args.speculative!r}")
+    ttft, spec_rate, spec_sequences, _ = run_kvbox(args, prompts, core=core)
+    stats = core.stats().spec_decoding
+    acceptance = stats.num_accepted_tokens / max(stats.num_draft_tokens, 1)
+    label = "replay (draft-free upper bound)" if method == "replay" else "n-gram"
+    print(f"kvbox + {label} speculation, k={k}: decode {spec_rate:.1f} tokens/s ({spec_rate / rate:.2f}x), "
+          f"acceptance {acceptance:.2f}, {stats.num_accepted_tokens / max(stats.num_drafts, 1):.2f} accepted "
+          f"drafts per verification; greedy outputs {'identical' if spec_sequences == sequences else 'DIFFER'}")
+    return {"method": method, "k": int(k), "ttft_ms": ttft * 1e3, "decode_tokens_per_s": spec_rate,
+            "speedup": spec_rate / rate, "acceptance": acceptance, "identical": spec_sequences == sequences}
 
 
 def gpu_profile(args, prompts) -> None:
@@ -97,6 +130,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
                         help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")
+    parser.add_argument("--batch", type=int, default=1, help="requests sent together")
+    parser.add_argument("--speculative", help="also run with speculation: ngram:K, or replay:K (the draft-free "
+                                              "upper bound: replays the greedy continuation, bench only)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true")
@@ -106,7 +142,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    prompts = random_prompts(args.iters + 1, args.input_len, SHAPES[args.shape]["vocab_size"])
+    prompts = random_prompts((args.iters + 1) * args.batch, args.input_len, SHAPES[args.shape]["vocab_size"])
     if args.gpu_profile:
         gpu_profile(args, prompts[:2])
         return
@@ -115,14 +151,16 @@ def main() -> None:
         import pstats
 
         profiler = cProfile.Profile()
-        ttft, rate, weights = run_kvbox(args, prompts, profiler)
+        ttft, rate, sequences, weights = run_kvbox(args, prompts, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     else:
-        ttft, rate, weights = run_kvbox(args, prompts)
+        ttft, rate, sequences, weights = run_kvbox(args, prompts)
     print(f"kvbox ({args.quantization}, weights {weights / 1e9:.2f} GB): time to first token {ttft * 1e3:.1f} ms, "
-          f"decode {rate:.1f} tokens/s")
+          f"decode {rate:.1f} tokens/s (batch {args.batch})")
     results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate,
                                              "weight_gb": weights / 1e9}}
+    if args.speculative:
+        results["speculative"] = run_speculative(args, prompts, sequences, rate)
     if args.device.startswith("cuda"):
         card = measure_card()
         bound = card["copy_bytes_per_s"] / weights  # every weight byte read once per token

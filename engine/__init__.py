@@ -1,8 +1,9 @@
 """kvbox's inference engine: paged KV cache, continuous batching, our own model implementations.
 
-Offline use: `from engine import LLM, SamplingParams`.
+Offline use: `from engine import LLM, SamplingParams` (and `BeamSearchParams` for `LLM.beam_search`).
 """
 
+from engine.beam_search import BeamSearchParams
 from engine.sampling_params import InvalidParameterError, SamplingParams
 
 
@@ -15,4 +16,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "InvalidParameterError", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "InvalidParameterError", "SamplingParams"]

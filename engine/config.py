@@ -8,8 +8,11 @@ appliance's YAML schema takes its defaults and choices from here and maps onto t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, get_args
+
+import msgspec
 
 BlockSize = Literal[8, 16, 32]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: the checkpoint's
@@ -30,6 +33,47 @@ class EngineConfigError(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
         self.field, self.problem = field, problem
+
+
+SpeculativeMethod = Literal["ngram"]
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config` keys). ngram: prompt lookup, drafts are the tokens that
+    followed the latest earlier occurrence of the sequence's last n tokens, n from prompt_lookup_max down to
+    prompt_lookup_min (vLLM's rule: one bound unset takes the other's value, both unset are 5)."""
+
+    num_speculative_tokens: int
+    method: SpeculativeMethod = "ngram"
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in get_args(SpeculativeMethod):
+            raise EngineConfigError("speculative_config.method", f"expected one of "
+                                    f"{', '.join(get_args(SpeculativeMethod))}, got {self.method!r}")
+        lookup_min = self.prompt_lookup_min if self.prompt_lookup_min is not None else self.prompt_lookup_max
+        lookup_max = self.prompt_lookup_max if self.prompt_lookup_max is not None else self.prompt_lookup_min
+        object.__setattr__(self, "prompt_lookup_min", 5 if lookup_min is None else lookup_min)
+        object.__setattr__(self, "prompt_lookup_max", 5 if lookup_max is None else lookup_max)
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"speculative_config.{name}", f"must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise EngineConfigError("speculative_config.prompt_lookup_min", f"must be <= prompt_lookup_max "
+                                    f"({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SpeculativeConfig:
+        """From vLLM's dict (offline `LLM(speculative_config={...})`); unknown keys are refused by name."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise EngineConfigError("speculative_config", f"unknown key(s) {', '.join(unknown)}")
+        if "num_speculative_tokens" not in options:
+            raise EngineConfigError("speculative_config.num_speculative_tokens", "is required")
+        return cls(**options)
 
 
 @dataclass(frozen=True)
@@ -66,8 +110,18 @@ class EngineConfig:
     # config.json `matryoshka_dimensions`, else truncation is refused.
     matryoshka_dimensions: tuple[int, ...] | None = None
     quantization: Quantization | None = None  # a quantized checkpoint's own method is read from its config.json
+    # None: no speculation; a dict of vLLM's keys is turned into a SpeculativeConfig.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            options = self.speculative_config  # vLLM's dict, or the YAML schema's struct of the same keys
+            if not isinstance(options, Mapping):
+                options = {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_options(options))
+        if self.speculative_config is not None and self.task != "generate":
+            raise EngineConfigError("speculative_config", f"speculative decoding serves generation only, not task "
+                                                          f"{self.task!r}")
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
                               ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy),
                               ("task", Task)):

@@ -100,6 +100,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     # int32 bitmask (row i: structured_req_ids[i], ceil(vocab / 32) words, native byte order). None: no such row.
     structured_req_ids: list[str] = []
     grammar_bitmask: bytes | None = None
+    # Speculative decoding: req id -> draft token ids that follow its last known token. Its row's num_new_tokens
+    # counts them: the runner computes 1 + k positions and samples at each to verify them.
+    spec_token_ids: dict[str, list[int]] = {}
 
     @property
     def num_reqs(self) -> int:
@@ -127,6 +130,10 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
     # A pooling engine's requests whose prompt this step finished: req id -> float32 vector (little-endian bytes).
     pooled: dict[str, bytes] = {}
+    # Speculative decoding: req id -> its accepted drafts, emitted before its sampled token (which is the correction
+    # of the first rejected draft, or the bonus token when all were accepted); and their logprobs, when asked.
+    spec_token_ids: dict[str, list[int]] = {}
+    spec_logprobs: dict[str, list[TokenLogprobs]] = {}
 
 
 # ---- engine -> front end ----
@@ -159,6 +166,15 @@ class EngineCoreOutput(msgspec.Struct):
         return self.finish_reason is not None
 
 
+class SpecDecodingStats(msgspec.Struct):
+    """Cumulative speculative decoding counters (vLLM's spec_decode metrics)."""
+
+    num_drafts: int = 0  # verifications: one per request and step that had drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = []  # [i]: drafts accepted at position i (of num_speculative_tokens)
+
+
 class SchedulerStats(msgspec.Struct):
     num_running: int
     num_waiting: int
@@ -183,6 +199,7 @@ class SchedulerStats(msgspec.Struct):
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
     device_memory_bytes: int = 0  # what the engine's device allocator holds (rank 0's GPU); 0 on a CPU
+    spec_decoding: SpecDecodingStats | None = None  # with speculative decoding
 
 
 class LoraInfo(msgspec.Struct):

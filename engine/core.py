@@ -35,11 +35,11 @@ from engine.models.loader import weight_bytes
 from engine.contract import EngineCoreOutput, PoolingParams, SchedulerOutput, SchedulerStats
 from engine.models.registry import is_encoder
 from engine.pooling.config import max_seq_length, resolve_pooler
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, core_output
 from engine.distributed.tp_runner import TensorParallelRunner, WorkerDiedError
 from engine.runner import ModelRunner, PendingRunnerOutput
 from engine.sampling_params import InvalidParameterError, SamplingParams
-from engine.scheduler import Scheduler, core_output
+from engine.scheduler import Scheduler
 from engine.step_trace import StepRecord, StepTrace
 from engine.structured_output.backend import GrammarBackend
 from engine.structured_output.manager import StructuredOutputManager
@@ -166,6 +166,9 @@ class EngineCore:
             raise InvalidParameterError("model", f"this model's task is {self.config.task}; "
                                                  + ("it needs pooling requests" if pooling is None else
                                                     "it does not pool"))
+        if params.structured_outputs is not None and self.config.speculative_config is not None:
+            raise InvalidParameterError("structured_outputs", "structured outputs are not supported on a model served "
+                                                              "with speculative decoding")
         adapter_id = None
         if lora_name is not None:
             if self.lora is None:

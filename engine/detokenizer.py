@@ -43,6 +43,9 @@ class IncrementalDetokenizer:
         self._num_sent_chars = 0
         self.output_text = ""
         self.stop_string_hit: str | None = None
+        # Of the tokens of the update that hit a stop string, how many it took to complete it: an update of several
+        # tokens (speculative decoding) may carry some past it, which are not part of the output.
+        self.num_tokens_to_stop = 0
 
     def update(self, new_token_ids: list[int], num_output_tokens_before: int,
                stop_terminated: bool = False) -> str | None:
@@ -56,12 +59,17 @@ class IncrementalDetokenizer:
             new_token_ids = new_token_ids[:-1]
         # A stop string must end after this offset: in text from tokens past the first min_tokens.
         check_from = len(self.output_text)
+        text_ends = []  # the text's length after each token
         for i, token_id in enumerate(new_token_ids):
             self.output_text += self._step(token_id) or ""
+            text_ends.append(len(self.output_text))
             if num_output_tokens_before + i + 1 <= self._min_tokens:
                 check_from = len(self.output_text)
         if self._stop and len(self.output_text) > check_from:
-            self.stop_string_hit = self._find_stop(check_from)
+            found = self._find_stop(check_from)
+            if found is not None:
+                self.stop_string_hit, stop_end = found
+                self.num_tokens_to_stop = next(i + 1 for i, end in enumerate(text_ends) if end >= stop_end)
         return self.stop_string_hit
 
     def take_delta(self, finished: bool) -> str:
@@ -74,8 +82,9 @@ class IncrementalDetokenizer:
         self._num_sent_chars = end
         return delta
 
-    def _find_stop(self, check_from: int) -> str | None:
-        """Finds the earliest stop string ending after `check_from` and truncates `output_text` around it."""
+    def _find_stop(self, check_from: int) -> tuple[str, int] | None:
+        """Finds the earliest stop string ending after `check_from` and truncates `output_text` around it; returns
+        it and where it ended in the text before the cut."""
         best: tuple[int, str] | None = None
         for stop in self._stop:
             # Start early enough to catch a stop string that straddles the old text and the new.
@@ -87,7 +96,7 @@ class IncrementalDetokenizer:
         index, stop = best
         self.output_text = self.output_text[:index + len(stop) if self._include_stop else index]
         assert len(self.output_text) >= self._num_sent_chars, "the stop cut text that was already sent"
-        return stop
+        return stop, index + len(stop)
 
     def _context(self, prompt_token_ids: list[int]) -> list[int]:
         """The shortest prompt suffix that decodes to whole characters; the stream cannot start after a split one."""

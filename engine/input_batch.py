@@ -34,6 +34,7 @@ class CachedRequestState:
     seed: int | None
     adapter_id: str | None
     pooling: PoolingParams | None = None
+    spec_token_ids: list[int] = field(default_factory=list)  # this step's drafts, after its last known token
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -80,6 +81,7 @@ class ScheduledRow(NamedTuple):
 class RequestStates:
     def __init__(self):
         self.states: dict[str, CachedRequestState] = {}
+        self._drafted: list[CachedRequestState] = []  # those with drafts in the latest step
 
     def apply(self, out: SchedulerOutput) -> list[ScheduledRow]:
         """Brings the runner's copies up to date with one step; returns the step's rows in batch order."""
@@ -104,7 +106,16 @@ class RequestStates:
                 new.req_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                 frozenset(new.eos_token_ids), list(new.block_ids), new.seed, new.adapter_id, new.pooling)
             rows.append(ScheduledRow(state, new.num_computed_tokens, new.num_new_tokens))
+        if self._drafted or out.spec_token_ids:
+            self._set_drafts(out.spec_token_ids)
         return rows
+
+    def _set_drafts(self, spec_token_ids: dict[str, list[int]]) -> None:
+        for state in self._drafted:
+            state.spec_token_ids = []
+        self._drafted = [self.states[req_id] for req_id in spec_token_ids]
+        for state in self._drafted:
+            state.spec_token_ids = spec_token_ids[state.req_id]
 
 
 class BatchRow(NamedTuple):

@@ -3,7 +3,7 @@
 Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
 With `enable_lora=True`, `add_lora(name, path)` loads a PEFT adapter and `lora_name` picks one per prompt.
 With `task="embed"`, `embed(texts)` returns embeddings; with `task="score"` (a cross-encoder), `score(query,
-documents)` returns one relevance score per document.
+documents)` returns one relevance score per document. `get_metrics()` reads the engine's counters (vLLM's names).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.contract import PoolingParams
+from engine.metrics_reader import Metric, read_metrics
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.pooling.inputs import POOLING_SAMPLING, EmbeddingOutput, ScoreOutput, decode_vector, encode_pair
 from engine.request import RequestStatus
@@ -41,6 +43,10 @@ class LLM:
         this process)."""
         self.core.shutdown()
 
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters and gauges under vLLM's names (speculative decoding's among them, when on)."""
+        return read_metrics(self.core.stats(), self.config.model, self.config.block_size)
+
     def add_lora(self, name: str, path: str) -> None:
         """Loads the PEFT adapter folder at `path` under `name` (replacing one of that name)."""
         self.core.add_lora(name, path)
@@ -58,6 +64,19 @@ class LLM:
         token_ids = [self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
         return self._run(self._add_all(texts, token_ids, params_list, priorities or [0] * len(prompts), lora_names),
                          use_tqdm)
+
+    def beam_search(self, prompts: Prompt | dict | Sequence[Prompt | dict],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (`engine.beam_search`) for each prompt (text, token ids, or a {"prompt": ...} dict); per
+        prompt the `beam_width` best sequences, best first."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+        token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for ids in token_ids:
+            validate_prompt(ids, SamplingParams(), max_model_len=self.core.max_model_len,
+                            vocab_size=self.core.vocab_size)
+        return beam_search(self, token_ids, params)
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -122,11 +122,12 @@ class OutputProcessor:
             # A stop token (EOS or stop_token_ids) ends the request but its text is not part of the output.
             stop_string = (detokenizer.update(out.new_token_ids, num_before, stop_terminated=out.finish_reason == "stop")
                            if out.new_token_ids else None)
-            completion.token_ids.extend(out.new_token_ids)
-            completion.delta_token_ids = list(out.new_token_ids)
+            num_new = detokenizer.num_tokens_to_stop if stop_string is not None else len(out.new_token_ids)
+            completion.token_ids.extend(out.new_token_ids[:num_new])
+            completion.delta_token_ids = out.new_token_ids[:num_new]
             if out.new_logprobs is not None and completion.logprobs is not None:
-                completion.logprobs.extend(out.new_logprobs)
-                completion.delta_logprobs = list(out.new_logprobs)
+                completion.logprobs.extend(out.new_logprobs[:num_new])
+                completion.delta_logprobs = out.new_logprobs[:num_new]
             if stop_string is not None:
                 completion.finish_reason, completion.stop_reason = "stop", stop_string
                 if not out.finished:

@@ -5,6 +5,8 @@ A request knows its tokens (prompt + outputs so far), how many of them already h
 owns those. The scheduler has no prefill or decode phase: each step it gives a request up to
 `num_tokens - num_computed_tokens` tokens, which covers chunked prefill, prefix-cache hits, recompute after
 preemption and plain decoding with one rule.
+
+`core_output` turns a request's progress in one step into the plain-data `EngineCoreOutput` the front end gets.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 from typing import TYPE_CHECKING
 
-from engine.contract import PoolingParams
+from engine.contract import EngineCoreOutput, PoolingParams, RequestTiming, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -159,3 +161,31 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens})")
+
+
+def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
+                prompt_logprobs: list[TokenLogprobs] | None, pooled: bytes | None = None) -> EngineCoreOutput:
+    # Only a finished request has a reason; looking one up (an enum hash) for every token of every step is not free.
+    reason = request.status.finish_reason if request.is_finished else None
+    return EngineCoreOutput(
+        request_id=request.request_id,
+        parent_id=request.parent_id,
+        index=request.index,
+        new_token_ids=new_token_ids,
+        new_logprobs=new_logprobs,
+        prompt_logprobs=prompt_logprobs,
+        finish_reason=reason.value if reason else None,
+        stop_reason=request.stop_reason,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_cached_tokens=request.num_cached_tokens,
+        timing=_timing(request) if reason else None,
+        pooled=pooled,
+    )
+
+
+def _timing(request: Request) -> RequestTiming | None:
+    scheduled, first_token = request.first_scheduled_time, request.first_token_time
+    if scheduled is None or first_token is None:
+        return None
+    return RequestTiming(queued_s=scheduled - request.arrival_time, prefill_s=first_token - scheduled,
+                         decode_s=time.monotonic() - first_token)

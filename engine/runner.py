@@ -30,7 +30,9 @@ from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
-from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
+from engine.sampler import (LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask,
+                            to_device)
+from engine.spec_decode.verify import split_verified, verification_rows
 
 
 class ModelRunner:
@@ -98,7 +100,7 @@ class ModelRunner:
             lora_slots = self._activate_loras(rows)
         num_tokens = scheduler_output.num_tokens
         graph_size = self.cuda_graphs.bucket(num_tokens, len(rows)) if self.use_cuda_graphs else None
-        batch_rows, pending, sampling = self._batch_rows(rows)
+        batch_rows, pending, sampling, draft_ids = self._batch_rows(rows)
         metadata = self.batch.fill(batch_rows, pad_to=graph_size, lora_slots=lora_slots, pending=pending,
                                    last_sampled=self._last_sampled)
         sample_rows = [index for index, _ in sampling]
@@ -115,7 +117,7 @@ class ModelRunner:
             hidden = self._forward(num_tokens, metadata)
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
         if sampling:
-            self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output)
+            self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output, draft_ids)
         if prompt_rows[0]:
             self._prompt_logprobs(hidden, *prompt_rows, output)
         if self.device.type == "cuda":
@@ -132,13 +134,24 @@ class ModelRunner:
         return output
 
     def _batch_rows(self, rows: list[ScheduledRow]) -> tuple[list[BatchRow], list[tuple[int, int]],
-                                                              list[tuple[int, ScheduledRow]]]:
+                                                              list[tuple[int, ScheduledRow]], list[int] | None]:
         """The input rows, the tokens whose id is pending on the device (token index, row of the last sampled
-        ids), and the rows that sample with the index of their last token."""
+        ids), the rows that sample with the index of their last token, and with speculative drafts in the step,
+        the draft each sampling row verifies (-1: none)."""
         batch_rows, pending, sampling = [], [], []
+        draft_ids = None
         offset = 0
         for row in rows:
             state, start, count = row
+            if state.spec_token_ids:
+                draft_ids = draft_ids if draft_ids is not None else [-1] * len(sampling)
+                token_ids = [*state.token_ids[start:], *state.spec_token_ids]
+                verifying, drafts = verification_rows(row, offset + count - 1, self.device)
+                sampling += verifying
+                draft_ids += drafts
+                batch_rows.append(BatchRow(token_ids, start, count, state.block_ids))
+                offset += count
+                continue
             token_ids = state.token_ids[start:start + count]
             if len(token_ids) < count:  # its last token was sampled by the step in flight: the id is on the device
                 pending.append((offset + count - 1, self._last_sampled_rows[state.req_id]))
@@ -146,8 +159,10 @@ class ModelRunner:
             batch_rows.append(BatchRow(token_ids, start, count, state.block_ids))
             if row.samples:
                 sampling.append((offset + count - 1, row))
+                if draft_ids is not None:
+                    draft_ids.append(-1)
             offset += count
-        return batch_rows, pending, sampling
+        return batch_rows, pending, sampling, draft_ids
 
     def _prompt_logprob_rows(self, rows: list[ScheduledRow], spans: dict[str, tuple[int, int]]) -> tuple[
             list[int], list[tuple[str, int, list[int]]]]:
@@ -165,7 +180,7 @@ class ModelRunner:
         return indices, targets
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
-                output: PendingRunnerOutput, scheduler_output: SchedulerOutput) -> None:
+                output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None) -> None:
         num_rows = len(rows)
         # When every token samples (decode), its hidden states are the rows, in order.
         rows_hidden = (hidden[:num_rows] if num_rows == num_tokens
@@ -174,7 +189,11 @@ class ModelRunner:
         metadata = SamplingMetadata.from_rows(rows, self.device)
         if scheduler_output.grammar_bitmask is not None:
             metadata.grammar_bitmask = grammar_bitmask(scheduler_output, rows, self.device)
-        sampled = self.sampler(logits, metadata)
+        if draft_ids is not None:
+            sampled = self.sampler(logits, metadata, to_device(torch.tensor(draft_ids), self.device))
+            output.accepted = _to_host(sampled.accepted)
+        else:
+            sampled = self.sampler(logits, metadata)
         self._last_sampled = sampled.sampled_token_ids
         self._last_sampled_rows = {row.state.req_id: i for i, row in enumerate(rows)}
         output.sampled_token_ids = _to_host(sampled.sampled_token_ids)
@@ -210,6 +229,7 @@ class PendingRunnerOutput:
         self.logprobs: tuple[LogprobsTensors, list[int]] | None = None  # tensors, each row's k
         self.prompt_logprobs: tuple[LogprobsTensors, list[tuple[str, int, int]]] | None = None  # (id, k, count)
         self.pooled: PooledOutput | None = None
+        self.accepted: torch.Tensor | None = None  # verifying drafts: each sampling row's draft was accepted
         self.ready: torch.cuda.Event | None = None
 
     def get(self) -> ModelRunnerOutput:
@@ -220,6 +240,8 @@ class PendingRunnerOutput:
             output.sampled_token_ids = self.sampled_token_ids.tolist()
         if self.logprobs is not None:
             output.logprobs = _to_token_logprobs(*self.logprobs)
+        if self.accepted is not None:
+            split_verified(output, self.accepted.tolist())
         if self.pooled is not None:
             output.pooled = self.pooled.to_bytes()
         if self.prompt_logprobs is not None:

@@ -17,7 +17,8 @@ Order of operations in `Sampler.__call__`:
      logit -= count * frequency + (count > 0) * presence).
   5. Greedy rows (temperature 0) take the argmax of the logits from step 4.
   6. Random rows: divide by temperature, mask with top-k then top-p then min-p, softmax.
-  7. Sample with the exponential race: argmax(probs / q), q ~ Exp(1). Seeded rows draw q from their own generator
+  7. Sample with the exponential race: argmax(probs / q), q ~ Exp(1).
+     Verifying speculative drafts replaces 5-7 with rejection sampling (`rejection_sample`). Seeded rows draw q from their own generator
      row by row, so a seeded request samples the same token whatever else shares the batch; unseeded rows draw
      from the global RNG in one call.
 Everything stays on the logits' device; nothing here waits for the device.
@@ -72,7 +73,7 @@ class SamplingMetadata:
         random_params = [p for p in params if not p.is_greedy]
 
         def column(values, dtype: torch.dtype) -> torch.Tensor:
-            return _to_device(torch.tensor(values, dtype=dtype), device)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         def column_if(used: bool, values, dtype: torch.dtype) -> torch.Tensor | None:
             return column(values, dtype) if used else None
@@ -136,36 +137,48 @@ class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [n] int64
     # k = max_num_logprobs over the batch; a row that asked for fewer keeps its first logprobs + 1 columns.
     logprobs: LogprobsTensors | None
+    accepted: torch.Tensor | None = None  # [n] bool, when verifying drafts: the row's draft was accepted
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata,
+                 draft_token_ids: torch.Tensor | None = None) -> SamplerOutput:
+        """`draft_token_ids` ([n], -1 where a row has none): speculative decoding's verification, where each row
+        is one position of a request's drafts and the output says which drafts were accepted (`rejection_sample`)."""
         # logits: [n, vocab] float32; left untouched (every step below returns a new tensor).
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        if metadata.grammar_bitmask is not None:
-            logits = _apply_grammar_bitmask(logits, *metadata.grammar_bitmask)
-        if metadata.logit_bias is not None:
-            rows, token_ids, biases = metadata.logit_bias
-            logits = logits.index_put((rows, token_ids), biases, accumulate=True)
-        if metadata.min_tokens_mask is not None:
-            rows, token_ids = metadata.min_tokens_mask
-            # A filled tensor rather than a scalar one: copying a scalar to the device would wait for it.
-            logits = logits.index_put((rows, token_ids), torch.full_like(token_ids, float("-inf"), dtype=logits.dtype))
-        if metadata.allowed is not None:
-            logits = apply_allowed_token_ids(logits, *metadata.allowed)
-        if metadata.output_token_ids is not None:
-            logits = apply_penalties(logits, metadata.prompt_token_ids, metadata.output_token_ids,
-                                     metadata.repetition_penalties, metadata.frequency_penalties,
-                                     metadata.presence_penalties)
-
-        sampled = _sample(logits, metadata)
+        logits = process_logits(logits, metadata)
+        accepted = None
+        if draft_token_ids is None:
+            sampled = _sample(logits, metadata)
+        else:
+            sampled, accepted = rejection_sample(logits, metadata, draft_token_ids)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs, accepted=accepted)
+
+
+def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Steps 2-4: grammar, logit bias, token masks and penalties (the input stays untouched)."""
+    if metadata.grammar_bitmask is not None:
+        logits = _apply_grammar_bitmask(logits, *metadata.grammar_bitmask)
+    if metadata.logit_bias is not None:
+        rows, token_ids, biases = metadata.logit_bias
+        logits = logits.index_put((rows, token_ids), biases, accumulate=True)
+    if metadata.min_tokens_mask is not None:
+        rows, token_ids = metadata.min_tokens_mask
+        # A filled tensor rather than a scalar one: copying a scalar to the device would wait for it.
+        logits = logits.index_put((rows, token_ids), torch.full_like(token_ids, float("-inf"), dtype=logits.dtype))
+    if metadata.allowed is not None:
+        logits = apply_allowed_token_ids(logits, *metadata.allowed)
+    if metadata.output_token_ids is not None:
+        logits = apply_penalties(logits, metadata.prompt_token_ids, metadata.output_token_ids,
+                                 metadata.repetition_penalties, metadata.frequency_penalties,
+                                 metadata.presence_penalties)
+    return logits
 
 
 def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -262,7 +275,7 @@ def grammar_bitmask(scheduler_output: SchedulerOutput, rows: list[ScheduledRow],
     structured_rows = [row_of[req_id] for req_id in scheduler_output.structured_req_ids]
     bitmask = torch.full((len(rows), words.shape[1]), -1, dtype=torch.int32)
     bitmask[structured_rows] = words
-    return _to_device(bitmask, device), structured_rows
+    return to_device(bitmask, device), structured_rows
 
 
 def _apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -279,18 +292,61 @@ def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     if metadata.all_greedy:
         return greedy
 
+    sampled = sample_from(target_probs(logits, metadata), metadata.generators)
+    return sampled if greedy is None else torch.where(metadata.greedy_mask, greedy, sampled)
+
+
+def rejection_sample(logits: torch.Tensor, metadata: SamplingMetadata,
+                     draft_token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative decoding's verification, which keeps the target distribution exactly (Leviathan et al., 2023).
+
+    Row i is one position of a request: `draft_token_ids[i]` is the draft proposed there, -1 at the position after
+    the last draft (the bonus token). The n-gram proposer's distribution q is one-hot at its draft d, so a random
+    row accepts d with probability min(1, p(d) / q(d)) = p(d), and otherwise samples from norm(max(0, p - q)): p
+    without d. A greedy row accepts d when it is the argmax, and otherwise takes the argmax. Returns each row's token
+    (d when accepted) and whether its draft was accepted; the caller emits a request's tokens up to and including
+    its first row whose draft was not accepted.
+    """
+    greedy = None if metadata.all_random else logits.argmax(dim=-1)
+    if metadata.all_greedy:
+        return greedy, greedy == draft_token_ids
+    probs = target_probs(logits, metadata)
+    has_draft = draft_token_ids >= 0
+    drafts = draft_token_ids.clamp(min=0).unsqueeze(1)
+    draft_probs = probs.gather(1, drafts).squeeze(1)
+    uniform = random_like(draft_probs.unsqueeze(1), metadata.generators, torch.Tensor.uniform_).squeeze(1)
+    accepted = has_draft & (uniform < draft_probs)
+    residual = torch.where(has_draft.unsqueeze(1), probs.scatter(1, drafts, 0.0), probs)
+    sampled = torch.where(accepted, draft_token_ids, sample_from(residual, metadata.generators))
+    if greedy is None:
+        return sampled, accepted
+    return (torch.where(metadata.greedy_mask, greedy, sampled),
+            torch.where(metadata.greedy_mask, greedy == draft_token_ids, accepted))
+
+
+def target_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Step 6's distribution of the random rows: temperature, top-k, top-p, min-p, softmax."""
     logits = logits / metadata.temperature.unsqueeze(1)
     logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
     logits = apply_min_p(logits, metadata.min_p)
-    probs = logits.softmax(dim=-1)
-    q = torch.empty_like(probs)
-    if any(generator is None for generator in metadata.generators):
-        q.exponential_()
-    for row, generator in enumerate(metadata.generators):
+    return logits.softmax(dim=-1)
+
+
+def sample_from(weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, with probability proportional to the row's weights (which it overwrites)."""
+    return weights.div_(random_like(weights, generators, torch.Tensor.exponential_)).argmax(dim=-1)
+
+
+def random_like(tensor: torch.Tensor, generators: list[torch.Generator | None], draw) -> torch.Tensor:
+    """Random numbers shaped like `tensor` from `draw` (an in-place tensor method such as exponential_): seeded
+    rows from their own generator, row by row, the others from the global RNG in one call."""
+    values = torch.empty_like(tensor)
+    if any(generator is None for generator in generators):
+        draw(values)
+    for row, generator in enumerate(generators):
         if generator is not None:
-            q[row].exponential_(generator=generator)
-    sampled = probs.div_(q).argmax(dim=-1)
-    return sampled if greedy is None else torch.where(metadata.greedy_mask, greedy, sampled)
+            draw(values[row], generator=generator)
+    return values
 
 
 def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -314,10 +370,10 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(map(len, rows))
-    return _to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
+    return to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         # A copy from pinned memory can be asynchronous: it does not wait for the work already queued on the GPU.
         tensor = tensor.pin_memory()

@@ -29,12 +29,13 @@ import logging
 import time
 
 from engine.config import EngineConfig
-from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData, RequestTiming,
-                             SchedulerOutput, SchedulerStats, TokenLogprobs)
+from engine.contract import (EngineCoreOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput, SchedulerStats,
+                             TokenLogprobs)
 from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, core_output
 from engine.sampling_params import InvalidParameterError
+from engine.spec_decode.drafter import Drafter
 from engine.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -43,14 +44,15 @@ logger = logging.getLogger(__name__)
 class _Scheduled:
     """One request's share of a step, on the scheduler's side (the runner gets it as plain data)."""
 
-    __slots__ = ("request", "num_computed_before", "num_new_tokens", "samples")
+    __slots__ = ("request", "num_computed_before", "num_new_tokens", "samples", "drafts")
 
-    def __init__(self, request: Request, num_computed_before: int, num_new_tokens: int):
+    def __init__(self, request: Request, num_computed_before: int, num_new_tokens: int, drafts: list[int] = ()):
         self.request = request
         self.num_computed_before = num_computed_before  # K/V already cached before this step (prefix hits included)
-        self.num_new_tokens = num_new_tokens
+        self.num_new_tokens = num_new_tokens  # drafts included
+        self.drafts = drafts  # speculative tokens computed after the request's last one
         # The step reaches the request's last token, so its logits give the next one.
-        self.samples = num_computed_before + num_new_tokens == request.num_scheduled_tokens
+        self.samples = num_computed_before + num_new_tokens - len(drafts) == request.num_scheduled_tokens
 
 
 class Scheduler:
@@ -78,6 +80,7 @@ class Scheduler:
         # The runner's copy of a request must be dropped; sent with the next step that runs.
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
+        self.drafter = Drafter(config.speculative_config) if config.speculative_config is not None else None
 
     # ---- queue management ----
     def add_request(self, request: Request) -> None:
@@ -136,7 +139,11 @@ class Scheduler:
                 continue
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request  # a running request always has its sampled token left to compute
-            while not self.kv.allocate_slots(request, num_new):
+            drafts = self.drafter.drafts(request, num_new, budget, self.max_model_len) if self.drafter else []
+            while not self.kv.allocate_slots(request, num_new + len(drafts)):
+                if drafts:  # drafts are worth no preemption
+                    drafts = []
+                    continue
                 victim = max(self.running, key=self._rank)
                 self._preempt(victim)
                 preempted_now.add(victim.request_id)
@@ -146,8 +153,9 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled[request.request_id] = _Scheduled(request, request.num_computed_tokens, num_new)
-                budget -= num_new
+                scheduled[request.request_id] = _Scheduled(request, request.num_computed_tokens,
+                                                           num_new + len(drafts), drafts)
+                budget -= num_new + len(drafts)
                 i += 1
         return list(scheduled.values()), budget, preempted_now
 
@@ -211,6 +219,8 @@ class Scheduler:
                     item.num_computed_before, item.num_new_tokens, request.resumed)
             request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)
             request.resumed = False
+            if item.drafts:
+                out.spec_token_ids[request.request_id] = item.drafts
             if request.needs_prompt_logprobs:
                 first = max(item.num_computed_before, request.num_prompt_logprobs_done)
                 last = min(item.num_computed_before + item.num_new_tokens, request.num_prompt_tokens - 1)
@@ -236,11 +246,11 @@ class Scheduler:
             return False
 
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
-        """Penalties and multi-token bad words need every earlier output token on the host, and a grammar's next
-        bitmask needs the token before it, so a batch using any of them is completed before the next step is
-        scheduled."""
+        """Penalties and multi-token bad words need every earlier output token on the host, a grammar's next
+        bitmask needs the token before it, and verified drafts change how many tokens a request has, so a batch
+        using any of them is completed before the next step is scheduled."""
         return not any(item.samples and (item.request.sampling_params.needs_output_history
-                                         or item.request.grammar is not None)
+                                         or item.request.grammar is not None or item.drafts)
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
@@ -273,19 +283,47 @@ class Scheduler:
             token_id = runner_output.sampled_token_ids[row]
             # Preempted while this step ran (async scheduling): it waits for its recompute with this token.
             queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
-            request.append_output_token(token_id)
-            if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
-            if request.grammar is None or not self._grammar_stops(request, token_id):
-                self._check_stop(request, token_id)
             new_logprobs = [runner_output.logprobs[row]] if runner_output.logprobs is not None else None
             if request.sampling_params.logprobs is None:
                 new_logprobs = None
-            outputs.append(core_output(request, [token_id], new_logprobs, prompt_logprobs))
+            if item.drafts:
+                token_ids, new_logprobs = self._append_verified(request, item.drafts, token_id, new_logprobs,
+                                                                runner_output)
+            else:
+                token_ids = [token_id]
+                self._append(request, token_id)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            outputs.append(core_output(request, token_ids, new_logprobs, prompt_logprobs))
             if request.is_finished:
                 queue.remove(request)
                 self._free(request)
         return outputs
+
+    def _append(self, request: Request, token_id: int) -> None:
+        request.append_output_token(token_id)
+        if request.grammar is None or not self._grammar_stops(request, token_id):
+            self._check_stop(request, token_id)
+
+    def _append_verified(self, request: Request, drafts: list[int], token_id: int,
+                         logprobs: list[TokenLogprobs] | None,
+                         runner_output: ModelRunnerOutput) -> tuple[list[int], list[TokenLogprobs] | None]:
+        """Appends the accepted drafts and the sampled token up to the first that stops the request, and rolls
+        back the K/V of the rejected drafts: their positions count as not computed (their blocks stay with the
+        request, for its next steps to fill). Returns the tokens appended and their logprobs."""
+        accepted = runner_output.spec_token_ids.get(request.request_id, [])
+        self.drafter.record(len(drafts), len(accepted))
+        token_ids = [*accepted, token_id]
+        for i, token in enumerate(token_ids):
+            self._append(request, token)
+            if request.is_finished:
+                token_ids = token_ids[:i + 1]
+                break
+        # The last token appended is not computed yet (a preempted request has computed nothing).
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        if logprobs is not None:
+            logprobs = [*runner_output.spec_logprobs.get(request.request_id, []), *logprobs][:len(token_ids)]
+        return token_ids, logprobs
 
     def stats(self, with_block_states: bool = False) -> SchedulerStats:
         pool = self.kv.pool
@@ -305,6 +343,7 @@ class Scheduler:
             block_states=pool.block_states() if with_block_states else None,
             running_loras=self._adapter_names(self.running),
             waiting_loras=self._adapter_names(self.waiting),
+            spec_decoding=self.drafter.snapshot() if self.drafter is not None else None,
         )
 
     # ---- internals ----
@@ -383,34 +422,6 @@ class Scheduler:
             self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]
         del self._rank_of[request.request_id]
-
-
-def core_output(request: Request, new_token_ids: list[int], new_logprobs: list[TokenLogprobs] | None,
-                prompt_logprobs: list[TokenLogprobs] | None, pooled: bytes | None = None) -> EngineCoreOutput:
-    # Only a finished request has a reason; looking one up (an enum hash) for every token of every step is not free.
-    reason = request.status.finish_reason if request.is_finished else None
-    return EngineCoreOutput(
-        request_id=request.request_id,
-        parent_id=request.parent_id,
-        index=request.index,
-        new_token_ids=new_token_ids,
-        new_logprobs=new_logprobs,
-        prompt_logprobs=prompt_logprobs,
-        finish_reason=reason.value if reason else None,
-        stop_reason=request.stop_reason,
-        num_prompt_tokens=request.num_prompt_tokens,
-        num_cached_tokens=request.num_cached_tokens,
-        timing=_timing(request) if reason else None,
-        pooled=pooled,
-    )
-
-
-def _timing(request: Request) -> RequestTiming | None:
-    scheduled, first_token = request.first_scheduled_time, request.first_token_time
-    if scheduled is None or first_token is None:
-        return None
-    return RequestTiming(queued_s=scheduled - request.arrival_time, prefill_s=first_token - scheduled,
-                         decode_s=time.monotonic() - first_token)
 
 
 def _new_request_data(request: Request, block_ids: list[int], item: _Scheduled) -> NewRequestData:

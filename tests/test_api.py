@@ -159,6 +159,32 @@ def test_several_prompts_and_token_id_prompts(api_server, client):
     assert [c.text for c in by_ids.choices] == [c.text for c in response.choices]
 
 
+def test_best_of_keeps_the_n_samples_of_highest_cumulative_logprob(client):
+    """best_of 4, n 2, seeded: the two kept are the two best of the four that n 4 with the same seed draws."""
+    request = dict(model="llama", prompt=PROMPT, max_tokens=6, seed=3, temperature=1.0, logprobs=0)
+    every = client.completions.create(**request, n=4).choices
+    cumulative = sorted((sum(c.logprobs.token_logprobs), c.text) for c in every)[::-1]
+    best = client.completions.create(**request, n=2, extra_body={"best_of": 4})
+    assert [c.index for c in best.choices] == [0, 1]
+    assert [c.text for c in best.choices] == [text for _, text in cumulative[:2]]
+    assert best.usage.completion_tokens == 24  # every sample drawn counts
+    plain = client.completions.create(**{**request, "logprobs": None}, extra_body={"best_of": 3})
+    assert len(plain.choices) == 1 and plain.choices[0].logprobs is None  # drawn to rank, not returned
+    # Sample i is seeded with seed + i, so best_of 3 draws the first three of the four above.
+    assert plain.choices[0].text == max((sum(c.logprobs.token_logprobs), c.text) for c in every[:3])[1]
+
+
+def test_beam_search_equals_the_offline_engines(client, offline_llama):
+    from engine import BeamSearchParams
+
+    completion = client.completions.create(model="llama", prompt=PROMPT, max_tokens=5, n=3, temperature=0,
+                                           extra_body={"use_beam_search": True, "ignore_eos": True})
+    expected = offline_llama.beam_search(PROMPT, BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True))
+    assert [c.text for c in completion.choices] == [s.text for s in expected[0].sequences]
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert completion.usage.completion_tokens == 15 and completion.choices[0].finish_reason == "length"
+
+
 def test_completion_logprobs_and_echo(client):
     response = client.completions.create(model="llama", prompt=PROMPT, max_tokens=5, logprobs=2, echo=True,
                                          temperature=0)

@@ -32,6 +32,14 @@ def test_latency_smoke(tmp_path):
     assert result["kvbox"]["decode_tokens_per_s"] > 0 and result["kvbox"]["ttft_ms"] > 0
 
 
+def test_latency_speculative_smoke(tmp_path):
+    """The draft-free upper bound: the replay proposer's drafts are all accepted and the outputs stay the same."""
+    result = run_bench("latency.py", tmp_path, "--iters", "1", "--input-len", "16", "--output-len", "9",
+                       "--batch", "2", "--speculative", "replay:3")
+    speculative = result["speculative"]
+    assert speculative["acceptance"] == 1.0 and speculative["identical"] and speculative["decode_tokens_per_s"] > 0
+
+
 def test_serve_smoke(tmp_path):
     """Also: the engine's step time from the server's metrics, its step loop's profile (KVBOX_ENGINE_PROFILE) and
     its step trace over the run, both written when the server stops."""

@@ -1,5 +1,6 @@
 """The YAML config: the example, the schema's documentation, defaults, and errors that name the key path."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from msgspec import inspect as mi
 from appliance.cli import main as kvbox
 from appliance.config import ENGINE_KEYS, AppConfig, ConfigError, ModelSpec, load_config, parse_config
 from appliance.config.schema import SamplingDefaults
-from engine.config import EngineConfig, EngineConfigError, engine_default
+from engine.config import EngineConfig, EngineConfigError, SpeculativeConfig, engine_default
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 ONE_MODEL = "models:\n  - name: m\n    source: builtin:tiny\n"
@@ -405,6 +406,8 @@ def test_to_engine_config_maps_every_engine_option():
 
 def yaml_key(path: tuple[str, ...], value) -> str:
     """`path` (e.g. ("kv_cache", "block_size")) set to `value`, as YAML lines for `model`."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
     for key in reversed(path):
         value = {key: value}
     return yaml.safe_dump(value)
@@ -412,7 +415,8 @@ def yaml_key(path: tuple[str, ...], value) -> str:
 
 # Valid values other than the default, for the engine options whose default suggests none.
 OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True,
-                "pooling_normalize": False, "matryoshka_dimensions": (64, 128)}
+                "pooling_normalize": False, "matryoshka_dimensions": (64, 128),
+                "speculative_config": SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2)}
 
 
 def other_value(option: str):
@@ -549,3 +553,15 @@ def test_check_config_reports_every_schema_error_in_one_run(tmp_path, capsys):
         f"{path}: models[0].kv_cache.block_size: expected one of 8, 16, 32, got 12",
         f"{path}: models[1].name: required key is missing",
     ]
+
+
+def test_speculative_maps_onto_the_engine_and_names_bad_keys():
+    spec = parse(model("speculative: {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 3}")).models[0]
+    speculative = spec.to_engine_config("/m").speculative_config
+    assert (speculative.num_speculative_tokens, speculative.prompt_lookup_min, speculative.prompt_lookup_max) == (4, 3, 3)
+    assert parse(ONE_MODEL).models[0].to_engine_config("/m").speculative_config is None
+    assert "models[0].speculative.num_speculative_tokens" in error(model("speculative: {num_speculative_tokens: 0}"))
+    assert "models[0].speculative" in error(model("speculative: {num_speculative_tokens: 2, lookahead: 1}"))
+    assert ("models[0].speculative.prompt_lookup_min: must be <= prompt_lookup_max (2), got 3"
+            in error(model("speculative: {num_speculative_tokens: 2, prompt_lookup_min: 3, prompt_lookup_max: 2}")))
+    assert "models[0].speculative.method" in error(model("speculative: {method: eagle, num_speculative_tokens: 2}"))

@@ -41,8 +41,9 @@ def flat(outputs):
     return result
 
 
-def through_the_wire(llm: LLM, steps: list[SchedulerOutput]) -> None:
-    """Makes the runner execute msgpack-decoded copies of each step and return decoded copies of its results."""
+def through_the_wire(llm: LLM, steps: list[SchedulerOutput], results: list[ModelRunnerOutput] | None = None) -> None:
+    """Makes the runner execute msgpack-decoded copies of each step and return decoded copies of its results
+    (recorded in `results` when given)."""
     execute = llm.core.runner.execute
     encoder = msgspec.msgpack.Encoder()
 
@@ -53,7 +54,15 @@ def through_the_wire(llm: LLM, steps: list[SchedulerOutput]) -> None:
         steps.append(decoded)
         pending = execute(decoded)
         get = pending.get
-        pending.get = lambda: msgspec.msgpack.decode(encoder.encode(get()), type=ModelRunnerOutput)
+        def get_decoded():
+            output = get()
+            decoded_output = msgspec.msgpack.decode(encoder.encode(output), type=ModelRunnerOutput)
+            assert decoded_output == output
+            if results is not None:
+                results.append(decoded_output)
+            return decoded_output
+
+        pending.get = get_decoded
         return pending
 
     llm.core.runner.execute = execute_decoded
@@ -81,6 +90,26 @@ def test_runner_driven_by_decoded_steps_gives_identical_outputs(model_dir, async
     # The runner forgot every request once it finished: the next step names the last ones.
     wired.generate([PROMPT], SamplingParams(max_tokens=1), use_tqdm=False)
     assert list(wired.core.runner.requests.states) == [str(len(PARAMS) * len(PROMPTS))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_speculative_steps_cross_the_wire(model_dir, device):
+    """Drafts (SchedulerOutput.spec_token_ids) and verification results (ModelRunnerOutput.spec_token_ids,
+    spec_logprobs) survive msgpack, through preemptions, logprobs and seeded sampling."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    options = dict(dtype="float32", device=device, speculative_config=spec, **CRAMPED)
+    reference = LLM(model_dir, **options)
+    wired = LLM(model_dir, **options)
+    steps: list[SchedulerOutput] = []
+    results: list[ModelRunnerOutput] = []
+    through_the_wire(wired, steps, results)
+    for params in PARAMS[:2]:
+        expected = reference.generate(PROMPTS, params, use_tqdm=False)
+        assert flat(wired.generate(PROMPTS, params, use_tqdm=False)) == flat(expected)
+    assert any(step.spec_token_ids for step in steps)
+    assert any(any(result.spec_token_ids.values()) for result in results)  # some drafts were accepted
+    assert any(any(result.spec_logprobs.values()) for result in results)
+    assert wired.core.stats().spec_decoding == reference.core.stats().spec_decoding
 
 
 def test_steps_after_the_first_send_only_diffs(model_dir):

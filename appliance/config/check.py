@@ -100,7 +100,8 @@ def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
     try:
         m.to_engine_config(m.source)
     except EngineConfigError as e:
-        fail(".".join(ENGINE_KEYS[e.field]), e.problem)
+        option, _, key_within = e.field.partition(".")  # speculative_config.num_speculative_tokens
+        fail(".".join((*ENGINE_KEYS[option], *filter(None, [key_within]))), e.problem)
 
 
 def model_quantization(m: ModelSpec) -> QuantScheme | None:

@@ -21,7 +21,7 @@ from msgspec import inspect as mi
 
 from appliance.config.introspect import redact
 from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, PoolingType, Quantization,
-                           SchedulingPolicy, Task, engine_default)
+                           SchedulingPolicy, SpeculativeMethod, Task, engine_default)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 _URL_PATH = r"^/"
@@ -184,6 +184,16 @@ class PoolingSpec(_Schema, kw_only=True):
     )] = engine_default("pooling_normalize")
 
 
+class SpeculativeSpec(_Schema, kw_only=True):
+    method: Annotated[SpeculativeMethod, _doc(
+        "ngram: prompt lookup (drafts copied from earlier in the sequence; no draft model).")] = "ngram"
+    num_speculative_tokens: Annotated[PositiveInt, _doc("Draft tokens verified per step (k).")]
+    prompt_lookup_min: Annotated[PositiveInt | None, _doc(
+        "Shortest suffix n-gram looked up (null: prompt_lookup_max, or 5 when both are null).")] = None
+    prompt_lookup_max: Annotated[PositiveInt | None, _doc(
+        "Longest suffix n-gram looked up (null: prompt_lookup_min, or 5 when both are null).")] = None
+
+
 # EngineConfig option -> its key path within a model. The one mapping between the YAML and the engine: it builds
 # the engine's options (`ModelSpec.to_engine_config`) and names the key of an option the engine refuses.
 ENGINE_KEYS: dict[str, tuple[str, ...]] = {
@@ -215,6 +225,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "pooling_normalize": ("pooling", "normalize"),
     "matryoshka_dimensions": ("matryoshka_dimensions",),
     "quantization": ("quantization",),
+    "speculative_config": ("speculative",),
 }
 
 
@@ -253,6 +264,10 @@ class ModelSpec(_Schema, kw_only=True):
         "or int8 (W8A8, the same scales). null or none: run the checkpoint as it is, quantized (GPTQ, AWQ, "
         "compressed-tensors, fp8: read from its config.json) or not.")] = engine_default("quantization")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
+    speculative: Annotated[SpeculativeSpec | None, _doc(
+        "Speculative decoding, vLLM's speculative_config keys (null: off). Greedy outputs are unchanged and sampled "
+        "ones keep their distribution (rejection sampling); structured-output requests are refused.",
+    )] = engine_default("speculative_config")
     chat_template: Annotated[NonEmptyStr | None, _doc(
         "A chat template: a path ending in .jinja, or the Jinja template itself (null: the model's own).")] = None
     tool_parser: Annotated[Literal["hermes", "llama3_json", "mistral", "qwen3_coder", "auto"] | None, _doc(

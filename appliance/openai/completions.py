@@ -1,5 +1,6 @@
-"""POST /v1/completions: one or several prompts (text or token ids), `echo`, the legacy logprobs format and vLLM's
-`prompt_logprobs` (asked for, or implied by echo with logprobs)."""
+"""POST /v1/completions: one or several prompts (text or token ids), `echo`, the legacy logprobs format, vLLM's
+`prompt_logprobs` (asked for, or implied by echo with logprobs), `best_of` (appliance.openai.best_of) and
+`use_beam_search` (appliance.openai.beam_search)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 from litestar import Request, Response, post
 from msgspec import UNSET
 
-from appliance.openai import structured
+from appliance.openai import beam_search, best_of, structured
 from appliance.openai.context import serving_context
 from appliance.openai.generation import collect, stream_response
 from appliance.openai.logprobs import completion_logprobs, prompt_logprobs
@@ -30,26 +31,35 @@ async def create_completion(request: Request) -> Response:
     context = serving_context(request)
     check_limits(context.server, req, max_tokens=("max_tokens", req.max_tokens), logprobs=("logprobs", req.logprobs),
                  prompt_chars=("prompt", sum(len(p) for p in inputs if isinstance(p, str))))
+    best_of.check(context.server, req)
+    beam_search.check(req)
     target = await open_model(context, req.model)
     num_prompt_logprobs = _num_prompt_logprobs(req)
     params = sampling_params(req, target.model.sampling_defaults, max_tokens=req.max_tokens,
                              default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, logprobs=req.logprobs,
                              prompt_logprobs=num_prompt_logprobs,
                              structured_outputs=await structured.for_request(req, target, context.server))
+    n, params = params.n, best_of.widen(req, params)
     # Tokenizing text runs off the event loop; token-id prompts need nothing (their text only to echo it), and a
     # thread hop would queue them behind every request the loop has not parsed yet.
     tokenizer = target.model.tokenizer
     needs_tokenizer = req.echo or req.bad_words or any(isinstance(p, str) for p in inputs)
     prompts = (await asyncio.to_thread(_prompts, tokenizer, inputs, req, params) if needs_tokenizer
                else truncate([(None, p) for p in inputs], req.truncate_prompt_tokens, tokenizer))
+    if req.use_beam_search:
+        choices, usage = await beam_search.run(request, context, request_id(request), target, req, prompts,
+                                               params.max_tokens)
+        return Response(Completion(f"cmpl-{request_id(request)}", now(), req.model, choices, usage,
+                                   fingerprint(target.model)))
     generation = start(context, request_id(request), target, prompts, params, req, "prompt",
                        "max_tokens" if req.max_tokens is not None else None)
-    choices = _Choices(f"cmpl-{generation.request_id}", req, tokenizer, prompts, params.n,
+    choices = _Choices(f"cmpl-{generation.request_id}", req, tokenizer, prompts, n,
                        num_prompt_logprobs is not None, fingerprint(target.model))
     if req.stream:
         return stream_response(generation, choices.chunk, choices.usage_chunk if req.include_usage else None)
     outputs = await collect(request, generation)
-    return Response(choices.response(outputs, generation.usage()))
+    usage = generation.usage()  # every sample drawn, best_of's included (as OpenAI bills them)
+    return Response(choices.response(best_of.pick(outputs, n, req.logprobs is not None), usage))
 
 
 def _num_prompt_logprobs(req: CompletionRequest) -> int | None:

@@ -101,6 +101,11 @@ class CompletionRequest(SamplingFields, kw_only=True):
     max_tokens: Int64 | None = None
     logprobs: Int64 | None = None
     echo: bool = False
+    best_of: Annotated[int, Meta(ge=1, le=2**63 - 1)] | None = None  # n of best_of samples, by cumulative logprob
+    # vLLM's beam search: n beams (appliance.openai.beam_search).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
 
 class TextPart(Strict, kw_only=True):

@@ -18,14 +18,14 @@ from appliance.errors import APIError
 logger = logging.getLogger("kvbox.api")
 
 UNSUPPORTED = {
-    "best_of": "best_of is not supported (vLLM dropped it too); use n and pick on the client",
+    "best_of": "best_of is not supported here; /v1/completions takes it",
     "suffix": "suffix (insertion completions) is not supported",
     "functions": "the deprecated functions API is not supported",
     "function_call": "the deprecated functions API is not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
-    "use_beam_search": "beam search is not supported",
-    "length_penalty": "beam search is not supported",
+    "use_beam_search": "beam search is not supported here; /v1/completions takes it",
+    "length_penalty": "beam search is not supported here; /v1/completions takes it",
     "image_url": "kvbox serves text-only models: image content parts are not supported",
     "input_audio": "kvbox serves text-only models: audio content parts are not supported",
     "file": "kvbox serves text-only models: file content parts are not supported",
