@@ -4,6 +4,7 @@
 import argparse
 import json
 import logging
+import time
 
 import pytest
 
@@ -57,6 +58,10 @@ def test_the_access_log_names_the_request_and_leaves_monitoring_out(api_server, 
         assert response.status_code == 200
         with api_server.http(key=None) as anonymous:
             assert anonymous.get("/metrics").status_code == 401
+        # A line is written once its response has gone out, which can be just after the client has it.
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if r.name == "kvbox.access"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     lines = [r for r in caplog.records if r.name == "kvbox.access"]
     fields = [r.fields for r in lines]
     assert [(f["path"], f["status"]) for f in fields] == [("/v1/completions", 200), ("/metrics", 401)]
