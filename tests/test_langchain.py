@@ -2,22 +2,14 @@
 (OpenAI's json_schema response format, validated by pydantic), `bind_tools` with a forced tool (arguments validate
 against the tool's schema), streaming, and the same model over the Responses API (`use_responses_api=True`)."""
 
-from typing import Literal
 
-import pydantic
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import API_KEY, model_config, run_inprocess, server_config
+from test_structured_api import Weather
 
 langchain_openai = pytest.importorskip("langchain_openai")
-
-
-class Weather(pydantic.BaseModel):
-    """The weather in a city."""
-    city: str = pydantic.Field(pattern="^[A-Za-z]{1,8}$")
-    sky: Literal["sun", "cloud", "rain"]
-    degrees: int = pydantic.Field(ge=-50, le=60)
 
 
 @pytest.fixture(scope="module")
