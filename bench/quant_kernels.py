@@ -6,8 +6,8 @@ gaps count as they do there; weights are larger than L2 in every case. Bandwidth
 
     python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep]
 
---sweep times every W4A16 launch configuration of a small grid per shape and row count and prints the best next
-to the heuristic's choice.
+--sweep times every launch configuration of a small grid per shape and row count (the W4A16 kernel and the W8A8
+small-batch kernel) and prints the best next to the heuristic's choice.
 """
 
 from __future__ import annotations
@@ -70,13 +70,24 @@ def sweep(x, q, k, n) -> tuple[float, tuple]:
     best = (float("inf"), None)
     m = x.shape[0]
     for bm, bn, bk, splits, warps, stages in itertools.product(
-            [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [64, 128, 256], [1, 2, 4, 8, 16],
-            [4, 8], [2, 4]):
+            [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16],
+            [4], [3]):
         if bm == 64 and bn == 128 and bk == 256:
             continue
         config = (bm, bn, bk, splits, warps, stages)
         try:
             us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
+        except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+            continue
+        best = min(best, (us, config))
+    return best
+
+
+def sweep_w8a8(x, layer) -> tuple[float, tuple]:
+    best = (float("inf"), None)
+    for config in itertools.product([16, 32, 64], [128, 256, 512], [1, 2, 4, 8]):
+        try:
+            us = graph_time_us(lambda: w8a8.w8a8_linear(x, *layer, None, config=config))
         except Exception:  # noqa: BLE001 - a config that does not compile is skipped
             continue
         best = min(best, (us, config))
@@ -101,7 +112,10 @@ def main() -> None:
             if args.sweep and m <= wna16.FUSED_MAX_ROWS:
                 us, config = sweep(x, q, k, n)
                 print(row(f"w4a16 best {config}", us, k * n // 2, base))
-            print(row("fp8 w8a8 (quantize + _scaled_mm)", graph_time_us(
+            if args.sweep and m <= w8a8.SMALL_MAX_ROWS:
+                us, config = sweep_w8a8(x, fp8)
+                print(row(f"fp8 w8a8 best {config}", us, k * n, base))
+            print(row("fp8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, fp8[0], fp8[1], None)), k * n, base))
             print(row("  fp8 quantize (Triton)", graph_time_us(
                 lambda: act_quant.quantize_activations(x, torch.float8_e4m3fn)), k * n, base))
@@ -110,7 +124,7 @@ def main() -> None:
             xq, xs = act_quant.quantize_activations(x, torch.float8_e4m3fn)
             print(row("  _scaled_mm alone", graph_time_us(lambda: torch._scaled_mm(
                 xq, fp8[0].t(), scale_a=xs, scale_b=fp8[1].view(1, n), out_dtype=torch.bfloat16)), k * n, base))
-            print(row("int8 w8a8 (quantize + _int_mm)", graph_time_us(
+            print(row("int8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, i8[0], i8[1], None)), k * n, base))
             sys.stdout.flush()
 

@@ -39,7 +39,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, stride_x,
     tl.store(scale_ptr + row, scale)
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)
-        v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) / scale
+        # IEEE division, as torch divides: the GPU's default `/` is approximate and moves int8 roundings.
+        v = tl.math.div_rn(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32), scale)
         v = tl.minimum(tl.maximum(v, -TOP), TOP)
         if INT:
             q = _round_half_even(v).to(q_ptr.dtype.element_ty)

@@ -30,18 +30,23 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N,
-                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """The float32 weight tile [BLOCK_K, BLOCK_N] of input rows `kk` (from `k0`) and output columns `cols`."""
+def _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N, K,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float32 weight tile [BLOCK_K, BLOCK_N] of input rows `kk` (from `k0`, a multiple of the words' row count)
+    and output columns `cols`. Each packed word is loaded once and shifted into its rows (loading it per row would
+    issue one load per row it holds)."""
     PACK: tl.constexpr = 32 // BITS
-    mask = k_mask[:, None] & col_mask[None, :]
-    packed = tl.load(qw_ptr + (kk // PACK)[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0)
-    q = (packed >> ((kk % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+    words = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    word_mask = (words < (K + PACK - 1) // PACK)[:, None] & col_mask[None, :]
+    packed = tl.load(qw_ptr + words[:, None].to(tl.int64) * N + cols[None, :], mask=word_mask, other=0)
+    shifts = tl.arange(0, PACK) * BITS
+    q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N))
     if GROUP_SIZE > 0:  # the tile lies in one group (the launcher makes BLOCK_K divide the group size)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0)[None, :]
         zero = tl.load(zeros_ptr + group * N + cols, mask=col_mask, other=0)[None, :]
     else:
+        mask = k_mask[:, None] & col_mask[None, :]
         group = tl.load(g_idx_ptr + kk, mask=k_mask, other=0)[:, None].to(tl.int64)
         scale = tl.load(scales_ptr + group * N + cols[None, :], mask=mask, other=0.0)
         zero = tl.load(zeros_ptr + group * N + cols[None, :], mask=mask, other=0)
@@ -70,8 +75,8 @@ def _wna16_fused_kernel(
         k = start + step
         kk = k + ks
         k_mask = kk < K
-        w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k, kk, cols, k_mask, col_mask, N, BITS,
-                              GROUP_SIZE)
+        w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k, kk, cols, k_mask, col_mask, N, K, BITS,
+                              GROUP_SIZE, BLOCK_K, BLOCK_N)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + kk[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if BLOCK_M < 16:  # tensor-core tiles are 16 rows: below that multiply and sum in registers
@@ -98,7 +103,8 @@ def _wna16_dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, 
     kk = k0 + tl.arange(0, BLOCK_K)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask, col_mask = kk < K, cols < N
-    w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N, BITS, GROUP_SIZE)
+    w = _dequantized_tile(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, k0, kk, cols, k_mask, col_mask, N, K, BITS,
+                          GROUP_SIZE, BLOCK_K, BLOCK_N)
     tl.store(out_ptr + kk[:, None].to(tl.int64) * N + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=k_mask[:, None] & col_mask[None, :])
 
