@@ -6,8 +6,8 @@ gaps count as they do there; weights are larger than L2 in every case. Bandwidth
 
     python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep]
 
---sweep times every launch configuration of a small grid per shape and row count (the W4A16 kernel and the W8A8
-small-batch kernel) and prints the best next to the heuristic's choice.
+--sweep times every W4A16 launch configuration of a small grid per shape and row count and prints the best next
+to the heuristic's choice.
 """
 
 from __future__ import annotations
@@ -83,17 +83,6 @@ def sweep(x, q, k, n) -> tuple[float, tuple]:
     return best
 
 
-def sweep_w8a8(x, layer) -> tuple[float, tuple]:
-    best = (float("inf"), None)
-    for config in itertools.product([16, 32, 64], [128, 256, 512], [1, 2, 4, 8]):
-        try:
-            us = graph_time_us(lambda: w8a8.w8a8_linear(x, *layer, None, config=config))
-        except Exception:  # noqa: BLE001 - a config that does not compile is skipped
-            continue
-        best = min(best, (us, config))
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,16,64,256")
@@ -112,9 +101,6 @@ def main() -> None:
             if args.sweep and m <= wna16.FUSED_MAX_ROWS:
                 us, config = sweep(x, q, k, n)
                 print(row(f"w4a16 best {config}", us, k * n // 2, base))
-            if args.sweep and m <= w8a8.SMALL_MAX_ROWS:
-                us, config = sweep_w8a8(x, fp8)
-                print(row(f"fp8 w8a8 best {config}", us, k * n, base))
             print(row("fp8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, fp8[0], fp8[1], None)), k * n, base))
             print(row("  fp8 quantize (Triton)", graph_time_us(

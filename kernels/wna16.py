@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 FUSED_MAX_ROWS = 256
-_TARGET_PROGRAMS = 512
-_DECODE_BLOCK_N, _DECODE_BLOCK_K = 64, 128
+_TARGET_PROGRAMS = 1024
+_DECODE_BLOCK_N, _DECODE_BLOCK_K = 128, 256  # the best of bench/quant_kernels.py --sweep on an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -162,12 +162,12 @@ def _fused_config(m: int, k: int, n: int, group_size: int) -> tuple[int, int, in
     `_TARGET_PROGRAMS` programs read the weight: a decode GEMV of Llama-3.1-8B's o_proj has only 128 column tiles
     for 132 SMs, each SM wanting several tiles in flight."""
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = (1 if m == 1 else 16), _DECODE_BLOCK_N, _DECODE_BLOCK_K, 4, 4
+        block_m, block_n, block_k, warps, stages = (1 if m == 1 else 16), _DECODE_BLOCK_N, _DECODE_BLOCK_K, 4, 3
     else:
         block_m, block_n, block_k, warps, stages = 64, 64, 128, 4, 3
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     splits = 1
-    while tiles * splits * 2 <= _TARGET_PROGRAMS and k // (splits * 2) >= 4 * block_k:
+    while tiles * splits * 2 <= _TARGET_PROGRAMS and k // (splits * 2) >= 2 * block_k:
         splits *= 2
     return block_m, block_n, block_k, splits, warps, stages
 

@@ -1,12 +1,11 @@
-"""The CUDA 8-bit linears (kernels/w8a8.py: FP8 through torch._scaled_mm, INT8 through torch._int_mm, a Triton
-kernel for decode-sized batches) against `kernels.reference.w8a8_linear`, which quantizes the activations the same way
-and emulates the GEMM in float32. cuBLAS only runs on CUDA, so those cases are marked `gpu`; FP8 also needs compute
-capability 8.9. The Triton kernel also runs under the interpreter, on activations the reference quantized.
+"""The CUDA 8-bit linears (kernels/w8a8.py: FP8 through torch._scaled_mm, INT8 through torch._int_mm) against
+`kernels.reference.w8a8_linear`, which quantizes the activations the same way and emulates the GEMM in float32.
+cuBLAS only runs on CUDA, so every case is marked `gpu`; FP8 also needs compute capability 8.9.
 """
 
 import pytest
 import torch
-from test_kernels import CUDA, DEVICE, gpu
+from test_kernels import CUDA, gpu
 
 from kernels import reference
 
@@ -54,22 +53,3 @@ def test_weight_only_and_block_scales_dequantize():
         expected = torch.nn.functional.linear(x, reference.dequantize_w8(weight, block_scale).to(x.dtype))
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
-
-@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
-@pytest.mark.parametrize(("m", "bias", "config"), [(1, False, (32, 64, 2)), (3, True, (16, 32, 3)),
-                                                   (2, True, None)])
-def test_small_batch_kernel_sums_the_quantized_products(m, bias, config, wdtype):
-    """Forced (BLOCK_N, BLOCK_K, K splits), float32 output: the split partials and the scales are applied as the
-    reference applies them."""
-    if wdtype == torch.float8_e4m3fn and CUDA and not FP8_OK:
-        pytest.skip("float8 e4m3 needs compute capability 8.9")
-    from kernels import w8a8
-
-    n, k = 40, 160
-    weight, weight_scale = make_layer(n, k, wdtype, seed=m, device=DEVICE)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
-    b = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(DEVICE) if bias else None
-    q, scale = reference.quantize_activations(x, wdtype)
-    out = w8a8._small_gemm(q, scale, weight, weight_scale, b, torch.float32, config)
-    expected = reference.w8a8_linear(x, weight, weight_scale, None, b)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
