@@ -248,7 +248,10 @@ class Scheduler:
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
         """Penalties and multi-token bad words need every earlier output token on the host, a grammar's next
         bitmask needs the token before it, and verified drafts change how many tokens a request has, so a batch
-        using any of them is completed before the next step is scheduled."""
+        using any of them is completed before the next step is scheduled; so is every batch a draft model drafts
+        for, since a request with a token pending gets no drafts."""
+        if self.drafter is not None and self.drafter.drafts_in_runner:
+            return False
         return not any(item.samples and (item.request.sampling_params.needs_output_history
                                          or item.request.grammar is not None or item.drafts)
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
