@@ -169,3 +169,23 @@ def test_bad_draft_configs_name_the_key(tiny_model, tmp_path):
     assert config.speculative_config.method == "draft_model"  # vLLM's inference from `model`
     with pytest.raises(EngineConfigError, match="tensor_parallel_size 1"):
         EngineConfig(model=model_dir, tensor_parallel_size=2, speculative_config=spec(model_dir))
+
+
+def test_break_even_acceptance():
+    from bench.latency import break_even_acceptance
+
+    golden = (5 ** 0.5 - 1) / 2  # 1 + a + a^2 = 2
+    assert abs(break_even_acceptance(2.0, 2) - golden) < 1e-9
+    assert break_even_acceptance(1.0, 4) == 0.0 and break_even_acceptance(3.0, 2) is None
+
+
+def test_bench_draft_model_smoke(tmp_path):
+    from tests.test_bench_smoke import run_bench
+
+    result = run_bench("latency.py", tmp_path, "--iters", "1", "--input-len", "16", "--output-len", "6",
+                       "--speculative", "draft:tiny-llama:2")
+    spec = result["speculative"]
+    assert spec["verified_step_ms"] > 0 and spec["decode_step_ms"] > 0
+    assert abs(spec["cost_ratio"] - spec["verified_step_ms"] / spec["decode_step_ms"]) < 1e-9
+    even = spec["break_even_acceptance"]
+    assert (even is None) == (spec["cost_ratio"] >= 3) and (even is None or 0 <= even < 1)
