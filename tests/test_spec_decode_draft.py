@@ -189,3 +189,18 @@ def test_bench_draft_model_smoke(tmp_path):
     assert abs(spec["cost_ratio"] - spec["verified_step_ms"] / spec["decode_step_ms"]) < 1e-9
     even = spec["break_even_acceptance"]
     assert (even is None) == (spec["cost_ratio"] >= 3) and (even is None or 0 <= even < 1)
+
+
+def test_yaml_speculative_draft_model(tiny_model, tmp_path):
+    """The YAML key `speculative` takes the draft keys; a bad draft is refused naming its key under the model."""
+    from tests.test_config import error, model, parse
+
+    draft = draft_of(tiny_model, "llama")
+    spec_yaml = parse(model(f"speculative: {{model: {draft}, num_speculative_tokens: 2}}")).models[0]
+    speculative = spec_yaml.to_engine_config("/m").speculative_config
+    assert (speculative.method, speculative.model, speculative.num_speculative_tokens) == ("draft_model", draft, 2)
+    missing = tmp_path / "missing"
+    assert "models[0].speculative.model: no model folder" in error(
+        model(f"speculative: {{model: {missing}, num_speculative_tokens: 2}}"))
+    assert "models[0].speculative.draft_tensor_parallel_size" in error(
+        model(f"speculative: {{model: {draft}, num_speculative_tokens: 2, draft_tensor_parallel_size: 2}}"))
