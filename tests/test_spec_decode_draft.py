@@ -20,8 +20,8 @@ from tests.test_spec_decode_sampling import MIN_P_VALUE, VOCAB, chi_square_p_val
 
 
 def draft_of(tiny_model, family: str, **overrides) -> str:
-    """A smaller random model of the family on the same tokenizer (one layer fewer, another seed's weights are
-    not reachable through the fixture, so the layer count alone makes it differ)."""
+    """A smaller model of the family on the same tokenizer: fewer layers (the fixture builds every model from one
+    seed, so the missing layers are what makes its drafts differ from the target's)."""
     layers = 2 if family == "gemma2" else 1
     return tiny_model(family, num_hidden_layers=layers, max_position_embeddings=256, **overrides)
 
