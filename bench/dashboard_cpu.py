@@ -48,7 +48,7 @@ def measure(base_url: str, pid: int, admin_key: str, seconds: float, baseline_s:
             page.goto(f"{base_url}/ui")
             page.fill("#key", admin_key)
             page.click("button[type=submit]")
-            wait_until(page, "window.kvbox.updates > 1 && window.kvboxLogs.polls > 0")
+            page.wait_for_function("() => window.kvbox.updates > 1 && window.kvboxLogs.polls > 0")
             updates = page.evaluate("window.kvbox.updates")
             # The page's timers run while the browser waits (sleeping here would suspend no page, but play safe).
             dashboard = cpu_share(pid, seconds, lambda s: page.wait_for_timeout(s * 1000))
@@ -58,15 +58,6 @@ def measure(base_url: str, pid: int, admin_key: str, seconds: float, baseline_s:
             browser.close()
     return {"idle_cpu_share": idle, "dashboard_cpu_share": dashboard, "dashboard_cost": dashboard - idle,
             "seconds": seconds, "baseline_seconds": baseline_s, "page_updates": updates, "page_mode": mode}
-
-
-def wait_until(page, condition: str, timeout_s: float = 30) -> None:
-    """Polls a condition from here: the page's Content-Security-Policy refuses wait_for_function's eval."""
-    deadline = time.monotonic() + timeout_s
-    while not page.evaluate(f"Boolean({condition})"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the page never got to {condition}")
-        page.wait_for_timeout(100)
 
 
 def example_config(model_dir: str) -> dict:
