@@ -21,12 +21,12 @@ from litestar.testing import TestClient
 from appliance.app import create_app
 from appliance.config import parse_config
 from appliance.log_pipe import PipeHandler, forward_engine_logs, open_pipe
-from appliance.log_ring import REDACTED, LogRing, RingHandler, secret_values
+from appliance.log_ring import LogRing, RingHandler, secret_values
 from appliance.supervisor import Supervisor
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, API_KEY, ROOT, model_config, run_server, server_config  # noqa: E402
-from test_dashboard import _browser_or_skip, CHROMIUM  # noqa: E402
+from helpers_server import ADMIN_KEY, API_KEY, ROOT, model_config, run_server, server_config
+from test_dashboard import CHROMIUM, _browser_or_skip
 
 pytest_plugins = ["helpers_server"]
 

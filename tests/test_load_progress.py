@@ -3,13 +3,13 @@ in both cases a log line with the totals."""
 
 import io
 import logging
+from pathlib import Path
 
 import torch
-from pathlib import Path
 from safetensors import safe_open
 
-from engine.kv_memory import KVMemory
 from engine.config import EngineConfig
+from engine.kv_memory import KVMemory
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 
@@ -32,14 +32,14 @@ def test_a_terminal_sees_bars_and_the_log_the_totals(tiny_model, monkeypatch, ca
     path = tiny_model("llama")
     terminal = Terminal()
     with caplog.at_level(logging.INFO, logger="kvbox.engine"):
-        model, kv = load(path, terminal, monkeypatch)
+        model, _ = load(path, terminal, monkeypatch)
     with safe_open(next(Path(path).glob("*.safetensors")), framework="pt") as checkpoint:
-        tensors = [checkpoint.get_tensor(name) for name in checkpoint.keys()]
+        tensors = [checkpoint.get_tensor(name) for name in checkpoint.keys()]  # noqa: SIM118 - safe_open is no dict
     num_bytes = sum(t.numel() * t.element_size() for t in tensors)
     shown = terminal.getvalue()  # a fast load shows its bars' start; they are cleared when done
     assert f"loading {Path(path).name}:" in shown and f"0/{len(tensors)} [" in shown and "tensor/s" in shown, shown
     num_layers = len(model.attention_layers())
-    assert f"allocating the KV cache:   0%|" in shown and f"0/{num_layers} [" in shown, shown
+    assert "allocating the KV cache:   0%|" in shown and f"0/{num_layers} [" in shown, shown
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
     assert line.startswith(f"read {len(tensors)} tensors ({num_bytes / 2**30:.2f} GiB) from {path} in ")
     assert all(layer.kv_cache.shape[1] == 8 for layer in model.attention_layers())

@@ -52,20 +52,18 @@ def resolve_paths(config: AppConfig, base: Path, source: str, errors: list[Confi
     """Local paths made absolute; a path that cannot be used is added to `errors` and left as written."""
     replace = msgspec.structs.replace
 
-    def resolved(value: str, resolve: Callable[[], str]) -> str:
+    def resolved(value: str, where: str, allow_files: bool) -> str:
         try:
-            return resolve()
+            return _resolve_source(value, base, where, source, allow_files)
         except ConfigError as e:
             errors.append(e)
             return value
 
     models = []
     for i, m in enumerate(config.models):
-        changes: dict[str, Any] = {"source": resolved(m.source, lambda: _resolve_source(
-            m.source, base, f"models[{i}].source", source, True))}
+        changes: dict[str, Any] = {"source": resolved(m.source, f"models[{i}].source", True)}
         if m.tokenizer is not None:
-            changes["tokenizer"] = resolved(m.tokenizer, lambda: _resolve_source(
-                m.tokenizer, base, f"models[{i}].tokenizer", source, False))
+            changes["tokenizer"] = resolved(m.tokenizer, f"models[{i}].tokenizer", False)
         if m.chat_template is not None and m.chat_template.endswith(".jinja"):
             template = _local(m.chat_template, base)
             if template.is_file():
@@ -90,14 +88,14 @@ def check(config: AppConfig, source: str) -> list[ConfigError]:
             raise ConfigError(source, path, f"duplicate {kind} name {name!r} (also {claimed[name]})")
         claimed[name] = path
 
-    def run(check_one: Callable[[], None]) -> None:
+    def run(check_one: Callable[..., None], *args) -> None:
         try:
-            check_one()
+            check_one(*args)
         except ConfigError as e:
             errors.append(e)
 
     for i, m in enumerate(config.models):
-        run(lambda: claim(m.name, f"models[{i}].name", "model"))
+        run(claim, m.name, f"models[{i}].name", "model")
     for i, m in enumerate(config.models):
         at = f"models[{i}]"
 
@@ -106,13 +104,13 @@ def check(config: AppConfig, source: str) -> list[ConfigError]:
 
         for check_model in (_check_engine_options, _check_quantization, _check_gpus, _check_tensor_split,
                             _check_lora):
-            run(lambda: check_model(m, fail))
+            run(check_model, m, fail)
         for j, adapter in enumerate(m.lora.adapters):
-            run(lambda: claim(adapter.name, f"{at}.lora.adapters[{j}].name", "adapter"))
+            run(claim, adapter.name, f"{at}.lora.adapters[{j}].name", "adapter")
         defaults = m.default_sampling
         if defaults and defaults.max_tokens is not None and defaults.max_tokens > config.server.max_tokens:
-            run(lambda: fail("default_sampling.max_tokens",
-                             f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})"))
+            run(fail, "default_sampling.max_tokens",
+                f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
     return errors
 
 

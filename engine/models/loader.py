@@ -25,9 +25,9 @@ from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
+from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.methods import linear_method_for
-from engine.progress import progress
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 logger = logging.getLogger("kvbox.engine")
