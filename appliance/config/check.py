@@ -16,7 +16,7 @@ import msgspec
 
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
-from engine.config import EngineConfigError
+from engine.config import EngineConfigError, check_tensor_parallel_split
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -166,18 +166,16 @@ def _checkpoint_config(m: ModelSpec) -> dict:
 
 
 def _check_tensor_split(m: ModelSpec, fail: Fail) -> None:
-    """The engine's rule (`engine.core`), known before any weight is read: each rank an equal share of the heads and
-    of the MLP; KV heads divided among, or replicated over, the ranks."""
+    """The engine's rule, known before any weight is read."""
     size, hf = m.parallelism.tensor, _checkpoint_config(m)
-    heads = hf.get("num_attention_heads")
+    heads, kv_heads, mlp = hf.get("num_attention_heads"), hf.get("num_key_value_heads"), hf.get("intermediate_size")
     if size == 1 or not isinstance(heads, int):
         return
-    for what, count in (("attention heads", heads), ("MLP features (intermediate_size)", hf.get("intermediate_size"))):
-        if isinstance(count, int) and count % size:
-            fail("parallelism.tensor", f"{size} does not divide the model's {count} {what}")
-    kv_heads = hf.get("num_key_value_heads") or heads
-    if size % kv_heads if size > kv_heads else kv_heads % size:
-        fail("parallelism.tensor", f"{size} neither divides nor is a multiple of the model's {kv_heads} KV heads")
+    try:
+        check_tensor_parallel_split(size, heads, kv_heads if isinstance(kv_heads, int) else heads,
+                                    mlp if isinstance(mlp, int) else None)
+    except EngineConfigError as e:
+        fail("parallelism.tensor", e.problem)
 
 
 def _check_lora(m: ModelSpec, fail: Fail) -> None:
