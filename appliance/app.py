@@ -18,7 +18,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from appliance import admin, admin_fleet
+from appliance import admin, admin_fleet, admin_logs
 from appliance.access_log import access_log_middleware
 from appliance.auth import require_api_key
 from appliance.config import AppConfig
@@ -68,7 +68,8 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
             stats.on_step(model_name, replica_index, message)
 
         supervisor.on_step = on_step
-        routes += [*admin.STATS_ROUTES, ui_router(config.ui.path)]
+        admin_logs.attach_ring(config)  # the log view's ring, fed by this process and the engine processes
+        routes += [*admin.STATS_ROUTES, *admin_logs.ROUTES, ui_router(config.ui.path)]
     # The supervisor and the statistics also on their own: the API-key guard and the dashboard read them.
     state = {"supervisor": supervisor, "serving": serving, "stats": serving.stats}
     origins = config.server.cors.allow_origins
@@ -89,4 +90,5 @@ def create_app(config: AppConfig, supervisor: Supervisor) -> Litestar:
 
 def _quiet_paths(config: AppConfig) -> frozenset[str]:
     """Monitoring that polls: kept out of the access log unless it fails."""
-    return frozenset({config.metrics.path, "/health", "/ready", "/admin/stats", "/admin/stats/stream"})
+    return frozenset({config.metrics.path, "/health", "/ready", "/admin/stats", "/admin/stats/stream",
+                      admin_logs.LOGS_PATH})

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 
-from appliance import ipc
+from appliance import ipc, log_pipe
 from engine import contract
 from appliance.engines import EngineDeadError, EnginePlan, EngineStartError, OutputSink
 from engine.contract import LoraInfo
@@ -190,6 +190,7 @@ class ProcessEngineClient(EngineClientBase):
         self._channel: ipc.AsyncChannel | None = None
         self._last_heard = time.monotonic()
         self._watchdog: asyncio.Task | None = None
+        self._log_forwarder: asyncio.Task | None = None
 
     @property
     def pid(self) -> int | None:
@@ -202,9 +203,19 @@ class ProcessEngineClient(EngineClientBase):
     async def launch(self) -> None:
         """Starts the process and sends it its config: it imports and builds while the caller goes on."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.engine_process", str(child_sock.fileno()),
-            pass_fds=(child_sock.fileno(),), env={**os.environ, **self.plan.env}, start_new_session=False)
+        log_read, log_write = log_pipe.open_pipe()  # its log lines, for the dashboard's log view
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "appliance.engine_process", str(child_sock.fileno()),
+                pass_fds=(child_sock.fileno(), log_write), start_new_session=False,
+                env={**os.environ, **self.plan.env, log_pipe.ENV_FD: str(log_write)})
+        except BaseException:
+            os.close(log_read)
+            raise
+        finally:
+            os.close(log_write)
+        self._log_forwarder = asyncio.create_task(log_pipe.forward_engine_logs(
+            log_read, f"{self.name}[{self.replica}]"), name=f"engine-logs-{self.name}-{self.replica}")
         child_sock.close()
         self._channel = await ipc.AsyncChannel.open(parent_sock)
         self._channel.send(contract.StartEngine(self.plan.engine_config))

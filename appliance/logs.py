@@ -2,7 +2,9 @@
 JSON lines (`--log-format json`) for log shippers.
 
 The server's choice reaches the engine processes through the environment (`KVBOX_LOG_FORMAT`, `KVBOX_LOG_LEVEL`),
-which they inherit, so that `configure_logging()` with no arguments there formats alike.
+which they inherit, so that `configure_logging()` with no arguments there formats alike. An engine process also
+sends its records to the server's log ring (the dashboard's log view) through the pipe that `KVBOX_LOG_FD` names
+(`appliance.log_pipe`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import time
+
+from appliance.log_pipe import ENV_FD, PipeHandler
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
@@ -42,6 +46,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if (fd := os.environ.pop(ENV_FD, None)) is not None:  # popped: the engine's own children have no such pipe
+        root.addHandler(PipeHandler(int(fd)))
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

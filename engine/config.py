@@ -206,3 +206,15 @@ def engine_default(name: str) -> Any:
     if default is MISSING:
         raise KeyError(f"{name} has no default")
     return default
+
+
+def check_tensor_parallel_split(size: int, num_heads: int, num_kv_heads: int, intermediate_size: int | None) -> None:
+    """Every rank holds an equal share of the heads and of the MLP (the vocabulary may split unevenly); KV heads are
+    divided among the ranks, or each replicated over several. Checked by the engine on the model it loads and, before
+    anything starts, by the config loader on a local checkpoint's config.json."""
+    for what, count in (("attention heads", num_heads), ("MLP features (intermediate_size)", intermediate_size)):
+        if count is not None and count % size:
+            raise EngineConfigError("tensor_parallel_size", f"{size} does not divide the model's {count} {what}")
+    if size % num_kv_heads if size > num_kv_heads else num_kv_heads % size:
+        raise EngineConfigError("tensor_parallel_size", f"{size} neither divides nor is a multiple of the model's "
+                                                        f"{num_kv_heads} KV heads")

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from engine.config import EngineConfig, EngineConfigError
+from engine.config import EngineConfig, check_tensor_parallel_split
 from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
@@ -59,15 +59,7 @@ def _timed(what: str):
 
 
 def _check_tensor_parallel_split(model_config: ModelConfig, size: int) -> None:
-    """Every rank holds an equal share of the heads and of the MLP (the vocabulary may split unevenly)."""
-    for what, count in (("attention heads", model_config.num_heads),
-                        ("MLP features (intermediate_size)", model_config.intermediate_size)):
-        if count % size:
-            raise EngineConfigError("tensor_parallel_size", f"{size} does not divide the model's {count} {what}")
-    num_kv_heads = model_config.num_kv_heads
-    if (size % num_kv_heads if size > num_kv_heads else num_kv_heads % size):
-        raise EngineConfigError("tensor_parallel_size", f"{size} neither divides nor is a multiple of the model's "
-                                                        f"{num_kv_heads} KV heads")
+    check_tensor_parallel_split(size, model_config.num_heads, model_config.num_kv_heads, model_config.intermediate_size)
 
 
 def sample_request_id(parent_id: str, index: int, n: int) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.models.config import ModelConfig
+from engine.progress import progress
 
 
 class KVMemory:
@@ -56,9 +57,11 @@ class KVMemory:
         useful = self.config.max_num_seqs * self.max_blocks_per_seq
         return min(useful, DEFAULT_CPU_KV_BYTES // self.bytes_per_block)
 
-    def allocate(self, num_blocks: int) -> None:
+    def allocate(self, num_blocks: int, show_progress: bool = True) -> None:
         self.num_blocks = num_blocks
-        for layer in self.model.attention_layers():
+        layers = self.model.attention_layers()
+        # The engine logs the cache's totals once it is allocated.
+        for layer in progress(layers, "allocating the KV cache", "layer", len(layers)) if show_progress else layers:
             layer.kv_cache = torch.zeros((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size),
                                          dtype=self.model_config.dtype, device=self.device)
         if self.draft is not None:
@@ -81,7 +84,7 @@ class KVMemory:
             num_blocks = -(-n // self.block_size)
             tables.append(list(range(start, start + num_blocks)))
             start += num_blocks
-        self.allocate(start)
+        self.allocate(start, show_progress=False)
         return lengths, tables
 
     def _profile_gpu_budget(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:

@@ -78,3 +78,38 @@ def test_json_lines_carry_the_structured_fields():
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "a line" and entry["level"] == "info" and entry["logger"] == "kvbox.access"
     assert entry["request_id"] == "r1" and entry["status"] == 200 and entry["time"].endswith("Z")
+
+
+def test_check_config_reports_every_error_in_one_run(tmp_path, capsys):
+    """Schema errors and cross-field ones (paths, names, the tensor split against the checkpoint's heads) of one
+    file, each under its key path, in one run; a key the schema refused raises no echo from the later checks."""
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}))
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+server: {{port: 70000, max_tokens: 100}}
+models:
+  - {{name: twin, source: {checkpoint}, parallelism: {{tensor: 3}}, colour: blue}}
+  - name: twin
+    source: ./no-such-model
+    default_sampling: {{max_tokens: 500}}
+    lora: {{enabled: true, allowed_dirs: [./no-such-adapters]}}
+  - {{name: third, source: {checkpoint}, lora: {{enabled: maybe, adapters: [{{name: a, path: {checkpoint}}}]}}}}
+""")
+    assert main(["check-config", str(path)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = {
+        "server.port": "expected an integer <= 65535, got 70000",
+        "models[0].colour": "unknown key",
+        "models[2].lora.enabled": "expected a boolean",
+        "models[1].source": "does not exist",
+        "models[1].name": "duplicate model name 'twin' (also models[0].name)",
+        "models[0].parallelism.tensor": "3 does not divide the model's 4 attention heads",
+        "models[1].default_sampling.max_tokens": "500 is above server.max_tokens (100)",
+        "models[1].lora.allowed_dirs[0]": "no such folder",
+    }
+    assert len(lines) == len(expected), lines
+    for key, problem in expected.items():
+        assert any(line.startswith(f"{path}: {key}: ") and problem in line for line in lines), (key, lines)

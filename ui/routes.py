@@ -4,7 +4,9 @@ The page is rendered on the server by a sandboxed, autoescaping jinja2 environme
 `GET /admin/stats` returns, embedded as JSON; `static/dashboard.js` then keeps it live from
 `GET /admin/stats/stream` (server-sent events), falling back to polling `GET /admin/stats`. The LoRA card loads and
 unloads adapters through the admin API (`/admin/models/{model}/loras`) with the session cookie and the
-`X-Kvbox-Dashboard: 1` header that cookie-authenticated changes need. No build step, no CDN:
+`X-Kvbox-Dashboard: 1` header that cookie-authenticated changes need. The log view (`static/logs.js`) polls
+`GET /admin/logs` the same way; the playground (`static/playground.js`) calls the public API with the key the
+operator types into it (the session cookie opens no `/v1` route). No build step, no CDN:
 the assets are the files in `static/`, served from the installed package. This module knows the stats' shape, not
 the engine: it reads `app.state.stats` (the appliance's `StatsHub`) and the supervisor's redacted config.
 
@@ -33,6 +35,8 @@ from appliance.errors import APIError
 from ui import session
 
 STATS_PATH = "/admin/stats"
+LOGS_PATH = "/admin/logs"  # the log view (static/logs.js)
+CHAT_PATH = "/v1/chat/completions"  # the playground (static/playground.js), with the key the operator types
 STREAM_PATH = "/admin/stats/stream"
 LORAS_PATH = "/admin/models/{model}/loras"  # the LoRA card's load (POST) and, + "/{name}", unload (DELETE)
 FAILED_LOGIN_DELAY_S = 0.5  # slows down guessing; the keys themselves should be long and random
@@ -91,7 +95,8 @@ def ui_router(path: str) -> Router:
         boot = {"stats_url": STATS_PATH, "stream_url": STREAM_PATH, "login_url": f"{base}/login",
                 "loras_url": LORAS_PATH, "csrf_header": session.CSRF_HEADER, "snapshot": snapshot}
         return page("dashboard.html", models=snapshot["models"], configs=configs, boot=boot,
-                    can_logout=allowed == "ok" and session.has_session(request))
+                    can_logout=allowed == "ok" and session.has_session(request), logs_url=LOGS_PATH,
+                    playground=_playground(request.app.state.supervisor.config, snapshot))
 
     @get("/login", opt=_SELF, sync_to_thread=False, include_in_schema=False)
     def login_form(request: Request) -> Response:
@@ -129,3 +134,11 @@ def ui_router(path: str) -> Router:
             "Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"})
 
     return Router(path=base or "/", route_handlers=[dashboard, login_form, login, logout, static])
+
+
+def _playground(config, snapshot: dict) -> dict:
+    """What the playground can chat with (generating models and their adapters) and whether it needs an API key."""
+    generating = {m.name for m in config.models if m.task == "generate"}
+    names = [name for m in snapshot["models"] if m["name"] in generating
+             for name in (m["name"], *(a["name"] for a in m["lora"].get("adapters", ())))]
+    return {"models": names, "chat_url": CHAT_PATH, "needs_key": bool(config.server.api_keys or config.server.admin_keys)}

@@ -16,7 +16,7 @@ import msgspec
 
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
-from engine.config import EngineConfigError
+from engine.config import EngineConfigError, check_tensor_parallel_split
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,18 +48,28 @@ def _resolve_source(value: str, base: Path, where: str, source: str, allow_files
     raise ConfigError(source, where, f"{str(local)!r} does not exist (and {value!r} is no Hugging Face repo id)")
 
 
-def resolve_paths(config: AppConfig, base: Path, source: str) -> AppConfig:
+def resolve_paths(config: AppConfig, base: Path, source: str, errors: list[ConfigError]) -> AppConfig:
+    """Local paths made absolute; a path that cannot be used is added to `errors` and left as written."""
     replace = msgspec.structs.replace
+
+    def resolved(value: str, where: str, allow_files: bool) -> str:
+        try:
+            return _resolve_source(value, base, where, source, allow_files)
+        except ConfigError as e:
+            errors.append(e)
+            return value
+
     models = []
     for i, m in enumerate(config.models):
-        changes: dict[str, Any] = {"source": _resolve_source(m.source, base, f"models[{i}].source", source, True)}
+        changes: dict[str, Any] = {"source": resolved(m.source, f"models[{i}].source", True)}
         if m.tokenizer is not None:
-            changes["tokenizer"] = _resolve_source(m.tokenizer, base, f"models[{i}].tokenizer", source, False)
+            changes["tokenizer"] = resolved(m.tokenizer, f"models[{i}].tokenizer", False)
         if m.chat_template is not None and m.chat_template.endswith(".jinja"):
             template = _local(m.chat_template, base)
-            if not template.is_file():
-                raise ConfigError(source, f"models[{i}].chat_template", f"no such file {str(template)!r}")
-            changes["chat_template"] = str(template)
+            if template.is_file():
+                changes["chat_template"] = str(template)
+            else:
+                errors.append(ConfigError(source, f"models[{i}].chat_template", f"no such file {str(template)!r}"))
         changes["lora"] = replace(
             m.lora, allowed_dirs=tuple(str(_local(d, base)) for d in m.lora.allowed_dirs),
             adapters=tuple(replace(a, path=str(_local(a.path, base))) for a in m.lora.adapters))
@@ -67,7 +77,9 @@ def resolve_paths(config: AppConfig, base: Path, source: str) -> AppConfig:
     return replace(config, models=tuple(models))
 
 
-def check(config: AppConfig, source: str) -> None:
+def check(config: AppConfig, source: str) -> list[ConfigError]:
+    """Every problem that spans fields or models; each check stops at its own first problem, the others go on."""
+    errors: list[ConfigError] = []
     # Clients pick models and adapters by the same `model` field, so all their names share one namespace.
     claimed: dict[str, str] = {}
 
@@ -76,24 +88,30 @@ def check(config: AppConfig, source: str) -> None:
             raise ConfigError(source, path, f"duplicate {kind} name {name!r} (also {claimed[name]})")
         claimed[name] = path
 
+    def run(check_one: Callable[..., None], *args) -> None:
+        try:
+            check_one(*args)
+        except ConfigError as e:
+            errors.append(e)
+
     for i, m in enumerate(config.models):
-        claim(m.name, f"models[{i}].name", "model")
+        run(claim, m.name, f"models[{i}].name", "model")
     for i, m in enumerate(config.models):
         at = f"models[{i}]"
 
-        def fail(key: str, problem: str) -> NoReturn:
+        def fail(key: str, problem: str, at: str = at) -> NoReturn:
             raise ConfigError(source, f"{at}.{key}", problem)
 
-        _check_engine_options(m, fail)
-        _check_quantization(m, fail)
-        _check_gpus(m, fail)
-        _check_lora(m, fail)
+        for check_model in (_check_engine_options, _check_quantization, _check_gpus, _check_tensor_split,
+                            _check_lora):
+            run(check_model, m, fail)
         for j, adapter in enumerate(m.lora.adapters):
-            claim(adapter.name, f"{at}.lora.adapters[{j}].name", "adapter")
+            run(claim, adapter.name, f"{at}.lora.adapters[{j}].name", "adapter")
         defaults = m.default_sampling
         if defaults and defaults.max_tokens is not None and defaults.max_tokens > config.server.max_tokens:
-            fail("default_sampling.max_tokens",
-                 f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
+            run(fail, "default_sampling.max_tokens",
+                f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
+    return errors
 
 
 def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
@@ -137,11 +155,39 @@ def _check_gpus(m: ModelSpec, fail: Fail) -> None:
                                         f"parallelism can be above 1")
 
 
+def _checkpoint_config(m: ModelSpec) -> dict:
+    """A local checkpoint's config.json (its text model's part, for multimodal ones); {} for anything else."""
+    config_file = Path(m.source) / "config.json"
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # the engine reports an unreadable checkpoint, with its own words
+    return config.get("text_config", config) if isinstance(config, dict) else {}
+
+
+def _check_tensor_split(m: ModelSpec, fail: Fail) -> None:
+    """The engine's rule, known before any weight is read."""
+    size, hf = m.parallelism.tensor, _checkpoint_config(m)
+    heads, kv_heads, mlp = hf.get("num_attention_heads"), hf.get("num_key_value_heads"), hf.get("intermediate_size")
+    if size == 1 or not isinstance(heads, int):
+        return
+    try:
+        check_tensor_parallel_split(size, heads, kv_heads if isinstance(kv_heads, int) else heads,
+                                    mlp if isinstance(mlp, int) else None)
+    except EngineConfigError as e:
+        fail("parallelism.tensor", e.problem)
+
+
 def _check_lora(m: ModelSpec, fail: Fail) -> None:
     lora = m.lora
     if lora.adapters and not lora.enabled:
         fail("lora.enabled", "adapters are listed but LoRA is not enabled")
+    for k, folder in enumerate(lora.allowed_dirs):
+        if not os.path.isdir(folder):
+            fail(f"lora.allowed_dirs[{k}]", f"no such folder {folder!r}")
     for j, adapter in enumerate(lora.adapters):
+        if lora.is_allowed_path(adapter.path) and not os.path.isdir(adapter.path):
+            fail(f"lora.adapters[{j}].path", f"no such folder {adapter.path!r}")
         if not lora.is_allowed_path(adapter.path):
             real = os.path.realpath(adapter.path)
             shown = f"{adapter.path!r}" + (f" (resolves to {real!r})" if real != adapter.path else "")

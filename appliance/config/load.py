@@ -48,10 +48,19 @@ def parse_config(text: str, source_name: str = "<string>", base_dir: str | Path 
     if not isinstance(data, dict):
         raise ConfigError(source_name, "", f"expected a mapping of keys at the top level, got {_kind(data)}")
     data = _substitute_env(data, (), source_name)
-    config = _convert(data, source_name)
-    config = resolve_paths(config, Path(base_dir or os.getcwd()).absolute(), source_name)
-    check(config, source_name)
+    config, errors = _convert(data, source_name)
+    if config is not None:  # the checks that span fields run too, on what the schema accepted
+        config = resolve_paths(config, Path(base_dir or os.getcwd()).absolute(), source_name, errors)
+        # A key the schema refused stands at its default here: checks on it would only echo that error.
+        refused = [e.key_path for e in errors]
+        errors += [e for e in check(config, source_name) if not any(_under(e.key_path, k) for k in refused)]
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return config
+
+
+def _under(key_path: str, parent: str) -> bool:
+    return key_path == parent or key_path.startswith((parent + ".", parent + "["))
 
 
 # --- YAML --------------------------------------------------------------------------------------------------------
@@ -114,27 +123,22 @@ def _substitute_env(value: Any, path: tuple, source: str) -> Any:
 _MAX_ERRORS = 50
 
 
-def _convert(data: dict, source: str) -> AppConfig:
+def _convert(data: dict, source: str) -> tuple[AppConfig | None, list[ConfigError]]:
     """The file against the schema. msgspec stops at the first error; to report them all, each failing key is
-    dropped (its default applies) and the conversion retried, until it passes or a key cannot be dropped (a
-    required one, a list item)."""
+    dropped (its default applies) and the conversion retried, until it passes (the config of the keys that passed,
+    and the errors) or a key cannot be dropped (a required one, a list item: no config)."""
     errors: list[ConfigError] = []
     while True:
         try:
             # Lax mode lets numbers and booleans arrive as strings, which is all `${VAR}` can produce.
-            config = msgspec.convert(data, AppConfig, strict=False)
+            return msgspec.convert(data, AppConfig, strict=False), errors
         except msgspec.ValidationError as e:
             error = _translate(e, data, source)
             if any(error.key_path == seen.key_path for seen in errors):
-                break  # a required key this loop dropped: already reported
+                return None, errors  # a required key this loop dropped: already reported
             errors.append(error)
             if len(errors) >= _MAX_ERRORS or not _drop(data, _error_path(e)):
-                break
-        else:
-            if not errors:
-                return config
-            break
-    raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+                return None, errors
 
 
 def _error_path(error: msgspec.ValidationError) -> tuple:

@@ -11,7 +11,9 @@ unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,9 +25,12 @@ from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
+from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.methods import linear_method_for
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
+
+logger = logging.getLogger("kvbox.engine")
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _INDEX_FILE = "model.safetensors.index.json"
@@ -54,7 +59,11 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         _fill_dummy(model)
     else:
         source = resolve_model_source(path)
-        model.load_weights(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
+        counter = _TensorCounter(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
+        total = None if is_gguf(source) else _num_tensors(source)
+        model.load_weights(progress(counter, f"loading {Path(source).name}", "tensor", total))
+        logger.info("read %d tensors (%.2f GiB) from %s in %.1f s", counter.num_tensors, counter.num_bytes / 2**30,
+                    source, time.perf_counter() - counter.start)
     for module in model.modules():
         if hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)
@@ -116,6 +125,28 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             except SafetensorError as e:
                 raise ValueError(f"{file}: tensor {name!r} is unreadable ({e}); is the checkpoint complete?") from None
             yield name, tensor
+
+
+class _TensorCounter:
+    """Passes the checkpoint's (name, tensor) pairs on, counting them and their bytes for the log line."""
+
+    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]):
+        self.tensors, self.num_tensors, self.num_bytes = tensors, 0, 0
+        self.start = time.perf_counter()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.tensors:
+            self.num_tensors += 1
+            self.num_bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+
+def _num_tensors(path: str | Path) -> int | None:
+    """How many tensors the safetensors files hold (their headers only), for the bar's total."""
+    try:
+        return sum(len(safe_open(file, framework="pt", device="cpu").keys()) for file in safetensors_files(path))
+    except (OSError, ValueError, SafetensorError):
+        return None  # iter_safetensors reports the problem
 
 
 @contextmanager
