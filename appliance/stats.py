@@ -310,7 +310,8 @@ class StatsHub:
             },
             "kv": self._kv_snapshot(model, reported),
             **_rates_snapshot(model, stats, now),
-            "pooling": model.pooling.snapshot(model.history, now, int(now) - RATE_WINDOW_S + 1, range_s),
+            "pooling": None if spec.task == "generate" else model.pooling.snapshot(
+                model.history, now, int(now) - RATE_WINDOW_S + 1, range_s),
             "totals": {
                 "prompt_tokens": model.num_prompt_tokens,
                 "generation_tokens": model.num_generation_tokens,
