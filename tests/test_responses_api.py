@@ -217,11 +217,16 @@ def test_logprobs_equal_chats_and_stream_carries_them(client):
     assert all(len(lp.top_logprobs) == 3 for lp in part.logprobs) and whole.top_logprobs == 3
     assert client.responses.create(**kwargs).output[0].content[0].logprobs == []  # not included: none
 
-    events = _validated(client.responses.create(**kwargs, **LOGPROBS, stream=True))
-    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
-    (done,) = [e for e in events if e.type == "response.output_text.done"]
-    final = events[-1].response.output[0].content[0]
-    assert _pairs(deltas) == _pairs(done.logprobs) == _pairs(final.logprobs) == _pairs(part.logprobs)
+    # streamed, the text deltas carry them all; also with a stop string, whose held-back tokens never show as text
+    stop = part.text[len(part.text) // 2:][:3]
+    for extra in ({}, {"extra_body": {"stop": [stop]}}):
+        whole = client.responses.create(**kwargs, **LOGPROBS, **extra).output[0].content[0]
+        events = _validated(client.responses.create(**kwargs, **LOGPROBS, **extra, stream=True))
+        deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+        (done,) = [e for e in events if e.type == "response.output_text.done"]
+        final = events[-1].response.output[0].content[0]
+        assert _pairs(deltas) == _pairs(done.logprobs) == _pairs(final.logprobs) == _pairs(whole.logprobs)
+        assert final.text == whole.text and (not extra or len(whole.text) < len(part.text))
 
 
 def _replay(client, response_id, **kwargs):
