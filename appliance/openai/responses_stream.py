@@ -8,7 +8,8 @@ between response.output_item.added and response.output_item.done; then response.
 max_output_tokens cut it short). A failure mid-stream sends an `error` event and response.failed. With
 `include: ["message.output_text.logprobs"]` each output_text delta carries the logprobs of the tokens behind it
 (tokens whose text is held back travel with the next text delta; the end-of-text token's with an empty last delta),
-and the done events and the final output_text part all of them.
+and the done events and the final output_text part all of them; a reasoning or tool-call delta's tokens are not the
+message's. (Not streamed, the output_text part carries every generated token's, reasoning and calls too, as vLLM's.)
 
 `GET /v1/responses/{id}?stream=true` replays a stored response as the same events (`replay`), one delta per item.
 
@@ -63,9 +64,8 @@ class ResponseEvents:
         out = b""
         if delta.reasoning_content:
             out += self._write(ReasoningItem, delta.reasoning_content)
-        if delta.content or logprobs and self._open is not None and isinstance(self.items[self._open],
-                                                                                OutputMessage):
-            out += self._write(OutputMessage, delta.content or "", logprobs or [])
+        if delta.content or logprobs and (not self.items or isinstance(self.items[-1], OutputMessage)):
+            out += self._write(OutputMessage, delta.content or "", logprobs or [])  # also an empty last delta
         for call in delta.tool_calls or []:
             if call.id is not None:
                 out += self._close("completed")
