@@ -246,7 +246,8 @@ def test_retrieve_stream_replays_the_stored_response(client, model, extra):
     assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[0].response.status == "in_progress" and events[0].response.output == []
     assert events[-1].type == f"response.{stored.status}"
-    assert events[-1].response.model_dump() == client.responses.retrieve(stored.id).model_dump()
+    retrieved = client.responses.retrieve(stored.id, include=["message.output_text.logprobs"])  # include: as stored
+    assert events[-1].response.model_dump() == retrieved.model_dump() == stored.model_dump()
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert [item.model_dump() for item in done] == [item.model_dump() for item in stored.output]
     for item in stored.output:  # the deltas rebuild each item
