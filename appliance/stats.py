@@ -3,9 +3,9 @@ and over the last hour.
 
 Three feeds, all pushed, never scraped from logs:
 - the engines: every `StepOutputs` an engine client receives goes to `StatsHub.on_step`, which adds the step's
-  prompt and generated tokens, its batch and time to the model's history, spread over the seconds the step took (so
-  a slow engine's continuous work charts as a continuous rate), the prefix-cache counters' increments, and each
-  finished engine request's queue, prefill and decode times;
+  prompt and generated tokens (or pooled inputs, `appliance.stats_pooling`), its batch and time to the model's
+  history, spread over the seconds the step took (a slow engine's continuous work charts as a continuous rate), the
+  prefix-cache counters' increments, and each finished engine request's queue, prefill and decode times;
 - the request path: `StatsHub.begin()` gives a `RequestObserver` per API request (its row in the request table,
   `appliance.request_log`, and its TTFT, inter-token, end-to-end and length samples), and the HTTP layer reports
   every response's status (`on_http`);
@@ -31,6 +31,7 @@ from appliance.block_map import MAX_MAP_CELLS, block_map
 from appliance.host_stats import HostSampler
 from appliance.metrics import count_step_tokens
 from appliance.request_log import RequestLog, RequestRecord
+from appliance.stats_pooling import POOLING_SUMS, PoolingTotals
 from appliance.stats_ring import RANGES_S, History, LengthCounts, Samples
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ LENGTH_EDGES = tuple(2 ** i for i in range(17))  # length histogram bins: [1, 2)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MODEL_SUMS = ("prompt_tokens", "generation_tokens", "steps", "batch_seqs", "step_seconds", "prefix_queries",
               "prefix_hits", "requests", "e2e_sum", "ttft_sum", "ttft_count",
-              *(f"finish_{reason}" for reason in FINISH_REASONS))
+              *(f"finish_{reason}" for reason in FINISH_REASONS), *POOLING_SUMS)
 MODEL_GAUGES = ("kv_usage", "running", "waiting", "rss", "cpu", "device_memory")
 HTTP_CLASSES = ("2xx", "4xx", "429", "5xx", "503")
 HOST_SUMS = tuple(f"http_{c}" for c in HTTP_CLASSES)
@@ -77,6 +78,7 @@ class ModelStats:
         self.history = History(MODEL_SUMS, MODEL_GAUGES)
         self.replicas: dict[int, _Replica] = {}
         self.num_prompt_tokens = self.num_generation_tokens = self.num_finished = self.num_steps = 0
+        self.pooling = PoolingTotals()  # embed and score models' figures
         self.samples = {kind: Samples(MAX_LATENCY_SAMPLES) for kind in LATENCY_KINDS}
         self.lengths = {kind: LengthCounts(MAX_LATENCY_SAMPLES, len(LENGTH_EDGES) + 1) for kind in ("prompt", "output")}
         self.last_step_end = 0.0  # the clock when its last step's outputs arrived
@@ -180,6 +182,7 @@ class StatsHub:
             history.add("prompt_tokens", now, num_prompt, duration)
             model.num_generation_tokens += num_generated
             model.num_prompt_tokens += num_prompt
+        model.pooling.on_step(history, message.outputs, now, duration)
         stats = message.stats
         if duration > 0:  # an engine step ran (aborts and idle reports have none)
             # The true batch size rides along with the stats; between them, the sequences that got a token.
@@ -280,6 +283,7 @@ class StatsHub:
         parallelism = spec.parallelism
         return {
             "name": runtime.name,
+            "task": spec.task,
             "status": runtime.status.value,
             "device": info.device if info else spec.device,
             "dtype": info.dtype if info else spec.dtype,
@@ -306,6 +310,8 @@ class StatsHub:
             },
             "kv": self._kv_snapshot(model, reported),
             **_rates_snapshot(model, stats, now),
+            "pooling": None if spec.task == "generate" else model.pooling.snapshot(
+                model.history, now, int(now) - RATE_WINDOW_S + 1, range_s),
             "totals": {
                 "prompt_tokens": model.num_prompt_tokens,
                 "generation_tokens": model.num_generation_tokens,

@@ -82,24 +82,29 @@ def run_peer(folder: str, args, inputs: list[list[int]], batch_size: int, decode
     with torch.device(args.device):
         model = AutoModel.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     ordered = sorted(inputs, key=len)
+    _peer_batch(model, ordered[-batch_size:], decoder, args.device)  # warm-up (as kvbox's): kernels, allocator
     sync(args.device)
     start = time.perf_counter()
     for first in range(0, len(ordered), batch_size):
-        batch = ordered[first:first + batch_size]
-        width = len(batch[-1])
-        # Left padding for the decoder, so that every sequence's last token is the batch's last column.
-        ids = torch.zeros(len(batch), width, dtype=torch.int64)
-        mask = torch.zeros(len(batch), width, dtype=torch.int64)
-        for row, seq in enumerate(batch):
-            cols = slice(width - len(seq), width) if decoder else slice(0, len(seq))
-            ids[row, cols], mask[row, cols] = torch.tensor(seq), 1
-        hidden = model(input_ids=ids.to(args.device), attention_mask=mask.to(args.device)).last_hidden_state
-        F.normalize(hidden[:, -1 if decoder else 0].float(), dim=-1).cpu()
+        _peer_batch(model, ordered[first:first + batch_size], decoder, args.device)
     sync(args.device)
     seconds = time.perf_counter() - start
     del model
     free(args.device)
     return {**_rates("transformers", inputs, seconds), "batch_size": batch_size}
+
+
+def _peer_batch(model, batch: list[list[int]], decoder: bool, device: str) -> torch.Tensor:
+    """One padded batch (sorted by length: the last is the longest) through the model, pooled and normalized."""
+    width = len(batch[-1])
+    # Left padding for the decoder, so that every sequence's last token is the batch's last column.
+    ids = torch.zeros(len(batch), width, dtype=torch.int64)
+    mask = torch.zeros(len(batch), width, dtype=torch.int64)
+    for row, seq in enumerate(batch):
+        cols = slice(width - len(seq), width) if decoder else slice(0, len(seq))
+        ids[row, cols], mask[row, cols] = torch.tensor(seq), 1
+    hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    return F.normalize(hidden[:, -1 if decoder else 0].float(), dim=-1).cpu()
 
 
 def _rates(system: str, inputs: list[list[int]], seconds: float) -> dict:
@@ -131,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(max(peers, key=lambda r: r["inputs_per_s"]))
         rows[0]["speedup"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
     result = {"shape": args.shape, "device": args.device, "num_inputs": args.num_inputs,
-              "num_tokens": sum(map(len, inputs)), "rows": rows}
+              "num_tokens": sum(map(len, inputs)), "rows": rows, "peer_batches": peers if args.peer else []}
+    print(f"{args.num_inputs} inputs of {args.min_len}-{args.max_len} tokens ({result['num_tokens']} in all), "
+          f"{args.shape} on {args.device}:")
+    for row in rows:
+        print(f"  {row['system']:12s} {row['inputs_per_s']:10.1f} inputs/s {row['tokens_per_s']:10d} tokens/s"
+              + (f"  (batch size {row['batch_size']}, the best of {args.peer_batch_sizes})" if "batch_size" in row
+                 else f"  ({row['speedup']}x transformers)" if "speedup" in row else ""))
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result))

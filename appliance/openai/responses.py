@@ -1,5 +1,6 @@
 """The Responses API: `POST /v1/responses` (plain or streamed, `appliance.openai.responses_stream`),
-`GET /v1/responses/{id}` and `DELETE /v1/responses/{id}`.
+`GET /v1/responses/{id}` (the stored response, or with `stream=true` its events replayed) and
+`DELETE /v1/responses/{id}`.
 
 A request runs as chat (`appliance.openai.chat.start_chat`, the request converted by
 `appliance.openai.responses_input`): the same tools, structured outputs, sampling, limits and reasoning parser.
@@ -10,6 +11,7 @@ is not (or no longer) stored is a 404.
 from __future__ import annotations
 
 from litestar import Request, Response, delete, get, post
+from litestar.response import Stream
 
 from appliance.errors import APIError, to_api_error
 from appliance.openai import responses_stream
@@ -17,10 +19,11 @@ from appliance.openai.chat import start_chat
 from appliance.openai.chat_reply import ReplyShaper
 from appliance.openai.context import ServingContext, serving_context
 from appliance.openai.generation import collect
+from appliance.openai.logprobs import chat_logprobs
 from appliance.openai.openapi import request_body
 from appliance.openai.responses_input import chat_param, chat_request, input_messages
 from appliance.openai.responses_output import Responder, output_items, status_of
-from appliance.openai.responses_protocol import DeletedResponse, ResponseObject, ResponsesRequest
+from appliance.openai.responses_protocol import DeletedResponse, ResponsesRequest
 from appliance.openai.responses_store import Stored
 from appliance.openai.serving import read_request
 from engine.sampling_params import InvalidParameterError
@@ -42,16 +45,25 @@ async def create_response(request: Request) -> Response:
     responder = Responder(req, f"resp_{run.generation.request_id}", [*history, *new], model.tokenizer, context)
     shaper = ReplyShaper(run.tool_plan, model.spec.reasoning_parser)
     if req.stream:
-        return responses_stream.stream(responder, run.generation, shaper)
+        return responses_stream.stream(responder, run.generation, shaper, run.num_logprobs)
     completion = (await collect(request, run.generation))[0].outputs[0]
     message, finish_reason = shaper.message(completion.text, completion.finish_reason)
-    return Response(responder.finish(output_items(message, status_of(finish_reason)), finish_reason,
+    logprobs = [] if run.num_logprobs is None else chat_logprobs(model.tokenizer, completion.logprobs,
+                                                                 run.num_logprobs).content
+    return Response(responder.finish(output_items(message, status_of(finish_reason), logprobs), finish_reason,
                                      run.generation.usage()))
 
 
 @get("/v1/responses/{response_id:str}", sync_to_thread=False)
-def retrieve_response(request: Request, response_id: str) -> ResponseObject:
-    return _stored(serving_context(request), response_id, "response_id").response
+def retrieve_response(request: Request, response_id: str, stream: bool = False,
+                      starting_after: int | None = None) -> Response | Stream:
+    """The stored response, or (`stream=true`) its events, those numbered after `starting_after` only."""
+    response = _stored(serving_context(request), response_id, "response_id").response
+    if not stream:
+        return Response(response)
+    if starting_after is not None and starting_after < -1:
+        raise APIError.invalid("starting_after", "starting_after is a sequence number: -1 or more")
+    return responses_stream.replay(response, starting_after)
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200, sync_to_thread=False)

@@ -97,8 +97,12 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         choice = NamedToolChoice(type="function", function=NamedFunction(choice.name))
     tools = None if req.tools is None else [ChatTool(type="function", function=FunctionDefinition(
         name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)) for t in req.tools]
+    logprobs = "message.output_text.logprobs" in (req.include or [])
+    if req.top_logprobs is not None and not logprobs:
+        raise APIError.invalid("top_logprobs", 'top_logprobs needs include: ["message.output_text.logprobs"]')
     return ChatCompletionRequest(
         model=req.model, messages=[], max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
+        logprobs=logprobs, top_logprobs=req.top_logprobs if logprobs else None,
         top_p=req.top_p, tools=tools, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls,
         response_format=_response_format(req), stream=req.stream, user=req.user, seed=req.seed, top_k=req.top_k,
         min_p=req.min_p, repetition_penalty=req.repetition_penalty, stop=req.stop, priority=req.priority,

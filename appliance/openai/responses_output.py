@@ -8,7 +8,8 @@ import uuid
 
 from appliance.openai.context import ServingContext
 from appliance.openai.prompts import chat_messages
-from appliance.openai.protocol import AssistantMessage, ChatMessage, FunctionCall, ToolCall, Usage, now
+from appliance.openai.protocol import (AssistantMessage, ChatMessage, FunctionCall, TokenLogprob, ToolCall, Usage,
+                                       now)
 from appliance.openai.responses_protocol import (FunctionCallItem, InputTokensDetails, OutputItem, OutputMessage,
                                                  OutputText, OutputTokensDetails, ReasoningItem, ReasoningText,
                                                  ResponseObject, ResponsesRequest, ResponseUsage, TextConfig,
@@ -20,14 +21,15 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def output_items(message: AssistantMessage, status: str) -> list[OutputItem]:
-    """A whole reply's items, in the order the model wrote them: reasoning, text, calls."""
+def output_items(message: AssistantMessage, status: str, logprobs: list[TokenLogprob] = ()) -> list[OutputItem]:
+    """A whole reply's items, in the order the model wrote them: reasoning, text (with `logprobs`), calls."""
     items: list[OutputItem] = []
     if message.reasoning_content is not None:
         items.append(ReasoningItem(id=item_id("rs"), content=[ReasoningText(text=message.reasoning_content)],
                                    status=status))
     if message.content or not items and not message.tool_calls:  # an empty reply is still a message
-        items.append(OutputMessage(id=item_id("msg"), status=status, content=[OutputText(text=message.content)]))
+        items.append(OutputMessage(id=item_id("msg"), status=status, content=[OutputText(text=message.content or "",
+                                                                               logprobs=list(logprobs))]))
     items.extend(FunctionCallItem(id=item_id("fc"), call_id=c.id, name=c.function.name,
                                   arguments=c.function.arguments, status=status) for c in message.tool_calls or [])
     return items
@@ -58,7 +60,7 @@ class Responder:
             parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
             temperature=req.temperature, top_p=req.top_p, tool_choice=req.tool_choice or (
                 "auto" if req.tools else "none"), tools=req.tools or [], text=text, store=req.store, usage=usage,
-            user=req.user, metadata=req.metadata or {})
+            user=req.user, metadata=req.metadata or {}, top_logprobs=req.top_logprobs)
 
     def finish(self, output: list[OutputItem], finish_reason: str | None, usage: Usage) -> ResponseObject:
         """The final response object, stored with the conversation it ends."""

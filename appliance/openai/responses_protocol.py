@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from appliance.openai.protocol import Int64, Strict
+from appliance.openai.protocol import Int64, Strict, TokenLogprob
 
 
 # ---- requests ----
@@ -84,6 +84,9 @@ class ResponsesRequest(Strict, kw_only=True):
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: Literal["disabled"] | None = None  # "auto" (dropping the conversation's start) is not offered
+    # The other includables name OpenAI's hosted tools, images or encrypted reasoning, none of which kvbox has.
+    include: list[Literal["message.output_text.logprobs"]] | None = None
+    top_logprobs: Int64 | None = None  # per token, with the output_text's logprobs (0 without)
     # vLLM's extras
     seed: Int64 | None = None
     top_k: Int64 | None = None
@@ -99,7 +102,7 @@ class OutputText(msgspec.Struct, kw_only=True):
     type: str = "output_text"
     text: str
     annotations: list = msgspec.field(default_factory=list)
-    logprobs: list = msgspec.field(default_factory=list)
+    logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)  # chat's per-token shape, bytes included
 
 
 class ReasoningText(msgspec.Struct, kw_only=True):
@@ -134,6 +137,8 @@ OutputItem = OutputMessage | FunctionCallItem | ReasoningItem
 
 class InputTokensDetails(msgspec.Struct):
     cached_tokens: int
+    # OpenAI's count of prompt tokens written to its cache at a surcharge; kvbox's prefix cache has none.
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(msgspec.Struct):
@@ -171,6 +176,7 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str]
+    top_logprobs: int | None = None
 
 
 class DeletedResponse(msgspec.Struct):

@@ -124,6 +124,7 @@
     renderRequests(snapshot.requests);
     drawSelected();
     refreshConnection();
+    document.dispatchEvent(new CustomEvent("kvbox:snapshot", { detail: snapshot }));  // panels in other files
   }
 
   function renderModel(p, m, snapshot) {
@@ -670,6 +671,7 @@
   window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", drawSelected);
   setInterval(refreshConnection, 1000);
 
+  Object.assign(state, { chart, fmtRate, fmtInt, fmtAxis });  // lent to the panels in other files
   const wanted = decodeURIComponent(location.hash.slice(1));
   state.selected = panels.has(wanted) ? wanted : panels.keys().next().value;
   if (state.selected !== undefined) select(state.selected, false);
