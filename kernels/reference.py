@@ -308,7 +308,7 @@ def _q5_k(b):
 
 def _q6_k(b):
     low = _nibbles(b[..., 0:128].unflatten(-1, (2, 64)))  # [..., 2, 128]: each half's 128 low 4 bits
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)[:, None]
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=b.device)[:, None]  # no host copy: graph-capturable
     high = ((b[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts) & 3).flatten(-2)  # [..., 2, 128]
     q = ((low | (high << 4)).float() - 32).unflatten(-1, (8, 16))  # [..., 2, 8, 16]: 16 values per scale
     scales = (_f16(b[..., 208:210]) * b[..., 192:208].view(torch.int8).float()).unflatten(-1, (2, 8))
