@@ -374,3 +374,14 @@ def test_smollm2_chat_knows_the_capital_of_france(smollm2_llm):
     outputs = smollm2_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                                SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_dummy_weights_fill_a_packed_gguf_model_at_a_realistic_spread(quantizable_llama, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(quantizable_llama, path, "llama", QType.Q4_K)
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    model = load_model(config, path, CPU, load_format="dummy")
+    down = model.model.layers[0].mlp.down_proj
+    assert down.run_types == (int(QType.Q8_0),)
+    assert reference.dequantize_gguf(down.qweight0, down.run_types[0]).std().item() == pytest.approx(0.02, rel=0.1)
+    assert prefill_logits(model, config, list(range(3, 20))).isfinite().all()
