@@ -113,9 +113,9 @@ def _check_config(path: str) -> int:
     print(f"OK: {len(config.models)} model{'s' if len(config.models) != 1 else ''} ({names})")
     for m in config.models:
         scheme = model_quantization(m)
-        # GGUF files (the built-ins are GGUF) are dequantized to the model dtype as they load, for now.
+        # GGUF files (the built-ins are GGUF) are read when the engine starts; their blocks stay packed.
         gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
-        shown = scheme.describe() if scheme else "gguf, dequantized at load" if gguf else "none"
+        shown = scheme.describe() if scheme else "gguf, quantized blocks kept packed" if gguf else "none"
         print(f"  {m.name}: quantization {shown}")
     return 0
 

@@ -31,6 +31,7 @@ _TRITON_MODULES = {
     "add_lora": "kernels.lora",
     "linear": "kernels.gemv",
     "wna16_linear": "kernels.wna16",
+    "gguf_linear": "kernels.gguf",
     "w8a8_linear": "kernels.w8a8",
 }
 
@@ -104,6 +105,10 @@ def linear(*args, **kwargs):
 
 def wna16_linear(*args, **kwargs):
     return _active.ops.wna16_linear(*args, **kwargs)
+
+
+def gguf_linear(*args, **kwargs):
+    return _active.ops.gguf_linear(*args, **kwargs)
 
 
 def w8a8_linear(*args, **kwargs):

@@ -236,6 +236,101 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return F.linear(x, weight.to(x.dtype), bias)
 
 
+# GGUF block types kept packed (ggml's GGMLQuantizationType ids) -> (values per block, bytes per block). A packed
+# weight is [rows, row bytes] uint8, each row its blocks in order, as llama.cpp stores it.
+GGUF_BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144), 13: (256, 176),
+               14: (256, 210)}
+GGUF_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:  # [..., 2] little-endian bytes -> [..., 1] float32
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:  # [..., n] bytes -> [..., 2n]: the low nibbles, then the high ones
+    return torch.cat((qs & 0xF, qs >> 4), dim=-1)
+
+
+def _bits(qh: torch.Tensor) -> torch.Tensor:  # [..., n] bytes -> [..., 8n] bits: bit i of byte i // 8
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+
+
+def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins (the upper two bits of the last four of each
+    sit in the top bits of the first eight bytes)."""
+    d, m, md = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mins = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc.float(), mins.float()
+
+
+def _k_low(qs: torch.Tensor) -> torch.Tensor:  # Q4_K / Q5_K: 128 bytes -> [..., 8, 32]: each 32 bytes hold two sub-blocks
+    chunks = qs.unflatten(-1, (4, 1, 32))
+    return torch.cat((chunks & 0xF, chunks >> 4), dim=-2).flatten(-3, -2)
+
+
+def _q4_0(b):
+    return _f16(b[..., 0:2]) * (_nibbles(b[..., 2:18]).float() - 8)
+
+
+def _q4_1(b):
+    return _f16(b[..., 0:2]) * _nibbles(b[..., 4:20]).float() + _f16(b[..., 2:4])
+
+
+def _q5_0(b):
+    q = _nibbles(b[..., 6:22]) | (_bits(b[..., 2:6]) << 4)
+    return _f16(b[..., 0:2]) * (q.float() - 16)
+
+
+def _q5_1(b):
+    q = _nibbles(b[..., 8:24]) | (_bits(b[..., 4:8]) << 4)
+    return _f16(b[..., 0:2]) * q.float() + _f16(b[..., 2:4])
+
+
+def _q8_0(b):
+    return _f16(b[..., 0:2]) * b[..., 2:34].view(torch.int8).float()
+
+
+def _q4_k(b):
+    sc, mins = _k_scales(b[..., 4:16])
+    q = _k_low(b[..., 16:144]).float()
+    return ((_f16(b[..., 0:2]) * sc)[..., None] * q - (_f16(b[..., 2:4]) * mins)[..., None]).flatten(-2)
+
+
+def _q5_k(b):
+    sc, mins = _k_scales(b[..., 4:16])
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)[:, None]
+    high = (b[..., None, 16:48] >> shifts) & 1  # [..., 8, 32]: sub-block j's fifth bits are bit j of qh
+    q = (_k_low(b[..., 48:176]) | (high << 4)).float()
+    return ((_f16(b[..., 0:2]) * sc)[..., None] * q - (_f16(b[..., 2:4]) * mins)[..., None]).flatten(-2)
+
+
+def _q6_k(b):
+    low = _nibbles(b[..., 0:128].unflatten(-1, (2, 64)))  # [..., 2, 128]: each half's 128 low 4 bits
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=b.device)[:, None]  # no host copy: graph-capturable
+    high = ((b[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts) & 3).flatten(-2)  # [..., 2, 128]
+    q = ((low | (high << 4)).float() - 32).unflatten(-1, (8, 16))  # [..., 2, 8, 16]: 16 values per scale
+    scales = (_f16(b[..., 208:210]) * b[..., 192:208].view(torch.int8).float()).unflatten(-1, (2, 8))
+    return (scales[..., None] * q).flatten(-3)
+
+
+_GGUF_DEQUANTIZE = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 12: _q4_k, 13: _q5_k, 14: _q6_k}
+
+
+def dequantize_gguf(packed: torch.Tensor, qtype: int) -> torch.Tensor:
+    """[rows, row bytes] uint8 of GGUF type `qtype` -> the float32 weight [rows, row length], as llama.cpp and
+    `gguf.quants.dequantize` compute it."""
+    _, type_size = GGUF_BLOCKS[qtype]
+    blocks = packed.unflatten(-1, (-1, type_size))  # [rows, blocks, type_size]
+    return _GGUF_DEQUANTIZE[qtype](blocks).flatten(-2)
+
+
+def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias, W [out, in] dequantized from its GGUF blocks `qweight` [out, in bytes] for this call only."""
+    return F.linear(x, dequantize_gguf(qweight, qtype).to(x.dtype), bias)
+
+
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 INT8_MAX = 127.0
 

@@ -25,9 +25,12 @@ from engine import LLM, SamplingParams
 from engine.models.attention import AttentionMetadata
 from engine.models.builtin import BUILTIN_MODELS, resolve_builtin, resolve_model_source
 from engine.models.config import ModelConfig
-from engine.models.loader import load_model
+from engine.models.layers import VocabEmbedding
+from engine.models.loader import load_model, weight_bytes
 from engine.models.registry import get_model_class
+from engine.quantization.gguf import gguf_type
 from engine.tools.tiny_model import build_tiny_model
+from kernels import reference
 
 CPU = torch.device("cpu")
 FILE_TYPES = {
@@ -82,9 +85,11 @@ def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
     return np.array(divisors, dtype=np.float32)
 
 
-def write_gguf(folder: str, path: Path, family: str, qtype: QType = QType.F32) -> dict[str, torch.Tensor]:
+def write_gguf(folder: str, path: Path, family: str, qtype: QType = QType.F32,
+               overrides: dict[str, QType] | None = None) -> dict[str, torch.Tensor]:
     """Converts a tiny HF checkpoint to GGUF as llama.cpp does, 2-D weights in `qtype` (1-D ones stay F32, as the
-    converter keeps them); returns the HF-named float32 tensors the file stands for (its dequantized weights)."""
+    converter keeps them) except those whose name holds a key of `overrides` (as Q4_K_M keeps v_proj and down_proj
+    in Q6_K); returns the HF-named float32 tensors the file stands for (its dequantized weights)."""
     hf = json.loads((Path(folder) / "config.json").read_text())
     arch, rope = _ARCHS[family], hf["rope_parameters"]
     num_heads, num_kv_heads, num_layers = hf["num_attention_heads"], hf["num_key_value_heads"], hf["num_hidden_layers"]
@@ -117,10 +122,11 @@ def write_gguf(folder: str, path: Path, family: str, qtype: QType = QType.F32) -
     for name, tensor in load_file(Path(folder) / "model.safetensors").items():
         norm_shift = 1.0 if arch == "gemma2" and name.endswith("norm.weight") else 0.0
         weights = tensor.numpy() + norm_shift
-        if weights.ndim == 1 or qtype == QType.F32:
+        tensor_type = next((t for part, t in (overrides or {}).items() if part in name), qtype)
+        if weights.ndim == 1 or tensor_type == QType.F32:
             data, data_type = weights, QType.F32
         else:
-            data, data_type = _encode(weights, qtype, rng), qtype
+            data, data_type = _encode(weights, tensor_type, rng), tensor_type
         expected[name] = torch.from_numpy(gguf.quants.dequantize(data, data_type) - norm_shift)
         if arch == "llama" and ".q_proj." in name:
             data = _permute(data, num_heads)
@@ -196,6 +202,35 @@ def quantizable_llama(tmp_path_factory):
                                 intermediate_size=256, head_dim=64))
 
 
+def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
+    """The float weights a model runs under its float names: packed GGUF linears (their runs of parts) and packed
+    embeddings dequantized as `kernels.reference` does."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf.startswith("qweight"):
+            if leaf == "qweight0":
+                runs = [getattr(module, f"qweight{i}") for i in range(len(module.run_types))]
+                state[f"{module_name}.weight"] = torch.cat([
+                    w if qtype is None else reference.dequantize_gguf(w, qtype)
+                    for qtype, w in zip(module.run_types, runs)])
+            continue
+        qtype = gguf_type(getattr(module, leaf))
+        state[name] = tensor if qtype is None else reference.dequantize_gguf(tensor, qtype)
+    return state
+
+
+def packed_types(model) -> set[int | None]:
+    """The GGUF types the model's linears and embedding hold (None: a float run)."""
+    types = set()
+    for module in model.modules():
+        types.update(getattr(module, "run_types", ()))
+        if isinstance(module, VocabEmbedding):
+            types.add(gguf_type(module.weight))
+    return types
+
+
 @pytest.mark.parametrize("qtype", list(FILE_TYPES), ids=lambda qtype: qtype.name)
 def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tmp_path, qtype):
     path = tmp_path / "model.gguf"
@@ -206,12 +241,56 @@ def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tm
     assert ModelConfig.from_pretrained(path).dtype == default_dtype
     config = ModelConfig.from_pretrained(path, dtype="float32")
     model = load_model(config, path, CPU)
-    reference = get_model_class(config.architecture)(config)
-    reference.load_weights(expected.items())
-    got, want = model.state_dict(), reference.state_dict()
+    reference_model = get_model_class(config.architecture)(config)
+    reference_model.load_weights(expected.items())
+    packed = qtype in (QType.F32, QType.F16, QType.BF16)
+    assert packed_types(model) == ({None} if packed else {int(qtype)})  # quantized blocks stay packed
+    got, want = dequantized_state_dict(model), reference_model.state_dict()
     assert got.keys() == want.keys()
     for name in got:
         assert torch.equal(got[name], want[name]), name
+    if not packed:
+        assert weight_bytes(model) < weight_bytes(reference_model) / 3
+        token_ids = list(range(3, 40))
+        torch.testing.assert_close(prefill_logits(model, config, token_ids),
+                                   prefill_logits(reference_model, config, token_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_llama, tmp_path):
+    """Q4_K_M's mix: v_proj and down_proj in Q6_K beside Q4_K, so q/k/v run as two packed runs; a Q8_0 embedding."""
+    path = tmp_path / "model.gguf"
+    expected = write_gguf(quantizable_llama, path, "llama", QType.Q4_K, overrides={
+        "v_proj": QType.Q6_K, "down_proj": QType.Q6_K, "embed_tokens": QType.Q8_0, "o_proj": QType.F16})
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    assert config.quantization_config == {"quant_method": "gguf", "types": ["Q8_0", "Q4_K", "Q6_K"]}
+    model = load_model(config, path, CPU)
+    assert model.quant_scheme.describe() == "gguf Q8_0/Q4_K/Q6_K blocks kept packed, weight-only"
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.run_types == (int(QType.Q4_K), int(QType.Q6_K))
+    assert qkv.run_sizes == (qkv.q_size + qkv.kv_size, qkv.kv_size)
+    assert model.model.layers[0].self_attn.o_proj.run_types == (None,)
+    reference_model = get_model_class(config.architecture)(config)
+    reference_model.load_weights(expected.items())
+    got, want = dequantized_state_dict(model), reference_model.state_dict()
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    token_ids = list(range(3, 40))
+    torch.testing.assert_close(prefill_logits(model, config, token_ids),
+                               prefill_logits(reference_model, config, token_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_tensor_type_is_refused_by_name(quantizable_llama, tmp_path):
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 84), dtype=np.uint8), raw_dtype=QType.Q2_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="tensor 'token_embd.weight' has GGUF type Q2_K, which kvbox does not run; "
+                                         "supported types: F32, F16, BF16, Q4_0"):
+        ModelConfig.from_pretrained(path)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
@@ -295,3 +374,14 @@ def test_smollm2_chat_knows_the_capital_of_france(smollm2_llm):
     outputs = smollm2_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                                SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_dummy_weights_fill_a_packed_gguf_model_at_a_realistic_spread(quantizable_llama, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(quantizable_llama, path, "llama", QType.Q4_K)
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    model = load_model(config, path, CPU, load_format="dummy")
+    down = model.model.layers[0].mlp.down_proj
+    assert down.run_types == (int(QType.Q8_0),)
+    assert reference.dequantize_gguf(down.qweight0, down.run_types[0]).std().item() == pytest.approx(0.02, rel=0.1)
+    assert prefill_logits(model, config, list(range(3, 20))).isfinite().all()

@@ -4,7 +4,10 @@ A GGUF file holds the hyper-parameters as `{arch}.*` metadata, the tokenizer and
 metadata, and the tensors under llama.cpp's names, quantized or not. This module turns the metadata into the
 config.json-style dict that `ModelConfig.from_dict` normalizes, and the tensors into float32 tensors under Hugging
 Face names for each model's `load_weights`, undoing what llama.cpp's converter (`convert_hf_to_gguf.py`) changed on
-the way. Dequantizing is `gguf.quants.dequantize`, the format's reference; the tokenizer is `tokenizer.py`'s job.
+the way. Float tensors (F32, F16, BF16) load as float32; quantized blocks (`kernels.reference.GGUF_BLOCKS`) stay
+packed, as uint8 [rows, row bytes] tensors tagged with their `gguf_type`, for `engine.quantization.gguf` and the
+embedding, and the config then says `quant_method: gguf`. Other types are refused, naming the tensor. The tokenizer
+is `tokenizer.py`'s job.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, LlamaFileType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 from gguf.quants import dequantize
+
+from kernels.reference import GGUF_BLOCKS
 
 if TYPE_CHECKING:
     from engine.models.config import ModelConfig
@@ -61,6 +66,7 @@ _GEMMA2_BLOCK_NAMES = {
 }
 # Llama 3's rope scaling, stored as a tensor; read_config turns it back into rope parameters.
 _ROPE_FREQS = "rope_freqs.weight"
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -73,6 +79,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; kvbox reads {', '.join(_ARCHITECTURES)}")
+
+    quantization_config = _quantization_config(path, reader.tensors)  # first: it refuses types kvbox cannot run
 
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -104,6 +112,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": sorted({_field(reader, key) for key in _EOS_KEYS} - {None}) or None,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "quantization_config": quantization_config,
     }
     if arch == "gemma2":
         # GGUF has no query_pre_attn_scalar; llama.cpp scales by head size, except for the 27B model (46 layers),
@@ -113,26 +122,49 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def iter_gguf_tensors(path: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) pairs, dequantized one at a time; the weight loaders cast to the model dtype."""
+    """(HF name, tensor) pairs, one at a time: float32 (the weight loaders cast to the model dtype), or packed
+    GGUF blocks tagged with their `gguf_type`."""
     reader = _open(path)
     block_names = _GEMMA2_BLOCK_NAMES if config.model_type == "gemma2" else _BLOCK_NAMES
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
         name = _hf_name(tensor.name, block_names)
-        try:
-            array = dequantize(tensor.data, tensor.tensor_type)  # [rows, row length] float32
-        except NotImplementedError as error:
-            raise ValueError(f"{path}: cannot dequantize {tensor.name!r}: {error}") from error
-        # The memmapped data of F32 tensors is read-only, and torch wants to own writable memory.
-        weights = torch.from_numpy(np.require(array, requirements="W"))
+        weights = _tensor(path, tensor)
+        qtype = getattr(weights, "gguf_type", None)
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             weights = _unpermute_rotary(weights, config.num_heads)
         elif config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             weights = _unpermute_rotary(weights, config.num_kv_heads)
         elif config.model_type == "gemma2" and name.endswith("norm.weight"):
             weights = weights - 1  # the converter stores Gemma's (1 + w) norm scales; our Gemma 2 adds the 1 back
+        if qtype is not None:
+            weights.gguf_type = qtype  # again: unpermuting the rows made a new tensor
         yield name, weights
+
+
+def _quantization_config(path: str | Path, tensors: list[ReaderTensor]) -> dict[str, Any] | None:
+    """`quant_method: gguf` and the block types when the file holds quantized blocks; None when it is all float."""
+    for tensor in tensors:
+        if tensor.tensor_type not in GGUF_BLOCKS and tensor.tensor_type not in _FLOAT_TYPES:
+            kept = ", ".join(t.name for t in (*_FLOAT_TYPES, *map(GGMLQuantizationType, GGUF_BLOCKS)))
+            raise ValueError(f"{path}: tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, which kvbox "
+                             f"does not run; supported types: {kept}")
+    types = sorted({t.tensor_type for t in tensors if t.tensor_type in GGUF_BLOCKS})
+    return {"quant_method": "gguf", "types": [t.name for t in types]} if types else None
+
+
+def _tensor(path: str | Path, tensor: ReaderTensor) -> torch.Tensor:
+    if tensor.tensor_type in GGUF_BLOCKS:
+        packed = torch.from_numpy(np.array(tensor.data))  # [rows, row bytes], copied out of the memory map
+        packed.gguf_type = int(tensor.tensor_type)
+        return packed
+    try:
+        array = dequantize(tensor.data, tensor.tensor_type)  # [rows, row length] float32
+    except NotImplementedError as error:
+        raise ValueError(f"{path}: cannot dequantize {tensor.name!r}: {error}") from error
+    # The memmapped data of F32 tensors is read-only, and torch wants to own writable memory.
+    return torch.from_numpy(np.require(array, requirements="W"))
 
 
 def _open(path: str | Path) -> GGUFReader:

@@ -19,6 +19,8 @@ from torch import nn
 
 import kernels
 from engine.quantization.context import current_linear_method
+from engine.quantization.gguf import gguf_type
+from kernels import reference
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
@@ -180,7 +182,9 @@ class RowParallelLinear(_ParallelLinear):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding split by vocabulary rows: rank r holds rows [r * n, (r + 1) * n), zero-padded at the end."""
+    """Token embedding split by vocabulary rows: rank r holds rows [r * n, (r + 1) * n), zero-padded at the end.
+    From a GGUF file of quantized blocks the rows stay packed (the weight carries `gguf_type`); a lookup dequantizes
+    only the rows it reads, and a tied LMHead multiplies by the packed blocks."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
@@ -189,16 +193,28 @@ class VocabEmbedding(nn.Module):
         self.row_start = tp_rank * self.num_rows
         self.weight = nn.Parameter(torch.zeros(self.num_rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.dtype = self.weight.dtype
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         shard = loaded_weight[self.row_start:self.row_start + self.num_rows]  # the last rank's shard may be short
+        qtype = gguf_type(loaded_weight)
+        if qtype is not None:
+            # GGUF blocks stay packed, in the same Parameter object, so that a tied LMHead holds them too.
+            param.data = torch.zeros(self.num_rows, shard.shape[1], dtype=torch.uint8, device=param.device)
+            param.gguf_type = qtype
         _copy(param.data[:shard.shape[0]], shard)
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        qtype = gguf_type(self.weight)
+        if qtype is None:
+            return F.embedding(input_ids, self.weight)
+        return reference.dequantize_gguf(self.weight[input_ids], qtype).to(self.dtype)  # only the rows looked up
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         is_local = (input_ids >= self.row_start) & (input_ids < self.row_start + self.num_rows)
-        hidden = F.embedding((input_ids - self.row_start) * is_local, self.weight) * is_local[:, None]
+        hidden = self._lookup((input_ids - self.row_start) * is_local) * is_local[:, None]
         dist.all_reduce(hidden)  # each token's row lives on exactly one rank
         return hidden
 
@@ -207,7 +223,9 @@ class LMHead(VocabEmbedding):
     """Hidden states -> logits over the vocabulary; shares VocabEmbedding's sharding so tied weights line up."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden] -> [num_tokens, vocab]
-        logits = kernels.linear(hidden, self.weight)  # [num_tokens, num_rows]
+        qtype = gguf_type(self.weight)
+        logits = (kernels.linear(hidden, self.weight) if qtype is None  # [num_tokens, num_rows]
+                  else kernels.gguf_linear(hidden, self.weight, qtype))
         if self.tp_size == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_size)]

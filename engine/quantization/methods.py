@@ -6,6 +6,7 @@ from engine.quantization.context import UNQUANTIZED
 from engine.quantization.awq import AWQLinearMethod
 from engine.quantization.base import LinearMethod
 from engine.quantization.compressed_tensors import PackQuantizedLinearMethod
+from engine.quantization.gguf import GGUFLinearMethod
 from engine.quantization.gptq import GPTQLinearMethod
 from engine.quantization.spec import QuantScheme
 from engine.quantization.w8a8 import W8A8LinearMethod
@@ -16,6 +17,7 @@ _METHODS = {
     "pack": PackQuantizedLinearMethod,
     "fp8": W8A8LinearMethod,
     "int8": W8A8LinearMethod,
+    "gguf": GGUFLinearMethod,
 }
 
 

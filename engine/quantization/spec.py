@@ -2,7 +2,7 @@
 option, checked, and reduced to one `QuantScheme`; torch-free, so that `kvbox check-config` can show and check it.
 
 Each released tool writes its own keys (GPTQ: auto-gptq / gptqmodel; AWQ: AutoAWQ; compressed-tensors: llm-compressor;
-fp8: vLLM / FP8 checkpoints); everything outside what kvbox runs is refused here with the key and its value, so a
+fp8: vLLM / FP8 checkpoints; auto-round: Intel AutoRound, in GPTQ's or AWQ's layout; gguf: kvbox's GGUF reader); everything outside what kvbox runs is refused here with the key and its value, so a
 model never loads half-understood. Which linear method runs a scheme is `engine.quantization.methods`' job.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
-CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8")
+CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8", "auto-round", "gguf")
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
 _IGNORABLE = ("lm_head",)  # kvbox never quantizes the LM head, so a checkpoint may say so
 
@@ -44,9 +44,12 @@ class QuantScheme:
     block_size: tuple[int, int] | None = None
     activations: str | None = None
     online: bool = False
+    gguf_types: tuple[str, ...] = ()  # gguf: the block types the file's weights hold (Q4_1, Q8_0...)
 
     def describe(self) -> str:
         """One line for check-config and the dashboard: "gptq 4-bit, group 128, act-order"."""
+        if self.layout == "gguf":
+            return f"gguf {'/'.join(self.gguf_types)} blocks kept packed, weight-only"
         parts = [f"{self.method}{' (online)' if self.online else ''} {self.bits}-bit"]
         if self.weight_strategy == "group":
             parts.append("per-channel" if self.group_size == -1 else f"group {self.group_size}")
@@ -80,7 +83,8 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
 
 def _parse_checkpoint(config: dict[str, Any]) -> QuantScheme:
     method = config.get("quant_method")
-    parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8}
+    parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8,
+               "auto-round": _auto_round, "intel/auto-round": _auto_round, "gguf": _gguf}
     if method not in parsers:
         raise QuantizationConfigError("quantization_config.quant_method", method,
                                       f"kvbox runs {', '.join(CHECKPOINT_METHODS)}")
@@ -115,6 +119,38 @@ def _awq(config: dict[str, Any]) -> QuantScheme:
                                       "kvbox quantizes every decoder linear alike")
     return QuantScheme("awq", "awq", _key(config, "bits", (4,)), _key(config, "group_size", GROUP_SIZES[1:]),
                        symmetric=False)
+
+
+# AutoRound's packing formats (the part after "auto_round:") -> the layout it writes: auto-gptq's (zero points
+# stored minus one, as GPTQ's checkpoint_format gptq) or AutoAWQ's GEMM one.
+_AUTO_ROUND_LAYOUTS = {"auto_gptq": "gptq", "gptq": "gptq", "auto_awq": "awq", "awq": "awq"}
+
+
+def _auto_round(config: dict[str, Any]) -> QuantScheme:
+    """Intel AutoRound: `packing_format` (before 0.5: `quant_method: intel/auto-round` and the format under
+    `backend`, such as auto_round:gptq:exllamav2), weight-only integers with its own bits / group_size / sym."""
+    key = "packing_format" if "packing_format" in config else "backend"
+    packing = config.get(key, "auto_round:auto_gptq")
+    parts = str(packing).split(":")
+    layout = _AUTO_ROUND_LAYOUTS.get(parts[1]) if len(parts) > 1 and parts[0] == "auto_round" else None
+    if layout is None:
+        raise QuantizationConfigError(f"quantization_config.{key}", packing, "kvbox runs AutoRound's "
+                                      "auto_round:auto_gptq and auto_round:auto_awq packing formats")
+    _key(config, "data_type", ("int",), "int")
+    if config.get("act_bits", 16) < 16:
+        raise QuantizationConfigError("quantization_config.act_bits", config["act_bits"],
+                                      "kvbox runs AutoRound's weight-only schemes (act_bits 16)")
+    _check_ignored({"extra_config": list(config.get("extra_config") or ())}, "extra_config")
+    bits = _key(config, "bits", (4, 8) if layout == "gptq" else (4,))
+    group_size = _key(config, "group_size", GROUP_SIZES if layout == "gptq" else GROUP_SIZES[1:])
+    symmetric = _key(config, "sym", (True, False), True) and layout == "gptq"  # AWQ's layout always has zero points
+    return QuantScheme("auto-round", layout, bits, group_size, symmetric=symmetric)
+
+
+def _gguf(config: dict[str, Any]) -> QuantScheme:
+    """Written by `engine.models.gguf.read_config` for a GGUF file holding quantized blocks; each tensor says its
+    own type, so the scheme only names them."""
+    return QuantScheme("gguf", "gguf", 0, weight_strategy="block", gguf_types=tuple(config.get("types", ())))
 
 
 def _fp8(config: dict[str, Any]) -> QuantScheme:
