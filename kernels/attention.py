@@ -314,8 +314,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (query.dtype, *FP8_KV_MAX):
-        raise TypeError(f"key_cache and value_cache must share the query's dtype or be fp8, got {query.dtype}, "
-                        f"{key_cache.dtype}, {value_cache.dtype}")
+        raise TypeError(f"query, key_cache and value_cache must share a dtype (or both caches be fp8), got "
+                        f"{query.dtype}, {key_cache.dtype}, {value_cache.dtype}")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"unsupported dtype {query.dtype}; expected float16, bfloat16 or float32")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):

@@ -9,12 +9,33 @@ references are `kernels.reference.store_kv` and `kernels.reference.rotary_store_
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import FP8_KV_MAX
 from kernels.rotary import _rotate_token, check_rotary
+
+# The interpreter's float -> fp8 conversion drops the carry when rounding up overflows the mantissa (125.9 becomes 64,
+# not 128) and rounds ties away from zero; there values are first rounded onto the fp8 grid, so that it is exact.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _round_to_fp8_grid(x, FP8_MAX: tl.constexpr):
+    """float32 x rounded (to nearest, ties to even) to the nearest value of the fp8 type of range FP8_MAX."""
+    if FP8_MAX == 448.0:  # e4m3: 3 mantissa bits, smallest normal exponent -6
+        mantissa_bits: tl.constexpr = 3
+        min_exponent: tl.constexpr = -6
+    else:  # e5m2: 2 mantissa bits, smallest normal exponent -14
+        mantissa_bits: tl.constexpr = 2
+        min_exponent: tl.constexpr = -14
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, min_exponent)
+    ulp = ((exponent - mantissa_bits + 127) << 23).to(tl.float32, bitcast=True)
+    magic = ulp * 12582912.0  # 1.5 * 2**23 ulps: float32 addition rounds x to a multiple of ulp
+    return (x + magic) - magic
 
 
 @triton.jit
@@ -23,6 +44,8 @@ def _quantize(x, scale, FP8_MAX: tl.constexpr):
     if FP8_MAX > 0:
         x = tl.math.div_rn(x.to(tl.float32), scale)  # rounded as the reference's division is
         x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+        if _INTERPRET:
+            x = _round_to_fp8_grid(x, FP8_MAX)
     return x
 
 
