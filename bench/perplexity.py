@@ -47,7 +47,7 @@ def windows(token_ids: list[int], size: int) -> list[list[int]]:
 
 
 def perplexity(model: str, text: str, window: int, max_tokens: int | None, **options) -> float:
-    llm = LLM(model, max_model_len=window, max_num_seqs=8, **options)
+    llm = LLM(model, max_model_len=window + 1, max_num_seqs=8, **options)  # + 1: the token it generates
     token_ids = llm.tokenizer.encode(text)[:max_tokens]
     logprobs = [lp for per_window in prompt_token_logprobs(llm, windows(token_ids, window)) for lp in per_window]
     return math.exp(-sum(logprobs) / len(logprobs))

@@ -159,3 +159,25 @@ def test_e4m3_is_refused_on_a_gpu_older_than_ada(monkeypatch):
     assert kv_cache_torch_dtype("fp8_e5m2", torch.bfloat16, cuda, "triton") == torch.float8_e5m2
     assert kv_cache_torch_dtype("fp8", torch.bfloat16, torch.device("cpu"), "torch") == torch.float8_e4m3fn
     assert kv_cache_torch_dtype("auto", torch.bfloat16, cuda, "triton") == torch.bfloat16
+
+
+def test_yaml_key_maps_to_the_engine_option():
+    from tests.test_config import error, model, parse
+
+    spec = parse(model("kv_cache: {dtype: fp8_e5m2}")).models[0]
+    assert spec.to_engine_config(spec.source).kv_cache_dtype == "fp8_e5m2"
+    assert parse(model()).models[0].kv_cache.dtype == "auto"
+    assert error(model("kv_cache: {dtype: int8}")) == \
+        "config.yaml: models[0].kv_cache.dtype: expected one of auto, fp8, fp8_e4m3, fp8_e5m2, got 'int8'"
+
+
+def test_served_with_an_fp8_cache_and_shown_on_the_dashboard(tiny_model):
+    from tests.helpers_server import ADMIN_KEY, model_config, run_inprocess, server_config
+
+    config = server_config([model_config("m", tiny_model(), kv_cache={"num_blocks": 64, "dtype": "fp8"})])
+    with run_inprocess(config) as server:
+        completion = server.client().completions.create(model="m", prompt="hello there", max_tokens=4, temperature=0)
+        assert completion.choices[0].finish_reason in ("stop", "length")
+        with server.http(ADMIN_KEY) as http:
+            [m] = http.get("/admin/stats").json()["models"]
+    assert m["kv_cache_dtype"] == "fp8"
