@@ -116,7 +116,7 @@ def _check_config(path: str) -> int:
         # GGUF files (the built-ins are GGUF) are read when the engine starts; their blocks stay packed.
         gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
         shown = scheme.describe() if scheme else "gguf, quantized blocks kept packed" if gguf else "none"
-        print(f"  {m.name}: quantization {shown}")
+        print(f"  {m.name}: quantization {shown}, kv cache {m.kv_cache.dtype}")
     return 0
 
 

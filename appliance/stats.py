@@ -290,6 +290,7 @@ class StatsHub:
             "kernel_backend": info.kernel_backend if info else spec.kernel_backend,
             # Until the engine reports what it loaded, only the requested online method is known.
             "quantization": info.quantization if info else (spec.quantization or "none"),
+            "kv_cache_dtype": spec.kv_cache.dtype,
             "parallelism": {"tensor": parallelism.tensor, "pipeline": parallelism.pipeline,
                             "data": parallelism.data, "expert": parallelism.expert},
             "max_model_len": info.max_model_len if info else None,

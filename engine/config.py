@@ -26,6 +26,8 @@ Task = Literal["generate", "embed", "score"]  # score: a cross-encoder (*ForSequ
 PoolingType = Literal["last", "mean", "cls"]
 # Online quantization of a float checkpoint at load (vLLM's names); None or "none": the checkpoint as it is.
 Quantization = Literal["none", "fp8", "int8"]
+# The KV cache's storage type (vLLM's names): auto is the model dtype; fp8 means fp8_e4m3.
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -107,6 +109,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
     kv_cache_memory_bytes: int | None = None  # an explicit KV budget, instead of profiling
     num_kv_blocks: int | None = None  # an explicit block count (tests, benchmarks)
+    kv_cache_dtype: KVCacheDtype = "auto"  # fp8*: blocks stored in 8 bits with per-layer scales
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -145,7 +148,7 @@ class EngineConfig:
             self._check_draft_model()
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
                               ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy),
-                              ("task", Task)):
+                              ("task", Task), ("kv_cache_dtype", KVCacheDtype)):
             if getattr(self, name) not in get_args(choices):
                 raise EngineConfigError(name, f"expected one of {', '.join(map(str, get_args(choices)))}, "
                                               f"got {getattr(self, name)!r}")

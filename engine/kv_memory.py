@@ -3,7 +3,7 @@
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
-layer (with tensor parallelism, of this rank's KV heads). It does not decide which blocks a request uses: that is
+layer (with tensor parallelism, of this rank's KV heads), in the `kv_cache_dtype` (`engine.kv_dtype`). It does not decide which blocks a request uses: that is
 the KV cache manager's job.
 """
 
@@ -14,7 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+import kernels
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.kv_dtype import kv_cache_torch_dtype
 from engine.models.config import ModelConfig
 from engine.progress import progress
 
@@ -32,6 +34,7 @@ class KVMemory:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.num_blocks = 0
+        self.dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_config.dtype, device, kernels.backend_name())
         layers = model.attention_layers()
         # This rank's shard of the heads (all of them without tensor parallelism); an encoder caches nothing.
         self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
@@ -40,7 +43,7 @@ class KVMemory:
     @property
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        element_size = torch.empty((), dtype=mc.dtype).element_size()
+        element_size = torch.empty((), dtype=self.dtype).element_size()
         own = 2 * mc.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
         return own + (self.draft.bytes_per_block if self.draft is not None else 0)
 
@@ -63,7 +66,7 @@ class KVMemory:
         # The engine logs the cache's totals once it is allocated.
         for layer in progress(layers, "allocating the KV cache", "layer", len(layers)) if show_progress else layers:
             layer.kv_cache = torch.zeros((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size),
-                                         dtype=self.model_config.dtype, device=self.device)
+                                         dtype=self.dtype, device=self.device)
         if self.draft is not None:
             self.draft.allocate(num_blocks)
 

@@ -10,6 +10,10 @@ splits each q block's KV range into NUM_SPLITS segments. Each writes an unnormal
 m, running sum l); `_combine_kernel` merges them. Scores live in the log2 domain (scaled by log2(e)) so the softmax
 uses exp2. Online softmax and accumulation are float32.
 
+An fp8 cache (holding K / k_scale and V / v_scale) is widened to the query's dtype as each tile is loaded (exact:
+e4m3 and e5m2 fit in fp16 and bf16); its dequantization is folded into the float32 math: k_scale into the score
+scale, v_scale into the accumulator as it is written.
+
 The reference is `kernels.reference.paged_attention`; this file holds only the kernels and their launcher.
 """
 
@@ -21,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kernels.reference import FP8_KV_MAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_SPLITS = 64
@@ -50,7 +56,7 @@ def _attend_tile(
     query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d, d_valid,
     stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     """One KV tile of the online softmax; returns the updated (m_i, l_i, acc)."""
     key_pos = tile * TILE_N + offs_n  # [TILE_N]
@@ -62,9 +68,9 @@ def _attend_tile(
                 mask=kv_mask, other=0.0)  # [TILE_N, HEAD_PAD]
     v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # [TILE_N, HEAD_PAD]
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    # To the query's dtype: float32 in the interpreter; widens an fp8 cache; a no-op otherwise.
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
 
     if IEEE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, TILE_N]
@@ -110,6 +116,8 @@ def _paged_attention_kernel(
     scale,
     soft_cap,
     sliding_window,
+    k_scale,  # an fp8 cache's scales (1.0 otherwise)
+    v_scale,
     num_seqs,
     num_tokens,
     num_heads,
@@ -130,6 +138,7 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     INTERPRET: tl.constexpr,  # bf16 dots are wrong in the interpreter, so there every dot runs in float32
     IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision dots instead of tf32
+    FP8_KV: tl.constexpr,
 ):
     q_block_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -173,9 +182,9 @@ def _paged_attention_kernel(
         tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_hi)
 
     if USE_SOFT_CAP:
-        qk_scale = scale / soft_cap
+        qk_scale = scale * k_scale / soft_cap
     else:
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = scale * k_scale * 1.4426950408889634
     cap_log2 = soft_cap * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -192,15 +201,17 @@ def _paged_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 tile, q, m_i, l_i, acc, query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d,
                 d_valid, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
-                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, True, False)
+                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, False)
             tile += 1
     else:
         for tile in range(tile_lo, tile_hi):
             m_i, l_i, acc = _attend_tile(
                 tile, q, m_i, l_i, acc, query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d,
                 d_valid, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
-                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, False, IEEE_DOT)
+                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, IEEE_DOT)
 
+    if FP8_KV:
+        acc = acc * v_scale  # the split-K partials are combined linearly, so each may carry the scale
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_d[None, :],
@@ -302,9 +313,9 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
         raise ValueError(f"head_size differs: query {head_size}, cache {key_cache.shape[3]}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if not (query.dtype == key_cache.dtype == value_cache.dtype):
-        raise TypeError(f"query, key_cache and value_cache must share a dtype, got {query.dtype}, "
-                        f"{key_cache.dtype}, {value_cache.dtype}")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (query.dtype, *FP8_KV_MAX):
+        raise TypeError(f"query, key_cache and value_cache must share a dtype (or both caches be fp8), got "
+                        f"{query.dtype}, {key_cache.dtype}, {value_cache.dtype}")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"unsupported dtype {query.dtype}; expected float16, bfloat16 or float32")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
@@ -329,8 +340,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
 
 
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-                     sliding_window=0, soft_cap=0.0, out=None, *, block_m=None, tile_n=None, num_splits=None,
-                     num_warps=None, num_stages=None):
+                     sliding_window=0, soft_cap=0.0, out=None, k_scale=1.0, v_scale=1.0, *, block_m=None,
+                     tile_n=None, num_splits=None, num_warps=None, num_stages=None):
     """`paged_attention` with the launch configuration overridable (tests force split-K; the bench sweeps)."""
     if out is None:
         out = torch.empty_like(query)
@@ -359,9 +370,11 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, quer
         part_acc = part_m = part_l = out  # unused
     # Upper bound on q blocks: sequence s has at most qsl[s+1] // BLOCK_Q - qsl[s] // BLOCK_Q + 1 of them.
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    fp8 = key_cache.dtype in FP8_KV_MAX
     _paged_attention_kernel[grid](
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_m, part_l,
-        float(scale), float(soft_cap) if soft_cap > 0 else 1.0, int(sliding_window), num_seqs, num_tokens, num_heads,
+        float(scale), float(soft_cap) if soft_cap > 0 else 1.0, int(sliding_window),
+        float(k_scale) if fp8 else 1.0, float(v_scale) if fp8 else 1.0, num_seqs, num_tokens, num_heads,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -370,6 +383,7 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, quer
         HEAD_SIZE=head_size, HEAD_PAD=head_pad, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_Q=block_q, TILE_N=cfg["tile_n"], NUM_SPLITS=splits, USE_SOFT_CAP=soft_cap > 0,
         USE_WINDOW=sliding_window > 0, INTERPRET=_INTERPRET, IEEE_DOT=query.dtype == torch.float32 and not _INTERPRET,
+        FP8_KV=fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
@@ -393,7 +407,9 @@ def paged_attention(
     sliding_window: int = 0,
     soft_cap: float = 0.0,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,  # an fp8 cache holds key / k_scale; other caches ignore the scales
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton version of `kernels.reference.paged_attention` (same semantics; padding rows are untouched)."""
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-                            sliding_window, soft_cap, out)
+                            sliding_window, soft_cap, out, k_scale, v_scale)

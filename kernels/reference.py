@@ -21,13 +21,16 @@ def paged_attention(
     sliding_window: int = 0,  # 0: none; W: a query at position p sees keys at positions (p - W, p]
     soft_cap: float = 0.0,  # 0: none; c: scores become c * tanh(scores / c)
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,  # an fp8 cache holds key / k_scale (see store_kv); other caches ignore the scales
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached K/V, read through its block table.
 
     A sequence's q_len queries are its last q_len positions, so the same code covers decode (q_len 1) and chunked
     prefill (q_len > 1 on top of earlier cached tokens). Rows past `query_start_loc[-1]` (padding) are untouched.
     Single-query sequences (decodes) are computed together, in batches (`_decode_attention`); the CPU engine serves
-    many of them per step, and one attention call each cost more than the rest of the step.
+    many of them per step, and one attention call each cost more than the rest of the step. An fp8 cache is
+    dequantized (x * scale, in float32) as it is read.
     """
     _, num_heads, head_size = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -42,7 +45,7 @@ def paged_attention(
         per_batch = max(1, _DECODE_GATHER_TOKENS // max(lens[seq] for seq in decodes))
         for first in range(0, len(decodes), per_batch):
             _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                              decodes[first:first + per_batch], scale, sliding_window, soft_cap, out)
+                              decodes[first:first + per_batch], scale, sliding_window, soft_cap, out, k_scale, v_scale)
     for seq, seq_len in enumerate(lens):
         start, end = starts[seq], starts[seq + 1]
         q_len = end - start
@@ -58,8 +61,8 @@ def paged_attention(
         if sliding_window > 0:
             visible &= key_pos > query_pos - sliding_window
         q = query[start:end].float().transpose(0, 1)  # [num_heads, q_len, D]
-        k = keys.float().transpose(0, 1)  # [kv_heads, seq_len, D]
-        v = values.float().transpose(0, 1)
+        k = dequantize_kv(keys, k_scale).transpose(0, 1)  # [kv_heads, seq_len, D]
+        v = dequantize_kv(values, v_scale).transpose(0, 1)
         if soft_cap > 0:
             k, v = k.repeat_interleave(group_size, dim=0), v.repeat_interleave(group_size, dim=0)
             scores = soft_cap * torch.tanh(q @ k.transpose(1, 2) * scale / soft_cap)  # [num_heads, q_len, seq_len]
@@ -75,7 +78,8 @@ _DECODE_GATHER_TOKENS = 1 << 16
 
 
 def _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, seqs: list[int],
-                      scale: float, sliding_window: int, soft_cap: float, out: torch.Tensor) -> None:
+                      scale: float, sliding_window: int, soft_cap: float, out: torch.Tensor, k_scale: float,
+                      v_scale: float) -> None:
     """`paged_attention` for sequences with one query each, all at once: keys gathered to the longest one's length,
     the positions past each sequence's length masked (and read from its last token, so that no stale slot is
     touched)."""
@@ -94,8 +98,8 @@ def _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, que
     if sliding_window > 0:
         visible &= key_pos > lens[:, None] - 1 - sliding_window
     q = query[rows].float()[:, :, None, :]  # [B, num_heads, 1, D]
-    k = keys.float().transpose(1, 2)  # [B, kv_heads, L, D]
-    v = values.float().transpose(1, 2)
+    k = dequantize_kv(keys, k_scale).transpose(1, 2)  # [B, kv_heads, L, D]
+    v = dequantize_kv(values, v_scale).transpose(1, 2)
     mask = visible[:, None, None, :]  # [B, 1, 1, L]
     if soft_cap > 0:
         group_size = num_heads // num_kv_heads
@@ -108,18 +112,38 @@ def _decode_attention(query, key_cache, value_cache, block_tables, seq_lens, que
     out[rows] = attended[:, :, 0].to(out.dtype)  # [B, num_heads, D]
 
 
+# An fp8 KV cache's storage types and their largest finite values (stored values saturate there).
+FP8_KV_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a cache of `dtype` stores it: fp8 holds x / scale (float32, rounded to nearest, saturated); other types
+    hold x itself."""
+    if dtype not in FP8_KV_MAX:
+        return x.to(dtype)
+    top = FP8_KV_MAX[dtype]
+    return (x.float() / scale).clamp(-top, top).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cached values -> float32: fp8 ones times their scale."""
+    return x.float() * scale if x.dtype in FP8_KV_MAX else x.float()
+
+
 def store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is skipped
+    k_scale: float = 1.0,  # an fp8 cache holds key / k_scale; other caches ignore the scales
+    v_scale: float = 1.0,
 ) -> None:
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     num_kv_heads, head_size = key_cache.shape[2], key_cache.shape[3]
-    key_cache.view(-1, num_kv_heads, head_size)[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, num_kv_heads, head_size)[slots] = value[valid].to(value_cache.dtype)
+    key_cache.view(-1, num_kv_heads, head_size)[slots] = quantize_kv(key[valid], key_cache.dtype, k_scale)
+    value_cache.view(-1, num_kv_heads, head_size)[slots] = quantize_kv(value[valid], value_cache.dtype, v_scale)
 
 
 def rms_norm(
@@ -186,9 +210,11 @@ def rotary_store_kv(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot marks a padded token and is not stored
+    k_scale: float = 1.0,  # as in store_kv
+    v_scale: float = 1.0,
 ) -> None:
     rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    store_kv(key, value, key_cache, value_cache, slot_mapping)
+    store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def add_lora(

@@ -515,7 +515,8 @@ def test_offline_keywords_are_checked():
 
 def test_check_config_command(tmp_path, capsys):
     assert kvbox(["check-config", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out == "OK: 1 model (smollm2)\n  smollm2: quantization gguf, quantized blocks kept packed\n"
+    assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf, quantized blocks kept packed, "
+                                       "kv cache auto\n")
 
     good = tmp_path / "two.yaml"
     good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")

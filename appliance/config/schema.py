@@ -20,8 +20,8 @@ from msgspec import Meta, field
 from msgspec import inspect as mi
 
 from appliance.config.introspect import redact
-from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, LoadFormat, PoolingType, Quantization,
-                           SchedulingPolicy, SpeculativeMethod, Task, engine_default)
+from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, KVCacheDtype, LoadFormat, PoolingType,
+                           Quantization, SchedulingPolicy, SpeculativeMethod, Task, engine_default)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 _URL_PATH = r"^/"
@@ -109,6 +109,11 @@ class KVCacheSpec(_Schema, kw_only=True):
         "An explicit number of KV blocks (null: from the budget).")] = engine_default("num_kv_blocks")
     prefix_caching: Annotated[bool, _doc(
         "Reuse the KV blocks of prompts' shared prefixes.")] = engine_default("enable_prefix_caching")
+    dtype: Annotated[KVCacheDtype, _doc(
+        "How KV blocks are stored: auto (the model dtype) or 8-bit floats, fp8 (= fp8_e4m3) or fp8_e5m2, which hold "
+        "twice the blocks in the same memory. Values are stored divided by a per-layer scale, the checkpoint's "
+        "k_scale / v_scale where it has them, else 1.0. On CUDA, fp8_e4m3 needs compute capability 8.9 (Ada, "
+        "Hopper); fp8_e5m2 runs on older cards.")] = engine_default("kv_cache_dtype")
 
 
 class SchedulerSpec(_Schema, kw_only=True):
@@ -212,6 +217,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "kv_cache_memory_bytes": ("kv_cache", "memory_bytes"),
     "num_kv_blocks": ("kv_cache", "num_blocks"),
     "enable_prefix_caching": ("kv_cache", "prefix_caching"),
+    "kv_cache_dtype": ("kv_cache", "dtype"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "chunked_prefill"),

@@ -2,7 +2,8 @@
 
 The model runner fills one `AttentionMetadata` per step (from persistent buffers) and binds each layer's KV cache
 tensor once at start-up (`Attention.kv_cache`). A layer writes this step's K/V into the cache by slot, then attends
-over the cache through the block tables, so prefill chunks and decodes share one code path.
+over the cache through the block tables, so prefill chunks and decodes share one code path. An fp8 cache holds
+K / k_scale and V / v_scale, per-layer scales from the checkpoint (`load_kv_scale`) or 1.0.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Attention(nn.Module):
         self.soft_cap = soft_cap
         # [2, num_blocks, block_size, num_kv_heads, head_size], bound by the model runner after KV memory is sized.
         self.kv_cache: torch.Tensor | None = None
+        # Used by an fp8 cache only; plain floats, so that CUDA graphs capture them as kernel arguments.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
                 positions: torch.Tensor | None = None, rotary_emb: RotaryEmbedding | None = None) -> torch.Tensor:
@@ -56,11 +60,26 @@ class Attention(nn.Module):
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
         if rotary_emb is not None:
             kernels.rotary_store_kv(positions, query, key, value, rotary_emb.cos_sin_cache, rotary_emb.is_neox,
-                                    key_cache, value_cache, metadata.slot_mapping)
+                                    key_cache, value_cache, metadata.slot_mapping, self.k_scale, self.v_scale)
         else:
-            kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+            kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping, self.k_scale, self.v_scale)
         out = kernels.paged_attention(
             query, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-            self.scale, self.sliding_window, self.soft_cap,
+            self.scale, self.sliding_window, self.soft_cap, None, self.k_scale, self.v_scale,
         )
         return out.view(num_tokens, self.num_heads * self.head_size)
+
+
+# The per-layer KV scales vLLM and llm-compressor write beside each attention block's projections.
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+
+
+def load_kv_scale(model: nn.Module, hf_name: str, tensor: torch.Tensor) -> None:
+    """`model.layers.N.self_attn.k_scale` (a scalar, or one value per tensor) -> that block's `Attention.k_scale`."""
+    block_name, _, which = hf_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    attention = next((m for m in block.modules() if isinstance(m, Attention)), None)
+    if attention is None or tensor.numel() != 1:
+        raise ValueError(f"unexpected KV scale {hf_name!r} of shape {tuple(tensor.shape)}: expected one value on an "
+                         "attention block")
+    setattr(attention, which, float(tensor))

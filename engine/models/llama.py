@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from engine.models.attention import Attention, AttentionMetadata
+from engine.models.attention import KV_SCALE_SUFFIXES, Attention, AttentionMetadata, load_kv_scale
 from engine.models.config import ModelConfig
 from engine.models.layers import (
     GatedMLP,
@@ -167,6 +167,9 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, object]] = set()
         for hf_name, tensor in weights:
             if hf_name.endswith(_IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            if hf_name.endswith(KV_SCALE_SUFFIXES):
+                load_kv_scale(self, hf_name, tensor)
                 continue
             name, shard_id = _our_name(hf_name)
             if name not in params:

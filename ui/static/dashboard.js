@@ -142,7 +142,7 @@
     set(p, "restarts", fmtInt(m.restarts), m.restarts);
     set(p, "facts", [m.device, m.dtype, m.kernel_backend + " kernels",
       m.max_model_len ? fmtInt(m.max_model_len) + " tokens of context" : null,
-      "quantization " + m.quantization, parallelism, "up " + fmtDuration(m.uptime_s)].filter(Boolean).join(" · "));
+      "quantization " + m.quantization, "KV cache " + m.kv_cache_dtype, parallelism, "up " + fmtDuration(m.uptime_s)].filter(Boolean).join(" · "));
 
     set(p, "running", fmtInt(requests.running), requests.running);
     set(p, "waiting", fmtInt(requests.waiting), requests.waiting);

@@ -1,0 +1,85 @@
+"""Perplexity of a model on a fixed text under float weights, online fp8 / int8 weights and the FP8 KV cache.
+
+    python bench/perplexity.py                               # builtin SmolLM2 on the GPL-3 text Debian ships
+    python bench/perplexity.py --max-tokens 1024 --window 256 --device cpu
+
+The text is tokenized once and cut into windows of --window tokens; each window is one prompt whose prompt logprobs
+(the engine's own, `SamplingParams.prompt_logprobs`) give the log-likelihood of every token after its first.
+Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model as kvbox loads it (the
+built-in SmolLM2 is a GGUF, dequantized at load); fp8 / int8 quantize those float weights online (`quantization`);
+"fp8 KV" keeps float weights and stores the KV cache in e4m3 (scales 1.0: a GGUF carries none). Each row shows its
+change against float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+# name -> the engine options that make it
+CONFIGS = {
+    "float": {},
+    "fp8 weights": {"quantization": "fp8"},
+    "int8 weights": {"quantization": "int8"},
+    "fp8 KV": {"kv_cache_dtype": "fp8"},
+}
+
+
+def prompt_token_logprobs(llm: LLM, prompts: list[list[int]]) -> list[list[float]]:
+    """Per prompt, the logprob of each of its tokens after the first, given those before it."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[position.logprobs[0] for position in output.prompt_logprobs[1:]] for output in outputs]
+
+
+def windows(token_ids: list[int], size: int) -> list[list[int]]:
+    """Consecutive windows of `size` tokens (the last one shorter); a window of one token predicts nothing."""
+    return [w for w in (token_ids[i:i + size] for i in range(0, len(token_ids), size)) if len(w) > 1]
+
+
+def perplexity(model: str, text: str, window: int, max_tokens: int | None, **options) -> float:
+    llm = LLM(model, max_model_len=window + 1, max_num_seqs=8, **options)  # + 1: the token it generates
+    token_ids = llm.tokenizer.encode(text)[:max_tokens]
+    logprobs = [lp for per_window in prompt_token_logprobs(llm, windows(token_ids, window)) for lp in per_window]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def perplexities(model: str, text: str, window: int, max_tokens: int | None, configs: dict[str, dict],
+                 **options) -> dict[str, float]:
+    return {name: perplexity(model, text, window, max_tokens, **options, **extra) for name, extra in configs.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="a text file")
+    parser.add_argument("--window", type=int, default=512, help="tokens per prompt")
+    parser.add_argument("--max-tokens", type=int, default=None, help="only the text's first N tokens")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    text = Path(args.text).read_text()
+    print(f"model {args.model}, text {args.text}, window {args.window}, device {args.device}, dtype {args.dtype}")
+    print(f"{'config':<14} {'perplexity':>10} {'vs float':>9} {'seconds':>8}")
+    base = None
+    for name, extra in CONFIGS.items():
+        start = time.perf_counter()
+        value = perplexity(args.model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
+                           **extra)
+        base = base or value
+        print(f"{name:<14} {value:>10.4f} {100 * (value / base - 1):>+8.2f}% {time.perf_counter() - start:>8.1f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

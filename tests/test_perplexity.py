@@ -1,0 +1,42 @@
+"""The bounded CI version of bench/perplexity.py: the built-in SmolLM2's perplexity on the first 384 tokens of the
+GPL-3 text (three windows of 128) with online fp8 weights, int8 weights and the FP8 KV cache, each within 2% of the
+float model's (the model as loaded: its GGUF dequantized).
+
+Measured on the CPU (float32): float 39.218, fp8 weights -0.45%, int8 weights +6.68%, fp8 KV -0.51%; on the first
+1024 tokens (windows of 256): float 24.267, fp8 weights +2.80%, int8 weights +3.06%, fp8 KV +1.26%. Online int8
+W8A8 (dynamic per-token activations, no outlier smoothing) is beyond the bound on this small model, so its case is
+an expected failure that turns into a failure once it holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.perplexity import CONFIGS, DEFAULT_MODEL, DEFAULT_TEXT, perplexities
+from engine.models.builtin import resolve_builtin
+
+BOUND = 0.02
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, float]:
+    if not Path(DEFAULT_TEXT).is_file():
+        pytest.skip(f"{DEFAULT_TEXT} (Debian's base-files) is not on this machine")
+    try:
+        resolve_builtin(DEFAULT_MODEL)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return perplexities(DEFAULT_MODEL, Path(DEFAULT_TEXT).read_text(), window=128, max_tokens=384, configs=CONFIGS,
+                        device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("name", [
+    "fp8 weights",
+    pytest.param("int8 weights", marks=pytest.mark.xfail(strict=True, reason="online int8 W8A8 measures +6.7%")),
+    "fp8 KV",
+])
+def test_within_two_percent_of_float(results, name):
+    assert 1 < results["float"] < 100  # a sane language model on English text
+    assert abs(results[name] / results["float"] - 1) <= BOUND, results
