@@ -21,6 +21,7 @@ from litestar.response import Stream
 from appliance.auth import require_admin_key
 from appliance.config import ConfigError
 from appliance.errors import APIError
+from appliance.fleet import memory_of
 from appliance.stats import DEFAULT_RANGE_S, RANGES_S
 from appliance.supervisor import ModelRuntime, Supervisor
 from appliance.version import kvbox_version
@@ -62,6 +63,8 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
         "started_at": model.started_at,
         "restarts": model.restarts,
         "last_wake": model.last_wake,  # unix time its engines last started after a sleep (null: never slept)
+        "sleep_level": model.sleep_level,  # while sleeping: 1 (weights in host memory) or 2 (engines stopped)
+        "memory": memory_of(model),
         "num_inflight": model.num_inflight,
         "errors": [{"time": t, "message": message} for t, message in model.errors],
         "replicas": [{

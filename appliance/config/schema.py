@@ -293,8 +293,11 @@ class ModelSpec(_Schema, kw_only=True):
     load: Annotated[Literal["eager", "on_demand"], _doc(
         "eager: start the engines with the server; on_demand: at the first request for the model.")] = "eager"
     idle_sleep_s: Annotated[Annotated[float, Meta(gt=0)] | None, _doc(
-        "Put the model to sleep (its engines stopped, level 2) after this many seconds without a request; the "
-        "next request wakes it (null: never).")] = None
+        "Put the model to sleep (at sleep_level) after this many seconds without a request; the next request wakes "
+        "it (null: never).")] = None
+    sleep_level: Annotated[Literal[1, 2], _doc(
+        "How the model sleeps when idle or to make room: 1 frees the KV cache and moves the weights to host memory "
+        "(the engines stay, a wake is a copy back); 2 stops the engines (a wake loads the weights again).")] = 2
 
     def to_engine_config(self, model_path: str) -> EngineConfig:
         """The engine's options for this model; `model_path` is `source` resolved to a local path. Raises
