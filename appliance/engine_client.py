@@ -73,10 +73,18 @@ class EngineClientBase:
     async def _reap(self) -> None:
         raise NotImplementedError
 
-    def _ready(self, info: contract.EngineReady, tokenizer) -> contract.EngineReady:
+    async def _ready(self, info: contract.EngineReady, tokenizer) -> contract.EngineReady:
+        """Starts reading the engine's messages; returns once its first memory report (which follows
+        EngineReady) is in, so that a started model's figures are never blank."""
         self.info = info
         self._output_processor = OutputProcessor(tokenizer)
+        first_report = asyncio.get_running_loop().create_future()
+        self._sleep_waiters.append(first_report)
         self._reader = asyncio.create_task(self._read_loop(), name=f"engine-reader-{self.name}-{self.replica}")
+        try:
+            await first_report
+        except EngineDeadError as e:
+            raise EngineStartError(f"{self.name}: {e}") from None
         return info
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -151,10 +159,9 @@ class EngineClientBase:
         if isinstance(message, contract.StepOutputs):
             self._on_step(message)
         elif isinstance(message, contract.EngineSleepState):
-            first = self.sleep_state is None  # the engine's unasked report after EngineReady
             if not message.error:
                 self.sleep_state = message
-            if not first and self._sleep_waiters:
+            if self._sleep_waiters:
                 waiter = self._sleep_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(message)
@@ -258,7 +265,7 @@ class ProcessEngineClient(EngineClientBase):
             raise EngineStartError(f"{self.name}: {reason}")
         self._last_heard = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
-        return self._ready(message, tokenizer)
+        return await self._ready(message, tokenizer)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         if self.process is None:
