@@ -63,6 +63,7 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
         "started_at": model.started_at,
         "restarts": model.restarts,
         "last_wake": model.last_wake,  # unix time its engines last started after a sleep (null: never slept)
+        "last_wake_s": model.last_wake_s,
         "sleep_level": model.sleep_level,  # while sleeping: 1 (weights in host memory) or 2 (engines stopped)
         "memory": memory_of(model),
         "num_inflight": model.num_inflight,

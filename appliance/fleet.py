@@ -107,7 +107,8 @@ class Fleet:
                     self._restart_later(model)
                     raise EngineDeadError(f"model {model.name!r} did not start")
             model.last_wake, model.sleep_level = time.time(), None
-            logger.info("%s: awake in %.2f s", model.name, time.perf_counter() - started)
+            model.last_wake_s = time.perf_counter() - started
+            logger.info("%s: awake in %.2f s", model.name, model.last_wake_s)
         finally:
             model.waking = None
 

@@ -85,6 +85,7 @@ class ModelRuntime:
     router: PrefixRouter | None = None  # data-parallel replicas only
     last_used: float = field(default_factory=time.monotonic)  # the latest request's admission (LRU and idle sleep)
     last_wake: float | None = None  # unix time its engines last started after a sleep
+    last_wake_s: float | None = None  # what that wake took (room made, weights copied back or loaded, graphs)
     waking: asyncio.Task | None = None  # the one wake that concurrent requests share
     sleep_level: int | None = None  # while SLEEPING: 1 (engines alive, weights in host memory) or 2 (no engines)
 
