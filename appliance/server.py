@@ -171,7 +171,7 @@ class _Lifecycle:
         # under streaming load, every stream paused meanwhile.
         gc.freeze()
         models = list(self.supervisor.models.values())
-        if not any(m.status is ModelStatus.READY for m in models):
+        if not any(m.status in (ModelStatus.READY, ModelStatus.SLEEPING) for m in models):  # on_demand: sleeping
             logger.error("no model could start; exiting")
             self.exit_code = 1
             self.server.should_exit = True

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import EngineConfigError
@@ -94,6 +95,7 @@ def check(config: AppConfig, source: str) -> None:
         if defaults and defaults.max_tokens is not None and defaults.max_tokens > config.server.max_tokens:
             fail("default_sampling.max_tokens",
                  f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
+    check_device_memory(config, source)
 
 
 def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
