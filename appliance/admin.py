@@ -25,7 +25,7 @@ from appliance.fleet import memory_of
 from appliance.stats import DEFAULT_RANGE_S, RANGES_S
 from appliance.supervisor import ModelRuntime, Supervisor
 from appliance.version import kvbox_version
-from ui.session import SELF_AUTHENTICATED, require_admin_session
+from ui.session import SELF_AUTHENTICATED, require_admin_session, require_admin_session_for_changes
 
 STREAM_INTERVAL_S = (0.25, 1.0, 5.0)  # the least, default and most seconds between two stats events
 
@@ -80,7 +80,8 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
     }
 
 
-@post("/admin/reload", guards=[require_admin_key])
+# The dashboard's fleet card reloads with its session cookie (and CSRF header) too.
+@post("/admin/reload", guards=[require_admin_session_for_changes], opt={SELF_AUTHENTICATED: True})
 async def admin_reload(request: Request) -> dict:
     """Reloads the config file: added models start, removed ones stop, changed ones restart, the rest stay."""
     try:

@@ -277,7 +277,7 @@ class Supervisor:
         if spec.load == "on_demand":
             # The first request starts the engines (appliance.fleet); the tokenizer serves /tokenize meanwhile.
             if await self._load_tokenizer(model):
-                model.status = ModelStatus.SLEEPING
+                model.status, model.sleep_level = ModelStatus.SLEEPING, 2
             return
         await self.start_engines(model)
 
