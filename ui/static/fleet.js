@@ -55,6 +55,7 @@
   async function act(card, url, done) {
     const buttons = [...card.querySelectorAll("button")];
     buttons.forEach((b) => { b.disabled = true; });
+    say(card, "", false);
     try {
       say(card, done(await call("POST", url)), false);
     } catch (e) {
