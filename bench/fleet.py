@@ -186,7 +186,7 @@ def _rr_report(ttfts: list[float], seconds: float) -> dict:
 def run_round_robin(args, prompt: list[int]) -> dict:
     names = [f"m{i}" for i in range(args.models)]
     result = {}
-    for level in (1, 2):
+    for level in [int(s[-1]) for s in args.systems if s.startswith("level")]:
         models = [model_spec(args, name, args.folder, load="on_demand", sleep_level=level) for name in names]
         server = Server(models, args.timeout, max_active_models=args.max_active)
         try:
@@ -198,7 +198,8 @@ def run_round_robin(args, prompt: list[int]) -> dict:
             result[f"kvbox_sleep_level_{level}"] = _rr_report(ttfts, time.perf_counter() - started)
         finally:
             server.stop()
-    result["restart_processes"] = _round_robin_restarts(args, names, prompt)
+    if "restarts" in args.systems:
+        result["restart_processes"] = _round_robin_restarts(args, names, prompt)
     return result
 
 
@@ -233,6 +234,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3, help="wake: measurements per level")
     parser.add_argument("--requests", type=int, default=16, help="round-robin: requests per system")
+    parser.add_argument("--systems", nargs="+", choices=["level1", "level2", "restarts"],
+                        default=["level1", "level2", "restarts"], help="round-robin: which to run")
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--max-active", type=int, default=2)
     parser.add_argument("--input-len", type=int, default=128)
