@@ -64,6 +64,9 @@ class EngineSleep:
         if core.device.type == "cuda":
             _move_weights(runner.model, core.device)
             self._host_bytes = 0
+            # Pinned blocks go back to torch's host cache when freed; an awake engine should not hold a copy of its
+            # weights there (the next sleep allocates again).
+            torch.accelerator.empty_host_cache()
         runner.kv_memory.allocate(self._num_blocks)
         if runner.use_cuda_graphs:
             runner.capture_cuda_graphs()
