@@ -83,8 +83,8 @@ class ServerSpec(_Schema, kw_only=True):
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
     max_active_models: Annotated[PositiveInt | None, _doc(
-        "Most models with running engines at once; waking another first puts the least recently used idle one to "
-        "sleep (null: no limit).")] = None
+        "Most models awake at once (one asleep at level 1 keeps its engine process but frees its device memory); "
+        "waking another first puts the least recently used idle one to sleep (null: no limit).")] = None
     wake_timeout_s: Annotated[float, _doc(
         "Seconds a request waits for its sleeping model to wake before it gets 503 with Retry-After.", gt=0)] = 300.0
     request_read_timeout_s: Annotated[float, _doc(
