@@ -21,10 +21,11 @@ from litestar.response import Stream
 from appliance.auth import require_admin_key
 from appliance.config import ConfigError
 from appliance.errors import APIError
+from appliance.fleet import memory_of
 from appliance.stats import DEFAULT_RANGE_S, RANGES_S
 from appliance.supervisor import ModelRuntime, Supervisor
 from appliance.version import kvbox_version
-from ui.session import SELF_AUTHENTICATED, require_admin_session
+from ui.session import SELF_AUTHENTICATED, require_admin_session, require_admin_session_for_changes
 
 STREAM_INTERVAL_S = (0.25, 1.0, 5.0)  # the least, default and most seconds between two stats events
 
@@ -62,6 +63,9 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
         "started_at": model.started_at,
         "restarts": model.restarts,
         "last_wake": model.last_wake,  # unix time its engines last started after a sleep (null: never slept)
+        "last_wake_s": model.last_wake_s,
+        "sleep_level": model.sleep_level,  # while sleeping: 1 (weights in host memory) or 2 (engines stopped)
+        "memory": memory_of(model),
         "num_inflight": model.num_inflight,
         "errors": [{"time": t, "message": message} for t, message in model.errors],
         "replicas": [{
@@ -76,7 +80,8 @@ def _status(model: ModelRuntime, config: dict | None) -> dict:
     }
 
 
-@post("/admin/reload", guards=[require_admin_key])
+# The dashboard's fleet card reloads with its session cookie (and CSRF header) too.
+@post("/admin/reload", guards=[require_admin_session_for_changes], opt={SELF_AUTHENTICATED: True})
 async def admin_reload(request: Request) -> dict:
     """Reloads the config file: added models start, removed ones stop, changed ones restart, the rest stay."""
     try:

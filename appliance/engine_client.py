@@ -42,6 +42,9 @@ class EngineClientBase:
         self._reader: asyncio.Task | None = None
         # LoRA changes are answered in the order they were sent: one future per change awaiting its LoraResult.
         self._lora_waiters: deque[asyncio.Future] = deque()
+        # Sleep level 1: the engine's memory as last reported, and one future per Sleep or Wake sent.
+        self.sleep_state: contract.EngineSleepState | None = None
+        self._sleep_waiters: deque[asyncio.Future] = deque()
 
     @property
     def name(self) -> str:
@@ -70,10 +73,18 @@ class EngineClientBase:
     async def _reap(self) -> None:
         raise NotImplementedError
 
-    def _ready(self, info: contract.EngineReady, tokenizer) -> contract.EngineReady:
+    async def _ready(self, info: contract.EngineReady, tokenizer) -> contract.EngineReady:
+        """Starts reading the engine's messages; returns once its first memory report (which follows
+        EngineReady) is in, so that a started model's figures are never blank."""
         self.info = info
         self._output_processor = OutputProcessor(tokenizer)
+        first_report = asyncio.get_running_loop().create_future()
+        self._sleep_waiters.append(first_report)
         self._reader = asyncio.create_task(self._read_loop(), name=f"engine-reader-{self.name}-{self.replica}")
+        try:
+            await first_report
+        except EngineDeadError as e:
+            raise EngineStartError(f"{self.name}: {e}") from None
         return info
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -113,6 +124,25 @@ class EngineClientBase:
         self._send(message)
         return await waiter
 
+    async def sleep(self) -> contract.EngineSleepState:
+        """Sleep level 1 (`engine.sleep`). Requests in flight fail at once (retrying wakes the model)."""
+        running = list(self._inflight)
+        self._fail_requests(EngineDeadError(f"model {self.name!r} was put to sleep"))
+        if running:
+            self._send(contract.AbortRequests(running))
+        return await self._sleep_or_wake(contract.Sleep(1))
+
+    async def wake(self) -> contract.EngineSleepState:
+        return await self._sleep_or_wake(contract.Wake())
+
+    async def _sleep_or_wake(self, message: contract.Sleep | contract.Wake) -> contract.EngineSleepState:
+        if not self.live:
+            raise EngineDeadError(f"model {self.name!r} is not running")
+        waiter = asyncio.get_running_loop().create_future()
+        self._sleep_waiters.append(waiter)
+        self._send(message)
+        return await waiter
+
     async def _read_loop(self) -> None:
         try:
             while (message := await self._recv()) is not None:
@@ -128,6 +158,13 @@ class EngineClientBase:
     def _dispatch(self, message: contract.FromEngine) -> None:
         if isinstance(message, contract.StepOutputs):
             self._on_step(message)
+        elif isinstance(message, contract.EngineSleepState):
+            if not message.error:
+                self.sleep_state = message
+            if self._sleep_waiters:
+                waiter = self._sleep_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(message)
         elif isinstance(message, contract.LoraResult):
             self.loras = message.loras
             if self._lora_waiters:
@@ -164,17 +201,20 @@ class EngineClientBase:
                 sink.put(index, output)
 
     def _fail_all(self, error: Exception) -> None:
+        self._fail_requests(error)
+        for waiter in (*self._lora_waiters, *self._sleep_waiters):
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._lora_waiters.clear()
+        self._sleep_waiters.clear()
+
+    def _fail_requests(self, error: Exception) -> None:
         inflight, self._inflight = self._inflight, {}
         if inflight:
-            logger.error("%s[%d]: the engine stopped; failing requests %s", self.name, self.replica,
-                         ", ".join(inflight))
+            logger.error("%s[%d]: %s; failing requests %s", self.name, self.replica, error, ", ".join(inflight))
         for request_id, (sink, index) in inflight.items():
             self._output_processor.abort(request_id)
             sink.fail(index, error)
-        while self._lora_waiters:
-            waiter = self._lora_waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
 
 
 class ProcessEngineClient(EngineClientBase):
@@ -236,7 +276,7 @@ class ProcessEngineClient(EngineClientBase):
             raise EngineStartError(f"{self.name}: {reason}")
         self._last_heard = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
-        return self._ready(message, tokenizer)
+        return await self._ready(message, tokenizer)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         if self.process is None:

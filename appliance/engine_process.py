@@ -31,6 +31,7 @@ from engine.core import EngineCore
 from engine.distributed.tp_runner import WorkerDiedError
 from engine.request import RequestStatus
 from engine.sampling_params import InvalidParameterError
+from engine.sleep import EngineSleep
 from engine.step_trace import StepTrace
 
 logger = logging.getLogger("kvbox.engine")
@@ -47,6 +48,7 @@ class EngineLoop:
         self._last_stats = 0.0
         self._last_block_map = 0.0
         self._running = True
+        self.sleep = EngineSleep(core)
 
     def read_forever(self) -> None:
         try:
@@ -56,6 +58,7 @@ class EngineLoop:
             self.inbox.put(_CLOSED)
 
     def run(self) -> None:
+        self.channel.send(self.sleep.state())  # the dashboard's memory figures from the start
         while self._running:
             idle = not self.core.has_unfinished_requests()
             self._handle_inbox(block=idle)
@@ -84,6 +87,9 @@ class EngineLoop:
         if message is _CLOSED or isinstance(message, contract.Shutdown):
             self._running = False
         elif isinstance(message, contract.AddRequest):
+            if self.sleep.asleep:  # the front end wakes an engine before it sends requests; this is a safety net
+                self.channel.send(contract.RequestRejected(message.request_id, "model", "the model is asleep"))
+                return
             try:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                       priority=message.priority, cache_salt=message.cache_salt,
@@ -97,6 +103,19 @@ class EngineLoop:
             self.core.finish_requests(message.sample_ids, RequestStatus.FINISHED_STOPPED)
         elif isinstance(message, (contract.LoadLora, contract.UnloadLora)):
             self._change_lora(message)
+        elif isinstance(message, (contract.Sleep, contract.Wake)):
+            self._sleep_or_wake(message)
+
+    def _sleep_or_wake(self, message: contract.Sleep | contract.Wake) -> None:
+        if isinstance(message, contract.Wake):
+            self.channel.send(self.sleep.handle(sleep=False))
+        elif message.level != 1:  # level 2 is the front end's: it stops the process
+            self.channel.send(self.sleep.state(error=f"sleep level {message.level}: the engine sleeps at level 1"))
+        else:
+            # The front end aborted its requests before it sent this; a step still in flight completes first.
+            while self.core.has_unfinished_requests():
+                self._send_outputs(self.core.step(), 0.0)
+            self.channel.send(self.sleep.handle(sleep=True))
 
     def _change_lora(self, message: contract.LoadLora | contract.UnloadLora) -> None:
         """A refused adapter (bad files, over a limit, unknown name) changes nothing and is reported, not raised."""

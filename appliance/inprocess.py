@@ -62,7 +62,7 @@ class InProcessEngineClient(EngineClientBase):
         self._engine_loop = EngineLoop(_Outbox(asyncio.get_running_loop(), self._messages), core)
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}-{self.replica}", daemon=True)
         self._thread.start()
-        return self._ready(ready_message(core), tokenizer)
+        return await self._ready(ready_message(core), tokenizer)
 
     def _run(self) -> None:
         try:

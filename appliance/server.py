@@ -171,7 +171,7 @@ class _Lifecycle:
         # under streaming load, every stream paused meanwhile.
         gc.freeze()
         models = list(self.supervisor.models.values())
-        if not any(m.status is ModelStatus.READY for m in models):
+        if not any(m.status in (ModelStatus.READY, ModelStatus.SLEEPING) for m in models):  # on_demand: sleeping
             logger.error("no model could start; exiting")
             self.exit_code = 1
             self.server.should_exit = True
@@ -179,7 +179,7 @@ class _Lifecycle:
         with contextlib.suppress(OSError):  # a full disk or a closed terminal must not stop the serving
             print(_banner(self.supervisor.config, self._address()), flush=True)
         for model in models:
-            if model.status is not ModelStatus.READY:
+            if model.status not in (ModelStatus.READY, ModelStatus.SLEEPING):
                 logger.error("model %r is %s: %s", model.name, model.status.value,
                              model.errors[-1][1] if model.errors else "no error recorded")
 

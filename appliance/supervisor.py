@@ -43,7 +43,7 @@ class ModelStatus(str, enum.Enum):
     FAILED = "failed"
     DRAINING = "draining"
     STOPPED = "stopped"
-    SLEEPING = "sleeping"  # no engine runs (level 2: weights dropped); the next request wakes it
+    SLEEPING = "sleeping"  # level 1: engines hold weights in host memory; level 2: no engine runs. A request wakes it
 
 
 class ModelNotFoundError(LookupError):
@@ -85,7 +85,9 @@ class ModelRuntime:
     router: PrefixRouter | None = None  # data-parallel replicas only
     last_used: float = field(default_factory=time.monotonic)  # the latest request's admission (LRU and idle sleep)
     last_wake: float | None = None  # unix time its engines last started after a sleep
+    last_wake_s: float | None = None  # what that wake took (room made, weights copied back or loaded, graphs)
     waking: asyncio.Task | None = None  # the one wake that concurrent requests share
+    sleep_level: int | None = None  # while SLEEPING: 1 (engines alive, weights in host memory) or 2 (no engines)
 
     def __post_init__(self) -> None:
         if self.spec.parallelism.data > 1:
@@ -275,7 +277,7 @@ class Supervisor:
         if spec.load == "on_demand":
             # The first request starts the engines (appliance.fleet); the tokenizer serves /tokenize meanwhile.
             if await self._load_tokenizer(model):
-                model.status = ModelStatus.SLEEPING
+                model.status, model.sleep_level = ModelStatus.SLEEPING, 2
             return
         await self.start_engines(model)
 
@@ -306,10 +308,10 @@ class Supervisor:
         model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
                        for r in model.replicas if r.info is not None]
 
-    async def stop_engines(self, model: ModelRuntime, status: ModelStatus) -> None:
+    async def stop_engines(self, model: ModelRuntime, status: ModelStatus, cancel_watchers: bool = True) -> None:
         """Stops the model's replicas and leaves it in `status` (its tokenizer and adapter list stay)."""
         model.status = status
-        for task in model.tasks:
+        for task in model.tasks if cancel_watchers else ():
             task.cancel()
         await asyncio.gather(*(r.shutdown() for r in model.replicas), return_exceptions=True)
         model.replicas, model.tasks = [], []
@@ -345,6 +347,11 @@ class Supervisor:
         while True:
             await client.dead.wait()
             if model.status in (ModelStatus.DRAINING, ModelStatus.STOPPED):
+                return
+            if model.status is ModelStatus.SLEEPING:  # asleep at level 1: no engine is needed until a wake
+                model.record_error(f"engine replica {client.replica} exited while asleep; the model sleeps at level 2")
+                await self.stop_engines(model, ModelStatus.SLEEPING, cancel_watchers=False)
+                model.sleep_level = 2
                 return
             code = client.exit_code
             model.record_error(f"engine replica {client.replica} exited (code {code})")

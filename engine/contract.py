@@ -327,3 +327,30 @@ class LoraResult(msgspec.Struct, tag=True):
 
 ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
 FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed | LoraResult
+
+
+# ---- sleep level 1 (appended: front end -> engine process, answered by one EngineSleepState) ----
+class Sleep(msgspec.Struct, tag=True):
+    """Level 1: the KV cache freed and the weights moved to host memory; the process stays. The front end fails or
+    aborts the engine's requests first."""
+    level: int = 1
+
+
+class Wake(msgspec.Struct, tag=True):
+    pass
+
+
+class EngineSleepState(msgspec.Struct, tag=True):
+    """The engine's memory as a sleep or wake left it (also sent once after EngineReady)."""
+    asleep: bool
+    level: int  # 0 awake, 1 asleep at level 1
+    weight_bytes: int  # on the device (on a CPU engine: in host memory, where they stay)
+    kv_cache_bytes: int
+    host_copy_bytes: int  # the weights' pinned host copy while asleep on a GPU
+    seconds: float = 0.0  # what the sleep or wake took
+    error: str = ""  # set when the sleep was refused; nothing changed
+    device_memory_bytes: int = 0  # what the device allocator holds after it (0 on a CPU)
+
+
+ToEngine = ToEngine | Sleep | Wake
+FromEngine = FromEngine | EngineSleepState

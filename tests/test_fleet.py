@@ -50,7 +50,7 @@ def test_on_demand_model_sleeps_until_asked_and_answers_as_before_after_sleep(mo
         assert woken_at is not None
         assert admin(server, "POST", "/admin/models/a/sleep", params={"level": 2}).json()["status"] == "sleeping"
         assert greedy(server, "a") == answers[0]  # woken by the request itself: the same greedy answer
-        refused = admin(server, "POST", "/admin/models/a/sleep", params={"level": 1})
+        refused = admin(server, "POST", "/admin/models/a/sleep", params={"level": 3})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "level"
         assert admin(server, "POST", "/admin/models/zzz/wake").status_code == 404
 

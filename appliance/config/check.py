@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import EngineConfigError, check_tensor_parallel_split
@@ -111,6 +112,7 @@ def check(config: AppConfig, source: str) -> list[ConfigError]:
         if defaults and defaults.max_tokens is not None and defaults.max_tokens > config.server.max_tokens:
             run(fail, "default_sampling.max_tokens",
                 f"{defaults.max_tokens} is above server.max_tokens ({config.server.max_tokens})")
+    run(check_device_memory, config, source)
     return errors
 
 

@@ -83,8 +83,8 @@ class ServerSpec(_Schema, kw_only=True):
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
         "considered hung, killed and restarted.", ge=1)] = 120.0
     max_active_models: Annotated[PositiveInt | None, _doc(
-        "Most models with running engines at once; waking another first puts the least recently used idle one to "
-        "sleep (null: no limit).")] = None
+        "Most models awake at once (one asleep at level 1 keeps its engine process but frees its device memory); "
+        "waking another first puts the least recently used idle one to sleep (null: no limit).")] = None
     wake_timeout_s: Annotated[float, _doc(
         "Seconds a request waits for its sleeping model to wake before it gets 503 with Retry-After.", gt=0)] = 300.0
     request_read_timeout_s: Annotated[float, _doc(
@@ -304,8 +304,11 @@ class ModelSpec(_Schema, kw_only=True):
     load: Annotated[Literal["eager", "on_demand"], _doc(
         "eager: start the engines with the server; on_demand: at the first request for the model.")] = "eager"
     idle_sleep_s: Annotated[Annotated[float, Meta(gt=0)] | None, _doc(
-        "Put the model to sleep (its engines stopped, level 2) after this many seconds without a request; the "
-        "next request wakes it (null: never).")] = None
+        "Put the model to sleep (at sleep_level) after this many seconds without a request; the next request wakes "
+        "it (null: never).")] = None
+    sleep_level: Annotated[Literal[1, 2], _doc(
+        "How the model sleeps when idle or to make room: 1 frees the KV cache and moves the weights to host memory "
+        "(the engines stay, a wake is a copy back); 2 stops the engines (a wake loads the weights again).")] = 2
 
     def to_engine_config(self, model_path: str) -> EngineConfig:
         """The engine's options for this model; `model_path` is `source` resolved to a local path. Raises
