@@ -280,7 +280,6 @@ class StatsHub:
         reported = [r for r in live if r.stats is not None]
         info = live[0].info if live else runtime.info
         stats = [r.stats for r in reported]
-        parallelism = spec.parallelism
         return {
             "name": runtime.name,
             "task": spec.task,
@@ -291,8 +290,7 @@ class StatsHub:
             # Until the engine reports what it loaded, only the requested online method is known.
             "quantization": info.quantization if info else (spec.quantization or "none"),
             "kv_cache_dtype": spec.kv_cache.dtype,
-            "parallelism": {"tensor": parallelism.tensor, "pipeline": parallelism.pipeline,
-                            "data": parallelism.data, "expert": parallelism.expert},
+            "parallelism": {key: getattr(spec.parallelism, key) for key in ("tensor", "pipeline", "data", "expert")},
             "max_model_len": info.max_model_len if info else None,
             "block_size": info.block_size if info else spec.kv_cache.block_size,
             "started_at": runtime.started_at,
