@@ -3,7 +3,7 @@
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
-layer (with tensor parallelism, of this rank's KV heads). It does not decide which blocks a request uses: that is
+layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only). It does not decide which blocks a request uses: that is
 the KV cache manager's job.
 """
 
@@ -28,6 +28,8 @@ class KVMemory:
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.num_blocks = 0
         layers = model.attention_layers()
+        # This stage's layers (all of them without pipeline parallelism); an encoder's count is bookkeeping only.
+        self.num_layers = len(layers) or model_config.num_layers
         # This rank's shard of the heads (all of them without tensor parallelism); an encoder caches nothing.
         self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
                                              else (model_config.num_kv_heads, model_config.head_size))
@@ -36,7 +38,7 @@ class KVMemory:
     def bytes_per_block(self) -> int:
         mc = self.model_config
         element_size = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
 
     def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
         """`run_largest_step(lengths, block_tables)` runs the largest forward the scheduler can produce, one
