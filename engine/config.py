@@ -179,19 +179,17 @@ class EngineConfig:
                                                                 f"pipeline stage, got {list(split)}")
         if size == 1:
             return
-        refused = {
-            "task": (self.task != "generate", "pooling models are not split into stages yet"),
-            "enable_lora": (self.enable_lora, "LoRA adapters are not split into stages yet"),
+        refused = (
+            (self.task != "generate", f"for task {self.task!r} (pooling models are not split into stages yet)"),
+            (self.enable_lora, "with LoRA adapters (not split into stages yet)"),
             # The runner reads a token sampled by the step in flight from the device, where only the last stage has it.
-            "async_scheduling": (bool(self.async_scheduling), "a stage cannot take the token that the last stage "
-                                                              "is still sampling"),
-            "speculative_config": (self.speculative_config is not None, "speculative decoding is not split into "
-                                                                        "stages yet"),
-        }
-        for option, (is_set, why) in refused.items():
+            (self.async_scheduling, "with async_scheduling (the first stage cannot take a token that the last one "
+                                    "is still sampling)"),
+            (self.speculative_config is not None, "with speculative decoding (not split into stages yet)"),
+        )
+        for is_set, why in refused:
             if is_set:
-                raise EngineConfigError(option, f"{why} (pipeline_parallel_size {size}), got "
-                                                f"{getattr(self, option)!r}")
+                raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
