@@ -185,7 +185,6 @@ class EngineConfig:
             # The runner reads a token sampled by the step in flight from the device, where only the last stage has it.
             (self.async_scheduling, "with async_scheduling (the first stage cannot take a token that the last one "
                                     "is still sampling)"),
-            (self.speculative_config is not None, "with speculative decoding (not split into stages yet)"),
         )
         for is_set, why in refused:
             if is_set:

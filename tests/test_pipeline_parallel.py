@@ -166,3 +166,35 @@ def test_served_with_two_pipeline_stages(tiny_model, tmp_path):
                                                         temperature=0, extra_body={"ignore_eos": True})
     assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == [
         o.outputs[0].text for o in expected]
+
+
+def test_speculative_decoding_across_stages(tiny_model):
+    """Drafts go to every stage with the step; the last stage verifies them and rank 0 gets the accepted ones."""
+    model_dir = three_layers(tiny_model)
+    prompts = [[100, 101, 102, 103] * 8, [7, 8, 9] * 5 + [40]]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
+    options = {**OPTIONS, "speculative_config": {"num_speculative_tokens": 3, "prompt_lookup_min": 1}}
+    expected = LLM(model_dir, **OPTIONS).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model_dir, **options, pipeline_parallel_size=2)
+    try:
+        actual = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.core.stats().spec_decoding.num_accepted_tokens > 0
+    finally:
+        llm.shutdown()
+    assert_same([expected], [actual])
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_cuda_stages_over_nccl_answer_as_one_gpu(tiny_model, tensor_parallel_size):
+    """The same on GPUs: activations over NCCL, results back over the gloo control group."""
+    if torch.cuda.device_count() < 2 * tensor_parallel_size:
+        pytest.skip(f"needs {2 * tensor_parallel_size} CUDA devices")
+    model_dir = three_layers(tiny_model)
+    options = {**OPTIONS, "device": "cuda"}
+    expected = LLM(model_dir, **options).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(model_dir, **options, pipeline_parallel_size=2, tensor_parallel_size=tensor_parallel_size)
+    try:
+        actual = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert_same([expected], [actual])
