@@ -28,6 +28,15 @@ SHAPES = {
                          "original_max_position_embeddings": 8192},
         "torch_dtype": "bfloat16",
     },
+    "llama-3.2-1b": {  # the 8B's draft shape: the same vocabulary
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+        "rope_theta": 500000.0, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "torch_dtype": "bfloat16",
+    },
     "tiny-llama": {  # the CPU smoke test's shape
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

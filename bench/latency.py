@@ -3,12 +3,17 @@
     python bench/latency.py --shape llama-3.1-8b --input-len 128 --output-len 128 --peer
     python bench/latency.py --shape tiny-llama --device cpu --iters 2  # smoke
     python bench/latency.py --shape llama-3.1-8b --speculative replay:4 --batch 32
+    python bench/latency.py --shape llama-3.1-8b --speculative draft:llama-3.2-1b:4
+    python bench/latency.py --shape tiny-llama --device cpu --iters 2 --output-len 16 --speculative draft:tiny-llama:2
 
 Prints the time to first token and the decode rate (tokens/s after the first) for kvbox, and with --peer for
 transformers' `generate` at batch 1; on a GPU, the batch-1 decode roofline (weight bytes over the copy bandwidth).
 `--batch B` sends B requests at a time (the rate is then theirs together). `--speculative ngram:K` runs again with
 n-gram speculation of K tokens, `replay:K` with a bench-only proposer that replays the greedy continuation of the
 run without it (acceptance 1.0: the draft-free upper bound), and prints both rates, the speedup and the acceptance.
+`draft:SHAPE:K` drafts K tokens with a draft model of that shape (dummy weights, so its drafts are hardly ever
+accepted): it prints the cost of one verified step (K drafts drawn, K + 1 positions verified) against one plain
+decode step, and the break-even acceptance rate, the per-draft rate at which speculation starts to pay.
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (QUANTIZATIONS, SHAPES, measure_card, peer_generate, peer_model,  # noqa: E402
-                          quantized_shape_folder, random_prompts, sync)
+                          quantized_shape_folder, random_prompts, shape_folder, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def make_core(args, speculative_tokens: int | None = None) -> EngineCore:
+def make_core(args, speculative_tokens: int | None = None, draft_shape: str | None = None) -> EngineCore:
     speculative = None
-    if speculative_tokens is not None:
+    if draft_shape is not None:
+        speculative = {"model": shape_folder(draft_shape), "num_speculative_tokens": speculative_tokens}
+    elif speculative_tokens is not None:
         speculative = {"method": "ngram", "num_speculative_tokens": speculative_tokens, "prompt_lookup_min": 1,
                        "prompt_lookup_max": 4}
     return EngineCore(EngineConfig(
@@ -74,9 +81,60 @@ def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> t
     return statistics.median(ttfts), statistics.median(rates), sequences, core.weight_bytes
 
 
+def decode_step_seconds(args, core: EngineCore, prompts) -> float:
+    """The median over batches (the first warms up) of the time of one decode step, the prefill's step excluded."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    per_step = []
+    for b in range(0, len(prompts), args.batch):
+        for i in range(b, b + args.batch):
+            core.add_request(str(i), prompts[i], params)
+        core.step()
+        sync(args.device)
+        start, num_steps = time.perf_counter(), 0
+        while core.has_unfinished_requests():
+            core.step()
+            num_steps += 1
+        sync(args.device)
+        if b > 0:
+            per_step.append((time.perf_counter() - start) / num_steps)
+    return statistics.median(per_step)
+
+
+def break_even_acceptance(cost_ratio: float, k: int) -> float | None:
+    """The per-draft acceptance rate a at which a verified step, which emits (1 - a^(k+1)) / (1 - a) tokens on
+    average, emits as many tokens per second as plain decoding; None when even a = 1 (k + 1 tokens) falls short."""
+    if cost_ratio >= k + 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        a = (low + high) / 2
+        low, high = (a, high) if sum(a ** i for i in range(k + 1)) < cost_ratio else (low, a)
+    return low
+
+
+def run_draft_model(args, prompts, draft_shape: str, k: int) -> dict:
+    """Cost of a verified step with a `draft_shape` draft against a plain decode step, and the break-even rate."""
+    plain = decode_step_seconds(args, make_core(args), prompts)
+    core = make_core(args, k, draft_shape)
+    verified = decode_step_seconds(args, core, prompts)
+    stats = core.stats().spec_decoding
+    even = break_even_acceptance(verified / plain, k)
+    print(f"kvbox + {draft_shape} draft, k={k}: verified step {verified * 1e3:.2f} ms vs decode step "
+          f"{plain * 1e3:.2f} ms ({verified / plain:.2f}x); break-even acceptance "
+          + (f"{even:.2f} per draft" if even is not None else f"none (beyond k + 1 = {k + 1} tokens per step)")
+          + f"; acceptance of these dummy weights {stats.num_accepted_tokens / max(stats.num_draft_tokens, 1):.2f}")
+    return {"method": "draft", "draft_shape": draft_shape, "k": k, "verified_step_ms": verified * 1e3,
+            "decode_step_ms": plain * 1e3, "cost_ratio": verified / plain, "break_even_acceptance": even}
+
+
 def run_speculative(args, prompts, sequences: dict[str, list[int]], rate: float) -> dict:
     """The same prompts with speculation (`ngram:K` or `replay:K`); prints and returns its rate beside `rate`."""
     method, _, k = args.speculative.partition(":")
+    if method == "draft":
+        draft_shape, _, k = k.partition(":")
+        if draft_shape not in SHAPES or not k.isdigit():
+            raise SystemExit(f"--speculative draft:SHAPE:K with SHAPE one of {', '.join(sorted(SHAPES))}")
+        return run_draft_model(args, prompts, draft_shape, int(k))
     core = make_core(args, int(k))
     if method == "replay":
         core.scheduler.drafter.proposer = ReplayProposer(list(sequences.values()), args.input_len)
@@ -131,8 +189,9 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
                         help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")
     parser.add_argument("--batch", type=int, default=1, help="requests sent together")
-    parser.add_argument("--speculative", help="also run with speculation: ngram:K, or replay:K (the draft-free "
-                                              "upper bound: replays the greedy continuation, bench only)")
+    parser.add_argument("--speculative", help="also run with speculation: ngram:K, replay:K (the draft-free "
+                                              "upper bound: replays the greedy continuation, bench only), or "
+                                              "draft:SHAPE:K (a draft model's step cost and break-even acceptance)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
     parser.add_argument("--peer", action="store_true")

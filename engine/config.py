@@ -9,10 +9,13 @@ appliance's YAML schema takes its defaults and choices from here and maps onto t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, get_args
 
 import msgspec
+
+from engine.spec_decode.draft_check import draft_mismatch
 
 BlockSize = Literal[8, 16, 32]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: the checkpoint's
@@ -35,21 +38,27 @@ class EngineConfigError(ValueError):
         self.field, self.problem = field, problem
 
 
-SpeculativeMethod = Literal["ngram"]
+SpeculativeMethod = Literal["ngram", "draft_model"]
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (vLLM's `speculative_config` keys). ngram: prompt lookup, drafts are the tokens that
     followed the latest earlier occurrence of the sequence's last n tokens, n from prompt_lookup_max down to
-    prompt_lookup_min (vLLM's rule: one bound unset takes the other's value, both unset are 5)."""
+    prompt_lookup_min (vLLM's rule: one bound unset takes the other's value, both unset are 5). draft_model: a
+    smaller model folder (`model`) with the target's tokenizer proposes the drafts; as in vLLM, giving `model`
+    without `method` means draft_model."""
 
     num_speculative_tokens: int
-    method: SpeculativeMethod = "ngram"
+    method: SpeculativeMethod | None = None  # None: draft_model when `model` is given, else ngram
+    model: str | None = None
+    draft_tensor_parallel_size: int | None = None  # the draft is not sharded: only 1 (or None) is accepted
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
 
     def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "draft_model" if self.model is not None else "ngram")
         if self.method not in get_args(SpeculativeMethod):
             raise EngineConfigError("speculative_config.method", f"expected one of "
                                     f"{', '.join(get_args(SpeculativeMethod))}, got {self.method!r}")
@@ -64,6 +73,16 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise EngineConfigError("speculative_config.prompt_lookup_min", f"must be <= prompt_lookup_max "
                                     f"({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise EngineConfigError("speculative_config.draft_tensor_parallel_size",
+                                    f"only 1 is supported (the draft runs unsharded), got "
+                                    f"{self.draft_tensor_parallel_size!r}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise EngineConfigError("speculative_config.model", "is required by method draft_model"
+                                    if self.model is None else f"is for method draft_model, not {self.method}")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise EngineConfigError("speculative_config.model", f"no model folder (with a config.json) at "
+                                                                f"{self.model!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SpeculativeConfig:
@@ -125,6 +144,8 @@ class EngineConfig:
         if self.speculative_config is not None and self.task != "generate":
             raise EngineConfigError("speculative_config", f"speculative decoding serves generation only, not task "
                                                           f"{self.task!r}")
+        if self.speculative_config is not None and self.speculative_config.model is not None:
+            self._check_draft_model()
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
                               ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy),
                               ("task", Task)):
@@ -189,6 +210,17 @@ class EngineConfig:
         for is_set, why in refused:
             if is_set:
                 raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
+
+    def _check_draft_model(self) -> None:
+        if self.tensor_parallel_size > 1:
+            raise EngineConfigError("speculative_config.model", f"a draft model runs with tensor_parallel_size 1 "
+                                    f"only, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size > 1:
+            raise EngineConfigError("speculative_config.model", f"a draft model runs with pipeline_parallel_size 1 "
+                                    f"only, got {self.pipeline_parallel_size}")
+        problem = draft_mismatch(self.model, self.tokenizer, self.speculative_config.model)
+        if problem is not None:
+            raise EngineConfigError("speculative_config.model", problem)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:

@@ -84,6 +84,9 @@ class CachedRequestData(msgspec.Struct, array_like=True):
         self.resumed.append(resumed)
 
 
+DRAFT_TOKEN_PLACEHOLDER = -1
+
+
 class SchedulerOutput(msgspec.Struct, array_like=True):
     """One step. The batch runs the cached requests in their order, then the new ones."""
 
@@ -101,7 +104,8 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     structured_req_ids: list[str] = []
     grammar_bitmask: bytes | None = None
     # Speculative decoding: req id -> draft token ids that follow its last known token. Its row's num_new_tokens
-    # counts them: the runner computes 1 + k positions and samples at each to verify them.
+    # counts them: the runner computes 1 + k positions and samples at each to verify them. With a draft model the
+    # ids are DRAFT_TOKEN_PLACEHOLDER: the runner's draft model draws them in the step.
     spec_token_ids: dict[str, list[int]] = {}
 
     @property

@@ -19,8 +19,12 @@ from engine.models.config import ModelConfig
 
 
 class KVMemory:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, device: torch.device):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module, device: torch.device,
+                 draft: KVMemory | None = None):
+        """`draft`: a draft model's KV memory, whose cache gets as many blocks as this one (the same block tables
+        address both), so each block costs both."""
         self.config = config
+        self.draft = draft
         self.model_config = model_config
         self.model = model
         self.device = device
@@ -38,7 +42,8 @@ class KVMemory:
     def bytes_per_block(self) -> int:
         mc = self.model_config
         element_size = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
+        own = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
+        return own + (self.draft.bytes_per_block if self.draft is not None else 0)
 
     def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:
         """`run_largest_step(lengths, block_tables)` runs the largest forward the scheduler can produce, one
@@ -58,10 +63,14 @@ class KVMemory:
         for layer in self.model.attention_layers():
             layer.kv_cache = torch.zeros((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size),
                                          dtype=self.model_config.dtype, device=self.device)
+        if self.draft is not None:
+            self.draft.allocate(num_blocks)
 
     def release(self) -> None:
         for layer in self.model.attention_layers():
             layer.kv_cache = None
+        if self.draft is not None:
+            self.draft.release()
 
     def _profile_shapes(self) -> tuple[list[int], list[list[int]]]:
         """The profiling step: `max_num_seqs` sequences (at most one per token) sharing `max_num_batched_tokens`

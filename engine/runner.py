@@ -36,7 +36,8 @@ from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
 from engine.sampler import (LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask,
                             to_device)
-from engine.spec_decode.verify import split_verified, verification_rows
+from engine.spec_decode.draft_model import DraftModel
+from engine.spec_decode.verify import split_verified, stacked_draft_probs, verification_rows
 
 
 class ModelRunner:
@@ -55,7 +56,11 @@ class ModelRunner:
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage)
         self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
-        self.kv_memory = KVMemory(config, model_config, self.model, device)
+        spec = config.speculative_config
+        self.draft_model = (DraftModel(config, model_config, device) if spec is not None and spec.model is not None
+                            else None)
+        self.kv_memory = KVMemory(config, model_config, self.model, device,
+                                  self.draft_model.kv_memory if self.draft_model is not None else None)
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,
                                 config.block_size, device, with_lora=config.enable_lora)
         self.requests = RequestStates()
@@ -103,6 +108,7 @@ class ModelRunner:
         """Queues the step's forward and sampling on the device and returns without waiting for them; the output's
         `get()` waits. A request whose last token is still pending from the previous step gets it on the device."""
         rows = self.requests.apply(scheduler_output)
+        draft_probs = self.draft_model.draft(rows) if self.draft_model is not None else {}
         lora_slots = None
         if self.lora is not None:
             rows.sort(key=lambda row: row.state.adapter_id or "")
@@ -128,7 +134,8 @@ class ModelRunner:
             return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
         if sampling:
-            self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output, draft_ids)
+            self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output, draft_ids,
+                         draft_probs)
         if prompt_rows[0]:
             self._prompt_logprobs(hidden, *prompt_rows, output)
         if self.device.type == "cuda":
@@ -191,7 +198,8 @@ class ModelRunner:
         return indices, targets
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
-                output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None) -> None:
+                output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None,
+                draft_probs: dict[str, torch.Tensor]) -> None:
         num_rows = len(rows)
         # When every token samples (decode), its hidden states are the rows, in order.
         rows_hidden = (hidden[:num_rows] if num_rows == num_tokens
@@ -201,7 +209,8 @@ class ModelRunner:
         if scheduler_output.grammar_bitmask is not None:
             metadata.grammar_bitmask = grammar_bitmask(scheduler_output, rows, self.device)
         if draft_ids is not None:
-            sampled = self.sampler(logits, metadata, to_device(torch.tensor(draft_ids), self.device))
+            sampled = self.sampler(logits, metadata, to_device(torch.tensor(draft_ids), self.device),
+                                   stacked_draft_probs(rows, draft_probs))
             output.accepted = _to_host(sampled.accepted)
         else:
             sampled = self.sampler(logits, metadata)

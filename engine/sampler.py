@@ -141,10 +141,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata,
-                 draft_token_ids: torch.Tensor | None = None) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata, draft_token_ids: torch.Tensor | None = None,
+                 draft_probs: torch.Tensor | None = None) -> SamplerOutput:
         """`draft_token_ids` ([n], -1 where a row has none): speculative decoding's verification, where each row
-        is one position of a request's drafts and the output says which drafts were accepted (`rejection_sample`)."""
+        is one position of a request's drafts and the output says which drafts were accepted (`rejection_sample`);
+        `draft_probs` ([n, vocab]): the distribution each draft was drawn from, when not one-hot."""
         # logits: [n, vocab] float32; left untouched (every step below returns a new tensor).
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
@@ -154,7 +155,7 @@ class Sampler:
         if draft_token_ids is None:
             sampled = _sample(logits, metadata)
         else:
-            sampled, accepted = rejection_sample(logits, metadata, draft_token_ids)
+            sampled, accepted = rejection_sample(logits, metadata, draft_token_ids, draft_probs)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
@@ -296,16 +297,17 @@ def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     return sampled if greedy is None else torch.where(metadata.greedy_mask, greedy, sampled)
 
 
-def rejection_sample(logits: torch.Tensor, metadata: SamplingMetadata,
-                     draft_token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rejection_sample(logits: torch.Tensor, metadata: SamplingMetadata, draft_token_ids: torch.Tensor,
+                     draft_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative decoding's verification, which keeps the target distribution exactly (Leviathan et al., 2023).
 
     Row i is one position of a request: `draft_token_ids[i]` is the draft proposed there, -1 at the position after
-    the last draft (the bonus token). The n-gram proposer's distribution q is one-hot at its draft d, so a random
-    row accepts d with probability min(1, p(d) / q(d)) = p(d), and otherwise samples from norm(max(0, p - q)): p
-    without d. A greedy row accepts d when it is the argmax, and otherwise takes the argmax. Returns each row's token
-    (d when accepted) and whether its draft was accepted; the caller emits a request's tokens up to and including
-    its first row whose draft was not accepted.
+    the last draft (the bonus token). A random row accepts its draft d with probability min(1, p(d) / q(d)) and
+    otherwise samples from norm(max(0, p - q)), where q is the distribution d was drawn from: `draft_probs[i]` (a
+    draft model's), or, without them, one-hot at d (the n-gram proposer), which makes these p(d) and p without d. A
+    greedy row accepts d when it is the argmax, and otherwise takes the argmax. Returns each row's token (d when
+    accepted) and whether its draft was accepted; the caller emits a request's tokens up to and including its first
+    row whose draft was not accepted.
     """
     greedy = None if metadata.all_random else logits.argmax(dim=-1)
     if metadata.all_greedy:
@@ -313,10 +315,15 @@ def rejection_sample(logits: torch.Tensor, metadata: SamplingMetadata,
     probs = target_probs(logits, metadata)
     has_draft = draft_token_ids >= 0
     drafts = draft_token_ids.clamp(min=0).unsqueeze(1)
-    draft_probs = probs.gather(1, drafts).squeeze(1)
-    uniform = random_like(draft_probs.unsqueeze(1), metadata.generators, torch.Tensor.uniform_).squeeze(1)
-    accepted = has_draft & (uniform < draft_probs)
-    residual = torch.where(has_draft.unsqueeze(1), probs.scatter(1, drafts, 0.0), probs)
+    target_at_draft = probs.gather(1, drafts).squeeze(1)
+    uniform = random_like(target_at_draft.unsqueeze(1), metadata.generators, torch.Tensor.uniform_).squeeze(1)
+    if draft_probs is None:
+        accepted = has_draft & (uniform < target_at_draft)
+        residual = probs.scatter(1, drafts, 0.0)
+    else:
+        accepted = has_draft & (uniform * draft_probs.gather(1, drafts).squeeze(1) < target_at_draft)
+        residual = (probs - draft_probs).clamp_(min=0.0)
+    residual = torch.where(has_draft.unsqueeze(1), residual, probs)
     sampled = torch.where(accepted, draft_token_ids, sample_from(residual, metadata.generators))
     if greedy is None:
         return sampled, accepted

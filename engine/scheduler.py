@@ -248,9 +248,12 @@ class Scheduler:
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
         """Penalties and multi-token bad words need every earlier output token on the host, a grammar's next
         bitmask needs the token before it, and verified drafts change how many tokens a request has, so a batch
-        using any of them is completed before the next step is scheduled."""
-        return not any(item.samples and (item.request.sampling_params.needs_output_history
-                                         or item.request.grammar is not None or item.drafts)
+        using any of them is completed before the next step is scheduled. With speculation on (n-gram or a draft
+        model), every sampling batch is: a request gets drafts only once its last token is on the host, so
+        scheduling ahead would starve the drafter on a device that runs behind the host."""
+        speculating = self.drafter is not None
+        return not any(item.samples and (speculating or item.request.sampling_params.needs_output_history
+                                         or item.request.grammar is not None)
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:

@@ -1,7 +1,9 @@
-"""8-bit linears on CUDA through cuBLAS(Lt): FP8 W8A8 by `torch._scaled_mm` (Hopper / Ada) and INT8 W8A8 by
-`torch._int_mm`, both with per-token (or static per-tensor) activation scales times per-output-channel weight scales
+"""8-bit linears on CUDA: FP8 W8A8 by `torch._scaled_mm` (Hopper / Ada) and INT8 W8A8 by `torch._int_mm` through
+cuBLAS(Lt), both with per-token (or static per-tensor) activation scales times per-output-channel weight scales
 applied after the integer / fp8 GEMM. Same signature and quantization as `kernels.reference.w8a8_linear`, which
 emulates it in float32.
+
+The activations are quantized by one Triton launch (`kernels.act_quant`): in torch ops it took as long as the GEMM.
 
 What cuBLAS does not take goes the dequantizing way, on any GPU: weight-only 8-bit (`quantize_input=False`) and
 block-scaled weights (fp8 checkpoints with `weight_block_size`) get the weight dequantized to x's dtype for the call.
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import dequantize_w8, quantize_activations
+from kernels.act_quant import quantize_activations
+from kernels.reference import dequantize_w8
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
@@ -26,7 +29,6 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     q, scale = quantize_activations(x2, weight.dtype, input_scale)
-    scale = scale.reshape(-1, 1).expand(m, 1).contiguous()  # a static scale serves every row
     if weight.dtype == torch.float8_e4m3fn:
         # Row-wise scaling writes bfloat16 only.
         out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, n),

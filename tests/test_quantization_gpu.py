@@ -38,19 +38,26 @@ def test_weight_only_gpu_tokens_match_the_cpu_path(float_model, tmp_path, name):
     assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu], name
 
 
+def forced_logprobs(model_dir, device, sequences, **options) -> torch.Tensor:
+    """Each position's logprob of the token that follows it in `sequences` (teacher forcing): every path is judged on
+    the same tokens, so a bf16 near-tie that sends free-running paths apart cannot hide or fake a difference."""
+    llm = LLM(str(model_dir), dtype="bfloat16", device=device, num_kv_blocks=64, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate(sequences, params, use_tqdm=False)
+    return torch.tensor([e.logprobs[0] for o in outputs for e in o.prompt_logprobs if e is not None])
+
+
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_w8a8_gpu_follows_the_cpu_emulation(float_model, method):
+    """The GPU's 8-bit GEMMs against the CPU's float32 emulation of the same scheme, on the float model's greedy
+    continuations: the mean logprob gap between them stays under half of what the quantization itself moves (the
+    CPU tests show this rule failing for a scale off by 25%)."""
     if method == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9")
-    quantized_gpu = greedy(float_model, "cuda", "bfloat16", quantization=method, kernel_backend="triton")
-    quantized_cpu = greedy(float_model, "cpu", "bfloat16", quantization=method)
-    float_cpu = greedy(float_model, "cpu", "bfloat16")
-    same = sum(a.token_ids == b.token_ids for a, b in zip(quantized_gpu, quantized_cpu))
-    assert same >= len(PROMPTS) - 1, (method, same)
-
-    def mean_gap(a, b):  # the chosen tokens' logprobs, up to where the two paths part
-        gaps = [abs(x.logprobs[i].logprobs[0] - y.logprobs[i].logprobs[0])
-                for x, y in zip(a, b) for i in range(NEW_TOKENS) if x.token_ids[:i + 1] == y.token_ids[:i + 1]]
-        return sum(gaps) / max(1, len(gaps))
-
-    assert mean_gap(quantized_gpu, quantized_cpu) <= 0.5 * mean_gap(quantized_cpu, float_cpu) + 1e-3, method
+    sequences = [p + o.token_ids for p, o in zip(PROMPTS, greedy(float_model, "cpu", "bfloat16"))]
+    quantized_gpu = forced_logprobs(float_model, "cuda", sequences, quantization=method, kernel_backend="triton")
+    quantized_cpu = forced_logprobs(float_model, "cpu", sequences, quantization=method)
+    float_cpu = forced_logprobs(float_model, "cpu", sequences)
+    effect = (quantized_cpu - float_cpu).abs().mean().item()
+    gap = (quantized_gpu - quantized_cpu).abs().mean().item()
+    assert gap <= 0.5 * effect + 1e-3, (method, gap, effect)

@@ -190,9 +190,14 @@ class PoolingSpec(_Schema, kw_only=True):
 
 
 class SpeculativeSpec(_Schema, kw_only=True):
-    method: Annotated[SpeculativeMethod, _doc(
-        "ngram: prompt lookup (drafts copied from earlier in the sequence; no draft model).")] = "ngram"
+    method: Annotated[SpeculativeMethod | None, _doc(
+        "ngram: prompt lookup (drafts copied from earlier in the sequence; no draft model). draft_model: a smaller "
+        "model with the same tokenizer drafts (null: draft_model when `model` is set, else ngram).")] = None
     num_speculative_tokens: Annotated[PositiveInt, _doc("Draft tokens verified per step (k).")]
+    model: Annotated[str | None, _doc(
+        "The draft model's folder (method draft_model): same vocabulary and tokenizer as the served model.")] = None
+    draft_tensor_parallel_size: Annotated[PositiveInt | None, _doc(
+        "Ranks the draft is split over; only 1 (the draft runs unsharded beside an unsharded target).")] = None
     prompt_lookup_min: Annotated[PositiveInt | None, _doc(
         "Shortest suffix n-gram looked up (null: prompt_lookup_max, or 5 when both are null).")] = None
     prompt_lookup_max: Annotated[PositiveInt | None, _doc(

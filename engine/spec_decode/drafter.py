@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.config import SpeculativeConfig
-from engine.contract import SpecDecodingStats
+from engine.contract import DRAFT_TOKEN_PLACEHOLDER, SpecDecodingStats
 from engine.request import Request
 from engine.spec_decode.ngram import NgramProposer
 
@@ -15,11 +15,21 @@ class Proposer(Protocol):
     def propose(self, token_ids: list[int], max_drafts: int) -> list[int]: ...
 
 
+class DraftModelSlots:
+    """A draft model runs in the runner (`engine.spec_decode.draft_model`): here its drafts are only positions."""
+
+    def propose(self, token_ids: list[int], max_drafts: int) -> list[int]:
+        return [DRAFT_TOKEN_PLACEHOLDER] * max_drafts
+
+
 class Drafter:
     def __init__(self, config: SpeculativeConfig):
         self.num_speculative_tokens = config.num_speculative_tokens
+        # The runner's draft model needs each request's latest token on the host, so no step is scheduled ahead.
+        self.drafts_in_runner = config.method == "draft_model"
         # Replaceable (bench/latency.py installs a replay proposer for the draft-free upper bound).
-        self.proposer: Proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer: Proposer = (DraftModelSlots() if self.drafts_in_runner
+                                   else NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
         self.stats = SpecDecodingStats(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
 
     def drafts(self, request: Request, num_new: int, budget: int, max_model_len: int) -> list[int]:

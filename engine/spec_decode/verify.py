@@ -33,6 +33,25 @@ def verification_rows(row: ScheduledRow, last_index: int,
     return rows, [*drafts, -1]
 
 
+def stacked_draft_probs(rows: list[ScheduledRow], draft_probs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The q of each sampling row's draft ([rows, vocab], zeros where a row has no draft or its request is greedy),
+    from each request's q ([drafts, vocab]); None when no request has one (greedy or n-gram drafts)."""
+    if not draft_probs:
+        return None
+    targets, sources, seen = [], [], {}
+    for i, row in enumerate(rows):
+        req_id = row.state.req_id
+        if (q := draft_probs.get(req_id)) is not None:
+            j = seen[req_id] = seen.get(req_id, -1) + 1
+            if j < len(q):  # the last row of a request is its bonus position, which has no draft
+                targets.append(i)
+                sources.append(q[j])
+    first = next(iter(draft_probs.values()))
+    stacked = first.new_zeros(len(rows), first.shape[1])
+    stacked[torch.tensor(targets, device=first.device)] = torch.stack(sources)
+    return stacked
+
+
 def split_verified(output: ModelRunnerOutput, accepted: list[bool]) -> None:
     """Turns an output of one entry per sampling row (a request verifying k drafts has k + 1 consecutive rows)
     into one entry per request, in place: a request's accepted drafts are those before its first rejected one, and

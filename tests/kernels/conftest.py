@@ -13,7 +13,8 @@ import sys
 import torch
 
 KERNEL_MODULES = ("kernels.attention", "kernels.kv_store", "kernels.norm", "kernels.activation",
-                  "kernels.rotary", "kernels.lora", "kernels.gemv", "kernels.wna16")
+                  "kernels.rotary", "kernels.lora", "kernels.gemv", "kernels.wna16",
+                  "kernels.act_quant")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -12,11 +12,11 @@ from kernels import reference
 FP8_OK = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def make_layer(n, k, dtype, seed):
+def make_layer(n, k, dtype, seed, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=g) * k**-0.5
     quantized, scale = reference.quantize_activations(weight, dtype)  # per output channel
-    return quantized.cuda(), scale[:, 0].cuda()
+    return quantized.to(device), scale[:, 0].to(device)
 
 
 @gpu
@@ -52,3 +52,4 @@ def test_weight_only_and_block_scales_dequantize():
         out = w8a8.w8a8_linear(x, weight, block_scale, None, None, quantize_input=quantize_input)
         expected = torch.nn.functional.linear(x, reference.dequantize_w8(weight, block_scale).to(x.dtype))
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+

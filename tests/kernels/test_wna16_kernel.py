@@ -58,6 +58,17 @@ def test_fused_kernel_matches_reference(m, k, n, bits, group_size, act_order, dt
     check(m, k, n, bits, group_size, act_order, dtype, bias)
 
 
+@pytest.mark.parametrize(("m", "bits", "group_size", "act_order", "bias", "config"), [
+    (1, 4, 32, False, False, (1, 32, 32, 4, 4, 2)),  # decode GEMV in registers, K split in four
+    (2, 8, -1, False, True, (1, 32, 32, 2, 4, 2)),  # one program row per token, bias added after the sum
+    (3, 4, 32, True, True, (16, 32, 32, 3, 4, 2)),  # act-order on tensor cores, three slices
+])
+def test_split_k_and_register_paths_match_reference(m, bits, group_size, act_order, bias, config):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K splits, warps, stages) forced: the float32 partials of each K slice, summed,
+    equal the unsplit result."""
+    check(m, 128, 48, bits, group_size, act_order, torch.float32, bias, config=config)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_dequantize_then_gemm_path_matches_reference(act_order):
     check(6, 64, 48, 4, 32, act_order, torch.float32, True, fused_max_rows=4)

@@ -1,0 +1,119 @@
+"""Times the quantized linears against bf16 cuBLAS on Llama-3.1-8B's four projections (CUDA only), to pick the
+W4A16 kernel's launch heuristics and to see where the W8A8 path's time goes.
+
+Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
+gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
+
+    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep]
+
+--sweep times every W4A16 launch configuration of a small grid per shape and row count and prints the best next
+to the heuristic's choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.quantization.wna16 import default_g_idx, pack_rows  # noqa: E402
+from kernels import act_quant, reference, w8a8, wna16  # noqa: E402
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+DEV = torch.device("cuda")
+CALLS = 24
+
+
+def graph_time_us(fn) -> float:
+    """Microseconds per call of `fn`, replayed CALLS times in one CUDA graph, median of 5 replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return sorted(times)[2]
+
+
+def layers(k: int, n: int):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    q4 = pack_rows(torch.randint(0, 16, (k, n), generator=g), 4).to(DEV)
+    scales = (torch.rand(k // 128, n, generator=g) * 0.01).half().to(DEV)
+    zeros = torch.full((k // 128, n), 8, dtype=torch.int16, device=DEV)
+    g_idx = default_g_idx(k, 128, DEV)
+    fp8, fp8_scale = reference.quantize_activations(w, torch.float8_e4m3fn)
+    i8, i8_scale = reference.quantize_activations(w, torch.int8)
+    return (w.to(DEV, torch.bfloat16), (q4, scales, zeros, g_idx), (fp8.to(DEV), fp8_scale[:, 0].to(DEV)),
+            (i8.to(DEV), i8_scale[:, 0].to(DEV)))
+
+
+def row(name: str, us: float, weight_bytes: int, base_us: float) -> str:
+    return f"  {name:34s} {us:8.1f} us {weight_bytes / us / 1e3:7.0f} GB/s {base_us / us:6.2f}x bf16"
+
+
+def sweep(x, q, k, n) -> tuple[float, tuple]:
+    best = (float("inf"), None)
+    m = x.shape[0]
+    for bm, bn, bk, splits, warps, stages in itertools.product(
+            [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16],
+            [4], [3]):
+        if bm == 64 and bn == 128 and bk == 256:
+            continue
+        config = (bm, bn, bk, splits, warps, stages)
+        try:
+            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
+        except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+            continue
+        best = min(best, (us, config))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="1,16,64,256")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    for name, (k, n) in SHAPES.items():
+        dense, q, fp8, i8 = layers(k, n)
+        print(f"{name}: K={k} N={n}")
+        for m in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            base = graph_time_us(lambda: F.linear(x, dense))
+            print(f" rows {m}")
+            print(row("bf16 cuBLAS", base, 2 * k * n, base))
+            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128))
+            print(row(f"w4a16 {wna16._fused_config(m, k, n, 128)}", us, k * n // 2, base))
+            if args.sweep and m <= wna16.FUSED_MAX_ROWS:
+                us, config = sweep(x, q, k, n)
+                print(row(f"w4a16 best {config}", us, k * n // 2, base))
+            print(row("fp8 w8a8 (quantize + GEMM)", graph_time_us(
+                lambda: w8a8.w8a8_linear(x, fp8[0], fp8[1], None)), k * n, base))
+            print(row("  fp8 quantize (Triton)", graph_time_us(
+                lambda: act_quant.quantize_activations(x, torch.float8_e4m3fn)), k * n, base))
+            print(row("  fp8 quantize (torch ops)", graph_time_us(
+                lambda: reference.quantize_activations(x, torch.float8_e4m3fn)), k * n, base))
+            xq, xs = act_quant.quantize_activations(x, torch.float8_e4m3fn)
+            print(row("  _scaled_mm alone", graph_time_us(lambda: torch._scaled_mm(
+                xq, fp8[0].t(), scale_a=xs, scale_b=fp8[1].view(1, n), out_dtype=torch.bfloat16)), k * n, base))
+            print(row("int8 w8a8 (quantize + GEMM)", graph_time_us(
+                lambda: w8a8.w8a8_linear(x, i8[0], i8[1], None)), k * n, base))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
