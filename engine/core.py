@@ -108,7 +108,7 @@ class EngineCore:
         try:
             num_blocks = self._set_up_kv_cache_and_graphs()
         except BaseException:
-            self.shutdown()  # tensor-parallel workers must not outlive a failed start
+            self.shutdown()  # parallel workers must not outlive a failed start
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
@@ -289,7 +289,7 @@ class EngineCore:
 
     def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
         # A failing batch must not take the engine down: its requests end with an error, the rest go on. A device
-        # fault (torch.AcceleratorError: an illegal address, an ECC error) or a dead tensor-parallel worker is not
+        # fault (torch.AcceleratorError: an illegal address, an ECC error) or a dead parallel worker is not
         # caught: every later step would fail too; the engine process ends instead and its supervisor fails its
         # requests and restarts it. Running out of memory is an ordinary failure of the batch.
         logger.exception("model step failed; finishing its %d requests with an error: %s", scheduler_output.num_reqs,
@@ -297,7 +297,7 @@ class EngineCore:
         return [core_output(r, [], None, None) for r in self.scheduler.fail_step(scheduler_output)]
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any (a single-rank engine holds nothing to release)."""
+        """Stops the tensor- and pipeline-parallel workers, if any (a single-rank engine holds nothing to release)."""
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.shutdown()
 

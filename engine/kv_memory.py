@@ -3,8 +3,8 @@
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
-layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only). It does not decide which blocks a request uses: that is
-the KV cache manager's job.
+layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only).
+It does not decide which blocks a request uses: that is the KV cache manager's job.
 """
 
 from __future__ import annotations

@@ -206,3 +206,32 @@ def test_a_draft_model_is_refused_with_stages(tiny_model):
                                                 "pipeline_parallel_size 1 only, got 2"):
         EngineConfig(model=model_dir, pipeline_parallel_size=2,
                      speculative_config={"model": model_dir, "num_speculative_tokens": 2})
+
+
+def test_a_stage_reads_only_its_own_tensors_and_ties_its_head(tiny_model, monkeypatch):
+    """The last stage of a tied model (gemma2) reads its layer, the final norm and the embedding, which becomes its
+    LM head; no other tensor of the checkpoint is read."""
+    from safetensors.torch import load_file
+
+    from engine.distributed.pipeline import PipelineStage
+    from engine.models import loader
+    from engine.models.config import ModelConfig
+
+    model_dir = three_layers(tiny_model, "gemma2")
+    read = []
+
+    def recording(path, keep=None):
+        for name, tensor in real_iter(path, keep):
+            read.append(name)
+            yield name, tensor
+
+    real_iter = loader.iter_safetensors
+    monkeypatch.setattr(loader, "iter_safetensors", recording)
+    model_config = ModelConfig.from_pretrained(model_dir, dtype="float32")
+    model = loader.load_model(model_config, model_dir, torch.device("cpu"), stage=PipelineStage(range(2, 3), 1, 2))
+    assert read and {name.split(".")[2] for name in read if name.startswith("model.layers.")} == {"2"}
+    assert {name for name in read if not name.startswith("model.layers.")} == {"model.embed_tokens.weight",
+                                                                               "model.norm.weight"}
+    checkpoint = load_file(f"{model_dir}/model.safetensors")
+    assert torch.equal(model.lm_head.weight, checkpoint["model.embed_tokens.weight"])
+    assert not hasattr(model.model, "embed_tokens")

@@ -4,8 +4,8 @@ deterministic random weights. The linears are built with the model's linear meth
 turns the loaded tensors into their runtime layout once everything is in.
 
 Tensors are read one at a time (memory-mapped) and copied into the already-allocated parameters by each
-parameter's own weight_loader, so a checkpoint never sits in memory twice; a pipeline stage reads only its own. Pickled `.bin` checkpoints are refused:
-unpickling runs arbitrary code.
+parameter's own weight_loader, so a checkpoint never sits in memory twice; a pipeline stage reads only its own
+tensors. Pickled `.bin` checkpoints are refused: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
