@@ -113,6 +113,8 @@ class TensorParallelRunner:
         WorkerDiedError that ends the engine, rather than failing only the step's requests."""
         try:
             yield
+        except torch.OutOfMemoryError:
+            raise  # the step's own failure (see EngineCore._fail)
         except RuntimeError:
             self.check_workers(grace_s=_EXIT_GRACE_S)
             raise
