@@ -406,8 +406,8 @@ def _cpu_threads_env(config: AppConfig) -> dict[str, str]:
     streams of 200 tokens): a decode step took ~100 ms instead of ~3 ms, and 40 KV blocks made that 78 s; passive
     workers sleep at barriers instead: 2.1 s.
     """
-    # Each tensor-parallel rank is a process of its own.
-    num_engines = sum(m.parallelism.data * m.parallelism.tensor for m in config.models)
+    # Each tensor-parallel rank of each pipeline stage is a process of its own.
+    num_engines = sum(m.parallelism.num_gpus for m in config.models)
     env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // num_engines)), "OMP_WAIT_POLICY": "PASSIVE"}
     return {key: value for key, value in env.items() if key not in os.environ}
 

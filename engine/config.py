@@ -124,6 +124,9 @@ class EngineConfig:
     max_lora_rank: int = 16  # the largest adapter rank accepted; the device slots are sized for it
     max_cpu_loras: int = 8  # adapters loaded in host memory, those on the device included
     tensor_parallel_size: int = 1  # ranks each layer is split over, one process (and device) each
+    pipeline_parallel_size: int = 1  # stages the layers are split into, each of tensor_parallel_size ranks
+    # Layers per pipeline stage, in order (None: as even as can be, the later stages but the last taking the rest).
+    pipeline_layer_split: tuple[int, ...] | None = None
     task: Task = "generate"
     # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.
     pooling_type: PoolingType | None = None
@@ -158,7 +161,8 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
-                     "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size"):
+                     "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size",
+                     "pipeline_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
@@ -174,6 +178,7 @@ class EngineConfig:
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
                                                             f"ranks yet), got {self.tensor_parallel_size}")
+        self._check_pipeline()
         if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
             raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "
                                                     f"got {self.pooling_type!r}")
@@ -186,10 +191,36 @@ class EngineConfig:
             raise EngineConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), since adapters on the "
                                                      f"device also stay in host memory; got {self.max_cpu_loras}")
 
+    def _check_pipeline(self) -> None:
+        """What pipeline parallelism cannot run with yet; the split against the layer count is checked by
+        `pipeline_stage_layers` once the model's config is read."""
+        size = self.pipeline_parallel_size
+        if self.pipeline_layer_split is not None:
+            split = tuple(self.pipeline_layer_split)
+            object.__setattr__(self, "pipeline_layer_split", split)
+            if len(split) != size or min(split) < 1:
+                raise EngineConfigError("pipeline_layer_split", f"must give {size} layer count(s) >= 1, one per "
+                                                                f"pipeline stage, got {list(split)}")
+        if size == 1:
+            return
+        refused = (
+            (self.task != "generate", f"for task {self.task!r} (pooling models are not split into stages yet)"),
+            (self.enable_lora, "with LoRA adapters (not split into stages yet)"),
+            # The runner reads a token sampled by the step in flight from the device, where only the last stage has it.
+            (self.async_scheduling, "with async_scheduling (the first stage cannot take a token that the last one "
+                                    "is still sampling)"),
+        )
+        for is_set, why in refused:
+            if is_set:
+                raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
+
     def _check_draft_model(self) -> None:
         if self.tensor_parallel_size > 1:
             raise EngineConfigError("speculative_config.model", f"a draft model runs with tensor_parallel_size 1 "
                                     f"only, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size > 1:
+            raise EngineConfigError("speculative_config.model", f"a draft model runs with pipeline_parallel_size 1 "
+                                    f"only, got {self.pipeline_parallel_size}")
         problem = draft_mismatch(self.model, self.tokenizer, self.speculative_config.model)
         if problem is not None:
             raise EngineConfigError("speculative_config.model", problem)
@@ -201,6 +232,27 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(model=model, **kwargs)
+
+
+def pipeline_stage_layers(num_layers: int, pipeline_parallel_size: int,
+                          pipeline_layer_split: tuple[int, ...] | None = None) -> list[range]:
+    """Each pipeline stage's layers. Without a split, vLLM's rule: an equal share each, the stages before the last
+    taking one more while layers remain (the last stage also computes the logits and samples)."""
+    size = pipeline_parallel_size
+    if pipeline_layer_split is not None:
+        if sum(pipeline_layer_split) != num_layers:
+            raise EngineConfigError("pipeline_layer_split", f"{list(pipeline_layer_split)} adds up to "
+                                    f"{sum(pipeline_layer_split)} layers; the model has {num_layers}")
+        counts = list(pipeline_layer_split)
+    elif size > num_layers:
+        raise EngineConfigError("pipeline_parallel_size", f"{size} stages for a model of {num_layers} layers; every "
+                                                          f"stage needs a layer, so at most {num_layers}")
+    else:
+        counts = [num_layers // size] * size
+        for stage in range(size - 1 - num_layers % size, size - 1):
+            counts[stage] += 1
+    starts = [sum(counts[:i]) for i in range(size)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
 
 
 def engine_default(name: str) -> Any:

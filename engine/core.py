@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from engine.config import EngineConfig, check_tensor_parallel_split
+from engine.config import EngineConfig, check_tensor_parallel_split, pipeline_stage_layers
 from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
@@ -62,6 +62,10 @@ def _check_tensor_parallel_split(model_config: ModelConfig, size: int) -> None:
     check_tensor_parallel_split(size, model_config.num_heads, model_config.num_kv_heads, model_config.intermediate_size)
 
 
+def _describe(stages: list[range]) -> str:
+    return ", ".join(f"{r.start}-{r.stop - 1}" for r in stages)
+
+
 def sample_request_id(parent_id: str, index: int, n: int) -> str:
     return parent_id if n == 1 else f"{parent_id}/{index}"
 
@@ -81,11 +85,14 @@ class EngineCore:
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
                                                    **self._encoder_options(config))
         _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
+        stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
+                                       config.pipeline_layer_split)
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
                     + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
-                       else "")):
+                       else "")
+                    + (f", pipeline stages of layers {_describe(stages)}" if len(stages) > 1 else "")):
             self.runner = (ModelRunner(config, self.model_config, self.device, self.pooler_info)
-                           if config.tensor_parallel_size == 1
+                           if config.tensor_parallel_size == config.pipeline_parallel_size == 1
                            else TensorParallelRunner(config, self.model_config, self.device))
         self.weight_bytes = weight_bytes(self.runner.model)
         logger.info("model weights: %.2f GB (%s)", self.weight_bytes / 1e9,
@@ -93,7 +100,7 @@ class EngineCore:
         try:
             num_blocks = self._set_up_kv_cache_and_graphs()
         except BaseException:
-            self.shutdown()  # tensor-parallel workers must not outlive a failed start
+            self.shutdown()  # parallel workers must not outlive a failed start
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
@@ -105,9 +112,10 @@ class EngineCore:
         self.step_seconds = 0.0  # in `step`, cumulative
         self.device_wait_seconds = 0.0  # of it, waiting for the device's results
         self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
-        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it).
+        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it). Pipeline
+        # stages refuse it (`EngineConfig`): the first stage would need tokens the last one is still sampling.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+                                 else self.device.type == "cuda" and config.pipeline_parallel_size == 1)
         self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
@@ -273,7 +281,7 @@ class EngineCore:
 
     def _fail(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
         # A failing batch must not take the engine down: its requests end with an error, the rest go on. A device
-        # fault (torch.AcceleratorError: an illegal address, an ECC error) or a dead tensor-parallel worker is not
+        # fault (torch.AcceleratorError: an illegal address, an ECC error) or a dead parallel worker is not
         # caught: every later step would fail too; the engine process ends instead and its supervisor fails its
         # requests and restarts it. Running out of memory is an ordinary failure of the batch.
         logger.exception("model step failed; finishing its %d requests with an error: %s", scheduler_output.num_reqs,
@@ -281,7 +289,7 @@ class EngineCore:
         return [core_output(r, [], None, None) for r in self.scheduler.fail_step(scheduler_output)]
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel workers, if any (a single-rank engine holds nothing to release)."""
+        """Stops the tensor- and pipeline-parallel workers, if any (a single-rank engine holds nothing to release)."""
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.shutdown()
 

@@ -3,8 +3,9 @@
 Owns the sizing rule (an explicit block count, else an explicit byte budget, else on the GPU what a profiling
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
-layer (with tensor parallelism, of this rank's KV heads), in the `kv_cache_dtype` (`engine.kv_dtype`). It does not decide which blocks a request uses: that is
-the KV cache manager's job.
+layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only), in
+the `kv_cache_dtype` (`engine.kv_dtype`). It does not decide which blocks a request uses: that is the KV cache
+manager's job.
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ class KVMemory:
         self.num_blocks = 0
         self.dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_config.dtype, device, kernels.backend_name())
         layers = model.attention_layers()
+        # This stage's layers (all of them without pipeline parallelism); an encoder's count is bookkeeping only.
+        self.num_layers = len(layers) or model_config.num_layers
         # This rank's shard of the heads (all of them without tensor parallelism); an encoder caches nothing.
         self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
                                              else (model_config.num_kv_heads, model_config.head_size))
 
     @property
     def bytes_per_block(self) -> int:
-        mc = self.model_config
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        own = 2 * mc.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
+        own = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
         return own + (self.draft.bytes_per_block if self.draft is not None else 0)
 
     def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:

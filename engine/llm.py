@@ -39,8 +39,8 @@ class LLM:
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Stops the engine's tensor-parallel worker processes (with tensor_parallel_size > 1; they also end with
-        this process)."""
+        """Stops the engine's worker processes (with tensor_parallel_size or pipeline_parallel_size > 1; they also
+        end with this process)."""
         self.core.shutdown()
 
     def get_metrics(self) -> list[Metric]:

@@ -10,6 +10,9 @@ With LoRA enabled, the model's targetable linears are wrapped (`engine.lora.laye
 adapter's GPU slot (-1: none); the batch is ordered by adapter so that the LoRA kernel reads each adapter's weights
 once per token block. Without LoRA nothing of this exists.
 
+Under pipeline parallelism the runner holds one stage of the model; every stage applies the same steps, and only
+the last one samples (the others return an empty output).
+
 A pooling engine (task embed or score, `pooler_info` given) samples nothing: a request whose prompt the step
 completes gets its pooled vector (`engine.pooling.pooler`) instead of a token.
 """
@@ -23,6 +26,7 @@ import kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, graph_batch_sizes
+from engine.distributed.pipeline import PipelineStage
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
 from engine.lora.layers import add_lora_layers
@@ -38,14 +42,18 @@ from engine.spec_decode.verify import split_verified, stacked_draft_probs, verif
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
-                 pooler_info: PoolerInfo | None = None, tp_rank: int = 0):
-        """`tp_rank`: which shard of the model this runner holds (of `config.tensor_parallel_size`)."""
+                 pooler_info: PoolerInfo | None = None, tp_rank: int = 0, pp_rank: int = 0):
+        """`tp_rank`: which shard of the model this runner holds (of `config.tensor_parallel_size`); `pp_rank`: which
+        pipeline stage (of `config.pipeline_parallel_size`)."""
         self.config = config
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
+        stage = (PipelineStage.of(config, model_config.num_layers, pp_rank) if config.pipeline_parallel_size > 1
+                 else None)
+        self.is_last_stage = stage is None or stage.is_last
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
-                                config.quantization, tp_rank, config.tensor_parallel_size)
+                                config.quantization, tp_rank, config.tensor_parallel_size, stage)
         self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
         spec = config.speculative_config
@@ -63,8 +71,9 @@ class ModelRunner:
         # Async scheduling: the latest step's sampled ids, on the device, and the row of each request among them.
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
         self._last_sampled_rows: dict[str, int] = {}
+        # A stage's forward sends and receives activations, which no graph captures here yet.
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
-                                and kernels.backend_name() == "triton")
+                                and kernels.backend_name() == "triton" and stage is None)
         self.cuda_graphs = CudaGraphs(self.graph_batch_sizes())
 
     # ---- start-up ----
@@ -86,7 +95,7 @@ class ModelRunner:
         metadata = self.batch.fill([BatchRow(np.zeros(n, dtype=np.int64), 0, n, table)
                                     for n, table in zip(lengths, block_tables)])
         hidden = self._forward(sum(lengths), metadata)
-        if self.pooler is None:
+        if self.pooler is None and self.is_last_stage:
             self.model.compute_logits(hidden[:len(lengths)])
 
     def _forward(self, num_tokens: int, metadata, **extra_inputs) -> torch.Tensor:
@@ -121,6 +130,8 @@ class ModelRunner:
             return self._pool(hidden, rows, scheduler_output.finished_ids)
         else:
             hidden = self._forward(num_tokens, metadata)
+        if not self.is_last_stage:  # the last stage samples and answers rank 0
+            return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
         if sampling:
             self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output, draft_ids,

@@ -17,7 +17,7 @@ import msgspec
 from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
-from engine.config import EngineConfigError, check_tensor_parallel_split
+from engine.config import EngineConfigError, check_tensor_parallel_split, pipeline_stage_layers
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -124,12 +124,16 @@ def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
         fail(".".join((*ENGINE_KEYS[option], *filter(None, [key_within]))), e.problem)
 
 
-def model_quantization(m: ModelSpec) -> QuantScheme | None:
-    """The scheme a model will run: a local checkpoint's quantization_config with `quantization` applied (a Hub repo
-    or a GGUF file is read when the engine starts, which checks it again)."""
+def _local_hf_config(m: ModelSpec) -> dict[str, Any]:
+    """A local checkpoint's config.json ({} for a Hub repo or a GGUF file: the engine reads those when it starts,
+    and checks them again)."""
     config_file = Path(m.source) / "config.json"
-    checkpoint = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
-    return parse_quantization(checkpoint, m.quantization)
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def model_quantization(m: ModelSpec) -> QuantScheme | None:
+    """The scheme a model will run: a local checkpoint's quantization_config with `quantization` applied."""
+    return parse_quantization(_local_hf_config(m).get("quantization_config"), m.quantization)
 
 
 def _check_quantization(m: ModelSpec, fail: Fail) -> None:
@@ -150,11 +154,16 @@ def _check_gpus(m: ModelSpec, fail: Fail) -> None:
         if len(m.gpu_ids) != p.num_gpus:
             fail("gpu_ids", f"{len(m.gpu_ids)} GPU ids given, but parallelism needs tensor x pipeline x "
                             f"data = {p.tensor} x {p.pipeline} x {p.data} = {p.num_gpus}")
-    for kind in ("pipeline", "expert"):
-        # Refusing beats silently running unsplit.
-        if getattr(p, kind) > 1:
-            fail(f"parallelism.{kind}", f"{kind} parallelism is not implemented yet; only tensor and data "
-                                        f"parallelism can be above 1")
+    # Refusing beats silently running unsplit.
+    if p.expert > 1:
+        fail("parallelism.expert", "expert parallelism is not implemented yet; only tensor, pipeline and data "
+                                   "parallelism can be above 1")
+    num_layers = _local_hf_config(m).get("num_hidden_layers")
+    if isinstance(num_layers, int):
+        try:
+            pipeline_stage_layers(num_layers, p.pipeline, p.pipeline_layer_split)
+        except EngineConfigError as e:
+            fail(".".join(ENGINE_KEYS[e.field]), e.problem)
 
 
 def _checkpoint_config(m: ModelSpec) -> dict:

@@ -130,7 +130,12 @@ class SchedulerSpec(_Schema, kw_only=True):
 
 class ParallelismSpec(_Schema, kw_only=True):
     tensor: Annotated[int, _doc("Tensor-parallel GPUs (each layer split across them).", ge=1)] = 1
-    pipeline: Annotated[int, _doc("Pipeline stages (layers split into consecutive groups).", ge=1)] = 1
+    pipeline: Annotated[int, _doc(
+        "Pipeline stages (layers split into consecutive groups, each on tensor GPUs of its own; at most the model's "
+        "layer count).", ge=1)] = engine_default("pipeline_parallel_size")
+    pipeline_layer_split: Annotated[tuple[PositiveInt, ...] | None, _doc(
+        "Layers of each pipeline stage, in order, adding up to the model's layer count (null: as even as can be, "
+        "the stages before the last taking the extra layers).")] = engine_default("pipeline_layer_split")
     data: Annotated[int, _doc("Replicas of the whole model, each serving its share of requests.", ge=1)] = 1
     expert: Annotated[int, _doc("Expert-parallel size for mixture-of-experts models.", ge=1)] = 1
 
@@ -231,6 +236,8 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "max_lora_rank": ("lora", "max_lora_rank"),
     "max_cpu_loras": ("lora", "max_cpu_loras"),
     "tensor_parallel_size": ("parallelism", "tensor"),
+    "pipeline_parallel_size": ("parallelism", "pipeline"),
+    "pipeline_layer_split": ("parallelism", "pipeline_layer_split"),
     "task": ("task",),
     "pooling_type": ("pooling", "type"),
     "pooling_normalize": ("pooling", "normalize"),

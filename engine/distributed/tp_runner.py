@@ -1,19 +1,24 @@
-"""The engine side of tensor parallelism: rank 0's runner, which starts the other ranks and keeps them in step.
+"""The engine side of tensor and pipeline parallelism: rank 0's runner, which starts the other ranks and keeps them
+in step.
 
 `TensorParallelRunner` stands where a `ModelRunner` stands in `EngineCore`. It starts one worker process per extra
 rank (`engine.distributed.worker`), joins their process group, and before each collective operation of its own
 runner (sizing the KV cache, capturing CUDA graphs, every step) broadcasts the same command to them, so every rank
-runs the same forward on its shard. Every rank samples the same tokens from the same gathered logits and seeds, so
-rank 0's results are the engine's. A worker that dies fails the engine (`WorkerDiedError`): its process exits and
-its supervisor restarts the whole model.
+runs the same forward on its shard. Every rank of a stage samples the same tokens from the same gathered logits and
+seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
+first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
+the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
+import time
 import weakref
+from collections.abc import Iterator
 
 import msgspec
 import torch
@@ -27,25 +32,29 @@ from engine.runner import ModelRunner, PendingRunnerOutput
 
 logger = logging.getLogger("kvbox.engine")
 _encoder = msgspec.msgpack.Encoder()
+_output_decoder = msgspec.msgpack.Decoder(contract.ModelRunnerOutput)
+# A communication error lets the process it lost this long to show as exited.
+_EXIT_GRACE_S = 2.0
 
 
 class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker process ended; the engine cannot go on without its shard."""
+    """A worker process ended; the engine cannot go on without its shard or stage."""
 
 
 class TensorParallelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
-        size = config.tensor_parallel_size
+        tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         init_method = parallel_state.free_tcp_address()
         self._workers = [
-            subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(size), init_method,
-                              worker_device(config.device, rank)])
-            for rank in range(1, size)]
+            subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(tp_size), str(pp_size),
+                              init_method, worker_device(config.device, rank)])
+            for rank in range(1, tp_size * pp_size)]
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping)
-        parallel_state.init_tensor_parallel(0, size, init_method, device)
+        parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
         self._send(contract.StartWorker(config))
-        self.local = ModelRunner(config, model_config, device, tp_rank=0)
+        self.local = ModelRunner(config, model_config, device)
+        self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
 
     def __getattr__(self, name: str):
         # Everything that runs no collective (the model, the request copies, graph sizes) is rank 0's.
@@ -63,9 +72,11 @@ class TensorParallelRunner:
         self._send(contract.CaptureCudaGraphs())
         self.local.capture_cuda_graphs()
 
-    def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput:
-        self._send(contract.ExecuteStep(scheduler_output))
-        return self.local.execute(scheduler_output)
+    def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput | _LastStageOutput:
+        with self._naming_dead_workers():
+            self._send(contract.ExecuteStep(scheduler_output))
+            output = self.local.execute(scheduler_output)
+        return output if self._answering_rank == 0 else _LastStageOutput(self)
 
     def shutdown(self) -> None:
         """Stops the workers and leaves the process group (a later engine in this process can form its own)."""
@@ -74,15 +85,49 @@ class TensorParallelRunner:
                 self._send(contract.StopWorker())
                 self._stopping.append(True)
             except Exception:
-                logger.warning("could not tell the tensor-parallel workers to stop; killing them")
+                logger.warning("could not tell the parallel workers to stop; killing them")
             self._finalizer()
 
     def _send(self, command: contract.WorkerCommand) -> None:
-        dead = [(rank, p.returncode) for rank, p in enumerate(self._workers, 1) if p.poll() is not None]
-        if dead:
-            raise WorkerDiedError("tensor-parallel worker(s) exited: " +
-                                  ", ".join(f"rank {rank} (code {code})" for rank, code in dead))
+        self.check_workers()
         parallel_state.broadcast_bytes(_encoder.encode(command))
+
+    def check_workers(self, grace_s: float = 0.0) -> None:
+        """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""
+        deadline = time.monotonic() + grace_s
+        while not (dead := [(rank, p.returncode) for rank, p in enumerate(self._workers, 1) if p.poll() is not None]):
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+        raise WorkerDiedError("worker(s) exited: " +
+                              ", ".join(f"rank {rank} (code {code})" for rank, code in dead))
+
+    def receive_answer(self) -> contract.ModelRunnerOutput:
+        """The last stage's output of the step."""
+        with self._naming_dead_workers():
+            return _output_decoder.decode(parallel_state.recv_bytes(self._answering_rank))
+
+    @contextlib.contextmanager
+    def _naming_dead_workers(self) -> Iterator[None]:
+        """A peer that died mid-step shows as a communication error (connection reset); it is named as the
+        WorkerDiedError that ends the engine, rather than failing only the step's requests."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise  # the step's own failure (see EngineCore._fail)
+        except RuntimeError:
+            self.check_workers(grace_s=_EXIT_GRACE_S)
+            raise
+
+
+class _LastStageOutput:
+    """A step's output as the last pipeline stage will send it; `get()` waits for it."""
+
+    def __init__(self, runner: TensorParallelRunner):
+        self._runner = runner
+
+    def get(self) -> contract.ModelRunnerOutput:
+        return self._runner.receive_answer()
 
 
 def _stop(workers: list[subprocess.Popen], stopping: list[bool]) -> None:

@@ -1,10 +1,13 @@
-"""A tensor-parallel worker: one rank (1..) of an engine, as `python -m engine.distributed.worker RANK SIZE ADDR DEVICE`.
+"""A parallel worker: one rank (1..) of an engine, as
+`python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE`.
 
-Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`). It builds its shard of the model and its
-share of the KV cache, then carries out each `WorkerCommand` that rank 0 broadcasts, in lockstep: the model's
-collectives pair each rank's forward with the others'. It holds no request state but the runner's copies, kept from
-the steps' plain data; its sampled tokens equal rank 0's and are dropped. It ends with rank 0: on `StopWorker`, when
-a collective fails (rank 0 died), or when its parent process dies.
+Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`). It builds its shard of its pipeline
+stage's layers and their share of the KV cache, then carries out each `WorkerCommand` that rank 0 broadcasts, in
+lockstep: the model's collectives pair each rank's forward with the others', and each stage takes its activations
+from the one before. It holds no request state but the runner's copies, kept from the steps' plain data. The first
+rank of the last stage sends each step's output to rank 0 (with pipeline stages); every other rank's sampled tokens
+equal its and are dropped. It ends with rank 0: on `StopWorker`, when a collective fails (rank 0 died), or when its
+parent process dies.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from engine.runner import ModelRunner
 logger = logging.getLogger("kvbox.worker")
 _PR_SET_PDEATHSIG = 1
 _decoder = msgspec.msgpack.Decoder(contract.WorkerCommand)
+_encoder = msgspec.msgpack.Encoder()
 
 
 def _die_with_parent() -> None:
@@ -38,7 +42,7 @@ def receive() -> contract.WorkerCommand:
     return _decoder.decode(parallel_state.broadcast_bytes(None))
 
 
-def serve(rank: int) -> None:
+def serve(rank: int, tp_size: int, pp_size: int) -> None:
     start = receive()
     assert isinstance(start, contract.StartWorker), start
     config = start.engine_config
@@ -46,10 +50,14 @@ def serve(rank: int) -> None:
     torch.manual_seed(config.seed)
     dtype = None if config.dtype == "auto" else config.dtype
     model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
-    runner = ModelRunner(config, model_config, device, tp_rank=rank)
+    stage, tp_rank = parallel_state.stage_and_tp_rank(rank, tp_size)
+    runner = ModelRunner(config, model_config, device, tp_rank=tp_rank, pp_rank=stage)
+    answers = rank == parallel_state.answering_rank(tp_size, pp_size)
     while not isinstance(command := receive(), contract.StopWorker):
         if isinstance(command, contract.ExecuteStep):
-            runner.execute(command.scheduler_output)
+            output = runner.execute(command.scheduler_output)
+            if answers:
+                parallel_state.send_bytes(_encoder.encode(output.get()), 0)
         elif isinstance(command, contract.DetermineNumKVBlocks):
             parallel_state.min_over_ranks(runner.determine_num_kv_blocks())
         elif isinstance(command, contract.AllocateKVCache):
@@ -69,12 +77,12 @@ def worker_device(device: str, rank: int) -> str:
 def main(argv: list[str]) -> int:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank, world_size, init_method, device = int(argv[0]), int(argv[1]), argv[2], argv[3]
-    parallel_state.init_tensor_parallel(rank, world_size, init_method, torch.device(device))
+    rank, tp_size, pp_size, init_method, device = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
+    parallel_state.init_parallel(rank, tp_size, pp_size, init_method, torch.device(device))
     try:
-        serve(rank)
+        serve(rank, tp_size, pp_size)
     except Exception:
-        logger.exception("tensor-parallel rank %d failed", rank)
+        logger.exception("parallel rank %d failed", rank)
         return 1
     finally:
         parallel_state.destroy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.distributed.pipeline import PipelineStage
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
 from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
@@ -49,8 +50,8 @@ class Gemma2Model(LlamaModel):
     decoder_layer_cls = Gemma2DecoderLayer
     norm_weight_offset = _NORM_OFFSET
 
-    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(config, tp_rank, tp_size)
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, stage: PipelineStage | None = None):
+        super().__init__(config, tp_rank, tp_size, stage)
         # HF rounds sqrt(hidden_size) to the model dtype before scaling (sqrt(3072) becomes 55.5 in bfloat16).
         self.embed_scale = torch.tensor(config.hidden_size ** 0.5, dtype=config.dtype).item()
 

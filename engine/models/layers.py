@@ -3,7 +3,8 @@ How a linear stores and multiplies its weight (float or quantized) is its linear
 
 Every linear is written for tensor parallelism: it holds only its rank's shard (`tp_rank` of `tp_size`) and each of
 its parameters carries a `weight_loader(param, loaded_weight, shard_id=None)` that cuts that shard out of a full HF
-tensor, so merged weights (q/k/v, gate/up) load straight from HF's separate tensors. The fused math goes through
+tensor, so merged weights (q/k/v, gate/up) load straight from HF's separate tensors. Their collectives run on the
+tensor-parallel group of the rank's pipeline stage. The fused math goes through
 `kernels.<op>`, the backend switch; attention itself lives in `attention.py`.
 """
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.distributed.parallel_state import tp_group
 from engine.quantization.context import current_linear_method
 from engine.quantization.gguf import gguf_type
 from kernels import reference
@@ -177,7 +179,7 @@ class RowParallelLinear(_ParallelLinear):
         # The bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
         y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            dist.all_reduce(y, group=tp_group())
         return y
 
 
@@ -215,7 +217,7 @@ class VocabEmbedding(nn.Module):
             return self._lookup(input_ids)
         is_local = (input_ids >= self.row_start) & (input_ids < self.row_start + self.num_rows)
         hidden = self._lookup((input_ids - self.row_start) * is_local) * is_local[:, None]
-        dist.all_reduce(hidden)  # each token's row lives on exactly one rank
+        dist.all_reduce(hidden, group=tp_group())  # each token's row lives on exactly one rank
         return hidden
 
 
@@ -229,7 +231,7 @@ class LMHead(VocabEmbedding):
         if self.tp_size == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
-        dist.all_gather(shards, logits)
+        dist.all_gather(shards, logits, group=tp_group())
         return torch.cat(shards, dim=-1)[:, :self.vocab_size]
 
 

@@ -3,7 +3,8 @@
 
 A forward pass takes one flat batch of tokens from many sequences (no batch dimension); `AttentionMetadata` says
 which sequence each token belongs to and where its K/V goes. Also home of `load_weights`, the HF-name mapping every
-model here shares.
+model here shares. Under pipeline parallelism a model holds one stage's layers (`PipelineStage`): the embedding only
+on the first stage, the final norm and LM head only on the last, and it loads only those weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from engine.distributed.pipeline import PipelineStage
 from engine.models.attention import KV_SCALE_SUFFIXES, Attention, AttentionMetadata, load_kv_scale
 from engine.models.config import ModelConfig
 from engine.models.layers import (
@@ -104,24 +106,37 @@ class LlamaModel(nn.Module):
     decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
     norm_weight_offset = 0.0
 
-    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, stage: PipelineStage | None = None):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        self.stage = stage = stage or PipelineStage(range(config.num_layers))
+        self.hidden_size, self.dtype = config.hidden_size, config.dtype
+        if stage.is_first:
+            self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
         # RoPE only needs positions below max_model_len, so the table stops there.
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.max_model_len, config.rope_theta,
                                           config.rope_scaling)
+        # Other stages' layers are weightless placeholders, so that every layer keeps its index and HF name.
         self.layers = nn.ModuleList(
-            self.decoder_layer_cls(config, i, self.rotary_emb, tp_rank, tp_size) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.norm_weight_offset)
+            self.decoder_layer_cls(config, i, self.rotary_emb, tp_rank, tp_size) if i in stage.layers
+            else nn.Identity() for i in range(config.num_layers))
+        self.stage_layers = tuple(self.layers[i] for i in stage.layers)  # a plain tuple: iterated every step
+        if stage.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.norm_weight_offset)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)  # [num_tokens, hidden]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed(input_ids), None
-        for layer in self.layers:
+        if self.stage.is_first:
+            hidden, residual = self.embed(input_ids), None
+        else:
+            hidden, residual = self.stage.receive(input_ids.shape[0], self.hidden_size, self.dtype, input_ids.device)
+        for layer in self.stage_layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
+        if not self.stage.is_last:
+            self.stage.send(hidden, residual)
+            return hidden  # nothing samples from it
         hidden, _ = self.norm(hidden, residual)
         return hidden  # [num_tokens, hidden]
 
@@ -138,13 +153,16 @@ class LlamaForCausalLM(nn.Module):
         "down_proj": ("down_proj",),
     }
 
-    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, stage: PipelineStage | None = None):
         super().__init__()
         self.config = config
-        self.model = self.model_cls(config, tp_rank, tp_size)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp_rank, tp_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = self.model_cls(config, tp_rank, tp_size, stage)
+        stage = self.model.stage
+        if stage.is_last:
+            self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+            # A last stage without the embedding loads the tied weight into its own head (`load_weights`).
+            if config.tie_word_embeddings and stage.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -158,20 +176,28 @@ class LlamaForCausalLM(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.stage_layers]
+
+    def holds_weight(self, hf_name: str) -> bool:
+        """Whether this model's pipeline stage loads the checkpoint tensor `hf_name` (all of them without stages)."""
+        return _stage_holds(self.model.stage, self.config.tie_word_embeddings, hf_name)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads HF-named tensors through each parameter's weight_loader; every parameter (and every merged shard)
         must be filled exactly from the checkpoint, and every checkpoint tensor must land somewhere."""
         params = dict(self.named_parameters())  # tied lm_head.weight is the same object, listed once
         loaded: set[tuple[str, object]] = set()
+        tied = self.config.tie_word_embeddings
         for hf_name, tensor in weights:
-            if hf_name.endswith(_IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and self.config.tie_word_embeddings):
+            if (hf_name.endswith(_IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and tied)
+                    or not _stage_holds(self.model.stage, tied, hf_name)):
                 continue
             if hf_name.endswith(KV_SCALE_SUFFIXES):
                 load_kv_scale(self, hf_name, tensor)
                 continue
             name, shard_id = _our_name(hf_name)
+            if tied and name == "model.embed_tokens.weight" and name not in params:
+                name = "lm_head.weight"  # a last stage without the embedding
             if name not in params:
                 raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint for {self.config.architecture}")
             param = params[name]
@@ -185,6 +211,17 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) for {self.config.architecture}: "
                              + ", ".join(sorted(_hf_name(name, shard) for name, shard in missing)))
+
+
+def _stage_holds(stage: PipelineStage, tied: bool, hf_name: str) -> bool:
+    parts = hf_name.split(".", 3)
+    if parts[:2] == ["model", "layers"]:
+        return int(parts[2]) in stage.layers
+    if hf_name.startswith("model.embed_tokens."):
+        return stage.is_first or (stage.is_last and tied)
+    if hf_name.startswith(("model.norm.", "lm_head.")):
+        return stage.is_last
+    return True
 
 
 def _our_name(hf_name: str) -> tuple[str, object]:

@@ -4,8 +4,8 @@ deterministic random weights. The linears are built with the model's linear meth
 turns the loaded tensors into their runtime layout once everything is in.
 
 Tensors are read one at a time (memory-mapped) and copied into the already-allocated parameters by each
-parameter's own weight_loader, so a checkpoint never sits in memory twice. Pickled `.bin` checkpoints are refused:
-unpickling runs arbitrary code.
+parameter's own weight_loader, so a checkpoint never sits in memory twice; a pipeline stage reads only its own
+tensors. Pickled `.bin` checkpoints are refused: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.distributed.pipeline import PipelineStage
 from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
@@ -41,11 +42,11 @@ _DUMMY_SEED = 0
 
 def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
                task: str = "generate", quantization: str | None = None, tp_rank: int = 0,
-               tp_size: int = 1) -> nn.Module:
+               tp_size: int = 1, stage: PipelineStage | None = None) -> nn.Module:
     """The model that runs `config.architecture` for `task`, in `config.dtype` on `device`, weights loaded, in eval
     mode; its linears quantized as the checkpoint's quantization_config says, or online by `quantization` (fp8,
     int8); with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
-    tensors)."""
+    tensors); given a pipeline `stage`, only that stage's layers."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
@@ -53,13 +54,16 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     check_device_runs(scheme, device, path)
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
     with _default_dtype(config.dtype), torch.device(device), building_with(linear_method_for(scheme)):
-        # Only the generation families shard (pooling models refuse tensor parallelism at config time).
-        model = model_cls(config) if tp_size == 1 else model_cls(config, tp_rank, tp_size)
+        # Only the generation families shard (pooling models refuse tensor and pipeline parallelism at config time).
+        model = (model_cls(config) if tp_size == 1 and stage is None
+                 else model_cls(config, tp_rank, tp_size, stage))
     if load_format == "dummy":
         _fill_dummy(model)
     else:
         source = resolve_model_source(path)
-        counter = _TensorCounter(iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source))
+        keep = model.holds_weight if stage is not None else None
+        tensors = iter_gguf_tensors(source, config) if is_gguf(source) else iter_safetensors(source, keep)
+        counter = _TensorCounter(tensors)
         total = None if is_gguf(source) else _num_tensors(source)
         model.load_weights(progress(counter, f"loading {Path(source).name}", "tensor", total))
         logger.info("read %d tensors (%.2f GiB) from %s in %.1f s", counter.num_tensors, counter.num_bytes / 2**30,
@@ -109,8 +113,9 @@ def safetensors_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
-def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in memory at a time; the weight loaders move them to the device."""
+def iter_safetensors(path: str | Path, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, one tensor in memory at a time; the weight loaders move them to the device. `keep`:
+    which names to read (None: all)."""
     for file in safetensors_files(path):
         # safetensors' own message ("incomplete metadata, file not fully covered") names neither the file nor
         # the likely cause, a download cut short.
@@ -119,7 +124,7 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             names = list(f.keys())
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file ({e}); is the checkpoint complete?") from None
-        for name in names:
+        for name in names if keep is None else filter(keep, names):
             try:
                 tensor = f.get_tensor(name)
             except SafetensorError as e:

@@ -1,0 +1,48 @@
+"""A rank's pipeline stage: which of the model's layers it holds, and the activations it takes from the stage before
+it and hands to the stage after it.
+
+The first stage embeds the tokens, the last one applies the final norm, computes the logits and samples; every stage
+runs the same step on the same batch (each rank gets the step's `SchedulerOutput`), so the activations need no
+metadata: one [2, num_tokens, hidden] tensor (hidden states and residual) goes point-to-point on the world group
+from rank r to rank r + tensor_parallel_size, the rank of the same tensor-parallel shard in the next stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig, pipeline_stage_layers
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    layers: range
+    index: int = 0
+    num_stages: int = 1
+    tp_size: int = 1
+
+    @classmethod
+    def of(cls, config: EngineConfig, num_layers: int, index: int) -> PipelineStage:
+        ranges = pipeline_stage_layers(num_layers, config.pipeline_parallel_size, config.pipeline_layer_split)
+        return cls(ranges[index], index, config.pipeline_parallel_size, config.tensor_parallel_size)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def receive(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The previous stage's hidden states and residual, each [num_tokens, hidden]."""
+        activations = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
+        dist.recv(activations, dist.get_rank() - self.tp_size)
+        return activations[0], activations[1]
+
+    def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        dist.send(torch.stack((hidden, residual)), dist.get_rank() + self.tp_size)
