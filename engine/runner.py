@@ -94,6 +94,8 @@ class ModelRunner:
         """Queues the step's forward and sampling on the device and returns without waiting for them; the output's
         `get()` waits. A request whose last token is still pending from the previous step gets it on the device."""
         rows = self.requests.apply(scheduler_output)
+        if scheduler_output.blocks_to_copy:
+            self.kv_memory.copy_blocks(scheduler_output.blocks_to_copy)
         lora_slots = None
         if self.lora is not None:
             rows.sort(key=lambda row: row.state.adapter_id or "")

@@ -1,6 +1,8 @@
 """Offline beam search: at a fixed length the beams equal transformers' `generate(num_beams=...)` (tokens, order,
 scores), and the beams' shared blocks all go back to the pool."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -30,16 +32,60 @@ def test_beams_equal_transformers_at_fixed_length(tiny_model, family):
         assert output.sequences[0].text == llm.tokenizer.decode(output.sequences[0].tokens, skip_special_tokens=True)
 
 
-def test_no_block_leaks_after_many_beam_searches(tiny_model):
-    llm = LLM(tiny_model("llama", max_position_embeddings=256), dtype="float32", device="cpu", num_kv_blocks=64,
+def _record_steps(llm):
+    """Wraps the engine's step: returns the blocks in use and the tokens computed after each step."""
+    used, tokens = [], []
+    step = llm.core.step
+
+    def recorded():
+        outputs = step()
+        used.append(llm.core.kv_manager.pool.num_used_blocks)
+        tokens.append(llm.core.scheduler.last_step_num_tokens)
+        return outputs
+
+    llm.core.step = recorded
+    return used, tokens
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_beams_share_prompt_blocks_and_copy_the_partial_one(tiny_model, prefix_caching):
+    """A width-4 search on a 203-token prompt (25 full blocks of 8 and a partial one): the beams hold the prompt's
+    blocks once (no sharing would hold them 4 times), each later step computes one token per beam, and the results
+    are those of the search run with copy-on-write copies."""
+    llm = LLM(tiny_model("llama", max_position_embeddings=256), dtype="float32", device="cpu", num_kv_blocks=160,
+              block_size=8, enable_prefix_caching=prefix_caching)
+    copies = []
+    take = llm.core.kv_manager.take_block_copies
+    llm.core.kv_manager.take_block_copies = lambda: copies.extend(pairs := take()) or pairs
+    used, tokens = _record_steps(llm)
+    prompt = [(7 * i) % 500 + 3 for i in range(203)]
+    width, length = 4, 12
+    outputs = llm.beam_search([prompt], BeamSearchParams(beam_width=width, max_tokens=length, ignore_eos=True))
+    assert len(outputs[0].sequences) == width
+    blocks_per_beam = -(-(len(prompt) + length) // 8)
+    assert max(used) <= 26 + width * 3  # the prompt once, then each beam's own 12 tokens
+    assert max(used) < width * blocks_per_beam // 2  # 108 blocks without sharing
+    assert tokens[0] == len(prompt) and tokens[1:] == [width] * (length - 1)
+    assert copies  # beams that diverged inside a shared partial block got their own copy
+    assert llm.core.kv_manager.pool.num_free_blocks == 160 and llm.core.kv_manager.num_kept == 0
+
+
+def test_no_block_leaks_after_1000_beam_requests(tiny_model):
+    """The issue's accounting test: after 1,000 beam requests (KVBOX_BEAM_LEAK_REQUESTS to change it), searched
+    100 prompts at a time on a pool small enough to preempt, the free block count is back at its start value and no
+    request holds kept K/V."""
+    llm = LLM(tiny_model("llama", max_position_embeddings=256), dtype="float32", device="cpu", num_kv_blocks=160,
               block_size=8)
-    pool = llm.core.kv_manager.pool
-    free_at_start = pool.num_free_blocks
-    for i in range(20):
-        outputs = llm.beam_search([[5 + i] * 9, [7, 8, 9, i]], BeamSearchParams(beam_width=4, max_tokens=5))
+    manager = llm.core.kv_manager
+    free_at_start = manager.num_free_blocks
+    num_requests = int(os.environ.get("KVBOX_BEAM_LEAK_REQUESTS", "1000"))
+    for first in range(0, num_requests, 100):
+        prompts = [[5 + i % 300] * (3 + i % 13) for i in range(first, min(first + 100, num_requests))]
+        outputs = llm.beam_search(prompts, BeamSearchParams(beam_width=2 + first // 100 % 3, max_tokens=3))
         assert all(1 <= len(o.sequences) <= 4 for o in outputs)
-        assert pool.num_free_blocks == free_at_start
-    assert pool.num_prefix_hits > 0  # the beams shared their blocks through the prefix cache
+    assert manager.num_free_blocks == free_at_start and manager.num_kept == 0
+    assert llm.core.scheduler.num_preemptions > 0  # forked beams were preempted and recomputed too
+    manager.pool.check_integrity()
 
 
 def test_bad_beam_search_params_name_the_field():
