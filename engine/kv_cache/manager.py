@@ -149,6 +149,12 @@ class KVCacheManager:
             if kept is not None:
                 self.pool.free(reversed(kept.blocks))
 
+    def drop_kept(self) -> int:
+        """Frees every request's kept K/V (when the pool must make room); returns how many were dropped."""
+        dropped = list(self._kept)
+        self.release_kept(dropped)
+        return len(dropped)
+
     @property
     def num_kept(self) -> int:
         return len(self._kept)
