@@ -97,7 +97,8 @@ def test_no_block_leaks_after_many_beam_requests(tiny_model):
 def test_block_copies_equal_a_torch_reference(tiny_model, device):
     """The runner's copy-on-write op: each (source, destination) block's K and V copied on every layer, nothing
     else touched."""
-    llm = LLM(tiny_model("llama"), dtype="float32", device=device, num_kv_blocks=12, block_size=4)
+    llm = LLM(tiny_model("llama"), dtype="float32", device=device, num_kv_blocks=12, block_size=8,
+              max_model_len=64)
     layers = llm.core.runner.model.attention_layers()
     for layer in layers:
         layer.kv_cache.copy_(torch.randn_like(layer.kv_cache))
