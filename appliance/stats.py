@@ -32,6 +32,7 @@ from appliance.host_stats import HostSampler
 from appliance.metrics import count_step_tokens
 from appliance.request_log import RequestLog, RequestRecord
 from appliance.stats_ring import RANGES_S, History, LengthCounts, Samples
+from appliance.stats_specdec import spec_decoding_snapshot
 
 if TYPE_CHECKING:
     from appliance.config import ModelSpec
@@ -317,6 +318,7 @@ class StatsHub:
             "series": _series_snapshot(model, now, range_s, stats) if range_s else None,
             "lora": {"enabled": spec.lora.enabled, "max_loras": spec.lora.max_loras,
                      "adapters": _adapters(runtime, spec)},
+            "spec_decoding": spec_decoding_snapshot(spec.speculative is not None, stats),
             "errors": [{"time": t, "message": message} for t, message in runtime.errors],
         }
 
