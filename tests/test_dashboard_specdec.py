@@ -58,7 +58,8 @@ def test_the_card_updates_under_ngram_speculative_traffic(tiny_model):
             page.wait_for_url(f"{server.base_url}/ui")
             wait_for_update(page)
             idle = page.evaluate(_READ_CARD)
-            assert (idle["rate"], idle["tokens"], idle["positions"]) == ("–", "0 / 0", [])
+            assert (idle["rate"], idle["length"], idle["tokens"]) == ("–", "–", "0 / 0")
+            assert all(p.endswith("–") for p in idle["positions"])  # no draft verified yet
 
             client = server.client()
             for _ in range(3):  # a repeating prompt: the n-gram proposer finds drafts at once
