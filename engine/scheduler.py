@@ -184,8 +184,8 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, cached):
-                if not self.running and not scheduled and self._drop_held_blocks():
-                    continue  # blocks held for forks kept the pool: without them this one may fit
+                if not self.running and not scheduled and self.kv.drop_held_blocks(self.waiting):
+                    continue  # blocks held for forks filled the pool: without them this one may fit
                 break
             self.waiting.pop(i)
             if request.num_computed_tokens == 0 and request.num_preemptions == 0:
@@ -388,16 +388,6 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(request)
-
-    def _drop_held_blocks(self) -> bool:
-        """When nothing runs and the pool is too full to admit a waiting request, what only forks hold gives way:
-        K/V kept for forks is dropped (a later fork of it computes its tokens instead), and waiting forks (beams,
-        samples, never run) give up their shared blocks and will compute everything. Returns whether any did."""
-        forked = [r for r in self.waiting if r.num_computed_tokens]
-        for request in forked:
-            self.kv.free(request)
-            request.num_computed_tokens = 0
-        return self.kv.drop_kept() + len(forked) > 0
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params

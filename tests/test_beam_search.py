@@ -8,6 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, BeamSearchParams, InvalidParameterError
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
 
 PROMPTS = [[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [100, 101, 102, 103] * 3]
 
@@ -30,6 +33,40 @@ def test_beams_equal_transformers_at_fixed_length(tiny_model, family):
         scores = [s.cum_logprob / length for s in output.sequences]
         torch.testing.assert_close(torch.tensor(scores), expected.sequences_scores.float(), atol=1e-4, rtol=0)
         assert output.sequences[0].text == llm.tokenizer.decode(output.sequences[0].tokens, skip_special_tokens=True)
+
+
+def _finished(manager: KVCacheManager, request_id: str, token_ids: list[int], **kwargs) -> Request:
+    """A request whose tokens were computed and which then finished, its blocks kept for forks."""
+    request = Request(request_id, token_ids, SamplingParams(max_tokens=1), **kwargs)
+    manager.keep_when_finished(request_id)
+    assert manager.allocate_slots(request, len(token_ids))
+    request.num_computed_tokens = len(token_ids)
+    request.status = RequestStatus.FINISHED_LENGTH
+    manager.free(request)
+    return request
+
+
+def test_forks_share_blocks_and_copy_a_shared_partial_block_before_writing_it():
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    _finished(manager, "parent", list(range(10)))  # two full blocks and a partial one
+    children = [Request(f"child{i}", list(range(10)) + [100 + i], SamplingParams()) for i in range(3)]
+    assert [manager.fork("parent", child) for child in children] == [10, 10, 10]
+    assert manager.num_free_blocks == 13  # three blocks, referenced four times
+    assert manager.fork("parent", Request("other", [9] * 11, SamplingParams())) == 0  # not its tokens
+    assert manager.fork("parent", Request("salted", list(range(11)), SamplingParams(), cache_salt="t")) == 0
+    manager.release_kept(["parent"])
+    for child in children:
+        child.num_computed_tokens = 10
+        assert manager.allocate_slots(child, 1)
+    copies = manager.take_block_copies()
+    shared = manager.block_ids("child2")[2]  # the last child writes into the partial block in place
+    assert copies == [(shared, manager.block_ids("child0")[2]), (shared, manager.block_ids("child1")[2])]
+    assert len({tuple(manager.block_ids(c.request_id)[:2]) for c in children}) == 1  # full blocks stay shared
+    for child in children:
+        child.status = RequestStatus.FINISHED_STOPPED
+        manager.free(child)
+    assert manager.num_free_blocks == 16 and manager.num_kept == 0
+    manager.pool.check_integrity()
 
 
 def _record_steps(llm):

@@ -155,6 +155,16 @@ class KVCacheManager:
         self.release_kept(dropped)
         return len(dropped)
 
+    def drop_held_blocks(self, waiting: list[Request]) -> bool:
+        """For a scheduler that runs nothing and cannot admit a waiting request: what only forks hold gives way.
+        Kept K/V is dropped (a later fork of it computes its tokens instead) and waiting forks (beams, samples,
+        never run) give up their shared blocks, to compute everything themselves. Returns whether any did."""
+        forked = [r for r in waiting if r.num_computed_tokens]
+        for request in forked:
+            self.free(request)
+            request.num_computed_tokens = 0
+        return self.drop_kept() + len(forked) > 0
+
     @property
     def num_kept(self) -> int:
         return len(self._kept)
