@@ -50,7 +50,6 @@ class Generation:
         self.client = client
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
-        self._client = client
         self._sink = OutputSink()
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
@@ -103,8 +102,8 @@ class Generation:
             del self._running[index]
             self._on_done()
         if _failed(output):
-            logger.error("request %s: %s[%d] failed while generating it", output.request_id, self._client.name,
-                         self._client.replica)
+            logger.error("request %s: %s[%d] failed while generating it", output.request_id, self.client.name,
+                         self.client.replica)
             return APIError(500, "the engine failed while generating this request", code="engine_error")
         self.latest[index] = output
         return None
@@ -116,7 +115,7 @@ class Generation:
         access_log.note(prompt_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
         if running:
             logger.info("request %s: aborted (%s)", self.request_id, ", ".join(running.values()))
-        self._client.abort(list(running.values()))
+        self.client.abort(list(running.values()))
         for index in running:
             self._observers[index].aborted()
             self._on_done()
