@@ -1,6 +1,7 @@
 """Beam search online: `use_beam_search` on chat (and completions, in test_api.py) through the in-process server and
-the openai client; choices best first and equal to the offline search; the K/V the steps kept all goes back; bad
-combinations are 400s naming the field."""
+the openai client, and once through an engine process (keep_kv, kv_parent and ReleaseKV cross the socket); choices
+best first and equal to the offline search; the K/V the steps kept all goes back; bad combinations are 400s naming
+the field."""
 
 import time
 
@@ -8,6 +9,7 @@ import openai
 import pytest
 
 from engine import LLM, BeamSearchParams
+from helpers_server import ADMIN_KEY, long_llama, model_config, run_server, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -83,3 +85,21 @@ def test_beam_search_refuses_what_it_cannot_honour(client, route, body, param):
         else:
             client.completions.create(model="qwen", prompt="Hi", max_tokens=3, extra_body=extra, **kwargs)
     assert e.value.status_code == 400 and e.value.body["param"] == param
+
+
+def test_beam_search_through_an_engine_process_frees_every_block(tiny_model, tmp_path):
+    with run_server(server_config([model_config("llama", long_llama(tiny_model))]), tmp_path) as server:
+        response = server.client().chat.completions.create(
+            model="llama", messages=MESSAGES, max_tokens=6, n=3, extra_body={"use_beam_search": True,
+                                                                            "ignore_eos": True})
+        with server.http() as http:
+            prompt = http.post("/tokenize", json={"model": "llama", "messages": MESSAGES}).json()["tokens"]
+        offline = LLM(long_llama(tiny_model), device="cpu", dtype="float32", num_kv_blocks=300)
+        expected = offline.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
+        assert [c.message.content for c in response.choices] == [s.text for s in expected[0].sequences]
+        with server.http(ADMIN_KEY) as admin:
+            deadline = time.monotonic() + 10
+            while (used := admin.get("/admin/stats").json()["models"][0]["kv"]["num_used_blocks"]) and (
+                    time.monotonic() < deadline):
+                time.sleep(0.2)
+        assert used == 0
