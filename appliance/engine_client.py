@@ -89,9 +89,11 @@ class EngineClientBase:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     sink: OutputSink, index: int, priority: int = 0, lora_name: str | None = None,
-                    pooling: contract.PoolingParams | None = None, cache_salt: str | None = None) -> None:
+                    pooling: contract.PoolingParams | None = None, cache_salt: str | None = None,
+                    kv_parent: str | None = None, keep_kv: bool = False) -> None:
         """Starts a request; its snapshots go to `sink` under `index` as it grows, the last one finished. A
-        rejection or the engine's death goes there too (`OutputSink.fail`)."""
+        rejection or the engine's death goes there too (`OutputSink.fail`). `kv_parent`, `keep_kv`: beam search's
+        K/V forks (`contract.AddRequest`)."""
         if not self.live:
             raise EngineDeadError(f"model {self.name!r} is not running")
         if request_id in self._inflight:
@@ -99,7 +101,12 @@ class EngineClientBase:
         self._inflight[request_id] = (sink, index)
         self._output_processor.add_request(request_id, prompt, prompt_token_ids, params)
         self._send(contract.AddRequest(request_id, prompt_token_ids, params, priority, cache_salt=cache_salt,
-                                       lora_name=lora_name, pooling=pooling))
+                                       lora_name=lora_name, pooling=pooling, kv_parent=kv_parent, keep_kv=keep_kv))
+
+    def release_kv(self, request_ids: list[str]) -> None:
+        """Frees the K/V that requests added with keep_kv kept for forks."""
+        if request_ids and not self.closed:
+            self._send(contract.ReleaseKV(request_ids))
 
     def abort(self, request_ids: list[str]) -> None:
         """Stops those of the requests still running; their sinks hear nothing more."""

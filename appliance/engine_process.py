@@ -93,12 +93,15 @@ class EngineLoop:
             try:
                 self.core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                       priority=message.priority, cache_salt=message.cache_salt,
-                                      lora_name=message.lora_name, pooling=message.pooling)
+                                      lora_name=message.lora_name, pooling=message.pooling,
+                                      kv_parent=message.kv_parent, keep_kv=message.keep_kv)
             except InvalidParameterError as e:
                 logger.warning("request %s rejected: %s", message.request_id, e)
                 self.channel.send(contract.RequestRejected(message.request_id, e.param, e.message))
         elif isinstance(message, contract.AbortRequests):
             self._send_outputs(self.core.abort_requests(message.request_ids), 0.0)
+        elif isinstance(message, contract.ReleaseKV):
+            self.core.release_kv(message.request_ids)
         elif isinstance(message, contract.FinishSamples):
             self.core.finish_requests(message.sample_ids, RequestStatus.FINISHED_STOPPED)
         elif isinstance(message, (contract.LoadLora, contract.UnloadLora)):

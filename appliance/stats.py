@@ -33,6 +33,7 @@ from appliance.metrics import count_step_tokens
 from appliance.request_log import RequestLog, RequestRecord
 from appliance.stats_pooling import POOLING_SUMS, PoolingTotals
 from appliance.stats_ring import RANGES_S, History, LengthCounts, Samples
+from appliance.stats_specdec import spec_decoding_snapshot
 
 if TYPE_CHECKING:
     from appliance.config import ModelSpec
@@ -322,6 +323,7 @@ class StatsHub:
             "series": _series_snapshot(model, now, range_s, stats) if range_s else None,
             "lora": {"enabled": spec.lora.enabled, "max_loras": spec.lora.max_loras,
                      "adapters": _adapters(runtime, spec)},
+            "spec_decoding": spec_decoding_snapshot(spec.speculative is not None, stats),
             "errors": [{"time": t, "message": message} for t, message in runtime.errors],
         }
 

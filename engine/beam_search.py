@@ -1,8 +1,10 @@
 """Beam search on top of the engine, as vLLM's `LLM.beam_search` does it: each step extends every live beam by one
-token with an n = 1, max_tokens = 1 request that asks for the top 2 * beam_width logprobs. A beam's prompt and
-history are full blocks that the prefix cache already holds (computed by an earlier step of this beam or of its
-parent), so beams share their common blocks and only the last partial block is computed again; every request's
-blocks go back to the pool when it ends.
+token with an n = 1, max_tokens = 1 request that asks for the top 2 * beam_width logprobs. Each step request keeps
+its K/V when it ends (`keep_kv`), and the next step's requests of the beams it spawned fork from it (`kv_parent`):
+they reference its blocks, the prompt's and the common prefix's included, copy the partially filled last block only
+when two beams write into it (copy-on-write in `engine.kv_cache.manager`), and compute one token each. Once the next
+step's requests are queued, the previous step's kept K/V is released, so the blocks of beams that ended or were
+pruned go back to the pool.
 
 Scores (transformers' convention): the sum of the beam's token logprobs (the model's, before any temperature),
 divided by its generated length (an ending EOS not counted) to the power `length_penalty` for the final ranking.
@@ -15,13 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from engine.contract import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS, InvalidParameterError, SamplingParams
-
-if TYPE_CHECKING:
-    from engine.llm import LLM
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,8 @@ class BeamSearchSequence:
     cum_logprob: float
     text: str = ""
     finished: bool = False  # ended with an EOS token
+    # The step request whose kept K/V holds every token but the last (None: the prompt is still to compute).
+    kv_parent: str | None = field(default=None, repr=False, compare=False)
 
     def score(self, length_penalty: float) -> float:
         length = len(self.tokens) - (1 if self.finished else 0)
@@ -80,19 +80,20 @@ class BeamSearch:
         self._num_steps = 0
         self._live: list[tuple[_Search, BeamSearchSequence]] = []
 
-    def pending(self) -> list[list[int]]:
+    def pending(self) -> list[tuple[list[int], str | None]]:
         if self._num_steps == self.params.max_tokens:
             return []
         self._live = [(search, beam) for search in self._searches for beam in search.beams]
-        return [search.prompt_ids + beam.tokens for search, beam in self._live]
+        return [(search.prompt_ids + beam.tokens, beam.kv_parent) for search, beam in self._live]
 
-    def update(self, next_logprobs: list[TokenLogprobs]) -> None:
+    def update(self, request_ids: list[str], next_logprobs: list[TokenLogprobs]) -> None:
         self._num_steps += 1
         candidates: dict[int, list[BeamSearchSequence]] = {id(search): [] for search in self._searches}
-        for (search, beam), top in zip(self._live, next_logprobs):
+        for (search, beam), request_id, top in zip(self._live, request_ids, next_logprobs):
             # The sampled token comes first, then the top 2 * beam_width.
-            candidates[id(search)].extend(BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob)
-                                          for token, logprob in zip(top.token_ids[1:], top.logprobs[1:]))
+            candidates[id(search)].extend(
+                BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob, kv_parent=request_id)
+                for token, logprob in zip(top.token_ids[1:], top.logprobs[1:]))
         for search in self._searches:
             self._advance(search, candidates[id(search)])
 
@@ -127,10 +128,3 @@ class BeamSearch:
             if params.early_stopping or search.beams[0].score(params.length_penalty) < worst_kept:
                 search.beams = []  # enough finished ones, and (unless early_stopping) no live beam overtakes them
 
-
-def beam_search(llm: LLM, prompts: list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
-    search = BeamSearch(prompts, params, llm.core.eos_token_ids, llm.core.max_model_len)
-    while sequences := search.pending():
-        outputs = llm.generate(sequences, search.step_params, use_tqdm=False)
-        search.update([output.outputs[0].logprobs[0] for output in outputs])
-    return search.results(lambda tokens: llm.tokenizer.decode(tokens, skip_special_tokens=True))

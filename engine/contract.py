@@ -107,6 +107,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     # counts them: the runner computes 1 + k positions and samples at each to verify them. With a draft model the
     # ids are DRAFT_TOKEN_PLACEHOLDER: the runner's draft model draws them in the step.
     spec_token_ids: dict[str, list[int]] = {}
+    # Copy-on-write of shared KV blocks (beam forks): (source, destination) block ids, copied on every layer's K/V
+    # before the step's forward.
+    blocks_to_copy: list[tuple[int, int]] = []
 
     @property
     def num_reqs(self) -> int:
@@ -260,6 +263,10 @@ class AddRequest(msgspec.Struct, tag=True):
     cache_salt: str | None = None
     lora_name: str | None = None  # a loaded LoRA adapter's name (None: the base model)
     pooling: PoolingParams | None = None  # required by (and only by) an embed or score engine
+    # Beam search's steps: fork from the K/V that this finished request kept (its tokens must start this prompt),
+    # and keep this request's K/V when it finishes, until a ReleaseKV names it.
+    kv_parent: str | None = None
+    keep_kv: bool = False
 
 
 class AbortRequests(msgspec.Struct, tag=True):
@@ -283,6 +290,10 @@ class UnloadLora(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+class ReleaseKV(msgspec.Struct, tag=True):
+    request_ids: list[str]  # requests added with keep_kv whose kept K/V no fork needs any more
 
 
 # ---- engine process -> front end ----
@@ -325,7 +336,8 @@ class LoraResult(msgspec.Struct, tag=True):
     loras: list[LoraInfo] = []
 
 
-ToEngine = StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
+ToEngine = (StartEngine | AddRequest | AbortRequests | FinishSamples | LoadLora | UnloadLora | Shutdown
+            | ReleaseKV)
 FromEngine = EngineReady | StepOutputs | RequestRejected | EngineFailed | LoraResult
 
 

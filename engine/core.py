@@ -6,7 +6,8 @@ it and returns what each request produced.
 
 n > 1 samples of one prompt are separate requests. Only the first is scheduled at once; its siblings wait until its
 prompt has been scheduled, then take references to its full prompt blocks (`KVCacheManager.share_prefix`), so the
-prompt's K/V is computed and stored once.
+prompt's K/V is computed and stored once. Beam search's step requests fork the same way from the K/V that a finished
+step request kept (`keep_kv`, `kv_parent`, `release_kv`; copy-on-write in the KV cache manager).
 
 With `enable_lora`, adapters are added, replaced and removed by name (`add_lora`, `remove_lora`); a request names
 one with `lora_name` and keeps the version it got for its whole life, even if the name is replaced meanwhile.
@@ -158,8 +159,13 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
-                    lora_name: str | None = None, pooling: PoolingParams | None = None) -> list[str]:
-        """Queues a request that `engine.validation` accepted; returns the ids of its samples (one per n)."""
+                    lora_name: str | None = None, pooling: PoolingParams | None = None,
+                    kv_parent: str | None = None, keep_kv: bool = False) -> list[str]:
+        """Queues a request that `engine.validation` accepted; returns the ids of its samples (one per n). Beam
+        search's steps pass `keep_kv` (this request's K/V outlives it, until `release_kv`) and `kv_parent` (a kept
+        request whose computed tokens start this prompt: its blocks are shared, not computed again)."""
+        if keep_kv and params.n != 1:
+            raise InvalidParameterError("n", "keep_kv needs n = 1")
         if request_id in self._samples_of:
             raise InvalidParameterError("request_id", f"a request with id {request_id!r} is already running")
         if (pooling is None) != (self.pooler_info is None):
@@ -187,10 +193,23 @@ class EngineCore:
         self._samples_of[request_id] = [r.request_id for r in samples]
         if self.step_trace is not None:
             self.step_trace.arrivals.append(time.monotonic())
-        self.scheduler.add_request(samples[0])
+        self._queue_first(samples[0], kv_parent, keep_kv)
         if len(samples) > 1:
             self._waiting_siblings[samples[0].request_id] = samples[1:]
         return self._samples_of[request_id]
+
+    def _queue_first(self, request: Request, kv_parent: str | None, keep_kv: bool) -> None:
+        num_forked = self.kv_manager.fork(kv_parent, request) if kv_parent is not None else 0
+        if num_forked:
+            self.scheduler.add_forked_request(request, num_forked)
+        else:
+            self.scheduler.add_request(request)
+        if keep_kv:
+            self.kv_manager.keep_when_finished(request.request_id)
+
+    def release_kv(self, request_ids: list[str]) -> None:
+        """Frees the K/V that requests added with `keep_kv` kept (or will keep) for forks."""
+        self.kv_manager.release_kept(request_ids)
 
     def abort_requests(self, parent_ids: list[str]) -> list[EngineCoreOutput]:
         outputs = []

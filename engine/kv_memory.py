@@ -4,8 +4,8 @@ Owns the sizing rule (an explicit block count, else an explicit byte budget, els
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
 layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only), in
-the `kv_cache_dtype` (`engine.kv_dtype`). It does not decide which blocks a request uses: that is the KV cache
-manager's job.
+the `kv_cache_dtype` (`engine.kv_dtype`), and the copy of blocks within them (copy-on-write of a block that beams
+shared). It does not decide which blocks a request uses: that is the KV cache manager's job.
 """
 
 from __future__ import annotations
@@ -71,6 +71,15 @@ class KVMemory:
                                          dtype=self.dtype, device=self.device)
         if self.draft is not None:
             self.draft.allocate(num_blocks)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies each (source, destination) block's K and V on every layer (copy-on-write of a shared block)."""
+        source = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
+        destination = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=self.device)
+        for layer in self.model.attention_layers():
+            layer.kv_cache.index_copy_(1, destination, layer.kv_cache.index_select(1, source))
+        if self.draft is not None:
+            self.draft.copy_blocks(pairs)
 
     def release(self) -> None:
         for layer in self.model.attention_layers():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.contract import PoolingParams
@@ -76,7 +76,20 @@ class LLM:
         for ids in token_ids:
             validate_prompt(ids, SamplingParams(), max_model_len=self.core.max_model_len,
                             vocab_size=self.core.vocab_size)
-        return beam_search(self, token_ids, params)
+        search = BeamSearch(token_ids, params, self.core.eos_token_ids, self.core.max_model_len)
+        kept: list[str] = []  # the last step's requests, whose K/V the next step forks from
+        try:
+            while pending := search.pending():
+                step_ids = self._add_all([None] * len(pending), [ids for ids, _ in pending],
+                                         [search.step_params] * len(pending), [0] * len(pending),
+                                         [None] * len(pending), kv_parents=[parent for _, parent in pending])
+                self.core.release_kv(kept)
+                kept = step_ids
+                outputs = self._run(step_ids, use_tqdm=False)
+                search.update(step_ids, [output.outputs[0].logprobs[0] for output in outputs])
+        finally:
+            self.core.release_kv(kept)
+        return search.results(lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def chat(self, messages: list[Message] | Sequence[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -128,15 +141,18 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def _add_all(self, texts: Sequence[str | None], token_ids: Sequence[list[int]], params: Sequence[SamplingParams],
-                 priorities: Sequence[int], lora_names: Sequence[str | None]) -> list[str]:
+                 priorities: Sequence[int], lora_names: Sequence[str | None],
+                 kv_parents: Sequence[str | None] | None = None) -> list[str]:
         """Validates every prompt, then queues them all: a bad one raises InvalidParameterError before any is
-        queued."""
+        queued. With `kv_parents` (beam search's steps) each request keeps its K/V and forks from its parent's."""
         for ids, p in zip(token_ids, params):
             validate_prompt(ids, p, max_model_len=self.core.max_model_len, vocab_size=self.core.vocab_size)
         request_ids = []
-        for text, ids, p, priority, lora_name in zip(texts, token_ids, params, priorities, lora_names):
+        for i, (text, ids, p, priority, lora_name) in enumerate(zip(texts, token_ids, params, priorities, lora_names)):
             request_id = str(next(self._ids))
-            self.core.add_request(request_id, ids, p, priority=priority, lora_name=lora_name)
+            self.core.add_request(request_id, ids, p, priority=priority, lora_name=lora_name,
+                                  kv_parent=kv_parents[i] if kv_parents is not None else None,
+                                  keep_kv=kv_parents is not None)
             self.output_processor.add_request(request_id, text, ids, p)
             request_ids.append(request_id)
         return request_ids

@@ -94,7 +94,7 @@ class Scheduler:
         self._enqueue(request)
 
     def add_forked_request(self, request: Request, num_computed_tokens: int) -> None:
-        """A sibling sample whose prompt blocks were shared by the KV manager (n > 1)."""
+        """A request whose first tokens' blocks the KV manager shared: a sibling sample (n > 1) or a beam fork."""
         request.num_computed_tokens = num_computed_tokens
         self.add_request(request)
 
@@ -184,6 +184,8 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(request, num_new, cached):
+                if not self.running and not scheduled and self.kv.drop_held_blocks(self.waiting):
+                    continue  # blocks held for forks filled the pool: without them this one may fit
                 break
             self.waiting.pop(i)
             if request.num_computed_tokens == 0 and request.num_preemptions == 0:
@@ -204,7 +206,7 @@ class Scheduler:
         if not scheduled:
             return SchedulerOutput()  # nothing runs; the ids to forget wait for a step that does
         out = SchedulerOutput(step_id=next(self._step_ids), finished_ids=self._finished_ids,
-                              preempted_ids=self._preempted_ids)
+                              preempted_ids=self._preempted_ids, blocks_to_copy=self.kv.take_block_copies())
         self._finished_ids, self._preempted_ids = [], []
         for item in scheduled:
             request = item.request

@@ -59,7 +59,6 @@ def test_unknown_fields_are_refused_naming_their_path(http, path, body, param):
 
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/chat/completions", {**CHAT, "best_of": 2}, "best_of"),
-    ("/v1/chat/completions", {**CHAT, "use_beam_search": True}, "use_beam_search"),
     ("/v1/completions", {**COMPLETION, "suffix": "!"}, "suffix"),
     ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [

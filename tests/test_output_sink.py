@@ -114,7 +114,7 @@ class FakeClient:
         self.sink, self.aborted = None, []
 
     def add_request(self, request_id, prompt, prompt_token_ids, params, sink, index, priority, lora_name,
-                    pooling=None, cache_salt=None):
+                    pooling=None, cache_salt=None, kv_parent=None, keep_kv=False):
         self.sink = sink
 
     def abort(self, request_ids):

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template (`appliance.openai.prompts`), and
-chat's response, chunk and logprobs formats."""
+chat's response, chunk and logprobs formats; `use_beam_search` runs `appliance.openai.beam_search` instead."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from litestar import Request, Response, post
 from msgspec import UNSET
 
 from appliance.errors import APIError
-from appliance.openai import structured, tools
+from appliance.openai import beam_search, structured, tools
 from appliance.openai.chat_reply import ReplyShaper
 from appliance.openai.context import serving_context
 from appliance.openai.generation import Generation, collect, stream_response
@@ -23,6 +23,7 @@ from appliance.openai.serving import (Target, check_limits, fingerprint, open_mo
                                       sampling_params, start)
 from appliance.openai.tools import ToolPlan
 from appliance.request_ids import request_id
+from engine.beam_search import BeamSearchSequence
 from engine.output_processor import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -33,6 +34,9 @@ async def create_chat_completion(request: Request) -> Response:
     if req.chat_template is not None:
         raise APIError.invalid("chat_template", "requests cannot supply a chat template; the server's operator "
                                                 "configures it per model")
+    beam_search.check(req)
+    if req.use_beam_search:
+        return Response(await _beam_search(request, req, chat_messages(req.messages)))
     run = await start_chat(request, req, chat_messages(req.messages))
     generation, params, target = run.generation, run.params, run.target
     choices = _Choices(f"chatcmpl-{generation.request_id}", req, target.model.tokenizer, run.num_logprobs,
@@ -52,9 +56,37 @@ class ChatRun(NamedTuple):
     num_logprobs: int | None
 
 
+class ChatPlan(NamedTuple):
+    """A chat request checked and rendered, not started yet."""
+    target: Target
+    params: SamplingParams
+    tool_plan: ToolPlan | None
+    num_logprobs: int | None
+    prompt: Prompt
+    max_tokens_param: str | None  # the request's max_tokens field, if it gave one
+
+
 async def start_chat(request: Request, req: ChatCompletionRequest, messages: list[dict]) -> ChatRun:
     """A chat request's checks, tools, structured outputs, sampling parameters and prompt, and its engine requests
     started; shared by chat and the Responses API (`appliance.openai.responses`), which converts to chat."""
+    plan = await plan_chat(request, req, messages)
+    generation = start(serving_context(request), request_id(request), plan.target, [plan.prompt], plan.params, req,
+                       "messages", plan.max_tokens_param)
+    return ChatRun(generation, plan.target, plan.params, plan.tool_plan, plan.num_logprobs)
+
+
+async def _beam_search(request: Request, req: ChatCompletionRequest, messages: list[dict]) -> ChatCompletion:
+    """`use_beam_search` (appliance.openai.beam_search): n choices, best first."""
+    plan = await plan_chat(request, req, messages)
+    results = await beam_search.run(request, serving_context(request), request_id(request), plan.target, req,
+                                    [plan.prompt], plan.params.max_tokens, "messages")
+    choices = _Choices(f"chatcmpl-{request_id(request)}", req, plan.target.model.tokenizer, None,
+                       fingerprint(plan.target.model), ReplyShaper(None, plan.target.model.spec.reasoning_parser))
+    return choices.beams(results[0].sequences, beam_search.usage([plan.prompt], results))
+
+
+async def plan_chat(request: Request, req: ChatCompletionRequest, messages: list[dict]) -> ChatPlan:
+    """Everything `start_chat` does but starting the engine requests."""
     check_continuation(messages, req.add_generation_prompt, req.continue_final_message)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs: true")
@@ -77,9 +109,8 @@ async def start_chat(request: Request, req: ChatCompletionRequest, messages: lis
         params.skip_special_tokens = False  # a format's markers (<tool_call>, [TOOL_CALLS]) may be special tokens
     prompt = await asyncio.to_thread(_prompt, target, messages, req, params,
                                      tool_plan.template_tools if tool_plan else None)
-    generation = start(context, request_id(request), target, [prompt], params, req, "messages",
-                       max_tokens[0] if max_tokens[1] is not None else None)
-    return ChatRun(generation, target, params, tool_plan, num_logprobs)
+    return ChatPlan(target, params, tool_plan, num_logprobs, prompt, max_tokens[0] if max_tokens[1] is not None
+                    else None)
 
 
 def _prompt(target, messages: list[dict], req: ChatCompletionRequest, params, template_tools: list[dict] | None
@@ -108,6 +139,11 @@ class _Choices:
                               UNSET if self.num_prompt_logprobs is None else prompt_logprobs(
                                   self.tokenizer, output.prompt_token_ids, output.prompt_logprobs))
 
+    def beams(self, sequences: list[BeamSearchSequence], usage: Usage) -> ChatCompletion:
+        choices = [ChatChoice(i, message, None, finish_reason) for i, sequence in enumerate(sequences)
+                   for message, finish_reason in [self._reply(sequence.text, beam_search.finish_reason(sequence))]]
+        return ChatCompletion(self.id, self.created, self.model, choices, usage, self.fingerprint)
+
     def role_chunk(self, choice: int) -> ChatCompletionChunk:
         """A choice's first chunk names the role and nothing else, as OpenAI's and vLLM's streams do (with an empty
         logprobs list when logprobs were asked for: every chunk of such a stream has one)."""
@@ -122,9 +158,12 @@ class _Choices:
                                             completion.stop_reason)])
 
     def _message(self, c: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+        return self._reply(c.text, c.finish_reason)
+
+    def _reply(self, text: str, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
         if self.shaper.active:
-            return self.shaper.message(c.text, c.finish_reason)
-        return AssistantMessage(c.text), c.finish_reason
+            return self.shaper.message(text, finish_reason)
+        return AssistantMessage(text), finish_reason
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(self.id, self.created, self.model, [], usage, self.fingerprint)

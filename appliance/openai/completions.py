@@ -47,10 +47,12 @@ async def create_completion(request: Request) -> Response:
     prompts = (await asyncio.to_thread(_prompts, tokenizer, inputs, req, params) if needs_tokenizer
                else truncate([(None, p) for p in inputs], req.truncate_prompt_tokens, tokenizer))
     if req.use_beam_search:
-        choices, usage = await beam_search.run(request, context, request_id(request), target, req, prompts,
-                                               params.max_tokens)
-        return Response(Completion(f"cmpl-{request_id(request)}", now(), req.model, choices, usage,
-                                   fingerprint(target.model)))
+        results = await beam_search.run(request, context, request_id(request), target, req, prompts,
+                                        params.max_tokens, "prompt")
+        choices = [CompletionChoice(i * n + j, sequence.text, None, beam_search.finish_reason(sequence))
+                   for i, result in enumerate(results) for j, sequence in enumerate(result.sequences)]
+        return Response(Completion(f"cmpl-{request_id(request)}", now(), req.model, choices,
+                                   beam_search.usage(prompts, results), fingerprint(target.model)))
     generation = start(context, request_id(request), target, prompts, params, req, "prompt",
                        "max_tokens" if req.max_tokens is not None else None)
     choices = _Choices(f"cmpl-{generation.request_id}", req, tokenizer, prompts, n,

@@ -43,14 +43,17 @@ class Generation:
     def __init__(self, client: EngineClient, request_id: str, prompts: list[Prompt], params: SamplingParams, *,
                  metrics: Metrics, on_done: Callable[[], None], stats: StatsHub | None = None, priority: int = 0,
                  cache_salt: str | None = None, lora_name: str | None = None,
-                 pooling: list[PoolingParams] | None = None):
+                 pooling: list[PoolingParams] | None = None, kv_parents: list[str | None] | None = None):
+        """`kv_parents` (beam search's steps, one per prompt): each engine request keeps its K/V when it ends, and
+        forks from its parent's kept K/V; the caller releases them (`client.release_kv(engine_request_ids)`)."""
         self.request_id = request_id
+        self.client = client
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
-        self._client = client
         self._sink = OutputSink()
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
+        self.engine_request_ids = list(self._running.values())
         access_log.note(model=client.name, adapter=lora_name)
         self._observers = [metrics.request(client.name, lora_name, params) for _ in prompts]
         # The dashboard's row for this request and its latency samples.
@@ -59,7 +62,9 @@ class Generation:
         try:
             for i, (text, token_ids) in enumerate(prompts):
                 client.add_request(self._running[i], text, token_ids, params, self._sink, i, priority, lora_name,
-                                   pooling[i] if pooling is not None else None, cache_salt=cache_salt)
+                                   pooling[i] if pooling is not None else None, cache_salt=cache_salt,
+                                   kv_parent=kv_parents[i] if kv_parents is not None else None,
+                                   keep_kv=kv_parents is not None)
         except BaseException:
             self._close()
             raise
@@ -97,8 +102,8 @@ class Generation:
             del self._running[index]
             self._on_done()
         if _failed(output):
-            logger.error("request %s: %s[%d] failed while generating it", output.request_id, self._client.name,
-                         self._client.replica)
+            logger.error("request %s: %s[%d] failed while generating it", output.request_id, self.client.name,
+                         self.client.replica)
             return APIError(500, "the engine failed while generating this request", code="engine_error")
         self.latest[index] = output
         return None
@@ -110,7 +115,7 @@ class Generation:
         access_log.note(prompt_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
         if running:
             logger.info("request %s: aborted (%s)", self.request_id, ", ".join(running.values()))
-        self._client.abort(list(running.values()))
+        self.client.abort(list(running.values()))
         for index in running:
             self._observers[index].aborted()
             self._on_done()

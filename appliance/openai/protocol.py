@@ -88,6 +88,10 @@ class SamplingFields(Strict, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's beam search: n beams (appliance.openai.beam_search).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     @property
     def include_usage(self) -> bool:
@@ -102,10 +106,6 @@ class CompletionRequest(SamplingFields, kw_only=True):
     logprobs: Int64 | None = None
     echo: bool = False
     best_of: Annotated[int, Meta(ge=1, le=2**63 - 1)] | None = None  # n of best_of samples, by cumulative logprob
-    # vLLM's beam search: n beams (appliance.openai.beam_search).
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    early_stopping: bool = False
 
 
 class TextPart(Strict, kw_only=True):

@@ -163,10 +163,11 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
 
 def start(context: ServingContext, request_id: str, target: Target, prompts: list[Prompt], params: SamplingParams,
           req: SamplingFields | None, prompt_param: str, max_tokens_param: str | None = None,
-          pooling: list[PoolingParams] | None = None) -> Generation:
+          pooling: list[PoolingParams] | None = None, kv_parents: list[str | None] | None = None) -> Generation:
     """Checks the prompts against the model, admits the request and starts its engine requests. `req` gives the
     priority and cache salt (None: the defaults); `max_tokens_param` names the request's max_tokens field if it gave
-    one (a value beyond the context is then refused); with `pooling`, one per prompt: an embed or score model's."""
+    one (a value beyond the context is then refused); with `pooling`, one per prompt: an embed or score model's;
+    `kv_parents`: a beam search step's (see `Generation`)."""
     info = target.client.info
     for i, (_, token_ids) in enumerate(prompts):
         if pooling is not None:
@@ -183,5 +184,5 @@ def start(context: ServingContext, request_id: str, target: Target, prompts: lis
     return Generation(client, request_id, prompts, params, metrics=context.metrics, stats=context.stats,
                       priority=req.priority if req is not None else 0,
                       cache_salt=req.cache_salt if req is not None else None, lora_name=target.lora_name,
-                      pooling=pooling,
+                      pooling=pooling, kv_parents=kv_parents,
                       on_done=lambda: context.admission.release(model.name, request_id))

@@ -120,6 +120,7 @@
       const panel = panels.get(model.name);
       if (panel) renderModel(panel, model, snapshot);
     }
+    document.dispatchEvent(new CustomEvent("kvbox:snapshot", { detail: snapshot }));  // cards in files of their own
     renderHost(snapshot.host);
     renderRequests(snapshot.requests);
     drawSelected();
