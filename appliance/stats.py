@@ -431,17 +431,6 @@ def _block_map(replica: _Replica, index: int, stats: SchedulerStats) -> dict[str
     return result
 
 
-def _add_growth(sums: dict, i: int, names: tuple[str, ...], values: tuple[int, ...],
-                last: tuple[int, ...]) -> tuple[int, ...]:
-    """Adds to second `i` how much cumulative counters grew since their last report; returns the new last values.
-    A restarted engine counts from zero again: its first report adds, never subtracts."""
-    if any(value < before for value, before in zip(values, last)):
-        last = (0,) * len(values)
-    for name, value, before in zip(names, values, last):
-        sums[name][i] += value - before
-    return values
-
-
 def _adapters(runtime: ModelRuntime, spec: ModelSpec) -> list[dict[str, Any]]:
     """The adapters the engines serve (first live replica's view: residency, usage), else the configured ones."""
     for replica in runtime.replicas:
