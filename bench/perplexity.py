@@ -5,10 +5,11 @@
 
 The text is tokenized once and cut into windows of --window tokens; each window is one prompt whose prompt logprobs
 (the engine's own, `SamplingParams.prompt_logprobs`) give the log-likelihood of every token after its first.
-Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model as kvbox loads it (the
-built-in SmolLM2 is a GGUF, dequantized at load); fp8 / int8 quantize those float weights online (`quantization`);
-"fp8 KV" keeps float weights and stores the KV cache in e4m3 (scales 1.0: a GGUF carries none). Each row shows its
-change against float.
+Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF
+(the built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first
+written out as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder);
+fp8 / int8 quantize those float weights online (`quantization`); "fp8 KV" keeps float weights and stores the KV
+cache in e4m3 (scales 1.0: a GGUF carries none). Each row shows its change against float.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.models.builtin import BUILTIN_PREFIX, resolve_builtin  # noqa: E402
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -32,6 +34,27 @@ CONFIGS = {
     "int8 weights": {"quantization": "int8"},
     "fp8 KV": {"kv_cache_dtype": "fp8"},
 }
+
+
+def float_checkpoint(model: str, cache: Path = Path.home() / ".cache" / "kvbox" / "float-checkpoints") -> str:
+    """`model` itself, or for a GGUF file its float safetensors folder (written once, by transformers)."""
+    path = Path(resolve_builtin(model) if model.startswith(BUILTIN_PREFIX) else model)
+    if path.suffix != ".gguf":
+        return model
+    folder = cache / path.stem
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # transformers will not save a model it marks as GGUF-quantized
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    return str(folder)
 
 
 def prompt_token_logprobs(llm: LLM, prompts: list[list[int]]) -> list[list[float]]:
@@ -55,6 +78,7 @@ def perplexity(model: str, text: str, window: int, max_tokens: int | None, **opt
 
 def perplexities(model: str, text: str, window: int, max_tokens: int | None, configs: dict[str, dict],
                  **options) -> dict[str, float]:
+    model = float_checkpoint(model)
     return {name: perplexity(model, text, window, max_tokens, **options, **extra) for name, extra in configs.items()}
 
 
@@ -68,12 +92,13 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     text = Path(args.text).read_text()
+    model = float_checkpoint(args.model)
     print(f"model {args.model}, text {args.text}, window {args.window}, device {args.device}, dtype {args.dtype}")
     print(f"{'config':<14} {'perplexity':>10} {'vs float':>9} {'seconds':>8}")
     base = None
     for name, extra in CONFIGS.items():
         start = time.perf_counter()
-        value = perplexity(args.model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
+        value = perplexity(model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
                            **extra)
         base = base or value
         print(f"{name:<14} {value:>10.4f} {100 * (value / base - 1):>+8.2f}% {time.perf_counter() - start:>8.1f}",
