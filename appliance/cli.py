@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from appliance.logs import FORMATS, LEVELS
@@ -25,6 +26,20 @@ def _port(text: str) -> int:
     return port
 
 
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _natural(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     # Every option's help shows its default; flag names follow vLLM's where vLLM has the option.
     formatter = _Formatter
@@ -43,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LEVELS, default="info", help="the least severe level logged")
     serve.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or JSON lines for log "
                        "shippers (the engine processes follow)")
+    # torchrun's environment is the fallback, as the issue asks; argparse applies `type` to a string default.
+    serve.add_argument("--nnodes", type=_positive, default=os.environ.get("KVBOX_NNODES", "1"),
+                       help="machines the models' tensor / pipeline ranks are spread over ($KVBOX_NNODES)")
+    serve.add_argument("--node-rank", type=_natural, default=os.environ.get("KVBOX_NODE_RANK", "0"),
+                       help="this machine's place, 0 to nnodes - 1; node 0 serves the API, the others only run "
+                       "their ranks ($KVBOX_NODE_RANK)")
+    serve.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       help="node 0's address, where every rank rendezvouses ($MASTER_ADDR)")
+    serve.add_argument("--master-port", type=_port, default=os.environ.get("MASTER_PORT", "29500"),
+                       help="the first rendezvous port: each model replica takes the next one ($MASTER_PORT)")
 
     check = commands.add_parser("check-config", help="validate a config file without starting anything",
                                 formatter_class=formatter)
@@ -76,12 +101,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        from appliance.node import NodeLayout
         from appliance.server import ServeOptions, serve_main
 
+        if args.node_rank >= args.nnodes:
+            parser.error(f"--node-rank {args.node_rank} is not below --nnodes {args.nnodes}")
+        nodes = NodeLayout(args.nnodes, args.node_rank, args.master_addr, args.master_port)
         return serve_main(args.config, ServeOptions(args.host, args.port, args.api_key_env, args.log_level,
-                                                    args.log_format))
+                                                    args.log_format, nodes))
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "chat":

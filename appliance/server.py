@@ -5,6 +5,9 @@ engines stop and the process exits 0. A second signal stops at once. SIGHUP (or 
 removed or changed are started, stopped or restarted, and keys and limits follow; an invalid file is logged and
 ignored. Listening address, body size limit, CORS, metrics and UI settings take effect at the next start.
 
+With `--node-rank R` above 0 (several machines, see appliance.node) it serves no API: it runs that node's ranks
+until SIGTERM or SIGINT.
+
 Exit codes: 0 after a drain, 1 if every model failed to start, 2 for an unusable config file.
 """
 
@@ -27,6 +30,7 @@ from appliance.app import create_app
 from appliance.config import AppConfig, ConfigError, load_config
 from appliance.http_protocol import protocol_class
 from appliance.logs import configure_logging
+from appliance.node import NodeLayout, serve_node
 from appliance.version import kvbox_version
 from appliance.supervisor import ModelStatus, Supervisor
 
@@ -44,6 +48,7 @@ class ServeOptions:
     api_key_env: str | None = None  # the name of an environment variable holding the one API key
     log_level: str = "info"
     log_format: str = "text"
+    nodes: NodeLayout = NodeLayout()  # several machines (appliance.node)
 
     def load(self, config_path: str) -> AppConfig:
         config = load_config(config_path)
@@ -66,11 +71,13 @@ def serve_main(config_path: str, options: ServeOptions | None = None) -> int:
     except ConfigError as e:
         print(f"kvbox: {e}", file=sys.stderr)
         return 2
+    if options.nodes.node_rank > 0:
+        return serve_node(config, options.nodes)
     return asyncio.run(_serve(config_path, config, options))
 
 
 async def _serve(config_path: str, config: AppConfig, options: ServeOptions) -> int:
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config, nodes=options.nodes if options.nodes.nnodes > 1 else None)
     app = create_app(config, supervisor)
     # uvicorn logs through the root logger's format (log_config=None); kvbox's access log replaces uvicorn's.
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_config=None,

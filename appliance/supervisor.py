@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine import contract
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
@@ -28,6 +29,9 @@ from appliance.routing import PrefixRouter
 from appliance.sampling_defaults import model_sampling_defaults
 from appliance.sources import resolve_source
 from engine.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from appliance.node import NodeLayout
 
 logger = logging.getLogger("kvbox.supervisor")
 
@@ -128,9 +132,11 @@ class Supervisor:
     """`engine_factory` makes each replica: an engine process by default, `InProcessEngineClient` for an engine on
     a thread of this process."""
 
-    def __init__(self, config: AppConfig, engine_factory: EngineFactory = ProcessEngineClient):
+    def __init__(self, config: AppConfig, engine_factory: EngineFactory = ProcessEngineClient,
+                 nodes: NodeLayout | None = None):
         self.config = config
         self.engine_factory = engine_factory
+        self.nodes = nodes  # several machines: each replica's engine rendezvouses with the other nodes' ranks
         self.models: dict[str, ModelRuntime] = {}
         self.draining = False
         # Called with (model name, replica, StepOutputs) for every step message of every replica (the dashboard's
@@ -288,7 +294,8 @@ class Supervisor:
         engine_config = spec.to_engine_config(model.model_path)
         on_step = self.on_step
         model.replicas = [self.engine_factory(EnginePlan(
-            spec.name, engine_config, i, _replica_env(spec, i, self.config), self.config.server.engine_hang_timeout_s,
+            spec.name, self.nodes.engine_config(self.config, spec.name, i, engine_config) if self.nodes
+            else engine_config, i, replica_env(spec, i, self.config), self.config.server.engine_hang_timeout_s,
             on_step=functools.partial(on_step, spec.name, i) if on_step else None))
             for i in range(spec.parallelism.data)]
         # The engines import and build (the longest part of a start) while this process loads the tokenizer.
@@ -384,7 +391,7 @@ class Supervisor:
             del self.models[model.name]
 
 
-def _replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, str]:
+def replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, str]:
     """Pins each data-parallel replica to its own GPUs when the config names them, and shares the CPU's cores
     among engines that compute on the CPU (torch's threads in several processes would otherwise contend)."""
     env = {}

@@ -127,6 +127,11 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into, each of tensor_parallel_size ranks
     # Layers per pipeline stage, in order (None: as even as can be, the later stages but the last taking the rest).
     pipeline_layer_split: tuple[int, ...] | None = None
+    # Machines the ranks are spread over (engine.distributed.nodes); with more than one, every rank rendezvouses at
+    # master_addr:master_port (this model replica's own port), node 0 holding rank 0.
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
     task: Task = "generate"
     # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.
     pooling_type: PoolingType | None = None
@@ -162,7 +167,7 @@ class EngineConfig:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
                      "max_num_batched_tokens", "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size",
-                     "pipeline_parallel_size"):
+                     "pipeline_parallel_size", "nnodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
@@ -178,6 +183,8 @@ class EngineConfig:
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
                                                             f"ranks yet), got {self.tensor_parallel_size}")
+        if not 0 < self.master_port < 65536:
+            raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
         self._check_pipeline()
         if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
             raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "

@@ -2,7 +2,7 @@
 
 - `run_inprocess(config)`: the app (`create_app`) on uvicorn in a thread of the test process, its engines
   `InProcessEngineClient`s on threads too. It is up in well under a second; most API tests use it.
-- `run_server(config, workdir)`: the real thing, `python -m appliance.server CONFIG` in a subprocess with engine
+- `run_server(config, workdir)`: the real thing, `kvbox serve -c CONFIG` in a subprocess with engine
   processes, stopped with SIGTERM (and its exit code checked: a clean drain exits 0). For what needs processes:
   killed engines, signals, reloads.
 
@@ -125,13 +125,15 @@ def server_config(models: list[dict], **server) -> dict:
 
 
 @contextmanager
-def run_server(config: dict, workdir: Path, start_timeout_s: float = 180) -> Iterator[RunningServer]:
-    """Port 0 lets the server pick a free port; its ready banner says which."""
+def run_server(config: dict, workdir: Path, start_timeout_s: float = 180,
+               serve_args: tuple[str, ...] = ()) -> Iterator[RunningServer]:
+    """Port 0 lets the server pick a free port; its ready banner says which. `serve_args`: `kvbox serve`'s
+    options."""
     config_path, log_path = workdir / "kvbox.yaml", workdir / "server.log"
     config_path.write_text(yaml.safe_dump(config))
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "appliance.server", str(config_path)], cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "-c", str(config_path),
+                                    *serve_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = None
     try:
         server = RunningServer(_wait_for_banner(process, log_path, start_timeout_s), process, log_path)

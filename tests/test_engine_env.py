@@ -4,12 +4,12 @@ spin, at OpenMP barriers; the operator's own OMP_* variables win."""
 import yaml
 
 from appliance.config import parse_config
-from appliance.supervisor import _replica_env
+from appliance.supervisor import replica_env
 
 
 def replica_envs(models: list[dict]) -> list[dict[str, str]]:
     config = parse_config(yaml.safe_dump({"models": models}))
-    return [_replica_env(spec, 0, config) for spec in config.models]
+    return [replica_env(spec, 0, config) for spec in config.models]
 
 
 def test_cpu_engines_share_the_cores_and_wait_passively(monkeypatch, tmp_path):

@@ -22,6 +22,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from engine.distributed import nodes
+
 # A collective waits this long for a rank before failing, so that a dead or hung worker fails the engine (which its
 # supervisor restarts) instead of hanging it.
 COLLECTIVE_TIMEOUT_S = 60.0
@@ -47,6 +49,7 @@ def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, devic
     global _control_group, _tp_group
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    nodes.pin_socket_interface(init_method)
     if backend == "gloo":
         _share_cpu_threads(tp_size * pp_size)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp_size * pp_size,

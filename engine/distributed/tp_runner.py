@@ -7,7 +7,9 @@ runner (sizing the KV cache, capturing CUDA graphs, every step) broadcasts the s
 runs the same forward on its shard. Every rank of a stage samples the same tokens from the same gathered logits and
 seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
 first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
-the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model.
+the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
+(`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's
+death, and the restarted engine waits at the rendezvous for the other nodes' ranks to rejoin.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from engine import contract
 from engine.config import EngineConfig
-from engine.distributed import parallel_state
+from engine.distributed import nodes, parallel_state
 from engine.distributed.worker import worker_device
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner, PendingRunnerOutput
@@ -44,11 +46,18 @@ class WorkerDiedError(RuntimeError):
 class TensorParallelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
-        init_method = parallel_state.free_tcp_address()
+        world_size = tp_size * pp_size
+        if config.nnodes > 1:  # the other nodes' `kvbox serve --node-rank R` start theirs (appliance.node)
+            init_method = nodes.rendezvous_address(config.master_addr, config.master_port)
+            self._worker_ranks = list(nodes.node_ranks(world_size, config.nnodes, 0))[1:]
+        else:
+            init_method = parallel_state.free_tcp_address()
+            self._worker_ranks = list(range(1, world_size))
+        self._remote = len(self._worker_ranks) < world_size - 1  # ranks this process cannot watch
         self._workers = [
             subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(tp_size), str(pp_size),
                               init_method, worker_device(config.device, rank)])
-            for rank in range(1, tp_size * pp_size)]
+            for rank in self._worker_ranks]
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping)
         parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
@@ -95,7 +104,8 @@ class TensorParallelRunner:
     def check_workers(self, grace_s: float = 0.0) -> None:
         """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""
         deadline = time.monotonic() + grace_s
-        while not (dead := [(rank, p.returncode) for rank, p in enumerate(self._workers, 1) if p.poll() is not None]):
+        while not (dead := [(rank, p.returncode) for rank, p in zip(self._worker_ranks, self._workers)
+                            if p.poll() is not None]):
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
@@ -115,8 +125,10 @@ class TensorParallelRunner:
             yield
         except torch.OutOfMemoryError:
             raise  # the step's own failure (see EngineCore._fail)
-        except RuntimeError:
+        except RuntimeError as e:
             self.check_workers(grace_s=_EXIT_GRACE_S)
+            if self._remote:  # its node went away or cannot be reached; its ranks come back when it rejoins
+                raise WorkerDiedError(f"lost a rank on another node: {e}") from e
             raise
 
 

@@ -1,7 +1,8 @@
 """A parallel worker: one rank (1..) of an engine, as
 `python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE`.
 
-Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`). It builds its shard of its pipeline
+Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`), or on another machine by that node's
+`kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline
 stage's layers and their share of the KV cache, then carries out each `WorkerCommand` that rank 0 broadcasts, in
 lockstep: the model's collectives pair each rank's forward with the others', and each stage takes its activations
 from the one before. It holds no request state but the runner's copies, kept from the steps' plain data. The first
@@ -42,11 +43,10 @@ def receive() -> contract.WorkerCommand:
     return _decoder.decode(parallel_state.broadcast_bytes(None))
 
 
-def serve(rank: int, tp_size: int, pp_size: int) -> None:
+def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
     start = receive()
     assert isinstance(start, contract.StartWorker), start
     config = start.engine_config
-    device = torch.device(worker_device(config.device, rank))
     torch.manual_seed(config.seed)
     dtype = None if config.dtype == "auto" else config.dtype
     model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
@@ -66,12 +66,13 @@ def serve(rank: int, tp_size: int, pp_size: int) -> None:
             runner.capture_cuda_graphs()
 
 
-def worker_device(device: str, rank: int) -> str:
-    """Rank r takes the r-th device after the one configured for rank 0 (cuda -> cuda:r, cuda:2 -> cuda:2+r)."""
+def worker_device(device: str, local_rank: int) -> str:
+    """A node's i-th rank takes the i-th device after the one configured for rank 0 (cuda -> cuda:i, cuda:2 ->
+    cuda:2+i); on node 0 i is the rank, on other nodes the rank less the node's first (engine.distributed.nodes)."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return "cpu"
     first = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
-    return f"cuda:{first + rank}"
+    return f"cuda:{first + local_rank}"
 
 
 def main(argv: list[str]) -> int:
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     rank, tp_size, pp_size, init_method, device = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
     parallel_state.init_parallel(rank, tp_size, pp_size, init_method, torch.device(device))
     try:
-        serve(rank, tp_size, pp_size)
+        serve(rank, tp_size, pp_size, torch.device(device))
     except Exception:
         logger.exception("parallel rank %d failed", rank)
         return 1

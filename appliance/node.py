@@ -1,0 +1,116 @@
+"""Multi-node serving: the node layout (`kvbox serve --nnodes N --node-rank R --master-addr HOST --master-port P`)
+and what a node other than 0 runs.
+
+Node 0 runs the API, the supervisor and every model's engine process (rank 0) with its local ranks. Node R > 0 runs
+no API: for each model replica with ranks on it (`engine.distributed.nodes.node_ranks`), it keeps those ranks'
+worker processes running. A worker waits at its replica's rendezvous for rank 0 and ends with it (a failed
+collective, StopWorker, or the rendezvous timing out while node 0 is away); the node then starts the ranks afresh,
+so they rejoin whenever node 0's engine (re)starts. Every node reads the same config file, and the model's files must
+be at the same path on every node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from appliance.config import AppConfig, ModelSpec
+from appliance.supervisor import replica_env
+from engine.config import EngineConfig
+from engine.distributed.nodes import node_ranks, rendezvous_address
+from engine.distributed.worker import worker_device
+
+logger = logging.getLogger("kvbox.node")
+# After its ranks end, a node waits this long before they rejoin: node 0's engine sees the loss first and restarts,
+# rather than a new rank reaching the old engine's rendezvous.
+REJOIN_DELAY_S = 2.0
+_STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def rendezvous_port(self, config: AppConfig, name: str, replica: int) -> int:
+        """master_port + the replica's slot: models in config order, each data-parallel replica a slot."""
+        slot = 0
+        for spec in config.models:
+            if spec.name == name:
+                return self.master_port + slot + replica
+            slot += spec.parallelism.data
+        raise KeyError(name)
+
+    def engine_config(self, config: AppConfig, name: str, replica: int, engine: EngineConfig) -> EngineConfig:
+        if self.nnodes == 1:
+            return engine
+        return dataclasses.replace(engine, nnodes=self.nnodes, master_addr=self.master_addr,
+                                   master_port=self.rendezvous_port(config, name, replica))
+
+
+class _RankGroup:
+    """One model replica's ranks on this node, restarted together whenever one of them ends."""
+
+    def __init__(self, config: AppConfig, layout: NodeLayout, spec: ModelSpec, replica: int, ranks: range):
+        self.label = f"{spec.name}[{replica}] ranks {ranks.start}..{ranks.stop - 1}"
+        p = spec.parallelism
+        address = rendezvous_address(layout.master_addr, layout.rendezvous_port(config, spec.name, replica))
+        self.commands = [[sys.executable, "-m", "engine.distributed.worker", str(rank), str(p.tensor), str(p.pipeline),
+                          address, worker_device(spec.device, local)] for local, rank in enumerate(ranks)]
+        self.env = replica_env(spec, replica, config)
+        self.processes: list[subprocess.Popen] = []
+        self.ended_at = -REJOIN_DELAY_S
+
+    def keep_alive(self) -> None:
+        if self.processes and all(p.poll() is None for p in self.processes):
+            return
+        if self.processes:
+            codes = [p.returncode for p in self.processes]
+            self.stop()
+            self.ended_at = time.monotonic()
+            logger.info("%s ended (exit codes %s); rejoining in %.0f s", self.label, codes, REJOIN_DELAY_S)
+        if time.monotonic() - self.ended_at >= REJOIN_DELAY_S:
+            self.processes = [subprocess.Popen(c, env={**os.environ, **self.env}) for c in self.commands]
+            logger.info("%s: waiting for rank 0 at %s", self.label, self.commands[0][6])
+
+    def stop(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.processes = []
+
+
+def serve_node(config: AppConfig, layout: NodeLayout) -> int:
+    """Node R > 0 until SIGTERM or SIGINT: keeps its ranks of every model running. Exit code 0."""
+    groups = []
+    for spec in config.models:
+        world_size = spec.parallelism.tensor * spec.parallelism.pipeline
+        if ranks := node_ranks(world_size, layout.nnodes, layout.node_rank):
+            groups += [_RankGroup(config, layout, spec, replica, ranks) for replica in range(spec.parallelism.data)]
+    logger.info("node %d of %d: %s", layout.node_rank, layout.nnodes,
+                ", ".join(g.label for g in groups) or "no model has ranks here")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.2):
+        for group in groups:
+            group.keep_alive()
+    for group in groups:
+        group.stop()
+    logger.info("node %d stopped", layout.node_rank)
+    return 0

@@ -1,0 +1,133 @@
+"""Multi-node serving: two `kvbox serve` processes as two nodes (`--nnodes 2`), a tensor-parallel model with one rank
+on each. Greedy outputs equal the single-rank engine's; a node that dies fails requests instead of hanging them, the
+model answers 503 meanwhile, and serves again once the node's ranks rejoin. Run twice: both nodes on 127.0.0.1, and
+node 1 in a network namespace of its own, reached over a veth pair (two hosts, two addresses; needs root and
+iproute2, as CI has)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+pytest.register_assert_rewrite("helpers_server")
+from helpers_server import ROOT, model_config, run_server, server_config  # noqa: E402
+
+from appliance.cli import main as cli_main  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.distributed.nodes import node_ranks  # noqa: E402
+
+pytest_plugins = ["helpers_server"]
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog", "Once upon a time"]
+NETNS, VETH, HOST_ADDR, NODE1_ADDR = "kvbox-node1", "kvbox-veth", "10.231.0.1", "10.231.0.2"
+
+
+def test_ranks_are_laid_out_per_node_rank_0_first():
+    assert [list(node_ranks(4, 2, r)) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [list(node_ranks(3, 2, r)) for r in range(2)] == [[0, 1], [2]]
+    assert [list(node_ranks(1, 2, r)) for r in range(2)] == [[0], []]  # a single-rank model stays on node 0
+
+
+def test_node_rank_must_be_below_nnodes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", "-c", "kvbox.yaml", "--nnodes", "2", "--node-rank", "2"])
+    assert exit_info.value.code == 2
+    assert "--node-rank 2 is not below --nnodes 2" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _completions(server) -> list[str]:
+    completion = server.client(timeout=120).completions.create(
+        model="llama", prompt=PROMPTS, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    return [c.text for c in sorted(completion.choices, key=lambda c: c.index)]
+
+
+@contextmanager
+def _node1(config_path: Path, log_path: Path, master: str, port: int, prefix: tuple[str, ...] = ()):
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([*prefix, sys.executable, "-m", "appliance.cli", "serve", "-c", str(config_path),
+                                    "--nnodes", "2", "--node-rank", "1", "--master-addr", master,
+                                    "--master-port", str(port)],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # a prefix (ip netns exec) passes the signal on by exec'ing
+            process.wait(30)
+
+
+def _wait_ready(server, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while server.admin_models()["llama"]["status"] != "ready":
+        assert time.monotonic() < deadline, "the model did not come back"
+        time.sleep(0.5)
+
+
+def _serve_on_two_nodes(tiny_model, tmp_path, master: str, prefix: tuple[str, ...] = ()) -> None:
+    model_dir = tiny_model("llama")
+    llm = LLM(model_dir, dtype="float32", device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    llm.shutdown()
+    port = _free_port()
+    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})], host=master)
+    config_path = tmp_path / "node1.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    node_args = ("--nnodes", "2", "--node-rank", "0", "--master-addr", master, "--master-port", str(port))
+    log1 = tmp_path / "node1.log"
+    with _node1(config_path, log1, master, port, prefix) as node1, \
+            run_server(config, tmp_path, serve_args=node_args) as server:
+        assert _completions(server) == expected, log1.read_text()
+        os.killpg(node1.pid, signal.SIGKILL)  # the whole node: its process and its ranks
+        node1.wait(10)
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as error:
+            _completions(server)
+        assert error.value.status_code in (500, 503) and time.monotonic() - started < 60
+        with pytest.raises(openai.APIStatusError) as error:  # restarting: waiting for node 1's ranks
+            _completions(server)
+        assert error.value.status_code == 503
+        with _node1(config_path, log1, master, port, prefix):
+            _wait_ready(server)
+            assert _completions(server) == expected, log1.read_text()
+
+
+def test_two_nodes_on_one_machine(tiny_model, tmp_path):
+    _serve_on_two_nodes(tiny_model, tmp_path, "127.0.0.1")
+
+
+def _make_netns() -> bool:
+    """Node 1's own network namespace, joined to this one by a veth pair; False where that cannot be made."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    subprocess.run(["ip", "netns", "delete", NETNS], capture_output=True)
+    steps = [["ip", "netns", "add", NETNS],
+             ["ip", "link", "add", VETH, "type", "veth", "peer", "name", "eth0", "netns", NETNS],
+             ["ip", "addr", "add", f"{HOST_ADDR}/24", "dev", VETH], ["ip", "link", "set", VETH, "up"],
+             ["ip", "-n", NETNS, "addr", "add", f"{NODE1_ADDR}/24", "dev", "eth0"],
+             ["ip", "-n", NETNS, "link", "set", "eth0", "up"], ["ip", "-n", NETNS, "link", "set", "lo", "up"]]
+    return all(subprocess.run(step, capture_output=True).returncode == 0 for step in steps)
+
+
+def test_two_nodes_on_two_addresses(tiny_model, tmp_path):
+    if not _make_netns():
+        pytest.skip("needs root and iproute2 to make a network namespace")
+    try:
+        _serve_on_two_nodes(tiny_model, tmp_path, HOST_ADDR, prefix=("ip", "netns", "exec", NETNS))
+    finally:
+        subprocess.run(["ip", "netns", "delete", NETNS], capture_output=True)
