@@ -4,6 +4,11 @@ scheduling, through msgpack-decoded steps, with a draft model whose cache swaps 
 comes back; a pool too small, shared blocks and kept beams fall back to recompute; the counters reach metrics; the
 YAML key maps to the engine option."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import msgspec
 import pytest
 from prometheus_client.core import CollectorRegistry
@@ -16,7 +21,7 @@ from engine.config import EngineConfig, EngineConfigError
 from engine.contract import SchedulerOutput, SchedulerStats, SwapStats
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request
-from tests.test_contract import CRAMPED, PROMPTS, flat, through_the_wire
+from tests.test_contract import CRAMPED, DEVICES, PROMPTS, flat, through_the_wire
 
 HOST = 1 << 24  # far more than the cramped cache's blocks
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2, prompt_logprobs=1)
@@ -44,9 +49,13 @@ def assert_nothing_leaked(llm: LLM) -> None:
         assert llm.core.stats().swap.num_swapped_requests == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_swapped_requests_match_a_roomy_cache_and_recompute(model_dir, roomy, async_scheduling):
-    options = dict(dtype="float32", device="cpu", async_scheduling=async_scheduling, **CRAMPED)
+def test_swapped_requests_match_a_roomy_cache_and_recompute(model_dir, roomy, async_scheduling, device):
+    """On CUDA: a pinned host pool and asynchronous copies, ordered on the stream behind the step in flight."""
+    if device != "cpu":
+        roomy = LLM(model_dir, dtype="float32", device=device).generate(PROMPTS, GREEDY, use_tqdm=False)
+    options = dict(dtype="float32", device=device, async_scheduling=async_scheduling, **CRAMPED)
     recompute = LLM(model_dir, **options)
     recomputed = recompute.generate(PROMPTS, GREEDY, use_tqdm=False)
     swap = LLM(model_dir, host_swap_bytes=HOST, **options)
@@ -54,7 +63,7 @@ def test_swapped_requests_match_a_roomy_cache_and_recompute(model_dir, roomy, as
     through_the_wire(swap, steps)  # as a worker process would get them
     swapped = swap.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert flat(swapped) == flat(roomy) == flat(recomputed)
-    assert logprobs_of(swapped) == pytest.approx(logprobs_of(roomy), abs=1e-5)
+    assert logprobs_of(swapped) == pytest.approx(logprobs_of(roomy), abs=1e-4)
     stats = swap.core.stats()
     assert stats.num_preemptions > 0 and stats.swap.num_swapped_out_blocks > 0
     assert stats.swap.num_swapped_in_blocks == stats.swap.num_swapped_out_blocks
@@ -174,3 +183,15 @@ def test_yaml_key_and_checks():
         EngineConfig("m", host_swap_bytes=-1)
     with pytest.raises(EngineConfigError, match="pipeline_parallel_size"):
         EngineConfig("m", host_swap_bytes=1 << 20, pipeline_parallel_size=2)
+
+
+def test_bench_swap_vs_recompute_smoke(tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "kv_swap.py"), "--shape",
+                    "tiny-llama", "--device", "cpu", "--num-prompts", "6", "--input-len", "32", "--output-len", "12",
+                    "--num-kv-blocks", "8", "--host-swap-gib", "0.01", "--json", str(out)], check=True, timeout=300)
+    result = json.loads(out.read_text())
+    recompute, swap = result["rows"]
+    assert result["identical_prompts"] == 6
+    assert recompute["preemptions"] > 0 and recompute["swapped_out_blocks"] == 0
+    assert swap["preemptions"] > 0 and swap["swapped_out_blocks"] == swap["swapped_in_blocks"] > 0
