@@ -1,8 +1,10 @@
 """What Prometheus reads at scrape time, under vLLM's names where vLLM has the metric.
 
 `EngineStatsCollector`: gauges and counters from each replica's latest `SchedulerStats` (summed over a model's
-replicas; speculative decoding's `vllm:spec_decode_*` for models served with it) and `vllm:cache_config_info`; `LoraCollector`: per LoRA adapter (`kvbox:lora_*`, labelled `model_name` and
-`lora_name`, and vLLM's `vllm:lora_requests_info`), from the adapter lists and stats the replicas report.
+replicas; speculative decoding's `vllm:spec_decode_*` and the host swap pool's `kvbox:kv_swapped_*` /
+`kvbox:kv_host_blocks_used` for models served with them) and `vllm:cache_config_info`; `LoraCollector`: per LoRA
+adapter (`kvbox:lora_*`, labelled `model_name` and `lora_name`, and vLLM's `vllm:lora_requests_info`), from the
+adapter lists and stats the replicas report.
 """
 
 from __future__ import annotations
@@ -37,12 +39,11 @@ class EngineStatsCollector:
             "results. On a GPU: close to the step seconds, the GPU is the bottleneck; far below, host work "
             "(scheduling, sampling bookkeeping) leaves it idle. On a CPU engine the forward runs on the host itself, "
             "so this is the compute time and the rest is the engine's own overhead.", labels=labels)
-        # vLLM 0's, kept so that its example dashboard's panels have data: kvbox never swaps KV blocks to the host
-        # (a preempted request recomputes), so both stay 0.
-        swapped = GaugeMetricFamily("vllm:num_requests_swapped", "Requests swapped to the host: always 0 (kvbox "
-                                    "recomputes preempted requests).", labels=labels)
-        cpu_usage = GaugeMetricFamily("vllm:cpu_cache_usage_perc", "Host KV swap space usage: always 0 (kvbox has "
-                                      "none).", labels=labels)
+        # vLLM 0's names for the host swap pool (kv_cache.host_swap_bytes); 0 for a model without one.
+        swapped = GaugeMetricFamily("vllm:num_requests_swapped", "Preempted requests whose KV blocks wait in host "
+                                    "memory.", labels=labels)
+        cpu_usage = GaugeMetricFamily("vllm:cpu_cache_usage_perc", "Host KV swap pool usage (1 = full).",
+                                      labels=labels)
         for model in list(self._supervisor.models.values()):
             # (stats, block size) of each replica that has reported; a restarted replica's counters start over.
             reported = [(r.stats, r.info.block_size) for r in model.replicas if r.stats is not None and r.info]
@@ -59,11 +60,30 @@ class EngineStatsCollector:
             hits.add_metric(name, sum(s.prefix_cache_hits * size for s, size in reported))
             step_seconds.add_metric(name, sum(s.step_seconds for s, _ in reported))
             device_wait.add_metric(name, sum(s.device_wait_seconds for s, _ in reported))
-            swapped.add_metric(name, 0)
-            cpu_usage.add_metric(name, 0)
+            swaps = [s.swap for s, _ in reported if s.swap is not None]
+            swapped.add_metric(name, sum(w.num_swapped_requests for w in swaps))
+            cpu_usage.add_metric(name, sum(w.num_used_host_blocks / w.num_host_blocks for w in swaps) / len(reported))
         yield from (running, waiting, kv_usage, gpu_usage, preemptions, queries, hits, step_seconds, device_wait,
                     swapped, cpu_usage, self._cache_config_info())
         yield from self._spec_decoding()
+        yield from self._swap()
+
+    def _swap(self):
+        """The host swap pool's block moves and use, for models served with one (summed over replicas)."""
+        labels = ["model_name"]
+        swapped_out = CounterMetricFamily("kvbox:kv_swapped_out_blocks", "KV blocks of preempted requests moved "
+                                          "to host memory.", labels=labels)
+        swapped_in = CounterMetricFamily("kvbox:kv_swapped_in_blocks", "KV blocks moved back from host memory to "
+                                         "the device.", labels=labels)
+        used = GaugeMetricFamily("kvbox:kv_host_blocks_used", "Host swap pool blocks in use.", labels=labels)
+        for model in list(self._supervisor.models.values()):
+            swaps = [r.stats.swap for r in model.replicas if r.stats is not None and r.stats.swap is not None]
+            if not swaps:
+                continue
+            swapped_out.add_metric([model.name], sum(w.num_swapped_out_blocks for w in swaps))
+            swapped_in.add_metric([model.name], sum(w.num_swapped_in_blocks for w in swaps))
+            used.add_metric([model.name], sum(w.num_used_host_blocks for w in swaps))
+        yield from (swapped_out, swapped_in, used)
 
     def _spec_decoding(self):
         """vLLM's speculative decoding counters, for models served with it (summed over replicas)."""
@@ -96,8 +116,10 @@ class EngineStatsCollector:
                 if replica.info is None:
                     continue
                 config = replica.plan.engine_config
+                swap = replica.stats.swap if replica.stats is not None else None
                 info.add_metric([model.name, str(replica.replica), str(replica.info.block_size),
-                                 str(replica.info.num_kv_blocks), "0", replica.info.dtype,
+                                 str(replica.info.num_kv_blocks), str(swap.num_host_blocks if swap else 0),
+                                 replica.info.dtype,
                                  str(config.enable_prefix_caching), str(config.gpu_memory_utilization),
                                  replica.info.device], 1)
         return info

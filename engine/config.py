@@ -109,6 +109,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in all
     kv_cache_memory_bytes: int | None = None  # an explicit KV budget, instead of profiling
     num_kv_blocks: int | None = None  # an explicit block count (tests, benchmarks)
+    # Host memory (per rank) for preempted requests' KV blocks, instead of recomputing them; 0 / None: recompute.
+    host_swap_bytes: int | None = None
     kv_cache_dtype: KVCacheDtype = "auto"  # fp8*: blocks stored in 8 bits with per-layer scales
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
@@ -171,6 +173,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
+        if self.host_swap_bytes is not None and self.host_swap_bytes < 0:
+            raise EngineConfigError("host_swap_bytes", f"must be >= 0, got {self.host_swap_bytes}")
         # Without chunking a prompt is computed in one step, so the step budget must hold the longest one. With
         # max_model_len None the model's length is known only once it is loaded; the engine checks it then.
         if (not self.enable_chunked_prefill and self.max_model_len is not None
@@ -216,6 +220,8 @@ class EngineConfig:
             # The runner reads a token sampled by the step in flight from the device, where only the last stage has it.
             (self.async_scheduling, "with async_scheduling (the first stage cannot take a token that the last one "
                                     "is still sampling)"),
+            # Each stage would size its host pool by its own layers, and the scheduler needs one block count.
+            (bool(self.host_swap_bytes), "with host_swap_bytes (KV swap is not split into stages yet)"),
         )
         for is_set, why in refused:
             if is_set:

@@ -110,6 +110,11 @@ class SchedulerOutput(msgspec.Struct, array_like=True):
     # Copy-on-write of shared KV blocks (beam forks): (source, destination) block ids, copied on every layer's K/V
     # before the step's forward.
     blocks_to_copy: list[tuple[int, int]] = []
+    # KV swap (`host_swap_bytes`): (device, host) blocks of requests preempted to host memory, and (host, device)
+    # blocks of requests resumed from it. The runner moves them out, then copies blocks_to_copy, then moves them in,
+    # all before the forward: a block freed by a swap-out may be this step's copy or swap-in destination.
+    blocks_to_swap_out: list[tuple[int, int]] = []
+    blocks_to_swap_in: list[tuple[int, int]] = []
 
     @property
     def num_reqs(self) -> int:
@@ -182,6 +187,16 @@ class SpecDecodingStats(msgspec.Struct):
     num_accepted_tokens_per_pos: list[int] = []  # [i]: drafts accepted at position i (of num_speculative_tokens)
 
 
+class SwapStats(msgspec.Struct):
+    """The host swap pool (`host_swap_bytes`): its size and use now, and cumulative block moves."""
+
+    num_host_blocks: int
+    num_used_host_blocks: int
+    num_swapped_requests: int  # preempted requests whose K/V waits in host memory
+    num_swapped_out_blocks: int
+    num_swapped_in_blocks: int
+
+
 class SchedulerStats(msgspec.Struct):
     num_running: int
     num_waiting: int
@@ -207,6 +222,7 @@ class SchedulerStats(msgspec.Struct):
     device_wait_seconds: float = 0.0
     device_memory_bytes: int = 0  # what the engine's device allocator holds (rank 0's GPU); 0 on a CPU
     spec_decoding: SpecDecodingStats | None = None  # with speculative decoding
+    swap: SwapStats | None = None  # with a host swap pool
 
 
 class LoraInfo(msgspec.Struct):

@@ -103,7 +103,8 @@ class EngineCore:
         except BaseException:
             self.shutdown()  # parallel workers must not outlive a failed start
             raise
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                         self.runner.kv_memory.num_host_blocks)
         self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
             config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
         self.scheduler = Scheduler(config, self.kv_manager, self.structured)

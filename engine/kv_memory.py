@@ -4,8 +4,10 @@ Owns the sizing rule (an explicit block count, else an explicit byte budget, els
 forward of the largest step leaves under `gpu_memory_utilization`, else on the CPU enough for every sequence slot
 within a fixed budget) and the allocation of one [2, num_blocks, block_size, num_kv_heads, head_size] tensor per
 layer (with tensor parallelism, of this rank's KV heads; with pipeline parallelism, for this stage's layers only), in
-the `kv_cache_dtype` (`engine.kv_dtype`), and the copy of blocks within them (copy-on-write of a block that beams
-shared). It does not decide which blocks a request uses: that is the KV cache manager's job.
+the `kv_cache_dtype` (`engine.kv_dtype`), the copy of blocks within them (copy-on-write of a block that beams
+shared), and with `host_swap_bytes` the host swap pool (one [num_host_blocks, 2, block_size, num_kv_heads, head_size]
+tensor per layer, pinned on CUDA so the moves are asynchronous) and the moves of blocks to it and back. It does not
+decide which blocks a request uses: that is the KV cache manager's job (`engine.kv_cache`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 import kernels
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.contract import SchedulerOutput
 from engine.kv_dtype import kv_cache_torch_dtype
 from engine.models.config import ModelConfig
 from engine.progress import progress
@@ -42,6 +45,11 @@ class KVMemory:
         # This rank's shard of the heads (all of them without tensor parallelism); an encoder caches nothing.
         self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
                                              else (model_config.num_kv_heads, model_config.head_size))
+        # The host pool holds whole blocks (a draft's beside the target's), so the draft gets the target's count.
+        self.num_host_blocks = (config.host_swap_bytes or 0) // self.bytes_per_block
+        if draft is not None:
+            draft.num_host_blocks = self.num_host_blocks
+        self.host_cache: list[torch.Tensor] | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -71,6 +79,43 @@ class KVMemory:
                                          dtype=self.dtype, device=self.device)
         if self.draft is not None:
             self.draft.allocate(num_blocks)
+        if self.num_host_blocks and self.host_cache is None:  # kept while asleep: host memory is not the GPU's
+            self.host_cache = [torch.zeros((self.num_host_blocks, 2, self.block_size, self.num_kv_heads,
+                                            self.head_size), dtype=self.dtype, pin_memory=self.device.type == "cuda")
+                               for _ in layers]
+
+    def move_blocks(self, out: SchedulerOutput) -> None:
+        """The step's block moves, before its forward: swap-outs first (the blocks they free may be this step's
+        copy or swap-in destinations), then copy-on-write copies, then swap-ins."""
+        if out.blocks_to_swap_out:
+            self.swap_out(out.blocks_to_swap_out)
+        if out.blocks_to_copy:
+            self.copy_blocks(out.blocks_to_copy)
+        if out.blocks_to_swap_in:
+            self.swap_in(out.blocks_to_swap_in)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies each (device, host) block's K and V on every layer to the host pool, queued on the stream."""
+        pairs = sorted(pairs, key=lambda pair: pair[1])
+        source = torch.tensor([d for d, _ in pairs], dtype=torch.int64, device=self.device)
+        for layer, host in zip(self.model.attention_layers(), self.host_cache):
+            gathered = layer.kv_cache.index_select(1, source).transpose(0, 1).contiguous()
+            for start, end, first_host in _runs([h for _, h in pairs]):
+                host[first_host:first_host + end - start].copy_(gathered[start:end], non_blocking=True)
+        if self.draft is not None:
+            self.draft.swap_out(pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies each (host, device) block's K and V on every layer from the host pool, queued on the stream."""
+        pairs = sorted(pairs)
+        destination = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=self.device)
+        for layer, host in zip(self.model.attention_layers(), self.host_cache):
+            staged = torch.empty((len(pairs), *host.shape[1:]), dtype=host.dtype, device=self.device)
+            for start, end, first_host in _runs([h for h, _ in pairs]):
+                staged[start:end].copy_(host[first_host:first_host + end - start], non_blocking=True)
+            layer.kv_cache.index_copy_(1, destination, staged.transpose(0, 1))
+        if self.draft is not None:
+            self.draft.swap_in(pairs)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copies each (source, destination) block's K and V on every layer (copy-on-write of a shared block)."""
@@ -120,3 +165,15 @@ class KVMemory:
                 f"after weights and activations; raise gpu_memory_utilization or lower max_model_len / "
                 f"max_num_batched_tokens")
         return budget
+
+
+def _runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
+    """Sorted host block ids as runs of consecutive ids, (start, end) positions in the list and the first id: one
+    host <-> device copy each rather than one per block."""
+    runs = []
+    start = 0
+    for i in range(1, len(host_ids) + 1):
+        if i == len(host_ids) or host_ids[i] != host_ids[i - 1] + 1:
+            runs.append((start, i, host_ids[start]))
+            start = i
+    return runs

@@ -46,4 +46,11 @@ def read_metrics(stats: SchedulerStats, model_name: str, block_size: int) -> lis
             Counter("vllm:spec_decode_num_accepted_tokens", labels, spec.num_accepted_tokens),
             Vector("vllm:spec_decode_num_accepted_tokens_per_pos", labels, list(spec.num_accepted_tokens_per_pos)),
         ]
+    if (swap := stats.swap) is not None:
+        metrics += [
+            Gauge("vllm:num_requests_swapped", labels, swap.num_swapped_requests),
+            Counter("kvbox:kv_swapped_out_blocks", labels, swap.num_swapped_out_blocks),
+            Counter("kvbox:kv_swapped_in_blocks", labels, swap.num_swapped_in_blocks),
+            Gauge("kvbox:kv_host_blocks_used", labels, swap.num_used_host_blocks),
+        ]
     return metrics

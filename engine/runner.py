@@ -108,8 +108,7 @@ class ModelRunner:
         """Queues the step's forward and sampling on the device and returns without waiting for them; the output's
         `get()` waits. A request whose last token is still pending from the previous step gets it on the device."""
         rows = self.requests.apply(scheduler_output)
-        if scheduler_output.blocks_to_copy:  # before either model writes into a block beams shared
-            self.kv_memory.copy_blocks(scheduler_output.blocks_to_copy)
+        self.kv_memory.move_blocks(scheduler_output)  # swaps and copy-on-write, before either model writes
         draft_probs = self.draft_model.draft(rows) if self.draft_model is not None else {}
         lora_slots = None
         if self.lora is not None:

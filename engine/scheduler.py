@@ -1,11 +1,11 @@
-"""Continuous batching under a token budget, with chunked prefill, prefix caching and preemption by recompute.
+"""Continuous batching under a token budget, with chunked prefill, prefix caching and preemption (recompute or swap).
 
 Each step the scheduler gives each request a number of tokens so that its computed tokens catch up with its known
 tokens, within two budgets: at most `max_num_seqs` running requests and `max_num_batched_tokens` tokens per step.
 Running requests are served first (decodes cost one token each, unfinished prefills take what budget is left), then
 waiting ones are admitted in queue order. When the KV pool runs dry, the running request that ranks last (lowest
-priority, then latest arrival) is preempted: its blocks are freed and it goes back to the waiting queue to be
-recomputed later. Its token ids are kept, so it resumes exactly where it was.
+priority, then latest arrival) is preempted: its blocks are freed (it recomputes later) or swapped to host memory
+(`host_swap_bytes`), and it goes back to the waiting queue. Its token ids are kept, so it resumes where it was.
 
 After the model runs, `update_from_output` appends the sampled tokens and applies the token-level stop rules (EOS,
 stop token ids, max_tokens, context length). Stop strings need text, so the output processor finds them and calls
@@ -205,8 +205,10 @@ class Scheduler:
         """The step as plain data: requests the runner holds as diffs, the others whole (see engine.contract)."""
         if not scheduled:
             return SchedulerOutput()  # nothing runs; the ids to forget wait for a step that does
+        swap_out, swap_in = self.kv.take_swaps()
         out = SchedulerOutput(step_id=next(self._step_ids), finished_ids=self._finished_ids,
-                              preempted_ids=self._preempted_ids, blocks_to_copy=self.kv.take_block_copies())
+                              preempted_ids=self._preempted_ids, blocks_to_copy=self.kv.take_block_copies(),
+                              blocks_to_swap_out=swap_out, blocks_to_swap_in=swap_in)
         self._finished_ids, self._preempted_ids = [], []
         for item in scheduled:
             request = item.request
@@ -349,6 +351,7 @@ class Scheduler:
             running_loras=self._adapter_names(self.running),
             waiting_loras=self._adapter_names(self.waiting),
             spec_decoding=self.drafter.snapshot() if self.drafter is not None else None,
+            swap=self.kv.swap.stats() if self.kv.swap is not None else None,
         )
 
     # ---- internals ----
@@ -383,9 +386,10 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        if not self.kv.swap_out(request):  # else its K/V waits in host memory and stays computed
+            self.kv.free(request)
+            request.num_computed_tokens = 0
         self._preempted_ids.append(request.request_id)
-        request.num_computed_tokens = 0
         request.resumed = True
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

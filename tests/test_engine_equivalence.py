@@ -2,7 +2,7 @@
 
 For every family: greedy tokens identical and prompt/sample logprobs within 1e-4 of `AutoModelForCausalLM` in
 float32, for a batch of prompts of different lengths — plainly, with chunked prefill forced (a tiny token budget),
-with preemption forced (a tiny KV pool) and with prefix-cache hits.
+with preemption forced (a tiny KV pool, recomputing or swapping to host memory) and with prefix-cache hits.
 """
 
 import pytest
@@ -28,6 +28,8 @@ VARIANTS = {
     "preemption": {"num_kv_blocks": 9, "block_size": 16},  # 3 requests of ~70 tokens need 12 blocks
     # The next step scheduled before the last one's tokens are on the host, with chunks and preemptions in between.
     "async_scheduling": {"async_scheduling": True, "max_num_batched_tokens": 16, "num_kv_blocks": 9},
+    # Preempted requests' K/V moved to host memory and back (async, chunked) instead of recomputed.
+    "swap": {"async_scheduling": True, "max_num_batched_tokens": 16, "num_kv_blocks": 9, "host_swap_bytes": 1 << 24},
 }
 
 
@@ -80,8 +82,11 @@ def test_greedy_matches_transformers(family_setup, variant):
     outputs = llm.generate(prompt_ids, params, use_tqdm=False)
     check_against_reference(outputs, prompt_ids, reference)
     stats = llm.core.stats()
-    if variant in ("preemption", "async_scheduling"):
+    if variant in ("preemption", "async_scheduling", "swap"):
         assert stats.num_preemptions > 0
+    if variant == "swap":
+        assert stats.swap.num_swapped_in_blocks == stats.swap.num_swapped_out_blocks > 0
+        assert stats.swap.num_used_host_blocks == 0
     if variant == "chunked_prefill":
         assert llm.core.num_steps > NUM_NEW_TOKENS + 1
     assert stats.num_free_blocks == stats.num_kv_blocks  # every block came back

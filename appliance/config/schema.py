@@ -107,6 +107,11 @@ class KVCacheSpec(_Schema, kw_only=True):
     )] = engine_default("kv_cache_memory_bytes")
     num_blocks: Annotated[PositiveInt | None, _doc(
         "An explicit number of KV blocks (null: from the budget).")] = engine_default("num_kv_blocks")
+    host_swap_bytes: Annotated[Annotated[int, Meta(ge=0)] | None, _doc(
+        "Host memory in bytes (pinned on a GPU; per rank under tensor parallelism) that a preempted request's KV "
+        "blocks move to and back from, instead of being recomputed (null or 0: recompute). A request whose blocks "
+        "are shared (prefix cache, n > 1 samples, beams) or do not fit what is left recomputes.",
+    )] = engine_default("host_swap_bytes")
     prefix_caching: Annotated[bool, _doc(
         "Reuse the KV blocks of prompts' shared prefixes.")] = engine_default("enable_prefix_caching")
     dtype: Annotated[KVCacheDtype, _doc(
@@ -221,6 +226,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "gpu_memory_utilization": ("kv_cache", "memory_fraction"),
     "kv_cache_memory_bytes": ("kv_cache", "memory_bytes"),
     "num_kv_blocks": ("kv_cache", "num_blocks"),
+    "host_swap_bytes": ("kv_cache", "host_swap_bytes"),
     "enable_prefix_caching": ("kv_cache", "prefix_caching"),
     "kv_cache_dtype": ("kv_cache", "dtype"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),

@@ -11,6 +11,10 @@ of them, the partially filled last block included, and computes only its new tok
 a partial block that others also reference, it gets a private copy: a fresh block and a (source, destination) pair
 that the runner copies on the KV tensors before the step's forward (`take_block_copies`). Only a forked request's
 first step can meet such a block: after it, its last block is its own.
+
+With a host swap pool (`engine.kv_cache.swap`), a preempted request whose computed blocks are all its own (no prefix
+or sample sharing, no beam keeping them) moves them to host memory (`swap_out`) and keeps its computed tokens; its
+next `allocate_slots` moves them back into its fresh blocks. Any other preempted request recomputes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from array import array
 from dataclasses import dataclass
 
 from engine.kv_cache.block_pool import BlockPool, KVBlock
+from engine.kv_cache.swap import HostSwap
 from engine.request import Request, RequestStatus
 
 
@@ -44,8 +49,10 @@ def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         self.block_size = block_size
+        self.swap = HostSwap(num_host_blocks) if num_host_blocks else None
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
@@ -110,6 +117,8 @@ class KVCacheManager:
         new_blocks = cached_blocks + (self.pool.allocate(num_needed) if num_needed > 0 else [])
         blocks.extend(new_blocks)
         self._block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new_blocks)
+        if self.swap is not None and self.swap.holds(request.request_id):
+            self.swap.swap_in(request.request_id, [b.block_id for b in new_blocks])
         self._cache_full_blocks(request, num_known)
         return True
 
@@ -159,7 +168,7 @@ class KVCacheManager:
         """For a scheduler that runs nothing and cannot admit a waiting request: what only forks hold gives way.
         Kept K/V is dropped (a later fork of it computes its tokens instead) and waiting forks (beams, samples,
         never run) give up their shared blocks, to compute everything themselves. Returns whether any did."""
-        forked = [r for r in waiting if r.num_computed_tokens]
+        forked = [r for r in waiting if r.num_computed_tokens and not self.is_swapped_out(r)]
         for request in forked:
             self.free(request)
             request.num_computed_tokens = 0
@@ -169,12 +178,36 @@ class KVCacheManager:
     def num_kept(self) -> int:
         return len(self._kept)
 
+    def swap_out(self, request: Request) -> bool:
+        """For a request being preempted: moves the blocks of its computed tokens to host memory and frees the
+        device's, if they are all its own and the host pool has room; returns whether it did (else nothing changed,
+        and the request recomputes)."""
+        if self.swap is None or request.request_id in self._keep:
+            return False
+        blocks = self._blocks.get(request.request_id, [])
+        computed = blocks[:-(-request.num_computed_tokens // self.block_size)]
+        if (not computed or len(computed) > self.swap.num_free_blocks
+                or any(b.ref_cnt > 1 for b in blocks)):
+            return False
+        self.free(request)
+        self.swap.swap_out(request.request_id, [b.block_id for b in computed])
+        return True
+
+    def is_swapped_out(self, request: Request) -> bool:
+        return self.swap is not None and self.swap.holds(request.request_id)
+
+    def take_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The (swap-out, swap-in) block moves queued since the last call, for the step being scheduled."""
+        return self.swap.take_moves() if self.swap is not None else ([], [])
+
     def take_block_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write block copies queued since the last call, for the step being scheduled."""
         copies, self._block_copies = self._block_copies, []
         return copies
 
     def free(self, request: Request) -> None:
+        if self.swap is not None:
+            self.swap.drop(request.request_id)  # it ended while swapped out
         blocks = self._blocks.pop(request.request_id, [])
         self._block_ids.pop(request.request_id, None)
         if request.request_id in self._keep and request.is_finished:
