@@ -175,9 +175,6 @@ class EngineConfig:
         if self.task != "generate" and self.tensor_parallel_size > 1:
             raise EngineConfigError("tensor_parallel_size", f"must be 1 for task {self.task!r} (pooling models are "
                                                             f"not sharded yet), got {self.tensor_parallel_size}")
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
-                                                            f"ranks yet), got {self.tensor_parallel_size}")
         self._check_pipeline()
         if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
             raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "
