@@ -184,9 +184,6 @@ class EngineConfig:
         if self.task != "generate" and self.tensor_parallel_size > 1:
             raise EngineConfigError("tensor_parallel_size", f"must be 1 for task {self.task!r} (pooling models are "
                                                             f"not sharded yet), got {self.tensor_parallel_size}")
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise EngineConfigError("tensor_parallel_size", f"must be 1 with LoRA adapters (not sharded across "
-                                                            f"ranks yet), got {self.tensor_parallel_size}")
         if not 0 < self.master_port < 65536:
             raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
         self._check_pipeline()

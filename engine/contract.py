@@ -263,7 +263,20 @@ class StopWorker(msgspec.Struct, tag=True):
     pass
 
 
-WorkerCommand = StartWorker | DetermineNumKVBlocks | AllocateKVCache | CaptureCudaGraphs | ExecuteStep | StopWorker
+class LoadLoraShard(msgspec.Struct, tag=True):
+    """Every rank loads its shard of an adapter version that rank 0 has loaded and checked, under the same id."""
+    name: str
+    adapter_id: str
+    path: str  # the adapter's folder, read by every rank
+
+
+class FreeLoraVersions(msgspec.Struct, tag=True):
+    """Adapter versions that rank 0 freed (replaced or removed, and no request holds them any more)."""
+    adapter_ids: list[str]
+
+
+WorkerCommand = (StartWorker | DetermineNumKVBlocks | AllocateKVCache | CaptureCudaGraphs | ExecuteStep | StopWorker
+                 | LoadLoraShard | FreeLoraVersions)
 
 
 # ---- front end (the supervisor) -> engine process ----

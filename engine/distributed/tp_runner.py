@@ -4,8 +4,8 @@ in step.
 `TensorParallelRunner` stands where a `ModelRunner` stands in `EngineCore`. It starts one worker process per extra
 rank (`engine.distributed.worker`), joins their process group, and before each collective operation of its own
 runner (sizing the KV cache, capturing CUDA graphs, every step) broadcasts the same command to them, so every rank
-runs the same forward on its shard. Every rank of a stage samples the same tokens from the same gathered logits and
-seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
+runs the same forward on its shard; the LoRA adapter versions rank 0 loads or frees, every rank loads (its own
+shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
 first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
 the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
 (`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's
@@ -63,6 +63,8 @@ class TensorParallelRunner:
         parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
         self._send(contract.StartWorker(config))
         self.local = ModelRunner(config, model_config, device)
+        if self.local.lora is not None:
+            self.local.lora.broadcast = self._send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
 
     def __getattr__(self, name: str):

@@ -64,6 +64,10 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
             runner.allocate_kv_cache(command.num_blocks)
         elif isinstance(command, contract.CaptureCudaGraphs):
             runner.capture_cuda_graphs()
+        elif isinstance(command, contract.LoadLoraShard):
+            runner.lora.add_shard(command)
+        elif isinstance(command, contract.FreeLoraVersions):
+            runner.lora.free(command)
 
 
 def worker_device(device: str, local_rank: int) -> str:

@@ -8,7 +8,8 @@ what is wrong and leaves no trace.
 
 The weights stay in host memory, one `LoraWeights` per linear of ours that the adapter targets, already in the slot
 layout: a merged linear's parts (q/k/v, gate/up) side by side, zeros for parts the adapter leaves alone, and the
-scale (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) folded into B.
+scale (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) folded into B. Shapes are checked against the full
+base model; with tensor parallelism each rank then keeps its own shard (`lora_shard` of the base linear).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _UNSUPPORTED_OPTIONS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pa
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One adapter's share of one of our linears, on the host, in the model's dtype."""
+    """One adapter's share of one of our linears (this rank's shard), on the host, in the model's dtype."""
 
     a: torch.Tensor  # [num_slices, rank, in_features]
     b: torch.Tensor  # [out_features, rank], scale folded in
@@ -149,8 +150,8 @@ def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: 
         module = f"{parent}.{ours}"
         if module not in layers:
             raise ValueError(f"tensor {tensor_name!r}: the base model has no module {match['module']!r}")
-        layer = layers[module]
-        expected = (rank, layer.input_size) if match["matrix"] == "A" else (layer.output_slices[part], rank)
+        base = layers[module].base
+        expected = (rank, base.full_input_size) if match["matrix"] == "A" else (base.full_output_slices[part], rank)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"tensor {tensor_name!r} has shape {list(tensor.shape)}; rank {rank} on this base "
                              f"model needs {list(expected)}")
@@ -173,8 +174,9 @@ def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: 
         start = 0
         for part, size in enumerate(slices):
             if (module, part) in found:
-                a[part] = found[module, part]["A"]
-                b[start:start + size] = found[module, part]["B"].float() * scale
+                pair = found[module, part]
+                a[part], b_part = layers[module].base.lora_shard(part, pair["A"], pair["B"])
+                b[start:start + size] = b_part.float() * scale
             start += size
         weights[module] = LoraWeights(a, b)
     return weights

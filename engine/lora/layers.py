@@ -3,7 +3,8 @@ puts it around the model's targetable linears.
 
 Only a model served with LoRA is wrapped, so the forward of one without it has no extra op. The wrapper owns the
 GPU slots of its layer: `lora_a` and `lora_b` hold `max_loras` adapters, allocated once at the largest rank, and
-loading an adapter copies into a slot. Which slot each token uses comes from the runner's persistent per-token
+loading an adapter copies into a slot. With tensor parallelism they hold this rank's share, cut as the base weight
+is (`lora_shard` of the base linear). Which slot each token uses comes from the runner's persistent per-token
 buffer, which all wrappers share.
 """
 
@@ -19,8 +20,6 @@ from engine.lora.adapter import LoraWeights
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, token_slots: torch.Tensor):
         super().__init__()
-        if base.tp_size != 1:
-            raise NotImplementedError("LoRA adapters are not supported with tensor parallelism yet")
         self.base = base
         self.output_slices = base.output_slices
         self.max_rank = max_rank
@@ -39,9 +38,10 @@ class LoraLinear(nn.Module):
         return self.base.input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
-        out = self.base(x)
+        # Before the row-parallel all-reduce: the sum over ranks of (x_r A_r^T) B^T is x A^T B^T, no extra collective.
+        out = self.base.partial(x)
         kernels.add_lora(out, x, self.lora_a, self.lora_b, self.token_slots[:x.shape[0]], self.output_slices)
-        return out
+        return self.base.reduce(out)
 
     def load_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Puts one adapter's weights for this layer in `slot`; None (the adapter does not target it) zeroes it."""

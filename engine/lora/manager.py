@@ -12,19 +12,22 @@ Every loaded adapter stays in host memory (at most `max_cpu_loras` names); up to
 slots. Before each step `activate` gives the step's adapters a slot, copying in those that are not resident over
 the least recently used ones the step does not need. The scheduler sees to it that no step needs more than
 `max_loras`, so a request for an adapter that is not resident waits rather than fails.
+
+With tensor parallelism every rank has a manager over its shards. Rank 0's decides (names, versions, checks); the
+others load and free the versions it tells them to, by id, and each gives a step's adapters slots of its own.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
 from engine.config import EngineConfig
 from engine.lora.adapter import LoraAdapter, load_adapter
-from engine.contract import LoraInfo
+from engine.contract import FreeLoraVersions, LoadLoraShard, LoraInfo, WorkerCommand
 from engine.lora.layers import LoraLinear
 from engine.sampling_params import InvalidParameterError
 
@@ -65,6 +68,8 @@ class LoraManager:
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident adapter id -> slot, least recently used first
         self._free_slots = list(range(self.max_loras))
         self._version_numbers = itertools.count(1)
+        # Set by rank 0's tensor-parallel runner: the other ranks load and free the same versions (`add_shard`, `free`).
+        self.broadcast: Callable[[WorkerCommand], None] | None = None
 
     def add(self, name: str, path: str) -> None:
         """Loads the adapter at `path` as the current version of `name`; raises ValueError, changing nothing, when
@@ -76,8 +81,18 @@ class LoraManager:
                              f"max_cpu_loras allows; remove one first")
         adapter = load_adapter(name, f"{name}{_VERSION_SEP}{next(self._version_numbers)}", path, self.layers,
                                self.lora_modules, self.max_rank, self.dtype)
-        usage = self._usage.setdefault(name, _Usage())
-        self._current[name] = self._versions[adapter.adapter_id] = _Version(adapter, usage)
+        self._current[name] = self._keep(adapter)
+        if self.broadcast is not None:
+            self.broadcast(LoadLoraShard(name, adapter.adapter_id, adapter.path))
+
+    def add_shard(self, command: LoadLoraShard) -> None:
+        """Another rank's side of `add`: this rank's shard of a version that rank 0 has loaded and checked."""
+        self._keep(load_adapter(command.name, command.adapter_id, command.path, self.layers, self.lora_modules,
+                                self.max_rank, self.dtype))
+
+    def _keep(self, adapter: LoraAdapter) -> _Version:
+        self._versions[adapter.adapter_id] = _Version(adapter, self._usage.setdefault(adapter.name, _Usage()))
+        return self._versions[adapter.adapter_id]
 
     def remove(self, name: str) -> None:
         if name not in self._current:
@@ -105,7 +120,13 @@ class LoraManager:
     def drop_unused(self, live_ids: set[str]) -> None:
         """Frees retired versions that no unfinished request (`live_ids`) holds any more."""
         keep = live_ids | {v.adapter.adapter_id for v in self._current.values()}
-        for adapter_id in [i for i in self._versions if i not in keep]:
+        unused = FreeLoraVersions([i for i in self._versions if i not in keep])
+        self.free(unused)
+        if unused.adapter_ids and self.broadcast is not None:
+            self.broadcast(unused)
+
+    def free(self, command: FreeLoraVersions) -> None:
+        for adapter_id in command.adapter_ids:
             del self._versions[adapter_id]
             slot = self._slots.pop(adapter_id, None)
             if slot is not None:

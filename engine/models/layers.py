@@ -103,15 +103,49 @@ class _ParallelLinear(nn.Module):
         """This rank's output features of each merged part, in order (LoRA gives each part its own A and B)."""
         return (self.output_size,)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of y before any sum across ranks (a LoRA wrapper adds its delta to it)."""
+        # A row-parallel bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
+        return self.quant_method.apply(self, x, self.bias if self.shard_dim == 0 or self.tp_rank == 0 else None)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """y across ranks from each rank's `partial` (column-parallel: nothing to sum)."""
+        if self.shard_dim == 1 and self.tp_size > 1:
+            dist.all_reduce(y, group=tp_group())
+        return y
+
+    # ---- LoRA: an adapter's full A and B, cut as vLLM's column / row LoRA layers cut them ----
+    @property
+    def full_input_size(self) -> int:
+        return self.input_size * self.tp_size if self.shard_dim == 1 else self.input_size
+
+    @property
+    def full_output_slices(self) -> tuple[int, ...]:
+        """Each merged part's output features in the checkpoint, all ranks together."""
+        return tuple(size * self.tp_size for size in self.output_slices) if self.shard_dim == 0 else self.output_slices
+
+    def lora_shard(self, part: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of merged part `part`'s LoRA A [rank, full in] and B [full part out, rank].
+        Column-parallel: A whole, B's outputs cut as the weight's. Row-parallel: A's inputs cut as the weight's, B
+        whole; each rank's (x_r A_r^T) B^T joins its partial output, and the layer's all-reduce sums them."""
+        if self.shard_dim == 1:
+            return a.narrow(1, self.tp_rank * self.input_size, self.input_size), b
+        size = self.output_slices[part]
+        return a, b.narrow(0, self._lora_source(part) * size, size)
+
+    def _lora_source(self, part: int) -> int:
+        """Which of the checkpoint's equal output chunks of `part` this rank holds."""
+        return self.tp_rank
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """Splits the output features: each rank computes its slice of y, no communication."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(input_size, output_size, bias, 0, tp_rank, tp_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -168,19 +202,20 @@ class QKVParallelLinear(ColumnParallelLinear):
     def output_slices(self) -> tuple[int, ...]:
         return (self.q_size, self.kv_size, self.kv_size)
 
+    @property
+    def full_output_slices(self) -> tuple[int, ...]:
+        full_kv = self.kv_size * self.tp_size // self.num_kv_replicas
+        return (self.q_size * self.tp_size, full_kv, full_kv)
+
+    def _lora_source(self, part: int) -> int:
+        return self.tp_rank if part == 0 else self.tp_rank // self.num_kv_replicas
+
 
 class RowParallelLinear(_ParallelLinear):
     """Splits the input features: each rank multiplies its slice and the partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(input_size, output_size, bias, 1, tp_rank, tp_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The bias joins once, on rank 0, so the all-reduce does not add it tp_size times.
-        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        if self.tp_size > 1:
-            dist.all_reduce(y, group=tp_group())
-        return y
 
 
 class VocabEmbedding(nn.Module):
