@@ -28,6 +28,7 @@ PoolingType = Literal["last", "mean", "cls"]
 Quantization = Literal["none", "fp8", "int8"]
 # The KV cache's storage type (vLLM's names): auto is the model dtype; fp8 means fp8_e4m3.
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+GGUFDequantize = Literal["matmul", "load"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -112,6 +113,9 @@ class EngineConfig:
     # Host memory (per rank) for preempted requests' KV blocks, instead of recomputing them; 0 / None: recompute.
     host_swap_bytes: int | None = None
     kv_cache_dtype: KVCacheDtype = "auto"  # fp8*: blocks stored in 8 bits with per-layer scales
+    # GGUF quantized blocks: kept packed and dequantized inside each matmul (a quarter of the memory at 4 bits), or
+    # dequantized once at load (the CPU's torch path pays a whole layer's dequantization at every matmul).
+    gguf_dequantize: GGUFDequantize = "matmul"
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -158,7 +162,8 @@ class EngineConfig:
             self._check_draft_model()
         for name, choices in (("block_size", BlockSize), ("dtype", Dtype), ("load_format", LoadFormat),
                               ("kernel_backend", KernelBackend), ("scheduling_policy", SchedulingPolicy),
-                              ("task", Task), ("kv_cache_dtype", KVCacheDtype)):
+                              ("task", Task), ("kv_cache_dtype", KVCacheDtype),
+                              ("gguf_dequantize", GGUFDequantize)):
             if getattr(self, name) not in get_args(choices):
                 raise EngineConfigError(name, f"expected one of {', '.join(map(str, get_args(choices)))}, "
                                               f"got {getattr(self, name)!r}")

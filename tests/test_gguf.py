@@ -280,6 +280,25 @@ def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_l
                                prefill_logits(reference_model, config, token_ids), atol=1e-5, rtol=1e-5)
 
 
+def test_dequantized_at_load_runs_the_same_weights_as_float(quantizable_llama, tmp_path):
+    """`gguf_dequantize: load`: the Q4_K_M mix (a tied-free llama) holds float weights only, equal to the packed
+    blocks' dequantized values, and gives the packed model's logits."""
+    path = tmp_path / "model.gguf"
+    write_gguf(quantizable_llama, path, "llama", QType.Q4_K, overrides={
+        "v_proj": QType.Q6_K, "embed_tokens": QType.Q8_0, "o_proj": QType.F16})
+    config = ModelConfig.from_pretrained(path, dtype="float32")
+    packed, unpacked = load_model(config, path, CPU), load_model(config, path, CPU, gguf_dequantize="load")
+    assert packed_types(unpacked) == {None} and unpacked.quant_scheme is None
+    assert all(t.dtype == torch.float32 for t in unpacked.state_dict().values())
+    got, want = dequantized_state_dict(unpacked), dequantized_state_dict(packed)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+    token_ids = list(range(3, 40))
+    torch.testing.assert_close(prefill_logits(unpacked, config, token_ids), prefill_logits(packed, config, token_ids),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_unsupported_tensor_type_is_refused_by_name(quantizable_llama, tmp_path):
     path = tmp_path / "model.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -20,8 +20,8 @@ from msgspec import Meta, field
 from msgspec import inspect as mi
 
 from appliance.config.introspect import redact
-from engine.config import (BlockSize, Dtype, EngineConfig, KernelBackend, KVCacheDtype, LoadFormat, PoolingType,
-                           Quantization, SchedulingPolicy, SpeculativeMethod, Task, engine_default)
+from engine.config import (BlockSize, Dtype, EngineConfig, GGUFDequantize, KernelBackend, KVCacheDtype, LoadFormat,
+                           PoolingType, Quantization, SchedulingPolicy, SpeculativeMethod, Task, engine_default)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 _URL_PATH = r"^/"
@@ -249,6 +249,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "pooling_normalize": ("pooling", "normalize"),
     "matryoshka_dimensions": ("matryoshka_dimensions",),
     "quantization": ("quantization",),
+    "gguf_dequantize": ("gguf_dequantize",),
     "speculative_config": ("speculative",),
 }
 
@@ -287,6 +288,10 @@ class ModelSpec(_Schema, kw_only=True):
         "Quantize a float checkpoint at load: fp8 (e4m3 weights per output channel, dynamic per-token activations) "
         "or int8 (W8A8, the same scales). null or none: run the checkpoint as it is, quantized (GPTQ, AWQ, "
         "compressed-tensors, fp8: read from its config.json) or not.")] = engine_default("quantization")
+    gguf_dequantize: Annotated[GGUFDequantize, _doc(
+        "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
+        "(fused in a Triton kernel on CUDA; on the CPU a layer at a time, several times slower than float); load "
+        "dequantizes them once at load (the float model's memory and speed).")] = engine_default("gguf_dequantize")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     speculative: Annotated[SpeculativeSpec | None, _doc(
         "Speculative decoding, vLLM's speculative_config keys (null: off). Greedy outputs are unchanged and sampled "

@@ -28,6 +28,7 @@ from engine.models.gguf import is_gguf, iter_gguf_tensors
 from engine.models.registry import get_model_class
 from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
+from engine.quantization.gguf import dequantize_at_load
 from engine.quantization.methods import linear_method_for
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
@@ -42,11 +43,12 @@ _DUMMY_SEED = 0
 
 def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
                task: str = "generate", quantization: str | None = None, tp_rank: int = 0,
-               tp_size: int = 1, stage: PipelineStage | None = None) -> nn.Module:
+               tp_size: int = 1, stage: PipelineStage | None = None, gguf_dequantize: str = "matmul") -> nn.Module:
     """The model that runs `config.architecture` for `task`, in `config.dtype` on `device`, weights loaded, in eval
     mode; its linears quantized as the checkpoint's quantization_config says, or online by `quantization` (fp8,
     int8); with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
-    tensors); given a pipeline `stage`, only that stage's layers."""
+    tensors); given a pipeline `stage`, only that stage's layers. A GGUF's blocks stay packed unless
+    `gguf_dequantize` is "load"."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
@@ -71,6 +73,9 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     for module in model.modules():
         if hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)
+    if scheme is not None and scheme.method == "gguf" and gguf_dequantize == "load":
+        dequantize_at_load(model, config.dtype)
+        scheme = None
     model.quant_scheme = scheme
     return model.eval()
 

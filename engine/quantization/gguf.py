@@ -2,6 +2,9 @@
 type: Q4_K_M files mix Q4_K and Q6_K within one layer's q/k/v) and `kernels.gguf_linear` dequantizes inside the
 matmul (on the CPU, the layer's weight for that call only). F16 / F32 / BF16 tensors of such a file load as float.
 
+With `gguf_dequantize: load` (`dequantize_at_load`) every packed weight, the embedding's too, is dequantized once
+after loading and the model runs as a float one.
+
 `engine.models.gguf.iter_gguf_tensors` yields packed tensors with a `gguf_type` attribute. The loader here takes
 this rank's rows (or block-aligned input columns) of each merged part; after loading, consecutive parts of one type
 are joined into one packed weight, so a layer whose parts share a type runs one matmul and the others one per run.
@@ -18,7 +21,7 @@ from torch import nn
 import kernels
 from engine.quantization.base import LinearMethod, add_param, replace_param
 from engine.quantization.spec import QuantScheme
-from kernels.reference import GGUF_BLOCKS
+from kernels.reference import GGUF_BLOCKS, dequantize_gguf
 
 
 def gguf_type(tensor: torch.Tensor) -> int | None:
@@ -93,3 +96,19 @@ def _load_part(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shar
         raise ValueError(f"shape mismatch: checkpoint has {loaded.shape[0]} rows, parameter shard wants {size}")
     dtype = torch.uint8 if qtype is not None else layer.params_dtype
     layer.loaded_parts[part] = (qtype, loaded.to(param.device, dtype).contiguous())
+
+
+def dequantize_at_load(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every packed GGUF weight of `model` replaced by its float weight in `dtype` (a tied head's shared Parameter
+    once, so embedding and head stay one tensor)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "quant_method", None), GGUFLinearMethod):
+            for i, qtype in enumerate(module.run_types):
+                if qtype is not None:
+                    name = f"qweight{i}"
+                    setattr(module, name, dequantize_gguf(getattr(module, name), qtype).to(dtype))
+            module.run_types = (None,) * len(module.run_types)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and gguf_type(weight) is not None:
+            weight.data = dequantize_gguf(weight.data, weight.gguf_type).to(dtype)
+            del weight.gguf_type
