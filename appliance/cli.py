@@ -143,9 +143,9 @@ def _check_config(path: str) -> int:
     print(f"OK: {len(config.models)} model{'s' if len(config.models) != 1 else ''} ({names})")
     for m in config.models:
         scheme = model_quantization(m)
-        # GGUF files (the built-ins are GGUF) are read when the engine starts; their blocks stay packed.
+        # GGUF files (the built-ins are GGUF) are read when the engine starts.
         gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
-        shown = scheme.describe() if scheme else "gguf, quantized blocks kept packed" if gguf else "none"
+        shown = scheme.describe() if scheme else f"gguf, blocks dequantized: {m.gguf_dequantize}" if gguf else "none"
         print(f"  {m.name}: quantization {shown}, kv cache {m.kv_cache.dtype}")
     return 0
 

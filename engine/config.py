@@ -28,7 +28,7 @@ PoolingType = Literal["last", "mean", "cls"]
 Quantization = Literal["none", "fp8", "int8"]
 # The KV cache's storage type (vLLM's names): auto is the model dtype; fp8 means fp8_e4m3.
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
-GGUFDequantize = Literal["matmul", "load"]
+GGUFDequantize = Literal["auto", "matmul", "load"]
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -114,8 +114,9 @@ class EngineConfig:
     host_swap_bytes: int | None = None
     kv_cache_dtype: KVCacheDtype = "auto"  # fp8*: blocks stored in 8 bits with per-layer scales
     # GGUF quantized blocks: kept packed and dequantized inside each matmul (a quarter of the memory at 4 bits), or
-    # dequantized once at load (the CPU's torch path pays a whole layer's dequantization at every matmul).
-    gguf_dequantize: GGUFDequantize = "matmul"
+    # dequantized once at load; auto: packed on CUDA (a fused Triton kernel), at load on the CPU (torch pays a whole
+    # layer's dequantization at every matmul there: the built-in SmolLM2 decodes 3.7x slower packed).
+    gguf_dequantize: GGUFDequantize = "auto"
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192

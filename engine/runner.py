@@ -54,7 +54,7 @@ class ModelRunner:
         self.is_last_stage = stage is None or stage.is_last
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
-                                config.gguf_dequantize)
+                                _gguf_dequantize(config.gguf_dequantize, device))
         self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
         spec = config.speculative_config
@@ -291,3 +291,8 @@ def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLog
     logprobs = tensors.logprobs.tolist()
     ranks = tensors.ranks.tolist()
     return [TokenLogprobs(token_ids[i][:k + 1], logprobs[i][:k + 1], ranks[i]) for i, k in enumerate(ks)]
+
+
+def _gguf_dequantize(option: str, device: torch.device) -> str:
+    """`auto`: packed where a fused kernel dequantizes inside the matmul (CUDA), at load elsewhere."""
+    return option if option != "auto" else "matmul" if device.type == "cuda" else "load"

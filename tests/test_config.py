@@ -517,7 +517,7 @@ def test_offline_keywords_are_checked():
 
 def test_check_config_command(tmp_path, capsys):
     assert kvbox(["check-config", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf, quantized blocks kept packed, "
+    assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf, blocks dequantized: auto, "
                                        "kv cache auto\n")
 
     good = tmp_path / "two.yaml"

@@ -299,6 +299,20 @@ def test_dequantized_at_load_runs_the_same_weights_as_float(quantizable_llama, t
                                atol=1e-5, rtol=1e-5)
 
 
+def test_auto_keeps_blocks_packed_only_where_a_fused_kernel_runs_them(quantizable_llama, tmp_path):
+    """`gguf_dequantize: auto` (the default) dequantizes at load on the CPU; `matmul` keeps the CPU model packed."""
+    path = tmp_path / "model.gguf"
+    write_gguf(quantizable_llama, path, "llama", QType.Q4_1)
+    auto = LLM(str(path), tokenizer=str(quantizable_llama), dtype="float32", device="cpu", num_kv_blocks=40)
+    packed = LLM(str(path), tokenizer=str(quantizable_llama), dtype="float32", device="cpu", num_kv_blocks=40,
+                 gguf_dequantize="matmul")
+    assert packed_types(auto.core.runner.model) == {None}
+    assert packed_types(packed.core.runner.model) == {int(QType.Q4_1)}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert ([o.outputs[0].token_ids for o in auto.generate([[5, 6, 7]], params, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in packed.generate([[5, 6, 7]], params, use_tqdm=False)])
+
+
 def test_unsupported_tensor_type_is_refused_by_name(quantizable_llama, tmp_path):
     path = tmp_path / "model.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -355,7 +369,7 @@ LOGITS_ATOL = 5e-4  # float32 over 30 layers; the largest difference seen is abo
 
 @pytest.fixture(scope="module")
 def smollm2_llm():
-    return LLM("builtin:smollm2-135m-instruct", dtype="float32")
+    return LLM("builtin:smollm2-135m-instruct", dtype="float32", gguf_dequantize="matmul")  # packed on the CPU too
 
 
 @pytest.fixture(scope="module")

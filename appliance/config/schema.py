@@ -291,7 +291,8 @@ class ModelSpec(_Schema, kw_only=True):
     gguf_dequantize: Annotated[GGUFDequantize, _doc(
         "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
         "(fused in a Triton kernel on CUDA; on the CPU a layer at a time, several times slower than float); load "
-        "dequantizes them once at load (the float model's memory and speed).")] = engine_default("gguf_dequantize")
+        "dequantizes them once at load (the float model's memory and speed); auto: matmul on CUDA, load on the "
+        "CPU.")] = engine_default("gguf_dequantize")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     speculative: Annotated[SpeculativeSpec | None, _doc(
         "Speculative decoding, vLLM's speculative_config keys (null: off). Greedy outputs are unchanged and sampled "
