@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import model_config, run_server, server_config  # noqa: E402
+from test_tensor_parallel import assert_same  # noqa: E402
 
 from appliance.config import ConfigError, load_config  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
@@ -44,16 +45,6 @@ def generate(model_dir: str, **options) -> tuple[list, int]:
         return outputs, llm.core.stats().prefix_cache_hits
     finally:
         llm.shutdown()
-
-
-def assert_same(expected: list, actual: list) -> None:
-    for outputs_a, outputs_b in zip(expected, actual):
-        for a, b in zip(outputs_a, outputs_b):
-            assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
-            for ca, cb in zip(a.outputs, b.outputs):
-                for ea, eb in zip(ca.logprobs or [], cb.logprobs or []):
-                    assert ea.token_ids == eb.token_ids
-                    assert max(abs(x - y) for x, y in zip(ea.logprobs, eb.logprobs)) < 1e-4
 
 
 def hf_greedy(model_dir: str, prompt_ids: list[list[int]]) -> list[list[int]]:

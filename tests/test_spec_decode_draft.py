@@ -16,7 +16,8 @@ from engine.input_batch import CachedRequestState, ScheduledRow
 from engine.sampler import Sampler, SamplingMetadata
 from engine.spec_decode.verify import split_verified
 from tests.test_spec_decode import OPTIONS, PARAMS, PROMPTS, flat, logprob_values
-from tests.test_spec_decode_sampling import MIN_P_VALUE, VOCAB, chi_square_p_value, target
+from tests.test_spec_decode_sampling import (MIN_P_VALUE, VOCAB, chi_square_p_value, first_and_second_tokens,
+                                             target)
 
 
 def draft_of(tiny_model, family: str, **overrides) -> str:
@@ -105,12 +106,7 @@ def test_rejection_sampling_with_draft_probs_keeps_the_target_distribution():
     output = ModelRunnerOutput([str(i // 2) for i in range(2 * N)], sampled.sampled_token_ids.tolist())
     split_verified(output, sampled.accepted.tolist())
 
-    firsts, seconds = [], []
-    for req_id, token in zip(output.req_ids, output.sampled_token_ids):
-        accepted = output.spec_token_ids[req_id]
-        firsts.append(accepted[0] if accepted else token)
-        if accepted:
-            seconds.append(token)
+    firsts, seconds = first_and_second_tokens(output)
     acceptance = torch.minimum(p1, q).sum().item()
     assert 0.1 < acceptance < 0.9  # both paths are taken often
     assert abs(len(seconds) / N - acceptance) < 5 * (0.25 / N) ** 0.5

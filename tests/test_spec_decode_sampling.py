@@ -55,12 +55,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
     output = ModelRunnerOutput([str(i // 2) for i in range(2 * N)], sampled.sampled_token_ids.tolist())
     split_verified(output, sampled.accepted.tolist())
 
-    firsts, seconds = [], []
-    for req_id, token in zip(output.req_ids, output.sampled_token_ids):
-        accepted = output.spec_token_ids[req_id]
-        firsts.append(accepted[0] if accepted else token)
-        if accepted:
-            seconds.append(token)
+    firsts, seconds = first_and_second_tokens(output)
     assert 0.1 * N < len(seconds) < 0.9 * N  # both the accepting and the rejecting path were taken
     assert chi_square_p_value(torch.bincount(torch.tensor(firsts), minlength=VOCAB), p1) > MIN_P_VALUE
     assert chi_square_p_value(torch.bincount(torch.tensor(seconds), minlength=VOCAB), p2) > MIN_P_VALUE
@@ -79,3 +74,15 @@ def test_the_chi_square_test_catches_a_wrong_rule(always_accept):
     resampled = torch.multinomial(p, N, replacement=True)  # wrong: the draft stays possible
     firsts = torch.where(accepted, draft, resampled)
     assert chi_square_p_value(torch.bincount(firsts, minlength=VOCAB), p) < MIN_P_VALUE
+
+
+def first_and_second_tokens(output: ModelRunnerOutput) -> tuple[list[int], list[int]]:
+    """Per request of one verified draft: its first emitted token (the draft if accepted, else the resampled one)
+    and, where the draft was accepted, the second (the bonus token)."""
+    firsts, seconds = [], []
+    for req_id, token in zip(output.req_ids, output.sampled_token_ids):
+        accepted = output.spec_token_ids[req_id]
+        firsts.append(accepted[0] if accepted else token)
+        if accepted:
+            seconds.append(token)
+    return firsts, seconds
