@@ -97,7 +97,7 @@ def main() -> None:
             print(f" rows {m}")
             print(row("bf16 cuBLAS", base, 2 * k * n, base))
             us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128))
-            print(row(f"w4a16 {wna16._fused_config(m, k, n, 128)}", us, k * n // 2, base))
+            print(row(f"w4a16 {wna16._fused_config(m, k, n)}", us, k * n // 2, base))
             if args.sweep and m <= wna16.FUSED_MAX_ROWS:
                 us, config = sweep(x, q, k, n)
                 print(row(f"w4a16 best {config}", us, k * n // 2, base))

@@ -139,7 +139,7 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         return out.view(*x.shape[:-1], n)
     if m == 0:
         return x2.new_empty(*x.shape[:-1], n)
-    block_m, block_n, block_k, splits, warps, stages = config or _fused_config(m, k, n, group_size)
+    block_m, block_n, block_k, splits, warps, stages = config or _fused_config(m, k, n)
     block_k, group = _block_k(k, group_size, block_k)
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles: a tile stays in one group
     splits = triton.cdiv(k, k_split)
@@ -157,7 +157,7 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return out.view(*x.shape[:-1], n)
 
 
-def _fused_config(m: int, k: int, n: int, group_size: int) -> tuple[int, int, int, int, int, int]:
+def _fused_config(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, K splits, warps, stages) for the fused kernel. K is split until about
     `_TARGET_PROGRAMS` programs read the weight: a decode GEMV of Llama-3.1-8B's o_proj has only 128 column tiles
     for 132 SMs, each SM wanting several tiles in flight."""
