@@ -381,8 +381,7 @@ class Scheduler:
         (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
 
     def _enqueue(self, request: Request) -> None:
-        keys = [self._rank(r) for r in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, self._rank(request)), request)
+        self.waiting.insert(bisect.bisect(self.waiting, self._rank(request), key=self._rank), request)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

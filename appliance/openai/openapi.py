@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from appliance.version import kvbox_version
 from typing import Any
 
 import msgspec
@@ -56,6 +56,6 @@ def openapi_config(handlers: Iterable[Any]) -> OpenAPIConfig:
     """The document's config: its path, and the schemas of every body that `handlers` declare."""
     bodies = [t for h in handlers if (t := getattr(getattr(h, "operation_class", None), "body_type", None))]
     _, schemas = msgspec.json.schema_components(bodies, ref_template=_REF)
-    return OpenAPIConfig(title="kvbox", version=version("kvbox"), path="/",
+    return OpenAPIConfig(title="kvbox", version=kvbox_version(), path="/",
                          render_plugins=[JsonRenderPlugin(path=PATH)], components=_Components(body_schemas=schemas),
                          create_examples=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from importlib.metadata import version
+from appliance.version import kvbox_version
 from typing import NamedTuple
 
 import msgspec
@@ -114,7 +114,7 @@ async def open_model(context: ServingContext, name: str, tasks: tuple[str, ...] 
 def fingerprint(model: ModelRuntime) -> str:
     """OpenAI's `system_fingerprint`: it changes when kvbox's version or the model's configuration does, either of
     which may change what the same seed gives."""
-    return "fp_" + hashlib.sha256(msgspec.json.encode([version("kvbox"), model.spec])).hexdigest()[:12]
+    return "fp_" + hashlib.sha256(msgspec.json.encode([kvbox_version(), model.spec])).hexdigest()[:12]
 
 
 def sampling_params(req: SamplingFields, defaults: SamplingDefaults, *, max_tokens: int | None,
