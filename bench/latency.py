@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (QUANTIZATIONS, SHAPES, measure_card, peer_generate, peer_model,  # noqa: E402
+from bench.common import (QUANTIZATIONS, SHAPES, free, measure_card, peer_generate, peer_model,  # noqa: E402
                           quantized_shape_folder, random_prompts, shape_folder, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
@@ -42,6 +42,7 @@ def make_core(args, speculative_tokens: int | None = None, draft_shape: str | No
     elif speculative_tokens is not None:
         speculative = {"method": "ngram", "num_speculative_tokens": speculative_tokens, "prompt_lookup_min": 1,
                        "prompt_lookup_max": 4}
+    free(args.device)  # the engine measured before this one, else both caches claim the device's memory
     return EngineCore(EngineConfig(
         model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy",
         dtype=SHAPES[args.shape]["torch_dtype"],

@@ -120,3 +120,21 @@ def test_all_minilm_l6_v2_matches_sentence_transformers_pooling():
     _assert_close(got, _reference(path, texts, "mean"))
     similarity = got @ got.T
     assert similarity[0, 1] > similarity[0, 3]  # real weights: related sentences are closer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel runs on CUDA")
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_cuda_varlen_encoder_attention_matches_the_padded_path(tiny_model, family, monkeypatch):
+    """bfloat16 on CUDA: the padding-free varlen attention against the padded SDPA it replaces, same weights."""
+    from engine.models.bert import BertModel
+
+    path = tiny_model(family)
+    texts = TEXTS * 4
+    llm = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=8, task="embed")
+    assert llm.core.runner.model._varlen(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+    varlen = _embed(llm, texts)
+    monkeypatch.setattr(BertModel, "_varlen", lambda self, hidden: False)
+    padded = _embed(llm, texts)
+    assert F.cosine_similarity(varlen, padded, dim=-1).min().item() >= 0.999
+    want = _reference(path, texts, llm.core.pooler_info.pooling_type)
+    assert F.cosine_similarity(varlen, want, dim=-1).min().item() >= 0.999  # bfloat16 against float32

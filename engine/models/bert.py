@@ -3,7 +3,9 @@
 
 An encoder keeps no KV cache: the engine gives it each prompt whole in one step (it turns chunked prefill and prefix
 caching off for encoders), so a forward sees every token of every sequence. The linears run on the flat,
-padding-free batch; only attention pads it to [sequences, longest] with a key mask, in one SDPA call.
+padding-free batch. Attention on CUDA in half precision is FlashAttention's varlen kernel over the same flat batch
+(`torch.nn.attention.varlen`); elsewhere it pads to [sequences, longest] with a key mask, in one SDPA call. The padded
+SDPA on CUDA was host-bound: each step's new (sequences, longest) shape costs cuDNN a new plan.
 """
 
 from __future__ import annotations
@@ -35,22 +37,33 @@ _HEAD_NAMES = {"pooler.dense": "head.dense", "classifier.dense": "head.dense", "
 _PREFIXES = ("bert.", "roberta.")
 
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
+
 class EncoderBatch(NamedTuple):
-    """Where each flat token sits in the padded [num_seqs, max_len] attention batch, and the key mask."""
-    index: torch.Tensor  # [num_tokens] int64: seq * max_len + position in seq
-    mask: torch.Tensor  # [num_seqs, 1, 1, max_len] bool: a real key
+    """The sequences of the flat batch: their boundaries for the varlen kernel, or where each flat token sits in the
+    padded [num_seqs, max_len] attention batch and the key mask."""
     num_seqs: int
     max_len: int
+    cu_seqlens: torch.Tensor | None = None  # [num_seqs + 1] int32, varlen only
+    index: torch.Tensor | None = None  # [num_tokens] int64: seq * max_len + position in seq
+    mask: torch.Tensor | None = None  # [num_seqs, 1, 1, max_len] bool: a real key
 
     @classmethod
-    def from_metadata(cls, metadata: AttentionMetadata, num_tokens: int) -> EncoderBatch:
+    def from_metadata(cls, metadata: AttentionMetadata, num_tokens: int, varlen: bool) -> EncoderBatch:
+        if varlen:
+            return cls(metadata.query_start_loc.shape[0] - 1, metadata.max_query_len,
+                       cu_seqlens=metadata.query_start_loc.int())
         starts = metadata.query_start_loc.long()
         lengths = starts[1:] - starts[:-1]
         num_seqs, max_len = lengths.shape[0], metadata.max_query_len
         seq = torch.repeat_interleave(torch.arange(num_seqs, device=starts.device), lengths, output_size=num_tokens)
         index = seq * max_len + torch.arange(num_tokens, device=starts.device) - starts[seq]
         mask = torch.arange(max_len, device=starts.device)[None, :] < lengths[:, None]
-        return cls(index, mask[:, None, None, :], num_seqs, max_len)
+        return cls(num_seqs, max_len, index=index, mask=mask[:, None, None, :])
 
 
 class BertLayer(nn.Module):
@@ -75,6 +88,10 @@ class BertLayer(nn.Module):
     def _attention(self, hidden: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
         width = self.num_heads * self.head_size
         qkv = self.qkv_proj(hidden)  # [num_tokens, 3 * width]
+        if batch.cu_seqlens is not None:
+            q, k, v = qkv.view(-1, 3, self.num_heads, self.head_size).unbind(1)
+            cu, longest = batch.cu_seqlens, batch.max_len
+            return varlen_attn(q, k, v, cu, cu, longest, longest).view(-1, width)
         padded = qkv.new_zeros(batch.num_seqs * batch.max_len, 3 * width).index_copy_(0, batch.index, qkv)
         # [3, num_seqs, heads, max_len, head_size]
         q, k, v = padded.view(batch.num_seqs, batch.max_len, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
@@ -134,11 +151,16 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [num_tokens] (each sequence whole, from position 0) -> hidden [num_tokens, hidden]."""
-        batch = EncoderBatch.from_metadata(metadata, input_ids.shape[0])
         hidden = self.embeddings(input_ids, positions, token_type_ids)
+        batch = EncoderBatch.from_metadata(metadata, input_ids.shape[0], self._varlen(hidden))
         for layer in self.layers:
             hidden = layer(hidden, batch)
         return hidden
+
+    def _varlen(self, hidden: torch.Tensor) -> bool:
+        """Whether FlashAttention's varlen kernel takes this batch (CUDA, half precision, its head sizes)."""
+        return (varlen_attn is not None and hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+                and self.config.head_size % 8 == 0 and self.config.head_size <= 256)
 
     def classify(self, first_token: torch.Tensor) -> torch.Tensor:
         return self.head(first_token)
