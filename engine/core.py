@@ -118,6 +118,9 @@ class EngineCore:
         # stages refuse it (`EngineConfig`): the first stage would need tokens the last one is still sampling.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda" and config.pipeline_parallel_size == 1)
+        # A grammar's bitmask needs the token before it: scheduled ahead, a step gets its bitmask late, after its
+        # forward is queued, while the device runs it (a single-process runner only: workers take the step whole).
+        self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
         self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
@@ -262,6 +265,8 @@ class EngineCore:
         launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
         if self._in_flight is not None:
             outputs += self._complete(*self._in_flight)
+        if launched is not None and getattr(launched[1], "awaits_bitmask", None) is not None:
+            launched = self._sample_under_grammar(*launched, outputs)
         self._in_flight = launched
         if launched is not None and not self.async_scheduling:
             outputs += self._complete(*launched)
@@ -286,6 +291,20 @@ class EngineCore:
         except Exception:
             outputs += self._fail(scheduler_output)
             return None
+
+    def _sample_under_grammar(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput,
+                              outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:
+        """Fills a launched step's grammar bitmask, now that the step before it has advanced the matchers, and
+        queues its sampling behind its forward."""
+        try:
+            pending.awaits_bitmask(self.structured.bitmask(
+                [self.scheduler.requests.get(req_id) for req_id in scheduler_output.structured_req_ids]))
+        except (torch.AcceleratorError, WorkerDiedError):
+            raise  # see _fail
+        except Exception:
+            outputs += self._fail(scheduler_output)
+            return None
+        return scheduler_output, pending
 
     def _complete(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput) -> list[EngineCoreOutput]:
         waiting_since = time.perf_counter()

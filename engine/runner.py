@@ -19,6 +19,9 @@ completes gets its pooled vector (`engine.pooling.pooler`) instead of a token.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -135,15 +138,27 @@ class ModelRunner:
         if not self.is_last_stage:  # the last stage samples and answers rank 0
             return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
+        finish = functools.partial(self._finish_step, hidden, num_tokens, sampling, output, scheduler_output,
+                                   draft_ids, draft_probs, prompt_rows)
+        if scheduler_output.structured_req_ids and scheduler_output.grammar_bitmask is None:
+            output.awaits_bitmask = finish  # the engine core calls it once the matchers have the step before's tokens
+        else:
+            finish(scheduler_output.grammar_bitmask)
+        return output
+
+    def _finish_step(self, hidden: torch.Tensor, num_tokens: int, sampling: list[tuple[int, ScheduledRow]],
+                     output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None,
+                     draft_probs: dict[str, torch.Tensor], prompt_rows: tuple, bitmask: bytes | None) -> None:
+        """Queues the step's sampling (under the grammar `bitmask`), prompt logprobs and the copies to the host."""
+        output.awaits_bitmask = None
         if sampling:
             self._sample(hidden, num_tokens, [row for _, row in sampling], output, scheduler_output, draft_ids,
-                         draft_probs)
+                         draft_probs, bitmask)
         if prompt_rows[0]:
             self._prompt_logprobs(hidden, *prompt_rows, output)
         if self.device.type == "cuda":
             output.ready = torch.cuda.Event()
             output.ready.record()
-        return output
 
     def _pool(self, hidden: torch.Tensor, rows: list[ScheduledRow], finished_ids: list[str]) -> PendingRunnerOutput:
         output = PendingRunnerOutput([])
@@ -201,15 +216,15 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
                 output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None,
-                draft_probs: dict[str, torch.Tensor]) -> None:
+                draft_probs: dict[str, torch.Tensor], bitmask: bytes | None) -> None:
         num_rows = len(rows)
         # When every token samples (decode), its hidden states are the rows, in order.
         rows_hidden = (hidden[:num_rows] if num_rows == num_tokens
                        else hidden[self.batch.sample_rows.device[:num_rows]])
         logits = self.model.compute_logits(rows_hidden)
         metadata = SamplingMetadata.from_rows(rows, self.device)
-        if scheduler_output.grammar_bitmask is not None:
-            metadata.grammar_bitmask = grammar_bitmask(scheduler_output, rows, self.device)
+        if bitmask is not None:
+            metadata.grammar_bitmask = grammar_bitmask(scheduler_output.structured_req_ids, bitmask, rows, self.device)
         if draft_ids is not None:
             sampled = self.sampler(logits, metadata, to_device(torch.tensor(draft_ids), self.device),
                                    stacked_draft_probs(rows, draft_probs))
@@ -252,6 +267,8 @@ class PendingRunnerOutput:
         self.prompt_logprobs: tuple[LogprobsTensors, list[tuple[str, int, int]]] | None = None  # (id, k, count)
         self.pooled: PooledOutput | None = None
         self.accepted: torch.Tensor | None = None  # verifying drafts: each sampling row's draft was accepted
+        # A step whose grammar bitmask comes late: call with the packed bitmask to queue its sampling.
+        self.awaits_bitmask: Callable[[bytes], None] | None = None
         self.ready: torch.cuda.Event | None = None
 
     def get(self) -> ModelRunnerOutput:

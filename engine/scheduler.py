@@ -60,7 +60,7 @@ class Scheduler:
                  structured: StructuredOutputManager | None = None):
         """`config.max_model_len` must be resolved (the engine core sets the model's own when it was None).
         Without `structured`, requests with structured outputs are refused."""
-        self.structured = structured
+        self.structured, self.defer_grammar_bitmask = structured, False  # True: the core fills bitmasks late
         # Requests ended while scheduling (their grammar failed to compile), for the engine to report.
         self.failed_outputs: list[EngineCoreOutput] = []
         self.config = config
@@ -234,7 +234,7 @@ class Scheduler:
         structured = [item.request for item in scheduled if item.samples and item.request.grammar is not None]
         if structured:
             out.structured_req_ids = [r.request_id for r in structured]
-            out.grammar_bitmask = self.structured.bitmask(structured)
+            out.grammar_bitmask = None if self.defer_grammar_bitmask else self.structured.bitmask(structured)
         self._in_flight[out.step_id] = scheduled
         return out
 
@@ -251,13 +251,13 @@ class Scheduler:
 
     def can_schedule_ahead_of(self, scheduler_output: SchedulerOutput) -> bool:
         """Penalties and multi-token bad words need every earlier output token on the host, a grammar's next
-        bitmask needs the token before it, and verified drafts change how many tokens a request has, so a batch
-        using any of them is completed before the next step is scheduled. With speculation on (n-gram or a draft
-        model), every sampling batch is: a request gets drafts only once its last token is on the host, so
+        bitmask needs the token before it (unless the core fills it late), and verified drafts change how many
+        tokens a request has, so a batch using any of them is completed before the next step is scheduled. With
+        speculation on, every sampling batch is: a request gets drafts only once its last token is on the host, so
         scheduling ahead would starve the drafter on a device that runs behind the host."""
         speculating = self.drafter is not None
         return not any(item.samples and (speculating or item.request.sampling_params.needs_output_history
-                                         or item.request.grammar is not None)
+                                         or (item.request.grammar is not None and not self.defer_grammar_bitmask))
                        for item in self._in_flight.get(scheduler_output.step_id, ()))
 
     def fail_step(self, scheduler_output: SchedulerOutput) -> list[Request]:

@@ -95,6 +95,25 @@ def test_unstructured_requests_are_token_identical_beside_structured_ones(llm, a
     assert mixed[3].outputs[0].text.strip("a") == ""
 
 
+def test_async_scheduling_fills_the_bitmask_late_with_the_same_outputs(llm, async_llm, monkeypatch):
+    """Scheduled ahead, a structured step gets its bitmask after its forward is queued; greedy outputs (which a
+    bitmask computed one token early would change) equal the synchronous engine's, beside free requests."""
+    core = async_llm.core
+    assert core.scheduler.defer_grammar_bitmask and not llm.core.scheduler.defer_grammar_bitmask
+    late = []
+    fill = core._sample_under_grammar
+    monkeypatch.setattr(core, "_sample_under_grammar", lambda *a: late.append(a[0].step_id) or fill(*a))
+    params = [SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=structured(json=SCHEMA)),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=structured(regex="[a-z]{2,12}"))]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    want = [(c.token_ids, c.finish_reason) for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+    got = [(c.token_ids, c.finish_reason) for o in async_llm.generate(prompts, params, use_tqdm=False)
+           for c in o.outputs]
+    assert got == want
+    assert len(late) > 10
+
+
 def test_a_bad_grammar_ends_its_request_with_an_error_and_nothing_else(llm):
     outputs = llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=5, structured_outputs=structured(regex="a(b")),
                                          SamplingParams(max_tokens=5, temperature=0.0)], use_tqdm=False)
