@@ -123,6 +123,8 @@ class EngineCore:
         self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
         self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
+        if self.pooler_info is None:
+            self.structured.start()
 
     def _set_up_kv_cache_and_graphs(self) -> int:
         config = self.config

@@ -1,7 +1,7 @@
 """`GrammarBackend`: compiles grammars in a thread pool, off the engine's step loop, and caches them by key.
 
-The tokenizer (whose vocabulary xgrammar indexes) loads in the pool on the first structured request, so an engine
-that never sees one never pays for it. A request whose grammar is still compiling waits in the scheduler's queue.
+The tokenizer (whose vocabulary xgrammar indexes) loads in the pool as soon as the backend exists (a generating
+engine makes it at start-up). A request whose grammar is still compiling waits in the scheduler's queue.
 """
 
 from __future__ import annotations
