@@ -79,7 +79,7 @@ class Fleet:
         model.status, model.sleep_level = ModelStatus.SLEEPING, 1
         results = await asyncio.gather(*(r.sleep() for r in model.replicas), return_exceptions=True)
         refused = next((r.error for r in results if not isinstance(r, BaseException) and r.error), None)
-        if refused:  # every replica refuses alike (tensor parallelism): the ones that slept are woken
+        if refused:  # every replica refuses alike (requests still running): the ones that slept are woken
             await asyncio.gather(*(r.wake() for r in model.replicas if r.live), return_exceptions=True)
             model.status, model.sleep_level = ModelStatus.READY, None
             raise SleepError(refused, status=409)

@@ -263,6 +263,12 @@ class StopWorker(msgspec.Struct, tag=True):
     pass
 
 
+class SleepLevel1(msgspec.Struct, tag=True):
+    """Level-1 sleep or wake of every rank (engine.sleep): the KV cache freed, the weights to host memory and back."""
+    asleep: bool
+    num_blocks: int = 0  # waking: the KV cache's blocks, as before the sleep
+
+
 class LoadLoraShard(msgspec.Struct, tag=True):
     """Every rank loads its shard of an adapter version that rank 0 has loaded and checked, under the same id."""
     name: str
@@ -276,7 +282,7 @@ class FreeLoraVersions(msgspec.Struct, tag=True):
 
 
 WorkerCommand = (StartWorker | DetermineNumKVBlocks | AllocateKVCache | CaptureCudaGraphs | ExecuteStep | StopWorker
-                 | LoadLoraShard | FreeLoraVersions)
+                 | LoadLoraShard | FreeLoraVersions | SleepLevel1)
 
 
 # ---- front end (the supervisor) -> engine process ----
@@ -387,7 +393,7 @@ class EngineSleepState(msgspec.Struct, tag=True):
     level: int  # 0 awake, 1 asleep at level 1
     weight_bytes: int  # on the device (on a CPU engine: in host memory, where they stay)
     kv_cache_bytes: int
-    host_copy_bytes: int  # the weights' pinned host copy while asleep on a GPU
+    host_copy_bytes: int  # the weights' pinned host copy while asleep on a GPU, every parallel rank's together
     seconds: float = 0.0  # what the sleep or wake took
     error: str = ""  # set when the sleep was refused; nothing changed
     device_memory_bytes: int = 0  # what the device allocator holds after it (0 on a CPU)

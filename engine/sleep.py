@@ -4,9 +4,9 @@ compiled kernels survive and a wake costs two copies instead of a load from disk
 
 The cache's contents are lost, so the prefix cache forgets every block. CUDA graphs hold the device addresses of
 the weights and the cache they were captured with; those change across a sleep, so the graphs are dropped with the
-memory they pinned and captured again on wake (kernels stay compiled, so this is the cheap part of a start). Only a
-single-rank engine sleeps at level 1; a tensor-parallel one is refused (its workers hold shards the commands to
-move them do not exist for yet).
+memory they pinned and captured again on wake (kernels stay compiled, so this is the cheap part of a start). A
+tensor- or pipeline-parallel engine sleeps the same way on every rank: rank 0 tells its workers (`SleepLevel1`),
+each moves its own shard, and the wake's graph capture is the usual broadcast one.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import logging
 import time
 
 import torch
-from torch import nn
 
-from engine.contract import EngineSleepState
-from engine.cuda_graphs import CudaGraphs
+from engine.contract import EngineSleepState, SleepLevel1
+from engine.distributed import parallel_state
+from engine.distributed.tp_runner import TensorParallelRunner
 from engine.runner import ModelRunner
+from engine.sleep_rank import sleep_runner, wake_runner
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +42,27 @@ class EngineSleep:
         core = self.core
         if self.asleep:
             return
-        if not isinstance(core.runner, ModelRunner):
-            raise SleepRefused("sleep level 1 is not supported with tensor parallelism; use level 2")
         if core.has_unfinished_requests():
             raise SleepRefused("requests are still running")
-        runner = core.runner
         core.kv_manager.reset_prefix_cache()  # the blocks' contents go with the cache
-        self._num_blocks = runner.kv_memory.num_blocks
-        runner.kv_memory.release()
-        if core.device.type == "cuda":
-            runner.cuda_graphs = CudaGraphs(runner.graph_batch_sizes())  # their pool is freed with them
-            self._host_bytes = _move_weights(runner.model, torch.device("cpu"))
-            torch.cuda.synchronize(core.device)
-            torch.cuda.empty_cache()
+        self._num_blocks = core.runner.kv_memory.num_blocks
+        if isinstance(core.runner, TensorParallelRunner):  # every rank's host copy, once every rank has slept
+            core.runner.send(SleepLevel1(asleep=True))
+            self._host_bytes = parallel_state.sum_over_ranks(sleep_runner(core.runner.local))
+        else:
+            self._host_bytes = sleep_runner(core.runner)
         self.asleep = True
 
     def wake(self) -> None:
         core = self.core
         if not self.asleep:
             return
-        runner = core.runner
-        if core.device.type == "cuda":
-            _move_weights(runner.model, core.device)
-            self._host_bytes = 0
-            # Pinned blocks go back to torch's host cache when freed; an awake engine should not hold a copy of its
-            # weights there (the next sleep allocates again).
-            torch.accelerator.empty_host_cache()
-        runner.kv_memory.allocate(self._num_blocks)
-        if runner.use_cuda_graphs:
-            runner.capture_cuda_graphs()
+        if isinstance(core.runner, TensorParallelRunner):
+            core.runner.send(SleepLevel1(asleep=False, num_blocks=self._num_blocks))
+        wake_runner(_local(core.runner), self._num_blocks)
+        self._host_bytes = 0
+        if core.runner.use_cuda_graphs:
+            core.runner.capture_cuda_graphs()  # on every rank
         self.asleep = False
 
     def state(self, seconds: float = 0.0, error: str = "") -> EngineSleepState:
@@ -96,31 +89,5 @@ class EngineSleep:
         return self.state(seconds)
 
 
-@torch.no_grad()
-def _move_weights(model: nn.Module, device: torch.device) -> int:
-    """Moves every parameter and buffer (each once, however many modules share it) to `device`, pinned when it is
-    the host so that the copy back runs at full bandwidth; returns the bytes moved."""
-    moved: dict[int, torch.Tensor] = {}
-    total = 0
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None and id(param) not in moved:
-                param.data = _copy(param.data, device)
-                moved[id(param)] = param
-                total += param.numel() * param.element_size()
-        for name, buffer in module._buffers.items():
-            if buffer is None:
-                continue
-            if id(buffer) not in moved:
-                moved[id(buffer)] = _copy(buffer, device)
-                total += buffer.numel() * buffer.element_size()
-            module._buffers[name] = moved[id(buffer)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return total
-
-
-def _copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return tensor.to("cpu").pin_memory()
-    return tensor.to(device, non_blocking=True)
+def _local(runner: ModelRunner | TensorParallelRunner) -> ModelRunner:
+    return runner.local if isinstance(runner, TensorParallelRunner) else runner

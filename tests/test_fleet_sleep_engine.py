@@ -49,3 +49,25 @@ def test_a_busy_engine_refuses_level_1(tiny_model):
     refused = EngineSleep(llm.core).handle(sleep=True)
     assert refused.error == "requests are still running" and not refused.asleep
     assert all(layer.kv_cache is not None for layer in llm.core.runner.model.attention_layers())
+
+
+def test_level_1_with_tensor_parallelism_sleeps_every_rank(tiny_model):
+    """Two gloo ranks: rank 0 tells its worker to sleep (the worker answers in a collective only its sleep handler
+    joins, so a worker that did not sleep would hang the test, not pass it), and the woken pair answers as before."""
+    llm = LLM(tiny_model("llama", max_position_embeddings=192), device="cpu", dtype="float32",
+              tensor_parallel_size=2, kv_cache_memory_bytes=32 << 20, max_num_seqs=4)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        sleeper = EngineSleep(llm.core)
+        awake = sleeper.state()
+        asleep = sleeper.handle(sleep=True)
+        assert asleep.asleep and not asleep.error and asleep.kv_cache_bytes == 0
+        assert all(layer.kv_cache is None for layer in llm.core.runner.local.model.attention_layers())
+        woken = sleeper.handle(sleep=False)
+        assert not woken.error and woken.kv_cache_bytes == awake.kv_cache_bytes
+        llm.core.runner.check_workers()
+        after = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert after == before
+    finally:
+        llm.shutdown()

@@ -111,8 +111,16 @@ def recv_bytes(src: int) -> bytes:
 
 
 def min_over_ranks(value: int) -> int:
+    return _reduce(value, dist.ReduceOp.MIN)
+
+
+def sum_over_ranks(value: int) -> int:
+    return _reduce(value, dist.ReduceOp.SUM)
+
+
+def _reduce(value: int, op: dist.ReduceOp) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control_group)
+    dist.all_reduce(tensor, op=op, group=_control_group)
     return int(tensor.item())
 
 

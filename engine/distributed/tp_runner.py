@@ -61,10 +61,10 @@ class TensorParallelRunner:
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping)
         parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
-        self._send(contract.StartWorker(config))
+        self.send(contract.StartWorker(config))
         self.local = ModelRunner(config, model_config, device)
         if self.local.lora is not None:
-            self.local.lora.broadcast = self._send
+            self.local.lora.broadcast = self.send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
 
     def __getattr__(self, name: str):
@@ -72,20 +72,20 @@ class TensorParallelRunner:
         return getattr(self.local, name)
 
     def determine_num_kv_blocks(self) -> int:
-        self._send(contract.DetermineNumKVBlocks())
+        self.send(contract.DetermineNumKVBlocks())
         return parallel_state.min_over_ranks(self.local.determine_num_kv_blocks())
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self._send(contract.AllocateKVCache(num_blocks))
+        self.send(contract.AllocateKVCache(num_blocks))
         self.local.allocate_kv_cache(num_blocks)
 
     def capture_cuda_graphs(self) -> None:
-        self._send(contract.CaptureCudaGraphs())
+        self.send(contract.CaptureCudaGraphs())
         self.local.capture_cuda_graphs()
 
     def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput | _LastStageOutput:
         with self._naming_dead_workers():
-            self._send(contract.ExecuteStep(scheduler_output))
+            self.send(contract.ExecuteStep(scheduler_output))
             output = self.local.execute(scheduler_output)
         return output if self._answering_rank == 0 else _LastStageOutput(self)
 
@@ -93,13 +93,13 @@ class TensorParallelRunner:
         """Stops the workers and leaves the process group (a later engine in this process can form its own)."""
         if self._finalizer.alive:
             try:
-                self._send(contract.StopWorker())
+                self.send(contract.StopWorker())
                 self._stopping.append(True)
             except Exception:
                 logger.warning("could not tell the parallel workers to stop; killing them")
             self._finalizer()
 
-    def _send(self, command: contract.WorkerCommand) -> None:
+    def send(self, command: contract.WorkerCommand) -> None:
         self.check_workers()
         parallel_state.broadcast_bytes(_encoder.encode(command))
 

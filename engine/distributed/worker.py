@@ -26,6 +26,7 @@ from engine import contract
 from engine.distributed import parallel_state
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
+from engine.sleep_rank import sleep_runner, wake_runner
 
 logger = logging.getLogger("kvbox.worker")
 _PR_SET_PDEATHSIG = 1
@@ -68,6 +69,10 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
             runner.lora.add_shard(command)
         elif isinstance(command, contract.FreeLoraVersions):
             runner.lora.free(command)
+        elif isinstance(command, contract.SleepLevel1) and command.asleep:
+            parallel_state.sum_over_ranks(sleep_runner(runner))
+        elif isinstance(command, contract.SleepLevel1):
+            wake_runner(runner, command.num_blocks)
 
 
 def worker_device(device: str, local_rank: int) -> str:
