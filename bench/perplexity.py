@@ -9,7 +9,9 @@ Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the
 (the built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first
 written out as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder);
 fp8 / int8 quantize those float weights online (`quantization`); "fp8 KV" keeps float weights and stores the KV
-cache in e4m3 (scales 1.0: a GGUF carries none). Each row shows its change against float.
+cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales calibrated at start-up
+(`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row shows its change against
+float.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ CONFIGS = {
     "fp8 weights": {"quantization": "fp8"},
     "int8 weights": {"quantization": "int8"},
     "fp8 KV": {"kv_cache_dtype": "fp8"},
+    "fp8 KV calib": {"kv_cache_dtype": "fp8", "calculate_kv_scales": True},
 }
 
 

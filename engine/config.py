@@ -113,6 +113,8 @@ class EngineConfig:
     # Host memory (per rank) for preempted requests' KV blocks, instead of recomputing them; 0 / None: recompute.
     host_swap_bytes: int | None = None
     kv_cache_dtype: KVCacheDtype = "auto"  # fp8*: blocks stored in 8 bits with per-layer scales
+    # fp8 cache: layers without checkpoint scales get amax / fp8 max from a fixed calibration prompt at start-up.
+    calculate_kv_scales: bool = False
     # GGUF quantized blocks: kept packed and dequantized inside each matmul (a quarter of the memory at 4 bits), or
     # dequantized once at load; auto: packed on CUDA (a fused Triton kernel), at load on the CPU (torch pays a whole
     # layer's dequantization at every matmul there: the built-in SmolLM2 decodes 3.7x slower packed).

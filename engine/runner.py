@@ -37,6 +37,7 @@ from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
+from engine.quantization.kv_calibration import calibrate_kv_scales
 from engine.sampler import (LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask,
                             to_device)
 from engine.spec_decode.draft_model import DraftModel
@@ -86,6 +87,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_memory.allocate(num_blocks)
+        if self.config.calculate_kv_scales and self.config.kv_cache_dtype != "auto":
+            calibrate_kv_scales(self.model.attention_layers(), self.kv_memory.dtype,
+                                self.config.tokenizer or self.config.model,
+                                min(self.model_config.max_model_len, self.config.max_num_batched_tokens,
+                                    num_blocks * self.config.block_size), self._run_prompt)
 
     def graph_batch_sizes(self) -> list[int]:
         return graph_batch_sizes(self.config.max_num_seqs, self.config.max_num_batched_tokens)
@@ -101,6 +107,12 @@ class ModelRunner:
         hidden = self._forward(sum(lengths), metadata)
         if self.pooler is None and self.is_last_stage:
             self.model.compute_logits(hidden[:len(lengths)])
+
+    @torch.inference_mode()
+    def _run_prompt(self, token_ids: list[int]) -> None:
+        """One prompt through the model on the cache's first blocks, its output unused (KV-scale calibration)."""
+        table = list(range(-(-len(token_ids) // self.config.block_size)))
+        self._forward(len(token_ids), self.batch.fill([BatchRow(np.array(token_ids), 0, len(token_ids), table)]))
 
     def _forward(self, num_tokens: int, metadata, **extra_inputs) -> torch.Tensor:
         return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens], metadata,

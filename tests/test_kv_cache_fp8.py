@@ -63,11 +63,12 @@ def scaled_model(tmp_path_factory):
     return with_scales(build_tiny_model("llama", base / "float", **SHAPE), base / "scaled")
 
 
-def reference(folder, dtype: torch.dtype | None, path: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
-    """transformers in float32, K/V fake-quantized to `dtype` with the checkpoint's scales (None: float): `path`
-    (default: its own greedy path from PROMPT) and the log-softmax at each of its positions."""
+def reference(folder, dtype: torch.dtype | None, path: list[int] | None = None,
+              scales: dict[str, torch.Tensor] | None = None) -> tuple[list[int], torch.Tensor]:
+    """transformers in float32, K/V fake-quantized to `dtype` with `scales` (default: the checkpoint's; dtype None:
+    float): `path` (default: its own greedy path from PROMPT) and the log-softmax at each of its positions."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    scales = checkpoint_scales(model.config.num_hidden_layers)
+    scales = scales or checkpoint_scales(model.config.num_hidden_layers)
 
     def attend(module, query, key, value, *args, **kwargs):
         if dtype is not None:
@@ -90,9 +91,9 @@ def path_logprobs(logprobs: torch.Tensor, path: list[int]) -> torch.Tensor:
     return logprobs[len(PROMPT) - 1:-1].gather(-1, torch.tensor(path[len(PROMPT):])[:, None])[:, 0]
 
 
-def kvbox_path_logprobs(folder, kv_cache_dtype: str, path: list[int]) -> torch.Tensor:
+def kvbox_path_logprobs(folder, kv_cache_dtype: str, path: list[int], **options) -> torch.Tensor:
     llm = LLM(str(folder), dtype="float32", kv_cache_dtype=kv_cache_dtype, max_model_len=64, num_kv_blocks=16,
-              block_size=8)
+              block_size=8, **options)
     return torch.tensor(prompt_token_logprobs(llm, [path])[0][len(PROMPT) - 1:])
 
 

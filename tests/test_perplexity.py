@@ -5,7 +5,8 @@ float model's (the model as loaded: its GGUF dequantized).
 Measured on the CPU (float32): float 39.218, fp8 weights -0.45%, int8 weights +6.68%, fp8 KV -0.51%; on the first
 1024 tokens (windows of 256): float 24.267, fp8 weights +2.80%, int8 weights +3.06%, fp8 KV +1.26%. Online int8
 W8A8 (dynamic per-token activations, no outlier smoothing) is beyond the bound on this small model, so its case is
-an expected failure that turns into a failure once it holds.
+an expected failure that turns into a failure once it holds. So is the FP8 KV cache with scales calibrated at
+start-up (`calculate_kv_scales`, amax / 448 over the built-in calibration text: no headroom): +8.28% on this slice.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def results() -> dict[str, float]:
     "fp8 weights",
     pytest.param("int8 weights", marks=pytest.mark.xfail(strict=True, reason="online int8 W8A8 measures +6.7%")),
     "fp8 KV",
+    pytest.param("fp8 KV calib", marks=pytest.mark.xfail(strict=True, reason=(
+        "calibrated amax / 448 scales measure +8.3%: the GPL text's K / V exceed the calibration text's and saturate"))),
 ])
 def test_within_two_percent_of_float(results, name):
     assert 1 < results["float"] < 100  # a sane language model on English text

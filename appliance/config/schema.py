@@ -119,6 +119,11 @@ class KVCacheSpec(_Schema, kw_only=True):
         "twice the blocks in the same memory. Values are stored divided by a per-layer scale, the checkpoint's "
         "k_scale / v_scale where it has them, else 1.0. On CUDA, fp8_e4m3 needs compute capability 8.9 (Ada, "
         "Hopper); fp8_e5m2 runs on older cards.")] = engine_default("kv_cache_dtype")
+    calculate_scales: Annotated[bool, _doc(
+        "With an fp8 dtype: layers whose checkpoint has no k_scale / v_scale get calibrated ones instead of 1.0, "
+        "their largest |K| and |V| over a fixed built-in text (one prompt forward at start-up) divided by the "
+        "type's largest value; the same on every start. Ignored with dtype auto.")] = engine_default(
+        "calculate_kv_scales")
 
 
 class SchedulerSpec(_Schema, kw_only=True):
@@ -229,6 +234,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "host_swap_bytes": ("kv_cache", "host_swap_bytes"),
     "enable_prefix_caching": ("kv_cache", "prefix_caching"),
     "kv_cache_dtype": ("kv_cache", "dtype"),
+    "calculate_kv_scales": ("kv_cache", "calculate_scales"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "chunked_prefill"),

@@ -3,7 +3,8 @@
 The model runner fills one `AttentionMetadata` per step (from persistent buffers) and binds each layer's KV cache
 tensor once at start-up (`Attention.kv_cache`). A layer writes this step's K/V into the cache by slot, then attends
 over the cache through the block tables, so prefill chunks and decodes share one code path. An fp8 cache holds
-K / k_scale and V / v_scale, per-layer scales from the checkpoint (`load_kv_scale`) or 1.0.
+K / k_scale and V / v_scale, per-layer scales from the checkpoint (`load_kv_scale`), else calibrated at start-up
+(`engine.quantization.kv_calibration`) or 1.0.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Attention(nn.Module):
         # Used by an fp8 cache only; plain floats, so that CUDA graphs capture them as kernel arguments.
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.kv_scales_from_checkpoint = False  # else `calculate_kv_scales` may calibrate them at start-up
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata,
                 positions: torch.Tensor | None = None, rotary_emb: RotaryEmbedding | None = None) -> torch.Tensor:
@@ -83,3 +85,4 @@ def load_kv_scale(model: nn.Module, hf_name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"unexpected KV scale {hf_name!r} of shape {tuple(tensor.shape)}: expected one value on an "
                          "attention block")
     setattr(attention, which, float(tensor))
+    attention.kv_scales_from_checkpoint = True
