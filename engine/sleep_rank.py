@@ -30,8 +30,16 @@ def wake_runner(runner: ModelRunner, num_blocks: int) -> None:
         _move_weights(runner.model, runner.device)
         # Pinned blocks go back to torch's host cache when freed; an awake engine should not hold a copy of its
         # weights there (the next sleep allocates again).
-        torch.accelerator.empty_host_cache()
+        _empty_host_cache()
     runner.kv_memory.allocate(num_blocks)
+
+
+def _empty_host_cache() -> None:
+    # torch.accelerator.empty_host_cache is recent: older torch (the GPU machine's 2.11 may be one) has only the
+    # private CUDA call, and a wake must not fail on the name.
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 @torch.no_grad()
