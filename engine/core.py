@@ -19,6 +19,7 @@ chunked prefill and prefix caching are off for it, and its KV blocks are mere bo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -114,11 +115,16 @@ class EngineCore:
         self.step_seconds = 0.0  # in `step`, cumulative
         self.device_wait_seconds = 0.0  # of it, waiting for the device's results
         self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
-        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it). Pipeline
-        # stages refuse it (`EngineConfig`): the first stage would need tokens the last one is still sampling.
+        # Schedule step N+1 while step N runs on the device (CUDA by default; one CPU gains nothing from it), or with
+        # pipeline stages, while steps N-P+1..N run in later stages (on by default: the stages are separate devices).
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda" and config.pipeline_parallel_size == 1)
-        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+                                 else self.device.type == "cuda" or config.pipeline_parallel_size > 1)
+        # Steps launched and not completed, oldest first: at most one per stage (vLLM's virtual engines), two on one
+        # device (the one running and the one being launched).
+        self.max_in_flight = (1 if not self.async_scheduling else
+                              2 if config.pipeline_parallel_size == 1 else config.pipeline_parallel_size)
+        self._in_flight: collections.deque[tuple[SchedulerOutput, PendingRunnerOutput]] = collections.deque()
+        self.max_in_flight_seen = 0  # the most steps in flight at once so far (after a launch)
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
     def _set_up_kv_cache_and_graphs(self) -> int:
@@ -229,7 +235,7 @@ class EngineCore:
             self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings) or self._in_flight is not None
+        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings) or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedules and launches one step and returns what the requests produced. With async scheduling the
@@ -249,23 +255,23 @@ class EngineCore:
 
     def _step(self) -> list[EngineCoreOutput]:
         outputs = []
-        if self._in_flight is not None and not self._may_schedule_ahead(self._in_flight[0]):
-            outputs += self._complete(*self._in_flight)
-            self._in_flight = None
-        scheduler_output = self._launched_last = self.scheduler.schedule()
+        while self._in_flight and not self._may_schedule_ahead():
+            outputs += self._complete(*self._in_flight.popleft())
+        scheduler_output = self._launched_last = self.scheduler.schedule(self._batch_share())
         if self.scheduler.failed_outputs:
             outputs += self.scheduler.failed_outputs
             self.scheduler.failed_outputs = []
-        elif scheduler_output.is_empty and self._in_flight is None and self.scheduler.waiting:
+        elif scheduler_output.is_empty and not self._in_flight and self.scheduler.waiting:
             self.structured.wait_for_compilation(_IDLE_WAIT_S)  # only grammars being compiled can hold them
         self._fork_ready_siblings()
         launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
-        if self._in_flight is not None:
-            outputs += self._complete(*self._in_flight)
-        self._in_flight = launched
-        if launched is not None and not self.async_scheduling:
-            outputs += self._complete(*launched)
-            self._in_flight = None
+        if launched is not None:
+            self._in_flight.append(launched)
+            self.max_in_flight_seen = max(self.max_in_flight_seen, len(self._in_flight))
+        # The oldest step completes when the pipe is full, or when nothing new could go in (its requests are
+        # what the next schedule waits for).
+        if self._in_flight and (launched is None or len(self._in_flight) >= self.max_in_flight):
+            outputs += self._complete(*self._in_flight.popleft())
         for output in outputs:
             if output.finished:
                 self._forget_id(output.parent_id, output.request_id)
@@ -273,8 +279,20 @@ class EngineCore:
             self._drop_unused_loras()
         return outputs
 
-    def _may_schedule_ahead(self, in_flight: SchedulerOutput) -> bool:
-        return self.async_scheduling and self.scheduler.can_schedule_ahead_of(in_flight)
+    def _batch_share(self) -> int | None:
+        """With pipeline stages, the most requests one batch takes: an equal share of those the engine can run, so
+        that each stage has a batch (vLLM's virtual engines each hold their share). A batch taking every request
+        would leave nothing to run beside it, and the stages would take turns."""
+        if self.config.pipeline_parallel_size == 1 or self.max_in_flight == 1:
+            return None
+        return -(-min(self.config.max_num_seqs, self.scheduler.num_unfinished) // self.max_in_flight)
+
+    def _may_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the steps in flight complete. Pipeline stages never
+        schedule a request that is in flight, so what it needs from its last step (see
+        `Scheduler.can_schedule_ahead_of`) is always on the host."""
+        return self.config.pipeline_parallel_size > 1 or all(
+            self.scheduler.can_schedule_ahead_of(in_flight) for in_flight, _ in self._in_flight)
 
     def _launch(self, scheduler_output: SchedulerOutput,
                 outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:

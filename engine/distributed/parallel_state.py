@@ -7,9 +7,10 @@ rank = stage * tp_size + tp_rank. Groups:
   (point-to-point, rank r to rank r + tp_size).
 - one tensor-parallel group per stage (the world itself without pipeline stages) carries the model's own
   collectives: the all-reduce after each row-parallel linear and the embedding, the all-gather of the logits.
-- a gloo group on the CPU carries control: each step's `WorkerCommand` as msgpack bytes, broadcast from rank 0, and
-  the last stage's results sent back to it (never pickled: torch's object collectives pickle, so they are not
-  used), and small CPU reductions.
+- a gloo group on the CPU carries control: each step's `WorkerCommand` as msgpack bytes, sent from rank 0 to every
+  other rank, and the last stage's results sent back to it (never pickled: torch's object collectives pickle, so
+  they are not used), and small CPU reductions. Bytes are posted without waiting for the receiver (a gloo send
+  waits until the other side receives), so rank 0 can launch step N+1 while a later stage still runs step N.
 An expert-parallel group would be built beside the tensor-parallel ones, from the same layout.
 """
 
@@ -31,6 +32,7 @@ COLLECTIVE_TIMEOUT_S = 60.0
 _control_group: dist.ProcessGroup | None = None
 _tp_group: dist.ProcessGroup | None = None  # None: the world
 _threads_before: int | None = None  # this process's torch threads before its rank took its share of the CPU
+_pending_sends: list[tuple[dist.Work, torch.Tensor]] = []  # control bytes posted, not sent yet, with their buffers
 
 
 def free_tcp_address() -> str:
@@ -84,20 +86,21 @@ def tp_group() -> dist.ProcessGroup | None:
     return _tp_group
 
 
-def broadcast_bytes(payload: bytes | None) -> bytes:
-    """Rank 0 sends `payload`; every other rank passes None and gets it."""
-    is_source = dist.get_rank() == 0
-    size = torch.tensor([len(payload) if is_source else 0], dtype=torch.int64)
-    dist.broadcast(size, src=0, group=_control_group)
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if is_source
-            else torch.empty(int(size.item()), dtype=torch.uint8))
-    dist.broadcast(data, src=0, group=_control_group)
-    return payload if is_source else data.numpy().tobytes()
+def send_to_workers(payload: bytes) -> None:
+    """Rank 0 posts `payload` to every other rank (each takes it with `recv_bytes(0)`), in order."""
+    for rank in range(1, dist.get_world_size()):
+        send_bytes(payload, rank)
 
 
 def send_bytes(payload: bytes, dst: int) -> None:
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst, group=_control_group)
-    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=_control_group)
+    """Posts `payload` to rank `dst` and returns; messages to one rank arrive in the order posted. The buffers stay
+    referenced until gloo has sent them."""
+    global _pending_sends
+    _pending_sends = [work for work in _pending_sends if not work[0].is_completed()]
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    _pending_sends += [(dist.isend(size, dst, group=_control_group), size),
+                       (dist.isend(data, dst, group=_control_group), data)]
 
 
 def recv_bytes(src: int) -> bytes:
@@ -117,7 +120,8 @@ def min_over_ranks(value: int) -> int:
 
 
 def destroy() -> None:
-    global _control_group, _tp_group, _threads_before
+    global _control_group, _tp_group, _threads_before, _pending_sends
+    _pending_sends = []
     if dist.is_initialized():
         dist.destroy_process_group()
     _control_group = _tp_group = None

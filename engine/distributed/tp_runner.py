@@ -3,7 +3,7 @@ in step.
 
 `TensorParallelRunner` stands where a `ModelRunner` stands in `EngineCore`. It starts one worker process per extra
 rank (`engine.distributed.worker`), joins their process group, and before each collective operation of its own
-runner (sizing the KV cache, capturing CUDA graphs, every step) broadcasts the same command to them, so every rank
+runner (sizing the KV cache, capturing CUDA graphs, every step) sends the same command to them, so every rank
 runs the same forward on its shard; the LoRA adapter versions rank 0 loads or frees, every rank loads (its own
 shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
 first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
@@ -101,7 +101,7 @@ class TensorParallelRunner:
 
     def _send(self, command: contract.WorkerCommand) -> None:
         self.check_workers()
-        parallel_state.broadcast_bytes(_encoder.encode(command))
+        parallel_state.send_to_workers(_encoder.encode(command))
 
     def check_workers(self, grace_s: float = 0.0) -> None:
         """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""
