@@ -28,6 +28,7 @@ import torch
 from engine import contract
 from engine.config import EngineConfig
 from engine.distributed import nodes, parallel_state
+from engine.distributed.stage_trace import StageTrace, traced
 from engine.distributed.worker import worker_device
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner, PendingRunnerOutput
@@ -66,6 +67,7 @@ class TensorParallelRunner:
         if self.local.lora is not None:
             self.local.lora.broadcast = self._send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
+        self._trace = StageTrace.from_env(0)
 
     def __getattr__(self, name: str):
         # Everything that runs no collective (the model, the request copies, graph sizes) is rank 0's.
@@ -84,7 +86,7 @@ class TensorParallelRunner:
         self.local.capture_cuda_graphs()
 
     def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput | _LastStageOutput:
-        with self._naming_dead_workers():
+        with self._naming_dead_workers(), traced(self._trace, scheduler_output.step_id):
             self._send(contract.ExecuteStep(scheduler_output))
             output = self.local.execute(scheduler_output)
         return output if self._answering_rank == 0 else _LastStageOutput(self)
@@ -95,6 +97,8 @@ class TensorParallelRunner:
             try:
                 self._send(contract.StopWorker())
                 self._stopping.append(True)
+                if self._trace is not None:
+                    self._trace.write()
             except Exception:
                 logger.warning("could not tell the parallel workers to stop; killing them")
             self._finalizer()

@@ -25,6 +25,7 @@ import torch
 
 from engine import contract
 from engine.distributed import parallel_state
+from engine.distributed.stage_trace import StageTrace, traced
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
 
@@ -54,11 +55,14 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
     stage, tp_rank = parallel_state.stage_and_tp_rank(rank, tp_size)
     runner = ModelRunner(config, model_config, device, tp_rank=tp_rank, pp_rank=stage)
     answers = rank == parallel_state.answering_rank(tp_size, pp_size)
+    trace = StageTrace.from_env(rank)
     while not isinstance(command := receive(), contract.StopWorker):
         if isinstance(command, contract.ExecuteStep):
-            output = runner.execute(command.scheduler_output)
-            if answers:
-                parallel_state.send_bytes(_encoder.encode(output.get()), 0)
+            with traced(trace, command.scheduler_output.step_id):
+                output = runner.execute(command.scheduler_output)
+                answer = _encoder.encode(output.get()) if answers else None
+            if answer is not None:
+                parallel_state.send_bytes(answer, 0)
         elif isinstance(command, contract.DetermineNumKVBlocks):
             parallel_state.min_over_ranks(runner.determine_num_kv_blocks())
         elif isinstance(command, contract.AllocateKVCache):
@@ -69,6 +73,8 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
             runner.lora.add_shard(command)
         elif isinstance(command, contract.FreeLoraVersions):
             runner.lora.free(command)
+    if trace is not None:
+        trace.write()
 
 
 def worker_device(device: str, local_rank: int) -> str:
