@@ -3,7 +3,12 @@ stage while the later stages still run step N. The answers are the single-rank e
 logprobs within float32 rounding) through chunked prefill, preemption, n > 1 and aborts in flight, and the stages'
 timelines show them running different steps at the same time."""
 
+import subprocess
+import sys
+import time
+
 import pytest
+import torch
 
 from test_tensor_parallel import assert_same
 
@@ -94,3 +99,65 @@ def test_stage_timelines_show_two_steps_at_once(tiny_model, tmp_path, monkeypatc
         overlaps[async_scheduling] = stage_trace.overlaps(first, last)
     assert overlaps[None] > 0  # the first stage ran a step while the last one still ran an earlier one
     assert overlaps[False] == 0
+
+
+def test_an_engine_stopped_with_batches_in_flight_stops_its_workers_cleanly(tiny_model):
+    llm = LLM(tiny_model("llama", num_hidden_layers=3), **OPTIONS, num_kv_blocks=64, pipeline_parallel_size=2)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        llm.core.add_request(str(i), prompt, params)
+    while len(llm.core._in_flight) < 2:
+        llm.core.step()
+    workers = llm.core.runner._workers
+    start = time.monotonic()
+    llm.shutdown()
+    assert time.monotonic() - start < 10
+    assert [worker.returncode for worker in workers] == [0]
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_cuda_stages_keep_batches_in_flight_over_nccl(tiny_model, tmp_path, monkeypatch, tensor_parallel_size):
+    """The same on GPUs: activations posted over NCCL (its own stream), answers back over gloo."""
+    if torch.cuda.device_count() < 2 * tensor_parallel_size:
+        pytest.skip(f"needs {2 * tensor_parallel_size} CUDA devices")
+    model_dir = tiny_model("llama", num_hidden_layers=3)
+    options = {"device": "cuda", "num_kv_blocks": 64}
+    expected, _ = generate(model_dir, PROMPTS, **options)
+    monkeypatch.setenv(stage_trace.ENV, str(tmp_path / "trace"))
+    actual, llm = generate(model_dir, PROMPTS, **options, pipeline_parallel_size=2,
+                           tensor_parallel_size=tensor_parallel_size)
+    assert_same(expected, actual)
+    assert llm.core.max_in_flight_seen == 2
+    first, last = (stage_trace.read(f"{tmp_path}/trace.rank{rank}.json") for rank in (0, 2 * tensor_parallel_size - 1))
+    assert stage_trace.overlaps(first, last) > 0
+
+
+# Rank 0 idles three times the collective timeout before its command; rank 1 must still be waiting for it.
+_IDLE_RANK = """
+import sys, time, torch
+from engine.distributed import parallel_state
+rank, address = int(sys.argv[1]), sys.argv[2]
+parallel_state.init_parallel(rank, 1, 2, address, torch.device("cpu"), timeout_s=1.0)
+if rank == 0:
+    time.sleep(3.0)
+    parallel_state.send_to_workers(b"step")
+    print(parallel_state.recv_bytes(1).decode())
+else:
+    command = parallel_state.receive_command()
+    parallel_state.send_bytes(command + b" taken", 0)
+    time.sleep(0.5)
+parallel_state.destroy()
+"""
+
+
+def test_a_worker_waits_for_its_next_command_longer_than_the_collective_timeout():
+    """An idle engine sends its workers nothing; their wait for the next command must not time out (it did after
+    the 60 s collective timeout, failing an idle served model)."""
+    from engine.distributed.parallel_state import free_tcp_address
+
+    address = free_tcp_address()
+    ranks = [subprocess.Popen([sys.executable, "-c", _IDLE_RANK, str(rank), address], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=60) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert outputs[0][0].strip() == "step taken"

@@ -2,14 +2,14 @@
 `python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE`.
 
 Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`), or on another machine by that node's
-`kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline
-stage's layers and their share of the KV cache, then carries out each `WorkerCommand` that rank 0 sends, in
-order: the model's collectives pair each rank's forward with the others', and each stage takes its activations
-from the one before. With pipeline stages rank 0 runs ahead of the later stages (several steps in flight), so their
-commands wait, already sent, until the stage is done with the steps before. It holds no request state but the runner's copies, kept from the steps' plain data. The first
-rank of the last stage sends each step's output to rank 0 (with pipeline stages); every other rank's sampled tokens
-equal its and are dropped. It ends with rank 0: on `StopWorker`, when a collective fails (rank 0 died), or when its
-parent process dies.
+`kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline stage's layers and their share of
+the KV cache, then carries out each `WorkerCommand` that rank 0 sends, in order: the model's collectives pair each
+rank's forward with the others', and each stage takes its activations from the one before. With pipeline stages
+rank 0 runs ahead of the later stages (several steps in flight), so their commands wait, already sent, until the
+stage is done with the steps before. It holds no request state but the runner's copies, kept from the steps' plain
+data. The first rank of the last stage posts each step's output to rank 0 (with pipeline stages); every other
+rank's sampled tokens equal its and are dropped. It ends with rank 0: on `StopWorker`, when a receive fails (rank 0
+died), or when its parent process dies.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _die_with_parent() -> None:
 
 
 def receive() -> contract.WorkerCommand:
-    return _decoder.decode(parallel_state.recv_bytes(0))
+    return _decoder.decode(parallel_state.receive_command())
 
 
 def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
