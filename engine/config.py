@@ -126,7 +126,7 @@ class EngineConfig:
     scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
     kernel_backend: KernelBackend = "auto"
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
-    async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA only
+    async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA or with stages
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
     enable_lora: bool = False  # serve LoRA adapters (EngineCore.add_lora); off, the forward has no LoRA op
     max_loras: int = 4  # adapters on the device at once, hence distinct adapters per step
@@ -222,9 +222,6 @@ class EngineConfig:
         refused = (
             (self.task != "generate", f"for task {self.task!r} (pooling models are not split into stages yet)"),
             (self.enable_lora, "with LoRA adapters (not split into stages yet)"),
-            # The runner reads a token sampled by the step in flight from the device, where only the last stage has it.
-            (self.async_scheduling, "with async_scheduling (the first stage cannot take a token that the last one "
-                                    "is still sampling)"),
             # Each stage would size its host pool by its own layers, and the scheduler needs one block count.
             (bool(self.host_swap_bytes), "with host_swap_bytes (KV swap is not split into stages yet)"),
         )

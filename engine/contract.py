@@ -238,7 +238,7 @@ class LoraInfo(msgspec.Struct):
     num_slot_loads: int  # how often it was copied into a GPU slot
 
 
-# ---- engine process (rank 0) -> tensor-parallel workers, broadcast each time ----
+# ---- engine process (rank 0) -> tensor-parallel workers, sent to each of them ----
 class StartWorker(msgspec.Struct, tag=True):
     engine_config: EngineConfig  # max_model_len resolved
 

@@ -19,6 +19,7 @@ chunked prefill and prefix caching are off for it, and its KV blocks are mere bo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -114,14 +115,19 @@ class EngineCore:
         self.step_seconds = 0.0  # in `step`, cumulative
         self.device_wait_seconds = 0.0  # of it, waiting for the device's results
         self.step_trace: StepTrace | None = None  # set one to record every step (a diagnostic)
-        # Schedule step N+1 while step N runs on the device (CUDA by default; the CPU gains nothing from it). Pipeline
-        # stages refuse it (`EngineConfig`): the first stage would need tokens the last one is still sampling.
+        # Schedule step N+1 while step N runs on the device (CUDA by default; one CPU gains nothing from it), or with
+        # pipeline stages, while steps N-P+1..N run in later stages (on by default: the stages are separate devices).
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda" and config.pipeline_parallel_size == 1)
+                                 else self.device.type == "cuda" or config.pipeline_parallel_size > 1)
+        # Steps launched and not completed, oldest first: at most one per stage (vLLM's virtual engines), two on one
+        # device (the one running and the one being launched).
+        self.max_in_flight = (1 if not self.async_scheduling else
+                              2 if config.pipeline_parallel_size == 1 else config.pipeline_parallel_size)
+        self._in_flight: collections.deque[tuple[SchedulerOutput, PendingRunnerOutput]] = collections.deque()
+        self.max_in_flight_seen = 0  # the most steps in flight at once so far (after a launch)
         # A grammar's bitmask needs the token before it: scheduled ahead, a step gets its bitmask late, after its
         # forward is queued, while the device runs it (a single-process runner only: workers take the step whole).
         self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
-        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
         if self.pooler_info is None:
             self.structured.start()
@@ -234,7 +240,7 @@ class EngineCore:
             self._forget(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings) or self._in_flight is not None
+        return self.scheduler.num_unfinished > 0 or bool(self._waiting_siblings) or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedules and launches one step and returns what the requests produced. With async scheduling the
@@ -254,25 +260,25 @@ class EngineCore:
 
     def _step(self) -> list[EngineCoreOutput]:
         outputs = []
-        if self._in_flight is not None and not self._may_schedule_ahead(self._in_flight[0]):
-            outputs += self._complete(*self._in_flight)
-            self._in_flight = None
-        scheduler_output = self._launched_last = self.scheduler.schedule()
+        while self._in_flight and not self._may_schedule_ahead():
+            outputs += self._complete(*self._in_flight.popleft())
+        scheduler_output = self._launched_last = self.scheduler.schedule(self._batch_share())
         if self.scheduler.failed_outputs:
             outputs += self.scheduler.failed_outputs
             self.scheduler.failed_outputs = []
-        elif scheduler_output.is_empty and self._in_flight is None and self.scheduler.waiting:
+        elif scheduler_output.is_empty and not self._in_flight and self.scheduler.waiting:
             self.structured.wait_for_compilation(_IDLE_WAIT_S)  # only grammars being compiled can hold them
         self._fork_ready_siblings()
         launched = self._launch(scheduler_output, outputs) if not scheduler_output.is_empty else None
-        if self._in_flight is not None:
-            outputs += self._complete(*self._in_flight)
-        if launched is not None and getattr(launched[1], "awaits_bitmask", None) is not None:
-            launched = self._sample_under_grammar(*launched, outputs)
-        self._in_flight = launched
-        if launched is not None and not self.async_scheduling:
-            outputs += self._complete(*launched)
-            self._in_flight = None
+        if launched is not None:
+            self._in_flight.append(launched)
+            self.max_in_flight_seen = max(self.max_in_flight_seen, len(self._in_flight))
+        # The oldest step completes when the pipe is full, or when nothing new could go in (its requests are
+        # what the next schedule waits for).
+        if self._in_flight and (launched is None or len(self._in_flight) >= self.max_in_flight):
+            outputs += self._complete(*self._in_flight.popleft())
+        if self._in_flight and getattr(self._in_flight[0][1], "awaits_bitmask", None) is not None:
+            self._sample_under_grammar(outputs)  # the oldest step: the ones before it have advanced the matchers
         for output in outputs:
             if output.finished:
                 self._forget_id(output.parent_id, output.request_id)
@@ -280,8 +286,20 @@ class EngineCore:
             self._drop_unused_loras()
         return outputs
 
-    def _may_schedule_ahead(self, in_flight: SchedulerOutput) -> bool:
-        return self.async_scheduling and self.scheduler.can_schedule_ahead_of(in_flight)
+    def _batch_share(self) -> int | None:
+        """With pipeline stages, the most requests one batch takes: an equal share of those the engine can run, so
+        that each stage has a batch (vLLM's virtual engines each hold their share). A batch taking every request
+        would leave nothing to run beside it, and the stages would take turns."""
+        if self.config.pipeline_parallel_size == 1 or self.max_in_flight == 1:
+            return None
+        return -(-min(self.config.max_num_seqs, self.scheduler.num_unfinished) // self.max_in_flight)
+
+    def _may_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the steps in flight complete. Pipeline stages never
+        schedule a request that is in flight, so what it needs from its last step (see
+        `Scheduler.can_schedule_ahead_of`) is always on the host."""
+        return self.config.pipeline_parallel_size > 1 or all(
+            self.scheduler.can_schedule_ahead_of(in_flight) for in_flight, _ in self._in_flight)
 
     def _launch(self, scheduler_output: SchedulerOutput,
                 outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:
@@ -294,19 +312,18 @@ class EngineCore:
             outputs += self._fail(scheduler_output)
             return None
 
-    def _sample_under_grammar(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput,
-                              outputs: list[EngineCoreOutput]) -> tuple[SchedulerOutput, PendingRunnerOutput] | None:
-        """Fills a launched step's grammar bitmask, now that the step before it has advanced the matchers, and
+    def _sample_under_grammar(self, outputs: list[EngineCoreOutput]) -> None:
+        """Fills the oldest step's grammar bitmask, now that the steps before it have advanced the matchers, and
         queues its sampling behind its forward."""
+        scheduler_output, pending = self._in_flight[0]
         try:
             pending.awaits_bitmask(self.structured.bitmask(
                 [self.scheduler.requests.get(req_id) for req_id in scheduler_output.structured_req_ids]))
         except (torch.AcceleratorError, WorkerDiedError):
             raise  # see _fail
         except Exception:
+            self._in_flight.popleft()
             outputs += self._fail(scheduler_output)
-            return None
-        return scheduler_output, pending
 
     def _complete(self, scheduler_output: SchedulerOutput, pending: PendingRunnerOutput) -> list[EngineCoreOutput]:
         waiting_since = time.perf_counter()

@@ -18,7 +18,8 @@ With async scheduling the engine schedules step N+1 before step N's tokens reach
 step N counts one pending token (`Request.num_pending_outputs`), which step N+1 computes from the device-side id.
 A request that will stop by length once its pending tokens arrive is not scheduled again; one that stops on EOS
 computes one extra token, which is dropped. Freed blocks may still be written by the step in flight, but every later
-step runs after it on the same stream, so no reader sees that write.
+step runs after it on the same stream, so no reader sees that write. With pipeline stages up to one step per stage is
+in flight, and a request waits for its pending token (the first stage embeds it): in-flight batches are disjoint.
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ class Scheduler:
         return len(self.running) + len(self.waiting)
 
     # ---- one step ----
-    def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        scheduled, budget, preempted_now = self._schedule_running(budget)
-        scheduled += self._schedule_waiting(budget, preempted_now)
+    def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
+        """`max_num_reqs`: at most that many requests in this step (pipeline stages: one batch's share)."""
+        budget, room = self.config.max_num_batched_tokens, max_num_reqs or self.config.max_num_seqs
+        scheduled, budget, preempted_now = self._schedule_running(budget, room)
+        scheduled += self._schedule_waiting(budget, preempted_now, room - len(scheduled))
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
             if item.samples:
@@ -127,16 +129,16 @@ class Scheduler:
         self.last_step_num_seqs = len(scheduled)
         return self._to_output(scheduled)
 
-    def _schedule_running(self, budget: int) -> tuple[list[_Scheduled], int, set[str]]:
+    def _schedule_running(self, budget: int, room: int) -> tuple[list[_Scheduled], int, set[str]]:
         """Running requests first, preempting the lowest ranked ones when the KV pool runs dry."""
         scheduled: dict[str, _Scheduled] = {}  # in order
         preempted_now: set[str] = set()
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < room:
             request = self.running[i]
-            if request.num_pending_outputs and self._stops_by_length_with_pending(request):
-                i += 1  # its pending tokens end it; another one would be thrown away
-                continue
+            if request.num_pending_outputs and self._waits_for_pending(request):
+                i += 1  # pipeline stages: the first stage cannot take a token the last is still sampling; otherwise
+                continue  # only a request whose pending tokens end it waits (another token would be thrown away)
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request  # a running request always has its sampled token left to compute
             drafts = self.drafter.drafts(request, num_new, budget, self.max_model_len) if self.drafter else []
@@ -159,23 +161,22 @@ class Scheduler:
                 i += 1
         return list(scheduled.values()), budget, preempted_now
 
-    def _schedule_waiting(self, budget: int, preempted_now: set[str]) -> list[_Scheduled]:
+    def _schedule_waiting(self, budget: int, preempted_now: set[str], room: int) -> list[_Scheduled]:
         """Admits waiting requests in queue order while budget, sequence slots, KV blocks and LoRA slots last."""
         scheduled = []
         # Running requests use at most max_loras adapters, so any step's adapters fit the device's LoRA slots.
         running_adapters = {r.adapter_id for r in self.running if r.adapter_id is not None}
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        room = min(room, self.config.max_num_seqs - len(self.running))
+        while i < len(self.waiting) and budget > 0 and len(scheduled) < room:
             request = self.waiting[i]
             if request.grammar is not None and not self._grammar_ready(request):
                 i += 1  # compiling: the requests behind it need not wait for that
                 continue
-            if request.request_id in preempted_now:
-                break  # it just lost its blocks; let the running ones progress first
+            if request.request_id in preempted_now or request.num_pending_outputs:
+                break  # it just lost its blocks or (pipeline stages) still has tokens in flight; let the running go on
             if not self._adapter_fits(request, running_adapters):
                 break  # first come, first served: it waits until a running adapter has no requests left
-            # Only a request preempted by this very call can have tokens in flight, and those are skipped above.
-            assert request.num_pending_outputs == 0, request
             can_reuse = request.num_computed_tokens == 0 and not request.needs_prompt_logprobs
             cached = self.kv.find_cached_prefix(request) if can_reuse else []
             num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
@@ -372,10 +373,10 @@ class Scheduler:
         return (request.adapter_id is None or request.adapter_id in running_adapters
                 or len(running_adapters) < self.max_loras)
 
-    def _stops_by_length_with_pending(self, request: Request) -> bool:
+    def _waits_for_pending(self, request: Request) -> bool:
         num_outputs = request.num_output_tokens + request.num_pending_outputs
-        return ((request.max_tokens is not None and num_outputs >= request.max_tokens)
-                or request.num_scheduled_tokens >= self.max_model_len)
+        return (self.config.pipeline_parallel_size > 1 or request.num_scheduled_tokens >= self.max_model_len
+                or (request.max_tokens is not None and num_outputs >= request.max_tokens))
 
     def _dequeue(self, request: Request) -> None:
         (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)

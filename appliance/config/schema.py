@@ -320,7 +320,8 @@ class ModelSpec(_Schema, kw_only=True):
         "Replay decode steps as CUDA graphs captured at start-up (CUDA with Triton kernels only).",
     )] = engine_default("cuda_graphs")
     async_scheduling: Annotated[bool | None, _doc(
-        "Schedule the next step while the current one runs on the device (null: on with CUDA, off on the CPU).",
+        "Schedule the next step while the current one runs on the device, or with pipeline stages, keep a batch "
+        "in flight per stage (null: on with CUDA or pipeline stages, off on one CPU).",
     )] = engine_default("async_scheduling")
     default_sampling: Annotated[SamplingDefaults | None, _doc(
         "Sampling defaults for requests that leave a parameter unset (null: none); a key left null comes from the "

@@ -7,9 +7,11 @@ rank = stage * tp_size + tp_rank. Groups:
   (point-to-point, rank r to rank r + tp_size).
 - one tensor-parallel group per stage (the world itself without pipeline stages) carries the model's own
   collectives: the all-reduce after each row-parallel linear and the embedding, the all-gather of the logits.
-- a gloo group on the CPU carries control: each step's `WorkerCommand` as msgpack bytes, broadcast from rank 0, and
-  the last stage's results sent back to it (never pickled: torch's object collectives pickle, so they are not
-  used), and small CPU reductions.
+- a gloo group on the CPU carries each `WorkerCommand` as msgpack bytes, sent from rank 0 to every other rank. Its
+  wait has no practical limit: a worker waits for the next command as long as the engine idles.
+- another gloo group on the CPU carries control: the last stage's results sent back to rank 0 (never pickled: torch's object collectives pickle, so
+  they are not used), and small CPU reductions. Bytes are posted without waiting for the receiver (a gloo send
+  waits until the other side receives), so rank 0 can launch step N+1 while a later stage still runs step N.
 An expert-parallel group would be built beside the tensor-parallel ones, from the same layout.
 """
 
@@ -27,10 +29,14 @@ from engine.distributed import nodes
 # A collective waits this long for a rank before failing, so that a dead or hung worker fails the engine (which its
 # supervisor restarts) instead of hanging it.
 COLLECTIVE_TIMEOUT_S = 60.0
+_IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+_command_group: dist.ProcessGroup | None = None
 
 _control_group: dist.ProcessGroup | None = None
 _tp_group: dist.ProcessGroup | None = None  # None: the world
 _threads_before: int | None = None  # this process's torch threads before its rank took its share of the CPU
+_pending_sends: list[tuple[dist.Work, torch.Tensor]] = []  # control bytes posted, not sent yet, with their buffers
 
 
 def free_tcp_address() -> str:
@@ -46,7 +52,7 @@ def stage_and_tp_rank(rank: int, tp_size: int) -> tuple[int, int]:
 
 def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
                   timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
-    global _control_group, _tp_group
+    global _command_group, _control_group, _tp_group
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     nodes.pin_socket_interface(init_method)
@@ -55,6 +61,7 @@ def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, devic
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp_size * pp_size,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    _command_group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
     if pp_size > 1:
         # Every rank creates every group, in the same order, and keeps its own.
         stage = stage_and_tp_rank(rank, tp_size)[0]
@@ -84,29 +91,34 @@ def tp_group() -> dist.ProcessGroup | None:
     return _tp_group
 
 
-def broadcast_bytes(payload: bytes | None) -> bytes:
-    """Rank 0 sends `payload`; every other rank passes None and gets it."""
-    is_source = dist.get_rank() == 0
-    size = torch.tensor([len(payload) if is_source else 0], dtype=torch.int64)
-    dist.broadcast(size, src=0, group=_control_group)
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if is_source
-            else torch.empty(int(size.item()), dtype=torch.uint8))
-    dist.broadcast(data, src=0, group=_control_group)
-    return payload if is_source else data.numpy().tobytes()
+def send_to_workers(payload: bytes) -> None:
+    """Rank 0 posts a command to every other rank (each takes it with `receive_command`), in order."""
+    for rank in range(1, dist.get_world_size()):
+        send_bytes(payload, rank, _command_group)
 
 
-def send_bytes(payload: bytes, dst: int) -> None:
-    dist.send(torch.tensor([len(payload)], dtype=torch.int64), dst, group=_control_group)
-    dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, group=_control_group)
+def receive_command() -> bytes:
+    return recv_bytes(0, _command_group)
 
 
-def recv_bytes(src: int) -> bytes:
+def send_bytes(payload: bytes, dst: int, group: dist.ProcessGroup | None = None) -> None:
+    """Posts `payload` to rank `dst` (on the control group unless told) and returns; messages to one rank arrive in
+    the order posted. The buffers stay referenced until gloo has sent them."""
+    global _pending_sends
+    group = group or _control_group
+    _pending_sends = [work for work in _pending_sends if not work[0].is_completed()]
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    _pending_sends += [(dist.isend(size, dst, group=group), size), (dist.isend(data, dst, group=group), data)]
+
+
+def recv_bytes(src: int, group: dist.ProcessGroup | None = None) -> bytes:
     """What rank `src` sends with `send_bytes`. A sender that dies closes its connection, which fails the wait at
     once (gloo)."""
     size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src, group=_control_group)
+    dist.recv(size, src, group=group or _control_group)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(data, src, group=_control_group)
+    dist.recv(data, src, group=group or _control_group)
     return data.numpy().tobytes()
 
 
@@ -125,10 +137,11 @@ def _reduce(value: int, op: dist.ReduceOp) -> int:
 
 
 def destroy() -> None:
-    global _control_group, _tp_group, _threads_before
+    global _command_group, _control_group, _tp_group, _threads_before, _pending_sends
+    _pending_sends = []
     if dist.is_initialized():
         dist.destroy_process_group()
-    _control_group = _tp_group = None
+    _command_group = _control_group = _tp_group = None
     if _threads_before is not None:
         torch.set_num_threads(_threads_before)
         _threads_before = None

@@ -5,11 +5,17 @@ The first stage embeds the tokens, the last one applies the final norm, computes
 runs the same step on the same batch (each rank gets the step's `SchedulerOutput`), so the activations need no
 metadata: one [2, num_tokens, hidden] tensor (hidden states and residual) goes point-to-point on the world group
 from rank r to rank r + tensor_parallel_size, the rank of the same tensor-parallel shard in the next stage.
+
+Several steps are in flight at once (`EngineCore` keeps up to one per stage, vLLM's virtual engines): a stage posts
+its activations and goes on to the next step without waiting for the next stage to take them (a gloo send waits for
+the receiver; NCCL's runs on its own stream). Every stage runs the steps in the order rank 0 launched them, so a
+step's K/V writes at a stage precede any later step's reads there: a request's next prefill chunk, a prefix another
+request found cached, or blocks freed by a finished or preempted request and handed to another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,6 +29,8 @@ class PipelineStage:
     index: int = 0
     num_stages: int = 1
     tp_size: int = 1
+    # Activations posted to the next stage and not yet taken, with their buffer: the send reads it until then.
+    _sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def of(cls, config: EngineConfig, num_layers: int, index: int) -> PipelineStage:
@@ -45,4 +53,6 @@ class PipelineStage:
         return activations[0], activations[1]
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        dist.send(torch.stack((hidden, residual)), dist.get_rank() + self.tp_size)
+        self._sends[:] = [sent for sent in self._sends if not sent[0].is_completed()]
+        activations = torch.stack((hidden, residual))
+        self._sends.append((dist.isend(activations, dist.get_rank() + self.tp_size), activations))

@@ -3,7 +3,7 @@ in step.
 
 `TensorParallelRunner` stands where a `ModelRunner` stands in `EngineCore`. It starts one worker process per extra
 rank (`engine.distributed.worker`), joins their process group, and before each collective operation of its own
-runner (sizing the KV cache, capturing CUDA graphs, every step) broadcasts the same command to them, so every rank
+runner (sizing the KV cache, capturing CUDA graphs, every step) sends the same command to them, so every rank
 runs the same forward on its shard; the LoRA adapter versions rank 0 loads or frees, every rank loads (its own
 shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
 first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
@@ -28,6 +28,7 @@ import torch
 from engine import contract
 from engine.config import EngineConfig
 from engine.distributed import nodes, parallel_state
+from engine.distributed.stage_trace import StageTrace, traced
 from engine.distributed.worker import worker_device
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner, PendingRunnerOutput
@@ -66,6 +67,7 @@ class TensorParallelRunner:
         if self.local.lora is not None:
             self.local.lora.broadcast = self.send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
+        self._trace = StageTrace.from_env(0)
 
     def __getattr__(self, name: str):
         # Everything that runs no collective (the model, the request copies, graph sizes) is rank 0's.
@@ -84,7 +86,7 @@ class TensorParallelRunner:
         self.local.capture_cuda_graphs()
 
     def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput | _LastStageOutput:
-        with self._naming_dead_workers():
+        with self._naming_dead_workers(), traced(self._trace, scheduler_output.step_id):
             self.send(contract.ExecuteStep(scheduler_output))
             output = self.local.execute(scheduler_output)
         return output if self._answering_rank == 0 else _LastStageOutput(self)
@@ -95,13 +97,15 @@ class TensorParallelRunner:
             try:
                 self.send(contract.StopWorker())
                 self._stopping.append(True)
+                if self._trace is not None:
+                    self._trace.write()
             except Exception:
                 logger.warning("could not tell the parallel workers to stop; killing them")
             self._finalizer()
 
     def send(self, command: contract.WorkerCommand) -> None:
         self.check_workers()
-        parallel_state.broadcast_bytes(_encoder.encode(command))
+        parallel_state.send_to_workers(_encoder.encode(command))
 
     def check_workers(self, grace_s: float = 0.0) -> None:
         """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""

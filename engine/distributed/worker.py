@@ -2,13 +2,14 @@
 `python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE`.
 
 Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`), or on another machine by that node's
-`kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline
-stage's layers and their share of the KV cache, then carries out each `WorkerCommand` that rank 0 broadcasts, in
-lockstep: the model's collectives pair each rank's forward with the others', and each stage takes its activations
-from the one before. It holds no request state but the runner's copies, kept from the steps' plain data. The first
-rank of the last stage sends each step's output to rank 0 (with pipeline stages); every other rank's sampled tokens
-equal its and are dropped. It ends with rank 0: on `StopWorker`, when a collective fails (rank 0 died), or when its
-parent process dies.
+`kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline stage's layers and their share of
+the KV cache, then carries out each `WorkerCommand` that rank 0 sends, in order: the model's collectives pair each
+rank's forward with the others', and each stage takes its activations from the one before. With pipeline stages
+rank 0 runs ahead of the later stages (several steps in flight), so their commands wait, already sent, until the
+stage is done with the steps before. It holds no request state but the runner's copies, kept from the steps' plain
+data. The first rank of the last stage posts each step's output to rank 0 (with pipeline stages); every other
+rank's sampled tokens equal its and are dropped. It ends with rank 0: on `StopWorker`, when a receive fails (rank 0
+died), or when its parent process dies.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from engine import contract
 from engine.distributed import parallel_state
+from engine.distributed.stage_trace import StageTrace, traced
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
 from engine.sleep_rank import sleep_runner, wake_runner
@@ -41,7 +43,7 @@ def _die_with_parent() -> None:
 
 
 def receive() -> contract.WorkerCommand:
-    return _decoder.decode(parallel_state.broadcast_bytes(None))
+    return _decoder.decode(parallel_state.receive_command())
 
 
 def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
@@ -54,11 +56,14 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
     stage, tp_rank = parallel_state.stage_and_tp_rank(rank, tp_size)
     runner = ModelRunner(config, model_config, device, tp_rank=tp_rank, pp_rank=stage)
     answers = rank == parallel_state.answering_rank(tp_size, pp_size)
+    trace = StageTrace.from_env(rank)
     while not isinstance(command := receive(), contract.StopWorker):
         if isinstance(command, contract.ExecuteStep):
-            output = runner.execute(command.scheduler_output)
-            if answers:
-                parallel_state.send_bytes(_encoder.encode(output.get()), 0)
+            with traced(trace, command.scheduler_output.step_id):
+                output = runner.execute(command.scheduler_output)
+                answer = _encoder.encode(output.get()) if answers else None
+            if answer is not None:
+                parallel_state.send_bytes(answer, 0)
         elif isinstance(command, contract.DetermineNumKVBlocks):
             parallel_state.min_over_ranks(runner.determine_num_kv_blocks())
         elif isinstance(command, contract.AllocateKVCache):
@@ -73,6 +78,8 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
             parallel_state.sum_over_ranks(sleep_runner(runner))
         elif isinstance(command, contract.SleepLevel1):
             wake_runner(runner, command.num_blocks)
+    if trace is not None:
+        trace.write()
 
 
 def worker_device(device: str, local_rank: int) -> str:
