@@ -372,6 +372,8 @@ def launch(args, overrides: dict) -> subprocess.Popen:
                   f"CUDA graphs) at {args.url}")
             args.startup_s = time.monotonic() - start
             print_timeline(text, launched_at)
+            phases = re.search(r"\]: start-up (.*)$", text, re.MULTILINE)  # the supervisor's line of name=seconds
+            args.startup_phases = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)s", phases[1])} if phases else {}
             return process
         if process.poll() is not None:
             break
@@ -452,7 +454,8 @@ def main() -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s}, indent=2))
+            Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s,
+                                                   "startup_phases": args.startup_phases}, indent=2))
         return
     vocab = args.vocab_size or (QWEN_EOS if args.tokenizer == "qwen" else SHAPES[args.launch]["vocab_size"]
                                 if args.launch else 32000)
@@ -487,6 +490,7 @@ def serve_and_measure(args, overrides: dict, warmup: list[list[int]], prompts: l
             print(f"structured ({structured}):")
         summary, run_window = measure(args, process, warmup, prompts, structured)
         summary["startup_s"] = getattr(args, "startup_s", None)
+        summary["startup_phases"] = getattr(args, "startup_phases", None)
         if grammar is not None:
             summary["grammar_compile_s"] = grammar
             summary["baseline"] = baseline[0]

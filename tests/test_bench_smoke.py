@@ -53,6 +53,9 @@ def test_serve_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
+    phases = result["startup_phases"]  # the supervisor's start-up line: the engine's phases, then the whole
+    assert list(phases)[:3] == ["engine_imports", "weights", "kv_cache"] and phases["engine_imports"] > 0
+    assert 0 < phases["launch_to_ready"] <= phases["server_start_to_ready"] <= result["startup_s"] + 1
     assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
     assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
     assert result["client"]["chunks"] >= 6 and result["client"]["cpu_s"] > 0  # chunks merge tokens under load
