@@ -139,10 +139,10 @@ class Scheduler:
         decodes, prefills = [], []
         for request in self.running:
             (prefills if is_prefill(request) else decodes).append(request)
-        for request in itertools.chain(decodes, prefills):
+        for prefill, request in itertools.chain(zip(itertools.repeat(False), decodes),
+                                                zip(itertools.repeat(True), prefills)):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted by an earlier one in this loop
-            prefill = is_prefill(request)
             room = budget.room(prefill)
             if room <= 0:
                 break  # the prefills after the decodes have no more room than the last one
