@@ -143,7 +143,7 @@ class Scheduler:
                                                 zip(itertools.repeat(True), prefills)):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted by an earlier one in this loop
-            room = budget.room(prefill)
+            room = budget.prefill_room() if prefill else budget.left
             if room <= 0:
                 break  # the prefills after the decodes have no more room than the last one
             if request.num_pending_outputs and stops_by_length_with_pending(request, self.max_model_len):
@@ -191,7 +191,7 @@ class Scheduler:
             num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
             num_new = request.num_tokens - num_computed
             prefill = num_new > 1  # else a swapped-out request's last token, back in
-            room = budget.room(prefill)
+            room = budget.prefill_room() if prefill else budget.left
             if room <= 0 or (num_new > room and not self.config.enable_chunked_prefill):
                 break
             num_new = min(num_new, room)

@@ -26,9 +26,9 @@ class StepBudget:
         self.decode_tokens = 0
         self.prefill_tokens = 0
 
-    def room(self, prefill: bool) -> int:
-        """Tokens the next request of this kind may take."""
-        if prefill and self.decode_tokens and self.prefill_cap is not None:
+    def prefill_room(self) -> int:
+        """Tokens the next prefill may take (a decode may take all that is `left`)."""
+        if self.decode_tokens and self.prefill_cap is not None:
             return min(self.left, self.prefill_cap - self.prefill_tokens)
         return self.left
 
