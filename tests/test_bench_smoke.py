@@ -95,3 +95,10 @@ def test_embed_smoke(tmp_path, shape):
     assert kvbox["speedup"] == round(peer["seconds"] / kvbox["seconds"], 2)
     assert re.search(rf"^  transformers .* tokens/s  \(batch size {peer['batch_size']}, the best of 4,8\)$", printed,
                      re.MULTILINE), printed
+
+
+def test_scheduler_step_smoke():
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "scheduler_step.py"), "--requests", "8", "--steps",
+                              "5", "--repeats", "2"], check=True, timeout=120, capture_output=True, text=True).stdout
+    timing = re.search(r"^this tree: 8 decoding requests, min (\d+) us, median (\d+) us per step", printed, re.MULTILINE)
+    assert timing and 0 < int(timing[1]) <= int(timing[2]), printed
