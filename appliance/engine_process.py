@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+import psutil
 import torch
 
 import kernels
@@ -149,8 +150,10 @@ class EngineLoop:
             self.channel.send(contract.StepOutputs(outputs, stats, step_seconds, loras))
 
 
-def ready_message(core: EngineCore) -> contract.EngineReady:
-    """What the front end learns of a built engine (for the process client and the in-process one alike)."""
+def ready_message(core: EngineCore, imports_s: float | None = None) -> contract.EngineReady:
+    """What the front end learns of a built engine (for the process client and the in-process one alike);
+    `imports_s`: the engine process's time from its start to its first message (interpreter, imports)."""
+    phases = {"engine_imports": imports_s} if imports_s is not None else {}
     return contract.EngineReady(
         vocab_size=core.vocab_size,
         max_model_len=core.max_model_len,
@@ -163,6 +166,7 @@ def ready_message(core: EngineCore) -> contract.EngineReady:
         pooler=core.pooler_info,
         quantization=core.runner.model.quant_scheme.describe() if core.runner.model.quant_scheme else "none",
         weight_bytes=core.weight_bytes,
+        startup_seconds={**phases, **core.startup_seconds},
     )
 
 
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = ipc.decode_to_engine(payload)
     assert isinstance(start, contract.StartEngine), start
+    imports_s = time.time() - psutil.Process().create_time()  # the supervisor sent StartEngine as it spawned us
     logger.info("engine process %d: building the engine", os.getpid())  # its time since the spawn is imports
     try:
         core = EngineCore(start.engine_config)
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.exception("engine failed to start")
         channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}"))
         return 1
-    channel.send(ready_message(core))
+    channel.send(ready_message(core, imports_s))
     # The model, tokenizer and torch leave ~200k long-lived objects; a full collection over them took ~90 ms, a stall
     # of the step loop every so often. Frozen, the collector leaves them alone.
     gc.freeze()

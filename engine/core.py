@@ -52,12 +52,15 @@ _IDLE_WAIT_S = 0.01
 
 
 @contextlib.contextmanager
-def _timed(what: str):
-    """Logs a long start-up step when it starts and how long it took, so that a slow start shows where it is."""
+def _timed(what: str, phase: str, phases: dict[str, float]):
+    """Logs a long start-up step when it starts and how long it took, so that a slow start shows where it is, and
+    keeps its seconds as `phases[phase]`."""
     logger.info("%s ...", what)
     start = time.perf_counter()
     yield
-    logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    phases[phase] = seconds
+    logger.info("%s: done in %.1f s", what, seconds)
 
 
 def _check_tensor_parallel_split(model_config: ModelConfig, size: int) -> None:
@@ -89,10 +92,12 @@ class EngineCore:
         _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)
+        self.startup_seconds: dict[str, float] = {}  # start-up phase -> seconds (EngineReady.startup_seconds)
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
                     + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
                        else "")
-                    + (f", pipeline stages of layers {_describe(stages)}" if len(stages) > 1 else "")):
+                    + (f", pipeline stages of layers {_describe(stages)}" if len(stages) > 1 else ""),
+                    "weights", self.startup_seconds):
             self.runner = (ModelRunner(config, self.model_config, self.device, self.pooler_info)
                            if config.tensor_parallel_size == config.pipeline_parallel_size == 1
                            else TensorParallelRunner(config, self.model_config, self.device))
@@ -134,7 +139,9 @@ class EngineCore:
 
     def _set_up_kv_cache_and_graphs(self) -> int:
         config = self.config
-        with _timed("sizing the KV cache" + (" (profiling a forward pass)" if self.device.type == "cuda" else "")):
+        phases = self.startup_seconds
+        with _timed("sizing the KV cache" + (" (profiling a forward pass)" if self.device.type == "cuda" else ""),
+                    "kv_cache", phases):
             num_blocks = self.runner.determine_num_kv_blocks()
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if num_blocks < blocks_per_seq:
@@ -142,11 +149,14 @@ class EngineCore:
                 f"the KV cache has {num_blocks} blocks of {config.block_size} tokens, fewer than one sequence of "
                 f"max_model_len={self.max_model_len} needs ({blocks_per_seq}); give it more memory or lower "
                 f"max_model_len")
+        started = time.perf_counter()
         self.runner.allocate_kv_cache(num_blocks)
+        phases["kv_cache"] += time.perf_counter() - started
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_blocks * self.runner.kv_memory.bytes_per_block / 2**30)
         if self.runner.use_cuda_graphs:
-            with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes"):
+            with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes",
+                        "cuda_graphs", phases):
                 self.runner.capture_cuda_graphs()
         return num_blocks
 

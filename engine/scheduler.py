@@ -2,13 +2,13 @@
 
 Each step the scheduler gives each request a number of tokens so that its computed tokens catch up with its known
 tokens, within two budgets: at most `max_num_seqs` running requests and `max_num_batched_tokens` tokens per step.
-Running requests are served first (decodes cost one token each, unfinished prefills take what budget is left), then
-waiting ones are admitted in queue order. When the KV pool runs dry, the running request that ranks last (lowest
+Running requests are served first, decodes before unfinished prefills, then waiting ones are admitted in queue order;
+while the step decodes, prefill takes at most `max_prefill_tokens_while_decoding` tokens (engine.scheduler_budget). When the KV pool runs dry, the running request that ranks last (lowest
 priority, then latest arrival) is preempted: its blocks are freed (it recomputes later) or swapped to host memory
 (`host_swap_bytes`), and it goes back to the waiting queue. Its token ids are kept, so it resumes where it was.
 
-After the model runs, `update_from_output` appends the sampled tokens and applies the token-level stop rules (EOS,
-stop token ids, max_tokens, context length). Stop strings need text, so the output processor finds them and calls
+After the model runs, `update_from_output` appends the sampled tokens and applies the token-level stop rules
+(engine.scheduler_stop). Stop strings need text, so the output processor finds them and calls
 `finish_requests`.
 
 A pooling request (task embed or score) samples nothing: the step that completes its prompt returns its pooled
@@ -36,6 +36,8 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.lora.manager import adapter_name
 from engine.request import Request, RequestStatus, core_output
 from engine.sampling_params import InvalidParameterError
+from engine.scheduler_budget import StepBudget, is_prefill
+from engine.scheduler_stop import check_stop, grammar_stops, stops_by_length_with_pending
 from engine.spec_decode.drafter import Drafter
 from engine.structured_output.manager import StructuredOutputManager
 
@@ -45,13 +47,15 @@ logger = logging.getLogger(__name__)
 class _Scheduled:
     """One request's share of a step, on the scheduler's side (the runner gets it as plain data)."""
 
-    __slots__ = ("request", "num_computed_before", "num_new_tokens", "samples", "drafts")
+    __slots__ = ("request", "num_computed_before", "num_new_tokens", "samples", "drafts", "prefill")
 
-    def __init__(self, request: Request, num_computed_before: int, num_new_tokens: int, drafts: list[int] = ()):
+    def __init__(self, request: Request, num_computed_before: int, num_new_tokens: int, drafts: list[int] = (),
+                 prefill: bool = True):
         self.request = request
         self.num_computed_before = num_computed_before  # K/V already cached before this step (prefix hits included)
         self.num_new_tokens = num_new_tokens  # drafts included
         self.drafts = drafts  # speculative tokens computed after the request's last one
+        self.prefill = prefill  # counted against the step's prefill cap (engine.scheduler_budget)
         # The step reaches the request's last token, so its logits give the next one.
         self.samples = num_computed_before + num_new_tokens - len(drafts) == request.num_scheduled_tokens
 
@@ -118,8 +122,10 @@ class Scheduler:
     # ---- one step ----
     def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
         """`max_num_reqs`: at most that many requests in this step (pipeline stages: one batch's share)."""
-        budget, room = self.config.max_num_batched_tokens, max_num_reqs or self.config.max_num_seqs
-        scheduled, budget, preempted_now = self._schedule_running(budget, room)
+        cap = self.config.max_prefill_tokens_while_decoding if self.config.enable_chunked_prefill else None
+        budget = StepBudget(self.config.max_num_batched_tokens, cap)
+        room = max_num_reqs or self.config.max_num_seqs
+        scheduled, preempted_now = self._schedule_running(budget, room)
         scheduled += self._schedule_waiting(budget, preempted_now, room - len(scheduled))
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens
@@ -129,19 +135,26 @@ class Scheduler:
         self.last_step_num_seqs = len(scheduled)
         return self._to_output(scheduled)
 
-    def _schedule_running(self, budget: int, room: int) -> tuple[list[_Scheduled], int, set[str]]:
-        """Running requests first, preempting the lowest ranked ones when the KV pool runs dry."""
+    def _schedule_running(self, budget: StepBudget, room: int) -> tuple[list[_Scheduled], set[str]]:
+        """Running requests, decodes first, preempting the lowest ranked ones when the KV pool runs dry."""
         scheduled: dict[str, _Scheduled] = {}  # in order
         preempted_now: set[str] = set()
-        i = 0
-        while i < len(self.running) and budget > 0 and len(scheduled) < room:
-            request = self.running[i]
+        decodes, prefills = [], []
+        for request in self.running:
+            (prefills if is_prefill(request) else decodes).append(request)
+        for prefill, request in itertools.chain(zip(itertools.repeat(False), decodes),
+                                                zip(itertools.repeat(True), prefills)):
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted by an earlier one in this loop
+            tokens = budget.prefill_room() if prefill else budget.left
+            if tokens <= 0 or len(scheduled) >= room:
+                break  # the prefills after the decodes have no more room than the last one
             if request.num_pending_outputs and self._waits_for_pending(request):
-                i += 1  # pipeline stages: the first stage cannot take a token the last is still sampling; otherwise
-                continue  # only a request whose pending tokens end it waits (another token would be thrown away)
-            num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
+                continue  # pipeline stages: the first stage cannot take a token the last is still sampling; otherwise
+                # only a request whose pending tokens end it waits (another token would be thrown away)
+            num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, tokens)
             assert num_new > 0, request  # a running request always has its sampled token left to compute
-            drafts = self.drafter.drafts(request, num_new, budget, self.max_model_len) if self.drafter else []
+            drafts = self.drafter.drafts(request, num_new, tokens, self.max_model_len) if self.drafter else []
             while not self.kv.allocate_slots(request, num_new + len(drafts)):
                 if drafts:  # drafts are worth no preemption
                     drafts = []
@@ -150,25 +163,24 @@ class Scheduler:
                 self._preempt(victim)
                 preempted_now.add(victim.request_id)
                 if victim.request_id in scheduled:
-                    budget += scheduled.pop(victim.request_id).num_new_tokens
-                    i -= 1
+                    given_back = scheduled.pop(victim.request_id)
+                    budget.take(-given_back.num_new_tokens, given_back.prefill)
                 if victim is request:
                     break
             else:
                 scheduled[request.request_id] = _Scheduled(request, request.num_computed_tokens,
-                                                           num_new + len(drafts), drafts)
-                budget -= num_new + len(drafts)
-                i += 1
-        return list(scheduled.values()), budget, preempted_now
+                                                           num_new + len(drafts), drafts, prefill)
+                budget.take(num_new + len(drafts), prefill)
+        return list(scheduled.values()), preempted_now
 
-    def _schedule_waiting(self, budget: int, preempted_now: set[str], room: int) -> list[_Scheduled]:
+    def _schedule_waiting(self, budget: StepBudget, preempted_now: set[str], room: int) -> list[_Scheduled]:
         """Admits waiting requests in queue order while budget, sequence slots, KV blocks and LoRA slots last."""
         scheduled = []
         # Running requests use at most max_loras adapters, so any step's adapters fit the device's LoRA slots.
         running_adapters = {r.adapter_id for r in self.running if r.adapter_id is not None}
         i = 0
         room = min(room, self.config.max_num_seqs - len(self.running))
-        while i < len(self.waiting) and budget > 0 and len(scheduled) < room:
+        while i < len(self.waiting) and budget.left > 0 and len(scheduled) < room:
             request = self.waiting[i]
             if request.grammar is not None and not self._grammar_ready(request):
                 i += 1  # compiling: the requests behind it need not wait for that
@@ -181,9 +193,11 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(request) if can_reuse else []
             num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
             num_new = request.num_tokens - num_computed
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            prefill = num_new > 1  # else a swapped-out request's last token, back in
+            tokens = budget.prefill_room() if prefill else budget.left
+            if tokens <= 0 or (num_new > tokens and not self.config.enable_chunked_prefill):
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, tokens)
             if not self.kv.allocate_slots(request, num_new, cached):
                 if not self.running and not scheduled and self.kv.drop_held_blocks(self.waiting):
                     continue  # blocks held for forks filled the pool: without them this one may fit
@@ -198,8 +212,8 @@ class Scheduler:
             self.running.append(request)
             if request.adapter_id is not None:
                 running_adapters.add(request.adapter_id)
-            scheduled.append(_Scheduled(request, num_computed, num_new))
-            budget -= num_new
+            scheduled.append(_Scheduled(request, num_computed, num_new, prefill=prefill))
+            budget.take(num_new, prefill)
         return scheduled
 
     def _to_output(self, scheduled: list[_Scheduled]) -> SchedulerOutput:
@@ -310,8 +324,8 @@ class Scheduler:
 
     def _append(self, request: Request, token_id: int) -> None:
         request.append_output_token(token_id)
-        if request.grammar is None or not self._grammar_stops(request, token_id):
-            self._check_stop(request, token_id)
+        if request.grammar is None or not grammar_stops(request, token_id):
+            check_stop(request, token_id, self.max_model_len)
 
     def _append_verified(self, request: Request, drafts: list[int], token_id: int,
                          logprobs: list[TokenLogprobs] | None,
@@ -374,9 +388,7 @@ class Scheduler:
                 or len(running_adapters) < self.max_loras)
 
     def _waits_for_pending(self, request: Request) -> bool:
-        num_outputs = request.num_output_tokens + request.num_pending_outputs
-        return (self.config.pipeline_parallel_size > 1 or request.num_scheduled_tokens >= self.max_model_len
-                or (request.max_tokens is not None and num_outputs >= request.max_tokens))
+        return self.config.pipeline_parallel_size > 1 or stops_by_length_with_pending(request, self.max_model_len)
 
     def _dequeue(self, request: Request) -> None:
         (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
@@ -395,31 +407,6 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(request)
-
-    def _check_stop(self, request: Request, token_id: int) -> None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in request.eos_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                return
-            if token_id in params.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token_id
-                return
-        if request.max_tokens is not None and request.num_output_tokens >= request.max_tokens:
-            request.status = RequestStatus.FINISHED_LENGTH
-        elif request.num_tokens >= self.max_model_len:
-            request.status = RequestStatus.FINISHED_LENGTH
-
-    def _grammar_stops(self, request: Request, token_id: int) -> bool:
-        """Advances the request's matcher; True when that ended the request: the grammar is complete ("stop") or,
-        which the bitmask should make impossible, refused the token ("error")."""
-        if not request.grammar.accept(token_id):
-            logger.error("request %s: the grammar refused token %d", request.request_id, token_id)
-            request.status = RequestStatus.FINISHED_ERROR
-        elif request.grammar.terminated:
-            request.status = RequestStatus.FINISHED_STOPPED
-        return request.is_finished
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status

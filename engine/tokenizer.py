@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.models.builtin import resolve_model_source
-from engine.models.gguf import is_gguf
 from engine.sampling_params import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -37,6 +36,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     # load in parallel threads, and transformers' lazy module is not safe to import from two threads at once.
     with _IMPORT_LOCK:
         from transformers import AutoTokenizer
+
+        from engine.models.gguf import is_gguf  # it imports torch, which the API server need not wait for
 
     source = resolve_model_source(path)
     # A local folder or file must not reach for the hub: transformers may ask it about the model (on a host

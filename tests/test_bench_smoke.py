@@ -53,6 +53,9 @@ def test_serve_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p50"] > 0 and result["startup_s"] > 0
+    phases = result["startup_phases"]  # the supervisor's start-up line: the engine's phases, then the whole
+    assert list(phases)[:3] == ["engine_imports", "weights", "kv_cache"] and phases["engine_imports"] > 0
+    assert 0 < phases["launch_to_ready"] <= phases["server_start_to_ready"] <= result["startup_s"] + 1
     assert result["cpu_s"]["engines"] > 0 and result["cpu_s"]["supervisor_us_per_output_token"] > 0
     assert 0 <= result["engine"]["device_wait_s"] <= result["engine"]["step_s"] and result["engine"]["step_s"] > 0
     assert result["client"]["chunks"] >= 6 and result["client"]["cpu_s"] > 0  # chunks merge tokens under load
@@ -92,3 +95,10 @@ def test_embed_smoke(tmp_path, shape):
     assert kvbox["speedup"] == round(peer["seconds"] / kvbox["seconds"], 2)
     assert re.search(rf"^  transformers .* tokens/s  \(batch size {peer['batch_size']}, the best of 4,8\)$", printed,
                      re.MULTILINE), printed
+
+
+def test_scheduler_step_smoke():
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "scheduler_step.py"), "--requests", "8", "--steps",
+                              "5", "--repeats", "2"], check=True, timeout=120, capture_output=True, text=True).stdout
+    timing = re.search(r"^this tree: 8 decoding requests, min (\d+) us, median (\d+) us per step", printed, re.MULTILINE)
+    assert timing and 0 < int(timing[1]) <= int(timing[2]), printed

@@ -224,8 +224,9 @@ def test_device_fault_ends_the_engine(model_dir, monkeypatch):
 
 def test_kv_slots_hold_real_tokens_under_load(tiny_model):
     """64 concurrent requests of random lengths: the share of allocated KV slots that hold real tokens."""
+    # Prompts fill whole steps beside decodes, so that all 64 run at once before the first ones finish.
     llm = LLM(tiny_model("llama", max_position_embeddings=2048), dtype="float32", device="cpu", block_size=16,
-              max_num_seqs=64, enable_prefix_caching=False)
+              max_num_seqs=64, enable_prefix_caching=False, max_prefill_tokens_while_decoding=None)
     rng = random.Random(0)
     core = llm.core
     for i in range(64):

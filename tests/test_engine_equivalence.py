@@ -1,8 +1,9 @@
 """The whole engine against Hugging Face transformers on the same tiny checkpoints.
 
 For every family: greedy tokens identical and prompt/sample logprobs within 1e-4 of `AutoModelForCausalLM` in
-float32, for a batch of prompts of different lengths — plainly, with chunked prefill forced (a tiny token budget),
-with preemption forced (a tiny KV pool, recomputing or swapping to host memory) and with prefix-cache hits.
+float32, for a batch of prompts of different lengths — plainly, with chunked prefill forced (a tiny token budget, or
+a tiny prefill cap beside decodes), with preemption forced (a tiny KV pool, recomputing or swapping to host memory)
+and with prefix-cache hits.
 """
 
 import pytest
@@ -25,6 +26,8 @@ LOGPROB_TOL = 1e-4
 VARIANTS = {
     "plain": {},
     "chunked_prefill": {"max_num_batched_tokens": 7},
+    # "Hello" decodes from the second step on; the longer prompts then go in 3-token chunks beside it.
+    "prefill_cap_while_decoding": {"max_num_batched_tokens": 32, "max_prefill_tokens_while_decoding": 3},
     "preemption": {"num_kv_blocks": 9, "block_size": 16},  # 3 requests of ~70 tokens need 12 blocks
     # The next step scheduled before the last one's tokens are on the host, with chunks and preemptions in between.
     "async_scheduling": {"async_scheduling": True, "max_num_batched_tokens": 16, "num_kv_blocks": 9},

@@ -1,5 +1,6 @@
 """Scheduler fed with hand-made model outputs: budgets, chunking, preemption, finishing."""
 
+import pytest
 
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput
@@ -189,3 +190,53 @@ def test_abort_frees_blocks():
     assert [r.request_id for r in finished] == ["a"]
     assert s.requests.keys() == {"b"}
     s.kv.pool.check_integrity()
+
+
+
+def test_prefill_is_capped_while_decodes_run():
+    s = make_scheduler(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8, max_model_len=128)
+    s.add_request(make_request("a", 4, max_tokens=20))
+    run_step(s)
+    s.add_request(make_request("b", 30, first_token=100))
+    s.add_request(make_request("c", 5, first_token=200))
+    steps = [scheduled_tokens(run_step(s)[0]) for _ in range(5)]
+    # a decodes every step; b's prompt and then c's share 8 tokens a step (c's first 2 with b's last 6)
+    assert steps == [{"a": 1, "b": 8}, {"a": 1, "b": 8}, {"a": 1, "b": 8}, {"a": 1, "b": 6, "c": 2},
+                     {"a": 1, "b": 1, "c": 3}]
+    assert s.last_step_num_tokens == 5
+
+
+def test_a_step_without_decodes_prefills_with_the_whole_budget():
+    s = make_scheduler(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8, max_model_len=128)
+    s.add_request(make_request("b", 30, first_token=100))
+    s.add_request(make_request("c", 5, first_token=200))
+    out, _ = run_step(s)
+    assert scheduled_tokens(out) == {"b": 30, "c": 5}
+
+
+@pytest.mark.parametrize("config", [{"max_prefill_tokens_while_decoding": None},
+                                    {"max_prefill_tokens_while_decoding": 8, "enable_chunked_prefill": False}],
+                         ids=["no-cap", "no-chunking"])
+def test_prefill_fills_the_budget_beside_decodes_without_the_cap(config):
+    """No cap, or no chunked prefill (a prompt then goes whole or waits): prompts take what the decodes leave."""
+    s = make_scheduler(max_num_batched_tokens=128, max_model_len=128, **config)
+    s.add_request(make_request("a", 4, max_tokens=20))
+    run_step(s)
+    s.add_request(make_request("b", 30, first_token=100))
+    s.add_request(make_request("c", 5, first_token=200))
+    out, _ = run_step(s)
+    assert scheduled_tokens(out) == {"a": 1, "b": 30, "c": 5}
+
+
+def test_decodes_come_before_a_running_prefill():
+    """A recompute resumed before a decode in the running order gets only the budget the decodes leave."""
+    s = make_scheduler(max_num_batched_tokens=7, max_prefill_tokens_while_decoding=None, max_model_len=128)
+    s.add_request(make_request("a", 5, max_tokens=20))
+    s.add_request(make_request("b", 2, max_tokens=20, first_token=100))
+    run_step(s)
+    a = s.requests["a"]
+    s.kv.free(a)  # as a preemption does, keeping a first in the running order: all 7 tokens to recompute
+    a.num_computed_tokens = 0
+    a.resumed = True
+    out, _ = run_step(s)
+    assert list(scheduled_tokens(out).items()) == [("b", 1), ("a", 6)]  # in running order, b would wait

@@ -102,7 +102,7 @@ def test_async_scheduling_fills_the_bitmask_late_with_the_same_outputs(llm, asyn
     assert core.scheduler.defer_grammar_bitmask and not llm.core.scheduler.defer_grammar_bitmask
     late = []
     fill = core._sample_under_grammar
-    monkeypatch.setattr(core, "_sample_under_grammar", lambda *a: late.append(a[0].step_id) or fill(*a))
+    monkeypatch.setattr(core, "_sample_under_grammar", lambda out: late.append(core._in_flight[0][0].step_id) or fill(out))
     params = [SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=structured(json=SCHEMA)),
               SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=structured(regex="[a-z]{2,12}"))]

@@ -133,6 +133,11 @@ class SchedulerSpec(_Schema, kw_only=True):
         ge=1)] = engine_default("max_num_batched_tokens")
     chunked_prefill: Annotated[bool, _doc(
         "Split long prompts over several steps, between decodes.")] = engine_default("enable_chunked_prefill")
+    max_prefill_tokens_while_decoding: Annotated[Annotated[int, Meta(ge=1)] | None, _doc(
+        "With chunked_prefill, most prompt tokens in a step that also decodes: a smaller cap keeps the running "
+        "streams' inter-token latency low while new prompts arrive, a larger one prefills them in fewer steps "
+        "(null: up to max_num_batched_tokens). A step without decodes always takes the whole budget.",
+    )] = engine_default("max_prefill_tokens_while_decoding")
     policy: Annotated[SchedulingPolicy, _doc(
         "Order of admission: first come first served, or by each request's priority (lower first).",
     )] = engine_default("scheduling_policy")
@@ -238,6 +243,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "chunked_prefill"),
+    "max_prefill_tokens_while_decoding": ("scheduler", "max_prefill_tokens_while_decoding"),
     "scheduling_policy": ("scheduler", "policy"),
     "kernel_backend": ("kernel_backend",),
     "cuda_graphs": ("cuda_graphs",),

@@ -1,0 +1,41 @@
+"""One step's token budget, decode-first: `max_num_batched_tokens` in all and, while the step decodes, at most
+`max_prefill_tokens_while_decoding` of prefill (prompt chunks, recomputes after preemption).
+
+A step costs about its token count once it is compute bound, and every running stream waits for the whole step, so
+a full budget of prompt chunks beside the decodes stretches their inter-token latency to a long prefill's time.
+Decodes are scheduled first; the prefill cap then keeps such a step short. A step with no decodes has nothing to
+delay and takes the whole budget, so a burst of arrivals still prefills at full width.
+"""
+
+from __future__ import annotations
+
+from engine.request import Request
+
+
+def is_prefill(request: Request) -> bool:
+    """More than its last token to compute: a prompt (or a preempted request's recompute) not yet caught up."""
+    return request.num_scheduled_tokens - request.num_computed_tokens > 1
+
+
+class StepBudget:
+    __slots__ = ("left", "prefill_cap", "decode_tokens", "prefill_tokens")
+
+    def __init__(self, max_num_batched_tokens: int, prefill_cap: int | None):
+        self.left = max_num_batched_tokens
+        self.prefill_cap = prefill_cap  # None: prefill may take the whole budget beside decodes
+        self.decode_tokens = 0
+        self.prefill_tokens = 0
+
+    def prefill_room(self) -> int:
+        """Tokens the next prefill may take (a decode may take all that is `left`)."""
+        if self.decode_tokens and self.prefill_cap is not None:
+            return min(self.left, self.prefill_cap - self.prefill_tokens)
+        return self.left
+
+    def take(self, num_tokens: int, prefill: bool) -> None:
+        """Spends `num_tokens`; a negative count gives a preempted request's share back."""
+        self.left -= num_tokens
+        if prefill:
+            self.prefill_tokens += num_tokens
+        else:
+            self.decode_tokens += num_tokens
