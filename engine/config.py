@@ -55,7 +55,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     method: SpeculativeMethod | None = None  # None: draft_model when `model` is given, else ngram
     model: str | None = None
-    draft_tensor_parallel_size: int | None = None  # the draft is not sharded: only 1 (or None) is accepted
+    draft_tensor_parallel_size: int | None = None  # the draft is not sharded (each rank runs it): only 1 or None
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
 
@@ -231,9 +231,7 @@ class EngineConfig:
                 raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
 
     def _check_draft_model(self) -> None:
-        if self.tensor_parallel_size > 1:
-            raise EngineConfigError("speculative_config.model", f"a draft model runs with tensor_parallel_size 1 "
-                                    f"only, got {self.tensor_parallel_size}")
+        # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model).
         if self.pipeline_parallel_size > 1:
             raise EngineConfigError("speculative_config.model", f"a draft model runs with pipeline_parallel_size 1 "
                                     f"only, got {self.pipeline_parallel_size}")
