@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from bench.common import sync  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -122,8 +124,11 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--lookup-min", type=int, default=2)
     parser.add_argument("--lookup-max", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's choice)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     prompts = chat_prompts(load_tokenizer(MODEL), args.num_prompts)
     print(f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "

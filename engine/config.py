@@ -123,7 +123,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
     kernel_backend: KernelBackend = "auto"
-    cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
+    cuda_graphs: bool = True  # capture decode (and verify) steps per batch-size bucket (CUDA, Triton backend)
     async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA only
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
     enable_lora: bool = False  # serve LoRA adapters (EngineCore.add_lora); off, the forward has no LoRA op

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from engine.contract import EngineSleepState
-from engine.cuda_graphs import CudaGraphs
 from engine.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class EngineSleep:
         self._num_blocks = runner.kv_memory.num_blocks
         runner.kv_memory.release()
         if core.device.type == "cuda":
-            runner.cuda_graphs = CudaGraphs(runner.graph_batch_sizes())  # their pool is freed with them
+            runner.cuda_graphs.release()
             self._host_bytes = _move_weights(runner.model, torch.device("cpu"))
             torch.cuda.synchronize(core.device)
             torch.cuda.empty_cache()
