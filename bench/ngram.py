@@ -7,7 +7,7 @@
 The prompts ask the model to hand back a given text with a small edit: fix a typo planted in a function of kvbox's
 own source, or rewrite a paragraph of its README replacing one word; answers then copy long runs of the prompt,
 which is what prompt lookup drafts from. Each batch size runs with speculation off and with each k, in one
-process; it prints the decode rate (output tokens after each request's first, over the time after the first step),
+process, the engines taking turns wave by wave; it prints the decode rate (output tokens after each request's first, over the time after the first step),
 the acceptance rate (accepted / drafted), the mean accepted length (accepted drafts per verification), the speedup
 over off, and exits non-zero if a greedy output differs from the one without speculation.
 """
@@ -83,35 +83,63 @@ def make_core(args, k: int | None, max_prompt_len: int) -> EngineCore:
         enable_prefix_caching=False, max_num_seqs=max(8, *args.batches), speculative_config=speculative))
 
 
-def run(core: EngineCore, prompts: list[list[int]], batch: int,
-        max_tokens: int) -> tuple[float, dict[str, list], tuple[int, int, int]]:
-    """Decode tokens/s over waves of `batch` prompts (each wave's first step, the prefill, not timed), every
-    prompt's output tokens, and with speculation the waves' verifications, drafts and accepted drafts."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    core.add_request("warm-up", prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
-    while core.has_unfinished_requests():
-        core.step()
-    before = core.stats().spec_decoding
-    outputs: dict[str, list] = {str(i): [] for i in range(len(prompts))}
-    seconds, decoded = 0.0, 0
-    for wave in range(0, len(prompts), batch):
-        for i in range(wave, min(wave + batch, len(prompts))):
-            core.add_request(str(i), prompts[i], params)
+class Timed:
+    """One engine (speculation off, or k drafts) and what its timed waves of prompts gave."""
+
+    def __init__(self, core: EngineCore, num_prompts: int):
+        self.core, self.seconds, self.decoded = core, 0.0, 0
+        self.outputs: dict[str, list[int]] = {str(i): [] for i in range(num_prompts)}
+        core.add_request("warm-up", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8))
+        while core.has_unfinished_requests():
+            core.step()
+        self.before = core.stats().spec_decoding
+
+    def wave(self, prompts: dict[int, list[int]], params: SamplingParams) -> None:
+        """Runs `prompts` together; the first step (the prefill) is not timed."""
+        core = self.core
+        for i, prompt in prompts.items():
+            core.add_request(str(i), prompt, params)
         steps = [core.step()]
         sync(core.config.device)
         start = time.perf_counter()
         while core.has_unfinished_requests():
             steps.append(core.step())
         sync(core.config.device)
-        seconds += time.perf_counter() - start
-        for step in steps:
-            for output in step:
-                outputs[output.request_id] += output.new_token_ids
-        decoded += sum(len(outputs[str(i)]) - 1 for i in range(wave, min(wave + batch, len(prompts))))
-    after = core.stats().spec_decoding
-    counts = ((after.num_drafts - before.num_drafts, after.num_draft_tokens - before.num_draft_tokens,
-               after.num_accepted_tokens - before.num_accepted_tokens) if after is not None else (0, 0, 0))
-    return decoded / seconds, outputs, counts
+        self.seconds += time.perf_counter() - start
+        for output in (output for step in steps for output in step):
+            self.outputs[output.request_id] += output.new_token_ids
+        self.decoded += sum(len(self.outputs[str(i)]) - 1 for i in prompts)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Verifications, drafts and accepted drafts of the timed waves."""
+        after = self.core.stats().spec_decoding
+        return (after.num_drafts - self.before.num_drafts, after.num_draft_tokens - self.before.num_draft_tokens,
+                after.num_accepted_tokens - self.before.num_accepted_tokens)
+
+
+def run_batch(args, prompts: list[list[int]], batch: int) -> list[dict]:
+    """Speculation off and each k on waves of `batch` prompts, the engines taking turns on each wave (so that a
+    shared machine's changing load falls on all of them alike); prints and returns each one's figures."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    engines = {k: Timed(make_core(args, k, max(map(len, prompts))), len(prompts)) for k in [None, *args.ks]}
+    for start in range(0, len(prompts), batch):
+        wave = {i: prompts[i] for i in range(start, min(start + batch, len(prompts)))}
+        for engine in engines.values():
+            engine.wave(wave, params)
+    off = engines.pop(None)
+    rate = off.decoded / off.seconds
+    print(f"batch {batch}: off {rate:.1f} tokens/s ({sum(map(len, off.outputs.values()))} tokens)")
+    results = [{"batch": batch, "k": None, "decode_tokens_per_s": rate}]
+    for k, engine in engines.items():
+        verifications, drafted, accepted = engine.counts()
+        spec_rate, same = engine.decoded / engine.seconds, engine.outputs == off.outputs
+        acceptance, mean_accepted = accepted / max(drafted, 1), accepted / max(verifications, 1)
+        print(f"batch {batch}: k={k} {spec_rate:.1f} tokens/s ({spec_rate / rate:.2f}x), acceptance "
+              f"{acceptance:.2f}, mean accepted length {mean_accepted:.2f} of {verifications} verifications; "
+              f"greedy outputs {'identical' if same else 'DIFFER'}")
+        results.append({"batch": batch, "k": k, "decode_tokens_per_s": spec_rate, "speedup": spec_rate / rate,
+                        "acceptance": acceptance, "mean_accepted_length": mean_accepted, "identical": same})
+    return results
 
 
 def main() -> None:
@@ -133,25 +161,10 @@ def main() -> None:
     prompts = chat_prompts(load_tokenizer(MODEL), args.num_prompts)
     print(f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"max_tokens {args.max_tokens}, prompt lookup n {args.lookup_min}-{args.lookup_max}")
-    results, identical = [], True
-    for batch in args.batches:
-        rate, reference, _ = run(make_core(args, None, max(map(len, prompts))), prompts, batch, args.max_tokens)
-        print(f"batch {batch}: off {rate:.1f} tokens/s ({sum(map(len, reference.values()))} tokens)")
-        results.append({"batch": batch, "k": None, "decode_tokens_per_s": rate})
-        for k in args.ks:
-            core = make_core(args, k, max(map(len, prompts)))
-            spec_rate, outputs, (verifications, drafted, accepted) = run(core, prompts, batch, args.max_tokens)
-            acceptance, mean_accepted = accepted / max(drafted, 1), accepted / max(verifications, 1)
-            same = outputs == reference
-            identical &= same
-            print(f"batch {batch}: k={k} {spec_rate:.1f} tokens/s ({spec_rate / rate:.2f}x), acceptance "
-                  f"{acceptance:.2f}, mean accepted length {mean_accepted:.2f} of {verifications} verifications; "
-                  f"greedy outputs {'identical' if same else 'DIFFER'}")
-            results.append({"batch": batch, "k": k, "decode_tokens_per_s": spec_rate, "speedup": spec_rate / rate,
-                            "acceptance": acceptance, "mean_accepted_length": mean_accepted, "identical": same})
+    results = [result for batch in args.batches for result in run_batch(args, prompts, batch)]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    if not identical:
+    if not all(result.get("identical", True) for result in results):
         raise SystemExit("greedy outputs with speculation differ from those without")
 
 
