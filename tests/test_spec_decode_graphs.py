@@ -89,6 +89,7 @@ def test_padded_verify_steps_answer_as_eager_ones(tiny_model, method):
         assert GraphShape(4, 4) in graphs.replayed
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_cuda_graphs_replay_verify_steps_with_the_same_tokens(tiny_model, method, monkeypatch):
