@@ -2,7 +2,7 @@
 
     python bench/latency.py --shape llama-3.1-8b --input-len 128 --output-len 128 --peer
     python bench/latency.py --shape tiny-llama --device cpu --iters 2  # smoke
-    python bench/latency.py --shape llama-3.1-8b --speculative replay:4 --batch 32
+    python bench/latency.py --shape llama-3.1-8b --speculative replay:4 --batch 32 [--eager]
     python bench/latency.py --shape llama-3.1-8b --speculative draft:llama-3.2-1b:4
     python bench/latency.py --shape tiny-llama --device cpu --iters 2 --output-len 16 --speculative draft:tiny-llama:2
 
@@ -48,7 +48,8 @@ def make_core(args, speculative_tokens: int | None = None, draft_shape: str | No
         dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(2048, args.input_len * args.batch),
-        async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative))
+        async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative,
+        cuda_graphs=not args.eager))
 
 
 def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> tuple[float, float, dict, int]:
@@ -195,6 +196,8 @@ def main() -> None:
                                               "draft:SHAPE:K (a draft model's step cost and break-even acceptance)")
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no CUDA graphs (to see what graphs of decode and verify steps gain)")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print where the host time of the steps goes")
     parser.add_argument("--gpu-profile", action="store_true",

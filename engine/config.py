@@ -55,7 +55,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     method: SpeculativeMethod | None = None  # None: draft_model when `model` is given, else ngram
     model: str | None = None
-    draft_tensor_parallel_size: int | None = None  # the draft is not sharded: only 1 (or None) is accepted
+    draft_tensor_parallel_size: int | None = None  # the draft is not sharded (each rank runs it): only 1 or None
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
 
@@ -129,7 +129,7 @@ class EngineConfig:
     max_prefill_tokens_while_decoding: int | None = 1024
     scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
     kernel_backend: KernelBackend = "auto"
-    cuda_graphs: bool = True  # capture decode steps per batch-size bucket (CUDA with the Triton backend only)
+    cuda_graphs: bool = True  # capture decode (and verify) steps per batch-size bucket (CUDA, Triton backend)
     async_scheduling: bool | None = None  # schedule the next step while one runs; default: on CUDA or with stages
     seed: int = 0  # seeds the global RNG that unseeded requests draw from
     enable_lora: bool = False  # serve LoRA adapters (EngineCore.add_lora); off, the forward has no LoRA op
@@ -234,9 +234,7 @@ class EngineConfig:
                 raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
 
     def _check_draft_model(self) -> None:
-        if self.tensor_parallel_size > 1:
-            raise EngineConfigError("speculative_config.model", f"a draft model runs with tensor_parallel_size 1 "
-                                    f"only, got {self.tensor_parallel_size}")
+        # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model).
         if self.pipeline_parallel_size > 1:
             raise EngineConfigError("speculative_config.model", f"a draft model runs with pipeline_parallel_size 1 "
                                     f"only, got {self.pipeline_parallel_size}")

@@ -1,19 +1,33 @@
-"""CUDA graphs of decode steps: which batch sizes get one, their capture at start-up, and their replay.
+"""CUDA graphs of decode and verify steps: which batch shapes get one, their capture at start-up, and their replay.
 
-On CUDA, decode-only steps replay graphs captured at start-up, one per batch-size bucket: the batch is padded to
-the bucket with one-token dummy sequences that write nowhere (slot -1) and read one cached token, so the graph's
-shapes never change. Graphs remove the per-kernel launch cost that dominates small decode batches. The inputs live
-in the `InputBatch`'s persistent device buffers, which every graph reads in place.
+On CUDA, steps whose sequences all compute the same number of tokens replay graphs captured at start-up: decode
+steps (one token each) and, with speculative decoding, verify steps (1 + k tokens each: the last known token and k
+drafts), one graph per batch-size bucket. The batch is padded to the bucket with dummy sequences of as many tokens,
+which write nowhere (slot -1) and read the first cached tokens of a stale block-table row, so the graph's shapes
+never change. Graphs remove the per-kernel launch cost that dominates small decode batches. The inputs live in the
+`InputBatch`'s persistent device buffers, which every graph reads in place; the attention kernel finds each
+sequence's queries from `query_start_loc` on the device, so one graph serves any context lengths.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
+from engine.input_batch import ScheduledRow
 from engine.models.attention import AttentionMetadata
+
+
+class GraphShape(NamedTuple):
+    num_seqs: int
+    query_len: int  # tokens per sequence: 1 (decode) or 1 + k (verifying k drafts)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_seqs * self.query_len
 
 
 def graph_batch_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
@@ -24,38 +38,67 @@ def graph_batch_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[in
     return [s for s in sizes if s <= largest] + ([largest] if largest not in sizes else [])
 
 
+def graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
+                num_speculative_tokens: int = 0) -> dict[int, list[int]]:
+    """The batch sizes captured for each query length: decode's, and with k drafts those of verify steps (1 + k
+    tokens a sequence), bucketed alike within the step's token budget."""
+    sizes = {1: graph_batch_sizes(max_num_seqs, max_num_batched_tokens)}
+    verify = 1 + num_speculative_tokens
+    if num_speculative_tokens and max_num_batched_tokens >= verify:
+        sizes[verify] = graph_batch_sizes(max_num_seqs, max_num_batched_tokens // verify)
+    return sizes
+
+
+def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow]) -> GraphShape | None:
+    """The captured shape a step of `rows` (`num_tokens` in all) pads to, or None to run it eagerly: prefill
+    chunks, mixed query lengths, a batch beyond the largest bucket."""
+    num_seqs = len(rows)
+    if not num_seqs or num_tokens % num_seqs:
+        return None
+    query_len = num_tokens // num_seqs
+    buckets = sizes.get(query_len)
+    # Decode (one token each) is implied by num_tokens == num_seqs; only verify steps check every sequence.
+    if buckets is None or (query_len > 1 and any(row.count != query_len for row in rows)):
+        return None
+    index = bisect.bisect_left(buckets, num_seqs)
+    return GraphShape(buckets[index], query_len) if index < len(buckets) else None
+
+
 class CudaGraphs:
-    def __init__(self, batch_sizes: list[int]):
-        self.batch_sizes = batch_sizes  # ascending
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._hidden: dict[int, torch.Tensor] = {}  # each graph's output buffer
+    def __init__(self, sizes: dict[int, list[int]]):
+        self.sizes = sizes  # query length -> ascending batch sizes (`graph_sizes`)
+        self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[GraphShape, torch.Tensor] = {}  # each graph's output buffer
 
     @torch.inference_mode()
     def capture(self, forward: Callable[[int, AttentionMetadata], torch.Tensor],
-                pad_inputs: Callable[[int], AttentionMetadata], device: torch.device) -> None:
-        """Captures one decode graph per bucket, largest first so that smaller ones reuse its memory pool.
-        `pad_inputs(size)` fills the input buffers with `size` dummy decodes; `forward(size, metadata)` runs the
-        model on the first `size` tokens of the input buffers."""
+                pad_inputs: Callable[[GraphShape], AttentionMetadata], device: torch.device) -> None:
+        """Captures one graph per shape, most tokens first so that smaller ones reuse its memory pool.
+        `pad_inputs(shape)` fills the input buffers with the shape's dummy sequences; `forward(n, metadata)` runs
+        the model on the first n tokens of the input buffers."""
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.batch_sizes):
-            metadata = pad_inputs(size)
+        shapes = [GraphShape(size, query_len) for query_len, sizes in self.sizes.items() for size in sizes]
+        for shape in sorted(shapes, key=lambda shape: shape.num_tokens, reverse=True):
+            metadata = pad_inputs(shape)
             # Compiles the Triton kernels for this shape (and lets cuBLAS pick its kernels) outside the capture.
-            forward(size, metadata)
+            forward(shape.num_tokens, metadata)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._hidden[size] = forward(size, metadata)
-            self._graphs[size] = graph
+                self._hidden[shape] = forward(shape.num_tokens, metadata)
+            self._graphs[shape] = graph
         torch.cuda.synchronize(device)
 
-    def bucket(self, num_tokens: int, num_reqs: int) -> int | None:
-        """The bucket to replay for a step, or None to run it eagerly (prefill chunks, or no graphs)."""
-        if not self._graphs or num_tokens != num_reqs:
-            return None
-        index = bisect.bisect_left(self.batch_sizes, num_tokens)
-        return self.batch_sizes[index] if index < len(self.batch_sizes) else None
+    def release(self) -> None:
+        """Drops every graph (their memory pool goes with them); `capture` makes them again."""
+        self._graphs.clear()
+        self._hidden.clear()
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Runs the bucket's graph on what the input buffers hold; returns its hidden states (padded rows last)."""
-        self._graphs[size].replay()
-        return self._hidden[size]
+    def bucket(self, num_tokens: int, rows: Sequence[ScheduledRow]) -> GraphShape | None:
+        """The graph to replay for a step, or None to run it eagerly."""
+        return graph_shape(self.sizes, num_tokens, rows) if self._graphs else None
+
+    def replay(self, shape: GraphShape) -> torch.Tensor:
+        """Runs the shape's graph on what the input buffers hold; returns its hidden states (padded rows last)."""
+        self._graphs[shape].replay()
+        return self._hidden[shape]

@@ -164,18 +164,20 @@ class InputBatch:
         self._inputs_copied: torch.cuda.Event | None = None
 
     def fill(self, rows: list[BatchRow], pad_to: int | None = None, lora_slots: list[int] | None = None,
-             pending: list[tuple[int, int]] = (), last_sampled: torch.Tensor | None = None) -> AttentionMetadata:
-        """Writes the step's inputs and queues their copies to the device. `pad_to` adds one-token dummy sequences
-        up to that many (CUDA graph buckets; decode rows only). `lora_slots`: each row's adapter slot (default
-        none). `pending`: (token index, row of `last_sampled`) for tokens whose id is still on the device."""
+             pending: list[tuple[int, int]] = (), last_sampled: torch.Tensor | None = None,
+             pad_query_len: int = 1) -> AttentionMetadata:
+        """Writes the step's inputs and queues their copies to the device. `pad_to` adds dummy sequences of
+        `pad_query_len` tokens up to that many (CUDA graph buckets: rows of that many tokens only). `lora_slots`:
+        each row's adapter slot (default none). `pending`: (token index, row of `last_sampled`) for tokens whose id
+        is still on the device."""
         if self._inputs_copied is not None:
             # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
             self._inputs_copied.synchronize()
         num_tokens, max_query_len, max_seq_len = self._write_rows(rows, lora_slots)
         num_seqs = len(rows)
         if pad_to is not None and pad_to > num_seqs:
-            self._write_padding(num_tokens, num_seqs, pad_to)
-            num_tokens = num_seqs = pad_to
+            num_tokens = self._write_padding(num_tokens, num_seqs, pad_to, pad_query_len)
+            num_seqs = pad_to
         for buffer, n in ((self.input_ids, num_tokens), (self.positions, num_tokens),
                           (self.slot_mapping, num_tokens), (self.seq_lens, num_seqs),
                           (self.query_start_loc, num_seqs + 1), (self.block_tables, num_seqs)):
@@ -232,13 +234,15 @@ class InputBatch:
             t = end
         return t, max_query_len, max_seq_len
 
-    def _write_padding(self, num_tokens: int, num_seqs: int, pad_to: int) -> None:
-        # Dummy sequences: token 0 at position 0, written nowhere, reading one token of the block their (stale but
-        # valid) block-table row starts with.
-        self.input_ids.host[num_tokens:pad_to] = 0
-        self.positions.host[num_tokens:pad_to] = 0
-        self.slot_mapping.host[num_tokens:pad_to] = -1
-        self.seq_lens.host[num_seqs:pad_to] = 1
-        self.query_start_loc.host[num_seqs + 1:pad_to + 1] = np.arange(num_tokens + 1, pad_to + 1)
+    def _write_padding(self, num_tokens: int, num_seqs: int, pad_to: int, query_len: int) -> int:
+        """Dummy sequences: tokens 0 at positions 0.., written nowhere, reading the first tokens of the blocks their
+        (stale but valid) block-table rows hold. Returns the padded token count."""
+        end = num_tokens + (pad_to - num_seqs) * query_len
+        self.input_ids.host[num_tokens:end] = 0
+        self.positions.host[num_tokens:end] = 0 if query_len == 1 else np.arange(end - num_tokens) % query_len
+        self.slot_mapping.host[num_tokens:end] = -1
+        self.seq_lens.host[num_seqs:pad_to] = query_len
+        self.query_start_loc.host[num_seqs + 1:pad_to + 1] = np.arange(num_tokens + query_len, end + 1, query_len)
         if self.lora_slots is not None:
-            self.lora_slots.host[num_tokens:pad_to] = -1
+            self.lora_slots.host[num_tokens:end] = -1
+        return end

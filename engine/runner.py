@@ -28,7 +28,7 @@ import torch
 import kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
-from engine.cuda_graphs import CudaGraphs, graph_batch_sizes
+from engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_sizes
 from engine.distributed.pipeline import PipelineStage
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
@@ -79,7 +79,8 @@ class ModelRunner:
         # A stage's forward sends and receives activations, which no graph captures here yet.
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
                                 and kernels.backend_name() == "triton" and stage is None)
-        self.cuda_graphs = CudaGraphs(self.graph_batch_sizes())
+        self.cuda_graphs = CudaGraphs(graph_sizes(config.max_num_seqs, config.max_num_batched_tokens,
+                                                  spec.num_speculative_tokens if spec is not None else 0))
 
     # ---- start-up ----
     def determine_num_kv_blocks(self) -> int:
@@ -98,7 +99,9 @@ class ModelRunner:
 
     def capture_cuda_graphs(self) -> None:
         if self.use_cuda_graphs:
-            self.cuda_graphs.capture(self._forward, lambda size: self.batch.fill([], pad_to=size), self.device)
+            self.cuda_graphs.capture(
+                self._forward, lambda shape: self.batch.fill([], pad_to=shape.num_seqs, pad_query_len=shape.query_len),
+                self.device)
 
     @torch.inference_mode()
     def _run_profile_step(self, lengths: list[int], block_tables: list[list[int]]) -> None:
@@ -131,17 +134,18 @@ class ModelRunner:
             rows.sort(key=lambda row: row.state.adapter_id or "")
             lora_slots = self._activate_loras(rows)
         num_tokens = scheduler_output.num_tokens
-        graph_size = self.cuda_graphs.bucket(num_tokens, len(rows)) if self.use_cuda_graphs else None
+        graph = self.cuda_graphs.bucket(num_tokens, rows) if self.use_cuda_graphs else None
+        pad_to, pad_query_len = graph if graph is not None else (None, 1)
         batch_rows, pending, sampling, draft_ids = self._batch_rows(rows)
-        metadata = self.batch.fill(batch_rows, pad_to=graph_size, lora_slots=lora_slots, pending=pending,
-                                   last_sampled=self._last_sampled)
+        metadata = self.batch.fill(batch_rows, pad_to=pad_to, lora_slots=lora_slots, pending=pending,
+                                   last_sampled=self._last_sampled, pad_query_len=pad_query_len)
         sample_rows = [index for index, _ in sampling]
         if sample_rows and len(sample_rows) < num_tokens:
             self.batch.set_sample_rows(sample_rows)
         prompt_rows = self._prompt_logprob_rows(rows, scheduler_output.prompt_logprob_spans)
         self.batch.mark_copies_queued()
-        if graph_size is not None:
-            hidden = self.cuda_graphs.replay(graph_size)
+        if graph is not None:
+            hidden = self.cuda_graphs.replay(graph)
         elif self.pooler is not None:
             hidden = self._forward(num_tokens, metadata, **self.pooler.model_inputs(rows))
             return self._pool(hidden, rows, scheduler_output.finished_ids)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.cuda_graphs import CudaGraphs
 from engine.runner import ModelRunner
 
 
@@ -17,7 +16,7 @@ def sleep_runner(runner: ModelRunner) -> int:
     runner.kv_memory.release()
     if runner.device.type != "cuda":
         return 0
-    runner.cuda_graphs = CudaGraphs(runner.graph_batch_sizes())  # their pool is freed with them
+    runner.cuda_graphs.release()
     host_bytes = _move_weights(runner.model, torch.device("cpu"))
     torch.cuda.synchronize(runner.device)
     torch.cuda.empty_cache()

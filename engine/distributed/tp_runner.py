@@ -5,7 +5,9 @@ in step.
 rank (`engine.distributed.worker`), joins their process group, and before each collective operation of its own
 runner (sizing the KV cache, capturing CUDA graphs, every step) sends the same command to them, so every rank
 runs the same forward on its shard; the LoRA adapter versions rank 0 loads or frees, every rank loads (its own
-shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds. Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
+shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds; with
+speculative decoding each rank verifies the step's drafts in the same multi-token forward (a draft model runs
+whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
 first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
 the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
 (`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's

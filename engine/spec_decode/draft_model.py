@@ -10,6 +10,11 @@ not computed and are written again), preemption (the blocks are freed).
 The scheduler reserves the draft positions (their ids arrive as `DRAFT_TOKEN_PLACEHOLDER`); `draft` fills them in.
 A greedy request drafts the argmax; a sampling one draws from the draft's distribution under its temperature,
 top-k, top-p and min-p (q), which rejection sampling needs beside the target's to keep the target's distribution.
+
+With tensor parallelism every rank runs the whole draft, unsharded, with its whole KV cache (vLLM shards it like the
+target instead). A draft is small: sharded, each of its k sequential forwards per step would wait on an all-reduce
+per layer for little compute. Each rank computes the same drafts from the same weights, inputs and seeded
+generators, as each samples the same tokens from the same logits, so no rank sends its drafts to the others.
 """
 
 from __future__ import annotations
