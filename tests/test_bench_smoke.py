@@ -40,6 +40,7 @@ def test_latency_speculative_smoke(tmp_path):
                        "--batch", "2", "--speculative", "replay:3")
     speculative = result["speculative"]
     assert speculative["acceptance"] == 1.0 and speculative["identical"] and speculative["decode_tokens_per_s"] > 0
+    assert speculative["replay_passes"] == 1  # float32 on the CPU: the plain engine's output is reproduced at once
 
 
 def test_serve_smoke(tmp_path):
