@@ -13,11 +13,13 @@ engine's bookkeeping outside any op. Then the top ops by their own time. Same mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -25,6 +27,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
 from bench.perplexity import float_checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
@@ -76,14 +79,16 @@ def drain(core) -> None:
         core.step()
 
 
-def timed_steps(core, add, ready: int, steps: int) -> float:
+def timed_steps(core, add, ready: int, steps: int, around=contextlib.nullcontext) -> float:
+    """Seconds per step of the `steps` steps after `ready` ones, those run inside `around()` (the profiler)."""
     add()
     for _ in range(ready):
         core.step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        core.step()
-    seconds = (time.perf_counter() - start) / steps
+    with around():
+        start = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        seconds = (time.perf_counter() - start) / steps
     drain(core)
     return seconds
 
@@ -108,12 +113,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="rows of the top-ops table per step kind")
     parser.add_argument("--kvbox-options", default="{}", help="extra engine options for kvbox, as JSON")
+    parser.add_argument("--reference-ops", action="store_true",
+                        help="the plain references (kernels.reference), not their CPU fast paths (kernels.cpu)")
     parser.add_argument("--json", help="write the breakdown here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(float_checkpoint(args.model), device="cpu", dtype=args.dtype, max_model_len=args.input_len + 128,
               enable_prefix_caching=False, max_num_seqs=args.num_prompts, **json.loads(args.kvbox_options))
     core, runner = llm.core, llm.core.runner
+    if args.reference_ops:
+        kernels._active.ops = SimpleNamespace(**{op: getattr(reference, op) for op in vars(kernels._active.ops)})
     label_ops()
     label_method(runner, "_forward", "forward")
     label_method(runner.model, "compute_logits", "logits")
@@ -122,13 +131,13 @@ def main() -> int:
     for name, (add, ready, steps) in step_kinds(llm, args).items():
         timed_steps(core, add, ready, steps)  # warm-up
         step_s = timed_steps(core, add, ready, steps)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed_steps(core, add, ready, steps)
-        parts = breakdown(prof, steps, step_s)
-        results[name] = {"step_ms": step_s * 1e3, "parts_ms": parts}
-        print(f"\n== {name}: {step_s * 1e3:.1f} ms per step (unprofiled)")
+        prof = profile(activities=[ProfilerActivity.CPU])
+        profiled_s = timed_steps(core, add, ready, steps, lambda: prof)
+        parts = breakdown(prof, steps, profiled_s)
+        results[name] = {"step_ms": step_s * 1e3, "profiled_step_ms": profiled_s * 1e3, "parts_ms": parts}
+        print(f"\n== {name}: {step_s * 1e3:.1f} ms per step ({profiled_s * 1e3:.1f} ms profiled, whose parts follow)")
         for part, ms in parts.items():
-            print(f"   {part:<38} {ms:8.2f} ms  {ms / (step_s * 1e3):6.1%}")
+            print(f"   {part:<38} {ms:8.2f} ms  {ms / (profiled_s * 1e3):6.1%}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
