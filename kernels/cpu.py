@@ -63,9 +63,9 @@ def _blocks(cache: torch.Tensor, block_tables: torch.Tensor, seqs: list[int], nu
 
 def _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, scale, sliding_window,
             out) -> None:
-    """One query per sequence, all sequences at once; positions past a sequence's length (the rest of its last
-    block, and blocks of shorter sequences) are masked. The cache is zeroed at allocation and written with finite
-    values only, so what those masked positions hold cannot turn the weighted sum into NaN."""
+    """One query per sequence, all sequences in one SDPA call; positions past a sequence's length (the rest of its
+    last block, and blocks of shorter sequences) are masked. The cache is zeroed at allocation and written with
+    finite values only, so what those masked positions hold cannot turn the weighted sum into NaN."""
     num_heads, head_size = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     max_len = max(lens[seq] for seq in seqs)
@@ -75,16 +75,14 @@ def _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, sca
     rows = [starts[seq] for seq in seqs]
     index = torch.tensor(rows, device=query.device)
     q = (query[rows[0]:rows[0] + 1] if len(rows) == 1 else query.index_select(0, index))
-    q = q.view(len(seqs), num_kv_heads, num_heads // num_kv_heads, head_size).float()  # [B, kv_heads, group, D]
-    scores = torch.matmul(q, keys.float().transpose(2, 3)).mul_(scale)  # [B, kv_heads, group, L]
+    q = q.view(len(seqs), num_heads, 1, head_size).float()
     key_pos = torch.arange(num_blocks * block_size, device=query.device)
     lengths = torch.tensor([lens[seq] for seq in seqs], device=query.device)[:, None]
-    hidden = key_pos >= lengths  # [B, L]
+    visible = key_pos < lengths  # [B, L]
     if sliding_window > 0:
-        hidden |= key_pos <= lengths - 1 - sliding_window
-    if bool(hidden.any()):
-        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
-    attended = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # [B, kv_heads, group, D]
+        visible &= key_pos > lengths - 1 - sliding_window
+    attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=visible[:, None, None, :],
+                                              scale=scale, enable_gqa=num_heads != num_kv_heads)
     attended = attended.view(len(seqs), num_heads, head_size).to(out.dtype)
     if len(rows) == 1:
         out[rows[0]] = attended[0]
