@@ -4,9 +4,9 @@ many small ops, with the same signatures and the same results within float round
 The reference stays the ground truth of the Triton kernel tests; the torch backend (`kernels.load_backend`) takes
 these in its place. What they change:
 - paged attention reads K/V a whole block at a time (one index per block, not per token), or not at all when a
-  sequence's blocks lie in order in the cache (a view); decodes are one batched matmul-softmax-matmul with no
-  masked-SDPA checks; prefills of equal shape (a batch of prompts) are one SDPA call, causal without a mask when
-  the sequence has no earlier context. fp8 caches and soft-capping keep the reference.
+  sequence's blocks lie in order in the cache (a view); all decodes are one masked SDPA call; prefills of equal
+  shape (a batch of prompts) are one SDPA call, causal without a mask when the sequence has no earlier context.
+  fp8 caches and soft-capping keep the reference.
 - the K/V store is one `index_copy_` per cache when no token is padding (always, on a CPU: padding only comes with
   CUDA graphs), instead of boolean masks and their gathers;
 - RoPE rotates q and k in one pass when they sit side by side in the fused qkv output (the model's layout), and
