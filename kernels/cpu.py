@@ -11,7 +11,7 @@ these in its place. What they change:
   CUDA graphs), instead of boolean masks and their gathers;
 - RoPE rotates q and k in one pass when they sit side by side in the fused qkv output (the model's layout), and
   writes the rotated halves in place without a concatenation;
-- RMSNorm is torch's fused `rms_norm` (one pass, float32 accumulation, one rounding, as the reference);
+- RMSNorm is torch's `rms_norm` (on the CPU still a few ops, but none of the reference's casts and offset add);
   the gated activation runs in the input dtype, as transformers computes it.
 """
 
