@@ -1,6 +1,7 @@
 """Kernel entry points with one backend switch.
 
-`torch` runs the references in `kernels.reference` (the CPU path); `triton` runs our Triton kernels (the CUDA path).
+`torch` runs the references in `kernels.reference`, or their CPU fast paths in `kernels.cpu` where one exists (the
+CPU path); `triton` runs our Triton kernels (the CUDA path).
 `resolve_backend` picks one per engine process: automatic by device unless the engine config or the
 `KVBOX_KERNEL_BACKEND` environment variable names one. The engine calls `set_backend` once at start-up; models call
 the functions below and never import a backend themselves.
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
 
 BACKENDS = ("torch", "triton")
 ENV_VAR = "KVBOX_KERNEL_BACKEND"
@@ -35,8 +36,6 @@ _TRITON_MODULES = {
     "w8a8_linear": "kernels.w8a8",
 }
 
-_active = SimpleNamespace(name="torch", ops=reference)
-
 
 def resolve_backend(requested: str, device: torch.device) -> str:
     """`requested` is "auto", "torch" or "triton"; the environment variable overrides "auto"."""
@@ -52,10 +51,13 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 def load_backend(name: str) -> SimpleNamespace:
     """A namespace holding every op of one backend."""
     if name == "torch":
-        return SimpleNamespace(**{op: getattr(reference, op) for op in _TRITON_MODULES})
+        return SimpleNamespace(**{op: getattr(cpu, op, getattr(reference, op)) for op in _TRITON_MODULES})
     if name == "triton":
         return SimpleNamespace(**{op: getattr(importlib.import_module(mod), op) for op, mod in _TRITON_MODULES.items()})
     raise ValueError(f"unknown kernel backend {name!r}")
+
+
+_active = SimpleNamespace(name="torch", ops=load_backend("torch"))
 
 
 def set_backend(name: str) -> None:

@@ -103,3 +103,25 @@ def test_scheduler_step_smoke():
                               "5", "--repeats", "2"], check=True, timeout=120, capture_output=True, text=True).stdout
     timing = re.search(r"^this tree: 8 decoding requests, min (\d+) us, median (\d+) us per step", printed, re.MULTILINE)
     assert timing and 0 < int(timing[1]) <= int(timing[2]), printed
+
+
+def test_cpu_peer_smoke(tiny_model, tmp_path):
+    """kvbox and transformers side by side on a tiny float folder (greedy float32: the same tokens); vLLM absent."""
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_peer.py"), "--model", str(tiny_model("llama")),
+                    "--dtypes", "float32", "--num-prompts", "3", "--input-len", "12", "--output-len", "4",
+                    "--single-output-len", "5", "--repeat", "1", "--threads", "1",
+                    "--vllm-python", str(tmp_path / "no-venv" / "python"), "--json", str(out)], check=True, timeout=300)
+    rows = {row["system"]: row["result"] for row in json.loads(out.read_text())["rows"]}
+    assert rows["vllm"].startswith("skipped: no vLLM-CPU python at")
+    assert rows["kvbox"]["tokens"] == rows["transformers"]["tokens"] and len(rows["kvbox"]["tokens"]) == 5
+    assert rows["kvbox"]["throughput_out_tok_s"] > 0 and rows["kvbox"]["decode_tok_s"] > 0
+
+
+def test_cpu_profile_smoke(tiny_model, tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_profile.py"), "--model", str(tiny_model("llama")),
+                    "--num-prompts", "2", "--input-len", "12", "--steps", "2", "--top", "3", "--threads", "1",
+                    "--json", str(out)], check=True, timeout=300)
+    kinds = json.loads(out.read_text())
+    assert len(kinds) == 4 and all(kind["step_ms"] > 0 and kind["parts_ms"]["gemm"] > 0 for kind in kinds.values())

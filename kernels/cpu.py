@@ -1,0 +1,177 @@
+"""CPU fast paths of the torch backend: the ops whose reference (`kernels.reference`) spends the CPU engine's time in
+many small ops, with the same signatures and the same results within float rounding.
+
+The reference stays the ground truth of the Triton kernel tests; the torch backend (`kernels.load_backend`) takes
+these in its place. What they change:
+- paged attention reads K/V a whole block at a time (one index per block, not per token), or not at all when a
+  sequence's blocks lie in order in the cache (a view); all decodes are one masked SDPA call; prefills of equal
+  shape (a batch of prompts) are one SDPA call, causal without a mask when the sequence has no earlier context.
+  fp8 caches and soft-capping keep the reference.
+- the K/V store is one `index_copy_` per cache when no token is padding (always, on a CPU: padding only comes with
+  CUDA graphs), instead of boolean masks and their gathers;
+- RoPE rotates q and k in one pass when they sit side by side in the fused qkv output (the model's layout), and
+  writes the rotated halves in place without a concatenation;
+- RMSNorm is torch's `rms_norm` (on the CPU still a few ops, but none of the reference's casts and offset add);
+  the gated activation runs in the input dtype, as transformers computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.reference import FP8_KV_MAX
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                    sliding_window: int = 0, soft_cap: float = 0.0, out: torch.Tensor | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    if soft_cap > 0 or key_cache.dtype in FP8_KV_MAX:
+        return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                                         scale, sliding_window, soft_cap, out, k_scale, v_scale)
+    if out is None:
+        out = torch.empty_like(query)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}  # (q_len, seq_len) -> sequences; decodes share one group
+    for seq, seq_len in enumerate(lens):
+        q_len = starts[seq + 1] - starts[seq]
+        if q_len:
+            groups.setdefault((1, 0) if q_len == 1 else (q_len, seq_len), []).append(seq)
+    for (q_len, seq_len), seqs in groups.items():
+        if seq_len == 0:
+            _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, scale,
+                    sliding_window, out)
+        else:
+            _prefill(query, key_cache, value_cache, block_tables, starts, seqs, q_len, seq_len, scale,
+                     sliding_window, out)
+    return out
+
+
+def _blocks(cache: torch.Tensor, block_tables: torch.Tensor, seqs: list[int], num_blocks: int) -> torch.Tensor:
+    """[len(seqs), num_blocks * block_size, kv_heads, D]: each sequence's first blocks, in order; a view of the
+    cache when there is one sequence whose blocks are consecutive."""
+    if len(seqs) == 1:
+        table = block_tables[seqs[0], :num_blocks]
+        ids = table.tolist()
+        if ids == list(range(ids[0], ids[0] + num_blocks)):
+            return cache[ids[0]:ids[0] + num_blocks].flatten(0, 1)[None]
+        return cache[table.long()].flatten(0, 1)[None]
+    rows = block_tables[seqs] if len(seqs) < block_tables.shape[0] else block_tables
+    return cache[rows[:, :num_blocks].long()].flatten(1, 2)
+
+
+def _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, scale, sliding_window,
+            out) -> None:
+    """One query per sequence, all sequences in one SDPA call; positions past a sequence's length (the rest of its
+    last block, and blocks of shorter sequences) are masked. The cache is zeroed at allocation and written with
+    finite values only, so what those masked positions hold cannot turn the weighted sum into NaN."""
+    num_heads, head_size = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    max_len = max(lens[seq] for seq in seqs)
+    num_blocks = -(-max_len // block_size)
+    keys = _blocks(key_cache, block_tables, seqs, num_blocks).transpose(1, 2)  # [B, kv_heads, L, D]
+    values = _blocks(value_cache, block_tables, seqs, num_blocks).transpose(1, 2)
+    rows = [starts[seq] for seq in seqs]
+    index = torch.tensor(rows, device=query.device)
+    q = (query[rows[0]:rows[0] + 1] if len(rows) == 1 else query.index_select(0, index))
+    q = q.view(len(seqs), num_heads, 1, head_size).float()
+    key_pos = torch.arange(num_blocks * block_size, device=query.device)
+    lengths = torch.tensor([lens[seq] for seq in seqs], device=query.device)[:, None]
+    visible = key_pos < lengths  # [B, L]
+    if sliding_window > 0:
+        visible &= key_pos > lengths - 1 - sliding_window
+    attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=visible[:, None, None, :],
+                                              scale=scale, enable_gqa=num_heads != num_kv_heads)
+    attended = attended.view(len(seqs), num_heads, head_size).to(out.dtype)
+    if len(rows) == 1:
+        out[rows[0]] = attended[0]
+    else:
+        out.index_copy_(0, index, attended)
+
+
+def _prefill(query, key_cache, value_cache, block_tables, starts, seqs, q_len, seq_len, scale, sliding_window,
+             out) -> None:
+    """Sequences of the same query and context lengths: one causal SDPA over them all."""
+    num_heads, head_size = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    keys = _blocks(key_cache, block_tables, seqs, num_blocks)[:, :seq_len].transpose(1, 2)  # [B, kv_heads, S, D]
+    values = _blocks(value_cache, block_tables, seqs, num_blocks)[:, :seq_len].transpose(1, 2)
+    index = (torch.tensor([starts[seq] for seq in seqs])[:, None] + torch.arange(q_len)).flatten().to(query.device)
+    consecutive = all(starts[b] == starts[a] + q_len for a, b in zip(seqs, seqs[1:]))
+    q = query[starts[seqs[0]]:starts[seqs[0]] + len(seqs) * q_len] if consecutive else query[index]
+    q = q.view(len(seqs), q_len, num_heads, head_size).transpose(1, 2).float()  # [B, num_heads, q_len, D]
+    mask, causal = None, q_len == seq_len and sliding_window <= 0
+    if not causal:
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        key_pos = torch.arange(seq_len, device=query.device)[None, :]
+        mask = key_pos <= query_pos
+        if sliding_window > 0:
+            mask &= key_pos > query_pos - sliding_window
+    attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=num_heads != num_kv_heads)
+    attended = attended.transpose(1, 2).reshape(-1, num_heads, head_size).to(out.dtype)
+    if consecutive:
+        out[starts[seqs[0]]:starts[seqs[0]] + len(seqs) * q_len] = attended
+    else:
+        out.index_copy_(0, index, attended)
+
+
+def store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    if key_cache.dtype in FP8_KV_MAX or slot_mapping.numel() == 0 or int(slot_mapping.min()) < 0:
+        reference.store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+        return
+    num_kv_heads, head_size = key_cache.shape[2], key_cache.shape[3]
+    key_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+
+
+def rotary_embedding(positions, query, key, cos_sin_cache, is_neox: bool) -> None:
+    if not is_neox:
+        reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+        return
+    rotary_dim = cos_sin_cache.shape[1]
+    half = rotary_dim // 2
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] float32
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in _side_by_side(query, key):
+        x1, x2 = x[..., :half], x[..., half:rotary_dim]  # views: written in place below
+        f1, f2 = x1.float(), x2.float()
+        rotated_1 = f1 * cos - f2 * sin
+        rotated_2 = f2 * cos + f1 * sin
+        x1.copy_(rotated_1)
+        x2.copy_(rotated_2)
+
+
+def _side_by_side(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q and k as one [num_tokens, heads + kv_heads, D] view) when k's heads follow q's in memory with the same
+    strides, as in the fused qkv projection's output; else (query, key)."""
+    num_tokens, num_heads, head_size = query.shape
+    if (key.dtype == query.dtype and key.shape[0] == num_tokens and key.shape[2] == head_size
+            and key.stride() == query.stride() and query.stride(1) == head_size and query.stride(2) == 1
+            and key.data_ptr() == query.data_ptr() + num_heads * head_size * query.element_size()):
+        return (query.as_strided((num_tokens, num_heads + key.shape[1], head_size), query.stride()),)
+    return query, key
+
+
+def rotary_store_kv(positions, query, key, value, cos_sin_cache, is_neox: bool, key_cache, value_cache,
+                    slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    if weight_offset or weight.dtype != x.dtype:
+        return reference.rms_norm(x, weight, eps, weight_offset)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float, weight_offset: float = 0.0):
+    summed = x + residual
+    return rms_norm(summed, weight, eps, weight_offset), summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
