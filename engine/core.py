@@ -93,6 +93,10 @@ class EngineCore:
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)
         self.startup_seconds: dict[str, float] = {}  # start-up phase -> seconds (EngineReady.startup_seconds)
+        self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
+            config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
+        if self.pooler_info is None:
+            self.structured.start()  # beside the weights, the KV cache and the graphs; awaited once they are done
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
                     + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
                        else "")
@@ -111,8 +115,6 @@ class EngineCore:
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                          self.runner.kv_memory.num_host_blocks)
-        self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
-            config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
         self.scheduler = Scheduler(config, self.kv_manager, self.structured)
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
@@ -134,8 +136,7 @@ class EngineCore:
         # forward is queued, while the device runs it (a single-process runner only: workers take the step whole).
         self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
-        if self.pooler_info is None:
-            self.structured.start()
+        self.structured.wait_until_started()
 
     def _set_up_kv_cache_and_graphs(self) -> int:
         config = self.config
