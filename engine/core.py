@@ -93,10 +93,7 @@ class EngineCore:
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)
         self.startup_seconds: dict[str, float] = {}  # start-up phase -> seconds (EngineReady.startup_seconds)
-        self.structured = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
-            config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
-        if self.pooler_info is None:
-            self.structured.start()  # beside the weights, the KV cache and the graphs; awaited once they are done
+        self.structured = self._structured_outputs()
         with _timed(f"loading {self.model_config.architecture} weights ({config.load_format}) on {self.device}"
                     + (f", {config.tensor_parallel_size} tensor-parallel ranks" if config.tensor_parallel_size > 1
                        else "")
@@ -137,6 +134,16 @@ class EngineCore:
         self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
         self.structured.wait_until_started()
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        """The structured-output manager; a generating engine's grammar tokenizer begins loading now, beside the
+        weights, the KV cache and the graphs (awaited once they are done)."""
+        config = self.config
+        manager = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
+            config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
+        if self.pooler_info is None:
+            manager.start()
+        return manager
 
     def _set_up_kv_cache_and_graphs(self) -> int:
         config = self.config
