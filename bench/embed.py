@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free, shape_folder, sync  # noqa: E402
+from bench.common import free, measure_card, shape_folder, sync  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.contract import PoolingParams  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -107,6 +107,19 @@ def _peer_batch(model, batch: list[list[int]], decoder: bool, device: str) -> to
     return F.normalize(hidden[:, -1 if decoder else 0].float(), dim=-1).cpu()
 
 
+def model_flops(config: dict, inputs: list[list[int]]) -> float:
+    """The forward's matmul FLOPs over every input, padding-free: the linear layers per token, and attention's
+    QK^T and PV per pair of positions (all pairs for an encoder, the causal half for a decoder)."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * config.get(
+        "head_dim", h // config["num_attention_heads"])
+    gated = config["model_type"] != "bert"
+    linear = 2 * (h * (q + 2 * kv) + q * h + (3 if gated else 2) * h * inter)
+    pairs = sum(n * (n + 1) // 2 if gated else n * n for n in map(len, inputs))
+    return layers * (linear * sum(map(len, inputs)) + 4 * q * pairs)
+
+
 def _rates(system: str, inputs: list[list[int]], seconds: float) -> dict:
     num_tokens = sum(map(len, inputs))
     return {"system": system, "seconds": round(seconds, 3), "inputs_per_s": round(len(inputs) / seconds, 1),
@@ -137,12 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         rows[0]["speedup"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
     result = {"shape": args.shape, "device": args.device, "num_inputs": args.num_inputs,
               "num_tokens": sum(map(len, inputs)), "rows": rows, "peer_batches": peers if args.peer else []}
+    if args.device == "cuda":  # the roofline: every row's matmul FLOPs against the card's measured bf16 rate
+        card, flops = measure_card(), model_flops(config, inputs)
+        result["roofline"] = {"card": card, "flops": flops,
+                              "inputs_per_s": round(len(inputs) * card["bf16_flops_per_s"] / flops, 1)}
+        for row in rows:
+            row["share_of_bf16_peak"] = round(flops / row["seconds"] / card["bf16_flops_per_s"], 3)
     print(f"{args.num_inputs} inputs of {args.min_len}-{args.max_len} tokens ({result['num_tokens']} in all), "
           f"{args.shape} on {args.device}:")
     for row in rows:
         print(f"  {row['system']:12s} {row['inputs_per_s']:10.1f} inputs/s {row['tokens_per_s']:10d} tokens/s"
               + (f"  (batch size {row['batch_size']}, the best of {args.peer_batch_sizes})" if "batch_size" in row
-                 else f"  ({row['speedup']}x transformers)" if "speedup" in row else ""))
+                 else f"  ({row['speedup']}x transformers)" if "speedup" in row else "")
+              + (f"  {row['share_of_bf16_peak']:.0%} of the bf16 matmul peak" if "share_of_bf16_peak" in row else ""))
+    if "roofline" in result:
+        print(f"  roofline     {result['roofline']['inputs_per_s']:10.1f} inputs/s at "
+              f"{result['roofline']['card']['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s ({result['roofline']['card']['name']})")
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result))

@@ -79,6 +79,15 @@ class Server:
         """The server's resident memory and its engine processes'."""
         return sum(_rss(pid) for pid in [self.process.pid, *_children(self.process.pid)])
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:  # what the server said is what explains a failed request
+            body = error.response.text if isinstance(error, httpx.HTTPStatusError) else ""
+            print(f"{error!r} {body}\nserver log:\n{self.log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
+        self.stop()
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -119,6 +128,8 @@ def complete(http: httpx.Client, model: str, prompt: list[int], max_tokens: int)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.is_error:
+            response.read()  # the error's body, for the report
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -128,8 +139,7 @@ def complete(http: httpx.Client, model: str, prompt: list[int], max_tokens: int)
 
 
 def run_cycles(args, prompt: list[int]) -> dict:
-    server = Server([model_spec(args, "m", args.folder)], args.timeout)
-    try:
+    with Server([model_spec(args, "m", args.folder)], args.timeout) as server:
         expected = complete(server.http, "m", prompt, args.output_len)[1]
         sleep_s, wake_s, identical, memory = [], [], True, {"awake_rss_bytes": server.rss_bytes()}
         for cycle in range(args.cycles):
@@ -154,13 +164,10 @@ def run_cycles(args, prompt: list[int]) -> dict:
                 "gpu_growth_bytes": (last["gpu_used_bytes"] - first["gpu_used_bytes"]
                                      if first["gpu_used_bytes"] is not None else None),
                 "sleep_s_median": statistics.median(sleep_s), "wake_s_median": statistics.median(wake_s)}
-    finally:
-        server.stop()
 
 
 def run_wake(args, prompt: list[int]) -> dict:
-    server = Server([model_spec(args, "m", args.folder)], args.timeout)
-    try:
+    with Server([model_spec(args, "m", args.folder)], args.timeout) as server:
         complete(server.http, "m", prompt, 1)  # compiles what the first request compiles
         awake = statistics.median(complete(server.http, "m", prompt, 1)[0] for _ in range(args.reps))
         result = {"awake_ttft_s": awake}
@@ -173,8 +180,6 @@ def run_wake(args, prompt: list[int]) -> dict:
                 rows.append({"ttft_s": ttft, "wake_s": wake, "first_token_s": ttft - wake})
             result[f"level_{level}"] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
         return result
-    finally:
-        server.stop()
 
 
 def _rr_report(ttfts: list[float], seconds: float) -> dict:
@@ -188,16 +193,13 @@ def run_round_robin(args, prompt: list[int]) -> dict:
     result = {}
     for level in [int(s[-1]) for s in args.systems if s.startswith("level")]:
         models = [model_spec(args, name, args.folder, load="on_demand", sleep_level=level) for name in names]
-        server = Server(models, args.timeout, max_active_models=args.max_active)
-        try:
+        with Server(models, args.timeout, max_active_models=args.max_active) as server:
             for name in names:  # each started once: round-robin measures the wakes, not first starts
                 complete(server.http, name, prompt, 1)
             started, ttfts = time.perf_counter(), []
             for i in range(args.requests):
                 ttfts.append(complete(server.http, names[i % len(names)], prompt, args.output_len)[0])
             result[f"kvbox_sleep_level_{level}"] = _rr_report(ttfts, time.perf_counter() - started)
-        finally:
-            server.stop()
     if "restarts" in args.systems:
         result["restart_processes"] = _round_robin_restarts(args, names, prompt)
     return result
