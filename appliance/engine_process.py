@@ -24,7 +24,7 @@ import time
 import psutil
 import torch
 
-import kernels
+from engine import kernels
 from appliance import ipc
 from appliance.logs import configure_logging
 from engine import contract

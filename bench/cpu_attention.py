@@ -17,7 +17,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 
-from kernels import cpu, reference  # noqa: E402
+from engine.kernels import cpu, reference  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 9, 3, 64, 16
 CASES = ((32, 160, 1), (8, 160, 1), (1, 160, 1), (32, 128, 128), (1, 128, 128))  # batch, tokens cached, queries

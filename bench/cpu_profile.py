@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from engine.kernels import reference  # noqa: E402
 from bench.perplexity import float_checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 

@@ -23,12 +23,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
-from kernels.kv_store import rotary_store_kv, store_kv  # noqa: E402
-from kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
-from kernels.rotary import rotary_embedding  # noqa: E402
-from kernels import attention  # noqa: E402
+from engine.kernels import reference  # noqa: E402
+from engine.kernels.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
+from engine.kernels.kv_store import rotary_store_kv, store_kv  # noqa: E402
+from engine.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from engine.kernels.rotary import rotary_embedding  # noqa: E402
+from engine.kernels import attention  # noqa: E402
 
 # Llama-3.1-8B
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, HIDDEN, INTERMEDIATE = 32, 8, 128, 4096, 14336
@@ -279,7 +279,7 @@ LINEAR_SHAPES = {  # name: (N, K) of the weight, Llama-3.1-8B
 def linear_sweep(args):
     """Decode-sized linears: cuBLAS (F.linear) against the skinny kernel's launch configurations, per weight shape
     and row count; the data behind `kernels.gemv._config` and `_wins`."""
-    from kernels.gemv import skinny_linear
+    from engine.kernels.gemv import skinny_linear
 
     gen = torch.Generator(DEV).manual_seed(2)
     copy_bw = copy_bandwidth()

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from engine.quantization.wna16 import default_g_idx, pack_rows  # noqa: E402
-from kernels import act_quant, reference, w8a8, wna16  # noqa: E402
+from engine.kernels import act_quant, reference, w8a8, wna16  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 DEV = torch.device("cuda")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.contract import SchedulerOutput
 from engine.kv_dtype import kv_cache_torch_dtype

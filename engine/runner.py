@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-import kernels
+from engine import kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_sizes

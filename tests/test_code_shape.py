@@ -1,5 +1,5 @@
 """The code stays readable by its shape: in engine/ and appliance/, no function over 60 lines and no file over 450
-(kernels/ is exempt: a kernel file holds the kernel, its launcher and its torch reference together)."""
+(engine/kernels/ is exempt: a kernel file holds the kernel, its launcher and its torch reference together)."""
 
 import ast
 import pathlib
@@ -9,7 +9,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 450
-FILES = sorted(p for package in ("engine", "appliance") for p in (ROOT / package).rglob("*.py"))
+FILES = sorted(p for package in ("engine", "appliance") for p in (ROOT / package).rglob("*.py")
+               if not p.is_relative_to(ROOT / "engine" / "kernels"))
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -24,3 +24,12 @@ def test_the_operators_openmp_settings_win(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert replica_envs([{"name": "a", "source": str(tmp_path), "device": "cpu"}]) == [{}]
+
+
+def test_gpu_engines_keep_their_threads_but_wait_passively(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    models = [{"name": "a", "source": str(tmp_path), "device": "cuda", "gpu_ids": [1]}]
+    assert replica_envs(models) == [{"CUDA_VISIBLE_DEVICES": "1", "OMP_WAIT_POLICY": "PASSIVE"}]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert replica_envs(models) == [{"CUDA_VISIBLE_DEVICES": "1"}]

@@ -30,7 +30,7 @@ from engine.models.loader import load_model, weight_bytes
 from engine.models.registry import get_model_class
 from engine.quantization.gguf import gguf_type
 from engine.tools.tiny_model import build_tiny_model
-from kernels import reference
+from engine.kernels import reference
 
 CPU = torch.device("cpu")
 FILE_TYPES = {

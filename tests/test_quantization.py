@@ -21,7 +21,7 @@ from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.quantization.spec import QuantizationConfigError, parse_quantization
 from engine.tools import quantized_checkpoints as qc
-from kernels.reference import dequantize_wna16
+from engine.kernels.reference import dequantize_wna16
 
 CPU = torch.device("cpu")
 LOGITS_ATOL = 1e-4  # float32 both sides on the same float32 weights; only the matmul order differs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.lora.adapter import LoraWeights
 
 

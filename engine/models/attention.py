@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.models.layers import RotaryEmbedding
 
 

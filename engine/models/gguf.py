@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 from gguf.quants import dequantize
 
-from kernels.reference import GGUF_BLOCKS
+from engine.kernels.reference import GGUF_BLOCKS
 
 if TYPE_CHECKING:
     from engine.models.config import ModelConfig

@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.distributed.parallel_state import tp_group
 from engine.quantization.context import current_linear_method
 from engine.quantization.gguf import gguf_type
-from kernels import reference
+from engine.kernels import reference
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.quantization.base import LinearMethod, add_param, replace_param
 from engine.quantization.spec import QuantScheme
-from kernels.reference import GGUF_BLOCKS, dequantize_gguf
+from engine.kernels.reference import GGUF_BLOCKS, dequantize_gguf
 
 
 def gguf_type(tensor: torch.Tensor) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.models.attention import Attention
-from kernels import reference
+from engine.kernels import reference
 
 CALIBRATION_TEXT = Path(__file__).with_name("kv_calibration.txt")
 _FORWARD_ARGS = ("query", "key", "value", "metadata", "positions", "rotary_emb")  # Attention.forward's

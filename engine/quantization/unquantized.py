@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from engine import kernels
 from engine.quantization.base import LinearMethod, add_param
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from engine.quantization.base import LinearMethod, add_param, replace_param
 from engine.quantization.spec import QuantScheme
-import kernels
-from kernels import reference
+from engine import kernels
+from engine.kernels import reference
 
 _DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.quantization.base import LinearMethod, random_words, replace_param
 from engine.quantization.spec import QuantScheme
-import kernels
+from engine import kernels
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:

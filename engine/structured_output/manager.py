@@ -98,7 +98,7 @@ class StructuredOutputManager:
         bitmask = self._buffer[:len(requests)]
         live = [i for i, r in enumerate(requests) if r is not None and not r.is_finished and not r.grammar.terminated]
         if len(live) < len(requests):
-            bitmask.fill_(-1)
+            bitmask.numpy().fill(-1)  # numpy's: torch's parallel fill wakes the host's OpenMP pool
         parallel = len(live) >= _PARALLEL_ROWS
         if parallel not in self._batch:
             self._batch[parallel] = xgr.BatchGrammarMatcher(max_threads=_PARALLEL_THREADS if parallel else 1)

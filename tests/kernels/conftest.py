@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("kernels.attention", "kernels.kv_store", "kernels.norm", "kernels.activation",
-                  "kernels.rotary", "kernels.lora", "kernels.gemv", "kernels.wna16",
-                  "kernels.act_quant", "kernels.gguf")
+KERNEL_MODULES = ("engine.kernels.attention", "engine.kernels.kv_store", "engine.kernels.norm", "engine.kernels.activation",
+                  "engine.kernels.rotary", "engine.kernels.lora", "engine.kernels.gemv", "engine.kernels.wna16",
+                  "engine.kernels.act_quant", "engine.kernels.gguf")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_kernels import DEVICE
 
-from kernels import act_quant, reference
+from engine.kernels import act_quant, reference
 
 # The interpreter's float32 -> float8 cast is not the hardware's: it rounds ties away from zero and, where rounding
 # carries into the exponent, halves the value (124 -> 64). The float8 cases run on the GPU only.

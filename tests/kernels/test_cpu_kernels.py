@@ -6,8 +6,8 @@ import torch
 from test_kernels import (ATTENTION_TOL, CPU_DTYPES, DECODE, ELEMENTWISE_TOL, MIXED, assert_close, dtype_id,
                           make_attention_batch, make_cos_sin_cache)
 
-import kernels
-from kernels import cpu, reference
+from engine import kernels
+from engine.kernels import cpu, reference
 
 # Prefills of one shape (a batch of prompts: one SDPA call), and chunks on top of earlier context.
 SAME_SHAPE = ([9, 9, 9], [9, 9, 9])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_kernels import CPU_DTYPES, DEVICE, GPU_DTYPES, dtype_id, gpu
 
-from kernels import gemv, reference
+from engine.kernels import gemv, reference
 
 # (atol, rtol) for outputs of about unit size: the kernel sums in float32 in another order than torch and rounds once.
 TOL = {

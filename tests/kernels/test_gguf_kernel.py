@@ -15,8 +15,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from test_kernels import DEVICE, dtype_id, gpu
 
-from kernels import gguf as gguf_kernels
-from kernels import reference
+from engine.kernels import gguf as gguf_kernels
+from engine.kernels import reference
 
 SMALL_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)
 K_TYPES = (QType.Q4_K, QType.Q5_K, QType.Q6_K)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from kernels import activation, attention, kv_store, norm, reference, rotary
+from engine.kernels import activation, attention, kv_store, norm, reference, rotary
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

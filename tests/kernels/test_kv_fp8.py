@@ -6,7 +6,7 @@ small cases run under the Triton interpreter (see conftest.py); the `gpu` cases 
 import pytest
 import torch
 
-from kernels import attention, kv_store, reference
+from engine.kernels import attention, kv_store, reference
 from tests.kernels.test_kernels import (ATTENTION_TOL, CUDA, DECODE, DEVICE, ELEMENTWISE_TOL, GPU_MIXED, MIXED,
                                         assert_close, dtype_id, gpu, make_attention_batch, make_cos_sin_cache)
 

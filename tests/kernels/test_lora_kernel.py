@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_kernels import CPU_DTYPES, DEVICE, GPU_DTYPES, dtype_id, gpu
 
-from kernels import lora, reference
+from engine.kernels import lora, reference
 
 # (atol, rtol). float32 sums up to 14336 products in another order than the reference; on the GPU, half-precision
 # expands round the shrunk activations to the weights' dtype (as PEFT does) where the reference keeps float32.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_kernels import CUDA, gpu
 
-from kernels import reference
+from engine.kernels import reference
 
 FP8_OK = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 
@@ -27,7 +27,7 @@ def make_layer(n, k, dtype, seed, device="cuda"):
 def test_w8a8_matches_emulation(m, xdtype, wdtype, static):
     if wdtype == torch.float8_e4m3fn and not FP8_OK:
         pytest.skip("FP8 GEMMs need compute capability 8.9")
-    from kernels import w8a8
+    from engine.kernels import w8a8
 
     n, k = 512, 1024
     weight, weight_scale = make_layer(n, k, wdtype, seed=m)
@@ -43,7 +43,7 @@ def test_w8a8_matches_emulation(m, xdtype, wdtype, static):
 
 @gpu
 def test_weight_only_and_block_scales_dequantize():
-    from kernels import w8a8
+    from engine.kernels import w8a8
 
     weight, _ = make_layer(256, 512, torch.float8_e4m3fn, seed=3)
     block_scale = torch.rand(2, 4, device="cuda") * 0.01 + 0.001

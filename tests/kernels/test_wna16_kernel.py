@@ -11,7 +11,7 @@ import torch
 from test_kernels import DEVICE, dtype_id, gpu
 
 from engine.quantization.wna16 import default_g_idx, pack_rows
-from kernels import reference, wna16
+from engine.kernels import reference, wna16
 
 # (atol, rtol) for outputs of about unit size: the dequantized weight is rounded to x's dtype as the reference does;
 # only the order of the float32 sums differs.

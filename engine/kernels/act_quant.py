@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import FP8_MAX, INT8_MAX
+from engine.kernels.reference import FP8_MAX, INT8_MAX
 
 
 @triton.jit

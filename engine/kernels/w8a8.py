@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.act_quant import quantize_activations
-from kernels.reference import dequantize_w8
+from engine.kernels.act_quant import quantize_activations
+from engine.kernels.reference import dequantize_w8
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.reference import GGUF_BLOCKS
+from engine.kernels.reference import GGUF_BLOCKS
 
 FUSED_MAX_ROWS = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

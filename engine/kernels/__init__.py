@@ -15,25 +15,25 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import cpu, reference
+from engine.kernels import cpu, reference
 
 BACKENDS = ("torch", "triton")
 ENV_VAR = "KVBOX_KERNEL_BACKEND"
 
 # Where each op's Triton launcher lives: kernels/<module>.py, function of the same name as the reference.
 _TRITON_MODULES = {
-    "paged_attention": "kernels.attention",
-    "store_kv": "kernels.kv_store",
-    "rotary_store_kv": "kernels.kv_store",
-    "rms_norm": "kernels.norm",
-    "fused_add_rms_norm": "kernels.norm",
-    "silu_and_mul": "kernels.activation",
-    "gelu_tanh_and_mul": "kernels.activation",
-    "add_lora": "kernels.lora",
-    "linear": "kernels.gemv",
-    "wna16_linear": "kernels.wna16",
-    "gguf_linear": "kernels.gguf",
-    "w8a8_linear": "kernels.w8a8",
+    "paged_attention": "engine.kernels.attention",
+    "store_kv": "engine.kernels.kv_store",
+    "rotary_store_kv": "engine.kernels.kv_store",
+    "rms_norm": "engine.kernels.norm",
+    "fused_add_rms_norm": "engine.kernels.norm",
+    "silu_and_mul": "engine.kernels.activation",
+    "gelu_tanh_and_mul": "engine.kernels.activation",
+    "add_lora": "engine.kernels.lora",
+    "linear": "engine.kernels.gemv",
+    "wna16_linear": "engine.kernels.wna16",
+    "gguf_linear": "engine.kernels.gguf",
+    "w8a8_linear": "engine.kernels.w8a8",
 }
 
 

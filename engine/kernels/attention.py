@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import FP8_KV_MAX
+from engine.kernels.reference import FP8_KV_MAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_SPLITS = 64

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import FP8_KV_MAX
-from kernels.rotary import _rotate_token, check_rotary
+from engine.kernels.reference import FP8_KV_MAX
+from engine.kernels.rotary import _rotate_token, check_rotary
 
 # The interpreter's float -> fp8 conversion drops the carry when rounding up overflows the mantissa (125.9 becomes 64,
 # not 128) and rounds ties away from zero; there values are first rounded onto the fp8 grid, so that it is exact.

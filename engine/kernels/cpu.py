@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.reference import FP8_KV_MAX
+from engine.kernels import reference
+from engine.kernels.reference import FP8_KV_MAX
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale: float,
