@@ -178,6 +178,13 @@ def gpu_profile(args, prompts) -> None:
 
     core = make_core(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    if args.speculative:  # verification steps, replaying the plain engine's greedy continuation of both prompts
+        method, _, k = args.speculative.partition(":")
+        if method != "replay":
+            raise SystemExit("--gpu-profile takes --speculative replay:K")
+        _, _, sequences, _ = run_kvbox(args, prompts[:2] * 2, core=core)
+        core = make_core(args, int(k))
+        core.scheduler.drafter.proposer = ReplayProposer([sequences["2"], sequences["3"]], args.input_len)
     core.add_request("warm-up", prompts[0], params)
     while core.has_unfinished_requests():
         core.step()
@@ -195,7 +202,7 @@ def gpu_profile(args, prompts) -> None:
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernel_us = sum(e.self_device_time_total for e in events)
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
-    print(f"decode: {num_steps} steps, wall {wall / num_steps * 1e3:.3f} ms/step, GPU kernels "
+    print(f"{'verified' if args.speculative else 'decode'}: {num_steps} steps, wall {wall / num_steps * 1e3:.3f} ms/step, GPU kernels "
           f"{kernel_us / num_steps / 1e3:.3f} ms/step ({kernel_us / 1e6 / wall:.0%} busy)")
 
 

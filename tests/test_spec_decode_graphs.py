@@ -95,7 +95,8 @@ def test_padded_verify_steps_answer_as_eager_ones(tiny_model, method):
 def test_cuda_graphs_replay_verify_steps_with_the_same_tokens(tiny_model, method, monkeypatch):
     model_dir = tiny_model("llama", max_position_embeddings=256)
     spec, prompts, params = workload(tiny_model, method)
-    options = {**OPTIONS, "device": "cuda"}
+    # A fixed cache: engines sized by the GPU's free memory would leave the second (and its draft) none.
+    options = {**OPTIONS, "device": "cuda", "num_kv_blocks": 256}
     eager = LLM(model_dir, speculative_config=spec, cuda_graphs=False, **options)
     expected = eager.generate(prompts, params, use_tqdm=False)
     replayed = []
