@@ -183,6 +183,8 @@ def gpu_profile(args, prompts) -> None:
         if method != "replay":
             raise SystemExit("--gpu-profile takes --speculative replay:K")
         _, _, sequences, _ = run_kvbox(args, prompts[:2] * 2, core=core)
+        del core
+        free(args.device)  # the plain engine's cache, before the speculating engine sizes its own
         core = make_core(args, int(k))
         core.scheduler.drafter.proposer = ReplayProposer([sequences["2"], sequences["3"]], args.input_len)
     core.add_request("warm-up", prompts[0], params)

@@ -29,6 +29,7 @@ from engine import kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_sizes
+from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
@@ -38,8 +39,7 @@ from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
 from engine.quantization.kv_calibration import calibrate_kv_scales
-from engine.sampler import (LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask,
-                            to_device)
+from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
 from engine.spec_decode.draft_model import DraftModel
 from engine.spec_decode.verify import split_verified, stacked_draft_probs, verification_rows
 
@@ -256,8 +256,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, indices: list[int], targets: list[tuple[str, int, list[int]]],
                          output: PendingRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[torch.tensor(indices, device=self.device)])
-        target_ids = torch.tensor([t for _, _, ids in targets for t in ids], device=self.device)
+        logits = self.model.compute_logits(hidden[to_device(torch.tensor(indices), self.device)])
+        target_ids = to_device(torch.tensor([t for _, _, ids in targets for t in ids]), self.device)
         max_k = max(k for _, k, _ in targets)
         output.prompt_logprobs = (_logprobs_to_host(compute_prompt_logprobs(logits, target_ids, max_k)),
                                   [(req_id, k, len(ids)) for req_id, k, ids in targets])

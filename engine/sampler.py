@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine.device import to_device
+
 if TYPE_CHECKING:
     from engine.input_batch import ScheduledRow
 
@@ -381,9 +383,3 @@ def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(map(len, rows))
     return to_device(torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.int64), device)
 
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # A copy from pinned memory can be asynchronous: it does not wait for the work already queued on the GPU.
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)

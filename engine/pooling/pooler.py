@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.contract import PoolerInfo
+from engine.device import to_device
 from engine.input_batch import ScheduledRow
 
 
@@ -75,12 +76,12 @@ class Pooler:
         if self.info.pooling_type == "mean":
             num_tokens = sum(counts)
             seq = torch.repeat_interleave(torch.arange(len(rows), device=self.device),
-                                          torch.tensor(counts, device=self.device), output_size=num_tokens)
+                                          to_device(torch.tensor(counts), self.device), output_size=num_tokens)
             sums = torch.zeros(len(rows), hidden.shape[-1], dtype=torch.float32, device=self.device)
             return sums.index_add_(0, seq, hidden[:num_tokens].float())
         ends = torch.tensor(counts).cumsum(0)
         index = ends - torch.tensor(counts) if self.info.pooling_type == "cls" else ends - 1
-        return hidden[index.to(self.device)].float()
+        return hidden[to_device(index, self.device)].float()
 
     def _finish(self, pooled: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         if self.info.task == "score":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import EngineConfig
+from engine.device import to_device
 from engine.input_batch import BatchRow, InputBatch, ScheduledRow
 from engine.kv_memory import KVMemory
 from engine.models.config import ModelConfig
@@ -58,7 +59,7 @@ class DraftModel:
         hidden = self._forward(batch_rows)
         if not drafting:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[to_device(torch.tensor(last_rows), self.device)])
         num_drafts = [len(state.spec_token_ids) for state, _ in drafting]
         drafts: list[list[int]] = [[] for _ in drafting]
         probs: list[list[torch.Tensor]] = [[] for _ in drafting]

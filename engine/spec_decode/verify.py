@@ -11,6 +11,7 @@ import itertools
 import torch
 
 from engine.contract import ModelRunnerOutput
+from engine.device import to_device
 from engine.input_batch import ScheduledRow
 
 
@@ -48,7 +49,7 @@ def stacked_draft_probs(rows: list[ScheduledRow], draft_probs: dict[str, torch.T
                 sources.append(q[j])
     first = next(iter(draft_probs.values()))
     stacked = first.new_zeros(len(rows), first.shape[1])
-    stacked[torch.tensor(targets, device=first.device)] = torch.stack(sources)
+    stacked[to_device(torch.tensor(targets), first.device)] = torch.stack(sources)
     return stacked
 
 
