@@ -70,15 +70,24 @@ class KVMemory:
         useful = self.config.max_num_seqs * self.max_blocks_per_seq
         return min(useful, DEFAULT_CPU_KV_BYTES // self.bytes_per_block)
 
-    def allocate(self, num_blocks: int, show_progress: bool = True) -> None:
+    def layer_shapes(self, num_blocks: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Each layer's cache (a draft's after this model's): what `allocate` takes, in its order."""
+        own = [((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size), self.dtype)]
+        return own * len(self.model.attention_layers()) + (self.draft.layer_shapes(num_blocks) if self.draft else [])
+
+    def allocate(self, num_blocks: int, show_progress: bool = True,
+                 take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        """`take(shape, dtype)`: where each layer's cache lives (a sleeping engine's fixed-address region); torch's
+        allocator by default."""
         self.num_blocks = num_blocks
         layers = self.model.attention_layers()
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_size)
         # The engine logs the cache's totals once it is allocated.
         for layer in progress(layers, "allocating the KV cache", "layer", len(layers)) if show_progress else layers:
-            layer.kv_cache = torch.zeros((2, num_blocks, self.block_size, self.num_kv_heads, self.head_size),
-                                         dtype=self.dtype, device=self.device)
+            layer.kv_cache = (take(shape, self.dtype).zero_() if take is not None
+                              else torch.zeros(shape, dtype=self.dtype, device=self.device))
         if self.draft is not None:
-            self.draft.allocate(num_blocks)
+            self.draft.allocate(num_blocks, take=take)
         if self.num_host_blocks and self.host_cache is None:  # kept while asleep: host memory is not the GPU's
             self.host_cache = [torch.zeros((self.num_host_blocks, 2, self.block_size, self.num_kv_heads,
                                             self.head_size), dtype=self.dtype, pin_memory=self.device.type == "cuda")

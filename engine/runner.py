@@ -69,6 +69,7 @@ class ModelRunner:
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,
                                 config.block_size, device, with_lora=config.enable_lora)
         self.requests = RequestStates()
+        self.fixed_memory = None  # engine.sleep_rank.FixedMemory: the weights and cache after a first wake
         self.lora: LoraManager | None = None
         if config.enable_lora:
             layers = add_lora_layers(self.model, config.max_loras, config.max_lora_rank, self.batch.lora_slots.device)

@@ -3,10 +3,11 @@ host memory (on a CPU engine they stay where they are: host memory already), so 
 compiled kernels survive and a wake costs two copies instead of a load from disk.
 
 The cache's contents are lost, so the prefix cache forgets every block. CUDA graphs hold the device addresses of
-the weights and the cache they were captured with; those change across a sleep, so the graphs are dropped with the
-memory they pinned and captured again on wake (kernels stay compiled, so this is the cheap part of a start). A
-tensor- or pipeline-parallel engine sleeps the same way on every rank: rank 0 tells its workers (`SleepLevel1`),
-each moves its own shard, and the wake's graph capture is the usual broadcast one.
+the weights and the cache they were captured with: the first sleep drops them, and the first wake places weights and
+cache at fixed addresses (engine.sleep_rank) and captures them again; later sleeps keep the graphs (and their memory
+pool) and a wake only maps memory back and copies the weights. A tensor- or pipeline-parallel engine sleeps the same
+way on every rank: rank 0 tells its workers (`SleepLevel1`), each moves its own shard, and a wake's graph capture,
+when one is needed, is the usual broadcast one.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ class EngineSleep:
             return
         if isinstance(core.runner, TensorParallelRunner):
             core.runner.send(SleepLevel1(asleep=False, num_blocks=self._num_blocks))
-        wake_runner(_local(core.runner), self._num_blocks)
+        graphs_kept = wake_runner(_local(core.runner), self._num_blocks)
         self._host_bytes = 0
-        if core.runner.use_cuda_graphs:
+        if core.runner.use_cuda_graphs and not graphs_kept:
             core.runner.capture_cuda_graphs()  # on every rank
         self.asleep = False
 
@@ -75,7 +76,8 @@ class EngineSleep:
             weight_bytes=core.weight_bytes if weights_here else 0,
             kv_cache_bytes=0 if self.asleep else kv_memory.num_blocks * kv_memory.bytes_per_block,
             host_copy_bytes=self._host_bytes, seconds=seconds, error=error,
-            device_memory_bytes=torch.cuda.memory_reserved(core.device) if core.device.type == "cuda" else 0)
+            device_memory_bytes=(torch.cuda.memory_reserved(core.device) + _fixed_bytes(core.runner)
+                                 if core.device.type == "cuda" else 0))
 
     def handle(self, sleep: bool) -> EngineSleepState:
         """Sleeps or wakes; a refusal is reported in the state, not raised."""
@@ -87,6 +89,12 @@ class EngineSleep:
         seconds = time.perf_counter() - started
         logger.info("engine %s in %.2f s", "asleep (level 1)" if sleep else "awake", seconds)
         return self.state(seconds)
+
+
+def _fixed_bytes(runner: ModelRunner | TensorParallelRunner) -> int:
+    """This rank's fixed-address memory (engine.device_region): mapped, it is the device's, though not torch's."""
+    fixed = _local(runner).fixed_memory
+    return fixed.mapped_bytes if fixed is not None else 0
 
 
 def _local(runner: ModelRunner | TensorParallelRunner) -> ModelRunner:

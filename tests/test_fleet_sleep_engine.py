@@ -1,5 +1,5 @@
 """`engine.sleep` on an engine directly: level 1 frees the KV cache (and on a GPU moves the weights to pinned host
-memory and drops the CUDA graphs), a wake restores them, and greedy outputs after the wake are identical to the
+memory; the CUDA graphs are captured again on the first wake only, on fixed addresses), a wake restores them, and greedy outputs after the wake are identical to the
 engine's before it ever slept. The GPU case runs where CUDA is present (the lead's GPU run)."""
 
 import pytest
@@ -24,7 +24,9 @@ def test_level_1_round_trip_gives_identical_greedy_outputs(tiny_model, device):
     core, sleeper = llm.core, EngineSleep(llm.core)
     awake = sleeper.state()
     allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
-    for _ in range(3):
+    first_graphs = None
+    for cycle in range(3):
+        free_before = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
         asleep = sleeper.handle(sleep=True)
         assert asleep.asleep and not asleep.error and asleep.kv_cache_bytes == 0
         assert all(layer.kv_cache is None for layer in core.runner.model.attention_layers())
@@ -34,6 +36,8 @@ def test_level_1_round_trip_gives_identical_greedy_outputs(tiny_model, device):
             assert next(core.runner.model.parameters()).is_pinned()
             freed = allocated - torch.cuda.memory_allocated()
             assert freed >= core.weight_bytes + awake.kv_cache_bytes
+            # From the second sleep the weights and cache live outside torch's allocator: the driver sees them go.
+            assert torch.cuda.mem_get_info()[0] - free_before >= core.weight_bytes + awake.kv_cache_bytes
         else:
             assert asleep.weight_bytes == awake.weight_bytes and asleep.host_copy_bytes == 0
         woken = sleeper.handle(sleep=False)
@@ -41,6 +45,25 @@ def test_level_1_round_trip_gives_identical_greedy_outputs(tiny_model, device):
         assert woken.weight_bytes == awake.weight_bytes and woken.host_copy_bytes == 0
         after = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         assert after == before
+        if device == "cuda":  # the first wake captures on fixed addresses; later ones replay those very graphs
+            assert core.runner.fixed_memory is not None and core.runner.cuda_graphs._graphs
+            graphs = dict(core.runner.cuda_graphs._graphs)
+            first_graphs = first_graphs or graphs
+            assert all(graphs[shape] is first_graphs[shape] for shape in first_graphs)
+
+
+def test_weights_move_in_the_order_fixed_memory_lays_them_out(tiny_model):
+    """A wake copies tensor i of `_move_weights` into view i of the fixed region, laid out by `_unique_tensors`:
+    both must walk the tensors alike, a tied embedding once."""
+    from engine.sleep_rank import _move_weights, _unique_tensors
+
+    llm = LLM(tiny_model("llama", tie_word_embeddings=True), device="cpu", kv_cache_memory_bytes=16 << 20)
+    model = llm.core.runner.model
+    expected = [t.data_ptr() for t in _unique_tensors(model)]
+    seen = []
+    _move_weights(model, lambda i, t: seen.append((i, t.data_ptr())) or t.clone())
+    assert seen == list(enumerate(expected))
+    assert len(_unique_tensors(model)) == len(expected)  # the clones replaced each tensor once
 
 
 def test_a_busy_engine_refuses_level_1(tiny_model):
