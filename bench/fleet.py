@@ -178,7 +178,11 @@ def run_wake(args, prompt: list[int]) -> dict:
                 ttft = complete(server.http, "m", prompt, 1)[0]
                 wake = server.model("m")["last_wake_s"]
                 rows.append({"ttft_s": ttft, "wake_s": wake, "first_token_s": ttft - wake})
-            result[f"level_{level}"] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+            result[f"level_{level}"] = {**{key: statistics.median(r[key] for r in rows) for key in rows[0]},
+                                        "wake_s_each": [r["wake_s"] for r in rows]}
+        # The engine logs each wake's phases (memory mapped, weights copied, graphs kept or captured).
+        result["engine_wake_log"] = [line.split("INFO", 1)[-1].strip() for line in
+                                     server.log.read_text(errors="replace").splitlines() if "wake: " in line]
         return result
 
 

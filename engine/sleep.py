@@ -63,7 +63,9 @@ class EngineSleep:
         graphs_kept = wake_runner(_local(core.runner), self._num_blocks)
         self._host_bytes = 0
         if core.runner.use_cuda_graphs and not graphs_kept:
+            started = time.perf_counter()
             core.runner.capture_cuda_graphs()  # on every rank
+            logger.info("wake: CUDA graphs captured in %.3f s", time.perf_counter() - started)
         self.asleep = False
 
     def state(self, seconds: float = 0.0, error: str = "") -> EngineSleepState:

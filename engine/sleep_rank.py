@@ -10,6 +10,7 @@ costs the weights' copy, not a capture. Where the driver has no virtual memory m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,7 @@ def wake_runner(runner: ModelRunner, num_blocks: int) -> bool:
     if runner.device.type != "cuda":
         runner.kv_memory.allocate(num_blocks)
         return False
+    phases = _Phases(runner.device)
     fixed = runner.fixed_memory
     kept = fixed is not None and fixed.fits(runner, num_blocks)
     if fixed is not None and not kept:  # the weights' or the cache's shapes changed: new regions, new graphs
@@ -53,16 +55,36 @@ def wake_runner(runner: ModelRunner, num_blocks: int) -> bool:
         fixed = runner.fixed_memory = FixedMemory.create(runner, num_blocks)
     if fixed is None:
         _move_weights(runner.model, lambda i, t: t.to(runner.device, non_blocking=True))
+        phases.mark("weights")
         runner.kv_memory.allocate(num_blocks, show_progress=False)
     else:
         fixed.map()
+        phases.mark("map")  # on a first wake, the regions' creation
         _move_weights(runner.model, lambda i, t: fixed.weights[i].copy_(t, non_blocking=True))
+        phases.mark("weights")
         runner.kv_memory.allocate(num_blocks, show_progress=False, take=BumpAllocator(fixed.kv_region).take)
+    phases.mark("kv_cache")
     # Pinned blocks go back to torch's host cache when freed; an awake engine should not hold a copy of its
     # weights there (the next sleep allocates again), once the copies from them are done.
-    torch.cuda.synchronize(runner.device)
     _empty_host_cache()
+    phases.mark("host_cache")
+    logger.info("wake: %s; CUDA graphs %s", phases, "kept" if kept else "to capture")
     return kept
+
+
+class _Phases:
+    """Seconds per phase of a wake, each measured to its device work's end (the log says where a wake went)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._last = device, {}, time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name], self._last = now - self._last, now
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={s:.3f}s" for name, s in self.seconds.items())
 
 
 class FixedMemory:

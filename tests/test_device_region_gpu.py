@@ -25,8 +25,10 @@ def test_views_compute_and_the_memory_comes_back_at_the_same_addresses():
         x = torch.randn(4, 1024, device=device, dtype=torch.bfloat16)
         torch.testing.assert_close(x @ a, x @ a.clone())
         address = a.data_ptr()
+        torch.cuda.synchronize()
+        free_mapped = torch.cuda.mem_get_info()[0]  # after cuBLAS loaded its kernels and torch cached blocks
         region.unmap()
-        assert not region.mapped and torch.cuda.mem_get_info()[0] - free_before > -(64 << 20)
+        assert not region.mapped and torch.cuda.mem_get_info()[0] - free_mapped >= NUM_BYTES
         region.map()
         again = BumpAllocator(region).take((1024, 1024), torch.bfloat16)
         assert again.data_ptr() == address
