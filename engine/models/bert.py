@@ -10,7 +10,8 @@ SDPA on CUDA was host-bound: each step's new (sequences, longest) shape costs cu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -37,10 +38,15 @@ _HEAD_NAMES = {"pooler.dense": "head.dense", "classifier.dense": "head.dense", "
 _PREFIXES = ("bert.", "roberta.")
 
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10
-    varlen_attn = None
+@functools.cache
+def _varlen_attn() -> Callable | None:
+    """FlashAttention's varlen entry point, imported on first use: the module imports torch._dynamo (1.7 s on the
+    CPU), which every engine paid at start-up through the model registry. None before torch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 class EncoderBatch(NamedTuple):
@@ -91,7 +97,7 @@ class BertLayer(nn.Module):
         if batch.cu_seqlens is not None:
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_size).unbind(1)
             cu, longest = batch.cu_seqlens, batch.max_len
-            return varlen_attn(q, k, v, cu, cu, longest, longest).view(-1, width)
+            return _varlen_attn()(q, k, v, cu, cu, longest, longest).view(-1, width)
         padded = qkv.new_zeros(batch.num_seqs * batch.max_len, 3 * width).index_copy_(0, batch.index, qkv)
         # [3, num_seqs, heads, max_len, head_size]
         q, k, v = padded.view(batch.num_seqs, batch.max_len, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
@@ -159,8 +165,8 @@ class BertModel(nn.Module):
 
     def _varlen(self, hidden: torch.Tensor) -> bool:
         """Whether FlashAttention's varlen kernel takes this batch (CUDA, half precision, its head sizes)."""
-        return (varlen_attn is not None and hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
-                and self.config.head_size % 8 == 0 and self.config.head_size <= 256)
+        return (hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16) and self.config.head_size % 8 == 0
+                and self.config.head_size <= 256 and _varlen_attn() is not None)
 
     def classify(self, first_token: torch.Tensor) -> torch.Tensor:
         return self.head(first_token)
