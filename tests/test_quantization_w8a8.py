@@ -62,14 +62,20 @@ def fake_quant_asym(x: torch.Tensor, scale: float | None, zero_point: int | None
     return fake_quantize(x, s, z, args)
 
 
-def ct_config(kind: str, strategy: str, static: bool, symmetric_inputs: bool = True) -> dict:
-    """compressed-tensors' own serialization of an FP8 / INT8 W8A8 scheme (as llm-compressor saves it)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+def ct_scheme(kind: str, strategy: str, static: bool, symmetric_inputs: bool = True):
+    """compressed-tensors' FP8 / INT8 W8A8 scheme for every Linear."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     inputs = (QuantizationArgs(num_bits=8, type=kind, symmetric=True, dynamic=not static,
                                strategy="tensor" if static else "token") if symmetric_inputs else ct_asym_args(static))
-    scheme = QuantizationScheme(
+    return QuantizationScheme(
         targets=["Linear"], weights=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy=strategy),
         input_activations=inputs)
+
+
+def ct_config(kind: str, strategy: str, static: bool, symmetric_inputs: bool = True) -> dict:
+    """compressed-tensors' own serialization of an FP8 / INT8 W8A8 scheme (as llm-compressor saves it)."""
+    from compressed_tensors.quantization import QuantizationConfig
+    scheme = ct_scheme(kind, strategy, static, symmetric_inputs)
     fmt = "float-quantized" if kind == "float" else "int-quantized"
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
                                 ignore=["lm_head"])
@@ -77,16 +83,24 @@ def ct_config(kind: str, strategy: str, static: bool, symmetric_inputs: bool = T
             **json.loads(config.model_dump_json(exclude=["quant_method"]))}
 
 
-def int8_tensors(w: torch.Tensor, static_asym: tuple[float, int] | None = None):
-    """llm-compressor's int8 tensors: per-channel weight scales in bfloat16; a static asymmetric input as its
-    `input_scale` [1] and int8 `input_zero_point` [1]."""
-    scale = w.abs().amax(dim=1, keepdim=True) / 127
-    q = (w / scale).round().clamp(-128, 127).to(torch.int8)
-    tensors = {"weight": q, "weight_scale": scale.to(torch.bfloat16)}
-    if static_asym is not None:
-        tensors["input_scale"] = torch.tensor([static_asym[0]], dtype=torch.bfloat16)
-        tensors["input_zero_point"] = torch.tensor([static_asym[1]], dtype=torch.int8)
-    return tensors, q.float() * scale.to(torch.bfloat16).float()
+def int8_writer(static: bool = False, symmetric_inputs: bool = True, static_asym: tuple[float, int] | None = None):
+    """A layer writer whose tensors are what compressed-tensors' int-quantized compressor saves: its own per-channel
+    qparams (bfloat16 scales), the weight quantized by it, zero points dropped where the scheme is symmetric; a
+    static asymmetric input keeps its `input_scale` [1] and int8 `input_zero_point` [1]."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+    scheme = ct_scheme("int", "channel", static, symmetric_inputs)
+
+    def write(w: torch.Tensor):
+        scale, zero_point = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme.weights)
+        state = {"weight": w, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero_point}
+        if static_asym is not None:
+            state["input_scale"] = torch.tensor([static_asym[0]], dtype=torch.bfloat16)
+            state["input_zero_point"] = torch.tensor([static_asym[1]], dtype=torch.int8)
+        tensors = IntQuantizationCompressor.compress(state, scheme)
+        assert "weight_zero_point" not in tensors and ("input_zero_point" in tensors) == (static_asym is not None)
+        return tensors, tensors["weight"].float() * tensors["weight_scale"].float()
+    return write
 
 
 ASYM_STATIC = (float(torch.tensor(8.0 / 255).bfloat16()), -3)  # inputs within about [-3.9, 4.1]: a zero point off 0
@@ -98,11 +112,11 @@ CHECKPOINTS = {
                           INPUT_SCALE),
     "ct-fp8-channel-dynamic": (ct_config("float", "channel", False), lambda w: qc.fp8_tensors(w, True, None),
                                torch.float8_e4m3fn, None),
-    "ct-int8-channel-dynamic": (ct_config("int", "channel", False), int8_tensors, torch.int8, None),
-    "ct-int8-channel-dynamic-asym": (ct_config("int", "channel", False, symmetric_inputs=False), int8_tensors,
-                                     "asym", None),
+    "ct-int8-channel-dynamic": (ct_config("int", "channel", False), int8_writer(), torch.int8, None),
+    "ct-int8-channel-dynamic-asym": (ct_config("int", "channel", False, symmetric_inputs=False),
+                                     int8_writer(symmetric_inputs=False), "asym", None),
     "ct-int8-channel-static-asym": (ct_config("int", "channel", True, symmetric_inputs=False),
-                                    lambda w: int8_tensors(w, ASYM_STATIC), "asym", ASYM_STATIC),
+                                    int8_writer(True, False, ASYM_STATIC), "asym", ASYM_STATIC),
 }
 
 
