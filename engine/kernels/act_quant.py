@@ -24,23 +24,27 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _row_scale(x_row, K: tl.constexpr, TOP: tl.constexpr, ASYM: tl.constexpr, BLOCK: tl.constexpr):
-    """The row's dynamic scale (and int8 zero point, as a float, when ASYM) as the reference computes them."""
-    high = tl.zeros((BLOCK,), dtype=tl.float32)  # masked columns read 0, which the asymmetric range holds anyway
+def _row_absmax_scale(x_row, K: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        cols = k + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
+    return tl.maximum(tl.max(amax, axis=0) / TOP, 1e-12)
+
+
+@triton.jit
+def _row_range_scale(x_row, K: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
+    """Asymmetric int8: (scale, zero point as a float) over the row's range widened to hold 0, as the reference."""
+    high = tl.zeros((BLOCK,), dtype=tl.float32)  # masked columns read 0, which the range holds anyway
     low = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if ASYM:
-            high = tl.maximum(high, v)
-            low = tl.minimum(low, v)
-        else:
-            high = tl.maximum(high, tl.abs(v))
-    if ASYM:
-        low_row = tl.min(low, axis=0)
-        scale = tl.maximum(tl.math.div_rn(tl.max(high, axis=0) - low_row, 2.0 * TOP + 1.0), 1e-12)
-        return scale, _round_half_even(-TOP - 1.0 - tl.math.div_rn(low_row, scale))
-    return tl.maximum(tl.max(high, axis=0) / TOP, 1e-12), 0.0
+        high = tl.maximum(high, v)
+        low = tl.minimum(low, v)
+    low_row = tl.min(low, axis=0)
+    scale = tl.maximum(tl.math.div_rn(tl.max(high, axis=0) - low_row, 2.0 * TOP + 1.0), 1e-12)
+    return scale, _round_half_even(-TOP - 1.0 - tl.math.div_rn(low_row, scale))
 
 
 @triton.jit(do_not_specialize=["stride_x"])
@@ -51,9 +55,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, zp_ptr, static_zp
     x_row = x_ptr + row * stride_x
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
-        zero = tl.load(static_zp_ptr).to(tl.float32) if ASYM else 0.0
+        if ASYM:
+            zero = tl.load(static_zp_ptr).to(tl.float32)
+    elif ASYM:
+        scale, zero = _row_range_scale(x_row, K, TOP, BLOCK)
     else:
-        scale, zero = _row_scale(x_row, K, TOP, ASYM, BLOCK)
+        scale = _row_absmax_scale(x_row, K, TOP, BLOCK)
     tl.store(scale_ptr + row, scale)
     if ASYM:
         tl.store(zp_ptr + row, zero.to(tl.int32))
