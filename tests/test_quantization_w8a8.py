@@ -223,6 +223,7 @@ def test_asymmetric_activations_are_int8_only_and_static_pairs_merge_to_cover_ev
         parse_quantization(config, None)
     assert error.value.key == "quantization_config.config_groups.group_0.input_activations.symmetric"
     assert parse_quantization(None, "fp8").input_symmetric and not parse_quantization(None, "int8").input_symmetric
+    assert parse_quantization(None, "int8").describe().endswith("dynamic asymmetric per-token activations")
     # q, k and v's static pairs -> one pair for the merged qkv_proj whose range holds each part's range (within the
     # half step the zero point's rounding moves it).
     scales, zero_points = torch.tensor([0.02, 0.05, 0.01]), torch.tensor([-10.0, 30.0, 0.0])
