@@ -86,6 +86,10 @@ QUANTIZATIONS = {
                  "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                        "dynamic": True}}}},
 }
+# The same with a zero point per token (what online `quantization: int8` runs): the GEMM's zero-point epilogue.
+QUANTIZATIONS["int8-asym"] = {**QUANTIZATIONS["int8"], "config_groups": {"group_0": {
+    **QUANTIZATIONS["int8"]["config_groups"]["group_0"],
+    "input_activations": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}}}}
 
 
 def quantized_shape_folder(shape: str, quantization: str = "none") -> str:

@@ -2,6 +2,7 @@
 
     python bench/perplexity.py                               # builtin SmolLM2 on the GPL-3 text Debian ships
     python bench/perplexity.py --max-tokens 1024 --window 256 --device cpu
+    python bench/perplexity.py --configs "float,int8 weights"  # some rows only
 
 The text is tokenized once and cut into windows of --window tokens; each window is one prompt whose prompt logprobs
 (the engine's own, `SamplingParams.prompt_logprobs`) give the log-likelihood of every token after its first.
@@ -93,13 +94,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="only the text's first N tokens")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated rows to run, float first for the comparison ({', '.join(CONFIGS)})")
     args = parser.parse_args()
+    names = args.configs.split(",")
+    if set(names) - set(CONFIGS):
+        parser.error(f"--configs: unknown {sorted(set(names) - set(CONFIGS))}; expected some of {', '.join(CONFIGS)}")
     text = Path(args.text).read_text()
     model = float_checkpoint(args.model)
     print(f"model {args.model}, text {args.text}, window {args.window}, device {args.device}, dtype {args.dtype}")
     print(f"{'config':<14} {'perplexity':>10} {'vs float':>9} {'seconds':>8}")
     base = None
-    for name, extra in CONFIGS.items():
+    for name in names:
+        extra = CONFIGS[name]
         start = time.perf_counter()
         value = perplexity(model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
                            **extra)

@@ -1,5 +1,6 @@
 """Times the quantized linears against bf16 cuBLAS on Llama-3.1-8B's four projections (CUDA only), to pick the
-W4A16 kernel's launch heuristics and to see where the W8A8 path's time goes.
+W4A16 kernel's launch heuristics and to see where the W8A8 path's time goes (int8 also with asymmetric
+activations: the zero-point epilogue's cost).
 
 Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
 gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
@@ -112,6 +113,11 @@ def main() -> None:
                 xq, fp8[0].t(), scale_a=xs, scale_b=fp8[1].view(1, n), out_dtype=torch.bfloat16)), k * n, base))
             print(row("int8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, i8[0], i8[1], None)), k * n, base))
+            azp_adj = i8[0].sum(dim=1, dtype=torch.int32)
+            print(row("int8 w8a8 asymmetric (+ zero points)", graph_time_us(
+                lambda: w8a8.w8a8_linear(x, i8[0], i8[1], None, azp_adj=azp_adj)), k * n, base))
+            print(row("  int8 asymmetric quantize (Triton)", graph_time_us(
+                lambda: act_quant.quantize_activations_asym(x)), k * n, base))
             sys.stdout.flush()
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # bf16 and each quantized format side by side (Llama-3.1-8B shape, dummy weights): batch-1 decode (latency.py) and
-# the offline workload (throughput.py, 200 x 1024/128), then one table. About 8 minutes on an H200.
+# the offline workload (throughput.py, 200 x 1024/128), then one table. About 9 minutes on an H200.
 #
 #   bash bench/quantization.sh [OUT_DIR]
 set -u
 out=${1:-bench-out/quantization}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-for q in none gptq-w4a16 awq-w4a16 fp8 int8; do
+for q in none gptq-w4a16 awq-w4a16 fp8 int8 int8-asym; do
     echo "== $q"
     timeout 150 python3 bench/latency.py --quantization "$q" --iters 2 --json "$out/latency-$q.json" 2>&1 | grep kvbox
     timeout 150 python3 bench/throughput.py --quantization "$q" --json "$out/throughput-$q.json" 2>&1 | grep kvbox
@@ -19,7 +19,7 @@ out = Path(sys.argv[1])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None
 base_lat, base_thr = load("latency-none.json"), load("throughput-none.json")
 print(f"{'format':12s} {'weights GB':>10s} {'decode tok/s':>12s} {'x bf16':>7s} {'req/s':>7s} {'x bf16':>7s}")
-for q in ("none", "gptq-w4a16", "awq-w4a16", "fp8", "int8"):
+for q in ("none", "gptq-w4a16", "awq-w4a16", "fp8", "int8", "int8-asym"):
     lat, thr = load(f"latency-{q}.json"), load(f"throughput-{q}.json")
     rate = lat["kvbox"]["decode_tokens_per_s"] if lat else float("nan")
     rps = thr["rows"][0]["requests_per_s"] if thr else float("nan")

@@ -216,7 +216,7 @@ def test_lora_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights
     check_workload(llm, [(0, "attn"), (1, "mlp"), (1, "attn")], prompt_ids, references)
 
 
-@pytest.mark.parametrize("quantization", ["gptq-w4a16", "awq-w4a16", "fp8", "int8"])
+@pytest.mark.parametrize("quantization", ["gptq-w4a16", "awq-w4a16", "fp8", "int8", "int8-asym"])
 def test_dummy_weights_fill_every_format_at_a_realistic_spread(quantization):
     """`load_format: dummy` with a checkpoint's quantization_config (what the benchmarks run): packed tensors filled,
     processed like a real load, weights about as large as the float dummy's, finite logits, fewer bytes."""

@@ -1,5 +1,7 @@
 """8-bit weights with quantized activations (FP8 and INT8 W8A8: fp8 checkpoints, compressed-tensors float- and
 int-quantized, online `quantization: fp8 | int8`) against a fake-quantized transformers model of the same scheme.
+Asymmetric int8 activations (a zero point per token or a static one) are fake-quantized by compressed-tensors' own
+`calculate_qparams` / `fake_quantize`, the library llm-compressor quantizes with.
 
 They cannot match float token for token, so the rule is relative to the quantization's own effect: along the
 reference's greedy path, the mean |logprob difference| between kvbox and the fake-quantized reference must be at most
@@ -42,13 +44,38 @@ def fake_quant(x: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torc
     return (q.to(dtype).float() if dtype == torch.float8_e4m3fn else q.round()) * s
 
 
-def ct_config(kind: str, strategy: str, static: bool) -> dict:
-    """compressed-tensors' own serialization of an FP8 / INT8 W8A8 scheme (as llm-compressor saves it)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    scheme = QuantizationScheme(
+def ct_asym_args(static: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+    return QuantizationArgs(num_bits=8, type="int", symmetric=False, dynamic=not static,
+                            strategy="tensor" if static else "token")
+
+
+def fake_quant_asym(x: torch.Tensor, scale: float | None, zero_point: int | None) -> torch.Tensor:
+    """Asymmetric int8 activations as compressed-tensors quantizes them: per token, or the static pair."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    args = ct_asym_args(static=scale is not None)
+    if scale is None:
+        s, z = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+    else:
+        s, z = torch.tensor([scale]), torch.tensor([zero_point], dtype=torch.int8)
+    return fake_quantize(x, s, z, args)
+
+
+def ct_scheme(kind: str, strategy: str, static: bool, symmetric_inputs: bool = True):
+    """compressed-tensors' FP8 / INT8 W8A8 scheme for every Linear."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    inputs = (QuantizationArgs(num_bits=8, type=kind, symmetric=True, dynamic=not static,
+                               strategy="tensor" if static else "token") if symmetric_inputs else ct_asym_args(static))
+    return QuantizationScheme(
         targets=["Linear"], weights=QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy=strategy),
-        input_activations=QuantizationArgs(num_bits=8, type=kind, symmetric=True, dynamic=not static,
-                                           strategy="tensor" if static else "token"))
+        input_activations=inputs)
+
+
+def ct_config(kind: str, strategy: str, static: bool, symmetric_inputs: bool = True) -> dict:
+    """compressed-tensors' own serialization of an FP8 / INT8 W8A8 scheme (as llm-compressor saves it)."""
+    from compressed_tensors.quantization import QuantizationConfig
+    scheme = ct_scheme(kind, strategy, static, symmetric_inputs)
     fmt = "float-quantized" if kind == "float" else "int-quantized"
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
                                 ignore=["lm_head"])
@@ -56,21 +83,47 @@ def ct_config(kind: str, strategy: str, static: bool) -> dict:
             **json.loads(config.model_dump_json(exclude=["quant_method"]))}
 
 
-def int8_tensors(w: torch.Tensor):
-    scale = w.abs().amax(dim=1, keepdim=True) / 127
-    q = (w / scale).round().clamp(-128, 127).to(torch.int8)
-    return {"weight": q, "weight_scale": scale.to(torch.bfloat16)}, q.float() * scale.to(torch.bfloat16).float()
+def int8_writer(static: bool = False, symmetric_inputs: bool = True, static_asym: tuple[float, int] | None = None):
+    """A layer writer whose tensors are what compressed-tensors' int-quantized compressor saves: its own per-channel
+    qparams (bfloat16 scales), the weight quantized by it, zero points dropped where the scheme is symmetric; a
+    static asymmetric input keeps its `input_scale` [1] and int8 `input_zero_point` [1]."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+    scheme = ct_scheme("int", "channel", static, symmetric_inputs)
+
+    def write(w: torch.Tensor):
+        scale, zero_point = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme.weights)
+        state = {"weight": w, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero_point}
+        if static_asym is not None:
+            state["input_scale"] = torch.tensor([static_asym[0]], dtype=torch.bfloat16)
+            state["input_zero_point"] = torch.tensor([static_asym[1]], dtype=torch.int8)
+        tensors = IntQuantizationCompressor.compress(state, scheme)
+        assert "weight_zero_point" not in tensors and ("input_zero_point" in tensors) == (static_asym is not None)
+        return tensors, tensors["weight"].float() * tensors["weight_scale"].float()
+    return write
 
 
-# name -> (quantization_config, layer writer, activation dtype, static input scale)
+ASYM_STATIC = (float(torch.tensor(8.0 / 255).bfloat16()), -3)  # inputs within about [-3.9, 4.1]: a zero point off 0
+
+# name -> (quantization_config, layer writer, activation dtype or "asym", static input scale (asym: scale, zero point))
 CHECKPOINTS = {
     "fp8-tensor-dynamic": (qc.fp8_config(False), lambda w: qc.fp8_tensors(w, False, None), torch.float8_e4m3fn, None),
     "fp8-tensor-static": (qc.fp8_config(True), lambda w: qc.fp8_tensors(w, False, INPUT_SCALE), torch.float8_e4m3fn,
                           INPUT_SCALE),
     "ct-fp8-channel-dynamic": (ct_config("float", "channel", False), lambda w: qc.fp8_tensors(w, True, None),
                                torch.float8_e4m3fn, None),
-    "ct-int8-channel-dynamic": (ct_config("int", "channel", False), int8_tensors, torch.int8, None),
+    "ct-int8-channel-dynamic": (ct_config("int", "channel", False), int8_writer(), torch.int8, None),
+    "ct-int8-channel-dynamic-asym": (ct_config("int", "channel", False, symmetric_inputs=False),
+                                     int8_writer(symmetric_inputs=False), "asym", None),
+    "ct-int8-channel-static-asym": (ct_config("int", "channel", True, symmetric_inputs=False),
+                                    int8_writer(True, False, ASYM_STATIC), "asym", ASYM_STATIC),
 }
+
+
+def fake_input(x: torch.Tensor, dtype, input_scale) -> torch.Tensor:
+    if dtype == "asym":
+        return fake_quant_asym(x, *(input_scale or (None, None)))
+    return fake_quant(x, dtype, input_scale)
 
 
 def reference_logits(folder, weights: dict[str, torch.Tensor] | None, dtype, input_scale) -> torch.Tensor:
@@ -81,7 +134,7 @@ def reference_logits(folder, weights: dict[str, torch.Tensor] | None, dtype, inp
             if weights is not None:
                 module.weight.data = weights[name + ".weight"]
             if dtype is not None:
-                module.register_forward_pre_hook(lambda _, args: (fake_quant(args[0], dtype, input_scale),))
+                module.register_forward_pre_hook(lambda _, args: (fake_input(args[0], dtype, input_scale),))
     with torch.inference_mode():
         return model(torch.tensor([TOKENS])).logits[0]
 
@@ -107,7 +160,9 @@ def test_w8a8_checkpoint_within_the_rule(float_model, float_logits, tmp_path, na
     dequantized = qc.write_quantized(float_model, tmp_path / "q", config_dict, writer)
     config = ModelConfig.from_pretrained(tmp_path / "q", dtype="float32")
     model = load_model(config, tmp_path / "q", CPU)
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == (torch.int8 if dtype == "asym" else dtype)
+    assert (down.azp_adj is not None) == (dtype == "asym")
     got = prefill_logits(model, config, TOKENS)
     fake = reference_logits(float_model, dequantized, dtype, input_scale)
     assert rule_ratio(got, fake, float_logits) <= TOLERANCE
@@ -119,9 +174,10 @@ def test_w8a8_checkpoint_within_the_rule(float_model, float_logits, tmp_path, na
     assert rule_ratio(wrong, fake, float_logits) > TOLERANCE
 
 
-@pytest.mark.parametrize("method, dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+@pytest.mark.parametrize("method, dtype, inputs", [("fp8", torch.float8_e4m3fn, torch.float8_e4m3fn),
+                                                   ("int8", torch.int8, "asym")])
 @torch.inference_mode()
-def test_online_quantization_within_the_rule(float_model, float_logits, method, dtype):
+def test_online_quantization_within_the_rule(float_model, float_logits, method, dtype, inputs):
     config = ModelConfig.from_pretrained(float_model, dtype="float32")
     model = load_model(config, float_model, CPU, quantization=method)
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -131,8 +187,11 @@ def test_online_quantization_within_the_rule(float_model, float_logits, method, 
     for name, module in AutoModelForCausalLM.from_pretrained(float_model, dtype=torch.float32).named_modules():
         if name.split(".")[-1] in qc.LINEARS:
             weights[name + ".weight"] = fake_quant(module.weight.data, dtype, None)
-    fake = reference_logits(float_model, weights, dtype, None)
+    fake = reference_logits(float_model, weights, inputs, None)
     assert rule_ratio(prefill_logits(model, config, TOKENS), fake, float_logits) <= TOLERANCE
+    if inputs == "asym":  # the same rule tells asymmetric activations from the symmetric ones kvbox ran before
+        symmetric = reference_logits(float_model, weights, dtype, None)
+        assert rule_ratio(symmetric, fake, float_logits) > TOLERANCE
 
 
 def test_online_fp8_serves_through_the_engine(float_model):
@@ -153,3 +212,24 @@ def test_fp8_activations_are_refused_on_a_gpu_older_than_ada(monkeypatch):
         loader.check_device_runs(scheme, torch.device("cuda"), "m")
     loader.check_device_runs(parse_quantization(None, "int8"), torch.device("cuda"), "m")  # int8 runs anywhere
     loader.check_device_runs(scheme, torch.device("cpu"), "m")  # emulated on the CPU
+
+
+def test_asymmetric_activations_are_int8_only_and_static_pairs_merge_to_cover_every_part():
+    from engine.quantization.w8a8 import _merge_asymmetric
+
+    config = ct_config("float", "channel", False)
+    config["config_groups"]["group_0"]["input_activations"]["symmetric"] = False
+    with pytest.raises(QuantizationConfigError) as error:
+        parse_quantization(config, None)
+    assert error.value.key == "quantization_config.config_groups.group_0.input_activations.symmetric"
+    assert parse_quantization(None, "fp8").input_symmetric and not parse_quantization(None, "int8").input_symmetric
+    assert parse_quantization(None, "int8").describe().endswith("dynamic asymmetric per-token activations")
+    # q, k and v's static pairs -> one pair for the merged qkv_proj whose range holds each part's range (within the
+    # half step the zero point's rounding moves it).
+    scales, zero_points = torch.tensor([0.02, 0.05, 0.01]), torch.tensor([-10.0, 30.0, 0.0])
+    scale, zero_point = _merge_asymmetric(scales, zero_points)
+    low, high = scale * (-128 - zero_point), scale * (127 - zero_point)
+    assert float(low) <= float((scales * (-128 - zero_points)).min()) + float(scale) / 2
+    assert float(high) >= float((scales * (127 - zero_points)).max()) - float(scale) / 2
+    single = _merge_asymmetric(scales[:1], zero_points[:1])  # one part: its own pair
+    assert abs(float(single[0]) - 0.02) < 1e-8 and int(single[1]) == -10

@@ -298,8 +298,9 @@ class ModelSpec(_Schema, kw_only=True):
         "How the model is spread over GPUs.")] = field(default_factory=ParallelismSpec)
     quantization: Annotated[Quantization | None, _doc(
         "Quantize a float checkpoint at load: fp8 (e4m3 weights per output channel, dynamic per-token activations) "
-        "or int8 (W8A8, the same scales). null or none: run the checkpoint as it is, quantized (GPTQ, AWQ, "
-        "compressed-tensors, fp8: read from its config.json) or not.")] = engine_default("quantization")
+        "or int8 (W8A8, the same weight scales; asymmetric per-token activations, a zero point each). null or none: "
+        "run the checkpoint as it is, quantized (GPTQ, AWQ, compressed-tensors, fp8: read from its config.json) or "
+        "not.")] = engine_default("quantization")
     gguf_dequantize: Annotated[GGUFDequantize, _doc(
         "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
         "(fused in a Triton kernel on CUDA; on the CPU a layer at a time, several times slower than float); load "

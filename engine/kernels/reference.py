@@ -372,6 +372,25 @@ def quantize_activations(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tenso
     return (scaled.to(dtype) if dtype == torch.float8_e4m3fn else scaled.round().to(dtype)), scale
 
 
+INT8_MIN = -128.0
+
+
+def quantize_activations_asym(x: torch.Tensor, scale: torch.Tensor | None = None,
+                              zero_point: torch.Tensor | None = None):
+    """x [n, k] -> (int8 x, float32 scale [n, 1], int32 zero point [n, 1]) with x ~ scale * (q - zero point): the
+    static per-tensor `scale` / `zero_point` if given, else per token over the row's range widened to hold 0 (as
+    compressed-tensors' qparams: the zero point then stays within int8, and a constant row divides by no zero).
+    q = clamp(round(x / scale) + zero point), rounding half to even."""
+    x = x.float()
+    if scale is None:
+        low = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        high = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        scale = ((high - low) / (INT8_MAX - INT8_MIN)).clamp(min=1e-12)
+        zero_point = (INT8_MIN - low / scale).round()
+    q = ((x / scale).round() + zero_point.float()).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+    return q, scale.expand(x.shape[0], 1).float(), zero_point.expand(x.shape[0], 1).to(torch.int32)
+
+
 def dequantize_w8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """8-bit weight [out, in] (float8_e4m3fn or int8) -> float32: `weight_scale` is per output channel [out] or
     per block [ceil(out / b0), ceil(in / b1)]."""
@@ -385,10 +404,19 @@ def dequantize_w8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Ten
 
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
-                bias: torch.Tensor | None = None, quantize_input: bool = True) -> torch.Tensor:
+                bias: torch.Tensor | None = None, quantize_input: bool = True, azp_adj: torch.Tensor | None = None,
+                input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """y = Q(x) @ W.T + bias for 8-bit weights, emulated in float32: Q quantizes x as the GPU's W8A8 GEMM does
-    (static per-tensor `input_scale`, or dynamic per token when it is None); quantize_input=False: weight-only."""
+    (static per-tensor `input_scale`, or dynamic per token when it is None); quantize_input=False: weight-only.
+    `azp_adj` (int8 weights with per-channel scales only): the activations are asymmetric (`input_zero_point` with a
+    static scale), and azp_adj [N] is each output channel's int8 weight summed over K, so that
+    y = s_x * s_w * (q @ W.T - z * azp_adj): the integer GEMM on q, then the zero point's share taken off."""
     xf = x.float()
+    if quantize_input and azp_adj is not None:
+        q, scale, zero_point = quantize_activations_asym(xf.reshape(-1, xf.shape[-1]), input_scale, input_zero_point)
+        acc = q.float() @ weight.float().T - zero_point.float() * azp_adj.float()
+        y = (acc * scale * weight_scale).view(*x.shape[:-1], weight.shape[0])
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     if quantize_input:
         q, scale = quantize_activations(xf, weight.dtype, input_scale)
         xf = q.float() * scale

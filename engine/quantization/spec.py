@@ -31,7 +31,8 @@ class QuantScheme:
 
     `layout` picks the linear method: gptq | awq | pack (compressed-tensors pack-quantized) | fp8 | int8.
     `activations` is None for weight-only schemes, "token" for dynamic per-token scales, "tensor" for a static
-    per-tensor `input_scale` from the checkpoint. `weight_strategy` is channel | tensor | group | block.
+    per-tensor `input_scale` from the checkpoint; `input_symmetric` False: int8 activations with a zero point (per
+    token, or the checkpoint's static `input_zero_point`). `weight_strategy` is channel | tensor | group | block.
     """
 
     method: str  # what the user sees: gptq, awq, compressed-tensors, fp8, int8
@@ -43,6 +44,7 @@ class QuantScheme:
     weight_strategy: str = "group"
     block_size: tuple[int, int] | None = None
     activations: str | None = None
+    input_symmetric: bool = True
     online: bool = False
     gguf_types: tuple[str, ...] = ()  # gguf: the block types the file's weights hold (Q4_1, Q8_0...)
 
@@ -61,8 +63,9 @@ class QuantScheme:
             parts.append("zero points")
         if self.act_order:
             parts.append("act-order")
-        parts.append({None: "weight-only", "token": "dynamic per-token activations",
-                      "tensor": "static activation scale"}[self.activations])
+        asym = "" if self.input_symmetric else "asymmetric "
+        parts.append({None: "weight-only", "token": f"dynamic {asym}per-token activations",
+                      "tensor": f"static {asym}activation scale"}[self.activations])
         return ", ".join(parts)
 
 
@@ -72,8 +75,9 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
         return _parse_checkpoint(checkpoint) if checkpoint else None
     if requested not in ONLINE_METHODS:
         raise QuantizationConfigError("quantization", requested, f"expected one of none, {', '.join(ONLINE_METHODS)}")
-    if not checkpoint:
-        return QuantScheme(requested, requested, 8, weight_strategy="channel", activations="token", online=True)
+    if not checkpoint:  # int8 with a zero point per token: half the perplexity cost of symmetric (bench/RESULTS.md)
+        return QuantScheme(requested, requested, 8, weight_strategy="channel", activations="token",
+                           input_symmetric=requested != "int8", online=True)
     scheme = _parse_checkpoint(checkpoint)
     if scheme.layout == requested:
         return scheme  # an fp8 checkpoint asked to run as fp8 is just that
@@ -200,25 +204,26 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme:
     symmetric = _key(weights, "symmetric", (True,) if layout != "pack" else (True, False), True, at + "weights.")
     group_size = _key(weights, "group_size", GROUP_SIZES[1:], prefix=at + "weights.") if strategy == "group" else -1
     actorder = _key(weights, "actorder", (None, "group", "weight", "static", False), prefix=at + "weights.")
-    activations = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
+    activations, input_symmetric = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
     return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
                        act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
-                       activations=activations)
+                       activations=activations, input_symmetric=input_symmetric)
 
 
-def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> str | None:
+def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[str | None, bool]:
+    """(activations, input_symmetric); int8 activations may carry zero points, fp8 ones may not."""
     if args is None:
         if layout == "int8":
             raise QuantizationConfigError(f"quantization_config.{at[:-1]}", None,
                                           "int-quantized weights need int8 input activations (W8A8)")
-        return None
+        return None, True
     if layout == "pack":
         raise QuantizationConfigError(f"quantization_config.{at[:-1]}", args, "pack-quantized runs weight-only")
     _key(args, "type", ("float" if layout == "fp8" else "int",), prefix=at)
     _key(args, "num_bits", (8,), prefix=at)
-    _key(args, "symmetric", (True,), True, prefix=at)
+    symmetric = _key(args, "symmetric", (True, False) if layout == "int8" else (True,), True, prefix=at)
     if args.get("dynamic", False):
         _key(args, "strategy", ("token",), prefix=at)
-        return "token"
+        return "token", symmetric
     _key(args, "strategy", ("tensor",), prefix=at)
-    return "tensor"
+    return "tensor", symmetric

@@ -1,12 +1,15 @@
 """8-bit weights, float8 e4m3 or int8, with their activations quantized to the same type (W8A8) or not (FP8 weight-
 only): pre-quantized checkpoints (vLLM's `fp8`: `weight` + per-tensor `weight_scale` or block `weight_scale_inv`,
 optional static `input_scale`; compressed-tensors float-quantized / int-quantized: per-tensor or per-channel
-`weight_scale`) and online quantization of a float checkpoint at load (`quantization: fp8 | int8`: per-output-channel
-weight scales, dynamic per-token activations).
+`weight_scale`, int8 activations symmetric or not: static `input_zero_point`, or a zero point per token) and online
+quantization of a float checkpoint at load (`quantization: fp8 | int8`: per-output-channel weight scales, dynamic
+per-token activations, int8's asymmetric).
 
 After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
 (per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
-the merged layer: the parts' largest, as vLLM does) or none (dynamic). `kernels.w8a8_linear` runs it (the float32 emulation on CPU, cuBLAS on CUDA).
+the merged layer: the parts' largest, as vLLM does) or none (dynamic), and for asymmetric int8 activations
+`input_zero_point` (static, merged likewise) and `azp_adj`. `kernels.w8a8_linear` runs it (the float32 emulation on
+CPU, cuBLAS on CUDA).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class W8A8LinearMethod(LinearMethod):
                                                              dtype=torch.float32), output_dim=0, input_dim=1)
         if s.activations == "tensor":
             add_param(layer, "input_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
+            if not s.input_symmetric:  # int8 in the checkpoint; float32 holds it exactly
+                add_param(layer, "input_zero_point", torch.empty(len(output_slices), dtype=torch.float32),
+                          per_part=True)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         s = self.scheme
@@ -66,11 +72,12 @@ class W8A8LinearMethod(LinearMethod):
         if hasattr(layer, "weight_scale"):
             replace_param(layer, "weight_scale", None)
         layer.register_buffer("weight_scale", scale.float().contiguous())
-        input_scale = None
-        if s.activations == "tensor":
-            input_scale = layer.input_scale.data.max()
-            replace_param(layer, "input_scale", None)
+        input_scale, input_zero_point = _static_input(layer) if s.activations == "tensor" else (None, None)
         layer.register_buffer("input_scale", input_scale)
+        layer.register_buffer("input_zero_point", input_zero_point)
+        # Asymmetric activations: each output channel's int8 weight summed over K, the zero point's share of the GEMM.
+        azp_adj = None if s.input_symmetric else layer.weight.data.sum(dim=1, dtype=torch.int32)
+        layer.register_buffer("azp_adj", azp_adj)
 
     def fill_dummy(self, layer: nn.Module, generator: torch.Generator, std: float) -> None:
         weight = layer.weight.data
@@ -86,10 +93,34 @@ class W8A8LinearMethod(LinearMethod):
                 getattr(layer, name).data.fill_(std / (top / 4))
         if hasattr(layer, "input_scale"):  # activations of about unit size, their extremes near the type's top
             layer.input_scale.data.fill_(8.0 / top)
+        if hasattr(layer, "input_zero_point"):
+            layer.input_zero_point.data.zero_()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
-                                   quantize_input=self.scheme.activations is not None)
+                                   quantize_input=self.scheme.activations is not None, azp_adj=layer.azp_adj,
+                                   input_zero_point=layer.input_zero_point)
+
+
+def _static_input(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The merged layer's one static activation scale and zero point (None: symmetric), from the checkpoint's per-part
+    parameters, which it drops. Symmetric: the parts' largest scale, as vLLM does."""
+    scales = layer.input_scale.data
+    replace_param(layer, "input_scale", None)
+    if not hasattr(layer, "input_zero_point"):
+        return scales.max(), None
+    zero_points = layer.input_zero_point.data
+    replace_param(layer, "input_zero_point", None)
+    return _merge_asymmetric(scales, zero_points)
+
+
+def _merge_asymmetric(scales: torch.Tensor, zero_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged parts' static (scale, zero point) pairs -> one pair whose int8 range covers every part's range
+    s * ([-128, 127] - z) (as vLLM merges them): no part's activations clamp where they did not before."""
+    low = (scales * (reference.INT8_MIN - zero_points)).min()
+    high = (scales * (reference.INT8_MAX - zero_points)).max()
+    scale = (high - low) / (reference.INT8_MAX - reference.INT8_MIN)
+    return scale, (reference.INT8_MIN - low / scale).round().to(torch.int32)
 
 
 def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

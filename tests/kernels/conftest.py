@@ -14,7 +14,8 @@ import torch
 
 KERNEL_MODULES = ("engine.kernels.attention", "engine.kernels.kv_store", "engine.kernels.norm", "engine.kernels.activation",
                   "engine.kernels.rotary", "engine.kernels.lora", "engine.kernels.gemv", "engine.kernels.wna16",
-                  "engine.kernels.act_quant", "engine.kernels.gguf")
+                  "engine.kernels.act_quant", "engine.kernels.gguf",
+                  "engine.kernels.w8a8")  # after act_quant: it binds act_quant's launchers
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

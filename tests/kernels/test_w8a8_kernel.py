@@ -1,11 +1,13 @@
 """The CUDA 8-bit linears (kernels/w8a8.py: FP8 through torch._scaled_mm, INT8 through torch._int_mm) against
 `kernels.reference.w8a8_linear`, which quantizes the activations the same way and emulates the GEMM in float32.
-cuBLAS only runs on CUDA, so every case is marked `gpu`; FP8 also needs compute capability 8.9.
+cuBLAS only runs on CUDA, so those cases are marked `gpu`; FP8 also needs compute capability 8.9. Asymmetric int8
+activations (the zero point's share taken off the int32 accumulator) also run without CUDA: torch._int_mm has a CPU
+kernel and the quantizer runs under the Triton interpreter.
 """
 
 import pytest
 import torch
-from test_kernels import CUDA, gpu
+from test_kernels import CUDA, DEVICE, gpu
 
 from engine.kernels import reference
 
@@ -53,3 +55,27 @@ def test_weight_only_and_block_scales_dequantize():
         expected = torch.nn.functional.linear(x, reference.dequantize_w8(weight, block_scale).to(x.dtype))
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 17, 300 if CUDA else 48])  # the interpreter runs a row a program
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_asymmetric_int8_matches_emulation_and_dequantized_math(m, xdtype, static):
+    from engine.kernels import act_quant, w8a8
+
+    n, k = 256, 512
+    weight, weight_scale = make_layer(n, k, torch.int8, seed=m, device=DEVICE)
+    azp_adj = weight.sum(dim=1, dtype=torch.int32)
+    g = torch.Generator().manual_seed(m + 1)
+    x = (torch.randn(m, k, generator=g) + 0.7).to(DEVICE, xdtype)  # off-centre rows: zero points far from 0
+    bias = torch.randn(n, generator=g).to(DEVICE, xdtype)
+    scale, zero_point = (torch.tensor(6.0 / 255, device=DEVICE),
+                         torch.tensor(-40, dtype=torch.int32, device=DEVICE)) if static else (None, None)
+    out = w8a8.w8a8_linear(x, weight, weight_scale, scale, bias, azp_adj=azp_adj, input_zero_point=zero_point)
+    expected = reference.w8a8_linear(x, weight, weight_scale, scale, bias, azp_adj=azp_adj,
+                                     input_zero_point=zero_point)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    # The zero-point algebra against the plain one: x ~ s (q - z), dequantized, then a float GEMM.
+    q, s, z = act_quant.quantize_activations_asym(x, scale, zero_point)
+    dequantized = ((q.float() - z.float()) * s) @ reference.dequantize_w8(weight, weight_scale).T + bias.float()
+    torch.testing.assert_close(out, dequantized.to(xdtype), atol=2e-2, rtol=2e-2)
