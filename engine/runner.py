@@ -206,7 +206,7 @@ class ModelRunner:
                 sampling += verifying
                 draft_ids += drafts
                 batch_rows.append(BatchRow(token_ids, start, count, state.block_ids))
-                offset += max(count, row_len)
+                offset += count if count >= row_len else row_len
                 continue
             token_ids = state.token_ids[start:start + count]
             if len(token_ids) < count:  # its last token was sampled by the step in flight: the id is on the device
@@ -217,7 +217,7 @@ class ModelRunner:
                 sampling.append((offset + count - 1, row))
                 if draft_ids is not None:
                     draft_ids.append(-1)
-            offset += max(count, row_len)
+            offset += count if count >= row_len else row_len
         return batch_rows, pending, sampling, draft_ids
 
     def _prompt_logprob_rows(self, rows: list[ScheduledRow], spans: dict[str, tuple[int, int]],
@@ -233,7 +233,7 @@ class ModelRunner:
                 first, last = span
                 indices.extend(range(offset + first - start, offset + last - start))
                 targets.append((state.req_id, state.sampling_params.prompt_logprobs, state.token_ids[first + 1:last + 1]))
-            offset += max(count, row_len)
+            offset += count if count >= row_len else row_len
         return indices, targets
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
