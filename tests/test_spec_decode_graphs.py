@@ -10,6 +10,7 @@ from engine import LLM
 from engine.cuda_graphs import MIXED_STEP_MAX_TOKENS, CudaGraphs, GraphShape, graph_shape, graph_sizes
 from engine.input_batch import BatchRow, InputBatch, ScheduledRow
 from engine.models.attention import AttentionMetadata
+from engine.sampling_params import SamplingParams
 from tests.test_spec_decode import OPTIONS, PARAMS, PROMPTS, flat
 from tests.test_spec_decode_draft import draft_of
 
@@ -141,6 +142,40 @@ def test_padded_verify_steps_answer_as_eager_ones(tiny_model, method):
         assert len(graphs.mixed) >= 5 and all(shape.query_len == 4 for _, shape in graphs.mixed)
         assert any(1 in counts and 4 in counts for counts, _ in graphs.mixed)
         assert any(set(counts) - {1, 4} for counts, _ in graphs.mixed)  # 1 or 2 drafts of 3
+
+
+def staggered_run(llm: LLM) -> list:
+    """A looping request verifies drafts for a few steps, then a 3-token prompt asking for prompt logprobs and a
+    request with no match (it decodes one token a step) join it: their prefill rows of 3 tokens and their decode
+    rows sit beside verifying ones. With async scheduling a decode row's last token is still on the device."""
+    core, outputs = llm.core, []
+    core.add_request("loop", [100, 101, 102, 103] * 6, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        outputs += core.step()
+    core.add_request("short", [7, 9, 11], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                          prompt_logprobs=2, logprobs=1))
+    core.add_request("plain", [50, 60, 70], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    while core.has_unfinished_requests():
+        outputs += core.step()
+    return [(o.request_id, o.new_token_ids, [(e.token_ids, e.rank) for e in o.new_logprobs or []],
+             [(e.token_ids, e.rank) for e in o.prompt_logprobs or []]) for o in outputs]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_mixed_steps_with_prefill_rows_and_pending_tokens(tiny_model, async_scheduling):
+    model_dir = tiny_model("llama", max_position_embeddings=256)
+    options = {**OPTIONS, "speculative_config": NGRAM, "async_scheduling": async_scheduling}
+    expected = staggered_run(LLM(model_dir, **options))
+    llm = LLM(model_dir, **options)
+    runner = llm.core.runner
+    runner.cuda_graphs = graphs = EagerGraphs(runner.cuda_graphs.sizes, runner.cuda_graphs.max_model_len,
+                                              runner.batch)
+    runner.use_cuda_graphs = True
+    runner.capture_cuda_graphs()
+    assert staggered_run(llm) == expected
+    assert any(prompt for *_, prompt in expected)  # the short prompt's logprobs came through
+    assert any(counts.count(3) == 2 for counts, _ in graphs.mixed)  # the two prefill rows padded to 1 + k
+    assert any(4 in counts and 1 in counts for counts, _ in graphs.mixed)  # decodes padded beside a verify
 
 
 @pytest.mark.gpu
