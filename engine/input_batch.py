@@ -232,9 +232,11 @@ class InputBatch:
                 table = np.asarray(block_ids, dtype=np.int64)
                 slot_mapping[t:end] = table[token_positions // bs] * bs + token_positions % bs
             if count < row_len:
-                # Never stored, the padding's keys are read where the table points (the row's blocks, or stale
-                # but valid entries past them) and masked for the real queries, which come first; the cache is
-                # zeroed at allocation, so what they read is finite and its zero weight cancels it.
+                # Never stored, the padding's keys are read where the table points (past the row's blocks: its
+                # last one again, not a stale entry, which may name a block of the start-up profile's cache) and
+                # masked for the real queries, which come first; the cache is zeroed at allocation, so what they
+                # read is finite and its zero weight cancels it.
+                block_tables[i, len(block_ids):-(-(start + row_len) // bs)] = block_ids[-1]
                 input_ids[end:t + row_len] = 0
                 positions[end:t + row_len] = np.arange(start + count, start + row_len)
                 slot_mapping[end:t + row_len] = -1

@@ -76,16 +76,19 @@ def test_mixed_rows_pad_after_their_own_tokens():
     positions written nowhere; its seq_len counts the padding, so that the attention kernels (which place a
     sequence's queries at its last positions) see its real queries where they are; dummies follow."""
     batch = InputBatch(64, 8, 4, 16, torch.device("cpu"), with_lora=False)
-    metadata = batch.fill([BatchRow([5, 6], 20, 2, [3, 2]), BatchRow([9], 7, 1, [4]), BatchRow([1, 2, 3, 4], 30, 4,
-                                                                                              [5, 6, 7])],
+    batch.fill([BatchRow([1], 0, 1, [8]), BatchRow([1], 0, 1, [9, 9, 9])])  # an earlier step's table entries
+    metadata = batch.fill([BatchRow([5, 6], 20, 2, [3, 2]), BatchRow([9], 14, 1, [4]), BatchRow([1, 2, 3, 4], 30, 4,
+                                                                                               [5, 6, 7])],
                           pad_to=4, pad_query_len=4)
     assert metadata.query_start_loc.tolist() == [0, 4, 8, 12, 16]
-    assert metadata.seq_lens.tolist() == [24, 11, 34, 4]
-    assert batch.positions.device[:16].tolist() == [20, 21, 22, 23, 7, 8, 9, 10, 30, 31, 32, 33, 0, 1, 2, 3]
-    assert metadata.slot_mapping.tolist() == ([36, 37, -1, -1] + [71, -1, -1, -1] + [110, 111, 112, 113]
+    assert metadata.seq_lens.tolist() == [24, 18, 34, 4]
+    assert batch.positions.device[:16].tolist() == [20, 21, 22, 23, 14, 15, 16, 17, 30, 31, 32, 33, 0, 1, 2, 3]
+    assert metadata.slot_mapping.tolist() == ([36, 37, -1, -1] + [78, -1, -1, -1] + [110, 111, 112, 113]
                                               + [-1] * 4)
     assert batch.input_ids.device[:16].tolist() == [5, 6, 0, 0, 9, 0, 0, 0, 1, 2, 3, 4] + [0] * 4
     assert (metadata.max_query_len, metadata.max_seq_len) == (4, 34)
+    # Padding past a row's last block reads that block again, not what an earlier step left in the table.
+    assert metadata.block_tables[1, :3].tolist() == [4, 4, 9]
     # Decode graphs and eager steps pad no row.
     metadata = batch.fill([BatchRow([9], 7, 1, [4]), BatchRow([5, 6], 20, 2, [3, 2])])
     assert metadata.query_start_loc.tolist() == [0, 1, 3]
