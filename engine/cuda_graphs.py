@@ -68,18 +68,20 @@ def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[Sch
     padding would reach past `max_model_len`, a batch beyond the largest bucket."""
     num_seqs = len(rows)
     # Decode (one token each) is implied by num_tokens == num_seqs; any other step can only pad to 1 + k a sequence.
-    query_len = 1 if num_tokens == num_seqs else max(sizes, default=1)
-    if not num_seqs or (query_len == 1 and num_tokens != num_seqs):
-        return None
+    query_len = 1 if num_tokens == num_seqs else max(sizes)
+    if not num_seqs or num_tokens > num_seqs * query_len:
+        return None  # a row longer than 1 + k (or than 1, without speculation)
     buckets = sizes[query_len]
     index = bisect.bisect_left(buckets, num_seqs)
-    if index == len(buckets) or (query_len > 1 and any(row.count > query_len for row in rows)):
+    if index == len(buckets):
         return None
     shape = GraphShape(buckets[index], query_len)
-    if num_tokens < num_seqs * query_len and (shape.num_tokens > MIXED_STEP_MAX_TOKENS or any(
-            row.start + query_len > max_model_len for row in rows)):
-        return None  # a mixed step the padding would make dearer than eager, or take past the model's length
-    return shape
+    if num_tokens == num_seqs * query_len:  # decode, or a uniform verify step unless some row is longer
+        return shape if query_len == 1 or all(row.count == query_len for row in rows) else None
+    if shape.num_tokens > MIXED_STEP_MAX_TOKENS:
+        return None  # a mixed step the padding would make dearer than eager
+    fits = all(row.count <= query_len and row.start + query_len <= max_model_len for row in rows)
+    return shape if fits else None  # else a prefill chunk, or padding past the model's length
 
 
 class CudaGraphs:

@@ -53,6 +53,7 @@ def test_mixed_steps_pad_to_the_verify_bucket():
     assert graph_shape(sizes, 7, rows(1, 4, 2), 256) == GraphShape(4, 4)
     assert graph_shape(sizes, 9, rows(1, 1, 1, 1, 1, 4), 256) == GraphShape(8, 4)  # decodes beside one verify
     assert graph_shape(sizes, 4, rows(1, 1, 1, 1), 256) == GraphShape(4, 1)  # decodes alone keep decode graphs
+    assert graph_shape(sizes, 7, rows(1, 1, 5), 256) is None  # a prefill chunk longer than 1 + k
     largest = MIXED_STEP_MAX_TOKENS // 4
     assert graph_shape(sizes, largest + 3, rows(*[1] * (largest - 1), 4), 256) == GraphShape(largest, 4)
     assert graph_shape(sizes, largest + 4, rows(*[1] * largest, 4), 256) is None  # past the memory-bound size
