@@ -3,13 +3,16 @@
     python bench/ngram.py --device cpu                       # batch 1 and 8, k 2 and 4, against speculation off
     python bench/ngram.py --device cuda --max-tokens 512
     python bench/ngram.py --device cpu --num-prompts 2 --max-tokens 16 --batches 1 --ks 2   # smoke
+    python bench/ngram.py --device cuda --mixed-eager        # mixed verify steps eager, as before #20's padding
 
 The prompts ask the model to hand back a given text with a small edit: fix a typo planted in a function of kvbox's
 own source, or rewrite a paragraph of its README replacing one word; answers then copy long runs of the prompt,
 which is what prompt lookup drafts from. Each batch size runs with speculation off and with each k, in one
 process, the engines taking turns wave by wave; it prints the decode rate (output tokens after each request's first, over the time after the first step),
 the acceptance rate (accepted / drafted), the mean accepted length (accepted drafts per verification), the speedup
-over off, and exits non-zero if a greedy output differs from the one without speculation.
+over off, and exits non-zero if a greedy output differs from the one without speculation. With CUDA graphs it also
+counts the waves' steps (each wave's prefill too) by how they ran: decode graph, verify graph (uniform, or mixed: sequences with fewer drafts
+padded to 1 + k), or eager.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -28,6 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 
 from bench.common import sync  # noqa: E402
+from engine import cuda_graphs  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -93,6 +98,18 @@ class Timed:
         while core.has_unfinished_requests():
             core.step()
         self.before = core.stats().spec_decoding
+        self.step_kinds: Counter[str] = Counter()
+        if getattr(core.runner, "use_cuda_graphs", False):
+            graphs = core.runner.cuda_graphs
+            bucket = graphs.bucket
+            graphs.bucket = lambda num_tokens, rows: self._count(rows, bucket(num_tokens, rows))
+
+    def _count(self, rows, shape):
+        mixed = len({row.count for row in rows}) > 1
+        kind = ("eager, mixed" if mixed else "eager") if shape is None else (
+            "decode graph" if shape.query_len == 1 else "verify graph, mixed" if mixed else "verify graph")
+        self.step_kinds[kind] += 1
+        return shape
 
     def wave(self, prompts: dict[int, list[int]], params: SamplingParams) -> None:
         """Runs `prompts` together; the first step (the prefill) is not timed."""
@@ -137,8 +154,11 @@ def run_batch(args, prompts: list[list[int]], batch: int) -> list[dict]:
         print(f"batch {batch}: k={k} {spec_rate:.1f} tokens/s ({spec_rate / rate:.2f}x), acceptance "
               f"{acceptance:.2f}, mean accepted length {mean_accepted:.2f} of {verifications} verifications; "
               f"greedy outputs {'identical' if same else 'DIFFER'}")
+        if engine.step_kinds:
+            print(f"batch {batch}: k={k} steps: " + ", ".join(f"{n} {kind}" for kind, n in engine.step_kinds.items()))
         results.append({"batch": batch, "k": k, "decode_tokens_per_s": spec_rate, "speedup": spec_rate / rate,
-                        "acceptance": acceptance, "mean_accepted_length": mean_accepted, "identical": same})
+                        "acceptance": acceptance, "mean_accepted_length": mean_accepted, "identical": same,
+                        "steps": dict(engine.step_kinds)})
     return results
 
 
@@ -153,8 +173,12 @@ def main() -> None:
     parser.add_argument("--lookup-min", type=int, default=2)
     parser.add_argument("--lookup-max", type=int, default=4)
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's choice)")
+    parser.add_argument("--mixed-eager", action="store_true",
+                        help="run mixed verify steps eagerly (no padding to the verify graph), to measure what it gains")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.mixed_eager:
+        cuda_graphs.MIXED_STEP_MAX_TOKENS = 0
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,12 +1,18 @@
 """CUDA graphs of decode and verify steps: which batch shapes get one, their capture at start-up, and their replay.
 
-On CUDA, steps whose sequences all compute the same number of tokens replay graphs captured at start-up: decode
-steps (one token each) and, with speculative decoding, verify steps (1 + k tokens each: the last known token and k
-drafts), one graph per batch-size bucket. The batch is padded to the bucket with dummy sequences of as many tokens,
-which write nowhere (slot -1) and read the first cached tokens of a stale block-table row, so the graph's shapes
-never change. Graphs remove the per-kernel launch cost that dominates small decode batches. The inputs live in the
-`InputBatch`'s persistent device buffers, which every graph reads in place; the attention kernel finds each
-sequence's queries from `query_start_loc` on the device, so one graph serves any context lengths.
+On CUDA, decode steps (one token a sequence) and, with speculative decoding, verify steps (1 + k tokens a sequence:
+the last known token and k drafts) replay graphs captured at start-up, one per batch-size bucket. The batch is
+padded to the bucket with dummy sequences of as many tokens, which write nowhere (slot -1) and read the first cached
+tokens of a stale block-table row, so the graph's shapes never change. Graphs remove the per-kernel launch cost that
+dominates small decode batches. The inputs live in the `InputBatch`'s persistent device buffers, which every graph
+reads in place; the attention kernel finds each sequence's queries from `query_start_loc` on the device, so one
+graph serves any context lengths.
+
+Mixed verify steps (n-gram drafting: sequences with fewer than k drafts, or none, beside full ones) replay the
+verify graph too while it stays small: each sequence is padded to 1 + k query tokens after its own
+(`InputBatch.fill`). Its seq_len counts the padding, so the kernels place its real queries at their true positions
+and causal masking hides the padding from them; padding writes no K/V (slot -1) and the sampler reads only real
+rows.
 """
 
 from __future__ import annotations
@@ -49,24 +55,39 @@ def graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
     return sizes
 
 
-def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow]) -> GraphShape | None:
+# A mixed step pads to the verify graph while that computes at most this many tokens: up to there a forward costs
+# about what a decode step costs (reading the weights dominates: the H200's bf16 ridge is near 200 FLOP per weight
+# byte, i.e. about 200 tokens), so the padding is nearly free next to the launches an eager step pays.
+MIXED_STEP_MAX_TOKENS = 256
+
+
+def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow],
+                max_model_len: int) -> GraphShape | None:
     """The captured shape a step of `rows` (`num_tokens` in all) pads to, or None to run it eagerly: prefill
-    chunks, mixed query lengths, a batch beyond the largest bucket."""
+    chunks longer than 1 + k, mixed steps whose padded graph would compute over `MIXED_STEP_MAX_TOKENS`, or whose
+    padding would reach past `max_model_len`, a batch beyond the largest bucket."""
     num_seqs = len(rows)
-    if not num_seqs or num_tokens % num_seqs:
-        return None
-    query_len = num_tokens // num_seqs
-    buckets = sizes.get(query_len)
-    # Decode (one token each) is implied by num_tokens == num_seqs; only verify steps check every sequence.
-    if buckets is None or (query_len > 1 and any(row.count != query_len for row in rows)):
-        return None
+    # Decode (one token each) is implied by num_tokens == num_seqs; any other step can only pad to 1 + k a sequence.
+    query_len = 1 if num_tokens == num_seqs else max(sizes)
+    if not num_seqs or num_tokens > num_seqs * query_len:
+        return None  # a row longer than 1 + k (or than 1, without speculation)
+    buckets = sizes[query_len]
     index = bisect.bisect_left(buckets, num_seqs)
-    return GraphShape(buckets[index], query_len) if index < len(buckets) else None
+    if index == len(buckets):
+        return None
+    shape = GraphShape(buckets[index], query_len)
+    if num_tokens == num_seqs * query_len:  # decode, or a uniform verify step unless some row is longer
+        return shape if query_len == 1 or all(row.count == query_len for row in rows) else None
+    if shape.num_tokens > MIXED_STEP_MAX_TOKENS:
+        return None  # a mixed step the padding would make dearer than eager
+    fits = all(row.count <= query_len and row.start + query_len <= max_model_len for row in rows)
+    return shape if fits else None  # else a prefill chunk, or padding past the model's length
 
 
 class CudaGraphs:
-    def __init__(self, sizes: dict[int, list[int]]):
+    def __init__(self, sizes: dict[int, list[int]], max_model_len: int):
         self.sizes = sizes  # query length -> ascending batch sizes (`graph_sizes`)
+        self.max_model_len = max_model_len
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[GraphShape, torch.Tensor] = {}  # each graph's output buffer
 
@@ -96,7 +117,7 @@ class CudaGraphs:
 
     def bucket(self, num_tokens: int, rows: Sequence[ScheduledRow]) -> GraphShape | None:
         """The graph to replay for a step, or None to run it eagerly."""
-        return graph_shape(self.sizes, num_tokens, rows) if self._graphs else None
+        return graph_shape(self.sizes, num_tokens, rows, self.max_model_len) if self._graphs else None
 
     def replay(self, shape: GraphShape) -> torch.Tensor:
         """Runs the shape's graph on what the input buffers hold; returns its hidden states (padded rows last)."""

@@ -167,13 +167,17 @@ class InputBatch:
              pending: list[tuple[int, int]] = (), last_sampled: torch.Tensor | None = None,
              pad_query_len: int = 1) -> AttentionMetadata:
         """Writes the step's inputs and queues their copies to the device. `pad_to` adds dummy sequences of
-        `pad_query_len` tokens up to that many (CUDA graph buckets: rows of that many tokens only). `lora_slots`:
-        each row's adapter slot (default none). `pending`: (token index, row of `last_sampled`) for tokens whose id
-        is still on the device."""
+        `pad_query_len` tokens up to that many (CUDA graph buckets), and with `pad_query_len` > 1 (a verify graph)
+        pads each row of fewer tokens to that many: its padding follows its own tokens, at the next positions,
+        written nowhere (slot -1), and its seq_len counts them, so that its real queries keep their positions and
+        causal attention hides the padding from them. `lora_slots`: each row's adapter slot (default none).
+        `pending`: (token index, row of `last_sampled`) for tokens whose id is still on the device; token indices
+        count the padding (each row of a verify graph takes `pad_query_len` tokens)."""
         if self._inputs_copied is not None:
             # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
             self._inputs_copied.synchronize()
-        num_tokens, max_query_len, max_seq_len = self._write_rows(rows, lora_slots)
+        row_len = pad_query_len if pad_to is not None else 1
+        num_tokens, max_query_len, max_seq_len = self._write_rows(rows, lora_slots, row_len)
         num_seqs = len(rows)
         if pad_to is not None and pad_to > num_seqs:
             num_tokens = self._write_padding(num_tokens, num_seqs, pad_to, pad_query_len)
@@ -208,7 +212,10 @@ class InputBatch:
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
 
-    def _write_rows(self, rows: list[BatchRow], lora_slots: list[int] | None) -> tuple[int, int, int]:
+    def _write_rows(self, rows: list[BatchRow], lora_slots: list[int] | None,
+                    row_len: int) -> tuple[int, int, int]:
+        """Each row's tokens, then padding up to `row_len` tokens for a shorter one; returns the token count, the
+        longest query and the longest sequence."""
         bs = self.block_size
         input_ids, positions, slot_mapping = self.input_ids.host, self.positions.host, self.slot_mapping.host
         seq_lens, query_start_loc, block_tables = self.seq_lens.host, self.query_start_loc.host, self.block_tables.host
@@ -224,6 +231,16 @@ class InputBatch:
                 positions[t:end] = token_positions
                 table = np.asarray(block_ids, dtype=np.int64)
                 slot_mapping[t:end] = table[token_positions // bs] * bs + token_positions % bs
+            if count < row_len:
+                # Never stored, the padding's keys are read where the table points (past the row's blocks: its
+                # last one again, not a stale entry, which may name a block of the start-up profile's cache) and
+                # masked for the real queries, which come first; the cache is zeroed at allocation, so what they
+                # read is finite and its zero weight cancels it.
+                block_tables[i, len(block_ids):-(-(start + row_len) // bs)] = block_ids[-1]
+                input_ids[end:t + row_len] = 0
+                positions[end:t + row_len] = np.arange(start + count, start + row_len)
+                slot_mapping[end:t + row_len] = -1
+                count, end = row_len, t + row_len
             block_tables[i, :len(block_ids)] = block_ids
             seq_lens[i] = start + count
             query_start_loc[i + 1] = end

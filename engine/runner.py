@@ -81,7 +81,8 @@ class ModelRunner:
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
                                 and kernels.backend_name() == "triton" and stage is None)
         self.cuda_graphs = CudaGraphs(graph_sizes(config.max_num_seqs, config.max_num_batched_tokens,
-                                                  spec.num_speculative_tokens if spec is not None else 0))
+                                                  spec.num_speculative_tokens if spec is not None else 0),
+                                      model_config.max_model_len)
 
     # ---- start-up ----
     def determine_num_kv_blocks(self) -> int:
@@ -137,13 +138,15 @@ class ModelRunner:
         num_tokens = scheduler_output.num_tokens
         graph = self.cuda_graphs.bucket(num_tokens, rows) if self.use_cuda_graphs else None
         pad_to, pad_query_len = graph if graph is not None else (None, 1)
-        batch_rows, pending, sampling, draft_ids = self._batch_rows(rows)
+        # A verify graph gives every row 1 + k tokens, those of a row with fewer padded after its own.
+        batch_rows, pending, sampling, draft_ids = self._batch_rows(rows, pad_query_len)
         metadata = self.batch.fill(batch_rows, pad_to=pad_to, lora_slots=lora_slots, pending=pending,
                                    last_sampled=self._last_sampled, pad_query_len=pad_query_len)
+        rows_tokens = max(num_tokens, len(rows) * pad_query_len)  # the rows' tokens in the batch, padding included
         sample_rows = [index for index, _ in sampling]
-        if sample_rows and len(sample_rows) < num_tokens:
+        if sample_rows and len(sample_rows) < rows_tokens:
             self.batch.set_sample_rows(sample_rows)
-        prompt_rows = self._prompt_logprob_rows(rows, scheduler_output.prompt_logprob_spans)
+        prompt_rows = self._prompt_logprob_rows(rows, scheduler_output.prompt_logprob_spans, pad_query_len)
         self.batch.mark_copies_queued()
         if graph is not None:
             hidden = self.cuda_graphs.replay(graph)
@@ -155,7 +158,7 @@ class ModelRunner:
         if not self.is_last_stage:  # the last stage samples and answers rank 0
             return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])
-        finish = functools.partial(self._finish_step, hidden, num_tokens, sampling, output, scheduler_output,
+        finish = functools.partial(self._finish_step, hidden, rows_tokens, sampling, output, scheduler_output,
                                    draft_ids, draft_probs, prompt_rows)
         if scheduler_output.structured_req_ids and scheduler_output.grammar_bitmask is None:
             output.awaits_bitmask = finish  # the engine core calls it once the matchers have the step before's tokens
@@ -185,11 +188,12 @@ class ModelRunner:
             output.ready.record()
         return output
 
-    def _batch_rows(self, rows: list[ScheduledRow]) -> tuple[list[BatchRow], list[tuple[int, int]],
-                                                              list[tuple[int, ScheduledRow]], list[int] | None]:
+    def _batch_rows(self, rows: list[ScheduledRow], row_len: int) -> tuple[
+            list[BatchRow], list[tuple[int, int]], list[tuple[int, ScheduledRow]], list[int] | None]:
         """The input rows, the tokens whose id is pending on the device (token index, row of the last sampled
         ids), the rows that sample with the index of their last token, and with speculative drafts in the step,
-        the draft each sampling row verifies (-1: none)."""
+        the draft each sampling row verifies (-1: none). A row takes at least `row_len` tokens of the batch (a
+        verify graph's padding)."""
         batch_rows, pending, sampling = [], [], []
         draft_ids = None
         offset = 0
@@ -202,7 +206,7 @@ class ModelRunner:
                 sampling += verifying
                 draft_ids += drafts
                 batch_rows.append(BatchRow(token_ids, start, count, state.block_ids))
-                offset += count
+                offset += count if count >= row_len else row_len
                 continue
             token_ids = state.token_ids[start:start + count]
             if len(token_ids) < count:  # its last token was sampled by the step in flight: the id is on the device
@@ -213,12 +217,13 @@ class ModelRunner:
                 sampling.append((offset + count - 1, row))
                 if draft_ids is not None:
                     draft_ids.append(-1)
-            offset += count
+            offset += count if count >= row_len else row_len
         return batch_rows, pending, sampling, draft_ids
 
-    def _prompt_logprob_rows(self, rows: list[ScheduledRow], spans: dict[str, tuple[int, int]]) -> tuple[
-            list[int], list[tuple[str, int, list[int]]]]:
-        """Token indices whose next-token logprobs were asked for, and per request (id, k, target token ids)."""
+    def _prompt_logprob_rows(self, rows: list[ScheduledRow], spans: dict[str, tuple[int, int]],
+                             row_len: int) -> tuple[list[int], list[tuple[str, int, list[int]]]]:
+        """Token indices whose next-token logprobs were asked for, and per request (id, k, target token ids); a
+        row takes at least `row_len` tokens of the batch."""
         indices, targets = [], []
         if not spans:
             return indices, targets
@@ -228,7 +233,7 @@ class ModelRunner:
                 first, last = span
                 indices.extend(range(offset + first - start, offset + last - start))
                 targets.append((state.req_id, state.sampling_params.prompt_logprobs, state.token_ids[first + 1:last + 1]))
-            offset += count
+            offset += count if count >= row_len else row_len
         return indices, targets
 
     def _sample(self, hidden: torch.Tensor, num_tokens: int, rows: list[ScheduledRow],
