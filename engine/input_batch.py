@@ -252,13 +252,15 @@ class InputBatch:
         return t, max_query_len, max_seq_len
 
     def _write_padding(self, num_tokens: int, num_seqs: int, pad_to: int, query_len: int) -> int:
-        """Dummy sequences: tokens 0 at positions 0.., written nowhere, reading the first tokens of the blocks their
-        (stale but valid) block-table rows hold. Returns the padded token count."""
+        """Dummy sequences: tokens 0 at positions 0.., written nowhere, reading the first tokens of block 0 (their
+        rows' stale ids could be the memory profile's, beyond a smaller final cache). Returns the padded token
+        count."""
         end = num_tokens + (pad_to - num_seqs) * query_len
         self.input_ids.host[num_tokens:end] = 0
         self.positions.host[num_tokens:end] = 0 if query_len == 1 else np.arange(end - num_tokens) % query_len
         self.slot_mapping.host[num_tokens:end] = -1
         self.seq_lens.host[num_seqs:pad_to] = query_len
+        self.block_tables.host[num_seqs:pad_to, :-(-query_len // self.block_size)] = 0
         self.query_start_loc.host[num_seqs + 1:pad_to + 1] = np.arange(num_tokens + query_len, end + 1, query_len)
         if self.lora_slots is not None:
             self.lora_slots.host[num_tokens:end] = -1

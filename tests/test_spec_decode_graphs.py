@@ -64,7 +64,9 @@ def test_mixed_steps_pad_to_the_verify_bucket():
 
 def test_padding_adds_dummy_sequences_of_the_query_length():
     batch = InputBatch(64, 8, 4, 16, torch.device("cpu"), with_lora=False)
+    batch.block_tables.host[:] = 999  # stale ids (a profile's larger cache): dummies must not read them
     metadata = batch.fill([BatchRow([5, 6, 7, 8], 20, 4, [3, 2])], pad_to=3, pad_query_len=4)
+    assert metadata.block_tables[1:, 0].tolist() == [0, 0]
     assert metadata.query_start_loc.tolist() == [0, 4, 8, 12]
     assert metadata.seq_lens.tolist() == [24, 4, 4]
     assert metadata.slot_mapping.tolist() == [36, 37, 38, 39] + [-1] * 8  # block 2, from offset 4; dummies: nowhere
