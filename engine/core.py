@@ -133,11 +133,11 @@ class EngineCore:
         # forward is queued, while the device runs it (a single-process runner only: workers take the step whole).
         self.scheduler.defer_grammar_bitmask = self.async_scheduling and isinstance(self.runner, ModelRunner)
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
-        self.structured.wait_until_started()
 
     def _structured_outputs(self) -> StructuredOutputManager:
         """The structured-output manager; a generating engine's grammar tokenizer begins loading now, beside the
-        weights, the KV cache and the graphs (awaited once they are done)."""
+        weights, the KV cache and the graphs. The engine is ready without it: structured requests that come before it
+        is loaded wait in the queue (a warm start of the 8B shape would otherwise wait seconds for Qwen's vocabulary)."""
         config = self.config
         manager = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
             config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))

@@ -1,14 +1,15 @@
 """`GrammarBackend`: compiles grammars in a thread pool, off the engine's step loop, and caches them by key.
 
 The tokenizer (whose vocabulary xgrammar indexes) loads in the pool as soon as the backend exists (a generating
-engine makes it at the start of its construction, and waits for it at the end). A request whose grammar is still compiling waits in the scheduler's queue.
+engine makes it at the start of its construction). A request whose grammar is still compiling (or whose tokenizer is
+still loading) waits in the scheduler's queue.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from engine.structured_output.grammar import compile_grammar, make_compiler
@@ -35,9 +36,6 @@ class GrammarBackend:
         from engine.tokenizer import load_tokenizer
 
         return make_compiler(load_tokenizer(tokenizer_path), vocab_size, stop_token_ids, max_threads=_NUM_THREADS)
-
-    def wait_for_compiler(self) -> None:
-        wait([self._compiler])
 
     def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar's future; equal keys share one compilation. Failures raise InvalidParameterError."""

@@ -78,12 +78,6 @@ class StructuredOutputManager:
         would otherwise wait for."""
         _ = self.backend
 
-    def wait_until_started(self) -> None:
-        """Waits for the load `start` began, if any (an engine is ready once structured requests can run, and
-        its memory no longer grows by the tokenizer's); a failed load is left for the first structured request."""
-        if self._backend is not None:
-            self._backend.wait_for_compiler()
-
     def register(self, request: Request) -> None:
         """Starts (or joins) the compilation of the request's grammar."""
         request.grammar = RequestGrammar(self.backend.compile(request.sampling_params.structured_outputs))
