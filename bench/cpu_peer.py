@@ -124,7 +124,7 @@ def run_vllm(args) -> dict:
 
 def worker(args) -> None:
     if args.system == "vllm":
-        sys.path.pop(0)  # bench/ (its kernels.py) and the repo must not shadow any module of vLLM's
+        sys.path.pop(0)  # bench/ and the repo must not shadow any module of vLLM's
     else:
         sys.path[0] = str(ROOT)
     result = {"kvbox": run_kvbox, "transformers": run_transformers, "vllm": run_vllm}[args.system](args)

@@ -4,7 +4,7 @@
     python bench/cpu_profile.py --dtype bfloat16 --kvbox-options '{"enforce_eager": false}' --top 15
 
 For each step kind it times --steps steps of the engine (the scheduler, runner and sampler; wall clock), then runs
-them again under torch.profiler with every kernel entry point (`kernels.*`), the model's forward, its logits and the
+them again under torch.profiler with every kernel entry point (`engine.kernels.*`), the model's forward, its logits and the
 sampler labelled, and prints each part's share of the step: GEMMs (linear layers), attention (the paged attention
 op), KV store + rotary, norms and activations, logits (the LM head), sampling, and what is left: Python and the
 engine's bookkeeping outside any op. Then the top ops by their own time. Same model and prompts as cpu_peer.py.
@@ -26,7 +26,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-import kernels  # noqa: E402
+from engine import kernels  # noqa: E402
 from engine.kernels import reference  # noqa: E402
 from bench.perplexity import float_checkpoint  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=12, help="rows of the top-ops table per step kind")
     parser.add_argument("--kvbox-options", default="{}", help="extra engine options for kvbox, as JSON")
     parser.add_argument("--reference-ops", action="store_true",
-                        help="the plain references (kernels.reference), not their CPU fast paths (kernels.cpu)")
+                        help="the plain references (engine.kernels.reference), not their CPU fast paths (engine.kernels.cpu)")
     parser.add_argument("--json", help="write the breakdown here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -271,7 +271,7 @@ def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_
             device: torch.device) -> dict:
     """Block shapes, split count and warps from tensor shapes alone (no host sync), so CUDA graphs can capture it.
 
-    Chosen from `python bench/kernels.py --sweep` on an H100 (Llama-3.1-8B shapes, bf16): decode 64 x 2048 ran best
+    Chosen from `python bench/kernel_speed.py --sweep` on an H100 (Llama-3.1-8B shapes, bf16): decode 64 x 2048 ran best
     with 64-key tiles, 4 warps, 3 stages and no split; few long decodes with 128-key tiles and a power-of-two split
     count giving about 4 programs per SM; a single short decode (256 or 1024 keys) with splits of 64 keys in one
     64-key tile (10.9 us against 13.0 unsplit at 256 keys, 14.6 against 16.0 with 4 splits at 1024); prefill with

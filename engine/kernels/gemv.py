@@ -4,7 +4,7 @@ At batch 1 to 16 a linear layer only streams its weight, so the time is bytes ov
 kernels for some of these shapes that reach little of the copy bandwidth and need a second reduce kernel (in the
 decode graph on an H100 the 4096 x 4096 projection ran at ~55%). Each program here takes BLOCK_N output columns
 over all of K: one pass over the weight, no reduction kernel, rows padded to one 16-row tensor-core tile (free: the
-weight read dominates). In `python bench/kernels.py --linear` on an H100 it matched or beat cuBLAS on every
+weight read dominates). In `python bench/kernel_speed.py --linear` on an H100 it matched or beat cuBLAS on every
 Llama-3.1-8B projection at 1, 4 and 16 rows (o_proj 20 vs 24 us, gate/up 91 vs 95 us, the LM head 347 vs 383 us),
 so `linear` uses it for every half-precision batch of up to 16 rows on CUDA and cuBLAS for the rest.
 The reference is `kernels.reference.linear` (torch's F.linear).
@@ -70,7 +70,7 @@ def _skinny_linear_kernel(
 
 
 def _config(n: int, element_size: int) -> dict:
-    """From `python bench/kernels.py --linear` on an H100 (bf16, Llama-3.1-8B projections, 1 to 16 rows): 32 columns
+    """From `python bench/kernel_speed.py --linear` on an H100 (bf16, Llama-3.1-8B projections, 1 to 16 rows): 32 columns
     and 512-wide K tiles per step were best or within 2% everywhere; the widest weights (gate/up, the LM head) like a
     deeper pipeline. Float32 tiles are twice the bytes: five stages of them overflow shared memory."""
     deep = n >= 16384 and element_size <= 2

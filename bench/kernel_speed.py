@@ -5,7 +5,7 @@ Each time is the median of many runs timed with CUDA events, with L2 flushed bef
 fewest bytes each op must move (inputs read once, outputs written once) and is compared with the card's measured
 device-to-device copy bandwidth (bytes read + written).
 
-    python bench/kernels.py [--out FILE] [--sweep] [--linear]
+    python bench/kernel_speed.py [--out FILE] [--sweep] [--linear]
 
 --sweep also times launch configurations of paged attention (block sizes, split-K, warps) to pick the heuristics;
 --linear times decode-sized linears, cuBLAS against `kernels/gemv.py` and its launch configurations.
@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/ (whose kernels.py is this file)
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -322,7 +322,7 @@ def main():
                         help="only sweep decode-sized linears (cuBLAS against the skinny kernel)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA device")
+        sys.exit("bench/kernel_speed.py needs a CUDA device")
     if args.linear:
         linear_sweep(args)
         return
