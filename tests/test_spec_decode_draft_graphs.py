@@ -18,7 +18,6 @@ from tests.test_spec_decode_graphs import EagerGraphs
 # Greedy with logprobs, a seeded sampling request (its drafts are drawn from q, which verification uses) and n = 2.
 MIXED_PARAMS = [PARAMS[0], SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=20, ignore_eos=True),
                 PARAMS[2]]
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")]
 
 
 def drafts_recorded(draft_model) -> list[list[tuple[str, list[int]]]]:
