@@ -104,6 +104,14 @@ class ModelRunner:
             self.cuda_graphs.capture(
                 self._forward, lambda shape: self.batch.fill([], pad_to=shape.num_seqs, pad_query_len=shape.query_len),
                 self.device)
+            if self.draft_model is not None:
+                self.draft_model.capture_cuda_graphs()
+
+    def release_cuda_graphs(self) -> None:
+        """Drops the target's graphs and the draft model's; `capture_cuda_graphs` makes them again."""
+        self.cuda_graphs.release()
+        if self.draft_model is not None:
+            self.draft_model.cuda_graphs.release()
 
     @torch.inference_mode()
     def _run_profile_step(self, lengths: list[int], block_tables: list[list[int]]) -> None:

@@ -29,7 +29,7 @@ def sleep_runner(runner: ModelRunner) -> int:
     if runner.device.type != "cuda":
         return 0
     if runner.fixed_memory is None:
-        runner.cuda_graphs.release()
+        runner.release_cuda_graphs()
     host_bytes = _move_weights(runner.model, lambda i, t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
     if runner.fixed_memory is not None:
         runner.fixed_memory.unmap()
@@ -48,7 +48,7 @@ def wake_runner(runner: ModelRunner, num_blocks: int) -> bool:
     fixed = runner.fixed_memory
     kept = fixed is not None and fixed.fits(runner, num_blocks)
     if fixed is not None and not kept:  # the weights' or the cache's shapes changed: new regions, new graphs
-        runner.cuda_graphs.release()
+        runner.release_cuda_graphs()
         fixed.close()
         fixed = runner.fixed_memory = None
     if fixed is None:

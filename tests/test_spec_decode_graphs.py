@@ -100,14 +100,22 @@ def test_mixed_rows_pad_after_their_own_tokens():
 
 class EagerGraphs(CudaGraphs):
     """Stands in for the captured graphs on the CPU: a replay runs the forward on the padded input buffers, as the
-    graph of that shape would, and records the shape."""
+    graph of that shape would, and records the shape; `steps` records each forward's row lengths and its graph."""
 
     def __init__(self, sizes, max_model_len: int, batch: InputBatch):
         super().__init__(sizes, max_model_len)
-        self.batch, self.replayed, self.mixed = batch, [], []
+        self.batch, self.replayed, self.mixed, self.steps = batch, [], [], []
+
+    @classmethod
+    def install(cls, owner) -> "EagerGraphs":
+        """In place of `owner`'s graphs (a runner's or a draft model's)."""
+        owner.cuda_graphs = graphs = cls(owner.cuda_graphs.sizes, owner.cuda_graphs.max_model_len, owner.batch)
+        return graphs
 
     def bucket(self, num_tokens, rows):
-        return record_mixed(self.mixed, rows, super().bucket(num_tokens, rows))
+        shape = super().bucket(num_tokens, rows)
+        self.steps.append((tuple(row.count for row in rows), shape))
+        return record_mixed(self.mixed, rows, shape)
 
     def capture(self, forward, pad_inputs, device):
         self.forward = forward
@@ -136,8 +144,9 @@ def test_padded_verify_steps_answer_as_eager_ones(tiny_model, method):
     reference = LLM(model_dir, **OPTIONS).generate(prompts, params, use_tqdm=False)
     llm = LLM(model_dir, speculative_config=spec, **OPTIONS)
     runner = llm.core.runner
-    runner.cuda_graphs = graphs = EagerGraphs(runner.cuda_graphs.sizes, runner.cuda_graphs.max_model_len,
-                                              runner.batch)
+    graphs = EagerGraphs.install(runner)
+    if runner.draft_model is not None:  # its decode graphs are captured with the target's
+        EagerGraphs.install(runner.draft_model)
     runner.use_cuda_graphs = True
     runner.capture_cuda_graphs()
     assert flat(llm.generate(prompts, params, use_tqdm=False)) == flat(reference)
@@ -174,8 +183,7 @@ def test_mixed_steps_with_prefill_rows_and_pending_tokens(tiny_model, async_sche
     expected = staggered_run(LLM(model_dir, **options))
     llm = LLM(model_dir, **options)
     runner = llm.core.runner
-    runner.cuda_graphs = graphs = EagerGraphs(runner.cuda_graphs.sizes, runner.cuda_graphs.max_model_len,
-                                              runner.batch)
+    graphs = EagerGraphs.install(runner)
     runner.use_cuda_graphs = True
     runner.capture_cuda_graphs()
     assert staggered_run(llm) == expected

@@ -15,6 +15,13 @@ With tensor parallelism every rank runs the whole draft, unsharded, with its who
 target instead). A draft is small: sharded, each of its k sequential forwards per step would wait on an all-reduce
 per layer for little compute. Each rank computes the same drafts from the same weights, inputs and seeded
 generators, as each samples the same tokens from the same logits, so no rank sends its drafts to the others.
+
+Where the target replays CUDA graphs, the draft's single-token forwards do too (`engine.cuda_graphs`, the target's
+decode buckets): each of the k draws, and the first forward of a step whose rows all compute one known token (the
+usual verify step: the token the target sampled last). A 1B draft's eager forward is launch-bound, several times
+a replay, and is paid k + 1 times a step. Forwards over several known tokens (prefill chunks) stay eager. The
+graphs read the draft's weights and cache where they were captured: the runner drops and captures them with the
+target's (start-up, and a wake that did not keep the target's).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import CudaGraphs, graph_sizes
 from engine.device import to_device
 from engine.input_batch import BatchRow, InputBatch, ScheduledRow
 from engine.kv_memory import KVMemory
@@ -43,6 +51,12 @@ class DraftModel:
         self.kv_memory = KVMemory(config, self.model_config, self.model, device)
         self.batch = InputBatch(config.max_num_batched_tokens, config.max_num_seqs, self.kv_memory.max_blocks_per_seq,
                                 config.block_size, device, with_lora=False)
+        # Captured by the runner's `capture_cuda_graphs` only; without graphs `bucket` answers None (eager).
+        self.cuda_graphs = CudaGraphs(graph_sizes(config.max_num_seqs, config.max_num_batched_tokens),
+                                      self.model_config.max_model_len)
+
+    def capture_cuda_graphs(self) -> None:
+        self.cuda_graphs.capture(self._run, lambda shape: self.batch.fill([], pad_to=shape.num_seqs), self.device)
 
     @torch.inference_mode()
     def draft(self, rows: list[ScheduledRow]) -> dict[str, torch.Tensor]:
@@ -94,8 +108,13 @@ class DraftModel:
         return tokens, probs
 
     def _forward(self, rows: list[BatchRow]) -> torch.Tensor:
-        metadata = self.batch.fill(rows)
+        """The rows' hidden states (a replayed graph's padded rows last)."""
         num_tokens = sum(row.count for row in rows)
+        graph = self.cuda_graphs.bucket(num_tokens, rows)
+        metadata = self.batch.fill(rows, pad_to=graph.num_seqs if graph is not None else None)
         self.batch.mark_copies_queued()
+        return self.cuda_graphs.replay(graph) if graph is not None else self._run(num_tokens, metadata)
+
+    def _run(self, num_tokens: int, metadata) -> torch.Tensor:
         return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens],
                           metadata)
