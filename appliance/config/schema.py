@@ -324,7 +324,8 @@ class ModelSpec(_Schema, kw_only=True):
     kernel_backend: Annotated[KernelBackend, _doc(
         "Kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.")] = engine_default("kernel_backend")
     cuda_graphs: Annotated[bool, _doc(
-        "Replay decode steps as CUDA graphs captured at start-up (CUDA with Triton kernels only).",
+        "Replay decode steps, speculative verification steps and a draft model's steps as CUDA graphs captured at "
+        "start-up (CUDA with Triton kernels only).",
     )] = engine_default("cuda_graphs")
     async_scheduling: Annotated[bool | None, _doc(
         "Schedule the next step while the current one runs on the device, or with pipeline stages, keep a batch "
