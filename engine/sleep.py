@@ -5,9 +5,9 @@ compiled kernels survive and a wake costs two copies instead of a load from disk
 The cache's contents are lost, so the prefix cache forgets every block. CUDA graphs hold the device addresses of
 the weights and the cache they were captured with: the first sleep drops them, and the first wake places weights and
 cache at fixed addresses (engine.sleep_rank) and captures them again; later sleeps keep the graphs (and their memory
-pool) and a wake only maps memory back and copies the weights. A draft model's weights stay on the device; its
-cache is freed and placed again with the target's (in the same fixed region), so its graphs are
-dropped, captured and kept with the target's. A tensor- or pipeline-parallel engine sleeps the same
+pool) and a wake only maps memory back and copies the weights. A draft model sleeps with the served one: its
+weights go to the host and its cache is freed, both placed again beside the target's (in the same fixed regions), so
+its graphs are dropped, captured and kept with the target's. A tensor- or pipeline-parallel engine sleeps the same
 way on every rank: rank 0 tells its workers (`SleepLevel1`), each moves its own shard, and a wake's graph capture,
 when one is needed, is the usual broadcast one.
 """

@@ -23,14 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 def sleep_runner(runner: ModelRunner) -> int:
-    """One rank's part of a level-1 sleep: its KV cache freed, its weights to pinned host memory (and its graphs
-    dropped unless they live on fixed addresses); returns the bytes copied to the host."""
+    """One rank's part of a level-1 sleep: its KV cache freed, its weights (a draft model's too) to pinned host
+    memory, its graphs dropped unless they live on fixed addresses; returns the bytes copied to the host."""
     runner.kv_memory.release()
     if runner.device.type != "cuda":
         return 0
     if runner.fixed_memory is None:
         runner.release_cuda_graphs()
-    host_bytes = _move_weights(runner.model, lambda i, t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
+    host_bytes = _move_weights(_weights(runner),
+                               lambda i, t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t))
     if runner.fixed_memory is not None:
         runner.fixed_memory.unmap()
     torch.cuda.synchronize(runner.device)
@@ -54,13 +55,13 @@ def wake_runner(runner: ModelRunner, num_blocks: int) -> bool:
     if fixed is None:
         fixed = runner.fixed_memory = FixedMemory.create(runner, num_blocks)
     if fixed is None:
-        _move_weights(runner.model, lambda i, t: t.to(runner.device, non_blocking=True))
+        _move_weights(_weights(runner), lambda i, t: t.to(runner.device, non_blocking=True))
         phases.mark("weights")
         runner.kv_memory.allocate(num_blocks, show_progress=False)
     else:
         fixed.map()
         phases.mark("map")  # on a first wake, the regions' creation
-        _move_weights(runner.model, lambda i, t: fixed.weights[i].copy_(t, non_blocking=True))
+        _move_weights(_weights(runner), lambda i, t: fixed.weights[i].copy_(t, non_blocking=True))
         phases.mark("weights")
         runner.kv_memory.allocate(num_blocks, show_progress=False, take=BumpAllocator(fixed.kv_region).take)
     phases.mark("kv_cache")
@@ -99,7 +100,7 @@ class FixedMemory:
     def create(cls, runner: ModelRunner, num_blocks: int) -> FixedMemory | None:
         """The regions for the runner's (host-resident) weights and a cache of `num_blocks`; None where the
         driver refuses, and the wake keeps to torch's allocator."""
-        tensors = _unique_tensors(runner.model)
+        tensors = _unique_tensors(_weights(runner))
         kv_shapes = runner.kv_memory.layer_shapes(num_blocks)
         try:
             weights_region = DeviceRegion(sum(aligned(t.nbytes) for t in tensors), runner.device)
@@ -137,8 +138,15 @@ class FixedMemory:
 
 
 def _signature(runner: ModelRunner, num_blocks: int) -> tuple:
-    return (tuple((tuple(t.shape), t.dtype) for t in _unique_tensors(runner.model)),
+    return (tuple((tuple(t.shape), t.dtype) for t in _unique_tensors(_weights(runner))),
             tuple(runner.kv_memory.layer_shapes(num_blocks)))
+
+
+def _weights(runner: ModelRunner) -> nn.Module:
+    """The rank's weights: the served model's and a draft model's, as one module tree so that each tensor moves once
+    and both sets of graphs find theirs at the same addresses after a wake."""
+    draft = runner.draft_model
+    return runner.model if draft is None else nn.ModuleList([runner.model, draft.model])
 
 
 def _empty_host_cache() -> None:
