@@ -136,8 +136,8 @@ class EngineCore:
 
     def _structured_outputs(self) -> StructuredOutputManager:
         """The structured-output manager; a generating engine's grammar tokenizer begins loading now, beside the
-        weights, the KV cache and the graphs. The engine is ready without it: structured requests that come before it
-        is loaded wait in the queue (a warm start of the 8B shape would otherwise wait seconds for Qwen's vocabulary)."""
+        weights, the KV cache and the graphs. The engine is ready without it: structured requests that come before
+        it is loaded wait in the queue (a warm start of the 8B shape would otherwise wait for Qwen's vocabulary)."""
         config = self.config
         manager = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
             config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
