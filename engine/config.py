@@ -153,6 +153,10 @@ class EngineConfig:
     # config.json `matryoshka_dimensions`, else truncation is refused.
     matryoshka_dimensions: tuple[int, ...] | None = None
     quantization: Quantization | None = None  # a quantized checkpoint's own method is read from its config.json
+    # Online quantization (int8 / fp8) folds SmoothQuant scales of this migration strength into the float weights
+    # first, from a calibration forward at load (engine.quantization.smoothing); None: not. Skipped with LoRA
+    # (adapters were trained on the unsmoothed inputs) and across several ranks or stages.
+    smoothquant_alpha: float | None = 0.5
     # None: no speculation; a dict of vLLM's keys is turned into a SpeculativeConfig.
     speculative_config: SpeculativeConfig | None = None
 
@@ -177,6 +181,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in get_args(Quantization):
             raise EngineConfigError("quantization", f"expected null or one of {', '.join(get_args(Quantization))}, "
                                                     f"got {self.quantization!r}")
+        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+            raise EngineConfigError("smoothquant_alpha", f"must be in [0, 1] or null, got {self.smoothquant_alpha}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
