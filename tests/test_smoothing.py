@@ -41,7 +41,7 @@ def test_folding_is_exact_in_float(checkpoints, family):
     model, config = float_model(checkpoints[family])
     before = prefill_logits(model, config, TOKENS)
     norm = model.model.layers[0].input_layernorm.weight.clone()
-    smoothing.smooth_model(model, str(checkpoints[family]), ALPHA)
+    smoothing.smooth_model(model, str(checkpoints[family]), ALPHA, smoothing.ALL_TARGETS)
     assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)  # it did fold something
     torch.testing.assert_close(prefill_logits(model, config, TOKENS), before, rtol=1e-4, atol=1e-4)
 
@@ -53,9 +53,9 @@ def test_alpha_one_half_balances_activation_and_weight_extremes(checkpoints, fam
     calibration text equals its weight column's largest |value| (o_proj: per KV-head group, the group's largest)."""
     folder = str(checkpoints[family])
     model, config = float_model(folder)
-    smoothing.smooth_model(model, folder, ALPHA)
+    targets = smoothing.ALL_TARGETS
+    smoothing.smooth_model(model, folder, ALPHA, targets)
     windows = smoothing.calibration_windows(folder, config.max_model_len)
-    targets = (smoothing.QKV, smoothing.O, smoothing.GATE_UP, smoothing.DOWN)
     amax = smoothing.input_amax(model, windows, targets)
     attention = model.model.layers[0].self_attn
     for layer in model.model.layers:
@@ -126,11 +126,12 @@ def test_online_smoothed_path_within_the_rule(checkpoints, family, method, dtype
 
 def test_the_engine_smooths_online_int8_by_default_and_can_turn_it_off(checkpoints):
     folder = str(checkpoints["llama"])
-    norms = {}
+    scales = {}
     for alpha in (None, ALPHA):
         options = {} if alpha == ALPHA else {"smoothquant_alpha": None}
         llm = LLM(folder, dtype="float32", quantization="int8", num_kv_blocks=32, **options)
-        norms[alpha] = llm.core.runner.model.model.layers[0].input_layernorm.weight.clone()
-    float_norm = float_model(folder)[0].model.layers[0].input_layernorm.weight
-    torch.testing.assert_close(norms[None], float_norm)
-    assert not torch.allclose(norms[ALPHA], float_norm)
+        scales[alpha] = llm.core.runner.model.model.layers[0].mlp.down_proj.weight_scale
+    config = ModelConfig.from_pretrained(folder, dtype="float32")
+    plain = load_model(config, folder, CPU, quantization="int8").model.layers[0].mlp.down_proj.weight_scale
+    torch.testing.assert_close(scales[None], plain, rtol=0, atol=0)
+    assert not torch.allclose(scales[ALPHA], plain)

@@ -10,7 +10,8 @@ Producers (per decoder layer): the norm before q/k/v (the family's `smoothing_no
 output rows for down (act(gate) * up is linear in up), v's output rows for o (an o input channel belongs to one
 query head, which reads one KV head: a scale is shared by the query heads of a group). A norm scaling by
 (weight + offset) (Gemma) absorbs it as (weight + offset) / s - offset. The arithmetic runs in float32 and is
-rounded to the model dtype once.
+rounded to the model dtype once. Which linears are smoothed is `TARGETS`; every mapping is kept, tested and
+measurable (`bench/perplexity.py --smooth-targets`), since which pays is a property of the model and the 8-bit type.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from engine.quantization.kv_calibration import CALIBRATION_TEXT
 
 # Which linears' inputs are smoothed, by their attribute path in a decoder layer.
 QKV, O, GATE_UP, DOWN = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
+ALL_TARGETS = (QKV, O, GATE_UP, DOWN)
+# What the engine smooths: down alone measured best on the built-in SmolLM2 (whole GPL-3 text, online int8, alpha
+# 0.5: +0.39% perplexity over float; all four +0.99%, gate/up and down +1.14%, none +2.52%; bench/RESULTS.md).
+TARGETS = (DOWN,)
 CALIBRATION_WINDOW = 512
 _BLOCK = 16
 
@@ -43,10 +48,10 @@ def calibration_windows(tokenizer_path: str, window: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, tokenizer_path: str, alpha: float, targets: tuple[str, ...] = (QKV, O, GATE_UP,
-                                                                                                    DOWN)) -> None:
+def smooth_model(model: nn.Module, tokenizer_path: str, alpha: float, targets: tuple[str, ...] | None = None) -> None:
     """Folds SmoothQuant scales of migration strength `alpha` into `model`'s float weights (loaded, not yet
-    processed by their linear method), for the linears named in `targets`."""
+    processed by their linear method), for the linears named in `targets` (None: `TARGETS`)."""
+    targets = targets or TARGETS
     windows = calibration_windows(tokenizer_path, min(CALIBRATION_WINDOW, model.config.max_model_len))
     amax = input_amax(model, windows, targets)
     for layer in model.model.stage_layers:
