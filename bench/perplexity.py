@@ -10,8 +10,8 @@ The text is tokenized once and cut into windows of --window tokens; each window 
 Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF
 (the built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first
 written out as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder);
-fp8 / int8 quantize those float weights online (`quantization`), SmoothQuant folded in first (`smoothquant_alpha`,
-on by default; the "unsmoothed" rows turn it off); "fp8 KV" keeps float weights and stores the KV
+fp8 / int8 quantize those float weights online (`quantization`), int8 with SmoothQuant folded in first (`smoothquant_alpha`,
+on by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row); "fp8 KV" keeps float weights and stores the KV
 cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales calibrated at start-up
 (`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row shows its change against
 float.
@@ -38,7 +38,6 @@ CONFIGS = {
     "float": {},
     "fp8 weights": {"quantization": "fp8"},
     "int8 weights": {"quantization": "int8"},
-    "fp8 unsmoothed": {"quantization": "fp8", "smoothquant_alpha": None},
     "int8 unsmoothed": {"quantization": "int8", "smoothquant_alpha": None},
     "fp8 KV": {"kv_cache_dtype": "fp8"},
     "fp8 KV calib": {"kv_cache_dtype": "fp8", "calculate_kv_scales": True},

@@ -303,7 +303,7 @@ class ModelSpec(_Schema, kw_only=True):
         "run the checkpoint as it is, quantized (GPTQ, AWQ, compressed-tensors, fp8: read from its config.json) or "
         "not.")] = engine_default("quantization")
     smoothquant_alpha: Annotated[Literal["auto"] | Annotated[float, Meta(ge=0, le=1)] | None, _doc(
-        "With quantization int8 or fp8: SmoothQuant's migration strength, 0 to 1 (auto: 0.5 for int8, 0.4 for "
+        "With quantization int8 or fp8: SmoothQuant's migration strength, 0 to 1 (auto: 0.5 for int8, off for "
         "fp8). Before quantizing, one forward over a built-in text measures the down projection's input channels, "
         "and scales that move their outliers into its weights are folded into the float model (exact in float). "
         "null: off. Not applied with LoRA or tensor / pipeline parallelism, nor to pre-quantized checkpoints.")] = \
