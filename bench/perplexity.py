@@ -7,14 +7,14 @@
 
 The text is tokenized once and cut into windows of --window tokens; each window is one prompt whose prompt logprobs
 (the engine's own, `SamplingParams.prompt_logprobs`) give the log-likelihood of every token after its first.
-Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF
-(the built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first
-written out as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder);
-fp8 / int8 quantize those float weights online (`quantization`), int8 with SmoothQuant folded in first (`smoothquant_alpha`,
-on by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row); "fp8 KV" keeps float weights and stores the KV
-cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales calibrated at start-up
-(`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row shows its change against
-float.
+Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF (the
+built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first written out
+as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder); fp8 / int8
+quantize those float weights online (`quantization`), int8 with SmoothQuant folded in first (`smoothquant_alpha`, on
+by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row); "fp8 KV"
+keeps float weights and stores the KV cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales
+calibrated at start-up (`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row
+shows its change against float.
 """
 
 from __future__ import annotations

@@ -154,8 +154,8 @@ class EngineConfig:
     # config.json `matryoshka_dimensions`, else truncation is refused.
     matryoshka_dimensions: tuple[int, ...] | None = None
     quantization: Quantization | None = None  # a quantized checkpoint's own method is read from its config.json
-    # Online quantization (int8 / fp8) folds SmoothQuant scales of this migration strength (0 to 1; auto: 0.5 for int8,
-    # off for fp8, as measured) into the float weights first, from a calibration forward at load
+    # Online quantization (int8 / fp8) folds SmoothQuant scales of this migration strength (0 to 1; auto: 0.5 for
+    # int8, off for fp8, as measured) into the float weights first, from a calibration forward at load
     # (engine.quantization.smoothing); None: not. Skipped with LoRA (adapters were trained on the unsmoothed
     # inputs) and across several ranks or stages.
     smoothquant_alpha: SmoothQuantAlpha | None = "auto"

@@ -51,7 +51,8 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     int8); with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
     tensors); given a pipeline `stage`, only that stage's layers. A GGUF's blocks stay packed unless
     `gguf_dequantize` is "load". Online quantization smooths the float weights first with `smoothquant_alpha`
-    ("auto": the type's default; None: not), calibrating on `tokenizer`'s (default: `path`'s) tokens, where the model is whole on one rank."""
+    ("auto": the type's default; None: not), calibrating on `tokenizer`'s (default: `path`'s) tokens, where the
+    model is whole on one rank."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
