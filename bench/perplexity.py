@@ -3,16 +3,18 @@
     python bench/perplexity.py                               # builtin SmolLM2 on the GPL-3 text Debian ships
     python bench/perplexity.py --max-tokens 1024 --window 256 --device cpu
     python bench/perplexity.py --configs "float,int8 weights"  # some rows only
+    python bench/perplexity.py --configs "float,int8 weights" --smooth-alpha 0.8 --smooth-targets qkv_proj,down_proj
 
 The text is tokenized once and cut into windows of --window tokens; each window is one prompt whose prompt logprobs
 (the engine's own, `SamplingParams.prompt_logprobs`) give the log-likelihood of every token after its first.
-Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF
-(the built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first
-written out as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder);
-fp8 / int8 quantize those float weights online (`quantization`); "fp8 KV" keeps float weights and stores the KV
-cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales calibrated at start-up
-(`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row shows its change against
-float.
+Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the model in float weights: a GGUF (the
+built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first written out
+as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder); fp8 / int8
+quantize those float weights online (`quantization`), int8 with SmoothQuant folded in first (`smoothquant_alpha`, on
+by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row); "fp8 KV"
+keeps float weights and stores the KV cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales
+calibrated at start-up (`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row
+shows its change against float.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.models.builtin import BUILTIN_PREFIX, resolve_builtin  # noqa: E402
+from engine.quantization import smoothing  # noqa: E402
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -35,6 +38,7 @@ CONFIGS = {
     "float": {},
     "fp8 weights": {"quantization": "fp8"},
     "int8 weights": {"quantization": "int8"},
+    "int8 unsmoothed": {"quantization": "int8", "smoothquant_alpha": None},
     "fp8 KV": {"kv_cache_dtype": "fp8"},
     "fp8 KV calib": {"kv_cache_dtype": "fp8", "calculate_kv_scales": True},
 }
@@ -96,22 +100,33 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated rows to run, float first for the comparison ({', '.join(CONFIGS)})")
+    parser.add_argument("--smooth-alpha", type=float, help="SmoothQuant's strength in the smoothed rows "
+                        "(default: the engine's)")
+    parser.add_argument("--smooth-targets", help="comma-separated linears to smooth, of "
+                        f"{', '.join(t.rsplit('.', 1)[1] for t in smoothing.ALL_TARGETS)} (default: the engine's)")
     args = parser.parse_args()
     names = args.configs.split(",")
+    if args.smooth_targets:
+        by_name = {target.rsplit(".", 1)[1]: target for target in smoothing.ALL_TARGETS}
+        if set(args.smooth_targets.split(",")) - set(by_name):
+            parser.error(f"--smooth-targets: expected some of {', '.join(by_name)}")
+        smoothing.TARGETS = tuple(by_name[name] for name in args.smooth_targets.split(","))
     if set(names) - set(CONFIGS):
         parser.error(f"--configs: unknown {sorted(set(names) - set(CONFIGS))}; expected some of {', '.join(CONFIGS)}")
     text = Path(args.text).read_text()
     model = float_checkpoint(args.model)
     print(f"model {args.model}, text {args.text}, window {args.window}, device {args.device}, dtype {args.dtype}")
-    print(f"{'config':<14} {'perplexity':>10} {'vs float':>9} {'seconds':>8}")
+    print(f"{'config':<16} {'perplexity':>10} {'vs float':>9} {'seconds':>8}")
     base = None
     for name in names:
         extra = CONFIGS[name]
+        if args.smooth_alpha is not None and "quantization" in extra and "smoothquant_alpha" not in extra:
+            extra = {**extra, "smoothquant_alpha": args.smooth_alpha}
         start = time.perf_counter()
         value = perplexity(model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
                            **extra)
         base = base or value
-        print(f"{name:<14} {value:>10.4f} {100 * (value / base - 1):>+8.2f}% {time.perf_counter() - start:>8.1f}",
+        print(f"{name:<16} {value:>10.4f} {100 * (value / base - 1):>+8.2f}% {time.perf_counter() - start:>8.1f}",
               flush=True)
     return 0
 

@@ -29,6 +29,7 @@ Quantization = Literal["none", "fp8", "int8"]
 # The KV cache's storage type (vLLM's names): auto is the model dtype; fp8 means fp8_e4m3.
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 GGUFDequantize = Literal["auto", "matmul", "load"]
+SmoothQuantAlpha = Literal["auto"] | float
 # Without a device to profile, the KV cache gets at most this much memory unless told otherwise.
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -153,6 +154,11 @@ class EngineConfig:
     # config.json `matryoshka_dimensions`, else truncation is refused.
     matryoshka_dimensions: tuple[int, ...] | None = None
     quantization: Quantization | None = None  # a quantized checkpoint's own method is read from its config.json
+    # Online quantization (int8 / fp8) folds SmoothQuant scales of this migration strength (0 to 1; auto: 0.5 for
+    # int8, off for fp8, as measured) into the float weights first, from a calibration forward at load
+    # (engine.quantization.smoothing); None: not. Skipped with LoRA (adapters were trained on the unsmoothed
+    # inputs) and across several ranks or stages.
+    smoothquant_alpha: SmoothQuantAlpha | None = "auto"
     # None: no speculation; a dict of vLLM's keys is turned into a SpeculativeConfig.
     speculative_config: SpeculativeConfig | None = None
 
@@ -177,6 +183,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in get_args(Quantization):
             raise EngineConfigError("quantization", f"expected null or one of {', '.join(get_args(Quantization))}, "
                                                     f"got {self.quantization!r}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and alpha != "auto" and (isinstance(alpha, (str, bool)) or not 0 <= alpha <= 1):
+            raise EngineConfigError("smoothquant_alpha", f"must be auto, null or in [0, 1], got {alpha!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",

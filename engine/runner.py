@@ -58,7 +58,8 @@ class ModelRunner:
         self.is_last_stage = stage is None or stage.is_last
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
-                                _gguf_dequantize(config.gguf_dequantize, device))
+                                _gguf_dequantize(config.gguf_dequantize, device),
+                                None if config.enable_lora else config.smoothquant_alpha, config.tokenizer)
         self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
         self.sampler = Sampler()
         spec = config.speculative_config

@@ -3,7 +3,8 @@ GPL-3 text (three windows of 128) with online fp8 weights, int8 weights and the 
 float model's (the model as loaded: its GGUF dequantized).
 
 Measured on the CPU (float32): float 39.218, fp8 weights -0.45% (-0.90% re-measured in the eighth session), int8
-weights +0.60% (asymmetric per-token activations; symmetric ones measured +7.89% on the same tree), fp8 KV -0.51%; on
+weights +0.11% (asymmetric per-token activations and SmoothQuant at down_proj, `smoothquant_alpha` auto; without
+smoothing +0.60%, symmetric activations +7.89%), so int8 is held to 1%; fp8 KV -0.51%; on
 the first 1024 tokens (windows of 256, symmetric int8 then): float 24.267, fp8 weights +2.80%, int8 weights +3.06%,
 fp8 KV +1.26%. The FP8 KV cache with scales calibrated at start-up (`calculate_kv_scales`, amax / 448 over the
 built-in calibration text: no headroom) is beyond the bound, +8.28% on this slice, so its case is an expected failure
@@ -20,6 +21,7 @@ from bench.perplexity import CONFIGS, DEFAULT_MODEL, DEFAULT_TEXT, perplexities
 from engine.models.builtin import resolve_builtin
 
 BOUND = 0.02
+BOUNDS = {"int8 weights": 0.01}  # tighter where measured well inside 2%
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def results() -> dict[str, float]:
         resolve_builtin(DEFAULT_MODEL)
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return perplexities(DEFAULT_MODEL, Path(DEFAULT_TEXT).read_text(), window=128, max_tokens=384, configs=CONFIGS,
+    rows = {name: options for name, options in CONFIGS.items() if "unsmoothed" not in name}
+    return perplexities(DEFAULT_MODEL, Path(DEFAULT_TEXT).read_text(), window=128, max_tokens=384, configs=rows,
                         device="cpu", dtype="float32")
 
 
@@ -43,4 +46,4 @@ def results() -> dict[str, float]:
 ])
 def test_within_two_percent_of_float(results, name):
     assert 1 < results["float"] < 100  # a sane language model on English text
-    assert abs(results[name] / results["float"] - 1) <= BOUND, results
+    assert abs(results[name] / results["float"] - 1) <= BOUNDS.get(name, BOUND), results

@@ -261,6 +261,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "pooling_normalize": ("pooling", "normalize"),
     "matryoshka_dimensions": ("matryoshka_dimensions",),
     "quantization": ("quantization",),
+    "smoothquant_alpha": ("smoothquant_alpha",),
     "gguf_dequantize": ("gguf_dequantize",),
     "speculative_config": ("speculative",),
 }
@@ -301,6 +302,12 @@ class ModelSpec(_Schema, kw_only=True):
         "or int8 (W8A8, the same weight scales; asymmetric per-token activations, a zero point each). null or none: "
         "run the checkpoint as it is, quantized (GPTQ, AWQ, compressed-tensors, fp8: read from its config.json) or "
         "not.")] = engine_default("quantization")
+    smoothquant_alpha: Annotated[Literal["auto"] | Annotated[float, Meta(ge=0, le=1)] | None, _doc(
+        "With quantization int8 or fp8: SmoothQuant's migration strength, 0 to 1 (auto: 0.5 for int8, off for "
+        "fp8). Before quantizing, one forward over a built-in text measures the down projection's input channels, "
+        "and scales that move their outliers into its weights are folded into the float model (exact in float). "
+        "null: off. Not applied with LoRA or tensor / pipeline parallelism, nor to pre-quantized checkpoints.")] = \
+        engine_default("smoothquant_alpha")
     gguf_dequantize: Annotated[GGUFDequantize, _doc(
         "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
         "(fused in a Triton kernel on CUDA; on the CPU a layer at a time, several times slower than float); load "

@@ -5,6 +5,8 @@ the embedding scaled by sqrt(hidden_size) and the scale/soft-caps, which come fr
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ _NORM_OFFSET = 1.0
 
 class Gemma2DecoderLayer(nn.Module):
     """Pre- and post-norm around both blocks; the residual add is fused into the pre-norms."""
+
+    smoothing_norms: ClassVar[dict[str, str]] = {"self_attn.qkv_proj": "input_layernorm",
+                                                 "mlp.gate_up_proj": "pre_feedforward_layernorm"}
 
     def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
                  tp_rank: int = 0, tp_size: int = 1):

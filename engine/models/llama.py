@@ -80,6 +80,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
 
+    # The norm whose output each linear reads (SmoothQuant folds its scales there: engine.quantization.smoothing).
+    smoothing_norms: ClassVar[dict[str, str]] = {"self_attn.qkv_proj": "input_layernorm",
+                                                 "mlp.gate_up_proj": "post_attention_layernorm"}
+
     def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding,
                  tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
