@@ -189,8 +189,8 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
-                     "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size",
-                     "pipeline_parallel_size", "nnodes"):
+                     "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras", "max_lora_rank",
+                     "max_cpu_loras", "tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")

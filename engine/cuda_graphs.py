@@ -3,7 +3,7 @@
 On CUDA, decode steps (one token a sequence) and, with speculative decoding, verify steps (1 + k tokens a sequence:
 the last known token and k drafts) replay graphs captured at start-up, one per batch-size bucket. The batch is
 padded to the bucket with dummy sequences of as many tokens, which write nowhere (slot -1) and read the first cached
-tokens of a stale block-table row, so the graph's shapes never change. Graphs remove the per-kernel launch cost that
+tokens of block 0, so the graph's shapes never change. Graphs remove the per-kernel launch cost that
 dominates small decode batches. The inputs live in the `InputBatch`'s persistent device buffers, which every graph
 reads in place; the attention kernel finds each sequence's queries from `query_start_loc` on the device, so one
 graph serves any context lengths.
