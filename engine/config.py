@@ -125,9 +125,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     # While a step decodes, its prompt chunks take at most this many tokens (None: the whole max_num_batched_tokens),
-    # so that a long prefill does not stall the running streams. About 1,000 tokens cost an 8B model on an H200 some
-    # 25 ms beside 64 decodes, already compute bound: smaller chunks cost little throughput, larger ones latency.
-    max_prefill_tokens_while_decoding: int | None = 1024
+    # so that a long prefill does not stall the running streams; with many streams it grows to
+    # prefill_tokens_per_decode per decoding stream (engine.scheduler_budget says why). Measured on an H200 (8B, 64
+    # streams, bench/serve.py --compare-prefill-cap): ITL p99 198 ms uncapped, 47 ms at 1024, 26 ms at 512 for
+    # 0.96-0.97 of the throughput; but all 200 prompts at once, a flat 512 kept 0.59 of it.
+    max_prefill_tokens_while_decoding: int | None = 512
+    prefill_tokens_per_decode: int = 8
     scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
     kernel_backend: KernelBackend = "auto"
     cuda_graphs: bool = True  # capture decode (and verify) steps per batch-size bucket (CUDA, Triton backend)
@@ -194,6 +197,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
+        if self.prefill_tokens_per_decode < 0:
+            raise EngineConfigError("prefill_tokens_per_decode", f"must be >= 0, got {self.prefill_tokens_per_decode}")
         if self.host_swap_bytes is not None and self.host_swap_bytes < 0:
             raise EngineConfigError("host_swap_bytes", f"must be >= 0, got {self.host_swap_bytes}")
         # Without chunking a prompt is computed in one step, so the step budget must hold the longest one. With

@@ -123,7 +123,7 @@ class Scheduler:
     def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
         """`max_num_reqs`: at most that many requests in this step (pipeline stages: one batch's share)."""
         cap = self.config.max_prefill_tokens_while_decoding if self.config.enable_chunked_prefill else None
-        budget = StepBudget(self.config.max_num_batched_tokens, cap)
+        budget = StepBudget(self.config.max_num_batched_tokens, cap, self.config.prefill_tokens_per_decode)
         room = max_num_reqs or self.config.max_num_seqs
         scheduled, preempted_now = self._schedule_running(budget, room)
         scheduled += self._schedule_waiting(budget, preempted_now, room - len(scheduled))

@@ -206,6 +206,19 @@ def test_prefill_is_capped_while_decodes_run():
     assert s.last_step_num_tokens == 5
 
 
+@pytest.mark.parametrize(("per_decode", "prefill"), [(4, 12), (0, 8)], ids=["grows", "flat"])
+def test_the_prefill_cap_grows_with_the_decoding_streams(per_decode, prefill):
+    """Three streams decoding at 4 prompt tokens each allow 12, above the cap of 8; without growth the cap holds."""
+    s = make_scheduler(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8, max_model_len=128,
+                       prefill_tokens_per_decode=per_decode)
+    for name in "abc":
+        s.add_request(make_request(name, 4, max_tokens=20))
+    run_step(s)
+    s.add_request(make_request("d", 30, first_token=100))
+    out, _ = run_step(s)
+    assert scheduled_tokens(out) == {"a": 1, "b": 1, "c": 1, "d": prefill}
+
+
 def test_a_step_without_decodes_prefills_with_the_whole_budget():
     s = make_scheduler(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8, max_model_len=128)
     s.add_request(make_request("b", 30, first_token=100))

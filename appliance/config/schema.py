@@ -138,6 +138,11 @@ class SchedulerSpec(_Schema, kw_only=True):
         "streams' inter-token latency low while new prompts arrive, a larger one prefills them in fewer steps "
         "(null: up to max_num_batched_tokens). A step without decodes always takes the whole budget.",
     )] = engine_default("max_prefill_tokens_while_decoding")
+    prefill_tokens_per_decode: Annotated[int, _doc(
+        "With many streams decoding, the prefill cap grows to this many prompt tokens per decoding stream, so that "
+        "each step's prompt share stays in proportion to its decode work: a burst of prompts beside hundreds of "
+        "streams is not admitted a few hundred tokens at a time (0: the cap stays flat).",
+        ge=0)] = engine_default("prefill_tokens_per_decode")
     policy: Annotated[SchedulingPolicy, _doc(
         "Order of admission: first come first served, or by each request's priority (lower first).",
     )] = engine_default("scheduling_policy")
@@ -244,6 +249,7 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "enable_chunked_prefill": ("scheduler", "chunked_prefill"),
     "max_prefill_tokens_while_decoding": ("scheduler", "max_prefill_tokens_while_decoding"),
+    "prefill_tokens_per_decode": ("scheduler", "prefill_tokens_per_decode"),
     "scheduling_policy": ("scheduler", "policy"),
     "kernel_backend": ("kernel_backend",),
     "cuda_graphs": ("cuda_graphs",),

@@ -161,6 +161,23 @@ def rotary_store_kv(positions, query, key, value, cos_sin_cache, is_neox: bool, 
     store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` [out, in] in oneDNN's blocked layout for `linear`, or None where that would not be faster: only
+    bf16 weights on a CPU with bf16 support gain (float32 runs MKL's GEMM, whose rounding the float32 tests hold to
+    transformers')."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return None
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
     if weight_offset or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps, weight_offset)

@@ -385,7 +385,9 @@ def quantize_activations_asym(x: torch.Tensor, scale: torch.Tensor | None = None
     if scale is None:
         low = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
         high = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
-        scale = ((high - low) / (INT8_MAX - INT8_MIN)).clamp(min=1e-12)
+        # A tensor divisor: CUDA divides by a Python number as a multiplication by its reciprocal (one ulp off
+        # IEEE division on some rows), and the reference must round alike on every device.
+        scale = ((high - low) / torch.full_like(high, INT8_MAX - INT8_MIN)).clamp(min=1e-12)
         zero_point = (INT8_MIN - low / scale).round()
     q = ((x / scale).round() + zero_point.float()).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
     return q, scale.expand(x.shape[0], 1).float(), zero_point.expand(x.shape[0], 1).to(torch.int32)

@@ -107,4 +107,39 @@ def test_norms_and_activation(weight_offset, dtype):
 def test_torch_backend_takes_the_fast_paths():
     ops = kernels.load_backend("torch")
     assert ops.paged_attention is cpu.paged_attention and ops.rms_norm is cpu.rms_norm
-    assert ops.linear is reference.linear  # no fast path: the reference
+    assert ops.linear is cpu.linear
+
+
+@pytest.mark.skipif(cpu.prepack(torch.zeros(2, 2, dtype=torch.bfloat16)) is None, reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_a_prepacked_bf16_weight_gives_torch_linears_result_to_the_bit(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 80, generator=g).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 160, generator=g).to(torch.bfloat16)[:, ::2]  # a strided input, as a qkv slice is
+    packed = cpu.prepack(weight)
+    assert packed.is_mkldnn and packed.dtype == torch.bfloat16
+    assert torch.equal(cpu.linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(cpu.linear(x, packed), reference.linear(x, weight))
+
+
+def test_only_bf16_cpu_weights_are_prepacked():
+    """float32 keeps MKL's GEMM, whose rounding the float32 model tests hold to transformers'."""
+    assert cpu.prepack(torch.zeros(4, 4)) is None
+    assert cpu.prepack(torch.zeros(4, dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.skipif(cpu.prepack(torch.zeros(2, 2, dtype=torch.bfloat16)) is None, reason="no oneDNN bf16 here")
+def test_a_bf16_model_on_the_cpu_holds_its_linears_prepacked_with_the_checkpoints_values(tiny_model):
+    from safetensors.torch import load_file
+
+    from engine import LLM, SamplingParams
+
+    path = tiny_model("llama")
+    llm = LLM(path, device="cpu", dtype="bfloat16", kv_cache_memory_bytes=8 << 20)
+    layer = llm.core.runner.model.model.layers[0].mlp.down_proj
+    assert layer.weight.is_mkldnn  # one copy, the reordered one
+    stored = load_file(f"{path}/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(layer.weight.to_dense(), stored.to(torch.bfloat16))
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
