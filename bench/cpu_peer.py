@@ -14,7 +14,7 @@ Each measurement runs --repeat times after a warm-up and the best run is reporte
 Each system runs in its own process (vLLM with its own venv's python: --vllm-python or KVBOX_VLLM_PYTHON; skipped
 with a message when absent), so that one's threads, allocator and memory do not touch the next. vLLM runs with
 tcmalloc preloaded and its OpenMP threads bound to cores 0..threads-1, as its CPU docs ask; every system gets
---threads OpenMP threads and the same OpenMP wait policy (--omp-wait-policy). vLLM stays out of kvbox's
+--threads OpenMP threads and the same OpenMP wait policy (--omp-wait-policy; by default none). vLLM stays out of kvbox's
 dependencies. The last column says whether the one request's greedy tokens equal transformers' (float32 must;
 bf16 rounding may part them).
 """
@@ -135,7 +135,8 @@ def worker(args) -> None:
 def spawn(system: str, dtype: str, args) -> dict | str:
     """The system's result, or why there is none."""
     python, env = sys.executable, dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
+    if args.omp_wait_policy:
+        env.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
     if system == "vllm":
         python = args.vllm_python
         if not Path(python).is_file():
@@ -179,9 +180,11 @@ def main() -> int:
     parser.add_argument("--kvbox-options", default="{}", help="extra engine options for kvbox, as JSON")
     parser.add_argument("--vllm-python", default=os.environ.get("KVBOX_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (no torch.compile)")
-    parser.add_argument("--omp-wait-policy", default="PASSIVE",
-                        help="every system's OpenMP wait policy, unless OMP_WAIT_POLICY is set: on a shared machine "
-                             "ACTIVE spins at each parallel region for a descheduled sibling (bench/RESULTS.md)")
+    parser.add_argument("--omp-wait-policy", default="",
+                        help="every system's OpenMP wait policy, unless OMP_WAIT_POLICY is set (default: none, "
+                             "libgomp's bounded spin, what a user gets): PASSIVE is the choice on a busy machine, "
+                             "where spinning workers wait for descheduled siblings, but each parallel region then "
+                             "pays a wake-up, which costs small steps on a quiet one (bench/RESULTS.md)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per system and dtype")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a spawned system's settings, as JSON

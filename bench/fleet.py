@@ -208,9 +208,16 @@ def run_round_robin(args, prompt: list[int]) -> dict:
             for i in range(args.requests):
                 ttfts.append(complete(server.http, names[i % len(names)], prompt, args.output_len)[0])
             result[f"kvbox_sleep_level_{level}"] = _rr_report(ttfts, time.perf_counter() - started)
+            _progress(result)
     if "restarts" in args.systems:
         result["restart_processes"] = _round_robin_restarts(args, names, prompt)
     return result
+
+
+def _progress(result: dict) -> None:
+    """Each system's row as soon as it is measured: on 8B shapes the whole round-robin takes minutes (every model's
+    first start, then 10-20 s a swap at level 2 or by restart), and a time limit must not lose the rows before it."""
+    print("so far: " + json.dumps(result), file=sys.stderr, flush=True)
 
 
 def _round_robin_restarts(args, names: list[str], prompt: list[int]) -> dict:
