@@ -105,6 +105,12 @@ def linear(*args, **kwargs):
     return _active.ops.linear(*args, **kwargs)
 
 
+def prepack_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in the layout the active backend's `linear` runs fastest, or None to keep it as it is (only the
+    torch backend's CPU path has one: `kernels.cpu.prepack`)."""
+    return cpu.prepack(weight) if _active.name == "torch" else None
+
+
 def wna16_linear(*args, **kwargs):
     return _active.ops.wna16_linear(*args, **kwargs)
 

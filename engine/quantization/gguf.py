@@ -106,7 +106,9 @@ def dequantize_at_load(model: nn.Module, dtype: torch.dtype) -> None:
             for i, qtype in enumerate(module.run_types):
                 if qtype is not None:
                     name = f"qweight{i}"
-                    setattr(module, name, dequantize_gguf(getattr(module, name), qtype).to(dtype))
+                    weight = dequantize_gguf(getattr(module, name), qtype).to(dtype)
+                    packed = kernels.prepack_linear(weight)  # as a float checkpoint's linear is after loading
+                    setattr(module, name, weight if packed is None else packed)
             module.run_types = (None,) * len(module.run_types)
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter) and gguf_type(weight) is not None:

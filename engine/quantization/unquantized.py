@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from engine import kernels
-from engine.kernels import cpu
 from engine.quantization.base import LinearMethod, add_param, replace_param
 
 
@@ -22,10 +21,9 @@ class UnquantizedLinearMethod(LinearMethod):
                   input_dim=1)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if kernels.backend_name() == "torch":
-            packed = cpu.prepack(layer.weight.data)
-            if packed is not None:
-                replace_param(layer, "weight", packed)
+        packed = kernels.prepack_linear(layer.weight.data)
+        if packed is not None:
+            replace_param(layer, "weight", packed)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.linear(x, layer.weight, bias)
