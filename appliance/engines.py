@@ -92,16 +92,21 @@ class OutputSink:
 
     While the consumer is busy, the updates of each engine request merge into one (`RequestOutput.add`): under load
     one wake-up, and one SSE chunk, carries several steps' tokens, so that the front end's work follows the number
-    of requests rather than of tokens. Within an engine request nothing is dropped or reordered.
+    of requests rather than of tokens. Within an engine request nothing is dropped or reordered. `observe` sees each
+    step's update as it arrives, before any merge: latency metrics follow the engine's steps, as vLLM's do, not the
+    consumer's pace.
     """
 
-    def __init__(self):
+    def __init__(self, observe: Callable[[int, RequestOutput], None] | None = None):
+        self._observe = observe
         self._outputs: dict[int, RequestOutput] = {}  # prompt index -> its updates not taken yet, merged
         self._errors: list[tuple[int, BaseException]] = []
         self._waiter: asyncio.Future | None = None
 
     def put(self, index: int, output: RequestOutput) -> None:
         """`output` is the processor's own object, which its next step changes: it is copied or merged now."""
+        if self._observe is not None:
+            self._observe(index, output)
         pending = self._outputs.get(index)
         if pending is None:
             self._outputs[index] = output.snapshot()

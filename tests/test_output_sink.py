@@ -144,3 +144,31 @@ def test_a_generation_streams_what_came_before_a_failure_and_releases_each_promp
     [[(index, output)]] = batches
     assert index == 0 and output.outputs[0].delta_text == " cat sat"
     assert len(aborted) == 2 and len(released) == 2
+
+
+def test_latency_metrics_count_engine_steps_even_when_the_consumer_takes_them_merged(tokenizer):
+    async def main() -> tuple[Metrics, list]:
+        client, metrics = FakeClient(), Metrics(SimpleNamespace(models={}))
+        params = SamplingParams(max_tokens=4)
+        generation = Generation(client, "r", [(None, [1])], params, metrics=metrics, on_done=lambda: None)
+        processor = OutputProcessor(tokenizer)
+        processor.add_request("r", None, [1], params)
+        for token_id, finish in ((2, None), (3, None), (4, None), (5, "length")):
+            (output,), _ = processor.process([step("r", 0, token_id, finish)])
+            client.sink.put(0, output)
+        batches = [batch async for batch in generation.outputs()]
+        await generation.aclose()
+        return metrics, batches
+
+    metrics, batches = asyncio.run(main())
+    [[(_, merged)]] = batches  # the consumer took the four steps as one update
+    assert merged.outputs[0].delta_token_ids == [2, 3, 4, 5]
+
+    def sample(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"model_name": "model"})
+
+    assert sample("vllm:inter_token_latency_seconds_count") == 3
+    assert sample("vllm:time_to_first_token_seconds_count") == 1
+    assert sample("vllm:generation_tokens_total") == 4
+    assert metrics.registry.get_sample_value(
+        "vllm:request_success_total", {"model_name": "model", "finished_reason": "length"}) == 1

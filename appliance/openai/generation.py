@@ -50,12 +50,12 @@ class Generation:
         self.client = client
         self.n = params.n
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
-        self._sink = OutputSink()
+        self._observers = [metrics.request(client.name, lora_name, params) for _ in prompts]
+        self._sink = OutputSink(lambda index, output: self._observers[index].observe(output))
         self._on_done = on_done  # called once per engine request that ends, however it ends
         self._running = {i: f"{request_id}-{i}" for i in range(len(prompts))}  # prompt index -> engine request id
         self.engine_request_ids = list(self._running.values())
         access_log.note(model=client.name, adapter=lora_name)
-        self._observers = [metrics.request(client.name, lora_name, params) for _ in prompts]
         # The dashboard's row for this request and its latency samples.
         self._stats = None if stats is None else stats.begin(
             request_id, client.name, lora_name, len(prompts), prompts[0][0] if prompts else None)
@@ -94,8 +94,7 @@ class Generation:
         self._close()
 
     def _accept(self, index: int, output: RequestOutput) -> APIError | None:
-        """Observes and keeps an update; returns the error it reports, if any."""
-        self._observers[index].observe(output)
+        """Keeps an update; returns the error it reports, if any."""
         if self._stats is not None:
             self._stats.observe(index, output)
         if output.finished:
