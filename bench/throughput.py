@@ -33,7 +33,8 @@ def warm_core(args) -> EngineCore:
         model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=dtype, device=args.device,
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
-        async_scheduling=False if args.sync_scheduling else None))
+        async_scheduling=False if args.sync_scheduling else None,
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None))
     warmup = random_prompts(2, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
         core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -58,6 +59,9 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--sync-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (to see what async scheduling gains)")
+    parser.add_argument("--max-prefill-tokens-while-decoding", type=int,
+                        default=EngineConfig.max_prefill_tokens_while_decoding,
+                        help="the prefill cap beside decodes (0: none; default: the engine's)")
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
                         help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")

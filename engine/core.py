@@ -113,6 +113,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                          self.runner.kv_memory.num_host_blocks)
         self.scheduler = Scheduler(config, self.kv_manager, self.structured)
+        self.scheduler.fill_multiple = self.runner.mixed_graph_tokens
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
         self.num_steps = 0
@@ -163,7 +164,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
                     num_blocks * self.runner.kv_memory.bytes_per_block / 2**30)
         if self.runner.use_cuda_graphs:
-            with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes",
+            with _timed(f"capturing CUDA graphs for {len(self.runner.graph_batch_sizes())} batch sizes and "
+                        f"{len(self.runner.cuda_graphs.mixed)} mixed-step sizes",
                         "cuda_graphs", phases):
                 self.runner.capture_cuda_graphs()
         return num_blocks

@@ -13,6 +13,15 @@ verify graph too while it stays small: each sequence is padded to 1 + k query to
 (`InputBatch.fill`). Its seq_len counts the padding, so the kernels place its real queries at their true positions
 and causal masking hides the padding from them; padding writes no K/V (slot -1) and the sampler reads only real
 rows.
+
+Other steps with prompt chunks (beside decodes, or alone) replay *mixed* graphs while they are small enough: one per
+multiple of `MIXED_GRAPH_TOKENS` up to the largest step the prefill cap allows beside decodes, each over
+`max_num_seqs` sequences (or as many as it has tokens). The step's rows take its first tokens and sequences; the sequences after them are empty
+and the tokens after them belong to none (written nowhere, their attention rows untouched, their outputs unread), so
+any split of the tokens among the sequences replays one graph. Eager, such steps kept the host busier than the
+device: serving an 8B model on an H200 with prompt chunks capped at 512 beside 64 streams, the engine waited for the
+device 9% of its step time and lost a quarter of the throughput (bench/RESULTS.md, tenth session). The scheduler fills a capped step up to the next multiple (engine.scheduler_budget), so the
+padding is mostly prompt tokens, not waste.
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ from engine.models.attention import AttentionMetadata
 
 class GraphShape(NamedTuple):
     num_seqs: int
-    query_len: int  # tokens per sequence: 1 (decode) or 1 + k (verifying k drafts)
+    query_len: int  # tokens per sequence: 1 (decode) or 1 + k (verifying k drafts); 0: a mixed step
+    mixed_tokens: int = 0  # a mixed step's tokens, however its sequences share them
 
     @property
     def num_tokens(self) -> int:
-        return self.num_seqs * self.query_len
+        return self.mixed_tokens if self.query_len == 0 else self.num_seqs * self.query_len
 
 
 def graph_batch_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
@@ -55,17 +65,45 @@ def graph_sizes(max_num_seqs: int, max_num_batched_tokens: int,
     return sizes
 
 
+# Mixed graphs compute multiples of this many tokens: from here up, a step is compute bound (the H200's bf16 ridge is
+# near 200 FLOP per weight byte), so one graph per 256 tokens keeps the start-up's captures few.
+MIXED_GRAPH_TOKENS = 256
+
+
+def mixed_graph_shapes(max_num_seqs: int, max_num_batched_tokens: int, prefill_cap: int | None,
+                       prefill_tokens_per_decode: int) -> list[GraphShape]:
+    """The mixed-step graphs, fewest tokens first: up to the largest step that decodes `max_num_seqs` streams beside
+    the prefill cap they allow. Without a cap, prompt chunks fill whole budgets beside decodes: such steps are
+    device bound and run eagerly."""
+    if prefill_cap is None:
+        return []
+    largest = max(prefill_cap, prefill_tokens_per_decode * max_num_seqs) + max_num_seqs
+    largest = min(max_num_batched_tokens, -(-largest // MIXED_GRAPH_TOKENS) * MIXED_GRAPH_TOKENS)
+    sizes = [*range(MIXED_GRAPH_TOKENS, largest, MIXED_GRAPH_TOKENS), largest]
+    return [GraphShape(min(max_num_seqs, size), 0, size) for size in sizes]
+
+
 # A mixed step pads to the verify graph while that computes at most this many tokens: up to there a forward costs
 # about what a decode step costs (reading the weights dominates: the H200's bf16 ridge is near 200 FLOP per weight
 # byte, i.e. about 200 tokens), so the padding is nearly free next to the launches an eager step pays.
 MIXED_STEP_MAX_TOKENS = 256
 
 
-def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow],
-                max_model_len: int) -> GraphShape | None:
-    """The captured shape a step of `rows` (`num_tokens` in all) pads to, or None to run it eagerly: prefill
-    chunks longer than 1 + k, mixed steps whose padded graph would compute over `MIXED_STEP_MAX_TOKENS`, or whose
-    padding would reach past `max_model_len`, a batch beyond the largest bucket."""
+def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow], max_model_len: int,
+                mixed: Sequence[GraphShape] = ()) -> GraphShape | None:
+    """The captured shape a step of `rows` (`num_tokens` in all) pads to, or None to run it eagerly: decode and
+    verify graphs first (`padded_rows_shape`), else the smallest of the `mixed` graphs that holds the step."""
+    shape = padded_rows_shape(sizes, num_tokens, rows, max_model_len)
+    if shape is None:
+        shape = next((m for m in mixed if m.mixed_tokens >= num_tokens and m.num_seqs >= len(rows)), None)
+    return shape
+
+
+def padded_rows_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[ScheduledRow],
+                      max_model_len: int) -> GraphShape | None:
+    """The decode or verify shape a step pads each row to, or None: prefill chunks longer than 1 + k, mixed steps
+    whose padded graph would compute over `MIXED_STEP_MAX_TOKENS`, or whose padding would reach past
+    `max_model_len`, a batch beyond the largest bucket."""
     num_seqs = len(rows)
     # Decode (one token each) is implied by num_tokens == num_seqs; any other step can only pad to 1 + k a sequence.
     query_len = 1 if num_tokens == num_seqs else max(sizes)
@@ -85,9 +123,10 @@ def graph_shape(sizes: dict[int, list[int]], num_tokens: int, rows: Sequence[Sch
 
 
 class CudaGraphs:
-    def __init__(self, sizes: dict[int, list[int]], max_model_len: int):
+    def __init__(self, sizes: dict[int, list[int]], max_model_len: int, mixed: Sequence[GraphShape] = ()):
         self.sizes = sizes  # query length -> ascending batch sizes (`graph_sizes`)
         self.max_model_len = max_model_len
+        self.mixed = list(mixed)  # `mixed_graph_shapes`
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[GraphShape, torch.Tensor] = {}  # each graph's output buffer
 
@@ -99,6 +138,7 @@ class CudaGraphs:
         the model on the first n tokens of the input buffers."""
         pool = torch.cuda.graph_pool_handle()
         shapes = [GraphShape(size, query_len) for query_len, sizes in self.sizes.items() for size in sizes]
+        shapes += self.mixed
         for shape in sorted(shapes, key=lambda shape: shape.num_tokens, reverse=True):
             metadata = pad_inputs(shape)
             # Compiles the Triton kernels for this shape (and lets cuBLAS pick its kernels) outside the capture.
@@ -117,7 +157,7 @@ class CudaGraphs:
 
     def bucket(self, num_tokens: int, rows: Sequence[ScheduledRow]) -> GraphShape | None:
         """The graph to replay for a step, or None to run it eagerly."""
-        return graph_shape(self.sizes, num_tokens, rows, self.max_model_len) if self._graphs else None
+        return graph_shape(self.sizes, num_tokens, rows, self.max_model_len, self.mixed) if self._graphs else None
 
     def replay(self, shape: GraphShape) -> torch.Tensor:
         """Runs the shape's graph on what the input buffers hold; returns its hidden states (padded rows last)."""

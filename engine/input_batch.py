@@ -165,26 +165,30 @@ class InputBatch:
 
     def fill(self, rows: list[BatchRow], pad_to: int | None = None, lora_slots: list[int] | None = None,
              pending: list[tuple[int, int]] = (), last_sampled: torch.Tensor | None = None,
-             pad_query_len: int = 1) -> AttentionMetadata:
+             pad_query_len: int = 1, pad_tokens: int = 0) -> AttentionMetadata:
         """Writes the step's inputs and queues their copies to the device. `pad_to` adds dummy sequences of
         `pad_query_len` tokens up to that many (CUDA graph buckets), and with `pad_query_len` > 1 (a verify graph)
         pads each row of fewer tokens to that many: its padding follows its own tokens, at the next positions,
         written nowhere (slot -1), and its seq_len counts them, so that its real queries keep their positions and
         causal attention hides the padding from them. `lora_slots`: each row's adapter slot (default none).
         `pending`: (token index, row of `last_sampled`) for tokens whose id is still on the device; token indices
-        count the padding (each row of a verify graph takes `pad_query_len` tokens)."""
+        count the padding (each row of a verify graph takes `pad_query_len` tokens). `pad_tokens` (a mixed graph)
+        pads the step instead of its rows: up to that many tokens and `pad_to` sequences (`_write_mixed_padding`)."""
         if self._inputs_copied is not None:
             # The last step's asynchronous copies must have left the pinned buffers before we overwrite them.
             self._inputs_copied.synchronize()
-        row_len = pad_query_len if pad_to is not None else 1
+        row_len = pad_query_len if pad_to is not None and not pad_tokens else 1
         num_tokens, max_query_len, max_seq_len = self._write_rows(rows, lora_slots, row_len)
-        num_seqs = len(rows)
-        if pad_to is not None and pad_to > num_seqs:
+        num_seqs = num_tables = len(rows)
+        if pad_tokens:
+            num_tokens = self._write_mixed_padding(num_tokens, num_seqs, pad_to, pad_tokens)
+            num_seqs = pad_to  # the empty sequences read no block table: theirs are not copied
+        elif pad_to is not None and pad_to > num_seqs:
             num_tokens = self._write_padding(num_tokens, num_seqs, pad_to, pad_query_len)
-            num_seqs = pad_to
+            num_seqs = num_tables = pad_to
         for buffer, n in ((self.input_ids, num_tokens), (self.positions, num_tokens),
                           (self.slot_mapping, num_tokens), (self.seq_lens, num_seqs),
-                          (self.query_start_loc, num_seqs + 1), (self.block_tables, num_seqs)):
+                          (self.query_start_loc, num_seqs + 1), (self.block_tables, num_tables)):
             buffer.copy_to_device(n)
         if self.lora_slots is not None:
             self.lora_slots.copy_to_device(num_tokens)
@@ -250,6 +254,19 @@ class InputBatch:
                 self.lora_slots.host[t:end] = lora_slots[i] if lora_slots else -1
             t = end
         return t, max_query_len, max_seq_len
+
+    def _write_mixed_padding(self, num_tokens: int, num_seqs: int, pad_to: int, pad_tokens: int) -> int:
+        """A mixed graph's padding: sequences up to `pad_to` with no tokens (attention skips them), and tokens up to
+        `pad_tokens` in no sequence: ids 0 at position 0, written nowhere, their attention rows left as they are.
+        Returns the padded token count."""
+        self.input_ids.host[num_tokens:pad_tokens] = 0
+        self.positions.host[num_tokens:pad_tokens] = 0
+        self.slot_mapping.host[num_tokens:pad_tokens] = -1
+        self.seq_lens.host[num_seqs:pad_to] = 0
+        self.query_start_loc.host[num_seqs + 1:pad_to + 1] = num_tokens
+        if self.lora_slots is not None:
+            self.lora_slots.host[num_tokens:pad_tokens] = -1
+        return pad_tokens
 
     def _write_padding(self, num_tokens: int, num_seqs: int, pad_to: int, query_len: int) -> int:
         """Dummy sequences: tokens 0 at positions 0.., written nowhere, reading the first tokens of block 0 (their

@@ -28,7 +28,7 @@ import torch
 from engine import kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
-from engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_sizes
+from engine.cuda_graphs import MIXED_GRAPH_TOKENS, CudaGraphs, graph_batch_sizes, graph_sizes, mixed_graph_shapes
 from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
@@ -81,9 +81,12 @@ class ModelRunner:
         # A stage's forward sends and receives activations, which no graph captures here yet.
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
                                 and kernels.backend_name() == "triton" and stage is None)
+        cap = config.max_prefill_tokens_while_decoding if config.enable_chunked_prefill else None
         self.cuda_graphs = CudaGraphs(graph_sizes(config.max_num_seqs, config.max_num_batched_tokens,
                                                   spec.num_speculative_tokens if spec is not None else 0),
-                                      model_config.max_model_len)
+                                      model_config.max_model_len,
+                                      mixed_graph_shapes(config.max_num_seqs, config.max_num_batched_tokens, cap,
+                                                         config.prefill_tokens_per_decode))
 
     # ---- start-up ----
     def determine_num_kv_blocks(self) -> int:
@@ -100,11 +103,16 @@ class ModelRunner:
     def graph_batch_sizes(self) -> list[int]:
         return graph_batch_sizes(self.config.max_num_seqs, self.config.max_num_batched_tokens)
 
+    @property
+    def mixed_graph_tokens(self) -> int:
+        """The token multiple of the mixed-step graphs this runner replays (0: none), which the scheduler fills."""
+        return MIXED_GRAPH_TOKENS if self.use_cuda_graphs and self.cuda_graphs.mixed else 0
+
     def capture_cuda_graphs(self) -> None:
         if self.use_cuda_graphs:
             self.cuda_graphs.capture(
-                self._forward, lambda shape: self.batch.fill([], pad_to=shape.num_seqs, pad_query_len=shape.query_len),
-                self.device)
+                self._forward, lambda shape: self.batch.fill([], pad_to=shape.num_seqs, pad_query_len=shape.query_len
+                                                             or 1, pad_tokens=shape.mixed_tokens), self.device)
             if self.draft_model is not None:
                 self.draft_model.capture_cuda_graphs()
 
@@ -146,11 +154,13 @@ class ModelRunner:
             lora_slots = self._activate_loras(rows)
         num_tokens = scheduler_output.num_tokens
         graph = self.cuda_graphs.bucket(num_tokens, rows) if self.use_cuda_graphs else None
-        pad_to, pad_query_len = graph if graph is not None else (None, 1)
+        pad_to, pad_query_len, pad_tokens = graph if graph is not None else (None, 1, 0)
+        pad_query_len = pad_query_len or 1  # a mixed graph pads the step, not its rows
         # A verify graph gives every row 1 + k tokens, those of a row with fewer padded after its own.
         batch_rows, pending, sampling, draft_ids = self._batch_rows(rows, pad_query_len)
         metadata = self.batch.fill(batch_rows, pad_to=pad_to, lora_slots=lora_slots, pending=pending,
-                                   last_sampled=self._last_sampled, pad_query_len=pad_query_len)
+                                   last_sampled=self._last_sampled, pad_query_len=pad_query_len,
+                                   pad_tokens=pad_tokens)
         rows_tokens = max(num_tokens, len(rows) * pad_query_len)  # the rows' tokens in the batch, padding included
         sample_rows = [index for index, _ in sampling]
         if sample_rows and len(sample_rows) < rows_tokens:

@@ -66,6 +66,7 @@ class Scheduler:
         """`config.max_model_len` must be resolved (the engine core sets the model's own when it was None).
         Without `structured`, requests with structured outputs are refused."""
         self.structured, self.defer_grammar_bitmask = structured, False  # True: the core fills bitmasks late
+        self.fill_multiple = 0  # the runner's mixed-graph token multiple, which capped steps fill (the core sets it)
         # Requests ended while scheduling (their grammar failed to compile), for the engine to report.
         self.failed_outputs: list[EngineCoreOutput] = []
         self.config = config
@@ -123,7 +124,8 @@ class Scheduler:
     def schedule(self, max_num_reqs: int | None = None) -> SchedulerOutput:
         """`max_num_reqs`: at most that many requests in this step (pipeline stages: one batch's share)."""
         cap = self.config.max_prefill_tokens_while_decoding if self.config.enable_chunked_prefill else None
-        budget = StepBudget(self.config.max_num_batched_tokens, cap, self.config.prefill_tokens_per_decode)
+        budget = StepBudget(self.config.max_num_batched_tokens, cap, self.config.prefill_tokens_per_decode,
+                            self.fill_multiple)
         room = max_num_reqs or self.config.max_num_seqs
         scheduled, preempted_now = self._schedule_running(budget, room)
         scheduled += self._schedule_waiting(budget, preempted_now, room - len(scheduled))

@@ -12,6 +12,10 @@ streams crawl: on an H200 (8B), 200 prompts of 1,024 tokens at once under a flat
 throughput (11.9 s against 7.0 s: some 400 steps of 512, each paying ~12 ms of decodes besides). In proportion,
 each step's prompt share of its time stays about the same however many streams run, and so does the streams'
 slowdown.
+
+On CUDA such capped steps replay mixed-step graphs whose token counts are multiples of `fill_multiple`
+(engine.cuda_graphs): the cap is raised to fill the step up to the next multiple, so that what the graph computes
+anyway is prompt, not padding.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ def is_prefill(request: Request) -> bool:
 
 
 class StepBudget:
-    __slots__ = ("left", "prefill_cap", "prefill_per_decode", "decode_tokens", "prefill_tokens")
+    __slots__ = ("left", "prefill_cap", "prefill_per_decode", "fill_multiple", "decode_tokens", "prefill_tokens")
 
-    def __init__(self, max_num_batched_tokens: int, prefill_cap: int | None, prefill_per_decode: int = 0):
+    def __init__(self, max_num_batched_tokens: int, prefill_cap: int | None, prefill_per_decode: int = 0,
+                 fill_multiple: int = 0):
         self.left = max_num_batched_tokens
         self.prefill_cap = prefill_cap  # None: prefill may take the whole budget beside decodes
         self.prefill_per_decode = prefill_per_decode
+        self.fill_multiple = fill_multiple  # 0: none
         self.decode_tokens = 0
         self.prefill_tokens = 0
 
@@ -38,6 +44,9 @@ class StepBudget:
         """Tokens the next prefill may take (a decode may take all that is `left`)."""
         if self.decode_tokens and self.prefill_cap is not None:
             cap = max(self.prefill_cap, self.prefill_per_decode * self.decode_tokens)
+            if self.fill_multiple:
+                step = -(-(self.decode_tokens + cap) // self.fill_multiple) * self.fill_multiple
+                cap = step - self.decode_tokens
             return min(self.left, cap - self.prefill_tokens)
         return self.left
 

@@ -102,24 +102,26 @@ class EagerGraphs(CudaGraphs):
     """Stands in for the captured graphs on the CPU: a replay runs the forward on the padded input buffers, as the
     graph of that shape would, and records the shape; `steps` records each forward's row lengths and its graph."""
 
-    def __init__(self, sizes, max_model_len: int, batch: InputBatch):
-        super().__init__(sizes, max_model_len)
-        self.batch, self.replayed, self.mixed, self.steps = batch, [], [], []
+    def __init__(self, sizes, max_model_len: int, batch: InputBatch, mixed=()):
+        super().__init__(sizes, max_model_len, mixed)
+        self.batch, self.replayed, self.uneven, self.steps = batch, [], [], []
 
     @classmethod
     def install(cls, owner) -> "EagerGraphs":
         """In place of `owner`'s graphs (a runner's or a draft model's)."""
-        owner.cuda_graphs = graphs = cls(owner.cuda_graphs.sizes, owner.cuda_graphs.max_model_len, owner.batch)
+        graphs = owner.cuda_graphs
+        owner.cuda_graphs = graphs = cls(graphs.sizes, graphs.max_model_len, owner.batch, graphs.mixed)
         return graphs
 
     def bucket(self, num_tokens, rows):
         shape = super().bucket(num_tokens, rows)
         self.steps.append((tuple(row.count for row in rows), shape))
-        return record_mixed(self.mixed, rows, shape)
+        return record_mixed(self.uneven, rows, shape)
 
     def capture(self, forward, pad_inputs, device):
         self.forward = forward
         self._graphs = {GraphShape(size, q): None for q, sizes in self.sizes.items() for size in sizes}
+        self._graphs.update(dict.fromkeys(self.mixed))
 
     def replay(self, shape):
         self.replayed.append(shape)
@@ -154,9 +156,12 @@ def test_padded_verify_steps_answer_as_eager_ones(tiny_model, method):
     if method == "draft_model":  # three verifying sequences (or four: n = 2) padded to the bucket of four
         assert GraphShape(4, 4) in graphs.replayed
     if method == "ngram_mixed":  # steps of sequences with 0..3 drafts each went through the verify graph
-        assert len(graphs.mixed) >= 5 and all(shape.query_len == 4 for _, shape in graphs.mixed)
-        assert any(1 in counts and 4 in counts for counts, _ in graphs.mixed)
-        assert any(set(counts) - {1, 4} for counts, _ in graphs.mixed)  # 1 or 2 drafts of 3
+        # Those with a prompt chunk longer than 1 + k went to a mixed-step graph (query_len 0).
+        verify_padded = [(counts, shape) for counts, shape in graphs.uneven if max(counts) <= 4]
+        assert len(verify_padded) >= 5 and all(shape.query_len == 4 for _, shape in verify_padded)
+        assert all(shape.query_len == 0 for counts, shape in graphs.uneven if max(counts) > 4)
+        assert any(1 in counts and 4 in counts for counts, _ in verify_padded)
+        assert any(set(counts) - {1, 4} for counts, _ in verify_padded)  # 1 or 2 drafts of 3
 
 
 def staggered_run(llm: LLM) -> list:
@@ -188,8 +193,8 @@ def test_mixed_steps_with_prefill_rows_and_pending_tokens(tiny_model, async_sche
     runner.capture_cuda_graphs()
     assert staggered_run(llm) == expected
     assert any(prompt for *_, prompt in expected)  # the short prompt's logprobs came through
-    assert any(counts.count(3) == 2 for counts, _ in graphs.mixed)  # the two prefill rows padded to 1 + k
-    assert any(4 in counts and 1 in counts for counts, _ in graphs.mixed)  # decodes padded beside a verify
+    assert any(counts.count(3) == 2 for counts, _ in graphs.uneven)  # the two prefill rows padded to 1 + k
+    assert any(4 in counts and 1 in counts for counts, _ in graphs.uneven)  # decodes padded beside a verify
 
 
 @pytest.mark.gpu
@@ -212,4 +217,4 @@ def test_cuda_graphs_replay_verify_steps_with_the_same_tokens(tiny_model, method
     assert [c.token_ids for o in outputs for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
     assert any(shape.query_len == 4 for shape in replayed)
     if method == "ngram_mixed":
-        assert mixed and all(shape.query_len == 4 for _, shape in mixed)
+        assert mixed and all(shape.query_len == (4 if max(counts) <= 4 else 0) for counts, shape in mixed)

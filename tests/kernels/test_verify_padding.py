@@ -44,3 +44,30 @@ def test_padded_rows_attend_as_unpadded(dtype, num_splits):
         assert_close(out[rows], expected, ATTENTION_TOL)
         unpadded = impl(real, key_cache, value_cache, **unpadded_batch, scale=0.25, **options)
         assert_close(out[rows], unpadded, ATTENTION_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_mixed_graphs_empty_sequences_and_spare_tokens_leave_the_real_rows_alone(dtype, num_splits):
+    """A mixed graph's padding (`InputBatch.fill` with `pad_tokens`): sequences with no queries after the real ones,
+    and tokens past the last sequence's queries; the real rows attend as unpadded, the spare rows stay as they were."""
+    g = torch.Generator(DEVICE).manual_seed(1)
+    num_heads, num_kv_heads, head_size, block_size = 4, 2, 16, 8
+    counts, contexts, num_empty, num_spare = [1, 6, 1], [12, 0, 25], 3, 7
+    num_blocks = len(counts) * 4
+    key_cache, value_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_size, generator=g, device=DEVICE,
+                                          dtype=dtype) for _ in range(2))
+    tables = torch.randperm(num_blocks, generator=g, device=DEVICE).to(torch.int32).view(len(counts), -1)
+    num_real = sum(counts)
+    query = torch.randn(num_real + num_spare, num_heads, head_size, generator=g, device=DEVICE, dtype=dtype)
+    starts = torch.tensor([0, *counts], device=DEVICE).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c + n for c, n in zip(contexts, counts)], dtype=torch.int32, device=DEVICE)
+    expected = reference.paged_attention(query[:num_real], key_cache, value_cache, tables, seq_lens, starts, 0.25)
+    padded = dict(block_tables=torch.cat([tables, tables[:1].expand(num_empty, -1)]),
+                  seq_lens=torch.cat([seq_lens, seq_lens.new_zeros(num_empty)]),
+                  query_start_loc=torch.cat([starts, starts[-1:].expand(num_empty)]))
+    for impl, options in ((reference.paged_attention, {}), (attention._paged_attention, {"num_splits": num_splits})):
+        out = torch.full_like(query, 7.0)
+        impl(query, key_cache, value_cache, **padded, scale=0.25, out=out, **options)
+        assert_close(out[:num_real], expected, ATTENTION_TOL)
+        assert bool((out[num_real:] == 7.0).all())
