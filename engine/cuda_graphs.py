@@ -136,7 +136,7 @@ class CudaGraphs:
         """Captures one graph per shape, most tokens first so that smaller ones reuse its memory pool.
         `pad_inputs(shape)` fills the input buffers with the shape's dummy sequences; `forward(n, metadata)` runs
         the model on the first n tokens of the input buffers."""
-        pool = torch.cuda.graph_pool_handle()
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
         shapes = [GraphShape(size, query_len) for query_len, sizes in self.sizes.items() for size in sizes]
         shapes += self.mixed
         for shape in sorted(shapes, key=lambda shape: shape.num_tokens, reverse=True):
@@ -144,9 +144,16 @@ class CudaGraphs:
             # Compiles the Triton kernels for this shape (and lets cuBLAS pick its kernels) outside the capture.
             forward(shape.num_tokens, metadata)
             torch.cuda.synchronize(device)
+            # What `torch.cuda.graph` does, less the device and pinned host caches it empties before each capture:
+            # back to back, every capture gave the warm-up's blocks back to the driver for the next to take again,
+            # and a sleeping engine's first wake (which captures) freed the pinned host copy its next sleep reuses.
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._hidden[shape] = forward(shape.num_tokens, metadata)
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=pool)
+                try:
+                    self._hidden[shape] = forward(shape.num_tokens, metadata)
+                finally:
+                    graph.capture_end()
             self._graphs[shape] = graph
         torch.cuda.synchronize(device)
 

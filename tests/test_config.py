@@ -14,7 +14,7 @@ from msgspec import inspect as mi
 
 from appliance.cli import main as kvbox
 from appliance.config import ENGINE_KEYS, AppConfig, ConfigError, ModelSpec, load_config, parse_config
-from appliance.config.schema import SamplingDefaults
+from appliance.config.schema import SERVED_DEFAULTS, SamplingDefaults
 from engine.config import EngineConfig, EngineConfigError, SpeculativeConfig, engine_default
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
@@ -450,15 +450,17 @@ def test_engine_keys_cover_every_engine_option_and_round_trip_each():
 
 def test_yaml_defaults_are_the_engine_defaults():
     """The defaults are the engine's, not copies: the engine config of a model that sets nothing is the default one,
-    and so is every YAML engine key's default."""
+    and so is every YAML engine key's default, but for serving's own (`SERVED_DEFAULTS`: the prefill cap)."""
     spec = parse(ONE_MODEL).models[0]
-    assert spec.to_engine_config("/m") == EngineConfig(model="/m")
+    assert spec.to_engine_config("/m") == EngineConfig(model="/m", **SERVED_DEFAULTS)
+    assert SERVED_DEFAULTS == {"max_prefill_tokens_while_decoding": 512}
+    assert engine_default("max_prefill_tokens_while_decoding") is None  # offline: no cap
     for option, path in ENGINE_KEYS.items():
         section = spec
         for key in path[:-1]:
             section = getattr(section, key)
         field = next(f for f in mi.type_info(type(section)).fields if f.name == path[-1])
-        assert field.default == engine_default(option), option
+        assert field.default == SERVED_DEFAULTS.get(option, engine_default(option)), option
 
 
 def test_engine_default_refuses_unknown_and_required_options():

@@ -126,6 +126,12 @@ class KVCacheSpec(_Schema, kw_only=True):
         "calculate_kv_scales")
 
 
+# Where serving's defaults differ from the offline engine's, on purpose (as vLLM's server and LLM class differ):
+# served streams wait for each step, so prompt chunks beside them are capped; offline, throughput comes first.
+SERVED_PREFILL_CAP = 512
+SERVED_DEFAULTS = {"max_prefill_tokens_while_decoding": SERVED_PREFILL_CAP}
+
+
 class SchedulerSpec(_Schema, kw_only=True):
     max_num_seqs: Annotated[int, _doc("Most requests running at once.", ge=1)] = engine_default("max_num_seqs")
     max_num_batched_tokens: Annotated[int, _doc(
@@ -136,8 +142,9 @@ class SchedulerSpec(_Schema, kw_only=True):
     max_prefill_tokens_while_decoding: Annotated[Annotated[int, Meta(ge=1)] | None, _doc(
         "With chunked_prefill, most prompt tokens in a step that also decodes: a smaller cap keeps the running "
         "streams' inter-token latency low while new prompts arrive, a larger one prefills them in fewer steps "
-        "(null: up to max_num_batched_tokens). A step without decodes always takes the whole budget.",
-    )] = engine_default("max_prefill_tokens_while_decoding")
+        "(null: up to max_num_batched_tokens, the offline LLM's default). A step without decodes always takes the "
+        "whole budget.",
+    )] = SERVED_DEFAULTS["max_prefill_tokens_while_decoding"]
     prefill_tokens_per_decode: Annotated[int, _doc(
         "With many streams decoding, the prefill cap grows to this many prompt tokens per decoding stream, so that "
         "each step's prompt share stays in proportion to its decode work: a burst of prompts beside hundreds of "
