@@ -113,6 +113,8 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                          self.runner.kv_memory.num_host_blocks)
         self.scheduler = Scheduler(config, self.kv_manager, self.structured)
+        if self.pooler_info is None:
+            self.structured.start()
         self.scheduler.fill_multiple = self.runner.mixed_graph_tokens
         self._waiting_siblings: dict[str, list[Request]] = {}  # first sample's id -> siblings not yet forked
         self._samples_of: dict[str, list[str]] = {}  # parent id -> ids of its unfinished samples
@@ -136,15 +138,14 @@ class EngineCore:
         self._launched_last = SchedulerOutput()  # what the latest step scheduled, for the step trace
 
     def _structured_outputs(self) -> StructuredOutputManager:
-        """The structured-output manager; a generating engine's grammar tokenizer begins loading now, beside the
-        weights, the KV cache and the graphs. The engine is ready without it: structured requests that come before
-        it is loaded wait in the queue (a warm start of the 8B shape would otherwise wait for Qwen's vocabulary)."""
+        """The structured-output manager; a generating engine's grammar tokenizer begins loading once the engine
+        is built (`start`). The engine is ready without it: structured requests that come before it is loaded wait
+        in the queue. It used to load beside the start-up, but its import of transformers' tokenizer classes pulls
+        in torch._dynamo: seconds of Python competing for the interpreter lock with the main thread's forward
+        profile and graph captures (an H200 start-up profile, bench/RESULTS.md)."""
         config = self.config
-        manager = StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
+        return StructuredOutputManager(self.vocab_size, lambda: GrammarBackend(
             config.tokenizer or config.model, self.vocab_size, sorted(self.eos_token_ids)))
-        if self.pooler_info is None:
-            manager.start()
-        return manager
 
     def _set_up_kv_cache_and_graphs(self) -> int:
         config = self.config
