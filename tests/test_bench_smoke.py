@@ -125,3 +125,13 @@ def test_cpu_profile_smoke(tiny_model, tmp_path):
                     "--json", str(out)], check=True, timeout=300)
     kinds = json.loads(out.read_text())
     assert len(kinds) == 4 and all(kind["step_ms"] > 0 and kind["parts_ms"]["gemm"] > 0 for kind in kinds.values())
+
+
+def test_startup_profile_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "startup_profile.py"), "--shape", "tiny-llama",
+                             "--device", "cpu", "--max-model-len", "128", "--top", "3"],
+                            check=True, timeout=300, capture_output=True, text=True)
+    built = re.search(r"^engine built in ([\d.]+) s; phases weights ([\d.]+) s, kv_cache ([\d.]+) s$",
+                      result.stdout, re.MULTILINE)
+    assert built and float(built.group(1)) >= float(built.group(2)) + float(built.group(3))
+    assert "Ordered by: cumulative time" in result.stdout
