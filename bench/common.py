@@ -137,6 +137,21 @@ def kv_bytes_per_token(shape: str, element_size: int = 2) -> int:
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * element_size
 
 
+def single_stream_roofline(shape: str, input_len: int, output_len: int, weight_bytes: int, card: dict) -> dict:
+    """Bounds for one request alone: its prefill's FLOPs (every layer's linears over the prompt, causal attention,
+    the LM head for the last token) at the matmul rate; each decode step reading the weights and the K/V of the
+    mean context (prompt + half the output) at the copy bandwidth. At long context the K/V term matters: 32k tokens
+    of the 8B shape's cache are 4.3 GB beside its 16 GB of weights."""
+    c = SHAPES[shape]
+    h, vocab, layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+    linear_params = num_parameters(shape) - vocab * h * (1 if c["tie_word_embeddings"] else 2) - h
+    attention = 2 * layers * c["num_attention_heads"] * c["head_dim"] * input_len ** 2
+    prefill_flops = 2 * linear_params * input_len + attention + 2 * vocab * h
+    step_bytes = weight_bytes + kv_bytes_per_token(shape) * (input_len + output_len / 2)
+    return {"ttft_s": prefill_flops / card["bf16_flops_per_s"], "prefill_flops": prefill_flops,
+            "decode_tokens_per_s": card["copy_bytes_per_s"] / step_bytes, "decode_step_bytes": step_bytes}
+
+
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab_size - 10) for _ in range(length)] for _ in range(num)]

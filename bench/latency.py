@@ -2,12 +2,15 @@
 
     python bench/latency.py --shape llama-3.1-8b --input-len 128 --output-len 128 --peer
     python bench/latency.py --shape tiny-llama --device cpu --iters 2  # smoke
+    python bench/latency.py --input-len 32768 --output-len 128 --iters 2  # long context: one 32k prompt
     python bench/latency.py --shape llama-3.1-8b --speculative replay:4 --batch 32 [--eager]
     python bench/latency.py --shape llama-3.1-8b --speculative draft:llama-3.2-1b:4
     python bench/latency.py --shape tiny-llama --device cpu --iters 2 --output-len 16 --speculative draft:tiny-llama:2
 
 Prints the time to first token and the decode rate (tokens/s after the first) for kvbox, and with --peer for
-transformers' `generate` at batch 1; on a GPU, the batch-1 decode roofline (weight bytes over the copy bandwidth).
+transformers' `generate` at batch 1; on a GPU, the roofline of both (`bench.common.single_stream_roofline`: the
+prefill's FLOPs at the measured matmul rate; the weights and the mean context's K/V read once a token at the copy
+bandwidth).
 `--batch B` sends B requests at a time (the rate is then theirs together). `--speculative ngram:K` runs again with
 n-gram speculation of K tokens, `replay:K` with a bench-only proposer that replays the greedy continuation of the
 run without it (acceptance 1.0: the draft-free upper bound), and prints both rates, the speedup and the acceptance.
@@ -29,7 +32,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (QUANTIZATIONS, SHAPES, free, measure_card, peer_generate, peer_model,  # noqa: E402
-                          quantized_shape_folder, random_prompts, shape_folder, sync)
+                          quantized_shape_folder, random_prompts, shape_folder, single_stream_roofline, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -261,10 +264,13 @@ def main() -> None:
         results["speculative"] = run_speculative(args, prompts, sequences, rate)
     if args.device.startswith("cuda"):
         card = measure_card()
-        bound = card["copy_bytes_per_s"] / weights  # every weight byte read once per token
-        print(f"roofline: {bound:.1f} tokens/s at batch 1 ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} "
-              f"TB/s copy); kvbox reaches {rate / bound:.0%}")
-        results["roofline"] = {"decode_tokens_per_s": bound, "card": card}
+        bound = single_stream_roofline(args.shape, args.input_len, args.output_len, weights, card)
+        print(f"roofline ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
+              f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16): decode {bound['decode_tokens_per_s']:.1f} "
+              f"tokens/s at batch 1 (weights and the mean context's K/V read once a token), kvbox reaches "
+              f"{rate / bound['decode_tokens_per_s']:.0%}; time to first token {bound['ttft_s'] * 1e3:.1f} ms "
+              f"(the prefill's FLOPs), kvbox takes {ttft / bound['ttft_s']:.2f}x")
+        results["roofline"] = {**bound, "card": card}
     if args.peer:
         model = peer_model(args.shape)
         peer_generate(model, prompts[:1], args.output_len, 1)  # warm-up

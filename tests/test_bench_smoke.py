@@ -135,3 +135,19 @@ def test_startup_profile_smoke():
                       result.stdout, re.MULTILINE)
     assert built and float(built.group(1)) >= float(built.group(2)) + float(built.group(3))
     assert "Ordered by: cumulative time" in result.stdout
+
+
+def test_single_stream_roofline_counts_attention_and_the_kv_cache():
+    from bench.common import num_parameters, single_stream_roofline
+
+    card = {"bf16_flops_per_s": 1e15, "copy_bytes_per_s": 4e12}
+    assert 8.0e9 < num_parameters("llama-3.1-8b") < 8.1e9
+    short, long = (single_stream_roofline("llama-3.1-8b", n, 128, 16_000_000_000, card) for n in (128, 32768))
+    # 32 layers x 32 heads x 128 dims: causal attention 2 * 32 * 32 * 128 * n^2 FLOPs beside ~2 * 7.5e9 * n
+    attention = 2 * 32 * 32 * 128 * 32768 ** 2
+    assert long["prefill_flops"] - 256 * short["prefill_flops"] == pytest.approx(
+        attention - 256 * 2 * 32 * 32 * 128 * 128 ** 2 - 255 * 2 * 128256 * 4096)
+    # 32 layers x 8 KV heads x 128 dims x K and V x 2 bytes = 128 KiB a token, over the mean context
+    assert long["decode_step_bytes"] == 16_000_000_000 + 131072 * (32768 + 64)
+    assert long["decode_tokens_per_s"] == pytest.approx(4e12 / long["decode_step_bytes"])
+    assert long["ttft_s"] == pytest.approx(long["prefill_flops"] / 1e15)
