@@ -16,12 +16,13 @@ rows.
 
 Other steps with prompt chunks (beside decodes, or alone) replay *mixed* graphs while they are small enough: one per
 multiple of `MIXED_GRAPH_TOKENS` up to the largest step the prefill cap allows beside decodes, each over
-`max_num_seqs` sequences (or as many as it has tokens). The step's rows take its first tokens and sequences; the sequences after them are empty
-and the tokens after them belong to none (written nowhere, their attention rows untouched, their outputs unread), so
-any split of the tokens among the sequences replays one graph. Eager, such steps kept the host busier than the
-device: serving an 8B model on an H200 with prompt chunks capped at 512 beside 64 streams, the engine waited for the
-device 9% of its step time and lost a quarter of the throughput (bench/RESULTS.md, tenth session). The scheduler fills a capped step up to the next multiple (engine.scheduler_budget), so the
-padding is mostly prompt tokens, not waste.
+`max_num_seqs` sequences (or as many as it has tokens). The step's rows take its first tokens and sequences; the
+sequences after them are empty and the tokens after them belong to none (written nowhere, their attention rows
+untouched, their outputs unread), so any split of the tokens among the sequences replays one graph. Eager, such steps
+kept the host busier than the device: serving an 8B model on an H200 with prompt chunks capped at 512 beside 64
+streams, the engine waited for the device 9% of its step time and lost a quarter of the throughput
+(bench/RESULTS.md, tenth session). The scheduler fills a capped step up to the next multiple
+(engine.scheduler_budget), so the padding is mostly prompt tokens, not waste.
 """
 
 from __future__ import annotations
