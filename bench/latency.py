@@ -37,6 +37,7 @@ from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 _REPLAY_PASSES = 3  # the most replay passes (each one the timed prompts again)
 
@@ -161,6 +162,7 @@ def run_speculative(args, prompts, sequences: dict[str, list[int]], rate: float)
     while True:
         if method == "replay":
             core.scheduler.drafter.proposer = ReplayProposer(list(source.values()), args.input_len)
+        core.step_trace = StepTrace() if args.step_trace else None  # the last pass's
         before = core.stats().spec_decoding
         ttft, spec_rate, spec_sequences, _ = run_kvbox(args, prompts, core=core)
         passes += 1
@@ -178,6 +180,8 @@ def run_speculative(args, prompts, sequences: dict[str, list[int]], rate: float)
           f"drafts per verification; greedy outputs {'identical' if same else 'DIFFER'} from the plain engine's"
           + (f" (replay pass {passes}; its source {'reproduced' if spec_sequences == source else 'not reproduced'})"
              if method == "replay" else ""))
+    if core.step_trace is not None:
+        print_summary(core.step_trace.summary())
     return {"method": method, "k": int(k), "ttft_ms": ttft * 1e3, "decode_tokens_per_s": spec_rate,
             "speedup": spec_rate / rate, "acceptance": acceptance, "identical": same, "replay_passes": passes}
 
@@ -238,6 +242,8 @@ def main() -> None:
                         help="no CUDA graphs (to see what graphs of decode and verify steps gain)")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print where the host time of the steps goes")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="print the step timeline's summary of the plain run and of the speculative one")
     parser.add_argument("--gpu-profile", action="store_true",
                         help="print the GPU kernel time per decode step next to the wall time (torch.profiler)")
     parser.add_argument("--json")
@@ -255,7 +261,12 @@ def main() -> None:
         ttft, rate, sequences, weights = run_kvbox(args, prompts, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     else:
-        ttft, rate, sequences, weights = run_kvbox(args, prompts)
+        core = make_core(args)
+        core.step_trace = StepTrace() if args.step_trace else None
+        ttft, rate, sequences, weights = run_kvbox(args, prompts, core=core)
+        if core.step_trace is not None:
+            print_summary(core.step_trace.summary())
+        del core
     print(f"kvbox ({args.quantization}, weights {weights / 1e9:.2f} GB): time to first token {ttft * 1e3:.1f} ms, "
           f"decode {rate:.1f} tokens/s (batch {args.batch})")
     results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate,

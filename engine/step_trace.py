@@ -71,6 +71,7 @@ class StepTrace:
             "prefill_step_tokens": sum(s.num_tokens for s in prefill),  # their decode tokens too
             "decode_steps": len(decode),
             "decode_step_median_ms": statistics.median(s.seconds for s in decode) * 1e3 if decode else 0.0,
+            "slowest_step_ms": max(s.seconds for s in self.steps) * 1e3,  # a compile mid-run shows here
             **around,
         }
 
@@ -86,7 +87,7 @@ def print_summary(summary: dict[str, float]) -> None:
           f"waiting for the device), {summary['between_steps_s']:.2f} s between them")
     print(f"    {summary['prefill_steps']} with prompt tokens ({summary['prefill_step_tokens']} tokens in all; "
           f"median {summary['prefill_step_median_ms']:.1f} ms), {summary['decode_steps']} decode-only (median "
-          f"{summary['decode_step_median_ms']:.1f} ms)")
+          f"{summary['decode_step_median_ms']:.1f} ms); the slowest {summary['slowest_step_ms']:.1f} ms")
     if "lead_s" in summary:
         print(f"    the client's run: {summary['lead_s'] * 1e3:.0f} ms before the first arrival, "
               f"{summary['tail_s'] * 1e3:.0f} ms after the last step")

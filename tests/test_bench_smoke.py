@@ -37,7 +37,7 @@ def test_latency_smoke(tmp_path):
 def test_latency_speculative_smoke(tmp_path):
     """The draft-free upper bound: the replay proposer's drafts are all accepted and the outputs stay the same."""
     result = run_bench("latency.py", tmp_path, "--iters", "1", "--input-len", "16", "--output-len", "9",
-                       "--batch", "2", "--speculative", "replay:3")
+                       "--batch", "2", "--speculative", "replay:3", "--step-trace")
     speculative = result["speculative"]
     assert speculative["acceptance"] == 1.0 and speculative["identical"] and speculative["decode_tokens_per_s"] > 0
     assert speculative["replay_passes"] == 1  # float32 on the CPU: the plain engine's output is reproduced at once
