@@ -66,6 +66,13 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
+def read_bandwidth() -> float:
+    """Read-only bandwidth in bytes/s: a float32 sum over 2 GiB of bf16, what a decode step's weight stream is."""
+    src = torch.randn(2**30, device=DEV, dtype=torch.bfloat16)
+    ms = time_ms(lambda: src.sum(dtype=torch.float32), iters=50)
+    return src.numel() * src.element_size() / (ms * 1e-3)
+
+
 def paged_batch(q_lens, seq_lens, gen):
     """A batch over a shuffled block pool, the query a strided view of a fused qkv tensor (as the model gives it)."""
     blocks_per_seq = [-(-s // BLOCK_SIZE) for s in seq_lens]
@@ -282,13 +289,18 @@ def linear_sweep(args):
     from engine.kernels.gemv import skinny_linear
 
     gen = torch.Generator(DEV).manual_seed(2)
-    copy_bw = copy_bandwidth()
-    configs = [dict(block_n=n, block_k=k, num_warps=w, num_stages=st)
-               for n in (16, 32, 64) for k in (128, 256, 512) for w in (4, 8) for st in (3, 5)]
+    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
+    print(f"copy {copy_bw / 1e12:.2f} TB/s (read + write), read {read_bw / 1e12:.2f} TB/s; percentages: of the read",
+          flush=True)
+    configs = ([dict(block_n=n, block_k=k, num_warps=w, num_stages=st)
+                for n in (16, 32, 64) for k in (128, 256, 512) for w in (4, 8) for st in (3, 5)]
+               if not args.quick else
+               [dict(block_n=n, block_k=k, num_warps=w, num_stages=st)
+                for n in (16, 32) for k in (256, 512) for w in (4, 8) for st in (4, 6)])
     out_lines = []
     for name, (n, k) in LINEAR_SHAPES.items():
         weight = torch.randn(n, k, device=DEV, dtype=DTYPE, generator=gen) * 0.02
-        for m in (1, 4, 16):
+        for m in args.rows:
             x = torch.randn(m, k, device=DEV, dtype=DTYPE, generator=gen)
             nbytes = (n * k + m * k + m * n) * 2
             torch.testing.assert_close(skinny_linear(x, weight), F.linear(x, weight), atol=2e-2, rtol=2e-2)
@@ -303,7 +315,7 @@ def linear_sweep(args):
             best_ms, best = min(timed, key=lambda t: t[0])
 
             def show(ms):
-                return f"{ms * 1e3:7.1f} us ({nbytes / (ms * 1e-3) / copy_bw:4.0%})"
+                return f"{ms * 1e3:7.1f} us ({nbytes / (ms * 1e-3) / read_bw:4.0%})"
 
             line = (f"{name:13s} {n:6d}x{k:5d} m={m:2d}  cublas {show(cublas)}  default {show(default)}"
                     f"  best {show(best_ms)} {best}")
@@ -320,6 +332,9 @@ def main():
     parser.add_argument("--cases", nargs="*", help="with --sweep: only the cases whose names start so, then stop")
     parser.add_argument("--linear", action="store_true",
                         help="only sweep decode-sized linears (cuBLAS against the skinny kernel)")
+    parser.add_argument("--rows", type=lambda s: [int(r) for r in s.split(",")], default=[1, 4, 16],
+                        help="with --linear: the batch rows to time")
+    parser.add_argument("--quick", action="store_true", help="with --linear: 16 launch configurations, not 36")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_speed.py needs a CUDA device")
