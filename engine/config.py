@@ -209,9 +209,6 @@ class EngineConfig:
                 and self.max_num_batched_tokens < self.max_model_len):
             raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
                                     f"without chunked prefill, got {self.max_num_batched_tokens}")
-        if self.task != "generate" and self.tensor_parallel_size > 1:
-            raise EngineConfigError("tensor_parallel_size", f"must be 1 for task {self.task!r} (pooling models are "
-                                                            f"not sharded yet), got {self.tensor_parallel_size}")
         if not 0 < self.master_port < 65536:
             raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
         self._check_pipeline()
@@ -240,8 +237,6 @@ class EngineConfig:
         if size == 1:
             return
         refused = (
-            (self.task != "generate", f"for task {self.task!r} (pooling models are not split into stages yet)"),
-            (self.enable_lora, "with LoRA adapters (not split into stages yet)"),
             # Each stage would size its host pool by its own layers, and the scheduler needs one block count.
             (bool(self.host_swap_bytes), "with host_swap_bytes (KV swap is not split into stages yet)"),
         )
@@ -294,6 +289,15 @@ def engine_default(name: str) -> Any:
     if default is MISSING:
         raise KeyError(f"{name} has no default")
     return default
+
+
+def check_encoder_on_one_rank(encoder: bool, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Encoders (BERT-style embedding and reranking models, a few hundred MB) run whole on one rank; decoder
+    embedding models shard and split into stages as the generating families do."""
+    for key, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+        if encoder and size > 1:
+            raise EngineConfigError(key, f"must be 1 for an encoder model (BERT-style embedding and reranking models "
+                                         f"run on one rank), got {size}")
 
 
 def check_tensor_parallel_split(size: int, num_heads: int, num_kv_heads: int, intermediate_size: int | None) -> None:

@@ -241,6 +241,7 @@ class LoraInfo(msgspec.Struct):
 # ---- engine process (rank 0) -> tensor-parallel workers, sent to each of them ----
 class StartWorker(msgspec.Struct, tag=True):
     engine_config: EngineConfig  # max_model_len resolved
+    pooler_info: PoolerInfo | None = None  # a pooling engine's, resolved by rank 0
 
 
 class DetermineNumKVBlocks(msgspec.Struct, tag=True):

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from engine.config import EngineConfig, check_tensor_parallel_split, pipeline_stage_layers
+from engine.config import EngineConfig, check_encoder_on_one_rank, check_tensor_parallel_split, pipeline_stage_layers
 from engine.device import torch_device
 from engine.kv_cache.manager import KVCacheManager
 from engine.contract import LoraInfo
@@ -90,6 +90,8 @@ class EngineCore:
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
                                                    **self._encoder_options(config))
         _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
+        check_encoder_on_one_rank(is_encoder(self.model_config.architecture), config.tensor_parallel_size,
+                                  config.pipeline_parallel_size)
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)
         self.startup_seconds: dict[str, float] = {}  # start-up phase -> seconds (EngineReady.startup_seconds)
@@ -101,7 +103,7 @@ class EngineCore:
                     "weights", self.startup_seconds):
             self.runner = (ModelRunner(config, self.model_config, self.device, self.pooler_info)
                            if config.tensor_parallel_size == config.pipeline_parallel_size == 1
-                           else TensorParallelRunner(config, self.model_config, self.device))
+                           else TensorParallelRunner(config, self.model_config, self.device, self.pooler_info))
         self.weight_bytes = weight_bytes(self.runner.model)
         logger.info("model weights: %.2f GB (%s)", self.weight_bytes / 1e9,
                     self.runner.model.quant_scheme.describe() if self.runner.model.quant_scheme else "not quantized")

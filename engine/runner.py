@@ -33,7 +33,7 @@ from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
-from engine.lora.layers import add_lora_layers
+from engine.lora.layers import add_lora_layers, other_stage_twins
 from engine.lora.manager import LoraManager
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
@@ -60,7 +60,8 @@ class ModelRunner:
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
                                 _gguf_dequantize(config.gguf_dequantize, device),
                                 None if config.enable_lora else config.smoothquant_alpha, config.tokenizer)
-        self.pooler = Pooler(pooler_info, self.model, device) if pooler_info is not None else None
+        self.pooler = (Pooler(pooler_info, self.model, device) if pooler_info is not None and self.is_last_stage
+                       else None)  # an earlier stage runs its layers and hands the activations on
         self.sampler = Sampler()
         spec = config.speculative_config
         self.draft_model = (DraftModel(config, model_config, device) if spec is not None and spec.model is not None
@@ -74,7 +75,8 @@ class ModelRunner:
         self.lora: LoraManager | None = None
         if config.enable_lora:
             layers = add_lora_layers(self.model, config.max_loras, config.max_lora_rank, self.batch.lora_slots.device)
-            self.lora = LoraManager(layers, self.model.lora_modules, config)
+            remote = other_stage_twins(layers, model_config.num_layers, stage.layers) if stage is not None else None
+            self.lora = LoraManager(layers, self.model.lora_modules, config, remote)
         # Async scheduling: the latest step's sampled ids, on the device, and the row of each request among them.
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
         self._last_sampled_rows: dict[str, int] = {}

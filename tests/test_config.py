@@ -196,8 +196,8 @@ def test_tensor_parallelism_maps_onto_the_engine_with_or_without_lora():
     assert spec.to_engine_config("/m").tensor_parallel_size == 2
     engine = parse(model("parallelism: {tensor: 2}\nlora: {enabled: true}")).models[0].to_engine_config("/m")
     assert (engine.tensor_parallel_size, engine.enable_lora) == (2, True)
-    assert ("models[0].parallelism.pipeline: must be 1 with LoRA adapters"
-            in error(model("parallelism: {pipeline: 2}\nlora: {enabled: true}")))
+    engine = parse(model("parallelism: {pipeline: 2}\nlora: {enabled: true}")).models[0].to_engine_config("/m")
+    assert (engine.pipeline_parallel_size, engine.enable_lora) == (2, True)
 
 
 def test_default_sampling_max_tokens_within_the_server_cap():

@@ -47,7 +47,8 @@ class WorkerDiedError(RuntimeError):
 
 
 class TensorParallelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                 pooler_info: contract.PoolerInfo | None = None):
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp_size * pp_size
         if config.nnodes > 1:  # the other nodes' `kvbox serve --node-rank R` start theirs (appliance.node)
@@ -64,8 +65,8 @@ class TensorParallelRunner:
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping)
         parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
-        self.send(contract.StartWorker(config))
-        self.local = ModelRunner(config, model_config, device)
+        self.send(contract.StartWorker(config, pooler_info))
+        self.local = ModelRunner(config, model_config, device, pooler_info)
         if self.local.lora is not None:
             self.local.lora.broadcast = self.send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)

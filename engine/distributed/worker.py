@@ -54,7 +54,7 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
     dtype = None if config.dtype == "auto" else config.dtype
     model_config = ModelConfig.from_pretrained(config.model, dtype=dtype, max_model_len=config.max_model_len)
     stage, tp_rank = parallel_state.stage_and_tp_rank(rank, tp_size)
-    runner = ModelRunner(config, model_config, device, tp_rank=tp_rank, pp_rank=stage)
+    runner = ModelRunner(config, model_config, device, start.pooler_info, tp_rank=tp_rank, pp_rank=stage)
     answers = rank == parallel_state.answering_rank(tp_size, pp_size)
     trace = StageTrace.from_env(rank)
     while not isinstance(command := receive(), contract.StopWorker):

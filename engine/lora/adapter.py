@@ -9,7 +9,8 @@ what is wrong and leaves no trace.
 The weights stay in host memory, one `LoraWeights` per linear of ours that the adapter targets, already in the slot
 layout: a merged linear's parts (q/k/v, gate/up) side by side, zeros for parts the adapter leaves alone, and the
 scale (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) folded into B. Shapes are checked against the full
-base model; with tensor parallelism each rank then keeps its own shard (`lora_shard` of the base linear).
+base model; with tensor parallelism each rank then keeps its own shard (`lora_shard` of the base linear), with
+pipeline stages the weights of its own stage's layers (the others' are checked against a twin, `remote`).
 """
 
 from __future__ import annotations
@@ -57,15 +58,17 @@ class LoraAdapter:
 
 
 def load_adapter(name: str, adapter_id: str, path: str, layers: Mapping[str, LoraLinear],
-                 lora_modules: Mapping[str, tuple[str, ...]], max_rank: int, dtype: torch.dtype) -> LoraAdapter:
+                 lora_modules: Mapping[str, tuple[str, ...]], max_rank: int, dtype: torch.dtype,
+                 remote: Mapping[str, LoraLinear] | None = None) -> LoraAdapter:
     """Reads and checks the adapter at `path` for the wrapped linears `layers` (by module name); `lora_modules`
-    maps each of our targetable linears to the HF projections it holds."""
+    maps each of our targetable linears to the HF projections it holds; `remote`: other pipeline stages' linears,
+    each by a twin of the same shapes (checked, not kept)."""
     try:
         folder = Path(path)
         config = _read_config(folder)
         rank, scale = _rank_and_scale(config, max_rank)
         _check_target_modules(config, lora_modules)
-        weights = _arrange(_read_tensors(folder), rank, scale, layers, lora_modules, dtype)
+        weights = _arrange(_read_tensors(folder), rank, scale, layers, lora_modules, dtype, remote or {})
     except ValueError as error:
         raise ValueError(f"LoRA adapter {name!r} at {path}: {error}") from error
     return LoraAdapter(name, adapter_id, str(path), rank, weights)
@@ -132,8 +135,10 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: Mapping[str, LoraLinear],
-             lora_modules: Mapping[str, tuple[str, ...]], dtype: torch.dtype) -> dict[str, LoraWeights]:
-    """Checks every tensor against the layer it targets, then builds each targeted layer's slot-layout weights."""
+             lora_modules: Mapping[str, tuple[str, ...]], dtype: torch.dtype,
+             remote: Mapping[str, LoraLinear]) -> dict[str, LoraWeights]:
+    """Checks every tensor against the layer it targets, then builds each targeted layer's slot-layout weights
+    (for the layers this rank holds)."""
     part_of = {hf: (ours, i) for ours, projections in lora_modules.items() for i, hf in enumerate(projections)}
     found: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # (our module, part) -> {"A": ..., "B": ...}
     projection_of: dict[tuple[str, int], str] = {}  # the same key -> the adapter's module path, for messages
@@ -148,9 +153,10 @@ def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: 
                              f"{', '.join(sorted(part_of))}")
         ours, part = part_of[projection]
         module = f"{parent}.{ours}"
-        if module not in layers:
+        target = layers.get(module) or remote.get(module)
+        if target is None:
             raise ValueError(f"tensor {tensor_name!r}: the base model has no module {match['module']!r}")
-        base = layers[module].base
+        base = target.base
         expected = (rank, base.full_input_size) if match["matrix"] == "A" else (base.full_output_slices[part], rank)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"tensor {tensor_name!r} has shape {list(tensor.shape)}; rank {rank} on this base "
@@ -167,7 +173,7 @@ def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: 
             raise ValueError(f"{projection_of[key]} has lora_{have} but no lora_{missing}")
 
     weights = {}
-    for module in sorted({module for module, _ in found}):
+    for module in sorted({module for module, _ in found if module in layers}):
         slices = layers[module].output_slices
         a = torch.zeros(len(slices), rank, layers[module].input_size, dtype=dtype)  # [num_slices, rank, in]
         b = torch.zeros(sum(slices), rank, dtype=dtype)  # [out_features, rank]

@@ -6,9 +6,15 @@ GPU slots of its layer: `lora_a` and `lora_b` hold `max_loras` adapters, allocat
 loading an adapter copies into a slot. With tensor parallelism they hold this rank's share, cut as the base weight
 is (`lora_shard` of the base linear). Which slot each token uses comes from the runner's persistent per-token
 buffer, which all wrappers share.
+
+With pipeline stages a rank wraps its own stage's layers only; an adapter's tensors for the other stages' layers are
+checked against their twin here (the same linear of a layer this stage holds: a family's decoder layers all have
+the same shapes) and left to the stage that holds them.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -68,3 +74,20 @@ def add_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
             layers[name] = LoraLinear(module, max_loras, max_rank, token_slots)
             setattr(model.get_submodule(parent_name), leaf, layers[name])
     return layers
+
+
+_LAYER_INDEX = re.compile(r"(?<=\.layers\.)\d+(?=\.)")
+
+
+def other_stage_twins(layers: dict[str, LoraLinear], num_layers: int, stage_layers: range) -> dict[str, LoraLinear]:
+    """The targetable linears of the layers that other pipeline stages hold, by module name, each mapped to its
+    twin in this stage (`model.layers.7.mlp.down_proj` -> this stage's `model.layers.0.mlp.down_proj`)."""
+    twins = {}
+    for name, layer in layers.items():
+        match = _LAYER_INDEX.search(name)
+        if match is None or int(match.group()) != stage_layers.start:
+            continue
+        for i in range(num_layers):
+            if i not in stage_layers:
+                twins[f"{name[:match.start()]}{i}{name[match.end():]}"] = layer
+    return twins

@@ -13,7 +13,7 @@ slots. Before each step `activate` gives the step's adapters a slot, copying in 
 the least recently used ones the step does not need. The scheduler sees to it that no step needs more than
 `max_loras`, so a request for an adapter that is not resident waits rather than fails.
 
-With tensor parallelism every rank has a manager over its shards. Rank 0's decides (names, versions, checks); the
+With tensor parallelism or pipeline stages every rank has a manager over its shards or its stage's layers. Rank 0's decides (names, versions, checks); the
 others load and free the versions it tells them to, by id, and each gives a step's adapters slots of its own.
 """
 
@@ -55,8 +55,9 @@ class _Version:
 
 class LoraManager:
     def __init__(self, layers: dict[str, LoraLinear], lora_modules: Mapping[str, tuple[str, ...]],
-                 config: EngineConfig):
+                 config: EngineConfig, remote: Mapping[str, LoraLinear] | None = None):
         self.layers = layers
+        self.remote = remote or {}  # other pipeline stages' linears, by a twin here (`other_stage_twins`)
         self.lora_modules = lora_modules
         self.max_loras = config.max_loras
         self.max_rank = config.max_lora_rank
@@ -80,7 +81,7 @@ class LoraManager:
             raise ValueError(f"cannot load LoRA adapter {name!r}: {len(self._current)} adapters are loaded, as many as "
                              f"max_cpu_loras allows; remove one first")
         adapter = load_adapter(name, f"{name}{_VERSION_SEP}{next(self._version_numbers)}", path, self.layers,
-                               self.lora_modules, self.max_rank, self.dtype)
+                               self.lora_modules, self.max_rank, self.dtype, self.remote)
         self._current[name] = self._keep(adapter)
         if self.broadcast is not None:
             self.broadcast(LoadLoraShard(name, adapter.adapter_id, adapter.path))
@@ -88,7 +89,7 @@ class LoraManager:
     def add_shard(self, command: LoadLoraShard) -> None:
         """Another rank's side of `add`: this rank's shard of a version that rank 0 has loaded and checked."""
         self._keep(load_adapter(command.name, command.adapter_id, command.path, self.layers, self.lora_modules,
-                                self.max_rank, self.dtype))
+                                self.max_rank, self.dtype, self.remote))
 
     def _keep(self, adapter: LoraAdapter) -> _Version:
         self._versions[adapter.adapter_id] = _Version(adapter, self._usage.setdefault(adapter.name, _Usage()))
