@@ -225,8 +225,8 @@ class EngineConfig:
                                                      f"device also stay in host memory; got {self.max_cpu_loras}")
 
     def _check_pipeline(self) -> None:
-        """What pipeline parallelism cannot run with yet; the split against the layer count is checked by
-        `pipeline_stage_layers` once the model's config is read."""
+        """The split's form; against the layer count it is checked by `pipeline_stage_layers` once the model's
+        config is read."""
         size = self.pipeline_parallel_size
         if self.pipeline_layer_split is not None:
             split = tuple(self.pipeline_layer_split)
@@ -234,15 +234,6 @@ class EngineConfig:
             if len(split) != size or min(split) < 1:
                 raise EngineConfigError("pipeline_layer_split", f"must give {size} layer count(s) >= 1, one per "
                                                                 f"pipeline stage, got {list(split)}")
-        if size == 1:
-            return
-        refused = (
-            # Each stage would size its host pool by its own layers, and the scheduler needs one block count.
-            (bool(self.host_swap_bytes), "with host_swap_bytes (KV swap is not split into stages yet)"),
-        )
-        for is_set, why in refused:
-            if is_set:
-                raise EngineConfigError("pipeline_parallel_size", f"must be 1 {why}, got {size}")
 
     def _check_draft_model(self) -> None:
         # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model).

@@ -46,15 +46,21 @@ class KVMemory:
         self.num_kv_heads, self.head_size = ((layers[0].num_kv_heads, layers[0].head_size) if layers
                                              else (model_config.num_kv_heads, model_config.head_size))
         # The host pool holds whole blocks (a draft's beside the target's), so the draft gets the target's count.
-        self.num_host_blocks = (config.host_swap_bytes or 0) // self.bytes_per_block
+        # Pipeline stages must count the same blocks: the pool is sized on all the model's layers and each stage
+        # holds its own layers' part of it.
+        self.num_host_blocks = (config.host_swap_bytes or 0) // self._block_bytes(model_config.num_layers)
         if draft is not None:
             draft.num_host_blocks = self.num_host_blocks
         self.host_cache: list[torch.Tensor] | None = None
 
     @property
     def bytes_per_block(self) -> int:
+        """A block's bytes on this rank (its stage's layers, its shard of the heads)."""
+        return self._block_bytes(self.num_layers)
+
+    def _block_bytes(self, num_layers: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        own = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
+        own = 2 * num_layers * self.block_size * self.num_kv_heads * self.head_size * element_size
         return own + (self.draft.bytes_per_block if self.draft is not None else 0)
 
     def determine_num_blocks(self, run_largest_step: Callable[[list[int], list[list[int]]], None]) -> int:

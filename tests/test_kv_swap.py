@@ -75,6 +75,26 @@ def test_swapped_requests_match_a_roomy_cache_and_recompute(model_dir, roomy, as
     assert sum(step.num_tokens for step in steps) == once
 
 
+def test_pipeline_stages_swap_their_own_layers_blocks(tiny_model):
+    """Two stages of an uneven split (2 + 1 layers): every stage counts the same host blocks (the pool is sized on
+    the whole model) and moves its own layers' K/V in the steps' order, with batches in flight."""
+    model_dir = tiny_model("llama", num_hidden_layers=3, max_position_embeddings=256)
+    roomy = LLM(model_dir, dtype="float32", device="cpu").generate(PROMPTS, GREEDY, use_tqdm=False)
+    whole = LLM(model_dir, dtype="float32", device="cpu", host_swap_bytes=HOST, **CRAMPED)
+    llm = LLM(model_dir, dtype="float32", device="cpu", host_swap_bytes=HOST, pipeline_parallel_size=2, **CRAMPED)
+    try:
+        kv_memory = llm.core.runner.kv_memory
+        assert kv_memory.num_layers == 2 and kv_memory.num_host_blocks == whole.core.runner.kv_memory.num_host_blocks
+        swapped = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert flat(swapped) == flat(roomy)
+        assert logprobs_of(swapped) == pytest.approx(logprobs_of(roomy), abs=1e-4)
+        stats = llm.core.stats()
+        assert stats.num_preemptions > 0 and stats.swap.num_swapped_in_blocks == stats.swap.num_swapped_out_blocks > 0
+        assert_nothing_leaked(llm)
+    finally:
+        llm.shutdown()
+
+
 def test_a_request_the_host_pool_cannot_hold_recomputes(model_dir, roomy):
     probe = LLM(model_dir, dtype="float32", device="cpu", **CRAMPED)
     two_blocks = 2 * probe.core.runner.kv_memory.bytes_per_block  # every prompt here needs more

@@ -108,7 +108,8 @@ class KVCacheSpec(_Schema, kw_only=True):
     num_blocks: Annotated[PositiveInt | None, _doc(
         "An explicit number of KV blocks (null: from the budget).")] = engine_default("num_kv_blocks")
     host_swap_bytes: Annotated[Annotated[int, Meta(ge=0)] | None, _doc(
-        "Host memory in bytes (pinned on a GPU; per rank under tensor parallelism) that a preempted request's KV "
+        "Host memory in bytes (pinned on a GPU; per rank under tensor parallelism, shared by the pipeline stages in "
+        "proportion to their layers) that a preempted request's KV "
         "blocks move to and back from, instead of being recomputed (null or 0: recompute). A request whose blocks "
         "are shared (prefix cache, n > 1 samples, beams) or do not fit what is left recomputes.",
     )] = engine_default("host_swap_bytes")
