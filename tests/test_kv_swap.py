@@ -209,9 +209,12 @@ def test_bench_swap_vs_recompute_smoke(tmp_path):
     out = tmp_path / "result.json"
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "kv_swap.py"), "--shape",
                     "tiny-llama", "--device", "cpu", "--num-prompts", "6", "--input-len", "32", "--output-len", "12",
-                    "--num-kv-blocks", "8", "--host-swap-gib", "0.01", "--json", str(out)], check=True, timeout=300)
+                    "--num-kv-blocks", "8", "--host-swap-gib", "0.01", "--reference", "--json", str(out)], check=True,
+                   timeout=300)
     result = json.loads(out.read_text())
-    recompute, swap = result["rows"]
-    assert result["identical_prompts"] == 6
+    recompute, swap, reference = result["rows"]
+    assert reference["preemptions"] == 0
+    for pair in ("swap_vs_recompute", "swap_vs_reference", "recompute_vs_reference"):
+        assert result[pair] == {"identical_prompts": 6, "prompts": 6, "mean_leading_tokens_in_common": 12.0}
     assert recompute["preemptions"] > 0 and recompute["swapped_out_blocks"] == 0
     assert swap["preemptions"] > 0 and swap["swapped_out_blocks"] == swap["swapped_in_blocks"] > 0
