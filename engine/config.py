@@ -282,11 +282,19 @@ def engine_default(name: str) -> Any:
     return default
 
 
-def check_encoder_on_one_rank(encoder: bool, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+# The encoder checkpoints engine.models.registry runs (embedding models and cross-encoders), named here so that the
+# config check, which imports no model code, knows them too.
+ENCODER_ARCHITECTURES = frozenset({
+    "BertModel", "RobertaModel", "XLMRobertaModel",
+    "BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+})
+
+
+def check_encoder_on_one_rank(architecture: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
     """Encoders (BERT-style embedding and reranking models, a few hundred MB) run whole on one rank; decoder
     embedding models shard and split into stages as the generating families do."""
     for key, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
-        if encoder and size > 1:
+        if architecture in ENCODER_ARCHITECTURES and size > 1:
             raise EngineConfigError(key, f"must be 1 for an encoder model (BERT-style embedding and reranking models "
                                          f"run on one rank), got {size}")
 

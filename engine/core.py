@@ -90,7 +90,7 @@ class EngineCore:
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
                                                    **self._encoder_options(config))
         _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
-        check_encoder_on_one_rank(is_encoder(self.model_config.architecture), config.tensor_parallel_size,
+        check_encoder_on_one_rank(self.model_config.architecture, config.tensor_parallel_size,
                                   config.pipeline_parallel_size)
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)

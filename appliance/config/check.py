@@ -17,7 +17,8 @@ import msgspec
 from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
-from engine.config import EngineConfigError, check_tensor_parallel_split, pipeline_stage_layers
+from engine.config import (EngineConfigError, check_encoder_on_one_rank, check_tensor_parallel_split,
+                           pipeline_stage_layers)
 from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -177,8 +178,14 @@ def _checkpoint_config(m: ModelSpec) -> dict:
 
 
 def _check_tensor_split(m: ModelSpec, fail: Fail) -> None:
-    """The engine's rule, known before any weight is read."""
+    """The engine's rules, known before any weight is read."""
     size, hf = m.parallelism.tensor, _checkpoint_config(m)
+    architectures = hf.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        try:
+            check_encoder_on_one_rank(str(architectures[0]), size, m.parallelism.pipeline)
+        except EngineConfigError as e:
+            fail(".".join(ENGINE_KEYS[e.field]), e.problem)
     heads, kv_heads, mlp = hf.get("num_attention_heads"), hf.get("num_key_value_heads"), hf.get("intermediate_size")
     if size == 1 or not isinstance(heads, int):
         return

@@ -6,6 +6,7 @@ from functools import partial
 
 from torch import nn
 
+from engine.config import ENCODER_ARCHITECTURES
 from engine.models.bert import BertForSequenceClassification, BertModel
 from engine.models.decoder_embed import DecoderEmbedding
 from engine.models.gemma2 import Gemma2ForCausalLM
@@ -50,4 +51,4 @@ def get_model_class(architecture: str, task: str = "generate") -> type[nn.Module
 
 
 def is_encoder(architecture: str) -> bool:
-    return architecture in _ENCODERS or architecture in _CROSS_ENCODERS
+    return architecture in ENCODER_ARCHITECTURES
