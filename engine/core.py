@@ -63,8 +63,11 @@ def _timed(what: str, phase: str, phases: dict[str, float]):
     logger.info("%s: done in %.1f s", what, seconds)
 
 
-def _check_tensor_parallel_split(model_config: ModelConfig, size: int) -> None:
-    check_tensor_parallel_split(size, model_config.num_heads, model_config.num_kv_heads, model_config.intermediate_size)
+def _check_parallel(model_config: ModelConfig, config: EngineConfig) -> None:
+    """The rules of tensor and pipeline parallelism that need the model's config."""
+    check_tensor_parallel_split(config.tensor_parallel_size, model_config.num_heads, model_config.num_kv_heads,
+                                model_config.intermediate_size)
+    check_encoder_on_one_rank(model_config.architecture, config.tensor_parallel_size, config.pipeline_parallel_size)
 
 
 def _describe(stages: list[range]) -> str:
@@ -89,9 +92,7 @@ class EngineCore:
         # Resolved, so that the config's checks that involve the context length run (again) on the real one.
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len,
                                                    **self._encoder_options(config))
-        _check_tensor_parallel_split(self.model_config, config.tensor_parallel_size)
-        check_encoder_on_one_rank(self.model_config.architecture, config.tensor_parallel_size,
-                                  config.pipeline_parallel_size)
+        _check_parallel(self.model_config, config)
         stages = pipeline_stage_layers(self.model_config.num_layers, config.pipeline_parallel_size,
                                        config.pipeline_layer_split)
         self.startup_seconds: dict[str, float] = {}  # start-up phase -> seconds (EngineReady.startup_seconds)
