@@ -109,7 +109,6 @@ def test_stage_layers_follow_vllms_rule():
     ({"pipeline_parallel_size": 2, "pipeline_layer_split": [3]},
      r"pipeline_layer_split: must give 2 layer count\(s\) >= 1, one per pipeline stage, got \[3\]"),
     ({"pipeline_parallel_size": 2, "pipeline_layer_split": [3, 0]}, "pipeline_layer_split: must give 2"),
-    ({"pipeline_parallel_size": 2, "host_swap_bytes": 2**20}, "pipeline_parallel_size: must be 1 with host_swap_bytes"),
 ])
 def test_a_split_the_model_cannot_take_is_refused_before_anything_starts(tiny_model, options, message):
     with pytest.raises(EngineConfigError, match=message):
