@@ -98,7 +98,7 @@ class ModelRuntime:
     sleep_level: int | None = None  # while SLEEPING: 1 (engines alive, weights in host memory) or 2 (no engines)
 
     def __post_init__(self) -> None:
-        if self.spec.parallelism.data > 1:
+        if self.spec.parallelism.data > 1 and self.spec.parallelism.routing == "prefix":
             # A replica a quarter of a batch busier than the least loaded one still gets a prompt it has cached.
             self.router = PrefixRouter(self.spec.kv_cache.block_size,
                                        max_busier=max(1, self.spec.scheduler.max_num_seqs // 4))

@@ -8,6 +8,9 @@
     python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --concurrency 64 --compare-prefill-cap
     python bench/serve.py --launch llama-3.1-8b --num-prompts 200 --shared-prefix-len 2048 --input-len 256 \
         --compare-prefix-caching                       # a common system prompt: prefix caching off, then on
+    python bench/serve.py --launch tiny-llama --device cpu --data-parallel 2 --shared-prefix-len 512 \
+        --prefix-groups 16 --input-len 32 --output-len 8 --num-prompts 128 --concurrency 8 --num-kv-blocks 400 \
+        --compare-routing                              # 2 replicas: by load (vLLM), then by cached prefix
 
 Requests carry random token ids (exact lengths) with `ignore_eos`, are sent all at once (default), as a Poisson
 process (`--request-rate`), and/or with at most `--concurrency` in flight, from `--client-processes` processes (one
@@ -351,7 +354,7 @@ def launch(args, overrides: dict) -> subprocess.Popen:
              "device": args.device,
              "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.prompt_len + args.output_len,
              "kv_cache": {"prefix_caching": False, "num_blocks": args.num_kv_blocks}, "queue_cap": max(256, args.num_prompts),
-             "scheduler": {"max_num_seqs": args.max_num_seqs}}
+             "scheduler": {"max_num_seqs": args.max_num_seqs}, "parallelism": {"data": args.data_parallel}}
     for section, values in overrides.items():
         model[section].update(values)
     config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
@@ -434,16 +437,25 @@ def main() -> None:
                              "--input-len; prefix caching is on")
     parser.add_argument("--compare-prefix-caching", action="store_true",
                         help="with --launch and --shared-prefix-len: prefix caching off, then on; the throughput ratio")
+    parser.add_argument("--prefix-groups", type=int, default=1,
+                        help="with --shared-prefix-len: this many distinct prefixes, each prompt starting with one")
+    parser.add_argument("--data-parallel", type=int, default=1, help="with --launch: the model's replicas")
+    parser.add_argument("--compare-routing", action="store_true",
+                        help="with --launch, --data-parallel > 1 and --shared-prefix-len: replicas by load, then by "
+                             "cached prefix; hit rate and throughput of each")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.prompt_len = args.shared_prefix_len + args.input_len
     args.max_prefill_tokens_while_decoding = args.max_prefill_tokens_while_decoding or None
     if (args.compare_prefill_cap or args.compare_prefix_caching or args.startup_only) and not args.launch:
         parser.error("--compare-prefill-cap, --compare-prefix-caching and --startup-only need --launch")
-    if args.compare_prefix_caching and not args.shared_prefix_len:
-        parser.error("--compare-prefix-caching needs --shared-prefix-len")
-    if args.compare_prefill_cap + args.compare_prefix_caching + bool(args.structured) > 1:
-        parser.error("--compare-prefill-cap, --compare-prefix-caching and --structured compare one thing at a time")
+    if (args.compare_prefix_caching or args.compare_routing) and not args.shared_prefix_len:
+        parser.error("--compare-prefix-caching and --compare-routing need --shared-prefix-len")
+    if args.compare_routing and (args.data_parallel < 2 or not args.launch):
+        parser.error("--compare-routing needs --launch and --data-parallel 2 or more")
+    if args.compare_prefill_cap + args.compare_prefix_caching + args.compare_routing + bool(args.structured) > 1:
+        parser.error("--compare-prefill-cap, --compare-prefix-caching, --compare-routing and --structured compare one "
+                     "thing at a time")
     args.tokenizer = args.tokenizer or ("qwen" if args.structured else "words")
     if args.peer and not (args.launch and args.device.startswith("cuda")):
         parser.error("--peer needs --launch on a CUDA device")
@@ -462,7 +474,8 @@ def main() -> None:
                                 if args.launch else 32000)
     grammar = grammar_compile_times(args) if args.structured else None
     if args.shared_prefix_len:
-        prompts = shared_prefix_prompts(args.num_prompts, args.shared_prefix_len, args.input_len, vocab)
+        prompts = shared_prefix_prompts(args.num_prompts, args.shared_prefix_len, args.input_len, vocab,
+                                        groups=args.prefix_groups)
     else:
         prompts = random_prompts(args.num_prompts, args.input_len, vocab)
     # Other token ids than the measured prompts': a warm-up leaves no prefix in the cache for the run to hit.

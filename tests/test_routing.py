@@ -3,12 +3,15 @@ is much busier than the least loaded one; the cached tokens a request reports sh
 
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import long_llama, model_config, run_inprocess, server_config  # noqa: E402
 
+from appliance.config.schema import ModelSpec  # noqa: E402
 from appliance.routing import PrefixRouter  # noqa: E402
+from appliance.supervisor import ModelRuntime  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
 
@@ -56,6 +59,13 @@ def test_memory_is_bounded():
     for i in range(20):
         router.choose([replica], prompt(i, i))
     assert len(router._owner) == 10
+
+
+@pytest.mark.parametrize("parallelism, routed", [({"data": 2}, True), ({"data": 2, "routing": "load"}, False),
+                                                 ({"data": 1}, False)])
+def test_the_config_chooses_the_routing(parallelism, routed):
+    spec = msgspec.convert({"name": "m", "source": "/m", "parallelism": parallelism}, ModelSpec)
+    assert (ModelRuntime(spec).router is not None) == routed
 
 
 def test_served_replicas_reuse_their_cached_prefix(tiny_model):

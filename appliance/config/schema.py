@@ -165,6 +165,10 @@ class ParallelismSpec(_Schema, kw_only=True):
         "Layers of each pipeline stage, in order, adding up to the model's layer count (null: as even as can be, "
         "the stages before the last taking the extra layers).")] = engine_default("pipeline_layer_split")
     data: Annotated[int, _doc("Replicas of the whole model, each serving its share of requests.", ge=1)] = 1
+    routing: Annotated[Literal["prefix", "load"], _doc(
+        "How a request picks its replica when data > 1: prefix (the replica that already holds the longest cached "
+        "prefix of its prompt, unless it is a quarter of max_num_seqs busier than the least loaded one; SGLang's "
+        "cache-aware routing) or load (the least loaded, as vLLM routes).")] = "prefix"
     expert: Annotated[int, _doc("Expert-parallel size for mixture-of-experts models.", ge=1)] = 1
 
     @property
