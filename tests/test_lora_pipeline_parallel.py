@@ -32,9 +32,10 @@ def setup(tiny_model, tmp_path_factory):
                       for i, (name, config) in enumerate(ADAPTERS.items())}
 
 
-def lora_llm(base_dir, adapters, pipeline_parallel_size):
+def lora_llm(base_dir, adapters, pipeline_parallel_size, tensor_parallel_size=1):
     llm = LLM(base_dir, dtype="float32", device="cpu", enable_lora=True, max_lora_rank=MAX_RANK, max_loras=2,
-              pipeline_parallel_size=pipeline_parallel_size, block_size=8, num_kv_blocks=64)
+              pipeline_parallel_size=pipeline_parallel_size, tensor_parallel_size=tensor_parallel_size, block_size=8,
+              num_kv_blocks=64)
     for name, path in adapters.items():
         llm.add_lora(name, path)
     return llm
@@ -45,11 +46,13 @@ def generate(llm, workload=WORKLOAD):
                         lora_name=[name for _, name in workload])
 
 
-def test_two_stages_with_adapters_answer_as_one_rank_and_as_peft(setup):
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2])
+def test_two_stages_with_adapters_answer_as_one_rank_and_as_peft(setup, tensor_parallel_size):
+    """Two stages, each of one rank or of two tensor-parallel ranks (four processes, each adapter cut both ways)."""
     base_dir, adapters = setup
     results = []
     for stages in (1, 2):
-        llm = lora_llm(base_dir, adapters, stages)
+        llm = lora_llm(base_dir, adapters, stages, tensor_parallel_size if stages == 2 else 1)
         try:
             results.append(generate(llm))
             if stages == 2:  # the first stage holds layers 0 and 1: nothing of the last-layer adapter
