@@ -25,6 +25,7 @@ from engine.distributed.pipeline import PipelineStage
 from engine.models.builtin import resolve_model_source
 from engine.models.config import ModelConfig
 from engine.models.gguf import is_gguf, iter_gguf_tensors
+from engine.models.layers import LMHead, VocabEmbedding
 from engine.models.registry import get_model_class
 from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
@@ -82,6 +83,7 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     if scheme is not None and scheme.method == "gguf" and gguf_dequantize == "load":
         dequantize_at_load(model, config.dtype)
         scheme = None
+    _pack_lm_heads(model)
     model.quant_scheme = scheme
     return model.eval()
 
@@ -173,6 +175,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _pack_lm_heads(model: nn.Module) -> None:
+    embeddings = [m.weight for m in model.modules() if type(m) is VocabEmbedding]
+    for module in model.modules():
+        if isinstance(module, LMHead):
+            module.pack(shared=any(module.weight is weight for weight in embeddings))
 
 
 def weight_bytes(model: nn.Module) -> int:
