@@ -153,7 +153,7 @@ def _arrange(tensors: dict[str, torch.Tensor], rank: int, scale: float, layers: 
                              f"{', '.join(sorted(part_of))}")
         ours, part = part_of[projection]
         module = f"{parent}.{ours}"
-        target = layers.get(module) or remote.get(module)
+        target = layers[module] if module in layers else remote.get(module)
         if target is None:
             raise ValueError(f"tensor {tensor_name!r}: the base model has no module {match['module']!r}")
         base = target.base
