@@ -187,15 +187,16 @@ def _median_cuda_seconds(fn, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def peer_model(shape: str):
-    """transformers' own Llama on random weights at the same shape, on the GPU."""
+def peer_model(shape: str, device: str = "cuda"):
+    """transformers' own Llama on random weights at the same shape, in the shape's dtype (on the GPU by default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     gc.collect()  # the kvbox engine that ran before must give its KV cache back
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     config = AutoConfig.from_pretrained(shape_folder(shape))
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, SHAPES[shape]["torch_dtype"]))
     return model.eval()
 
 

@@ -151,3 +151,13 @@ def test_single_stream_roofline_counts_attention_and_the_kv_cache():
     assert long["decode_step_bytes"] == 16_000_000_000 + 131072 * (32768 + 64)
     assert long["decode_tokens_per_s"] == pytest.approx(4e12 / long["decode_step_bytes"])
     assert long["ttft_s"] == pytest.approx(long["prefill_flops"] / 1e15)
+
+
+def test_beam_smoke(tmp_path):
+    """kvbox's beam search and transformers' on the same prompts; every beam's tokens count."""
+    result = run_bench("beam.py", tmp_path, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                       "--beam-width", "2", "--peer", "--peer-batch-size", "2")
+    kvbox, peer = result["rows"]
+    assert kvbox["system"] == "kvbox beam_search" and peer["system"].startswith("transformers generate(num_beams=2")
+    for row in (kvbox, peer):
+        assert row["seconds"] > 0 and row["beam_tokens_per_s"] == pytest.approx(row["prompts_per_s"] * 2 * 4, rel=1e-3)
