@@ -85,6 +85,7 @@ def main() -> None:
           f"swap vs recompute: {result['swap_vs_recompute']}")
     if args.reference:
         free(args.device)
+        # Every sequence at full length at once, and a margin: nothing is ever preempted.
         blocks = len(prompts) * -(-(args.input_len + args.output_len) // engine_default("block_size")) + 64
         reference, reference_tokens = run(args, prompts, "no preemption", num_kv_blocks=blocks)
         result["rows"].append(reference)

@@ -27,8 +27,9 @@ def server_variants(args) -> list[tuple[str, dict]]:
         return [("prefix caching off", {"kv_cache": {"prefix_caching": False}}),
                 ("prefix caching on", {"kv_cache": {"prefix_caching": True}})]
     if args.compare_routing:
+        policies = (("load", "the least loaded replica"), ("prefix", "the replica holding the prefix"))
         return [(f"routing {routing} ({what})", {"kv_cache": {"prefix_caching": True}, "parallelism": {"routing": routing}})
-                for routing, what in (("load", "the least loaded replica"), ("prefix", "the replica holding the prefix"))]
+                for routing, what in policies]
     return [("", {"kv_cache": {"prefix_caching": caching}, "scheduler": {"max_prefill_tokens_while_decoding": cap}})]
 
 

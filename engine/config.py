@@ -293,7 +293,8 @@ ENCODER_ARCHITECTURES = frozenset({
 def check_encoder_on_one_rank(architecture: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
     """Encoders (BERT-style embedding and reranking models, a few hundred MB) run whole on one rank; decoder
     embedding models shard and split into stages as the generating families do."""
-    for key, size in (("tensor_parallel_size", tensor_parallel_size), ("pipeline_parallel_size", pipeline_parallel_size)):
+    sizes = {"tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size}
+    for key, size in sizes.items():
         if architecture in ENCODER_ARCHITECTURES and size > 1:
             raise EngineConfigError(key, f"must be 1 for an encoder model (BERT-style embedding and reranking models "
                                          f"run on one rank), got {size}")

@@ -13,8 +13,9 @@ slots. Before each step `activate` gives the step's adapters a slot, copying in 
 the least recently used ones the step does not need. The scheduler sees to it that no step needs more than
 `max_loras`, so a request for an adapter that is not resident waits rather than fails.
 
-With tensor parallelism or pipeline stages every rank has a manager over its shards or its stage's layers. Rank 0's decides (names, versions, checks); the
-others load and free the versions it tells them to, by id, and each gives a step's adapters slots of its own.
+With tensor parallelism or pipeline stages every rank has a manager over its shards or its stage's layers. Rank 0's
+decides (names, versions, checks); the others load and free the versions it tells them to, by id, and each gives a
+step's adapters slots of its own.
 """
 
 from __future__ import annotations
