@@ -247,9 +247,13 @@ def sweep(args):
          [dict(num_splits=s, tile_n=t, num_warps=4, num_stages=2) for s in (1, 2, 4, 8, 16) for t in (32, 64)]),
         ("decode 8x8192", [1] * 8, [8192] * 8,
          [dict(num_splits=s, tile_n=128, num_warps=4) for s in (2, 4, 8, 16)]),
-        ("prefill 4x2048", [2048] * 4, [2048] * 4,
-         [dict(block_m=m, tile_n=t, num_warps=w, num_stages=st)
-          for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)]),
+    ]
+    prefill_configs = [dict(block_m=m, tile_n=t, num_warps=w, num_stages=st)
+                       for m in (64, 128) for t in (64, 128) for w in (4, 8) for st in (2, 3)]
+    cases += [
+        ("prefill 4x2048", [2048] * 4, [2048] * 4, prefill_configs),
+        ("prefill 8x1024", [1024] * 8, [1024] * 8, prefill_configs),  # bench/throughput.py's prefill steps
+        ("prefill 8192@32k", [8192], [32768], prefill_configs),  # a 32k prompt's last chunk
     ]
     for name, q_lens, seq_lens, configs in cases:
         if args.cases and not any(name.startswith(prefix) for prefix in args.cases):
@@ -258,6 +262,11 @@ def sweep(args):
         out = torch.empty_like(batch[0])
         default = attention._config(len(q_lens) if q_lens[0] == 1 else sum(q_lens), len(q_lens), NUM_KV_HEADS,
                                     NUM_HEADS // NUM_KV_HEADS, HEAD_SIZE, batch[3].shape[1] * BLOCK_SIZE, DEV)
+        if q_lens[0] > 1 and q_lens == seq_lens:  # a fresh prefill: FlashAttention through SDPA, for scale
+            ms = time_ms(sdpa_fn(batch[0], *contiguous_kv(batch, seq_lens), q_lens[0], True), iters=30)
+            tflops = attention_flops(q_lens, seq_lens) / (ms * 1e-3) / 1e12
+            out_lines.append(f"{name:16s} {ms * 1e3:8.1f} us {tflops:6.0f} TFLOP/s  SDPA (contiguous K/V)")
+            print(out_lines[-1], flush=True)
         for cfg in [{}] + configs:
             try:
                 ms = time_ms(lambda: attention._paged_attention(*batch, scale, out=out, **cfg), iters=30)

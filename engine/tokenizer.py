@@ -4,10 +4,21 @@ Templates render through transformers' `apply_chat_template`, which compiles the
 `ImmutableSandboxedEnvironment`: a template from a model folder cannot reach Python internals or mutate our objects.
 A request's extra template variables (`template_kwargs`, e.g. `enable_thinking`) reach the template only: the names
 that steer `apply_chat_template` itself (`RESERVED_TEMPLATE_KWARGS`) are refused.
+
+The class `AutoTokenizer` picks for a model folder is remembered (`tokenizer_classes.json` in kvbox's cache folder,
+keyed by the folder's config files and transformers' version): deciding it imports the model's config class, and
+with it transformers' model-loading machinery, seconds of a server's start-up on some installs. A later start with
+the same files loads that class directly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +38,12 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
     "unk_token", "pad_token", "raise_exception", "strftime_now",
 })
 _IMPORT_LOCK = threading.Lock()
+_CLASS_CACHE_LOCK = threading.Lock()
+# What AutoTokenizer's choice of class reads besides the folder's path: the model and tokenizer configs, and
+# tokenizer.json's pre-tokenizer (by size and modification time: it is megabytes).
+_CONFIG_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json")
+_MAX_REMEMBERED = 256
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -35,8 +52,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     # Imported here: transformers takes seconds to import, and `kvbox serve` starts its engines meanwhile. Models
     # load in parallel threads, and transformers' lazy module is not safe to import from two threads at once.
     with _IMPORT_LOCK:
-        from transformers import AutoTokenizer
-
         from engine.models.gguf import is_gguf  # it imports torch, which the API server need not wait for
 
     source = resolve_model_source(path)
@@ -44,13 +59,85 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     # without network that waits for a connection timeout).
     local = Path(source).exists()
     if is_gguf(source):
-        tokenizer = AutoTokenizer.from_pretrained(Path(source).parent, gguf_file=Path(source).name,
-                                                  trust_remote_code=False, local_files_only=local)
+        tokenizer = _auto_tokenizer().from_pretrained(Path(source).parent, gguf_file=Path(source).name,
+                                                      trust_remote_code=False, local_files_only=local)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local)
+        key = _folder_key(Path(source)) if Path(source).is_dir() else None
+        cls = _remembered_class(key)
+        if cls is not None:
+            # What AutoTokenizer hands the class it picked (never remote code: only transformers' classes are kept).
+            tokenizer = cls.from_pretrained(source, local_files_only=True, _from_auto=True)
+        else:
+            tokenizer = _auto_tokenizer().from_pretrained(source, trust_remote_code=False, local_files_only=local)
+            _remember_class(key, type(tokenizer))
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: kvbox needs a fast (tokenizer.json) tokenizer for incremental detokenization")
     return tokenizer
+
+
+def _auto_tokenizer():
+    with _IMPORT_LOCK:
+        from transformers import AutoTokenizer
+    return AutoTokenizer
+
+
+def _class_cache_file() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("KVBOX_CACHE_DIR") or Path(cache) / "kvbox") / "tokenizer_classes.json"
+
+
+def _folder_key(folder: Path) -> str | None:
+    """A digest of what decides the folder's tokenizer class; None where the folder has no tokenizer.json (the
+    class then converts a slow tokenizer's files, which AutoTokenizer alone should decide)."""
+    tokenizer_json = folder / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        return None
+    stat = tokenizer_json.stat()
+    digest = hashlib.sha256(f"{folder.resolve()}\n{importlib.metadata.version('transformers')}\n"
+                            f"{stat.st_size} {stat.st_mtime_ns}".encode())
+    for name in _CONFIG_FILES:
+        path = folder / name
+        digest.update(f"\n{name}\n".encode() + (path.read_bytes() if path.is_file() else b"-"))
+    return digest.hexdigest()
+
+
+def _read_class_cache() -> dict[str, str]:
+    try:
+        entries = json.loads(_class_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _remembered_class(key: str | None):
+    """The tokenizer class AutoTokenizer chose for these files before, or None."""
+    name = _read_class_cache().get(key) if key else None
+    if not isinstance(name, str) or not name.startswith("transformers.") or ":" not in name:
+        return None  # only transformers' own classes: a cache file must not choose code to run
+    module, _, qualname = name.partition(":")
+    try:
+        with _IMPORT_LOCK:
+            return getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _remember_class(key: str | None, cls: type) -> None:
+    if key is None or not cls.__module__.startswith("transformers."):
+        return
+    path = _class_cache_file()
+    with _CLASS_CACHE_LOCK:
+        entries = _read_class_cache()
+        entries.pop(key, None)
+        entries[key] = f"{cls.__module__}:{cls.__qualname__}"
+        entries = dict(list(entries.items())[-_MAX_REMEMBERED:])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(entries))
+            tmp.replace(path)
+        except OSError as exc:  # a read-only home: every start decides the class anew
+            log.debug("cannot remember the tokenizer class in %s: %s", path, exc)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], chat_template: str | None = None,

@@ -1,8 +1,14 @@
 """Shared fixtures: tiny checkpoints built once per test session through the same tool users have."""
 
+import os
+import tempfile
+
 import pytest
 
 from engine.tools.tiny_model import build_tiny_model
+
+# The tests' tokenizer class cache (engine.tokenizer) stays out of the user's home; server subprocesses inherit it.
+os.environ.setdefault("KVBOX_CACHE_DIR", tempfile.mkdtemp(prefix="kvbox-test-cache-"))
 
 
 @pytest.fixture(scope="session")

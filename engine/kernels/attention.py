@@ -33,6 +33,9 @@ _MAX_SPLITS = 64
 # A split covers at least this many keys of the longest possible context (the interpreter's tiny "GPU" splits short
 # test contexts too, so that the CPU tests exercise split-K).
 _MIN_SPLIT_TOKENS = 16 if _INTERPRET else 64
+# Block tables this long (tokens) take the long-prefill tiles on GPUs with this much shared memory per program.
+_LONG_PREFILL_CONTEXT = 16384
+_LONG_PREFILL_SHARED_MEMORY = 200 * 1024
 
 
 @triton.jit
@@ -56,14 +59,19 @@ def _attend_tile(
     query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d, d_valid,
     stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFT_CAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One KV tile of the online softmax; returns the updated (m_i, l_i, acc)."""
+    """One KV tile of the online softmax; returns the updated (m_i, l_i, acc). An unmasked tile (every key in range
+    and visible to every row of the q block) skips the masks: most tiles of a long prefill are such."""
     key_pos = tile * TILE_N + offs_n  # [TILE_N]
-    key_valid = (key_pos < key_end) & (key_pos >= key_start)
-    block = tl.load(block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
     in_block = key_pos % BLOCK_SIZE
-    kv_mask = key_valid[:, None] & d_valid[None, :]
+    if MASKED:
+        key_valid = (key_pos < key_end) & (key_pos >= key_start)
+        block = tl.load(block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+    else:
+        block = tl.load(block_table + key_pos // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_valid[None, :]
     k = tl.load(k_head + (block * stride_kb + in_block * stride_ks)[:, None] + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # [TILE_N, HEAD_PAD]
     v = tl.load(v_head + (block * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :],
@@ -82,10 +90,11 @@ def _attend_tile(
         s = cap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
     else:
         s = s * qk_scale
-    visible = (key_pos[None, :] <= query_pos[:, None]) & key_valid[None, :]
-    if USE_WINDOW:
-        visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
-    s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        visible = (key_pos[None, :] <= query_pos[:, None]) & key_valid[None, :]
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
+        s = tl.where(visible, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet keeps p = 0
@@ -194,6 +203,11 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
+    # Tiles below `open_hi` hold keys every row of the q block sees (its first query's position and all before it):
+    # they run without masks. A sliding window cuts rows differently, so there every tile is masked.
+    open_hi = tile_lo
+    if not USE_WINDOW:
+        open_hi = tl.maximum(tl.minimum((context_len + local_block * BLOCK_Q + 1) // TILE_N, tile_hi), tile_lo)
     if INTERPRET:
         # The interpreter's scalars are 1-element arrays that numpy >= 2.4 refuses as range() bounds.
         tile = tile_lo
@@ -201,14 +215,19 @@ def _paged_attention_kernel(
             m_i, l_i, acc = _attend_tile(
                 tile, q, m_i, l_i, acc, query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d,
                 d_valid, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
-                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, False)
+                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, False, tile >= open_hi)
             tile += 1
     else:
-        for tile in range(tile_lo, tile_hi):
+        for tile in range(tile_lo, open_hi):
             m_i, l_i, acc = _attend_tile(
                 tile, q, m_i, l_i, acc, query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d,
                 d_valid, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
-                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, IEEE_DOT)
+                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, IEEE_DOT, False)
+        for tile in range(open_hi, tile_hi):
+            m_i, l_i, acc = _attend_tile(
+                tile, q, m_i, l_i, acc, query_pos, key_start, key_end, block_table, k_head, v_head, offs_n, offs_d,
+                d_valid, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale, cap_log2, sliding_window,
+                BLOCK_SIZE, TILE_N, USE_SOFT_CAP, USE_WINDOW, IEEE_DOT, True)
 
     if FP8_KV:
         acc = acc * v_scale  # the split-K partials are combined linearly, so each may carry the scale
@@ -268,14 +287,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_pad: int, max_context: int,
-            device: torch.device) -> dict:
+            device: torch.device, element_size: int = 2) -> dict:
     """Block shapes, split count and warps from tensor shapes alone (no host sync), so CUDA graphs can capture it.
 
     Chosen from `python bench/kernel_speed.py --sweep` on an H100 (Llama-3.1-8B shapes, bf16): decode 64 x 2048 ran best
     with 64-key tiles, 4 warps, 3 stages and no split; few long decodes with 128-key tiles and a power-of-two split
     count giving about 4 programs per SM; a single short decode (256 or 1024 keys) with splits of 64 keys in one
-    64-key tile (10.9 us against 13.0 unsplit at 256 keys, 14.6 against 16.0 with 4 splits at 1024); prefill with
-    64-row q blocks, 64-key tiles, 4 warps, 3 stages.
+    64-key tile (10.9 us against 13.0 unsplit at 256 keys, 14.6 against 16.0 with 4 splits at 1024). Prefill swept
+    again on an H200 (`--sweep --cases prefill`, twelfth session): 64-row q blocks, 64-key tiles, 4 warps, 2 stages,
+    except for long contexts (below).
     """
     maybe_decode = num_tokens <= num_seqs  # every sequence may have a single query
     block_m = max(16 if maybe_decode else 64, triton.next_power_of_2(group))
@@ -296,9 +316,25 @@ def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_
     elif maybe_decode and num_splits > 1:
         # Splits of a few hundred keys and more: fewer, larger tiles; short splits: one or two 64-key tiles each.
         tile_n, num_stages = (128 if max_context >= 256 * num_splits else 64), 2
-    else:
+    elif maybe_decode:
         tile_n, num_stages = 64, 3
+    elif (max_context >= _LONG_PREFILL_CONTEXT and element_size <= 2
+          and _shared_memory(device) >= _LONG_PREFILL_SHARED_MEMORY):
+        # Long prompts: chunks attend to thousands of cached keys through unmasked tiles, where 128 x 128 tiles
+        # on 8 warps win (397 against 370 TFLOP/s for an 8192-token chunk at 32k on an H200); on short prompts
+        # they lose (229 against 253 for 8 x 1024), so the table's capacity picks them.
+        return dict(block_m=max(128, block_m), tile_n=128, num_splits=num_splits, num_warps=8, num_stages=3)
+    else:
+        tile_n, num_stages = 64, 2  # two stages beat three on every prefill shape swept (H200: +6 to +11%)
     return dict(block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=4, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (the long-prefill tiles need Hopper's 227 KiB)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return 0
 
 
 def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out):
@@ -354,7 +390,7 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, quer
     group = num_heads // num_kv_heads
     head_pad = max(16, triton.next_power_of_2(head_size))
     cfg = _config(num_tokens, num_seqs, num_kv_heads, group, head_pad, block_tables.shape[1] * block_size,
-                  query.device)
+                  query.device, query.element_size())
     for key, value in (("block_m", block_m), ("tile_n", tile_n), ("num_splits", num_splits),
                        ("num_warps", num_warps), ("num_stages", num_stages)):
         if value is not None:

@@ -124,6 +124,14 @@ def test_paged_attention_launch_configs(lens, config):
     check_attention(*lens, 6, 2, 16, 16, torch.float32, **config)
 
 
+@pytest.mark.parametrize("config", [dict(tile_n=16, block_m=16), dict(tile_n=16, block_m=64, num_splits=2),
+                                    dict(tile_n=128, block_m=128)], ids=["unsplit", "split", "long-prefill-tiles"])
+def test_paged_attention_unmasked_tiles(config):
+    """Chunks on top of a long cache: most tiles lie wholly before the q block's first query and run unmasked, the
+    rest (the diagonal, a chunk's own keys, a split starting past the open tiles) masked."""
+    check_attention([40, 1, 17, 33], [100, 64, 17, 160], 6, 2, 16, 16, torch.float32, num_pad_tokens=1, **config)
+
+
 @pytest.mark.parametrize("window,cap", [(7, 0.0), (0, 5.0), (7, 5.0)])
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_paged_attention_window_and_soft_cap(window, cap, num_splits):
@@ -184,6 +192,18 @@ def test_paged_attention_gpu_window_and_soft_cap(window, cap, dtype):
     seq_lens = [1, 3000, 1300, 700, 77, 5000]
     check_attention(q_lens, seq_lens, 16, 8, 128, 16, dtype, sliding_window=window, soft_cap=cap)
     check_attention([1, 1], [1500, 20000], 16, 8, 256, 16, dtype, sliding_window=window, soft_cap=cap)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+def test_paged_attention_gpu_long_prefill(dtype):
+    """Block tables of a long max_model_len: prefill chunks take the long-prefill tiles where the GPU has the
+    shared memory (16-bit inputs only), decodes and float32 their usual ones."""
+    config = attention._config(2048 + 3, 4, 8, 4, 128, 20480, DEVICE, dtype.itemsize)
+    long_tiles = attention._shared_memory(DEVICE) >= attention._LONG_PREFILL_SHARED_MEMORY and dtype.itemsize == 2
+    assert (config["tile_n"], config["num_warps"]) == ((128, 8) if long_tiles else (64, 4))
+    check_attention([2048, 1, 1, 1], [20000, 17000, 1, 9000], 32, 8, 128, 16, dtype, num_pad_tokens=3)
+    check_attention([1000, 3000], [1000, 19500], 32, 8, 128, 16, dtype)
 
 
 @gpu
