@@ -27,7 +27,10 @@ from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 
 def warm_core(args) -> EngineCore:
-    """An engine for the workload, its kernels compiled by two short requests."""
+    """An engine for the workload, its kernels compiled first by the workload's own shapes: as many prompts of the
+    same length (other tokens), three tokens out, so that the measured run's prefill chunks and full-batch decodes
+    meet no kernel variant still to compile (on a fresh machine those compiles cost the first run a third of its
+    rate)."""
     dtype = SHAPES[args.shape]["torch_dtype"]
     core = EngineCore(EngineConfig(
         model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=dtype, device=args.device,
@@ -35,9 +38,9 @@ def warm_core(args) -> EngineCore:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None,
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None))
-    warmup = random_prompts(2, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
+    warmup = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
-        core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     while core.has_unfinished_requests():
         core.step()
     sync(args.device)
