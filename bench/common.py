@@ -46,6 +46,9 @@ SHAPES = {
         "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
     },
 }
+# 141 GB in bf16: tensor or pipeline parallel over 2+ H200s (issue #26, bench/multi_gpu.sh)
+SHAPES["llama-3.1-70b"] = {**SHAPES["llama-3.1-8b"], "hidden_size": 8192, "intermediate_size": 28672,
+                           "num_hidden_layers": 80, "num_attention_heads": 64}
 
 
 # Qwen2/3's embedding rows: its tokenizer's 151643 ids and special tokens, padded.
@@ -155,18 +158,20 @@ def kv_bytes_per_token(shape: str, element_size: int = 2) -> int:
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * element_size
 
 
-def single_stream_roofline(shape: str, input_len: int, output_len: int, weight_bytes: int, card: dict) -> dict:
+def single_stream_roofline(shape: str, input_len: int, output_len: int, weight_bytes: int, card: dict,
+                           tensor_parallel: int = 1) -> dict:
     """Bounds for one request alone: its prefill's FLOPs (every layer's linears over the prompt, causal attention,
     the LM head for the last token) at the matmul rate; each decode step reading the weights and the K/V of the
     mean context (prompt + half the output) at the copy bandwidth. At long context the K/V term matters: 32k tokens
-    of the 8B shape's cache are 4.3 GB beside its 16 GB of weights."""
+    of the 8B shape's cache are 4.3 GB beside its 16 GB of weights. With tensor parallelism `weight_bytes` is one
+    rank's, and each rank computes and reads its share at once (the all-reduces are not counted)."""
     c = SHAPES[shape]
     h, vocab, layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
     linear_params = num_parameters(shape) - vocab * h * (1 if c["tie_word_embeddings"] else 2) - h
     attention = 2 * layers * c["num_attention_heads"] * c["head_dim"] * input_len ** 2
     prefill_flops = 2 * linear_params * input_len + attention + 2 * vocab * h
-    step_bytes = weight_bytes + kv_bytes_per_token(shape) * (input_len + output_len / 2)
-    return {"ttft_s": prefill_flops / card["bf16_flops_per_s"], "prefill_flops": prefill_flops,
+    step_bytes = weight_bytes + kv_bytes_per_token(shape) * (input_len + output_len / 2) / tensor_parallel
+    return {"ttft_s": prefill_flops / (card["bf16_flops_per_s"] * tensor_parallel), "prefill_flops": prefill_flops,
             "decode_tokens_per_s": card["copy_bytes_per_s"] / step_bytes, "decode_step_bytes": step_bytes}
 
 
@@ -257,20 +262,24 @@ def peer_generate_batch(model, prompts: list[list[int]], output_len: int) -> dic
 
 
 def workload_roofline(shape: str, num_prompts: int, input_len: int, output_len: int, max_num_seqs: int,
-                      card: dict) -> dict:
+                      card: dict, ranks: int = 1, replicas: int = 1) -> dict:
     """Lower bounds on an offline workload's time: FLOPs at the matmul rate; weights read once per decode step at
-    the largest batch plus each token's K/V read once per later token, at the copy bandwidth."""
+    the largest batch plus each token's K/V read once per later token, at the copy bandwidth. `ranks` GPUs share each
+    replica's weights and work (tensor x pipeline parallel); `replicas` (data parallel) split the prompts, each
+    reading all its weights at every step."""
     params = num_parameters(shape)
     n, i, o = num_prompts, input_len, output_len
+    gpus = ranks * replicas
     flops = 2 * params * n * (i + o)
-    steps = o * -(-n // max_num_seqs)
+    per_replica = -(-n // replicas)
+    steps = o * -(-per_replica // max_num_seqs)  # one replica's decode steps
     kv_reads = n * o * (i + o / 2) * kv_bytes_per_token(shape)
-    bytes_moved = steps * params * 2 + kv_reads
-    compute_s, memory_s = flops / card["bf16_flops_per_s"], bytes_moved / card["copy_bytes_per_s"]
+    compute_s = flops / (card["bf16_flops_per_s"] * gpus)
+    memory_s = steps * params * 2 / (card["copy_bytes_per_s"] * ranks) + kv_reads / (card["copy_bytes_per_s"] * gpus)
     bound = max(compute_s, memory_s)
     print(f"roofline: compute {compute_s:.2f} s, memory {memory_s:.2f} s -> at best {n / bound:.1f} req/s "
-          f"({card['name']}: {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
-          f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16)")
+          f"({gpus} x {card['name']}: {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
+          f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 each)")
     return {"compute_s": compute_s, "memory_s": memory_s, "requests_per_s": n / bound, "card": card}
 
 
@@ -313,6 +322,19 @@ def run_workload(core, args, prompts: list[list[int]], lora_names: list[str | No
     assert num_output == len(prompts) * args.output_len, num_output
     report_engine_time(core.step_seconds - step_s, core.device_wait_seconds - wait_s)
     return elapsed
+
+
+def add_parallel_args(parser, data: bool = False) -> None:
+    """vLLM's parallel sizes, as the engine takes them (`data`: offline replicas, engine.data_parallel)."""
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks per layer, one GPU each")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages, each of the ranks above")
+    if data:
+        parser.add_argument("--data-parallel-size", type=int, default=1, help="whole replicas, one GPU each")
+
+
+def parallel_options(args) -> dict[str, int]:
+    return {name: getattr(args, name) for name in ("tensor_parallel_size", "pipeline_parallel_size",
+                                                   "data_parallel_size") if hasattr(args, name)}
 
 
 def add_workload_args(parser) -> None:

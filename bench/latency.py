@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (QUANTIZATIONS, SHAPES, free, measure_card, peer_generate, peer_model,  # noqa: E402
-                          quantized_shape_folder, random_prompts, shape_folder, single_stream_roofline, sync)
+from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, free, measure_card, parallel_options,  # noqa: E402
+                          peer_generate, peer_model, quantized_shape_folder, random_prompts, shape_folder,
+                          single_stream_roofline, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -56,7 +57,7 @@ def make_core(args, speculative_tokens: int | None = None, draft_shape: str | No
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(2048, args.input_len * args.batch),
         async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative,
-        cuda_graphs=not args.eager))
+        cuda_graphs=not args.eager, **parallel_options(args)))
 
 
 def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> tuple[float, float, dict, int]:
@@ -249,6 +250,7 @@ def main() -> None:
     parser.add_argument("--gpu-profile", action="store_true",
                         help="print the GPU kernel time per decode step next to the wall time (torch.profiler)")
     parser.add_argument("--json")
+    add_parallel_args(parser)
     args = parser.parse_args()
 
     prompts = random_prompts((args.iters + 1) * args.batch, args.input_len, SHAPES[args.shape]["vocab_size"])
@@ -277,7 +279,8 @@ def main() -> None:
         results["speculative"] = run_speculative(args, prompts, sequences, rate)
     if args.device.startswith("cuda"):
         card = measure_card()
-        bound = single_stream_roofline(args.shape, args.input_len, args.output_len, weights, card)
+        bound = single_stream_roofline(args.shape, args.input_len, args.output_len, weights, card,
+                                       args.tensor_parallel_size)
         print(f"roofline ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
               f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16): decode {bound['decode_tokens_per_s']:.1f} "
               f"tokens/s at batch 1 (weights and the mean context's K/V read once a token), kvbox reaches "

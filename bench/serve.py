@@ -355,7 +355,9 @@ def launch(args, overrides: dict) -> subprocess.Popen:
              "device": args.device,
              "dtype": SHAPES[args.launch]["torch_dtype"], "max_model_len": args.prompt_len + args.output_len,
              "kv_cache": {"prefix_caching": False, "num_blocks": args.num_kv_blocks}, "queue_cap": max(256, args.num_prompts),
-             "scheduler": {"max_num_seqs": args.max_num_seqs}, "parallelism": {"data": args.data_parallel}}
+             "scheduler": {"max_num_seqs": args.max_num_seqs},
+             "parallelism": {"data": args.data_parallel, "tensor": args.tensor_parallel,
+                             "pipeline": args.pipeline_parallel}}
     for section, values in overrides.items():
         model[section].update(values)
     config = {"server": {"port": 0, "max_tokens": args.output_len}, "ui": {"enabled": False}, "models": [model]}
@@ -441,6 +443,8 @@ def main() -> None:
     parser.add_argument("--prefix-groups", type=int, default=1,
                         help="with --shared-prefix-len: this many distinct prefixes, each prompt starting with one")
     parser.add_argument("--data-parallel", type=int, default=1, help="with --launch: the model's replicas")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="with --launch: ranks per layer")
+    parser.add_argument("--pipeline-parallel", type=int, default=1, help="with --launch: pipeline stages")
     parser.add_argument("--compare-routing", action="store_true",
                         help="with --launch, --data-parallel > 1 and --shared-prefix-len: replicas by load, then by "
                              "cached prefix; hit rate and throughput of each")

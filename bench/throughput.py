@@ -2,6 +2,8 @@
 
     python bench/throughput.py --shape llama-3.1-8b --num-prompts 200 --input-len 1024 --output-len 128 --peer
     python bench/throughput.py --shape tiny-llama --device cpu --num-prompts 8 --input-len 32 --output-len 8  # smoke
+    python bench/throughput.py --data-parallel-size 2       # replicas on cuda:0 and cuda:1 (issue #26)
+    python bench/throughput.py --shape llama-3.1-70b --tensor-parallel-size 4
 
 Prints requests/s, output tokens/s and total tokens/s for kvbox; with --peer, the same workload through
 transformers' `generate` (static batches) and `generate_batch` (continuous batching) in the same run; on a GPU, the
@@ -17,27 +19,30 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (QUANTIZATIONS, SHAPES, add_workload_args, free, measure_card, peer_generate,  # noqa: E402
-                          peer_generate_batch, peer_model, profile_kernels, random_prompts, run_workload,
-                          quantized_shape_folder, sync, workload_roofline)
+from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, add_workload_args, free,  # noqa: E402
+                          measure_card, parallel_options, peer_generate, peer_generate_batch, peer_model,
+                          profile_kernels, random_prompts, run_workload, quantized_shape_folder, sync,
+                          workload_roofline)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
+from engine.data_parallel import DataParallelCores  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.step_trace import StepTrace, print_summary  # noqa: E402
 
 
-def warm_core(args) -> EngineCore:
+def warm_core(args) -> EngineCore | DataParallelCores:
     """An engine for the workload, its kernels compiled first by the workload's own shapes: as many prompts of the
     same length (other tokens), three tokens out, so that the measured run's prefill chunks and full-batch decodes
     meet no kernel variant still to compile (on a fresh machine those compiles cost the first run a third of its
     rate)."""
     dtype = SHAPES[args.shape]["torch_dtype"]
-    core = EngineCore(EngineConfig(
+    config = EngineConfig(
         model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy", dtype=dtype, device=args.device,
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None,
-        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None))
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None, **parallel_options(args))
+    core = DataParallelCores(config) if config.data_parallel_size > 1 else EngineCore(config)
     warmup = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
         core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
@@ -77,7 +82,10 @@ def main() -> None:
     parser.add_argument("--step-trace", action="store_true",
                         help="print each run's step timeline summary (engine.step_trace)")
     parser.add_argument("--json", help="write the results here")
+    add_parallel_args(parser, data=True)
     args = parser.parse_args()
+    if args.data_parallel_size > 1 and (args.step_trace or args.gpu_profile):
+        parser.error("--step-trace and --gpu-profile follow one engine: leave --data-parallel-size at 1")
 
     prompts = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"])
     core = warm_core(args)
@@ -97,7 +105,9 @@ def main() -> None:
     free(args.device)
     if args.device.startswith("cuda"):
         results["roofline"] = workload_roofline(args.shape, args.num_prompts, args.input_len, args.output_len,
-                                                args.max_num_seqs, measure_card())
+                                                args.max_num_seqs, measure_card(),
+                                                args.tensor_parallel_size * args.pipeline_parallel_size,
+                                                args.data_parallel_size)
     if args.peer:
         model = peer_model(args.shape)
         peer_prompts = prompts[:args.peer_num_prompts or len(prompts)]

@@ -146,6 +146,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into, each of tensor_parallel_size ranks
     # Layers per pipeline stage, in order (None: as even as can be, the later stages but the last taking the rest).
     pipeline_layer_split: tuple[int, ...] | None = None
+    # Offline (`LLM`): replicas of the whole engine in this process, one device each (engine.data_parallel); served,
+    # the appliance's `parallelism.data` runs a process per replica instead.
+    data_parallel_size: int = 1
     # Machines the ranks are spread over (engine.distributed.nodes); with more than one, every rank rendezvouses at
     # master_addr:master_port (this model replica's own port), node 0 holding rank 0.
     nnodes: int = 1
@@ -195,7 +198,8 @@ class EngineConfig:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",
                      "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "max_loras", "max_lora_rank",
-                     "max_cpu_loras", "tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+                     "max_cpu_loras", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                     "nnodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineConfigError(name, f"must be >= 1, got {value}")
@@ -212,6 +216,7 @@ class EngineConfig:
         if not 0 < self.master_port < 65536:
             raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
         self._check_pipeline()
+        self._check_data_parallel()
         if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
             raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "
                                                     f"got {self.pooling_type!r}")
@@ -234,6 +239,15 @@ class EngineConfig:
             if len(split) != size or min(split) < 1:
                 raise EngineConfigError("pipeline_layer_split", f"must give {size} layer count(s) >= 1, one per "
                                                                 f"pipeline stage, got {list(split)}")
+
+    def _check_data_parallel(self) -> None:
+        if self.data_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise EngineConfigError("data_parallel_size", f"offline replicas are of one rank each; with "
+                                    f"tensor_parallel_size {self.tensor_parallel_size} and pipeline_parallel_size "
+                                    f"{self.pipeline_parallel_size}, serve the model with parallelism.data instead")
+        if self.data_parallel_size > 1 and self.device.startswith("cuda:"):
+            raise EngineConfigError("data_parallel_size", f"{self.data_parallel_size} replicas need as many devices; "
+                                    f"device {self.device!r} names one (use device cuda, or CUDA_VISIBLE_DEVICES)")
 
     def _check_draft_model(self) -> None:
         # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model).

@@ -193,6 +193,10 @@ class EngineCore:
     def eos_token_ids(self) -> frozenset[int]:
         return self.model_config.eos_token_ids
 
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_manager.usage
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
                     lora_name: str | None = None, pooling: PoolingParams | None = None,

@@ -1,6 +1,7 @@
 """The offline API: `LLM(model=path, **engine options).generate(prompts, params)` and `.chat(messages)`.
 
-Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance.
+Runs the engine core in this process, with no HTTP and no subprocess; the same core serves the appliance. With
+`data_parallel_size=N`, N whole engines, one device each (`engine.data_parallel`).
 With `enable_lora=True`, `add_lora(name, path)` loads a PEFT adapter and `lora_name` picks one per prompt.
 With `task="embed"`, `embed(texts)` returns embeddings; with `task="score"` (a cross-encoder), `score(query,
 documents)` returns one relevance score per document. `get_metrics()` reads the engine's counters (vLLM's names).
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.data_parallel import DataParallelCores
 from engine.contract import PoolingParams
 from engine.metrics_reader import Metric, read_metrics
 from engine.output_processor import OutputProcessor, RequestOutput
@@ -34,7 +36,7 @@ class LLM:
     def __init__(self, model: str, **engine_options):
         self.config = EngineConfig.from_kwargs(model, **engine_options)
         self.tokenizer = load_tokenizer(self.config.tokenizer or model)
-        self.core = EngineCore(self.config)
+        self.core = DataParallelCores(self.config) if self.config.data_parallel_size > 1 else EngineCore(self.config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -44,8 +46,11 @@ class LLM:
         self.core.shutdown()
 
     def get_metrics(self) -> list[Metric]:
-        """The engine's counters and gauges under vLLM's names (speculative decoding's among them, when on)."""
-        return read_metrics(self.core.stats(), self.config.model, self.config.block_size)
+        """The engine's counters and gauges under vLLM's names (speculative decoding's among them, when on); with
+        data_parallel_size > 1 each replica's, labelled `engine` by its index as vLLM labels them."""
+        cores = self.core.replicas if isinstance(self.core, DataParallelCores) else [self.core]
+        return [metric for index, core in enumerate(cores)
+                for metric in read_metrics(core.stats(), self.config.model, self.config.block_size, engine=index)]
 
     def add_lora(self, name: str, path: str) -> None:
         """Loads the PEFT adapter folder at `path` under `name` (replacing one of that name)."""
@@ -172,7 +177,7 @@ class LLM:
                         finished[output.request_id] = output
                         progress.update(1)
                 progress.set_postfix(out_tok_s=f"{num_output_tokens / (time.perf_counter() - start):.1f}",
-                                     kv=f"{self.core.kv_manager.usage:.0%}", refresh=False)
+                                     kv=f"{self.core.kv_usage:.0%}", refresh=False)
         finally:
             progress.close()
         return [finished[request_id] for request_id in request_ids]

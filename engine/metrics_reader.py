@@ -29,8 +29,8 @@ class Vector(Metric):
     values: list[int]
 
 
-def read_metrics(stats: SchedulerStats, model_name: str, block_size: int) -> list[Metric]:
-    labels = {"model_name": model_name, "engine": "0"}
+def read_metrics(stats: SchedulerStats, model_name: str, block_size: int, engine: int = 0) -> list[Metric]:
+    labels = {"model_name": model_name, "engine": str(engine)}
     metrics: list[Metric] = [
         Gauge("vllm:num_requests_running", labels, stats.num_running),
         Gauge("vllm:num_requests_waiting", labels, stats.num_waiting),

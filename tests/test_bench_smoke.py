@@ -29,6 +29,16 @@ def test_throughput_smoke(tmp_path):
     assert trace["decode_steps"] == 4 and trace["steps"] == 5 and 0 < trace["in_steps_s"] <= trace["span_s"]
 
 
+@pytest.mark.parametrize("parallel", [["--tensor-parallel-size", "2"], ["--data-parallel-size", "2"]],
+                         ids=["tp2", "dp2"])
+def test_throughput_parallel_smoke(tmp_path, parallel):
+    """bench/multi_gpu.sh's offline runs, on gloo ranks and in-process replicas."""
+    result = run_bench("throughput.py", tmp_path, "--num-prompts", "6", "--input-len", "24", "--output-len", "5",
+                       *parallel)
+    (row,) = result["rows"]
+    assert result["args"][parallel[0][2:].replace("-", "_")] == 2 and row["output_tokens_per_s"] > 0
+
+
 def test_latency_smoke(tmp_path):
     result = run_bench("latency.py", tmp_path, "--iters", "2", "--input-len", "16", "--output-len", "6")
     assert result["kvbox"]["decode_tokens_per_s"] > 0 and result["kvbox"]["ttft_ms"] > 0
