@@ -13,6 +13,7 @@ the offline API free of IPC. Each replica holds one rank (tensor and pipeline pa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -35,10 +36,20 @@ def replica_devices(device: str, size: int) -> list[str]:
     return [f"cuda:{replica}" for replica in range(size)]
 
 
+def _on(device: str):
+    """The replica's device as the current one while it works: Triton launches, CUDA graphs and streams follow the
+    current device, not the tensors'."""
+    target = torch_device(device)
+    return torch.cuda.device(target) if target.type == "cuda" else contextlib.nullcontext()
+
+
 class DataParallelCores:
     def __init__(self, config: EngineConfig):
-        devices = replica_devices(config.device, config.data_parallel_size)
-        self.replicas = [EngineCore(replace(config, device=device, data_parallel_size=1)) for device in devices]
+        self._devices = replica_devices(config.device, config.data_parallel_size)
+        self.replicas = []
+        for device in self._devices:
+            with _on(device):
+                self.replicas.append(EngineCore(replace(config, device=device, data_parallel_size=1)))
         self._replica_of: dict[str, int] = {}  # live sample id -> replica
         self._cost: dict[str, int] = {}  # live sample id -> its tokens (prompt + the most it may generate)
         self._load = [0] * len(self.replicas)
@@ -83,8 +94,9 @@ class DataParallelCores:
             replica = self._kept[kv_parent]
         else:
             replica = min(range(len(self.replicas)), key=self._load.__getitem__)
-        sample_ids = self.replicas[replica].add_request(request_id, prompt_token_ids, params, kv_parent=kv_parent,
-                                                        keep_kv=keep_kv, **options)
+        with _on(self._devices[replica]):
+            sample_ids = self.replicas[replica].add_request(request_id, prompt_token_ids, params,
+                                                            kv_parent=kv_parent, keep_kv=keep_kv, **options)
         to_generate = min(self.max_model_len - len(prompt_token_ids), params.max_tokens or self.max_model_len)
         for sample_id in sample_ids:
             self._replica_of[sample_id] = replica
@@ -99,9 +111,10 @@ class DataParallelCores:
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = []
-        for replica in self.replicas:
+        for device, replica in zip(self._devices, self.replicas):
             if replica.has_unfinished_requests():
-                outputs += replica.step()
+                with _on(device):
+                    outputs += replica.step()
         for output in outputs:
             if output.finish_reason is not None:
                 self._forget(output.request_id)
@@ -109,30 +122,35 @@ class DataParallelCores:
 
     def finish_requests(self, sample_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
         for replica, ids in self._by_replica(sample_ids, self._replica_of).items():
-            self.replicas[replica].finish_requests(ids, status)
+            with _on(self._devices[replica]):
+                self.replicas[replica].finish_requests(ids, status)
         for sample_id in sample_ids:
             self._forget(sample_id)
 
     def release_kv(self, request_ids: list[str]) -> None:
         for replica, ids in self._by_replica(request_ids, self._kept).items():
-            self.replicas[replica].release_kv(ids)
+            with _on(self._devices[replica]):
+                self.replicas[replica].release_kv(ids)
         for request_id in request_ids:
             self._kept.pop(request_id, None)
 
     def add_lora(self, name: str, path: str) -> None:
-        for replica in self.replicas:
-            replica.add_lora(name, path)
+        for device, replica in zip(self._devices, self.replicas):
+            with _on(device):
+                replica.add_lora(name, path)
 
     def remove_lora(self, name: str) -> None:
-        for replica in self.replicas:
-            replica.remove_lora(name)
+        for device, replica in zip(self._devices, self.replicas):
+            with _on(device):
+                replica.remove_lora(name)
 
     def list_loras(self) -> list[LoraInfo]:
         return self.replicas[0].list_loras()
 
     def shutdown(self) -> None:
-        for replica in self.replicas:
-            replica.shutdown()
+        for device, replica in zip(self._devices, self.replicas):
+            with _on(device):
+                replica.shutdown()
 
     def _forget(self, sample_id: str) -> None:
         replica = self._replica_of.pop(sample_id, None)
