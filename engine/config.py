@@ -250,10 +250,8 @@ class EngineConfig:
                                     f"device {self.device!r} names one (use device cuda, or CUDA_VISIBLE_DEVICES)")
 
     def _check_draft_model(self) -> None:
-        # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model).
-        if self.pipeline_parallel_size > 1:
-            raise EngineConfigError("speculative_config.model", f"a draft model runs with pipeline_parallel_size 1 "
-                                    f"only, got {self.pipeline_parallel_size}")
+        # With tensor_parallel_size > 1 every rank runs the whole draft (see engine.spec_decode.draft_model); with
+        # pipeline stages the first stage's ranks do (engine.spec_decode.stage_drafts).
         problem = draft_mismatch(self.model, self.tokenizer, self.speculative_config.model)
         if problem is not None:
             raise EngineConfigError("speculative_config.model", problem)

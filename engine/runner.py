@@ -40,6 +40,7 @@ from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
 from engine.quantization.kv_calibration import calibrate_kv_scales
 from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
+from engine.spec_decode import stage_drafts
 from engine.spec_decode.draft_model import DraftModel
 from engine.spec_decode.verify import split_verified, stacked_draft_probs, verification_rows
 
@@ -55,6 +56,7 @@ class ModelRunner:
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
         stage = (PipelineStage.of(config, model_config.num_layers, pp_rank) if config.pipeline_parallel_size > 1
                  else None)
+        self.stage = stage
         self.is_last_stage = stage is None or stage.is_last
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
@@ -64,7 +66,9 @@ class ModelRunner:
                        else None)  # an earlier stage runs its layers and hands the activations on
         self.sampler = Sampler()
         spec = config.speculative_config
-        self.draft_model = (DraftModel(config, model_config, device) if spec is not None and spec.model is not None
+        # With pipeline stages the first drafts and the last verifies (engine.spec_decode.stage_drafts).
+        self.draft_model = (DraftModel(config, model_config, device)
+                            if spec is not None and spec.model is not None and (stage is None or stage.is_first)
                             else None)
         self.kv_memory = KVMemory(config, model_config, self.model, device,
                                   self.draft_model.kv_memory if self.draft_model is not None else None)
@@ -149,7 +153,7 @@ class ModelRunner:
         `get()` waits. A request whose last token is still pending from the previous step gets it on the device."""
         rows = self.requests.apply(scheduler_output)
         self.kv_memory.move_blocks(scheduler_output)  # swaps and copy-on-write, before either model writes
-        draft_probs = self.draft_model.draft(rows) if self.draft_model is not None else {}
+        draft_probs = self._drafts(rows)
         lora_slots = None
         if self.lora is not None:
             rows.sort(key=lambda row: row.state.adapter_id or "")
@@ -186,6 +190,20 @@ class ModelRunner:
         else:
             finish(scheduler_output.grammar_bitmask)
         return output
+
+    def _drafts(self, rows: list[ScheduledRow]) -> dict[str, torch.Tensor]:
+        """Fills the drafting rows' drafts from the draft model (here, or on the first stage); returns each sampling
+        request's q."""
+        spec = self.config.speculative_config
+        if spec is None or spec.model is None:
+            return {}
+        if self.draft_model is None:  # a later stage: only the last one needs the drafts
+            return (stage_drafts.receive(self.stage, rows, self.model_config.vocab_size, self.device)
+                    if self.is_last_stage else {})
+        draft_probs = self.draft_model.draft(rows)
+        if self.stage is not None:
+            stage_drafts.send(self.stage, rows, draft_probs, self.device)
+        return draft_probs
 
     def _finish_step(self, hidden: torch.Tensor, num_tokens: int, sampling: list[tuple[int, ScheduledRow]],
                      output: PendingRunnerOutput, scheduler_output: SchedulerOutput, draft_ids: list[int] | None,

@@ -17,7 +17,7 @@ from test_tensor_parallel import assert_same  # noqa: E402
 
 from appliance.config import ConfigError, load_config  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import EngineConfig, EngineConfigError, pipeline_stage_layers  # noqa: E402
+from engine.config import EngineConfigError, pipeline_stage_layers  # noqa: E402
 from engine.distributed.tp_runner import WorkerDiedError  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
@@ -187,14 +187,6 @@ def test_cuda_stages_over_nccl_answer_as_one_gpu(tiny_model, tensor_parallel_siz
     finally:
         llm.shutdown()
     assert_same([expected], [actual])
-
-
-def test_a_draft_model_is_refused_with_stages(tiny_model):
-    model_dir = three_layers(tiny_model)
-    with pytest.raises(EngineConfigError, match="speculative_config.model: a draft model runs with "
-                                                "pipeline_parallel_size 1 only, got 2"):
-        EngineConfig(model=model_dir, pipeline_parallel_size=2,
-                     speculative_config={"model": model_dir, "num_speculative_tokens": 2})
 
 
 def test_a_stage_reads_only_its_own_tensors_and_ties_its_head(tiny_model, monkeypatch):

@@ -10,9 +10,10 @@ from tests.test_spec_decode_draft import draft_of
 from tests.test_tensor_parallel import GREEDY, SEEDED, assert_same
 
 
-def generate(model_dir: str, tensor_parallel_size: int, speculative_config: dict | None = None):
+def generate(model_dir: str, tensor_parallel_size: int, speculative_config: dict | None = None, **options):
     """The outputs of GREEDY and SEEDED, and the engine's speculative-decoding counters."""
-    llm = LLM(model_dir, tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config, **OPTIONS)
+    llm = LLM(model_dir, tensor_parallel_size=tensor_parallel_size, speculative_config=speculative_config,
+              **OPTIONS, **options)
     try:
         outputs = [llm.generate(PROMPTS, params, use_tqdm=False) for params in (GREEDY, SEEDED)]
         return outputs, llm.core.stats().spec_decoding

@@ -53,6 +53,16 @@ class PipelineStage:
         return activations[0], activations[1]
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        self._post(torch.stack((hidden, residual)), dist.get_rank() + self.tp_size)
+
+    def send_to_last(self, tensor: torch.Tensor) -> None:
+        """From the first stage to the same shard's rank in the last (a draft model's drafts)."""
+        self._post(tensor, dist.get_rank() + (self.num_stages - 1) * self.tp_size)
+
+    def receive_from_first(self, into: torch.Tensor) -> torch.Tensor:
+        dist.recv(into, dist.get_rank() - (self.num_stages - 1) * self.tp_size)
+        return into
+
+    def _post(self, tensor: torch.Tensor, destination: int) -> None:
         self._sends[:] = [sent for sent in self._sends if not sent[0].is_completed()]
-        activations = torch.stack((hidden, residual))
-        self._sends.append((dist.isend(activations, dist.get_rank() + self.tp_size), activations))
+        self._sends.append((dist.isend(tensor, destination), tensor))

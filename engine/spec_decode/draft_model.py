@@ -14,7 +14,9 @@ top-k, top-p and min-p (q), which rejection sampling needs beside the target's t
 With tensor parallelism every rank runs the whole draft, unsharded, with its whole KV cache (vLLM shards it like the
 target instead). A draft is small: sharded, each of its k sequential forwards per step would wait on an all-reduce
 per layer for little compute. Each rank computes the same drafts from the same weights, inputs and seeded
-generators, as each samples the same tokens from the same logits, so no rank sends its drafts to the others.
+generators, as each samples the same tokens from the same logits, so no rank sends its drafts to the others. With
+pipeline stages only the first stage's ranks hold the draft, and they send its drafts to the last stage
+(`engine.spec_decode.stage_drafts`).
 
 Where the target replays CUDA graphs, the draft's single-token forwards do too (`engine.cuda_graphs`, the target's
 decode buckets): each of the k draws, and the first forward of a step whose rows all compute one known token (the
