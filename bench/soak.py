@@ -116,11 +116,19 @@ async def soak(server, num_requests: int, concurrency: int, disconnect_rate: flo
     rng = random.Random(seed)
     pids = {"supervisor": server.process.pid, **{f"engine {name}": m["replicas"][0]["pid"]
                                                  for name, m in server.admin_models().items()}}
-    sampler, outcomes, started = RssSampler(pids), {}, time.monotonic()
-    sampler.sample()
+    sampler, outcomes = RssSampler(pids), {}
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
                                  timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        # An engine loads its grammar tokenizer in the background once it is up (tens of MB: transformers' tokenizer
+        # classes, xgrammar's index), and a constrained request waits for it: one per model first, so that this
+        # one-time load lands before the first sample instead of reading as growth after the warm-up one.
+        for name in server.admin_models():
+            response = await client.post("/v1/completions", json={
+                "model": name, "prompt": "Pick one:", "max_tokens": 4, "structured_outputs": {"choice": ["a", "b"]}})
+            assert response.status_code == 200, response.text
+        started = time.monotonic()
+        sampler.sample()
         async def guarded(i: int) -> None:
             async with semaphore:
                 try:
