@@ -81,9 +81,15 @@ def _auto_tokenizer():
     return AutoTokenizer
 
 
-def _class_cache_file() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("KVBOX_CACHE_DIR") or Path(cache) / "kvbox") / "tokenizer_classes.json"
+def _class_cache_file() -> Path | None:
+    """None where no folder can be named: a container's user id without a home, say."""
+    root = os.environ.get("KVBOX_CACHE_DIR")
+    if not root:
+        try:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvbox"
+        except RuntimeError:  # Path.home(): no HOME and no passwd entry
+            return None
+    return Path(root) / "tokenizer_classes.json"
 
 
 def _folder_key(folder: Path) -> str | None:
@@ -92,9 +98,12 @@ def _folder_key(folder: Path) -> str | None:
     tokenizer_json = folder / "tokenizer.json"
     if not tokenizer_json.is_file():
         return None
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path: no version to key on
+        return None
     stat = tokenizer_json.stat()
-    digest = hashlib.sha256(f"{folder.resolve()}\n{importlib.metadata.version('transformers')}\n"
-                            f"{stat.st_size} {stat.st_mtime_ns}".encode())
+    digest = hashlib.sha256(f"{folder.resolve()}\n{version}\n{stat.st_size} {stat.st_mtime_ns}".encode())
     for name in _CONFIG_FILES:
         path = folder / name
         digest.update(f"\n{name}\n".encode() + (path.read_bytes() if path.is_file() else b"-"))
@@ -102,8 +111,9 @@ def _folder_key(folder: Path) -> str | None:
 
 
 def _read_class_cache() -> dict[str, str]:
+    path = _class_cache_file()
     try:
-        entries = json.loads(_class_cache_file().read_text())
+        entries = json.loads(path.read_text()) if path is not None else {}
     except (OSError, ValueError):
         return {}
     return entries if isinstance(entries, dict) else {}
@@ -123,9 +133,9 @@ def _remembered_class(key: str | None):
 
 
 def _remember_class(key: str | None, cls: type) -> None:
-    if key is None or not cls.__module__.startswith("transformers."):
-        return
     path = _class_cache_file()
+    if key is None or path is None or not cls.__module__.startswith("transformers."):
+        return
     with _CLASS_CACHE_LOCK:
         entries = _read_class_cache()
         entries.pop(key, None)

@@ -102,3 +102,31 @@ def test_an_unwritable_cache_folder_still_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBOX_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
     folder = build_tiny_model("llama", tmp_path / "llama")
     assert load_tokenizer(str(folder)).encode("Hello") == load_tokenizer(str(folder)).encode("Hello")
+
+
+def test_no_home_and_no_transformers_version_skip_the_cache(tmp_path, monkeypatch):
+    """A container's user id without a passwd entry has no home; a transformers source tree has no version: the
+    tokenizer loads through AutoTokenizer all the same."""
+    import importlib.metadata
+    from pathlib import Path
+
+    folder = build_tiny_model("llama", tmp_path / "llama")
+    for name in ("KVBOX_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert tokenizer_module._class_cache_file() is None
+    assert load_tokenizer(str(folder)).encode("Hello") == AutoTokenizer.from_pretrained(folder).encode("Hello")
+    monkeypatch.undo()
+    monkeypatch.setenv("KVBOX_CACHE_DIR", str(tmp_path / "cache"))
+
+    def no_version(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_version)
+    assert tokenizer_module._folder_key(folder) is None
+    assert load_tokenizer(str(folder)).encode("Hello") == AutoTokenizer.from_pretrained(folder).encode("Hello")
+    assert not (tmp_path / "cache" / "tokenizer_classes.json").exists()
