@@ -279,8 +279,9 @@ def main() -> None:
         results["speculative"] = run_speculative(args, prompts, sequences, rate)
     if args.device.startswith("cuda"):
         card = measure_card()
-        bound = single_stream_roofline(args.shape, args.input_len, args.output_len, weights, card,
-                                       args.tensor_parallel_size)
+        # `weights` are one rank's; with stages a token passes each in turn, reading every stage's (about as many).
+        bound = single_stream_roofline(args.shape, args.input_len, args.output_len,
+                                       weights * args.pipeline_parallel_size, card, args.tensor_parallel_size)
         print(f"roofline ({card['name']}, {card['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, "
               f"{card['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16): decode {bound['decode_tokens_per_s']:.1f} "
               f"tokens/s at batch 1 (weights and the mean context's K/V read once a token), kvbox reaches "

@@ -92,7 +92,10 @@ def main() -> None:
     if args.gpu_profile:
         profile_kernels(lambda: run_workload(core, args, prompts), args.device)
         return
-    results = {"args": vars(args), "rows": [], "weight_gb": core.weight_bytes / 1e9}
+    engine = core.replicas[0] if isinstance(core, DataParallelCores) else core
+    results = {"args": vars(args), "rows": [], "weight_gb": core.weight_bytes / 1e9,
+               "replicas": len(core.replicas) if isinstance(core, DataParallelCores) else 1,
+               "ranks": engine.config.tensor_parallel_size * engine.config.pipeline_parallel_size}
     print(f"kvbox ({args.quantization}): weights {core.weight_bytes / 1e9:.2f} GB")
     for i in range(args.repeat):
         core.step_trace = StepTrace() if args.step_trace else None

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from engine.config import EngineConfig, EngineConfigError
-from engine.contract import EngineCoreOutput, LoraInfo
+from engine.contract import EngineCoreOutput
 from engine.core import EngineCore
 from engine.device import torch_device
 from engine.request import RequestStatus
@@ -138,14 +138,6 @@ class DataParallelCores:
         for device, replica in zip(self._devices, self.replicas):
             with _on(device):
                 replica.add_lora(name, path)
-
-    def remove_lora(self, name: str) -> None:
-        for device, replica in zip(self._devices, self.replicas):
-            with _on(device):
-                replica.remove_lora(name)
-
-    def list_loras(self) -> list[LoraInfo]:
-        return self.replicas[0].list_loras()
 
     def shutdown(self) -> None:
         for device, replica in zip(self._devices, self.replicas):

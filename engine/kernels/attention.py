@@ -322,7 +322,7 @@ def _config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_
           and _shared_memory(device) >= _LONG_PREFILL_SHARED_MEMORY):
         # Long prompts: chunks attend to thousands of cached keys through unmasked tiles, where 128 x 128 tiles
         # on 8 warps win (397 against 370 TFLOP/s for an 8192-token chunk at 32k on an H200); on short prompts
-        # they lose (229 against 253 for 8 x 1024), so the table's capacity picks them.
+        # they lose (225 against 253 for 8 x 1024), so the table's capacity picks them.
         return dict(block_m=max(128, block_m), tile_n=128, num_splits=num_splits, num_warps=8, num_stages=3)
     else:
         tile_n, num_stages = 64, 2  # two stages beat three on every prefill shape swept (H200: +6 to +11%)

@@ -56,4 +56,3 @@ def receive(stage: PipelineStage, rows: list[ScheduledRow], vocab_size: int,
     probs = stage.receive_from_first(torch.empty(sum(c for _, c in sampling), vocab_size, dtype=torch.float32,
                                                  device=device))
     return dict(zip([row.state.req_id for row, _ in sampling], probs.split([c for _, c in sampling])))
-
