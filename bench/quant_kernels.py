@@ -5,10 +5,11 @@ activations: the zero-point epilogue's cost).
 Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
 gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
 
-    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep]
+    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,skinny]
 
---sweep times every W4A16 launch configuration of a small grid per shape and row count and prints the best next
-to the heuristic's choice.
+--sweep times every launch configuration of a small grid per shape and row count, for the kernels named, and
+prints the best next to the heuristic's choice: the W4A16 fused kernel, the W4A16 GEMV (up to 4 rows) and the 8-bit
+skinny kernel (up to 16 rows).
 """
 
 from __future__ import annotations
@@ -67,28 +68,45 @@ def row(name: str, us: float, weight_bytes: int, base_us: float) -> str:
     return f"  {name:34s} {us:8.1f} us {weight_bytes / us / 1e3:7.0f} GB/s {base_us / us:6.2f}x bf16"
 
 
-def sweep(x, q, k, n) -> tuple[float, tuple]:
+def best_of(configs, call) -> tuple[float, tuple]:
+    """(us, config) of the fastest config; a config that does not compile or run is skipped."""
     best = (float("inf"), None)
-    m = x.shape[0]
-    for bm, bn, bk, splits, warps, stages in itertools.product(
-            [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16],
-            [4], [3]):
-        if bm == 64 and bn == 128 and bk == 256:
-            continue
-        config = (bm, bn, bk, splits, warps, stages)
+    for config in configs:
         try:
-            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
-        except Exception:  # noqa: BLE001 - a config that does not compile is skipped
+            us = graph_time_us(lambda: call(config))
+        except Exception:  # noqa: BLE001
             continue
         best = min(best, (us, config))
     return best
 
 
+def sweep(x, q, k, n) -> tuple[float, tuple]:
+    m = x.shape[0]
+    configs = [c for c in itertools.product(
+        [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16], [4], [3])
+        if not (c[0] == 64 and c[1] == 128 and c[2] == 256)]
+    return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
+
+
+def sweep_gemv(x, q) -> tuple[float, tuple]:
+    configs = itertools.product([32, 64], [32, 64, 128], [1, 2, 4, 8], [4, 8], [2])
+    return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, gemv_config=config))
+
+
+def sweep_skinny(x, w8) -> tuple[float, tuple]:
+    xq, xs = act_quant.quantize_activations(x, w8[0].dtype)
+    configs = itertools.product([16, 32, 64], [256, 512], [4], [3, 5])
+    return best_of(configs, lambda config: w8a8.w8a8_skinny(xq, w8[0], xs, w8[1], None, x.dtype, config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,16,64,256")
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", default="", help="kernels to sweep: fused, gemv, skinny (comma-separated)")
     args = parser.parse_args()
+    swept = set(filter(None, args.sweep.split(",")))
+    if swept - {"fused", "gemv", "skinny"}:
+        parser.error(f"--sweep: unknown kernels {sorted(swept - {'fused', 'gemv', 'skinny'})}")
     for name, (k, n) in SHAPES.items():
         dense, q, fp8, i8 = layers(k, n)
         print(f"{name}: K={k} N={n}")
@@ -98,12 +116,25 @@ def main() -> None:
             print(f" rows {m}")
             print(row("bf16 cuBLAS", base, 2 * k * n, base))
             us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128))
-            print(row(f"w4a16 {wna16._fused_config(m, k, n)}", us, k * n // 2, base))
-            if args.sweep and m <= wna16.FUSED_MAX_ROWS:
+            gemv = m <= wna16.GEMV_MAX_ROWS
+            chosen = wna16._gemv_config(k, n) if gemv else wna16._fused_config(m, k, n)
+            print(row(f"w4a16 {'gemv' if gemv else 'fused'} {chosen}", us, k * n // 2, base))
+            if "gemv" in swept and gemv:
+                us, config = sweep_gemv(x, q)
+                print(row(f"w4a16 gemv best {config}", us, k * n // 2, base))
+            if "fused" in swept and m <= wna16.FUSED_MAX_ROWS:
                 us, config = sweep(x, q, k, n)
-                print(row(f"w4a16 best {config}", us, k * n // 2, base))
+                print(row(f"w4a16 fused best {config}", us, k * n // 2, base))
             print(row("fp8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, fp8[0], fp8[1], None)), k * n, base))
+            if m <= w8a8.SKINNY_MAX_ROWS:
+                xq, xs = act_quant.quantize_activations(x, torch.float8_e4m3fn)
+                print(row("  fp8 skinny kernel alone", graph_time_us(
+                    lambda: w8a8.w8a8_skinny(xq, fp8[0], xs, fp8[1], None, x.dtype)), k * n, base))
+                if "skinny" in swept:
+                    for name, w8 in (("fp8", fp8), ("int8", i8)):
+                        us, config = sweep_skinny(x, w8)
+                        print(row(f"  {name} skinny best {config}", us, k * n, base))
             print(row("  fp8 quantize (Triton)", graph_time_us(
                 lambda: act_quant.quantize_activations(x, torch.float8_e4m3fn)), k * n, base))
             print(row("  fp8 quantize (torch ops)", graph_time_us(

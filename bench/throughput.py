@@ -41,7 +41,8 @@ def warm_core(args) -> EngineCore | DataParallelCores:
         max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None,
-        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None, **parallel_options(args))
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
+        kv_cache_dtype=args.kv_cache_dtype, **parallel_options(args))
     core = DataParallelCores(config) if config.data_parallel_size > 1 else EngineCore(config)
     warmup = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="also run transformers on the same workload")
     parser.add_argument("--quantization", default="none", choices=sorted(QUANTIZATIONS),
                         help="dummy weights in this checkpoint format (bench.common.QUANTIZATIONS)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                        help="the KV cache's storage (fp8: twice the blocks in the same memory)")
     parser.add_argument("--peer-batch-size", type=int, default=64)
     parser.add_argument("--peer-num-prompts", type=int,
                         help="run the peer on the first N prompts only (it is slow); its rates are per its prompts")
@@ -96,7 +99,8 @@ def main() -> None:
     results = {"args": vars(args), "rows": [], "weight_gb": core.weight_bytes / 1e9,
                "replicas": len(core.replicas) if isinstance(core, DataParallelCores) else 1,
                "ranks": engine.config.tensor_parallel_size * engine.config.pipeline_parallel_size}
-    print(f"kvbox ({args.quantization}): weights {core.weight_bytes / 1e9:.2f} GB")
+    print(f"kvbox ({args.quantization}, KV cache {args.kv_cache_dtype}): weights {core.weight_bytes / 1e9:.2f} GB, "
+          f"{engine.kv_manager.pool.num_blocks} KV blocks")
     for i in range(args.repeat):
         core.step_trace = StepTrace() if args.step_trace else None
         results["rows"].append(report("kvbox" if args.repeat == 1 else f"kvbox (run {i + 1})",

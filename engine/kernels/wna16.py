@@ -11,6 +11,18 @@ Two paths, chosen by the number of rows without measuring (the choice is a thres
   float32 partial and one sum finishes them (in a fixed order, so results do not vary run to run).
 - more rows (prefill): the layer is dequantized once into a scratch [K, N] buffer of x's dtype and cuBLAS runs the
   GEMM; at that size the matmul's FLOPs dwarf the extra pass over the weight.
+- one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an
+  integer to a float. The 8th session's profile showed the fused kernel bound by instructions, not bytes: per weight
+  a shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
+  through x's dtype. Here a value is turned into a float by OR-ing its bits, left where they sit in the word, into
+  the mantissa of 2^23 (exact: the float is 2^23 + q * 2^(bits * j)); one subtraction takes off 2^23 and the zero
+  point, x's matching element is pre-scaled by 2^-(bits * j) (exact), and the group's scale is applied once per tile
+  to a partial sum instead of once per weight: about one integer and two float instructions per weight, no
+  conversion. It skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in
+  float32, closer to the float32 dequantization transformers runs). Each program accumulates elementwise and
+  reduces once at its end; when the layer has too few column tiles for the SMs, K is split and the last slice of a
+  tile to finish (an atomic ticket) sums the float32 partials in slice order, so results do not vary run to run
+  and no second kernel runs.
 The reference is `kernels.reference.wna16_linear` (dequantize in float32, cast to x's dtype, F.linear), which the
 fused kernel matches: it rounds the dequantized weight to x's dtype before the dot, as the reference does.
 """
@@ -24,6 +36,7 @@ import triton
 import triton.language as tl
 
 FUSED_MAX_ROWS = 256
+GEMV_MAX_ROWS = 1
 _TARGET_PROGRAMS = 1024
 _DECODE_BLOCK_N, _DECODE_BLOCK_K = 128, 256  # the best of bench/quant_kernels.py --sweep on an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -109,6 +122,144 @@ def _wna16_dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, 
              mask=k_mask[:, None] & col_mask[None, :])
 
 
+_MAGIC = tl.constexpr(0x4B000000)  # 2.0 ** 23's bits: OR-ing an integer below 2^23 into them gives the float 2^23 + it
+
+
+@triton.jit
+def _wna16_gemv_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, partial_ptr, ticket_ptr, out_ptr, N,
+    K: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,  # contiguous groups: word w is in w * PACK // G
+    SPLITS: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: the input rows of one slice (program_id(1))
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,  # a tile: GROUPS x GROUP_WORDS words, each row of it one group
+    DEPTH: tl.constexpr,  # tiles fetched ahead of the one being summed: 1 or 2
+):
+    PACK: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PACK // 2  # values per 16-bit half word: their fields stay below 2^16 after the OR
+    BLOCK_W: tl.constexpr = GROUPS * GROUP_WORDS
+    BLOCK_K: tl.constexpr = BLOCK_W * PACK
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    words = tl.arange(0, GROUPS)[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # [GROUPS, GROUP_WORDS]
+    first = split * (K_SPLIT // PACK)
+    end = tl.minimum(first + K_SPLIT // PACK, K // PACK)
+    # Loads that feed no tl.dot are not software-pipelined by Triton: the loop keeps DEPTH tiles (and their groups'
+    # scales and zeros) in flight in registers while it sums the current one, or every step would wait out DRAM.
+    packed, scale, zero = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, PACK, GROUP_SIZE,
+                                     GROUPS, GROUP_WORDS)
+    if DEPTH == 2:
+        packed_2, scale_2, zero_2 = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, first + BLOCK_W, end, cols, col_mask, N,
+                                               PACK, GROUP_SIZE, GROUPS, GROUP_WORDS)
+    acc = tl.zeros((GROUPS, GROUP_WORDS, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K_SPLIT // BLOCK_K):
+        w0 = first + step * BLOCK_W
+        rows = w0 + words
+        ahead = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0 + DEPTH * BLOCK_W, end, cols, col_mask, N, PACK,
+                           GROUP_SIZE, GROUPS, GROUP_WORDS)
+        # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k) per word row (one group): the zero leaves the loop
+        part = tl.zeros((GROUPS, GROUP_WORDS, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((GROUPS, GROUP_WORDS), dtype=tl.float32)
+        for half in tl.static_range(2):
+            halfword = packed >> (16 * half)
+            for j in tl.static_range(HALF):
+                field = halfword & (((1 << BITS) - 1) << (BITS * j))  # q * 2^(BITS * j), in place
+                value = (field | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # exact: q * 2^(BITS * j)
+                kk = rows * PACK + half * HALF + j
+                xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                x_sum += xs
+                part += (xs * (1.0 / (1 << (BITS * j))))[:, :, None] * value
+        acc += (part - zero.to(tl.float32)[:, None, :] * x_sum[:, :, None]) * scale.to(tl.float32)[:, None, :]
+        if DEPTH == 2:
+            packed, scale, zero = packed_2, scale_2, zero_2
+            packed_2, scale_2, zero_2 = ahead
+        else:
+            packed, scale, zero = ahead
+    result = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if SPLITS > 1:
+        tl.store(partial_ptr + split.to(tl.int64) * N + cols, result, mask=col_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last slice to finish
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):  # slice order: the same sum whichever slice finished last
+                total += tl.load(partial_ptr + s * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch (and CUDA graph replay)
+            _store_row(total, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS)
+    else:
+        _store_row(result, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(result, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, result.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0, end, cols, col_mask, N, PACK: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr):
+    """The tile of packed words from word row `w0`, [GROUPS, GROUP_WORDS, cols] (masked past `end`), and the scale
+    and zero point [GROUPS, cols] of each tile row's group."""
+    starts = w0 + tl.arange(0, GROUPS) * GROUP_WORDS
+    rows = starts[:, None] + tl.arange(0, GROUP_WORDS)[None, :]
+    mask = (rows < end)[:, :, None] & col_mask[None, None, :]
+    group_offsets = (starts * PACK // GROUP_SIZE)[:, None].to(tl.int64) * N + cols[None, :]
+    group_mask = (starts < end)[:, None] & col_mask[None, :]
+    return (tl.load(qw_ptr + rows[:, :, None].to(tl.int64) * N + cols[None, None, :], mask=mask, other=0),
+            tl.load(scales_ptr + group_offsets, mask=group_mask, other=0.0),
+            tl.load(zeros_ptr + group_offsets, mask=group_mask, other=0))
+
+
+_tickets: dict[torch.device, torch.Tensor] = {}
+_MAX_TILES = 1 << 16
+
+
+def _ticket_counters(device: torch.device) -> torch.Tensor:
+    """Per-device zeroed int32 counters for split-K tiles; each finished tile resets its own, so one buffer serves
+    every launch on the device's stream (they run one after another)."""
+    if device not in _tickets:
+        _tickets[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return _tickets[device]
+
+
+def _gemv_config(k: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_W words of K, K splits, warps, DEPTH tiles fetched ahead) for the GEMV: the best of `python
+    bench/quant_kernels.py --rows 1 --sweep gemv` on an H200 for Llama-3.1-8B's projections (the runners-up were
+    within 10%, about the spread between calls). The split count is an upper bound: a slice holds whole tiles."""
+    if n >= 16384:  # gate/up
+        return 32, 128, 4, 4, 2
+    if k >= 8192:  # down
+        return 32, 32, 4, 4, 2
+    return 64, 128, 4, 4, 2  # qkv, o
+
+
+def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+               group_size: int, bias: torch.Tensor | None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One row x2 [1, K] -> [1, N] for contiguous groups (`group_size` > 0 or -1); see the module's notes."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    pack = 32 // bits
+    group = k if group_size == -1 else group_size
+    block_n, block_w, splits, warps, depth = config or _gemv_config(k, n)
+    group_words = min(block_w, group // pack)
+    group_words &= -group_words  # a power of two dividing the group: no tile row straddles two groups
+    k_split = triton.cdiv(triton.cdiv(k, splits), block_w * pack) * block_w * pack
+    splits = triton.cdiv(k, k_split)
+    tiles = triton.cdiv(n, block_n)
+    if splits > 1 and tiles > _MAX_TILES:
+        raise ValueError(f"{tiles} column tiles exceed the {_MAX_TILES} split-K tickets")
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    partial = torch.empty(splits, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
+    _wna16_gemv_kernel[(tiles, splits)](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
+        _ticket_counters(x2.device) if splits > 1 else scales, out, n, K=k, BITS=bits, GROUP_SIZE=group,
+        SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None, BLOCK_N=block_n, GROUPS=block_w // group_words,
+        GROUP_WORDS=group_words, DEPTH=depth, num_warps=warps, num_stages=2)
+    return out
+
+
 def _block_k(k: int, group_size: int, widest: int) -> tuple[int, int]:
     """(BLOCK_K, GROUP_SIZE for the kernel): a K tile inside one group when the groups are contiguous, else 0 and
     a free tile (each row reads its own group)."""
@@ -124,10 +275,12 @@ def _block_k(k: int, group_size: int, widest: int) -> tuple[int, int]:
 
 def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, group_size: int = 0, *,
-                 fused_max_rows: int = FUSED_MAX_ROWS, config: tuple[int, ...] | None = None) -> torch.Tensor:
+                 fused_max_rows: int = FUSED_MAX_ROWS, config: tuple[int, ...] | None = None,
+                 gemv_config: tuple[int, ...] | None = None) -> torch.Tensor:
     """[..., K] -> [..., N] in x's dtype. `group_size`: a promise that g_idx is `row // group_size` (-1: one group
     over K), which lets the kernel read one scale row per tile; 0: g_idx is read per row (act-order).
-    `fused_max_rows` and the fused kernel's `config` (see `_fused_config`) are overridable for tests and tuning."""
+    `fused_max_rows`, the fused kernel's `config` (see `_fused_config`; given, it forces the fused kernel) and the
+    GEMV's `gemv_config` (see `_gemv_config`) are overridable for tests and tuning."""
     k, n = x.shape[-1], qweight.shape[1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -139,6 +292,8 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         return out.view(*x.shape[:-1], n)
     if m == 0:
         return x2.new_empty(*x.shape[:-1], n)
+    if m <= GEMV_MAX_ROWS and group_size != 0 and config is None:
+        return wna16_gemv(x2, qweight, scales, zeros, bits, group_size, bias, gemv_config).view(*x.shape[:-1], n)
     block_m, block_n, block_k, splits, warps, stages = config or _fused_config(m, k, n)
     block_k, group = _block_k(k, group_size, block_k)
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # whole tiles: a tile stays in one group

@@ -76,7 +76,7 @@ def test_dequantize_then_gemm_path_matches_reference(act_order):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("m", [1, 7, 16, 100, 256, 1024])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 100, 256, 1024])
 @pytest.mark.parametrize(("k", "n"), [(4096, 6144), (4096, 28672), (14336, 4096)])
 def test_llama_8b_projections(m, k, n, dtype):
     check(m, k, n, 4, 128, False, dtype, False)
@@ -88,3 +88,32 @@ def test_llama_8b_projections(m, k, n, dtype):
 @pytest.mark.parametrize("m", [1, 64, 600])
 def test_other_formats_on_the_gpu(m, bits, group_size, act_order):
     check(m, 2048, 1024, bits, group_size, act_order, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize(("m", "bits", "group_size", "dtype", "bias", "gemv_config"), [
+    (1, 4, 32, torch.float32, False, None),  # the default launch
+    (1, 8, -1, torch.float16, True, None),  # 8 bits: two values per half word
+    (1, 4, 64, torch.bfloat16, True, (16, 4, 4, 4, 1)),  # K in four slices: the last one sums the partials
+    (1, 8, 32, torch.float32, False, (32, 2, 8, 4, 2)),  # eight slices of one tile each, 8-bit groups of 32
+    (1, 4, 128, torch.float32, False, (16, 4, 1, 4, 1)),  # one slice of eight tiles, each fetched one ahead
+    (1, 8, 64, torch.float32, False, (16, 4, 1, 4, 2)),  # ... and two ahead
+    (1, 4, 32, torch.float32, True, (16, 16, 1, 4, 2)),  # a tile of 128 rows over four groups
+], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else None)
+def test_gemv_matches_reference(m, bits, group_size, dtype, bias, gemv_config):
+    """One row with contiguous groups: the conversion-free GEMV (it sums exact dequantized values in float32; the
+    tolerance of x's dtype covers the reference's rounding of the weight to it)."""
+    check(m, 256, 48, bits, group_size, False, dtype, bias, gemv_config=gemv_config)
+
+
+def test_gemv_split_k_is_deterministic_and_resets_its_tickets():
+    """The split-K ticket: the last slice of each tile sums the partials in slice order (two calls, same bits) and
+    puts the tile's counter back to zero, so that the next launch, or a CUDA graph's replay, starts clean."""
+    (qweight, scales, zeros, g_idx), _ = make_layer(256, 96, 4, 32, False, seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    config = (16, 4, 8, 4, 2)
+    first = wna16.wna16_gemv(x, qweight, scales, zeros, 4, 32, None, config)
+    assert not wna16._ticket_counters(x.device).any()
+    second = wna16.wna16_gemv(x, qweight, scales, zeros, 4, 32, None, config)
+    assert torch.equal(first, second)
+    expected = x @ reference.dequantize_wna16(qweight, scales, zeros, g_idx, 4).T
+    torch.testing.assert_close(first, expected, atol=1e-4, rtol=1e-4)
