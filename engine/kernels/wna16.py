@@ -1,28 +1,29 @@
 """Weight-only integer linears on CUDA (W4A16 / W8A16): y = x @ dequant(W).T (+ bias) on the canonical GPTQ layout of
 `engine.quantization.wna16` (int32 words packing input rows low bits first, per-group scales and zeros, g_idx).
 
-Two paths, chosen by the number of rows without measuring (the choice is a threshold, `FUSED_MAX_ROWS`):
-- up to 256 rows (decode and small mixed steps): one fused kernel. Each program takes BLOCK_N output columns and
-  BLOCK_M rows over a slice of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in registers, applies its
-  group's scale and zero and feeds the tensor cores (or, for a few rows, multiplies and sums in registers, which
-  pads nothing); the weight is read once, at 4 bits, which is the whole point at decode. When g_idx is plain
-  `row // group_size` (no act-order) one scale row serves a whole K tile; with act-order each row gathers its own
-  group. At decode a layer has too few column tiles to keep every SM reading, so K is split: each slice writes a
-  float32 partial and one sum finishes them (in a fixed order, so results do not vary run to run).
+Three paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX_ROWS`, `FUSED_MAX_ROWS`):
+- one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an integer to a
+  float. The 8th session's profile showed the fused kernel below bound by instructions, not bytes: per weight a
+  shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
+  through x's dtype. Here a value becomes a float by OR-ing its bits, left where they sit in the word, into the
+  mantissa of 2^23 (the float is exactly 2^23 + q * 2^(bits * j)) and subtracting 2^23; x's matching element is
+  pre-scaled by 2^-(bits * j) (exact); the zero point leaves the loop (s * (sum x q - z * sum x) per word row, one
+  group) and the scale is applied once per word row: about one integer and two float instructions per weight. It
+  skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in float32,
+  closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which Triton does not
+  pipeline, so the loop fetches the next tiles into registers itself. Each program accumulates elementwise and
+  reduces once at its end; K is split so that enough programs read the layer, and the last slice of a tile to
+  finish (an atomic ticket) sums the float32 partials in slice order: results do not vary run to run and no second
+  kernel runs.
+- up to 256 rows (small batches, act-order at one row): one fused kernel. Each program takes BLOCK_N output
+  columns and BLOCK_M rows over a slice of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in registers,
+  applies its group's scale and zero and feeds the tensor cores (or, for a few rows, multiplies and sums in
+  registers, which pads nothing); the weight is read once, at 4 bits. When g_idx is plain `row // group_size` (no
+  act-order) one scale row serves a whole K tile; with act-order each row gathers its own group. K is split when
+  the layer has too few column tiles: each slice writes a float32 partial and one sum finishes them (in a fixed
+  order, so results do not vary run to run).
 - more rows (prefill): the layer is dequantized once into a scratch [K, N] buffer of x's dtype and cuBLAS runs the
   GEMM; at that size the matmul's FLOPs dwarf the extra pass over the weight.
-- one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an
-  integer to a float. The 8th session's profile showed the fused kernel bound by instructions, not bytes: per weight
-  a shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
-  through x's dtype. Here a value is turned into a float by OR-ing its bits, left where they sit in the word, into
-  the mantissa of 2^23 (exact: the float is 2^23 + q * 2^(bits * j)); one subtraction takes off 2^23 and the zero
-  point, x's matching element is pre-scaled by 2^-(bits * j) (exact), and the group's scale is applied once per tile
-  to a partial sum instead of once per weight: about one integer and two float instructions per weight, no
-  conversion. It skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in
-  float32, closer to the float32 dequantization transformers runs). Each program accumulates elementwise and
-  reduces once at its end; when the layer has too few column tiles for the SMs, K is split and the last slice of a
-  tile to finish (an atomic ticket) sums the float32 partials in slice order, so results do not vary run to run
-  and no second kernel runs.
 The reference is `kernels.reference.wna16_linear` (dequantize in float32, cast to x's dtype, F.linear), which the
 fused kernel matches: it rounds the dequantized weight to x's dtype before the dot, as the reference does.
 """
