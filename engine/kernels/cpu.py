@@ -3,14 +3,18 @@ many small ops, with the same signatures and the same results within float round
 
 The reference stays the ground truth of the Triton kernel tests; the torch backend (`kernels.load_backend`) takes
 these in its place. What they change:
+- what every layer would recompute from the step's metadata (each sequence's query rows and length, the decode
+  batch's gather index and mask, the rotary cos / sin of the step's positions, whether any slot is padding) is
+  computed by the first layer and kept on the metadata tensor itself (`_step_cached`): at batch 1 a decode step of
+  a 30-layer model spent more time on that, and on the ops around it, than in its GEMMs.
 - paged attention reads K/V a whole block at a time (one index per block, not per token), or not at all when a
-  sequence's blocks lie in order in the cache (a view); all decodes are one masked SDPA call; prefills of equal
-  shape (a batch of prompts) are one SDPA call, causal without a mask when the sequence has no earlier context.
-  fp8 caches and soft-capping keep the reference.
+  sequence's blocks lie in order in the cache (a view); one decoding sequence attends over exactly its keys (no
+  mask); more decodes are one masked SDPA call; prefills of equal shape (a batch of prompts) are one SDPA call,
+  causal without a mask when the sequence has no earlier context. fp8 caches and soft-capping keep the reference.
 - the K/V store is one `index_copy_` per cache when no token is padding (always, on a CPU: padding only comes with
   CUDA graphs), instead of boolean masks and their gathers;
-- RoPE rotates q and k in one pass when they sit side by side in the fused qkv output (the model's layout), and
-  writes the rotated halves in place without a concatenation;
+- RoPE rotates q and k in one pass when they sit side by side in the fused qkv output (the model's layout), as
+  x * cos + swap_halves(x) * (-sin, sin), the reference's products and sums in fewer ops, written back in place;
 - RMSNorm is torch's `rms_norm` (on the CPU still a few ops, but none of the reference's casts and offset add);
   the gated activation runs in the input dtype, as transformers computes it.
 """
@@ -24,6 +28,31 @@ from engine.kernels import reference
 from engine.kernels.reference import FP8_KV_MAX
 
 
+def _step_cached(tensor: torch.Tensor, key, compute):
+    """`compute()`, remembered on `tensor` under `key`. The runner makes these views afresh for each forward
+    (`InputBatch.fill`) and every layer receives the same one, so the memo lives exactly as long as the step's
+    metadata; outside inference mode, where tensors count their in-place writes, a write also drops it."""
+    version = 0 if tensor.is_inference() else tensor._version
+    memo = tensor.__dict__.get("_kvbox_step_memo")
+    if memo is None or memo[0] != version:
+        memo = tensor._kvbox_step_memo = (version, {})
+    if key not in memo[1]:
+        memo[1][key] = compute()
+    return memo[1][key]
+
+
+def _sequences(seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> tuple[list[int], list[int], dict]:
+    """(query starts, sequence lengths, groups): groups map (q_len, seq_len) to the sequences of that shape; all
+    decodes share the key (1, 0)."""
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for seq, seq_len in enumerate(lens):
+        q_len = starts[seq + 1] - starts[seq]
+        if q_len:
+            groups.setdefault((1, 0) if q_len == 1 else (q_len, seq_len), []).append(seq)
+    return starts, lens, groups
+
+
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale: float,
                     sliding_window: int = 0, soft_cap: float = 0.0, out: torch.Tensor | None = None,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
@@ -32,15 +61,14 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
                                          scale, sliding_window, soft_cap, out, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(query)
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    groups: dict[tuple[int, int], list[int]] = {}  # (q_len, seq_len) -> sequences; decodes share one group
-    for seq, seq_len in enumerate(lens):
-        q_len = starts[seq + 1] - starts[seq]
-        if q_len:
-            groups.setdefault((1, 0) if q_len == 1 else (q_len, seq_len), []).append(seq)
+    starts, lens, groups = _step_cached(seq_lens, ("sequences", id(query_start_loc)),
+                                        lambda: _sequences(seq_lens, query_start_loc))
     for (q_len, seq_len), seqs in groups.items():
-        if seq_len == 0:
-            _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, scale,
+        if seq_len == 0 and len(seqs) == 1:
+            _decode_one(query, key_cache, value_cache, block_tables, starts[seqs[0]], seqs[0], lens[seqs[0]],
+                        scale, sliding_window, out)
+        elif seq_len == 0:
+            _decode(query, key_cache, value_cache, block_tables, seq_lens, starts, lens, seqs, scale,
                     sliding_window, out)
         else:
             _prefill(query, key_cache, value_cache, block_tables, starts, seqs, q_len, seq_len, scale,
@@ -52,18 +80,37 @@ def _blocks(cache: torch.Tensor, block_tables: torch.Tensor, seqs: list[int], nu
     """[len(seqs), num_blocks * block_size, kv_heads, D]: each sequence's first blocks, in order; a view of the
     cache when there is one sequence whose blocks are consecutive."""
     if len(seqs) == 1:
-        table = block_tables[seqs[0], :num_blocks]
-        ids = table.tolist()
-        if ids == list(range(ids[0], ids[0] + num_blocks)):
-            return cache[ids[0]:ids[0] + num_blocks].flatten(0, 1)[None]
-        return cache.index_select(0, table.long()).flatten(0, 1)[None]
-    rows = block_tables[seqs] if len(seqs) < block_tables.shape[0] else block_tables
+        first = _step_cached(block_tables, ("consecutive", seqs[0], num_blocks),
+                             lambda: _consecutive_start(block_tables[seqs[0], :num_blocks].tolist()))
+        if first is not None:
+            return cache[first:first + num_blocks].flatten(0, 1)[None]
+        return cache.index_select(0, block_tables[seqs[0], :num_blocks].long()).flatten(0, 1)[None]
+    rows = _step_cached(block_tables, ("rows", tuple(seqs), num_blocks), lambda: (
+        block_tables[seqs] if len(seqs) < block_tables.shape[0] else block_tables)[:, :num_blocks].flatten().long())
     # index_select, not cache[rows]: advanced indexing copied 32 sequences' blocks 5x slower (bench/RESULTS.md)
-    picked = cache.index_select(0, rows[:, :num_blocks].flatten().long())
+    picked = cache.index_select(0, rows)
     return picked.view(len(seqs), num_blocks * cache.shape[1], *cache.shape[2:])
 
 
-def _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, scale, sliding_window,
+def _consecutive_start(ids: list[int]) -> int | None:
+    return ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else None
+
+
+def _decode_one(query, key_cache, value_cache, block_tables, row, seq, seq_len, scale, sliding_window, out) -> None:
+    """One decoding sequence: SDPA over exactly its visible keys, so no mask and no padding."""
+    num_heads, head_size = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    first = max(0, seq_len - sliding_window) if sliding_window > 0 else 0
+    num_blocks = -(-seq_len // block_size)
+    keys = _blocks(key_cache, block_tables, [seq], num_blocks)[0, first:seq_len].transpose(0, 1)  # [kv_heads, L, D]
+    values = _blocks(value_cache, block_tables, [seq], num_blocks)[0, first:seq_len].transpose(0, 1)
+    q = query[row:row + 1].view(1, num_heads, 1, head_size).float()
+    attended = F.scaled_dot_product_attention(q, keys.float()[None], values.float()[None], scale=scale,
+                                              enable_gqa=num_heads != num_kv_heads)
+    out[row] = attended.view(num_heads, head_size)
+
+
+def _decode(query, key_cache, value_cache, block_tables, seq_lens, starts, lens, seqs, scale, sliding_window,
             out) -> None:
     """One query per sequence, all sequences in one SDPA call; positions past a sequence's length (the rest of its
     last block, and blocks of shorter sequences) are masked. The cache is zeroed at allocation and written with
@@ -74,22 +121,22 @@ def _decode(query, key_cache, value_cache, block_tables, starts, lens, seqs, sca
     num_blocks = -(-max_len // block_size)
     keys = _blocks(key_cache, block_tables, seqs, num_blocks).transpose(1, 2)  # [B, kv_heads, L, D]
     values = _blocks(value_cache, block_tables, seqs, num_blocks).transpose(1, 2)
-    rows = [starts[seq] for seq in seqs]
-    index = torch.tensor(rows, device=query.device)
-    q = (query[rows[0]:rows[0] + 1] if len(rows) == 1 else query.index_select(0, index))
-    q = q.view(len(seqs), num_heads, 1, head_size).float()
-    key_pos = torch.arange(num_blocks * block_size, device=query.device)
-    lengths = torch.tensor([lens[seq] for seq in seqs], device=query.device)[:, None]
-    visible = key_pos < lengths  # [B, L]
+    index, visible = _step_cached(seq_lens, ("decode", tuple(seqs), sliding_window), lambda: _decode_rows(
+        starts, lens, seqs, num_blocks * block_size, sliding_window, query.device))
+    q = query.index_select(0, index).view(len(seqs), num_heads, 1, head_size).float()
+    attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=visible, scale=scale,
+                                              enable_gqa=num_heads != num_kv_heads)
+    out.index_copy_(0, index, attended.view(len(seqs), num_heads, head_size).to(out.dtype))
+
+
+def _decode_rows(starts, lens, seqs, num_keys, sliding_window, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decodes' query rows [B] and which of the gathered keys each may see [B, 1, 1, num_keys]."""
+    key_pos = torch.arange(num_keys, device=device)
+    lengths = torch.tensor([lens[seq] for seq in seqs], device=device)[:, None]
+    visible = key_pos < lengths
     if sliding_window > 0:
         visible &= key_pos > lengths - 1 - sliding_window
-    attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=visible[:, None, None, :],
-                                              scale=scale, enable_gqa=num_heads != num_kv_heads)
-    attended = attended.view(len(seqs), num_heads, head_size).to(out.dtype)
-    if len(rows) == 1:
-        out[rows[0]] = attended[0]
-    else:
-        out.index_copy_(0, index, attended)
+    return torch.tensor([starts[seq] for seq in seqs], device=device), visible[:, None, None, :]
 
 
 def _prefill(query, key_cache, value_cache, block_tables, starts, seqs, q_len, seq_len, scale, sliding_window,
@@ -121,7 +168,8 @@ def _prefill(query, key_cache, value_cache, block_tables, starts, seqs, q_len, s
 
 
 def store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    if key_cache.dtype in FP8_KV_MAX or slot_mapping.numel() == 0 or int(slot_mapping.min()) < 0:
+    if key_cache.dtype in FP8_KV_MAX or slot_mapping.numel() == 0 or _step_cached(
+            slot_mapping, "padded", lambda: int(slot_mapping.min()) < 0):
         reference.store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
         return
     num_kv_heads, head_size = key_cache.shape[2], key_cache.shape[3]
@@ -134,16 +182,19 @@ def rotary_embedding(positions, query, key, cos_sin_cache, is_neox: bool) -> Non
         reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
         return
     rotary_dim = cos_sin_cache.shape[1]
-    half = rotary_dim // 2
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] float32
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, signed_sin = _step_cached(positions, ("rotary", id(cos_sin_cache)), lambda: _cos_sin(positions,
+                                                                                                cos_sin_cache))
     for x in _side_by_side(query, key):
-        x1, x2 = x[..., :half], x[..., half:rotary_dim]  # views: written in place below
-        f1, f2 = x1.float(), x2.float()
-        rotated_1 = f1 * cos - f2 * sin
-        rotated_2 = f2 * cos + f1 * sin
-        x1.copy_(rotated_1)
-        x2.copy_(rotated_2)
+        rot = x[..., :rotary_dim]  # a view: written in place below
+        f = rot.float()
+        # (x1 cos - x2 sin, x2 cos + x1 sin) as the reference computes it: x2 * -sin is -(x2 * sin), exactly
+        rot.copy_(f * cos + f.roll(rotary_dim // 2, dims=-1) * signed_sin)
+
+
+def _cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_tokens, 1, rotary_dim] each: (cos, cos) and (-sin, sin) of the step's positions."""
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
 
 def _side_by_side(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, ...]:

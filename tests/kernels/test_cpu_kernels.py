@@ -47,7 +47,7 @@ def test_paged_attention_blocks_in_order(lens):
 
 
 @pytest.mark.parametrize("window,cap", [(7, 0.0), (0, 5.0)])
-@pytest.mark.parametrize("lens", [DECODE, MIXED, SAME_SHAPE], ids=["decode", "mixed", "same"])
+@pytest.mark.parametrize("lens", [DECODE, MIXED, SAME_SHAPE, ([1], [40])], ids=["decode", "mixed", "same", "one"])
 def test_paged_attention_window_and_soft_cap(lens, window, cap):
     check_attention(*lens, 4, 2, torch.float32, sliding_window=window, soft_cap=cap)
 
@@ -81,11 +81,37 @@ def test_rotary_store_kv(is_neox, padded, dtype):
     assert torch.equal(qkv[:, q_size + kv_size:], expected_qkv[:, q_size + kv_size:])
     assert_close(caches[0], expected_caches[0], ELEMENTWISE_TOL)
     assert torch.equal(caches[1], expected_caches[1])
+    if dtype == torch.float32:  # the same products and sums as the reference, in fewer ops: equal to the bit
+        assert torch.equal(qkv, expected_qkv)
     q, k, _ = split(separate_qkv)
     q, k = q.clone(), k.clone()  # not side by side: rotated one after the other
     cpu.rotary_embedding(positions, q, k, cos_sin, is_neox)
     assert_close(q, split(expected_qkv)[0], ELEMENTWISE_TOL)
     assert_close(k, split(expected_qkv)[1], ELEMENTWISE_TOL)
+
+
+def test_step_metadata_is_computed_once_per_step_and_follows_writes():
+    """What the layers of one step share is computed by the first (its memo sits on the step's seq_lens view, which
+    every layer receives); a new step's views start empty, and a write to the same tensor outside inference mode
+    (it counts its writes) drops the memo."""
+    batch = make_attention_batch([1, 1], [40, 17], 4, 2, 32, 16, torch.float32,
+                                 generator=torch.Generator().manual_seed(1))
+    calls = []
+    sequences = cpu._sequences
+    try:
+        cpu._sequences = lambda *args: calls.append(1) or sequences(*args)
+        for _ in range(3):  # three layers of one step
+            out = cpu.paged_attention(**batch, scale=0.2)
+        assert len(calls) == 1
+        batch["seq_lens"][1] = 30  # the same tensor, rewritten
+        out = cpu.paged_attention(**batch, scale=0.2)
+        assert len(calls) == 2
+        assert_close(out[:2], reference.paged_attention(**batch, scale=0.2)[:2], ATTENTION_TOL)
+        batch["seq_lens"] = batch["seq_lens"].clone()  # the next step's view
+        cpu.paged_attention(**batch, scale=0.2)
+        assert len(calls) == 3
+    finally:
+        cpu._sequences = sequences
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
