@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.util
 import json
 import random
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -367,3 +369,18 @@ def profile_kernels(fn, device: str, row_limit: int = 25) -> dict[str, float]:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=row_limit, max_name_column_width=70))
     print(f"wall {wall:.2f} s, GPU kernels {total:.2f} s ({total / wall:.0%} busy)")
     return {"wall_s": wall, "kernel_s": total, "kernels": kernels}
+
+
+def module_at(revision: str, path: str):
+    """The repo's file `path` as it is at git `revision`, imported as a module of its own beside this tree's (it runs
+    against this tree's other modules): what the A/B benchmarks compare the tree with."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True,
+                            text=True).stdout
+    name = Path(path).stem + "_at_revision"
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

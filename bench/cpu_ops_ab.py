@@ -12,11 +12,8 @@ fall back to the references, as the torch backend does.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,20 +23,10 @@ sys.path[0] = str(ROOT)
 
 import torch  # noqa: E402
 
+from bench.common import module_at  # noqa: E402
 from bench.perplexity import float_checkpoint  # noqa: E402
 from engine import LLM, SamplingParams, kernels  # noqa: E402
 from engine.kernels import cpu, reference  # noqa: E402
-
-
-def baseline_ops(rev: str) -> SimpleNamespace:
-    source = subprocess.run(["git", "show", f"{rev}:engine/kernels/cpu.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "cpu_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("cpu_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return op_set(module)
 
 
 def op_set(module) -> SimpleNamespace:
@@ -60,7 +47,7 @@ def main() -> None:
     llm = LLM(float_checkpoint(args.model), device="cpu", dtype=args.dtype, max_model_len=256,
               enable_prefix_caching=False, max_num_seqs=args.batch)
     core = llm.core
-    ops = {"baseline": baseline_ops(args.baseline), "tree": op_set(cpu)}
+    ops = {"baseline": op_set(module_at(args.baseline, "engine/kernels/cpu.py")), "tree": op_set(cpu)}
     prompts = [[(7 * i + 13 * j) % (core.vocab_size - 20) + 10 for j in range(128)] for i in range(args.batch)]
 
     def ms_per_step() -> float:

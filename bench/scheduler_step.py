@@ -12,34 +12,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)
 
+from bench.common import module_at  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.contract import ModelRunnerOutput  # noqa: E402
 from engine.kv_cache.manager import KVCacheManager  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 import engine.scheduler  # noqa: E402
-
-
-def scheduler_at(revision: str):
-    source = subprocess.run(["git", "show", f"{revision}:engine/scheduler.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "scheduler_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("scheduler_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def seconds_per_step(module, num_requests: int, steps: int) -> float:
@@ -71,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     modules = {"this tree": engine.scheduler}
     if args.compare_with:
-        modules[args.compare_with] = scheduler_at(args.compare_with)
+        modules[args.compare_with] = module_at(args.compare_with, "engine/scheduler.py")
     times = {name: [] for name in modules}
     for repeat in range(args.repeats):  # the order alternates: the first timed of a pair ran up to 20% slower
         for name, module in list(modules.items())[::1 if repeat % 2 == 0 else -1]:

@@ -18,11 +18,10 @@ block-scaled weights (fp8 checkpoints with `weight_block_size`) get the weight d
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import os
 
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
