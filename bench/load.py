@@ -82,13 +82,14 @@ async def flood(base_url: str, model: str, num_streams: int, max_tokens: int = 1
 async def stalled_reader(base_url: str, model: str, max_tokens: int, api_key: str | None = None, **extra
                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Opens a stream (`extra`: more request fields), reads its first byte, then stops reading. Its socket's receive
-    buffer is small and fixed: left to autotuning on loopback it absorbs megabytes before the server notices."""
+    buffer is small and fixed (left to autotuning on loopback it absorbs megabytes before the server notices), and so
+    is its StreamReader's (by default it reads on up to 128 KiB into memory)."""
     url = urlsplit(base_url)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (url.hostname, url.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
                        "ignore_eos": True, "stream": True, **extra}).encode()
     auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
