@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.cache_dir import cache_root
 from engine.models.builtin import resolve_model_source
 from engine.sampling_params import InvalidParameterError
 
@@ -82,14 +83,8 @@ def _auto_tokenizer():
 
 
 def _class_cache_file() -> Path | None:
-    """None where no folder can be named: a container's user id without a home, say."""
-    root = os.environ.get("KVBOX_CACHE_DIR")
-    if not root:
-        try:
-            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvbox"
-        except RuntimeError:  # Path.home(): no HOME and no passwd entry
-            return None
-    return Path(root) / "tokenizer_classes.json"
+    root = cache_root()
+    return None if root is None else root / "tokenizer_classes.json"
 
 
 def _folder_key(folder: Path) -> str | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import reference
+from engine.kernels import cpu_native, reference
 from engine.kernels.reference import FP8_KV_MAX
 
 
@@ -64,7 +64,12 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     starts, lens, groups = _step_cached(seq_lens, ("sequences", id(query_start_loc)),
                                         lambda: _sequences(seq_lens, query_start_loc))
     for (q_len, seq_len), seqs in groups.items():
-        if seq_len == 0 and len(seqs) == 1:
+        if seq_len == 0 and cpu_native.supports(query, key_cache, value_cache, block_tables, out):
+            native_seqs, rows, lens32, max_len = _step_cached(seq_lens, ("native", sliding_window), lambda: (
+                _native_rows(seq_lens, starts, lens, seqs, sliding_window)))
+            cpu_native.decode_attention(query, key_cache, value_cache, block_tables, lens32, native_seqs, rows,
+                                        max_len, scale, sliding_window, out)
+        elif seq_len == 0 and len(seqs) == 1:
             _decode_one(query, key_cache, value_cache, block_tables, starts[seqs[0]], seqs[0], lens[seqs[0]],
                         scale, sliding_window, out)
         elif seq_len == 0:
@@ -127,6 +132,14 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, starts, lens,
     attended = F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=visible, scale=scale,
                                               enable_gqa=num_heads != num_kv_heads)
     out.index_copy_(0, index, attended.view(len(seqs), num_heads, head_size).to(out.dtype))
+
+
+def _native_rows(seq_lens, starts, lens, seqs, sliding_window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The C kernel's inputs for the step's decodes: their sequence indices and query rows (int64), the lengths as
+    contiguous int32, and the most keys any of them sees."""
+    visible = [min(lens[seq], sliding_window) if sliding_window > 0 else lens[seq] for seq in seqs]
+    return (torch.tensor(seqs, dtype=torch.int64), torch.tensor([starts[seq] for seq in seqs], dtype=torch.int64),
+            seq_lens.to(torch.int32).contiguous(), max(visible))
 
 
 def _decode_rows(starts, lens, seqs, num_keys, sliding_window, device) -> tuple[torch.Tensor, torch.Tensor]:

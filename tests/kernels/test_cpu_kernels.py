@@ -7,11 +7,18 @@ from test_kernels import (ATTENTION_TOL, CPU_DTYPES, DECODE, ELEMENTWISE_TOL, MI
                           make_attention_batch, make_cos_sin_cache)
 
 from engine import kernels
-from engine.kernels import cpu, reference
+from engine.kernels import cpu, cpu_native, reference
 
 # Prefills of one shape (a batch of prompts: one SDPA call), and chunks on top of earlier context.
 SAME_SHAPE = ([9, 9, 9], [9, 9, 9])
 CHUNKS = ([4, 4, 1], [20, 20, 33])
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Decodes go to the C kernel where it builds (tests/kernels/test_cpu_native.py holds it); the torch path they
+    take without one is held here too."""
+    monkeypatch.setenv(cpu_native.ENV_VAR, "1" if request.param == "native" else "0")
 
 
 def check_attention(q_lens, seq_lens, num_heads, num_kv_heads, dtype, *, sliding_window=0, soft_cap=0.0,
@@ -36,19 +43,19 @@ def check_attention(q_lens, seq_lens, num_heads, num_kv_heads, dtype, *, sliding
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("lens", [DECODE, MIXED, SAME_SHAPE, CHUNKS], ids=["decode", "mixed", "same", "chunks"])
-def test_paged_attention(lens, heads, dtype):
+def test_paged_attention(lens, heads, dtype, decode_path):
     check_attention(*lens, *heads, dtype)
 
 
 @pytest.mark.parametrize("lens", [([1], [40]), ([1], [16]), ([30], [30]), DECODE], ids=["one", "one-block", "prefill",
                                                                                       "decode"])
-def test_paged_attention_blocks_in_order(lens):
+def test_paged_attention_blocks_in_order(lens, decode_path):
     check_attention(*lens, 6, 2, torch.float32, in_order=True)
 
 
 @pytest.mark.parametrize("window,cap", [(7, 0.0), (0, 5.0)])
 @pytest.mark.parametrize("lens", [DECODE, MIXED, SAME_SHAPE, ([1], [40])], ids=["decode", "mixed", "same", "one"])
-def test_paged_attention_window_and_soft_cap(lens, window, cap):
+def test_paged_attention_window_and_soft_cap(lens, window, cap, decode_path):
     check_attention(*lens, 4, 2, torch.float32, sliding_window=window, soft_cap=cap)
 
 

@@ -1,0 +1,199 @@
+/* Paged decode attention on the CPU: one query row per sequence against its cached keys, read in place from the
+ * paged cache (no gather, no float copy of the cache), for float32 and bfloat16 caches.
+ *
+ * Built and called by engine/kernels/cpu_native.py (plain C through ctypes, no torch headers: it compiles in about
+ * a second). Its torch reference is kernels.reference.paged_attention; tests/test_cpu_native.py compares them.
+ *
+ * One task per (sequence, KV head): the query heads that share the KV head (GQA) score each key row while it is in
+ * cache, then a softmax over the scores, then the value rows weighted. Every sum runs in float32, as the torch path's
+ * SDPA on float copies does; the order of the sums differs, so results agree within float rounding.
+ *
+ * OpenMP: the library links libgomp.so.1 by its soname, and torch has loaded its own libgomp.so.1 first, so both
+ * share one runtime and one thread pool (two pools would spin against each other on the same cores). The thread
+ * count is torch's, passed in: OpenMP's own default is per calling thread, and an engine may step on another
+ * thread than the one that set it.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {
+    if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+    } else {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    }
+}
+
+/* Where position pos of a sequence keeps its kv_head's row. Block sizes are powers of two (the engine's config
+ * requires it), so the division and remainder are a shift and a mask, not the 40-cycle 64-bit division that
+ * cost more than the key's arithmetic. */
+static inline int64_t row_offset(const int32_t *table, int64_t pos, int64_t block_size, int64_t num_kv_heads,
+                                 int64_t kv_head, int64_t head_size) {
+    const int shift = __builtin_ctzll((unsigned long long)block_size);
+    const int64_t slot = ((int64_t)table[pos >> shift] << shift) | (pos & (block_size - 1));
+    return (slot * num_kv_heads + kv_head) * head_size;
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum), branch-free so that the loop vectorizes: x = k ln2 + r with
+ * |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on that range, about one float
+ * ulp), times 2^k built in the exponent bits. Below -87 the result would be denormal: it is clamped there, where
+ * e^x < 2e-38 adds nothing to a sum that holds e^0 = 1. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float k = nearbyintf(x * 1.44269504088896341f);
+    float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Keys go TILE at a time: four rows in float, so that the dot products (and the weighted sums) run four
+ * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
+enum { TILE = 4, AHEAD = 2 };
+
+static inline void load_tile(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t count,
+                             int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t head_size,
+                             int64_t end, float *restrict tile) {
+    /* The rows AHEAD tiles on are requested now: rows sit in scattered blocks and one task reads only its head's
+     * part of each slot, so the hardware prefetcher does not see them coming, and each load waited on memory. */
+    const int64_t element = dtype == DTYPE_BFLOAT16 ? 2 : 4, row_bytes = head_size * element;
+    for (int64_t r = pos + AHEAD * TILE; r < pos + (AHEAD + 1) * TILE && r < end; ++r) {
+        const char *row = (const char *)cache + row_offset(table, r, block_size, num_kv_heads, kv_head, head_size)
+                                                    * element;
+        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte);
+    }
+    for (int64_t r = 0; r < TILE; ++r) {
+        if (r < count)
+            load_row(cache, dtype, row_offset(table, pos + r, block_size, num_kv_heads, kv_head, head_size),
+                     head_size, tile + r * head_size);
+        else
+            memset(tile + r * head_size, 0, (size_t)head_size * sizeof(float));
+    }
+}
+
+static inline void dot_tile(const float *restrict q, const float *restrict tile, int64_t head_size,
+                            float *restrict scores) {
+    const float *k0 = tile, *k1 = k0 + head_size, *k2 = k1 + head_size, *k3 = k2 + head_size;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < head_size; ++d) {
+        s0 += q[d] * k0[d];
+        s1 += q[d] * k1[d];
+        s2 += q[d] * k2[d];
+        s3 += q[d] * k3[d];
+    }
+    scores[0] = s0, scores[1] = s1, scores[2] = s2, scores[3] = s3;
+}
+
+static inline void axpy_tile(const float *restrict weights, const float *restrict tile, int64_t head_size,
+                             float *restrict acc) {
+    const float *v0 = tile, *v1 = v0 + head_size, *v2 = v1 + head_size, *v3 = v2 + head_size;
+    const float p0 = weights[0], p1 = weights[1], p2 = weights[2], p3 = weights[3];
+#pragma omp simd
+    for (int64_t d = 0; d < head_size; ++d) acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+}
+
+/* s[0:n] = softmax(s[0:n]); s[n:n + TILE] = 0 (the weights of a last tile's padding rows). */
+static inline void softmax(float *s, int64_t n) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t < n; ++t) top = s[t] > top ? s[t] : top;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < n; ++t) {
+        s[t] = exp_nonpositive(s[t] - top);
+        total += s[t];
+    }
+    const float inverse = 1.0f / total;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) s[t] *= inverse;
+    for (int64_t t = n; t < n + TILE; ++t) s[t] = 0.0f;
+}
+
+/* out[rows[i]] = softmax(q k^T * scale) v over sequence seqs[i]'s visible keys, for i < num_seqs.
+ * query, out: [num_tokens, num_heads, head_size], heads contiguous, rows query_row_stride / out_row_stride
+ * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size, num_kv_heads,
+ * head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
+ * including the query's own token); sliding_window 0 for none. Returns 0, or -1 when scratch memory ran out. */
+int decode_attention(void *out, const void *query, const void *key_cache, const void *value_cache, int dtype,
+                     const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
+                     const int64_t *seqs, const int64_t *rows, int64_t num_seqs, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t max_len, float scale,
+                     int64_t sliding_window, int64_t query_row_stride, int64_t out_row_stride, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_tasks = num_seqs * num_kv_heads, score_stride = max_len + TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        /* Per thread: the group's queries and output accumulators, a tile of K/V rows in float, the group's scores
+         * (each row padded by a tile: the last tile's unused scores are written, as zero weights). */
+        float *scratch = malloc((size_t)(group * head_size * 2 + TILE * head_size + group * score_stride)
+                                * sizeof(float));
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_tasks; ++task) {
+            if (scratch == NULL) continue;
+            const int64_t i = task / num_kv_heads, kv_head = task % num_kv_heads, seq = seqs[i];
+            const int64_t len = seq_lens[seq];
+            const int64_t first = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
+            const int64_t n = len - first;
+            const int32_t *table = block_tables + seq * block_table_stride;
+            float *q = scratch, *acc = q + group * head_size, *tile = acc + group * head_size;
+            float *scores = tile + TILE * head_size;
+            const int64_t head_offset = kv_head * group * head_size;
+            load_row(query, dtype, rows[i] * query_row_stride + head_offset, group * head_size, q);
+            for (int64_t j = 0; j < group * head_size; ++j) q[j] *= scale;
+
+            for (int64_t t = 0; t < n; t += TILE) {
+                const int64_t count = n - t < TILE ? n - t : TILE;
+                load_tile(key_cache, dtype, table, first + t, count, block_size, num_kv_heads, kv_head, head_size,
+                          len, tile);
+                for (int64_t g = 0; g < group; ++g) dot_tile(q + g * head_size, tile, head_size,
+                                                             scores + g * score_stride + t);
+            }
+            for (int64_t g = 0; g < group; ++g) softmax(scores + g * score_stride, n);
+            memset(acc, 0, (size_t)(group * head_size) * sizeof(float));
+            for (int64_t t = 0; t < n; t += TILE) {
+                const int64_t count = n - t < TILE ? n - t : TILE;
+                load_tile(value_cache, dtype, table, first + t, count, block_size, num_kv_heads, kv_head, head_size,
+                          len, tile);
+                for (int64_t g = 0; g < group; ++g) axpy_tile(scores + g * score_stride + t, tile, head_size,
+                                                              acc + g * head_size);
+            }
+            if (dtype == DTYPE_BFLOAT16) {
+                uint16_t *dst = (uint16_t *)out + rows[i] * out_row_stride + head_offset;
+                for (int64_t j = 0; j < group * head_size; ++j) dst[j] = float_to_bf16(acc[j]);
+            } else {
+                memcpy((float *)out + rows[i] * out_row_stride + head_offset, acc, (size_t)(group * head_size) * sizeof(float));
+            }
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
