@@ -64,7 +64,7 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     starts, lens, groups = _step_cached(seq_lens, ("sequences", id(query_start_loc)),
                                         lambda: _sequences(seq_lens, query_start_loc))
     for (q_len, seq_len), seqs in groups.items():
-        if seq_len == 0 and cpu_native.supports(query, key_cache, value_cache, block_tables, out):
+        if seq_len == 0 and cpu_native.supports_decode_attention(query, key_cache, value_cache, block_tables, out):
             native_seqs, rows, lens32, max_len = _step_cached(seq_lens, ("native", sliding_window), lambda: (
                 _native_rows(seq_lens, starts, lens, seqs, sliding_window)))
             cpu_native.decode_attention(query, key_cache, value_cache, block_tables, lens32, native_seqs, rows,
@@ -223,6 +223,11 @@ def _side_by_side(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor,
 
 def rotary_store_kv(positions, query, key, value, cos_sin_cache, is_neox: bool, key_cache, value_cache,
                     slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    if (is_neox and positions.dtype == slot_mapping.dtype == torch.int64 and positions.is_contiguous()
+            and slot_mapping.is_contiguous()
+            and cpu_native.supports_rotary_store_kv(query, key, value, cos_sin_cache, key_cache, value_cache)):
+        cpu_native.rotary_store_kv(positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping)
+        return
     rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
     store_kv(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
@@ -245,12 +250,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    if x.dim() == 2 and cpu_native.supports_rms_norm(x, weight):
+        return cpu_native.rms_norm(x, weight, eps, weight_offset)
     if weight_offset or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps, weight_offset)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def fused_add_rms_norm(x, residual, weight, eps: float, weight_offset: float = 0.0):
+    if x.dim() == 2 and residual.shape == x.shape and cpu_native.supports_rms_norm(x, weight, residual):
+        return cpu_native.rms_norm(x, weight, eps, weight_offset, residual)
     summed = x + residual
     return rms_norm(summed, weight, eps, weight_offset), summed
 

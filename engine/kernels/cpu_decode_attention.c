@@ -74,7 +74,7 @@ static inline float exp_nonpositive(float x) {
 
 /* Keys go TILE at a time: four rows in float, so that the dot products (and the weighted sums) run four
  * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
-enum { TILE = 4, AHEAD = 2 };
+enum { TILE = 4, AHEAD = 8 };
 
 static inline void load_tile(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t count,
                              int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t head_size,

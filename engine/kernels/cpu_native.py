@@ -1,13 +1,20 @@
-"""The CPU decode attention in C (`cpu_decode_attention.c`): its build, its launcher, and its torch reference.
+"""CPU kernels in C: their build and their launchers. Their torch references are `kernels.reference`'s ops of the
+same names; the fast paths in `kernels.cpu` call these where `supports_*` says they take the tensors.
 
-Decode attention is where a batched CPU decode step went (35-40% of a 32-sequence step of SmolLM2-135M in bf16):
-torch has no paged attention, so the torch path gathers every sequence's blocks, widens them to float32 and runs
-SDPA, whose CPU kernel is built for long query tiles, not one query row. The C kernel reads the blocks in place.
+- `cpu_decode_attention.c`: decode attention over the paged cache, read in place. torch has no paged attention, so
+  the torch path gathers every sequence's blocks, widens them to float32 and runs SDPA, whose CPU kernel is built
+  for long query tiles, not one query row: 35-40% of a 32-sequence decode step of SmolLM2-135M in bf16.
+- `cpu_norm_rope.c`: RMSNorm with its residual add, and RoPE with the K/V store, one pass per row where torch runs
+  five to ten small ops.
 
-It is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`), into
-kvbox's cache folder under a name that digests the source, the compiler and the CPU's flags, so a later start loads
-it at once and another CPU builds its own. No compiler, no cache folder, or a failed build: the torch path serves,
-with one warning. `KVBOX_CPU_NATIVE=0` turns the kernel off (A/B measurements, or to rule it out).
+Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
+into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
+later start loads it at once and another CPU builds its own. No compiler, no cache folder, or a failed build: the
+torch paths serve, with one warning. `KVBOX_CPU_NATIVE=0` turns them off (A/B measurements, or to rule them out).
+
+OpenMP: the libraries link libgomp.so.1 by its soname, and torch has loaded its own libgomp.so.1 first, so both
+share one runtime and one thread pool (two pools would spin against each other on the same cores); the thread
+count passed in is torch's.
 """
 
 from __future__ import annotations
@@ -26,20 +33,27 @@ from pathlib import Path
 import torch
 
 from engine.cache_dir import cache_root
-from engine.kernels import reference
 
 logger = logging.getLogger("kvbox.engine")
 
-SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 ENV_VAR = "KVBOX_CPU_NATIVE"
-# Reassociating float sums lets the compiler reduce a dot product as a tree of vector adds rather than sixteen
-# scalar adds in order; the torch path sums in yet another order, so neither is the reference to the bit.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-shared",
-         "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_c_int64, _ptr, _c_int, _c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# source name -> (its own flags, {function: argument types})
+SOURCES = {
+    # Reassociated float sums: a dot product reduces as a tree of vector adds instead of sixteen scalar adds in
+    # order (the torch path sums in yet another order, so neither is the reference to the bit).
+    "decode_attention": (("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"), {
+        "decode_attention": (_ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64,
+                             _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int)}),
+    # No fused multiply-adds: RoPE's x1 cos - x2 sin then rounds as torch's two products and a difference do.
+    "norm_rope": (("-ffp-contract=off",), {
+        "rms_norm": (_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
+                     _c_float, _c_int),
+        "rotary_store_kv": (_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,
+                            _c_int64, _c_int64, _c_int64, _c_int64, _c_int)}),
+}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_c_int64, _ptr = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = (_ptr, _ptr, _ptr, _ptr, ctypes.c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,
-             _c_int64, _c_int64, _c_int64, ctypes.c_float, _c_int64, _c_int64, _c_int64, ctypes.c_int)
 
 
 def enabled() -> bool:
@@ -47,38 +61,41 @@ def enabled() -> bool:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) where it cannot be built or loaded."""
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled `cpu_<name>.c`, or None (logged once) where it cannot be built or loaded."""
+    extra_flags, functions = SOURCES[name]
     try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(_build(name, extra_flags)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        logger.warning("CPU decode attention: the C kernel is unavailable (%s); the torch path serves", exc)
+        logger.warning("CPU kernels in C (%s) are unavailable (%s); the torch path serves", name, exc)
         return None
-    lib.decode_attention.argtypes = _ARGTYPES
-    lib.decode_attention.restype = ctypes.c_int
+    for function, argtypes in functions.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = _c_int if function == "decode_attention" else None
     return lib
 
 
-def _build() -> Path:
+def _build(name: str, extra_flags: tuple[str, ...]) -> Path:
+    source = Path(__file__).with_name(f"cpu_{name}.c")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC)")
     root = cache_root()
     if root is None:
         raise RuntimeError("no cache folder to build into")
+    flags = (*FLAGS, *extra_flags)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (compiler, version, platform.machine(), _cpu_flags(), " ".join(FLAGS)):
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (compiler, version, platform.machine(), _cpu_flags(), " ".join(flags)):
         digest.update(b"\0" + part.encode())
-    path = root / "native" / f"cpu_decode_attention-{digest.hexdigest()[:16]}.so"
+    path = root / "native" / f"cpu_{name}-{digest.hexdigest()[:16]}.so"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: engines starting together never load a half-written library.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True,
+        result = subprocess.run([compiler, *flags, "-o", str(built), str(source), "-lm"], capture_output=True,
                                 text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
@@ -94,24 +111,28 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
-             out: torch.Tensor) -> bool:
-    """Whether the C kernel takes these tensors (and is built); else the caller keeps the torch path."""
-    return (query.dtype in _DTYPES and key_cache.dtype == query.dtype and out.dtype == query.dtype
-            and query.device.type == "cpu" and key_cache.is_contiguous() and value_cache.is_contiguous()
-            and out.is_contiguous() and query.stride(2) == 1 and query.stride(1) == query.shape[2]
-            and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and enabled()
-            and library() is not None)
+def _usable(name: str, *tensors: torch.Tensor) -> bool:
+    """All on the CPU in one dtype the kernels know, and the library built."""
+    dtype = tensors[0].dtype
+    return (dtype in _DTYPES and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors) and enabled()
+            and library(name) is not None)
+
+
+def supports_decode_attention(query, key_cache, value_cache, block_tables, out) -> bool:
+    return (key_cache.is_contiguous() and value_cache.is_contiguous() and out.is_contiguous()
+            and query.stride(2) == 1 and query.stride(1) == query.shape[2]
+            and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+            and _usable("decode_attention", query, key_cache, value_cache, out))
 
 
 def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs: torch.Tensor, rows: torch.Tensor,
                      max_len: int, scale: float, sliding_window: int, out: torch.Tensor) -> None:
     """out[rows[i]] = attention of query[rows[i]] over sequence seqs[i]'s cached keys (one query per sequence, the
-    last position); `max_len`: the most keys any of them sees. Callers check `supports` first. seqs and rows are
-    contiguous int64, seq_lens contiguous int32."""
+    last position); `max_len`: the most keys any of them sees. seqs and rows are contiguous int64, seq_lens
+    contiguous int32."""
     num_heads, head_size = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    status = library().decode_attention(
+    status = library("decode_attention").decode_attention(
         out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), _DTYPES[query.dtype],
         block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), seqs.data_ptr(), rows.data_ptr(),
         seqs.numel(), num_heads, num_kv_heads, head_size, block_size, max_len, scale, sliding_window,
@@ -120,10 +141,38 @@ def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs
         raise MemoryError("CPU decode attention: no scratch memory")
 
 
-def decode_attention_reference(query, key_cache, value_cache, block_tables, seq_lens, seqs, rows, max_len, scale,
-                               sliding_window, out) -> None:
-    """The same through `reference.paged_attention`, one decoding sequence at a time."""
-    for seq, row in zip(seqs.tolist(), rows.tolist()):
-        reference.paged_attention(query[row:row + 1], key_cache, value_cache, block_tables[seq:seq + 1],
-                                  seq_lens[seq:seq + 1], torch.tensor([0, 1], dtype=torch.int32), scale,
-                                  sliding_window, out=out[row:row + 1])
+def supports_rms_norm(x, weight, residual=None) -> bool:
+    rows_ok = all(t.dim() == 2 and t.stride(1) == 1 for t in (x, *([residual] if residual is not None else [])))
+    return rows_ok and weight.is_contiguous() and _usable("norm_rope", x, weight, *(
+        [residual] if residual is not None else []))
+
+
+def rms_norm(x, weight, eps: float, weight_offset: float = 0.0, residual=None):
+    """reference.rms_norm(x), or with `residual`, reference.fused_add_rms_norm(x, residual): (normed, summed)."""
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden, dtype=x.dtype)
+    summed = torch.empty_like(out) if residual is not None else None
+    library("norm_rope").rms_norm(
+        out.data_ptr(), summed.data_ptr() if summed is not None else None, x.data_ptr(),
+        residual.data_ptr() if residual is not None else None, weight.data_ptr(), _DTYPES[x.dtype], rows, hidden,
+        x.stride(0), residual.stride(0) if residual is not None else 0, eps, weight_offset, torch.get_num_threads())
+    return out if residual is None else (out, summed)
+
+
+def supports_rotary_store_kv(query, key, value, cos_sin_cache, key_cache, value_cache) -> bool:
+    """q, k and v as the fused qkv projection leaves them (heads contiguous, k and v rows alike), float32 cos/sin,
+    caches contiguous."""
+    head_size = query.shape[2]
+    return (all(t.stride(2) == 1 and t.stride(1) == head_size for t in (query, key, value))
+            and key.stride(0) == value.stride(0) and cos_sin_cache.dtype == torch.float32
+            and cos_sin_cache.is_contiguous() and key_cache.is_contiguous() and value_cache.is_contiguous()
+            and _usable("norm_rope", query, key, value, key_cache, value_cache))
+
+
+def rotary_store_kv(positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping) -> None:
+    """reference.rotary_store_kv with neox rotation; positions and slot_mapping contiguous int64."""
+    library("norm_rope").rotary_store_kv(
+        query.data_ptr(), key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+        _DTYPES[query.dtype], positions.data_ptr(), slot_mapping.data_ptr(), cos_sin_cache.data_ptr(),
+        query.shape[0], query.shape[1], key.shape[1], query.shape[2], cos_sin_cache.shape[1], query.stride(0),
+        key.stride(0), torch.get_num_threads())

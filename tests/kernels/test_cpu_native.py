@@ -1,12 +1,12 @@
-"""The CPU decode attention in C (kernels/cpu_native.py) against the torch reference, its build cache, and the torch
-path it falls back to."""
+"""The CPU kernels in C (kernels/cpu_native.py) against the torch references, their build cache, and the torch paths
+they fall back to."""
 
 import logging
 import shutil
 
 import pytest
 import torch
-from test_kernels import ATTENTION_TOL, assert_close, make_attention_batch
+from test_kernels import ATTENTION_TOL, assert_close, make_attention_batch, make_cos_sin_cache
 
 from engine.kernels import cpu, cpu_native, reference
 
@@ -47,7 +47,8 @@ def expected(batch, **kwargs):
 def test_decode_attention_matches_the_reference(heads, dtype, block_size):
     batch = decode_batch(7, 90, heads, dtype, block_size, seed=block_size)
     out = torch.full_like(batch["query"], float("nan"))
-    assert cpu_native.supports(batch["query"], batch["key_cache"], batch["value_cache"], batch["block_tables"], out)
+    assert cpu_native.supports_decode_attention(batch["query"], batch["key_cache"], batch["value_cache"],
+                                                batch["block_tables"], out)
     cpu.paged_attention(**batch, scale=0.3, out=out)
     within_rounding(out, expected(batch, scale=0.3), dtype)
 
@@ -91,43 +92,100 @@ def test_long_context_and_large_scores():
 def test_unsupported_inputs_keep_the_torch_path(monkeypatch):
     batch = decode_batch(3, 40, (4, 2, 32), torch.float16, 16, seed=2)
     out = torch.empty_like(batch["query"])
-    assert not cpu_native.supports(batch["query"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
-                                   out)
+    assert not cpu_native.supports_decode_attention(batch["query"], batch["key_cache"], batch["value_cache"],
+                                                    batch["block_tables"], out)
     monkeypatch.setenv(cpu_native.ENV_VAR, "0")
     f32 = decode_batch(3, 40, (4, 2, 32), torch.float32, 16, seed=2)
-    assert not cpu_native.supports(f32["query"], f32["key_cache"], f32["value_cache"], f32["block_tables"],
-                                   torch.empty_like(f32["query"]))
+    assert not cpu_native.supports_decode_attention(f32["query"], f32["key_cache"], f32["value_cache"],
+                                                    f32["block_tables"], torch.empty_like(f32["query"]))
     torch.testing.assert_close(cpu.paged_attention(**f32, scale=0.5), reference.paged_attention(**f32, scale=0.5),
                                rtol=2e-5, atol=2e-5)
 
 
 def test_one_openmp_runtime():
-    """The library shares torch's libgomp (one thread pool), not a second copy."""
-    assert cpu_native.library() is not None
+    """The libraries share torch's libgomp (one thread pool), not a second copy."""
+    assert all(cpu_native.library(name) is not None for name in cpu_native.SOURCES)
     with open("/proc/self/maps") as maps:
         gomp = {line.split()[-1] for line in maps if "libgomp" in line}
     assert len(gomp) == 1, gomp
 
 
-def test_built_once_per_source_compiler_and_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(cpu_native.SOURCES))
+def test_built_once_per_source_compiler_and_cpu(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KVBOX_CACHE_DIR", str(tmp_path))
-    first = cpu_native._build()
+    first = cpu_native._build(name, cpu_native.SOURCES[name][0])
     assert first.parent == tmp_path / "native" and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert cpu_native._build() == first and first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert cpu_native._build(name, cpu_native.SOURCES[name][0]) == first  # loaded, not rebuilt
+    assert first.stat().st_mtime_ns == stamp
     assert list((tmp_path / "native").iterdir()) == [first]  # no temporary left behind
 
 
-def test_without_a_working_compiler_the_torch_path_serves(tmp_path, monkeypatch, caplog):
+def test_without_a_working_compiler_the_torch_paths_serve(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("KVBOX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(shutil.which("false")))
     cpu_native.library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="kvbox.engine"):
-            assert cpu_native.library() is None
+            assert cpu_native.library("decode_attention") is None
         assert "the torch path serves" in caplog.text
         batch = decode_batch(3, 40, (4, 2, 32), torch.float32, 16, seed=4)
         torch.testing.assert_close(cpu.paged_attention(**batch, scale=0.5),
                                    reference.paged_attention(**batch, scale=0.5), rtol=2e-5, atol=2e-5)
+        x = torch.randn(3, 64)
+        assert not cpu_native.supports_rms_norm(x, torch.ones(64))
+        torch.testing.assert_close(cpu.rms_norm(x, torch.ones(64), 1e-6), reference.rms_norm(x, torch.ones(64), 1e-6))
     finally:
         cpu_native.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_rms_norm_and_the_residual_add(rows, dtype, weight_offset):
+    """As the reference rounds: float32 to within its sum of squares' order, bf16 to one ulp at most (the same
+    float32 value rounded, but for a sum of squares summed in another order); the residual sum exactly."""
+    g = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 3 * 96, generator=g).to(dtype)
+    x = wide[:, 96:192]  # a strided view, as a slice of a wider output is
+    residual, weight = torch.randn(rows, 96, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    assert cpu_native.supports_rms_norm(x, weight, residual)
+    normed, summed = cpu.fused_add_rms_norm(x, residual, weight, 1e-5, weight_offset)
+    want_normed, want_summed = reference.fused_add_rms_norm(x, residual, weight, 1e-5, weight_offset)
+    assert torch.equal(summed, want_summed)
+    alone = cpu.rms_norm(x, weight, 1e-5, weight_offset)
+    for got, want in ((normed, want_normed), (alone, reference.rms_norm(x, weight, 1e-5, weight_offset))):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            ulp = want.float().abs() * 2.0**-7 + 1e-30
+            assert ((got.float() - want.float()).abs() <= ulp).all()
+            assert (got == want).float().mean() > 0.98  # almost all the very same value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("rotary_dim", [32, 16], ids=["full", "partial"])
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_rotary_store_kv_is_the_reference_to_the_bit(tokens, rotary_dim, dtype):
+    """The fused qkv output's q, k, v views rotated in place and k, v stored at their slots; a padding token
+    (slot -1) rotated, not stored. The same products and differences as torch's, so equal to the bit."""
+    g = torch.Generator().manual_seed(tokens + rotary_dim)
+    heads, kv_heads, head_size = 6, 2, 32
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g).to(dtype)
+    positions = torch.randint(0, 300, (tokens,), generator=g)
+    slots = torch.randperm(8 * 16, generator=g)[:tokens]
+    slots[tokens // 2] = -1
+    caches = [torch.randn(8, 16, kv_heads, head_size, generator=g).to(dtype) for _ in range(2)]
+    cos_sin = make_cos_sin_cache(512, rotary_dim).cpu()
+
+    def split(t):
+        q, k, v = t.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+        return q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size), v.view(tokens, kv_heads,
+                                                                                             head_size)
+
+    expected_qkv, expected_caches = qkv.clone(), [c.clone() for c in caches]
+    assert cpu_native.supports_rotary_store_kv(*split(qkv), cos_sin, *caches)
+    cpu.rotary_store_kv(positions, *split(qkv), cos_sin, True, *caches, slots)
+    reference.rotary_store_kv(positions, *split(expected_qkv), cos_sin, True, *expected_caches, slots)
+    assert torch.equal(qkv, expected_qkv)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
