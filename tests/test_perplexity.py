@@ -1,14 +1,16 @@
 """The bounded CI version of bench/perplexity.py: the built-in SmolLM2's perplexity on the first 384 tokens of the
-GPL-3 text (three windows of 128) with online fp8 weights, int8 weights and the FP8 KV cache, each within 2% of the
-float model's (the model as loaded: its GGUF dequantized).
+GPL-3 text (three windows of 128) with online fp8 weights, int8 weights and the FP8 KV cache, each close to the float
+model's (the model as loaded: its GGUF dequantized).
 
-Measured on the CPU (float32): float 39.218, fp8 weights -0.45% (-0.90% re-measured in the eighth session), int8
-weights +0.11% (asymmetric per-token activations and SmoothQuant at down_proj, `smoothquant_alpha` auto; without
-smoothing +0.60%, symmetric activations +7.89%), so int8 is held to 1%; fp8 KV -0.51%; on
-the first 1024 tokens (windows of 256, symmetric int8 then): float 24.267, fp8 weights +2.80%, int8 weights +3.06%,
-fp8 KV +1.26%. The FP8 KV cache with scales calibrated at start-up (`calculate_kv_scales`, amax / 448 over the
-built-in calibration text: no headroom) is beyond the bound, +8.28% on this slice, so its case is an expected failure
-that turns into a failure once it holds.
+Measured on the CPU (float32): float 39.218; fp8 KV -0.51% (+0.91% with the C kernels' norms); on the first 1024
+tokens (windows of 256, symmetric int8 then): float 24.267, fp8 weights +2.80%, int8 weights +3.06%, fp8 KV +1.26%.
+With 8-bit activations this slice's perplexity is one draw among many: the same norms rounded differently in their
+last bit (the torch path, the C kernels, or five seeds of a random one-ulp jitter on every norm's output,
+/tmp scripts in the fourteenth session) gave fp8 weights 37.53-40.29 (-4.3% to +2.7%) and int8 weights 38.04-40.28
+(-3.0% to +2.7%), while the float model moved by 1e-6. So the weight-quantized cases are held to 5%, the FP8 KV
+cache (whose rounding these do not touch as much) to 2%. The FP8 KV cache with scales calibrated at start-up
+(`calculate_kv_scales`, amax / 448 over the built-in calibration text: no headroom) is beyond the bound, +8.28% on
+this slice, so its case is an expected failure that turns into a failure once it holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bench.perplexity import CONFIGS, DEFAULT_MODEL, DEFAULT_TEXT, perplexities
 from engine.models.builtin import resolve_builtin
 
 BOUND = 0.02
-BOUNDS = {"int8 weights": 0.01}  # tighter where measured well inside 2%
+BOUNDS = {"fp8 weights": 0.05, "int8 weights": 0.05}  # 8-bit activations: the slice's draw-to-draw spread
 
 
 @pytest.fixture(scope="module")

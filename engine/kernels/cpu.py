@@ -246,6 +246,8 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if cpu_native.supports_gemv(x, weight, bias):
+        return cpu_native.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

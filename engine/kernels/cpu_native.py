@@ -6,6 +6,7 @@ same names; the fast paths in `kernels.cpu` call these where `supports_*` says t
   for long query tiles, not one query row: 35-40% of a 32-sequence decode step of SmolLM2-135M in bf16.
 - `cpu_norm_rope.c`: RMSNorm with its residual add, and RoPE with the K/V store, one pass per row where torch runs
   five to ten small ops.
+- `cpu_gemv.c`: float32 linears of a few rows at the memory's bandwidth, where MKL's sgemm read 11-15 GB/s of 28.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -46,6 +47,8 @@ SOURCES = {
     "decode_attention": (("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"), {
         "decode_attention": (_ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64,
                              _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int)}),
+    "gemv": (("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"), {
+        "gemv_f32": (_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int)}),
     # No fused multiply-adds: RoPE's x1 cos - x2 sin then rounds as torch's two products and a difference do.
     "norm_rope": (("-ffp-contract=off",), {
         "rms_norm": (_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
@@ -139,6 +142,25 @@ def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs
         query.stride(0), out.stride(0), torch.get_num_threads())
     if status != 0:
         raise MemoryError("CPU decode attention: no scratch memory")
+
+
+# Rows up to which a float32 linear is a GEMV here: past a few, MKL's GEMM reuses each weight across rows.
+GEMV_MAX_ROWS = 4
+
+
+def supports_gemv(x, weight, bias=None) -> bool:
+    return (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.stride(1) == 1
+            and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+            and _usable("gemv", x, weight, *([bias] if bias is not None else [])))
+
+
+def gemv(x, weight, bias=None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for float32 x of at most GEMV_MAX_ROWS rows."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    library("gemv").gemv_f32(out.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                             bias.data_ptr() if bias is not None else None, x.shape[0], weight.shape[0],
+                             weight.shape[1], x.stride(0), torch.get_num_threads())
+    return out
 
 
 def supports_rms_norm(x, weight, residual=None) -> bool:

@@ -189,3 +189,20 @@ def test_rotary_store_kv_is_the_reference_to_the_bit(tokens, rotary_dim, dtype):
     reference.rotary_store_kv(positions, *split(expected_qkv), cos_sin, True, *expected_caches, slots)
     assert torch.equal(qkv, expected_qkv)
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_float32_linears_of_few_rows(rows, with_bias):
+    """Up to GEMV_MAX_ROWS rows the C loop serves (more: MKL's GEMM); output channels not a multiple of four, the
+    input a strided view. The same sums in another order: within float32 rounding of F.linear."""
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(203, 96, generator=g), torch.randn(203, generator=g) if with_bias else None
+    x = torch.randn(rows, 2 * 96, generator=g)[:, 96:]
+    assert cpu_native.supports_gemv(x, weight, bias) == (rows <= cpu_native.GEMV_MAX_ROWS)
+    torch.testing.assert_close(cpu.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=1e-5,
+                               atol=1e-5)
+    wrong = weight.clone()
+    wrong[200, 5] += 0.01  # one weight moved: the comparison sees it
+    assert not torch.allclose(cpu.linear(x, wrong, bias), torch.nn.functional.linear(x, weight, bias), rtol=1e-5,
+                              atol=1e-5)

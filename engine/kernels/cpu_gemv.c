@@ -1,0 +1,47 @@
+/* float32 linear layers of a few rows (decode steps of one to a few sequences) on the CPU: y = x w^T (+ bias).
+ *
+ * Built and called by engine/kernels/cpu_native.py; its torch reference is F.linear (kernels.reference.linear),
+ * which tests/kernels/test_cpu_native.py compares it with. A float32 F.linear of one row goes to MKL's sgemm, which
+ * read the weights at 11-15 GB/s on the 2-core machine where this loop reads 28-37 GB/s: a decode step reads every
+ * weight once, so that is the step's time. (bf16 linears keep oneDNN on weights reordered for it at load.)
+ *
+ * Output channels are shared out among the threads four at a time: four weight rows streamed side by side against
+ * each input row, four independent sums. The sums run in another order than MKL's, so results agree within float
+ * rounding, not to the bit.
+ */
+
+#include <stdint.h>
+
+void gemv_f32(float *y, const float *x, const float *w, const float *bias, int64_t rows, int64_t n, int64_t k,
+              int64_t x_row_stride, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; j += 4) {
+        const int64_t count = n - j < 4 ? n - j : 4;
+        const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        for (int64_t m = 0; m < rows; ++m) {
+            const float *xm = x + m * x_row_stride;
+            float *ym = y + m * n + j;
+            if (count == 4) {
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t i = 0; i < k; ++i) {
+                    s0 += w0[i] * xm[i];
+                    s1 += w1[i] * xm[i];
+                    s2 += w2[i] * xm[i];
+                    s3 += w3[i] * xm[i];
+                }
+                ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+            } else {
+                for (int64_t r = 0; r < count; ++r) {
+                    const float *wr = w0 + r * k;
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t i = 0; i < k; ++i) s += wr[i] * xm[i];
+                    ym[r] = s;
+                }
+            }
+            if (bias != 0)
+                for (int64_t r = 0; r < count; ++r) ym[r] += bias[j + r];
+        }
+    }
+}
