@@ -1,9 +1,10 @@
-/* float32 linear layers of a few rows (decode steps of one to a few sequences) on the CPU: y = x w^T (+ bias).
+/* float32 linear layers of up to a few dozen rows (decode steps) on the CPU: y = x w^T (+ bias).
  *
  * Built and called by engine/kernels/cpu_native.py; its torch reference is F.linear (kernels.reference.linear),
  * which tests/kernels/test_cpu_native.py compares it with. A float32 F.linear of one row goes to MKL's sgemm, which
  * read the weights at 11-15 GB/s on the 2-core machine where this loop reads 28-37 GB/s: a decode step reads every
- * weight once, so that is the step's time. (bf16 linears keep oneDNN on weights reordered for it at load.)
+ * weight once, so that is the step's time. Up to a few dozen rows the weights, read once from memory, still bound
+ * it (cpu_native.GEMV_MAX_ROWS). (bf16 linears keep oneDNN on weights reordered for it at load.)
  *
  * Output channels are shared out among the threads four at a time: four weight rows streamed side by side against
  * each input row, four independent sums. The sums run in another order than MKL's, so results agree within float

@@ -6,7 +6,8 @@ same names; the fast paths in `kernels.cpu` call these where `supports_*` says t
   for long query tiles, not one query row: 35-40% of a 32-sequence decode step of SmolLM2-135M in bf16.
 - `cpu_norm_rope.c`: RMSNorm with its residual add, and RoPE with the K/V store, one pass per row where torch runs
   five to ten small ops.
-- `cpu_gemv.c`: float32 linears of a few rows at the memory's bandwidth, where MKL's sgemm read 11-15 GB/s of 28.
+- `cpu_gemv.c`: float32 linears of up to 32 rows at the memory's bandwidth, where MKL's sgemm read 11-15 GB/s of
+  28 at one row.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -144,8 +145,9 @@ def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs
         raise MemoryError("CPU decode attention: no scratch memory")
 
 
-# Rows up to which a float32 linear is a GEMV here: past a few, MKL's GEMM reuses each weight across rows.
-GEMV_MAX_ROWS = 4
+# Rows up to which a float32 linear runs here: past 32 to 64 rows MKL's blocked GEMM catches up (bench: /tmp script
+# of the fourteenth session, SmolLM2 shapes: 1.4-2x faster at 1-16 rows, 0.9-1.3x at 32, slower from 64 to 128).
+GEMV_MAX_ROWS = 32
 
 
 def supports_gemv(x, weight, bias=None) -> bool:
