@@ -726,10 +726,10 @@ def test_stream_shows_the_drain_then_ends_so_that_the_server_exits(dashboard_ser
     """Last in this module: it stops the module's server (SIGTERM), which then must exit 0 with a stream open."""
     done = threading.Event()
 
-    def long_request():  # keeps the drain going for a few seconds
+    def long_request():  # keeps the drain going for a few seconds (800 tokens once did; the CPU kernels got faster)
         try:
             dashboard_server.client(timeout=60).completions.create(
-                model="llama", prompt="Hold the drain open.", max_tokens=800, extra_body={"ignore_eos": True})
+                model="llama", prompt="Hold the drain open.", max_tokens=2000, extra_body={"ignore_eos": True})
         finally:
             done.set()
 
