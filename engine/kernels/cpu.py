@@ -252,7 +252,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
-    if x.dim() == 2 and cpu_native.supports_rms_norm(x, weight):
+    if cpu_native.supports_rms_norm(x, weight):
         return cpu_native.rms_norm(x, weight, eps, weight_offset)
     if weight_offset or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps, weight_offset)
@@ -260,7 +260,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
 
 
 def fused_add_rms_norm(x, residual, weight, eps: float, weight_offset: float = 0.0):
-    if x.dim() == 2 and residual.shape == x.shape and cpu_native.supports_rms_norm(x, weight, residual):
+    if cpu_native.supports_rms_norm(x, weight, residual):
         return cpu_native.rms_norm(x, weight, eps, weight_offset, residual)
     summed = x + residual
     return rms_norm(summed, weight, eps, weight_offset), summed

@@ -2,7 +2,8 @@
  * paged cache (no gather, no float copy of the cache), for float32 and bfloat16 caches.
  *
  * Built and called by engine/kernels/cpu_native.py (plain C through ctypes, no torch headers: it compiles in about
- * a second). Its torch reference is kernels.reference.paged_attention; tests/test_cpu_native.py compares them.
+ * a second). Its torch reference is kernels.reference.paged_attention; tests/kernels/test_cpu_native.py compares
+ * them.
  *
  * One task per (sequence, KV head): the query heads that share the KV head (GQA) score each key row while it is in
  * cache, then a softmax over the scores, then the value rows weighted. Every sum runs in float32, as the torch path's
@@ -19,23 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN). */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "cpu_common.h"
 
 static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {
     if (dtype == DTYPE_BFLOAT16) {
@@ -72,7 +57,7 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Keys go TILE at a time: four rows in float, so that the dot products (and the weighted sums) run four
+/* Keys go TILE at a time: four rows in float, so that the dot products (dot4) and the weighted sums run four
  * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
 enum { TILE = 4, AHEAD = 8 };
 
@@ -94,20 +79,6 @@ static inline void load_tile(const void *cache, int dtype, const int32_t *table,
         else
             memset(tile + r * head_size, 0, (size_t)head_size * sizeof(float));
     }
-}
-
-static inline void dot_tile(const float *restrict q, const float *restrict tile, int64_t head_size,
-                            float *restrict scores) {
-    const float *k0 = tile, *k1 = k0 + head_size, *k2 = k1 + head_size, *k3 = k2 + head_size;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t d = 0; d < head_size; ++d) {
-        s0 += q[d] * k0[d];
-        s1 += q[d] * k1[d];
-        s2 += q[d] * k2[d];
-        s3 += q[d] * k3[d];
-    }
-    scores[0] = s0, scores[1] = s1, scores[2] = s2, scores[3] = s3;
 }
 
 static inline void axpy_tile(const float *restrict weights, const float *restrict tile, int64_t head_size,
@@ -135,8 +106,8 @@ static inline void softmax(float *s, int64_t n) {
 
 /* out[rows[i]] = softmax(q k^T * scale) v over sequence seqs[i]'s visible keys, for i < num_seqs.
  * query, out: [num_tokens, num_heads, head_size], heads contiguous, rows query_row_stride / out_row_stride
- * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size, num_kv_heads,
- * head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
+ * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size,
+ * num_kv_heads, head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
  * including the query's own token); sliding_window 0 for none. Returns 0, or -1 when scratch memory ran out. */
 int decode_attention(void *out, const void *query, const void *key_cache, const void *value_cache, int dtype,
                      const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
@@ -174,8 +145,8 @@ int decode_attention(void *out, const void *query, const void *key_cache, const 
                 const int64_t count = n - t < TILE ? n - t : TILE;
                 load_tile(key_cache, dtype, table, first + t, count, block_size, num_kv_heads, kv_head, head_size,
                           len, tile);
-                for (int64_t g = 0; g < group; ++g) dot_tile(q + g * head_size, tile, head_size,
-                                                             scores + g * score_stride + t);
+                for (int64_t g = 0; g < group; ++g) dot4(q + g * head_size, tile, head_size,
+                                                         scores + g * score_stride + t);
             }
             for (int64_t g = 0; g < group; ++g) softmax(scores + g * score_stride, n);
             memset(acc, 0, (size_t)(group * head_size) * sizeof(float));
@@ -190,7 +161,8 @@ int decode_attention(void *out, const void *query, const void *key_cache, const 
                 uint16_t *dst = (uint16_t *)out + rows[i] * out_row_stride + head_offset;
                 for (int64_t j = 0; j < group * head_size; ++j) dst[j] = float_to_bf16(acc[j]);
             } else {
-                memcpy((float *)out + rows[i] * out_row_stride + head_offset, acc, (size_t)(group * head_size) * sizeof(float));
+                memcpy((float *)out + rows[i] * out_row_stride + head_offset, acc,
+                       (size_t)(group * head_size) * sizeof(float));
             }
         }
         free(scratch);

@@ -13,28 +13,21 @@
 
 #include <stdint.h>
 
+#include "cpu_common.h"
+
 void gemv_f32(float *y, const float *x, const float *w, const float *bias, int64_t rows, int64_t n, int64_t k,
               int64_t x_row_stride, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t j = 0; j < n; j += 4) {
         const int64_t count = n - j < 4 ? n - j : 4;
-        const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
         for (int64_t m = 0; m < rows; ++m) {
             const float *xm = x + m * x_row_stride;
             float *ym = y + m * n + j;
             if (count == 4) {
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-                for (int64_t i = 0; i < k; ++i) {
-                    s0 += w0[i] * xm[i];
-                    s1 += w1[i] * xm[i];
-                    s2 += w2[i] * xm[i];
-                    s3 += w3[i] * xm[i];
-                }
-                ym[0] = s0, ym[1] = s1, ym[2] = s2, ym[3] = s3;
+                dot4(xm, w + j * k, k, ym);
             } else {
                 for (int64_t r = 0; r < count; ++r) {
-                    const float *wr = w0 + r * k;
+                    const float *wr = w + (j + r) * k;
                     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
                     for (int64_t i = 0; i < k; ++i) s += wr[i] * xm[i];

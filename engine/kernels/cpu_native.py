@@ -1,5 +1,5 @@
-"""CPU kernels in C: their build and their launchers. Their torch references are `kernels.reference`'s ops of the
-same names; the fast paths in `kernels.cpu` call these where `supports_*` says they take the tensors.
+"""CPU kernels in C: their build and their launchers. Their torch references are the `kernels.reference` ops they
+stand in for; the fast paths in `kernels.cpu` call these where `supports_*` says they take the tensors.
 
 - `cpu_decode_attention.c`: decode attention over the paged cache, read in place. torch has no paged attention, so
   the torch path gathers every sequence's blocks, widens them to float32 and runs SDPA, whose CPU kernel is built
@@ -41,22 +41,26 @@ logger = logging.getLogger("kvbox.engine")
 ENV_VAR = "KVBOX_CPU_NATIVE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _c_int64, _ptr, _c_int, _c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-# source name -> (its own flags, {function: argument types})
+# Reassociated float sums: a dot product reduces as a tree of vector adds instead of sixteen scalar adds in order
+# (the torch paths sum in yet other orders, so neither is the reference to the bit).
+_REASSOCIATE = ("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+# source name -> (its own flags, {function: (argument types, result type)})
 SOURCES = {
-    # Reassociated float sums: a dot product reduces as a tree of vector adds instead of sixteen scalar adds in
-    # order (the torch path sums in yet another order, so neither is the reference to the bit).
-    "decode_attention": (("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"), {
-        "decode_attention": (_ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64,
-                             _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int)}),
-    "gemv": (("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"), {
-        "gemv_f32": (_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int)}),
+    "decode_attention": (_REASSOCIATE, {
+        "decode_attention": ((_ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64,
+                              _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int),
+                             _c_int)}),
+    "gemv": (_REASSOCIATE, {
+        "gemv_f32": ((_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
     # No fused multiply-adds: RoPE's x1 cos - x2 sin then rounds as torch's two products and a difference do.
     "norm_rope": (("-ffp-contract=off",), {
-        "rms_norm": (_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
-                     _c_float, _c_int),
-        "rotary_store_kv": (_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,
-                            _c_int64, _c_int64, _c_int64, _c_int64, _c_int)}),
+        "rms_norm": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
+                      _c_float, _c_int), None),
+        "rotary_store_kv": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,
+                             _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
 }
+# Included by every source: part of each one's digest.
+HEADER = Path(__file__).with_name("cpu_common.h")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -73,9 +77,9 @@ def library(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         logger.warning("CPU kernels in C (%s) are unavailable (%s); the torch path serves", name, exc)
         return None
-    for function, argtypes in functions.items():
+    for function, (argtypes, restype) in functions.items():
         getattr(lib, function).argtypes = argtypes
-        getattr(lib, function).restype = _c_int if function == "decode_attention" else None
+        getattr(lib, function).restype = restype
     return lib
 
 
@@ -89,7 +93,7 @@ def _build(name: str, extra_flags: tuple[str, ...]) -> Path:
         raise RuntimeError("no cache folder to build into")
     flags = (*FLAGS, *extra_flags)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    digest = hashlib.sha256(source.read_bytes())
+    digest = hashlib.sha256(source.read_bytes() + b"\0" + HEADER.read_bytes())
     for part in (compiler, version, platform.machine(), _cpu_flags(), " ".join(flags)):
         digest.update(b"\0" + part.encode())
     path = root / "native" / f"cpu_{name}-{digest.hexdigest()[:16]}.so"
@@ -166,9 +170,10 @@ def gemv(x, weight, bias=None) -> torch.Tensor:
 
 
 def supports_rms_norm(x, weight, residual=None) -> bool:
-    rows_ok = all(t.dim() == 2 and t.stride(1) == 1 for t in (x, *([residual] if residual is not None else [])))
-    return rows_ok and weight.is_contiguous() and _usable("norm_rope", x, weight, *(
-        [residual] if residual is not None else []))
+    """Rows [tokens, hidden] with their values contiguous (a residual of the same shape)."""
+    rows = (x,) if residual is None else (x, residual)
+    return (x.dim() == 2 and all(t.shape == x.shape and t.stride(1) == 1 for t in rows) and weight.is_contiguous()
+            and _usable("norm_rope", *rows, weight))
 
 
 def rms_norm(x, weight, eps: float, weight_offset: float = 0.0, residual=None):

@@ -16,23 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+#include "cpu_common.h"
+
 enum { PARALLEL_ROWS = 16 };  /* fewer rows than this: one thread (waking the others cost more than the rows) */
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float load(const void *base, int dtype, int64_t i) {
     return dtype == DTYPE_BFLOAT16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];

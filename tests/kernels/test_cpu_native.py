@@ -119,6 +119,10 @@ def test_built_once_per_source_compiler_and_cpu(name, tmp_path, monkeypatch):
     assert cpu_native._build(name, cpu_native.SOURCES[name][0]) == first  # loaded, not rebuilt
     assert first.stat().st_mtime_ns == stamp
     assert list((tmp_path / "native").iterdir()) == [first]  # no temporary left behind
+    header = tmp_path / "cpu_common.h"
+    header.write_bytes(cpu_native.HEADER.read_bytes() + b"\n/* changed */\n")
+    monkeypatch.setattr(cpu_native, "HEADER", header)
+    assert cpu_native._build(name, cpu_native.SOURCES[name][0]) != first  # the shared header is part of the digest
 
 
 def test_without_a_working_compiler_the_torch_paths_serve(tmp_path, monkeypatch, caplog):
