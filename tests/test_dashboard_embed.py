@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from test_dashboard import CHROMIUM, _browser_or_skip, wait_for_update
+from test_dashboard import CHROMIUM, _browser_or_skip, logged_in_page, wait_for_update
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import ADMIN_KEY, model_config, run_inprocess, server_config
@@ -71,7 +71,8 @@ class EmbeddingLoad:
 
 def _figures(page) -> dict[str, float]:
     return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll(
-        'section.model[data-model="embedder"] [data-embed]')].map(el => [el.dataset.embed, Number(el.dataset.value)]))""")
+        'section.model[data-model="embedder"] [data-embed]')]
+        .map(el => [el.dataset.embed, Number(el.dataset.value)]))""")
 
 
 def test_embedding_panel_in_a_browser(server):
@@ -79,14 +80,11 @@ def test_embedding_panel_in_a_browser(server):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page = logged_in_page(browser, server.base_url, viewport={"width": 1280, "height": 900})
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-            page.goto(f"{server.base_url}/ui/login")
-            page.fill("#key", ADMIN_KEY)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{server.base_url}/ui")
+            page.goto(f"{server.base_url}/ui")
             page.click('[data-tab="embedder"]')
             embedder = page.locator('section.model[data-model="embedder"]')
             # the embedder's panel replaces the generation figures; the generation model keeps its own

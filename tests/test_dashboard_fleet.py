@@ -8,13 +8,12 @@ import time
 
 import httpx
 import pytest
-from test_dashboard import CHROMIUM, _browser_or_skip
-from test_dashboard_lora import session_cookie
+from test_dashboard import CHROMIUM, _browser_or_skip, logged_in_page, session_cookie
 
 from ui import session
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, model_config, run_server, server_config  # noqa: E402
+from helpers_server import model_config, run_server, server_config  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
 
@@ -32,7 +31,7 @@ def fleet_server(tiny_model, tmp_path_factory):
 
 
 def test_fleet_changes_through_the_cookie_need_the_dashboard_header(fleet_server):
-    cookies = {session.COOKIE_NAME: session_cookie(fleet_server)}
+    cookies = {session.COOKIE_NAME: session_cookie(fleet_server.base_url)}
     with httpx.Client(base_url=fleet_server.base_url, cookies=cookies, timeout=60) as http:
         assert http.get("/admin/fleet").json()["models"][0]["status"] == "ready"
         for path in ("/admin/models/llama/sleep", "/admin/models/llama/restart", "/admin/reload"):
@@ -50,14 +49,11 @@ def test_sleep_wake_restart_and_reload_from_the_dashboard(fleet_server):
         browser = playwright.chromium.launch(executable_path=CHROMIUM,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
+            page = logged_in_page(browser, server.base_url, viewport={"width": 1440, "height": 1000})
             problems = []
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
             page.goto(f"{server.base_url}/ui")
-            page.fill("#key", ADMIN_KEY)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{server.base_url}/ui", wait_until="commit")
             card = page.locator('[data-fleet="llama"]')
             kv = card.locator('[data-fleet-memory="kv_cache_bytes"]')
             weights = card.locator('[data-fleet-memory="weight_bytes"]')

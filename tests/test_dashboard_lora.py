@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from test_dashboard import CHROMIUM, _browser_or_skip
+from test_dashboard import CHROMIUM, _browser_or_skip, logged_in_page, session_cookie
 from test_lora import ADAPTERS, make_adapter
 
 from ui import session
@@ -49,16 +49,9 @@ def listed_models(server) -> set[str]:
         return {m["id"] for m in http.get("/v1/models").json()["data"]}
 
 
-def session_cookie(server) -> str:
-    with httpx.Client(base_url=server.base_url, timeout=30) as http:
-        response = http.post("/ui/login", data={"key": ADMIN_KEY}, follow_redirects=False)
-        assert response.status_code == 303
-        return response.cookies[session.COOKIE_NAME]
-
-
 def test_cookie_changes_need_the_dashboard_header(lora_server):
     server, good, _ = lora_server
-    cookies = {session.COOKIE_NAME: session_cookie(server)}
+    cookies = {session.COOKIE_NAME: session_cookie(server.base_url)}
     with httpx.Client(base_url=server.base_url, cookies=cookies, timeout=60) as http:
         # Reading needs no header; changing does, with the cookie alone (what a cross-site form would bring).
         assert http.get("/admin/models/llama/loras").status_code == 200
@@ -89,16 +82,11 @@ def test_load_and_unload_adapters_from_the_dashboard(lora_server):
         browser = playwright.chromium.launch(executable_path=CHROMIUM,
                                              args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
+            page = logged_in_page(browser, server.base_url, viewport={"width": 1440, "height": 1000})
             problems = []
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
             page.goto(f"{server.base_url}/ui")
-            page.fill("#key", ADMIN_KEY)
-            page.click("button[type=submit]")
-            # Only the navigation, not the load event: once, in a CI run, "load" did not come within 30 s of this
-            # login (cause not found). What follows waits for the elements it uses.
-            page.wait_for_url(f"{server.base_url}/ui", wait_until="commit")
 
             card = page.locator('[data-lora="llama"]')
             card.wait_for()

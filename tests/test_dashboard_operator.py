@@ -26,7 +26,7 @@ from appliance.supervisor import Supervisor
 
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import ADMIN_KEY, API_KEY, ROOT, model_config, run_server, server_config
-from test_dashboard import CHROMIUM, _browser_or_skip
+from test_dashboard import CHROMIUM, _browser_or_skip, logged_in_page
 
 pytest_plugins = ["helpers_server"]
 
@@ -169,14 +169,11 @@ def test_log_view_and_playground_in_a_browser(operator_server, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light").new_page()
+            page = logged_in_page(browser, base, viewport={"width": 1280, "height": 900}, color_scheme="light")
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("console", lambda message: message.type == "error" and errors.append(message.text))
             page.goto(f"{base}/ui")
-            page.fill("#key", ADMIN_KEY)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{base}/ui")
             html = page.content()
             assert API_KEY not in html and ADMIN_KEY not in html  # the page is given no key
 

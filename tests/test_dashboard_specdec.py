@@ -5,13 +5,13 @@ of an n-gram speculative model going from empty to its live acceptance figures u
 from __future__ import annotations
 
 import pytest
-from test_dashboard import CHROMIUM, _browser_or_skip, wait_for_update
+from test_dashboard import CHROMIUM, _browser_or_skip, logged_in_page, wait_for_update
 
 from appliance.stats_specdec import spec_decoding_snapshot
 from engine.contract import SchedulerStats, SpecDecodingStats
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ADMIN_KEY, model_config, run_inprocess, server_config
+from helpers_server import model_config, run_inprocess, server_config
 
 pytest_plugins = ["helpers_server"]
 
@@ -49,13 +49,10 @@ def test_the_card_updates_under_ngram_speculative_traffic(tiny_model):
     with run_inprocess(server_config([model])) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page()
+            page = logged_in_page(browser, server.base_url)
             page_errors = []
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(f"{server.base_url}/ui")
-            page.fill("#key", ADMIN_KEY)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{server.base_url}/ui")
             wait_for_update(page)
             idle = page.evaluate(_READ_CARD)
             assert (idle["rate"], idle["length"], idle["tokens"]) == ("–", "–", "0 / 0")
