@@ -31,7 +31,7 @@ from engine.models.registry import get_model_class
 from engine.quantization.gguf import gguf_type
 from engine.tools.tiny_model import build_tiny_model
 from engine import kernels
-from engine.kernels import reference
+from engine.kernels import cpu, reference
 
 CPU = torch.device("cpu")
 FILE_TYPES = {
@@ -205,7 +205,7 @@ def quantizable_llama(tmp_path_factory):
 
 def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
     """The float weights a model runs under its float names: packed GGUF linears (their runs of parts) and packed
-    embeddings dequantized as `kernels.reference` does."""
+    embeddings dequantized as `kernels.reference` does, float ones as they were before packing for the CPU."""
     state = {}
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
@@ -214,11 +214,11 @@ def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
             if leaf == "qweight0":
                 runs = [getattr(module, f"qweight{i}") for i in range(len(module.run_types))]
                 state[f"{module_name}.weight"] = torch.cat([
-                    w if qtype is None else reference.dequantize_gguf(w, qtype)
+                    cpu.unpacked(w) if qtype is None else reference.dequantize_gguf(w, qtype)
                     for qtype, w in zip(module.run_types, runs)])
             continue
         qtype = gguf_type(getattr(module, leaf))
-        state[name] = tensor if qtype is None else reference.dequantize_gguf(tensor, qtype)
+        state[name] = cpu.unpacked(tensor) if qtype is None else reference.dequantize_gguf(tensor, qtype)
     return state
 
 
@@ -296,8 +296,12 @@ def test_dequantized_at_load_runs_the_same_weights_as_float(quantizable_llama, t
     for name in got:
         assert torch.equal(got[name], want[name]), name
     token_ids = list(range(3, 40))
-    torch.testing.assert_close(prefill_logits(unpacked, config, token_ids), prefill_logits(packed, config, token_ids),
-                               atol=1e-5, rtol=1e-5)
+    # The float weights run on the CPU's packed float32 kernel, the GGUF blocks through F.linear after dequantizing:
+    # the same products summed in other orders, which this random model's two layers amplify to ~3e-5 of the
+    # logits' scale (a dequantization error would be thousands of times that).
+    want = prefill_logits(packed, config, token_ids)
+    torch.testing.assert_close(prefill_logits(unpacked, config, token_ids), want, rtol=1e-5,
+                               atol=1e-4 * float(want.abs().max()))
 
 
 @pytest.mark.skipif(kernels.prepack_linear(torch.zeros(2, 2, dtype=torch.bfloat16)) is None,

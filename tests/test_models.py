@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from engine.kernels import cpu_native
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
 from engine.models.layers import MergedColumnParallelLinear, QKVParallelLinear, rope_inv_freq
@@ -238,9 +239,10 @@ def test_dummy_weights_need_no_files(tiny, tmp_path):
     assert logits.shape == (20, config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_load_weights_names_missing_and_unexpected_tensors(tiny):
+def test_load_weights_names_missing_and_unexpected_tensors(tiny, monkeypatch):
     folder = tiny("qwen2")
     config = ModelConfig.from_pretrained(folder)
+    monkeypatch.setenv(cpu_native.ENV_VAR, "0")  # the weights keep the checkpoint's layout (not packed for the CPU)
     model = load_model(config, folder, CPU, load_format="dummy")
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}

@@ -7,11 +7,15 @@ weights under tests/test_quantization_w8a8.py's rule.
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM
+from engine.kernels import cpu_native
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.quantization import smoothing
@@ -31,8 +35,11 @@ def checkpoints(tmp_path_factory):
 
 
 def float_model(folder):
+    """A float model as the loader has it before smoothing: its weights in the checkpoint's layout, not packed for the
+    CPU's kernels (smoothing runs inside the load, before that)."""
     config = ModelConfig.from_pretrained(folder, dtype="float32")
-    return load_model(config, folder, CPU), config
+    with mock.patch.dict(os.environ, {cpu_native.ENV_VAR: "0"}):
+        return load_model(config, folder, CPU), config
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,8 +6,8 @@ stand in for; the fast paths in `kernels.cpu` call these where `supports_*` says
   for long query tiles, not one query row: 35-40% of a 32-sequence decode step of SmolLM2-135M in bf16.
 - `cpu_norm_rope.c`: RMSNorm with its residual add, and RoPE with the K/V store, one pass per row where torch runs
   five to ten small ops.
-- `cpu_gemv.c`: float32 linears of up to 32 rows at the memory's bandwidth, where MKL's sgemm read 11-15 GB/s of
-  28 at one row.
+- `cpu_packed_linear.c`: float32 linears from a weight packed at load into panels of 16 output channels, at the
+  memory's bandwidth for one row (MKL's sgemm read 11-15 GB/s of 28) and at the FMA rate from a few rows on.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -50,8 +50,9 @@ SOURCES = {
         "decode_attention": ((_ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _c_int64, _ptr, _ptr, _ptr, _c_int64, _c_int64,
                               _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int),
                              _c_int)}),
-    "gemv": (_REASSOCIATE, {
-        "gemv_f32": ((_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
+    "packed_linear": ((), {
+        "packed_linear_f32": ((_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
+                              None)}),
     # No fused multiply-adds: RoPE's x1 cos - x2 sin then rounds as torch's two products and a difference do.
     "norm_rope": (("-ffp-contract=off",), {
         "rms_norm": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
@@ -59,7 +60,7 @@ SOURCES = {
         "rotary_store_kv": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,
                              _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
 }
-# Included by every source: part of each one's digest.
+# Included by the sources that share its helpers; part of every source's digest.
 HEADER = Path(__file__).with_name("cpu_common.h")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -149,24 +150,42 @@ def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs
         raise MemoryError("CPU decode attention: no scratch memory")
 
 
-# Rows up to which a float32 linear runs here: past 32 to 64 rows MKL's blocked GEMM catches up (bench: /tmp script
-# of the fourteenth session, SmolLM2 shapes: 1.4-2x faster at 1-16 rows, 0.9-1.3x at 32, slower from 64 to 128).
-GEMV_MAX_ROWS = 32
+# Output channels per panel of a packed float32 weight: one AVX-512 vector (cpu_packed_linear.c).
+PANEL = 16
 
 
-def supports_gemv(x, weight, bias=None) -> bool:
-    return (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.stride(1) == 1
-            and weight.is_contiguous() and (bias is None or bias.is_contiguous())
-            and _usable("gemv", x, weight, *([bias] if bias is not None else [])))
+def supports_packing(weight: torch.Tensor) -> bool:
+    """A float32 [out, in] weight that `pack_linear_weight` takes (out a multiple of PANEL), with the kernel built."""
+    return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] % PANEL == 0
+            and weight.shape[0] > 0 and _usable("packed_linear", weight))
 
 
-def gemv(x, weight, bias=None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for float32 x of at most GEMV_MAX_ROWS rows."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    library("gemv").gemv_f32(out.data_ptr(), x.data_ptr(), weight.data_ptr(),
-                             bias.data_ptr() if bias is not None else None, x.shape[0], weight.shape[0],
-                             weight.shape[1], x.stride(0), torch.get_num_threads())
-    return out
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out / PANEL, in, PANEL]: packed[p, i, c] = weight[PANEL * p + c, i]."""
+    out_features, in_features = weight.shape
+    return weight.contiguous().view(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_linear_weight`'s inverse."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, unpack_linear_weight(packed), bias) for float32 x [..., in]."""
+    in_features, out_features = packed.shape[1], packed.shape[0] * PANEL
+    if x.dtype != torch.float32 or x.shape[-1] != in_features or packed.dtype != torch.float32:
+        raise ValueError(f"packed float32 linear: x {tuple(x.shape)} {x.dtype} against {out_features}x{in_features}")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1 or x2.device.type != "cpu":
+        x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    library("packed_linear").packed_linear_f32(
+        out.data_ptr(), x2.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
+        x2.shape[0], out_features, in_features, x2.stride(0), out.stride(0), torch.get_num_threads())
+    return out.view(*x.shape[:-1], out_features)
 
 
 def supports_rms_norm(x, weight, residual=None) -> bool:

@@ -260,9 +260,9 @@ class VocabEmbedding(nn.Module):
 class LMHead(VocabEmbedding):
     """Hidden states -> logits over the vocabulary; shares VocabEmbedding's sharding so tied weights line up.
 
-    On a CPU a bf16 head runs from its weight reordered once for oneDNN (`kernels.prepack_linear`), as the linears
-    do: torch's bf16 matmul reorders the weight at every call, which took a SmolLM2 decode step's head 4.8 ms. A
-    head tied to the embedding keeps the plain weight for the lookups and the reordered one beside it."""
+    On a CPU the head runs from its weight reordered once (`kernels.prepack_linear`), as the linears do: torch's
+    bf16 matmul reorders the weight at every call, which took a SmolLM2 decode step's head 4.8 ms. A head tied to
+    the embedding keeps the plain weight for the lookups and the reordered one beside it."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(vocab_size, hidden_size, tp_rank, tp_size)

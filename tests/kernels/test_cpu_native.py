@@ -195,18 +195,34 @@ def test_rotary_store_kv_is_the_reference_to_the_bit(tokens, rotary_dim, dtype):
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32, 33])
+# Across the kernel's tiles of 8 rows and its chunks of 192.
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33, 200, 385])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
-def test_float32_linears_of_few_rows(rows, with_bias):
-    """Up to GEMV_MAX_ROWS rows the C loop serves (more: MKL's GEMM); output channels not a multiple of four, the
-    input a strided view. The same sums in another order: within float32 rounding of F.linear."""
+def test_float32_linears_from_packed_weights(rows, with_bias):
+    """`prepack` packs a float32 weight whose outputs are a multiple of 16 into panels, and `linear` runs it: an odd
+    number of panels (the last tile has one), an input width no multiple of the vector, the input a strided view.
+    The same sums in another order: within float32 rounding of F.linear on the plain weight."""
     g = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(203, 96, generator=g), torch.randn(203, generator=g) if with_bias else None
-    x = torch.randn(rows, 2 * 96, generator=g)[:, 96:]
-    assert cpu_native.supports_gemv(x, weight, bias) == (rows <= cpu_native.GEMV_MAX_ROWS)
-    torch.testing.assert_close(cpu.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=1e-5,
-                               atol=1e-5)
+    weight, bias = torch.randn(13 * 16, 77, generator=g), torch.randn(13 * 16, generator=g) if with_bias else None
+    x = torch.randn(rows, 2 * 77, generator=g)[:, 77:]
+    packed = cpu.prepack(weight)
+    assert packed.shape == (13, 77, 16) and torch.equal(cpu.unpacked(packed), weight)
+    want = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(cpu.linear(x, packed, bias), want, rtol=1e-5, atol=1e-5)
     wrong = weight.clone()
-    wrong[200, 5] += 0.01  # one weight moved: the comparison sees it
-    assert not torch.allclose(cpu.linear(x, wrong, bias), torch.nn.functional.linear(x, weight, bias), rtol=1e-5,
-                              atol=1e-5)
+    wrong[200, 5] += 0.01  # one weight of the last panel moved: the comparison sees it
+    assert not torch.allclose(cpu.linear(x, cpu.prepack(wrong), bias), want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_keeps_leading_dimensions():
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(32, 40, generator=g), torch.randn(2, 5, 40, generator=g)
+    torch.testing.assert_close(cpu.linear(x, cpu.prepack(weight)), torch.nn.functional.linear(x, weight),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_weights_the_packed_kernel_does_not_take_stay_plain(monkeypatch):
+    """Outputs no multiple of 16, or the C kernels off: the weight stays as it is and MKL's GEMM runs it."""
+    assert cpu.prepack(torch.randn(203, 96)) is None
+    monkeypatch.setenv(cpu_native.ENV_VAR, "0")
+    assert cpu.prepack(torch.randn(64, 96)) is None
