@@ -279,5 +279,7 @@ def fused_add_rms_norm(x, residual, weight, eps: float, weight_offset: float = 0
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if cpu_native.supports_silu_and_mul(x):
+        return cpu_native.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
