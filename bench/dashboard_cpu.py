@@ -58,7 +58,8 @@ def measure(base_url: str, pid: int, admin_key: str, seconds: float, baseline_s:
             page.goto(f"{base_url}/ui")
             page.fill("#key", admin_key)
             page.click("button[type=submit]")
-            page.wait_for_function("() => window.kvbox.updates > 1 && window.kvboxLogs.polls > 0")
+            # Until the login's navigation lands, the page is the login form's, which has no window.kvbox.
+            page.wait_for_function("() => window.kvbox?.updates > 1 && window.kvboxLogs?.polls > 0")
             updates = page.evaluate("window.kvbox.updates")
             # The page's timers run while the browser waits (sleeping here would suspend no page, but play safe).
             dashboard, dashboard_spans = least_share(pid, seconds, windows, lambda s: page.wait_for_timeout(s * 1000))

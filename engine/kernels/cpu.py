@@ -233,14 +233,15 @@ def rotary_store_kv(positions, query, key, value, cos_sin_cache, is_neox: bool, 
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` [out, in] in the layout `linear` runs fastest from, or None to keep it as it is: a bf16 weight in
-    oneDNN's blocked layout (torch's bf16 `F.linear` reorders it at every call), a float32 one in panels of 16
-    output channels for `cpu_native.packed_linear` (MKL's sgemm on the plain weight ran a 128-token prefill's GEMMs
-    at ~75% of the FMA rate and one decode row at half the memory's bandwidth)."""
+    """`weight` [out, in] in the layout `linear` runs fastest from, or None to keep it as it is: in panels of 16
+    output channels for `cpu_native.packed_linear` where it takes the weight (float32; bf16 on CPUs with
+    AVX512_BF16), else a bf16 weight in oneDNN's blocked layout (torch's bf16 `F.linear` reorders it at every call).
+    Against the plain weights' GEMMs (MKL's sgemm, oneDNN's bf16) the packed kernel runs SmolLM2-135M's decode rows
+    at up to 2-3x and its prefills at about the same rate."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    if weight.dtype == torch.float32:
-        return cpu_native.pack_linear_weight(weight) if cpu_native.supports_packing(weight) else None
+    if cpu_native.supports_packing(weight):
+        return cpu_native.pack_linear_weight(weight)
     if weight.dtype != torch.bfloat16:
         return None
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -252,13 +253,13 @@ def unpacked(weight: torch.Tensor) -> torch.Tensor:
     """A weight `prepack` returned, as the plain [out, in] tensor it was made from."""
     if weight.is_mkldnn:
         return weight.to_dense()
-    return cpu_native.unpack_linear_weight(weight) if weight.dim() == 3 else weight
+    return cpu_native.unpack_linear_weight(weight) if cpu_native.is_packed(weight) else weight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if weight.dim() == 3:  # packed by `prepack`
+    if cpu_native.is_packed(weight):  # by `prepack`
         return cpu_native.packed_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

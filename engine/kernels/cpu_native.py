@@ -7,8 +7,9 @@ stand in for; the fast paths in `kernels.cpu` call these where `supports_*` says
 - `cpu_norm_rope.c`: RMSNorm with its residual add, and RoPE with the K/V store, one pass per row where torch runs
   five to ten small ops.
 - `cpu_activation.c`: SwiGLU's silu(gate) * up in one pass over each row, where torch makes two.
-- `cpu_packed_linear.c`: float32 linears from a weight packed at load into panels of 16 output channels, at the
-  memory's bandwidth for one row (MKL's sgemm read 11-15 GB/s of 28) and at the FMA rate from a few rows on.
+- `cpu_packed_linear.c`: float32 and bf16 linears from a weight packed at load into panels of 16 output channels,
+  at the memory's bandwidth for one row (MKL's sgemm read 11-15 GB/s of 28, oneDNN's bf16 head 10) and at the FMA
+  rate from a few rows on.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -52,8 +53,9 @@ SOURCES = {
                               _c_int64, _c_int64, _c_int64, _c_int64, _c_float, _c_int64, _c_int64, _c_int64, _c_int),
                              _c_int)}),
     "packed_linear": ((), {
-        "packed_linear_f32": ((_ptr, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
-                              None)}),
+        "packed_linear": ((_ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
+                          None),
+        "packed_linear_has_bf16": ((), _c_int)}),
     # -fno-trapping-math lets gcc vectorize the exp's clamp and rounding (without it, it keeps them scalar).
     "activation": (("-fno-trapping-math",), {
         "silu_and_mul": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
@@ -154,41 +156,59 @@ def decode_attention(query, key_cache, value_cache, block_tables, seq_lens, seqs
         raise MemoryError("CPU decode attention: no scratch memory")
 
 
-# Output channels per panel of a packed float32 weight: one AVX-512 vector (cpu_packed_linear.c).
+# Output channels per panel of a packed weight: one AVX-512 vector of float32 sums (cpu_packed_linear.c).
 PANEL = 16
 
 
 def supports_packing(weight: torch.Tensor) -> bool:
-    """A float32 [out, in] weight that `pack_linear_weight` takes (out a multiple of PANEL), with the kernel built."""
-    return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] % PANEL == 0
-            and weight.shape[0] > 0 and _usable("packed_linear", weight))
+    """A [out, in] weight that `pack_linear_weight` takes, with the kernel built: out a multiple of PANEL; float32,
+    or bf16 with an even `in` on a CPU with AVX512_BF16 (elsewhere bf16 keeps oneDNN)."""
+    if weight.dim() != 2 or weight.shape[0] % PANEL or weight.shape[0] == 0:
+        return False
+    if weight.dtype == torch.bfloat16:
+        return weight.shape[1] % 2 == 0 and _usable("packed_linear", weight) and bool(
+            library("packed_linear").packed_linear_has_bf16())
+    return weight.dtype == torch.float32 and _usable("packed_linear", weight)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [out / PANEL, in, PANEL]: packed[p, i, c] = weight[PANEL * p + c, i]."""
+    """float32 [out, in] -> [out / PANEL, in, PANEL]: packed[p, i, c] = weight[PANEL * p + c, i]; bf16 -> [out /
+    PANEL, in / 2, PANEL, 2]: packed[p, i, c, j] = weight[PANEL * p + c, 2 * i + j] (the pairs vdpbf16ps takes)."""
     out_features, in_features = weight.shape
-    return weight.contiguous().view(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
+    weight = weight.contiguous()
+    if weight.dtype == torch.bfloat16:
+        return weight.view(out_features // PANEL, PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return weight.view(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.dim() == (4 if weight.dtype == torch.bfloat16 else 3)
 
 
 def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
     """`pack_linear_weight`'s inverse."""
+    if packed.dim() == 4:
+        return packed.permute(0, 2, 1, 3).reshape(packed.shape[0] * PANEL, -1)
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, unpack_linear_weight(packed), bias) for float32 x [..., in]."""
-    in_features, out_features = packed.shape[1], packed.shape[0] * PANEL
-    if x.dtype != torch.float32 or x.shape[-1] != in_features or packed.dtype != torch.float32:
-        raise ValueError(f"packed float32 linear: x {tuple(x.shape)} {x.dtype} against {out_features}x{in_features}")
+    """F.linear(x, unpack_linear_weight(packed), bias) for x [..., in] of the weight's dtype."""
+    in_features = packed.shape[1] * (2 if packed.dim() == 4 else 1)
+    out_features = packed.shape[0] * PANEL
+    if x.dtype != packed.dtype or x.shape[-1] != in_features:
+        raise ValueError(f"packed linear: x {tuple(x.shape)} {x.dtype} against {out_features}x{in_features} "
+                         f"{packed.dtype}")
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) != 1 or x2.device.type != "cpu":
         x2 = x2.contiguous()
     if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
-    out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    library("packed_linear").packed_linear_f32(
+        bias = bias.to(x.dtype).contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    library("packed_linear").packed_linear(
         out.data_ptr(), x2.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
-        x2.shape[0], out_features, in_features, x2.stride(0), out.stride(0), torch.get_num_threads())
+        _DTYPES[x.dtype], x2.shape[0], out_features, in_features, x2.stride(0), out.stride(0),
+        torch.get_num_threads())
     return out.view(*x.shape[:-1], out_features)
 
 

@@ -1,9 +1,9 @@
 """The plain float linear: one [output, input] weight in the model dtype, applied by `kernels.linear`.
 
-On the CPU a weight is reordered once, after loading (`kernels.cpu.prepack`): a bf16 one into oneDNN's blocked
-layout (torch's bf16 `F.linear` reorders the weight on every call, which halves a decode step's weight bandwidth;
-same results to the bit), a float32 one into panels of 16 output channels for kvbox's own kernel (results within
-float rounding of MKL's). The reordered weight replaces the plain one: no second copy.
+On the CPU a weight is reordered once, after loading (`kernels.cpu.prepack`): into panels of 16 output channels
+for kvbox's own kernel (float32, and bf16 where the CPU has AVX512_BF16; results within float rounding of MKL's or
+oneDNN's), else a bf16 one into oneDNN's blocked layout (torch's bf16 `F.linear` reorders the weight on every call,
+which halves a decode step's weight bandwidth). The reordered weight replaces the plain one: no second copy.
 """
 
 from __future__ import annotations

@@ -143,9 +143,15 @@ def test_torch_backend_takes_the_fast_paths():
     assert ops.linear is cpu.linear
 
 
-@pytest.mark.skipif(cpu.prepack(torch.zeros(2, 2, dtype=torch.bfloat16)) is None, reason="no oneDNN bf16 here")
+def has_onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not has_onednn_bf16(), reason="no oneDNN bf16 here")
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_a_prepacked_bf16_weight_gives_torch_linears_result_to_the_bit(rows):
+def test_a_bf16_weight_reordered_for_onednn_gives_torch_linears_result_to_the_bit(rows, monkeypatch):
+    """Where the packed C kernel does not take a bf16 weight (here: the C kernels off), oneDNN's layout serves."""
+    monkeypatch.setenv(cpu_native.ENV_VAR, "0")
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 80, generator=g).to(torch.bfloat16)
     bias = torch.randn(96, generator=g).to(torch.bfloat16)
@@ -156,10 +162,11 @@ def test_a_prepacked_bf16_weight_gives_torch_linears_result_to_the_bit(rows):
     assert torch.equal(cpu.linear(x, packed), reference.linear(x, weight))
 
 
-def test_only_bf16_cpu_weights_are_prepacked():
-    """float32 keeps MKL's GEMM, whose rounding the float32 model tests hold to transformers'."""
-    assert cpu.prepack(torch.zeros(4, 4)) is None
-    assert cpu.prepack(torch.zeros(4, dtype=torch.bfloat16)) is None
+def test_without_the_c_kernels_only_bf16_matrices_are_prepacked(monkeypatch):
+    """float32 then keeps MKL's GEMM on the plain weight; vectors are never reordered."""
+    monkeypatch.setenv(cpu_native.ENV_VAR, "0")
+    assert cpu.prepack(torch.zeros(16, 4)) is None
+    assert cpu.prepack(torch.zeros(16, dtype=torch.bfloat16)) is None
 
 
 @pytest.mark.skipif(cpu.prepack(torch.zeros(2, 2, dtype=torch.bfloat16)) is None, reason="no oneDNN bf16 here")
@@ -171,8 +178,9 @@ def test_a_bf16_model_on_the_cpu_holds_its_linears_prepacked_with_the_checkpoint
     path = tiny_model("llama")
     llm = LLM(path, device="cpu", dtype="bfloat16", kv_cache_memory_bytes=8 << 20)
     layer = llm.core.runner.model.model.layers[0].mlp.down_proj
-    assert layer.weight.is_mkldnn  # one copy, the reordered one
+    # one copy, the reordered one: packed panels where the C kernel takes bf16, oneDNN's layout elsewhere
+    assert cpu_native.is_packed(layer.weight) or layer.weight.is_mkldnn
     stored = load_file(f"{path}/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(layer.weight.to_dense(), stored.to(torch.bfloat16))
+    assert torch.equal(cpu.unpacked(layer.weight), stored.to(torch.bfloat16))
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4

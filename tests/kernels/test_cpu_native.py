@@ -195,23 +195,45 @@ def test_rotary_store_kv_is_the_reference_to_the_bit(tokens, rotary_dim, dtype):
     assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
 
 
+def has_packed_bf16() -> bool:
+    return cpu_native.supports_packing(torch.zeros(16, 2, dtype=torch.bfloat16))
+
+
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not has_packed_bf16(), reason="the CPU has no AVX512_BF16 (bf16 weights keep oneDNN)"))]
+
+
 # Across the kernel's tiles of 8 rows and its chunks of 192.
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 33, 200, 385])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
-def test_float32_linears_from_packed_weights(rows, with_bias):
-    """`prepack` packs a float32 weight whose outputs are a multiple of 16 into panels, and `linear` runs it: an odd
-    number of panels (the last tile has one), an input width no multiple of the vector, the input a strided view.
-    The same sums in another order: within float32 rounding of F.linear on the plain weight."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_linears_from_packed_weights(rows, with_bias, dtype):
+    """`prepack` packs a weight whose outputs are a multiple of 16 into panels, and `linear` runs it: an odd number
+    of panels (the last tile has one), an input width no multiple of the vector (odd for float32), the input a
+    strided view. float32: the same sums in another order, within float32 rounding of F.linear on the plain weight;
+    bf16: the float32 sums of the bf16 products rounded once, so within one bf16 ulp of that."""
     g = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(13 * 16, 77, generator=g), torch.randn(13 * 16, generator=g) if with_bias else None
-    x = torch.randn(rows, 2 * 77, generator=g)[:, 77:]
+    in_features = 77 if dtype == torch.float32 else 78
+    weight = torch.randn(13 * 16, in_features, generator=g).to(dtype)
+    bias = torch.randn(13 * 16, generator=g).to(dtype) if with_bias else None
+    x = torch.randn(rows, 2 * in_features, generator=g).to(dtype)[:, in_features:]
     packed = cpu.prepack(weight)
-    assert packed.shape == (13, 77, 16) and torch.equal(cpu.unpacked(packed), weight)
-    want = torch.nn.functional.linear(x, weight, bias)
-    torch.testing.assert_close(cpu.linear(x, packed, bias), want, rtol=1e-5, atol=1e-5)
+    assert cpu_native.is_packed(packed) and torch.equal(cpu.unpacked(packed), weight)
+    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float() if with_bias else None)
+
+    def check(got):
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            error = (got.float() - want).abs()
+            assert (error <= want.abs() * 2.0**-8 + 1e-6).all(), f"{(error - want.abs() * 2.0**-8).max()}"
+
+    check(cpu.linear(x, packed, bias))
     wrong = weight.clone()
-    wrong[200, 5] += 0.01  # one weight of the last panel moved: the comparison sees it
-    assert not torch.allclose(cpu.linear(x, cpu.prepack(wrong), bias), want, rtol=1e-5, atol=1e-5)
+    wrong[200, 5] += 0.25  # one weight of the last panel moved: the comparison sees it
+    with pytest.raises(AssertionError):
+        check(cpu.linear(x, cpu.prepack(wrong), bias))
 
 
 def test_packed_linear_keeps_leading_dimensions():
@@ -221,11 +243,16 @@ def test_packed_linear_keeps_leading_dimensions():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_weights_the_packed_kernel_does_not_take_stay_plain(monkeypatch):
-    """Outputs no multiple of 16, or the C kernels off: the weight stays as it is and MKL's GEMM runs it."""
+def test_weights_the_packed_kernel_does_not_take_keep_the_torch_paths(monkeypatch):
+    """Outputs no multiple of 16, a bf16 weight of odd width, or the C kernels off: a float32 weight stays as it is
+    (MKL's GEMM runs it), a bf16 one goes to oneDNN's layout where torch has it."""
     assert cpu.prepack(torch.randn(203, 96)) is None
+    odd_bf16 = cpu.prepack(torch.randn(64, 97, dtype=torch.bfloat16))
+    assert odd_bf16 is None or odd_bf16.is_mkldnn
     monkeypatch.setenv(cpu_native.ENV_VAR, "0")
     assert cpu.prepack(torch.randn(64, 96)) is None
+    off_bf16 = cpu.prepack(torch.randn(64, 96, dtype=torch.bfloat16))
+    assert off_bf16 is None or off_bf16.is_mkldnn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
