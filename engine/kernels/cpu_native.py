@@ -60,7 +60,7 @@ SOURCES = {
     "activation": (("-fno-trapping-math",), {
         "silu_and_mul": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
     # No fused multiply-adds: RoPE's x1 cos - x2 sin then rounds as torch's two products and a difference do.
-    "norm_rope": (("-ffp-contract=off",), {
+    "norm_rope": (("-ffp-contract=off", "-fno-trapping-math"), {
         "rms_norm": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_float,
                       _c_float, _c_int), None),
         "rotary_store_kv": ((_ptr, _ptr, _ptr, _ptr, _ptr, _c_int, _ptr, _ptr, _ptr, _c_int64, _c_int64, _c_int64,

@@ -36,6 +36,33 @@ static inline void store(void *base, int dtype, int64_t i, float v) {
         ((float *)base)[i] = v;
 }
 
+/* One row of rms_norm below; `dtype` and whether there is a residual are constants at each call, so that the loads
+ * and stores need no branch and the loops vectorize (the sum of squares in vector lanes, then across them: another order than torch's, which
+ * also sums in lanes). */
+static inline __attribute__((always_inline)) void rms_norm_row(void *out, void *summed, const void *x,
+                                                                const void *residual, const void *weight, int dtype,
+                                                                int64_t hidden, int64_t xi, int64_t ri, int64_t oi,
+                                                                float eps, float weight_offset) {
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < hidden; ++i) {
+        float v = load(x, dtype, xi + i);
+        if (residual != NULL) {
+            v = rounded(v + load(residual, dtype, ri + i), dtype);
+            store(summed, dtype, oi + i, v);
+        }
+        squares += v * v;
+    }
+    const float inverse_rms = 1.0f / sqrtf(squares / (float)hidden + eps);
+    const void *source = residual != NULL ? summed : x;
+    const int64_t si = residual != NULL ? oi : xi;
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; ++i) {
+        const float normed = load(source, dtype, si + i) * inverse_rms;
+        store(out, dtype, oi + i, normed * (load(weight, dtype, i) + weight_offset));
+    }
+}
+
 /* out[t] = rms_norm(x[t] (+ residual[t])) * (weight + weight_offset); where residual is given, summed[t] receives
  * x[t] + residual[t] in the dtype (the next layer's residual) and is what gets normalized. Rows are row_stride
  * elements apart in x and residual; out and summed are contiguous [rows, hidden]. weight has the dtype. */
@@ -45,22 +72,14 @@ void rms_norm(void *out, void *summed, const void *x, const void *residual, cons
 #pragma omp parallel for num_threads(num_threads) if (rows >= PARALLEL_ROWS)
     for (int64_t t = 0; t < rows; ++t) {
         const int64_t xi = t * x_row_stride, ri = t * residual_row_stride, oi = t * hidden;
-        float squares = 0.0f;
-        for (int64_t i = 0; i < hidden; ++i) {
-            float v = load(x, dtype, xi + i);
-            if (residual != NULL) {
-                v = rounded(v + load(residual, dtype, ri + i), dtype);
-                store(summed, dtype, oi + i, v);
-            }
-            squares += v * v;
-        }
-        const float inverse_rms = 1.0f / sqrtf(squares / (float)hidden + eps);
-        const void *source = residual != NULL ? summed : x;
-        const int64_t si = residual != NULL ? oi : xi;
-        for (int64_t i = 0; i < hidden; ++i) {
-            const float normed = load(source, dtype, si + i) * inverse_rms;
-            store(out, dtype, oi + i, normed * (load(weight, dtype, i) + weight_offset));
-        }
+        if (dtype == DTYPE_BFLOAT16 && residual != NULL)
+            rms_norm_row(out, summed, x, residual, weight, DTYPE_BFLOAT16, hidden, xi, ri, oi, eps, weight_offset);
+        else if (dtype == DTYPE_BFLOAT16)
+            rms_norm_row(out, NULL, x, NULL, weight, DTYPE_BFLOAT16, hidden, xi, ri, oi, eps, weight_offset);
+        else if (residual != NULL)
+            rms_norm_row(out, summed, x, residual, weight, DTYPE_FLOAT32, hidden, xi, ri, oi, eps, weight_offset);
+        else
+            rms_norm_row(out, NULL, x, NULL, weight, DTYPE_FLOAT32, hidden, xi, ri, oi, eps, weight_offset);
     }
 }
 
