@@ -59,18 +59,20 @@ static inline float exp_nonpositive(float x) {
 
 /* Keys go TILE at a time: four rows in float, so that the dot products (dot4) and the weighted sums run four
  * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
-enum { TILE = 4, AHEAD = 8 };
+enum { TILE = 4, AHEAD = 4 };
 
 static inline void load_tile(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t count,
                              int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t head_size,
                              int64_t end, float *restrict tile) {
     /* The rows AHEAD tiles on are requested now: rows sit in scattered blocks and one task reads only its head's
-     * part of each slot, so the hardware prefetcher does not see them coming, and each load waited on memory. */
+     * part of each slot, so the hardware prefetcher does not see them coming, and each load waited on memory.
+     * Into L2, not L1 (prefetcht1): 32 sequences' caches of 30 layers, cold as in a decode step, took 12.7 ms
+     * against 14.9 ms with 8 tiles ahead into L1, and 26.8 ms with no prefetch (a /tmp script, bf16, 2 threads). */
     const int64_t element = dtype == DTYPE_BFLOAT16 ? 2 : 4, row_bytes = head_size * element;
     for (int64_t r = pos + AHEAD * TILE; r < pos + (AHEAD + 1) * TILE && r < end; ++r) {
         const char *row = (const char *)cache + row_offset(table, r, block_size, num_kv_heads, kv_head, head_size)
                                                     * element;
-        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte);
+        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte, 0, 2);
     }
     for (int64_t r = 0; r < TILE; ++r) {
         if (r < count)
