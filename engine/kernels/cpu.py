@@ -7,9 +7,10 @@ these in its place. What they change:
   batch's gather index and mask, the rotary cos / sin of the step's positions, whether any slot is padding) is
   computed by the first layer and kept on the metadata tensor itself (`_step_cached`): at batch 1 a decode step of
   a 30-layer model spent more time on that, and on the ops around it, than in its GEMMs.
-- paged attention reads K/V a whole block at a time (one index per block, not per token), or not at all when a
-  sequence's blocks lie in order in the cache (a view); one decoding sequence attends over exactly its keys (no
-  mask); more decodes are one masked SDPA call; prefills of equal shape (a batch of prompts) are one SDPA call,
+- paged attention runs the C kernels (`cpu_native`: decodes and prefills, reading the cache in place) where they
+  take the tensors; else it reads K/V a whole block at a time (one index per block, not per token), or not at all
+  when a sequence's blocks lie in order in the cache (a view); one decoding sequence attends over exactly its keys
+  (no mask); more decodes are one masked SDPA call; prefills of equal shape (a batch of prompts) are one SDPA call,
   causal without a mask when the sequence has no earlier context. fp8 caches and soft-capping keep the reference.
 - the K/V store is one `index_copy_` per cache when no token is padding (always, on a CPU: padding only comes with
   CUDA graphs), instead of boolean masks and their gathers;
@@ -20,6 +21,8 @@ these in its place. What they change:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +66,12 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
         out = torch.empty_like(query)
     starts, lens, groups = _step_cached(seq_lens, ("sequences", id(query_start_loc)),
                                         lambda: _sequences(seq_lens, query_start_loc))
+    if any(seq_len for _, seq_len in groups) and cpu_native.supports_prefill_attention(
+            query, key_cache, value_cache, block_tables, out):
+        native = _step_cached(seq_lens, ("native prefills", id(query_start_loc)),
+                              lambda: _native_prefills(starts, lens, groups))
+        cpu_native.prefill_attention(query, key_cache, value_cache, block_tables, *native, scale, sliding_window, out)
+        groups = {key: seqs for key, seqs in groups.items() if key[1] == 0}  # the decodes, if any
     for (q_len, seq_len), seqs in groups.items():
         if seq_len == 0 and cpu_native.supports_decode_attention(query, key_cache, value_cache, block_tables, out):
             native_seqs, rows, lens32, max_len = _step_cached(seq_lens, ("native", sliding_window), lambda: (
@@ -140,6 +149,16 @@ def _native_rows(seq_lens, starts, lens, seqs, sliding_window) -> tuple[torch.Te
     visible = [min(lens[seq], sliding_window) if sliding_window > 0 else lens[seq] for seq in seqs]
     return (torch.tensor(seqs, dtype=torch.int64), torch.tensor([starts[seq] for seq in seqs], dtype=torch.int64),
             seq_lens.to(torch.int32).contiguous(), max(visible))
+
+
+def _native_prefills(starts, lens, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The C prefill kernel's inputs for the step's prefills: their sequence indices, first query rows, query
+    lengths and lengths (contiguous int64), and the longest."""
+    seqs = [seq for (q_len, seq_len), group in groups.items() if seq_len for seq in group]
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int64)
+    return (as_tensor(seqs), as_tensor([starts[seq] for seq in seqs]),
+            as_tensor([starts[seq + 1] - starts[seq] for seq in seqs]), as_tensor([lens[seq] for seq in seqs]),
+            max(lens[seq] for seq in seqs))
 
 
 def _decode_rows(starts, lens, seqs, num_keys, sliding_window, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,7 @@
  * tests/kernels/test_cpu_native.py compares it with. torch runs it as a silu over the gate's half, then a product:
  * two passes over rows of thousands of values, each a full round trip to memory at prefill sizes (5% of a float32
  * prefill step of SmolLM2-135M). bf16 rounds where torch's bf16 ops round: the silu's result, then the product.
- * exp is computed here (Cephes' expf: a degree-6 polynomial after reducing by ln 2, within 2 ulp) because glibc's
- * vector expf is declared to the compiler only under -ffast-math, which gcc 12 also links a flush-denormals-to-zero
- * start-up object into shared libraries with, for the whole process.
+ * exp is cpu_common.h's, within 2 ulp of torch's.
  */
 
 #include <math.h>
@@ -14,23 +12,7 @@
 
 #include "cpu_common.h"
 
-static inline float exp_cephes(float x) {
-    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);  /* finite, normal results */
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r -= n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};  /* 2^n */
-    return y * scale.value;
-}
-
-static inline float silu(float g) { return g / (1.0f + exp_cephes(-g)); }
+static inline float silu(float g) { return g / (1.0f + exp_approx(-g)); }
 
 static void row_f32(float *restrict out, const float *restrict gate, const float *restrict up, int64_t d) {
     for (int64_t i = 0; i < d; ++i) out[i] = silu(gate[i]) * up[i];

@@ -1,9 +1,11 @@
-/* What the CPU C kernels (cpu_*.c) share: the dtypes they take, bfloat16 conversions, and a dot product of one
- * vector with four rows at once. cpu_native.py digests this file with each source, so a change here rebuilds them. */
+/* What the CPU C kernels (cpu_*.c) share: the dtypes they take, bfloat16 conversions, a dot product of one vector
+ * with four rows at once, exp, and where the paged cache keeps a position's row. cpu_native.py digests this file with
+ * each source, so a change here rebuilds them. */
 
 #ifndef KVBOX_CPU_COMMON_H
 #define KVBOX_CPU_COMMON_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -38,6 +40,48 @@ static inline void dot4(const float *restrict x, const float *restrict rows, int
         s3 += x[i] * r3[i];
     }
     sums[0] = s0, sums[1] = s1, sums[2] = s2, sums[3] = s3;
+}
+
+/* dst[0:n] = base[offset:offset + n] as float. */
+static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {
+    if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+    } else {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    }
+}
+
+/* Where position pos of a sequence keeps its kv_head's row in a paged cache [num_blocks, block_size, num_kv_heads,
+ * head_size]. Block sizes are powers of two (the engine's config requires it), so the division and remainder are a
+ * shift and a mask, not the 40-cycle 64-bit division that cost more than a key's arithmetic. */
+static inline int64_t row_offset(const int32_t *table, int64_t pos, int64_t block_size, int64_t num_kv_heads,
+                                 int64_t kv_head, int64_t head_size) {
+    const int shift = __builtin_ctzll((unsigned long long)block_size);
+    const int64_t slot = ((int64_t)table[pos >> shift] << shift) | (pos & (block_size - 1));
+    return (slot * num_kv_heads + kv_head) * head_size;
+}
+
+/* e^x, branch-free so that loops over it vectorize (with -fno-trapping-math): Cephes' expf, x = n ln2 + r, a
+ * degree-6 polynomial in r, times 2^n built in the exponent bits; within 2 ulp. x is clamped to where e^x is a
+ * finite normal float. Computed here because glibc's vector expf is declared to the compiler only under
+ * -ffast-math, which gcc 12 also links a flush-denormals-to-zero start-up object into shared libraries with, for
+ * the whole process. */
+static inline float exp_approx(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r -= n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};  /* 2^n */
+    return y * scale.value;
 }
 
 #endif

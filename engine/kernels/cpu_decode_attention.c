@@ -22,41 +22,6 @@
 
 #include "cpu_common.h"
 
-static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {
-    if (dtype == DTYPE_BFLOAT16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-    } else {
-        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
-    }
-}
-
-/* Where position pos of a sequence keeps its kv_head's row. Block sizes are powers of two (the engine's config
- * requires it), so the division and remainder are a shift and a mask, not the 40-cycle 64-bit division that
- * cost more than the key's arithmetic. */
-static inline int64_t row_offset(const int32_t *table, int64_t pos, int64_t block_size, int64_t num_kv_heads,
-                                 int64_t kv_head, int64_t head_size) {
-    const int shift = __builtin_ctzll((unsigned long long)block_size);
-    const int64_t slot = ((int64_t)table[pos >> shift] << shift) | (pos & (block_size - 1));
-    return (slot * num_kv_heads + kv_head) * head_size;
-}
-
-/* exp(x) for x <= 0 (scores minus their maximum), branch-free so that the loop vectorizes: x = k ln2 + r with
- * |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on that range, about one float
- * ulp), times 2^k built in the exponent bits. Below -87 the result would be denormal: it is clamped there, where
- * e^x < 2e-38 adds nothing to a sum that holds e^0 = 1. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float k = nearbyintf(x * 1.44269504088896341f);
-    float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
 /* Keys go TILE at a time: four rows in float, so that the dot products (dot4) and the weighted sums run four
  * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
 enum { TILE = 4, AHEAD = 4 };
@@ -97,7 +62,7 @@ static inline void softmax(float *s, int64_t n) {
     for (int64_t t = 0; t < n; ++t) top = s[t] > top ? s[t] : top;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < n; ++t) {
-        s[t] = exp_nonpositive(s[t] - top);
+        s[t] = exp_approx(s[t] - top);
         total += s[t];
     }
     const float inverse = 1.0f / total;

@@ -60,8 +60,51 @@ def test_sliding_window(window):
     within_rounding(out, expected(batch, scale=0.125, sliding_window=window), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "q{}kv{}d{}".format(*h))
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_prefill_attention_matches_the_reference(heads, dtype, block_size):
+    """Prefills without context (one longer than a chunk of 64 keys), chunks after cached context, one token's
+    prefill after context (a decode-shaped row kept with the decodes), and equal shapes side by side."""
+    g = torch.Generator().manual_seed(block_size)
+    batch = make_attention_batch([7, 130, 20, 1, 33, 33], [7, 130, 95, 12, 33, 33], *heads, block_size, dtype,
+                                 generator=g)
+    out = torch.full_like(batch["query"], float("nan"))
+    assert cpu_native.supports_prefill_attention(batch["query"], batch["key_cache"], batch["value_cache"],
+                                                 batch["block_tables"], out)
+    cpu.paged_attention(**batch, scale=0.3, out=out)
+    within_rounding(out, expected(batch, scale=0.3), dtype)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 70, 200])
+def test_prefill_attention_in_a_sliding_window(window):
+    g = torch.Generator().manual_seed(window)
+    batch = make_attention_batch([40, 100, 9], [40, 150, 80], 6, 2, 64, 16, torch.float32, generator=g)
+    out = cpu.paged_attention(**batch, scale=0.125, sliding_window=window)
+    within_rounding(out, expected(batch, scale=0.125, sliding_window=window), torch.float32)
+
+
+def test_prefill_heads_of_a_size_the_kernel_does_not_take_keep_sdpa():
+    g = torch.Generator().manual_seed(4)
+    batch = make_attention_batch([20, 1], [30, 9], 4, 2, 40, 16, torch.float32, generator=g)
+    out = torch.empty_like(batch["query"])
+    assert not cpu_native.supports_prefill_attention(batch["query"], batch["key_cache"], batch["value_cache"],
+                                                     batch["block_tables"], out)
+    within_rounding(cpu.paged_attention(**batch, scale=0.2, out=out), expected(batch, scale=0.2), torch.float32)
+
+
+def test_prefill_attention_sees_a_wrong_key():
+    g = torch.Generator().manual_seed(9)
+    batch = make_attention_batch([50], [80], 4, 2, 32, 16, torch.float32, generator=g)
+    want = expected(batch, scale=0.5)
+    batch["key_cache"].view(-1, 2, 32)[int(batch["block_tables"][0, 1]) * 16 + 3, 1] += 1.0  # position 19, kv head 1
+    with pytest.raises(AssertionError):
+        within_rounding(cpu.paged_attention(**batch, scale=0.5), want, torch.float32)
+
+
 def test_decodes_among_prefills_write_only_their_rows():
-    """A mixed step: the kernel takes the decodes (their query rows scattered among the prefills'), SDPA the rest."""
+    """A mixed step: the kernels take the decodes and the prefills (their query rows scattered among each other's);
+    padding rows stay untouched."""
     g = torch.Generator().manual_seed(3)
     batch = make_attention_batch([5, 1, 12, 1, 3, 1], [5, 30, 20, 41, 50, 2], 6, 2, 64, 16, torch.bfloat16,
                                  num_pad_tokens=2, generator=g)
