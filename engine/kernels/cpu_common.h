@@ -1,5 +1,5 @@
-/* What the CPU C kernels (cpu_*.c) share: the dtypes they take, bfloat16 conversions, a dot product of one vector
- * with four rows at once, exp, and where the paged cache keeps a position's row. cpu_native.py digests this file with
+/* What the CPU C kernels (cpu_*.c) share: the dtypes they take, bfloat16 conversions, a 16-float vector type, a dot
+ * product of one vector with four rows at once, exp, and where the paged cache keeps a position's row. cpu_native.py digests this file with
  * each source, so a change here rebuilds them. */
 
 #ifndef KVBOX_CPU_COMMON_H
@@ -41,6 +41,17 @@ static inline void dot4(const float *restrict x, const float *restrict rows, int
     }
     sums[0] = s0, sums[1] = s1, sums[2] = s2, sums[3] = s3;
 }
+
+/* Sixteen floats, one AVX-512 vector (two AVX2 ones elsewhere), loaded and stored at any alignment. */
+typedef float vec16 __attribute__((vector_size(16 * sizeof(float))));
+
+static inline vec16 vload(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
 
 /* dst[0:n] = base[offset:offset + n] as float. */
 static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {

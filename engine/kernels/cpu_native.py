@@ -231,7 +231,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"packed linear: x {tuple(x.shape)} {x.dtype} against {out_features}x{in_features} "
                          f"{packed.dtype}")
     x2 = x.reshape(-1, in_features)
-    if x2.stride(1) != 1 or x2.device.type != "cpu":
+    if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()

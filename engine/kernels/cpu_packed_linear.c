@@ -25,15 +25,6 @@
 #define TILE_ROWS 8
 #define CHUNK_ROWS 192
 
-typedef float vec __attribute__((vector_size(PANEL * sizeof(float))));
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* rows (<= TILE_ROWS) rows of x against panels (1 or 2) panels from `w`; constant arguments at each call site let
  * the compiler unroll both loops and keep the accumulators in registers. */
@@ -41,20 +32,20 @@ static inline __attribute__((always_inline)) void tile(int rows, int panels, con
                                                         const float *restrict w, int64_t k, float *restrict y,
                                                         int64_t y_stride, const float *restrict bias,
                                                         const float *ahead) {
-    vec acc[TILE_ROWS][2];
+    vec16 acc[TILE_ROWS][2];
     const float *w1 = w + k * PANEL;
 #pragma GCC unroll 8
-    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = (vec){0};
+    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = (vec16){0};
     for (int64_t i = 0; i < k; ++i) {
-        const vec b0 = load(w + i * PANEL);
-        const vec b1 = panels == 2 ? load(w1 + i * PANEL) : b0;
+        const vec16 b0 = vload(w + i * PANEL);
+        const vec16 b1 = panels == 2 ? vload(w1 + i * PANEL) : b0;
         if (ahead != 0) {
             __builtin_prefetch(ahead + i * PANEL);
             __builtin_prefetch(ahead + (k + i) * PANEL);
         }
 #pragma GCC unroll 8
         for (int r = 0; r < rows; ++r) {
-            const vec a = (vec){0} + x[r * x_stride + i];
+            const vec16 a = (vec16){0} + x[r * x_stride + i];
             acc[r][0] += a * b0;
             if (panels == 2) acc[r][1] += a * b1;
         }
@@ -62,31 +53,32 @@ static inline __attribute__((always_inline)) void tile(int rows, int panels, con
 #pragma GCC unroll 8
     for (int r = 0; r < rows; ++r)
         for (int p = 0; p < panels; ++p) {
-            vec out = acc[r][p];
-            if (bias != 0) out += load(bias + p * PANEL);
-            store(y + r * y_stride + p * PANEL, out);
+            vec16 out = acc[r][p];
+            if (bias != 0) out += vload(bias + p * PANEL);
+            vstore(y + r * y_stride + p * PANEL, out);
         }
 }
 
-#define TILE_CASE(R)                                                                                                 \
+/* case R of a switch on the row count: `tile_fn` with R rows and 1 or 2 panels, both constants. */
+#define TILE_CASE(tile_fn, R)                                                                                        \
     case R:                                                                                                          \
         if (panels == 2)                                                                                             \
-            tile(R, 2, x, x_stride, w, k, y, y_stride, bias, ahead);                                                 \
+            tile_fn(R, 2, x, x_stride, w, k, y, y_stride, bias, ahead);                                              \
         else                                                                                                         \
-            tile(R, 1, x, x_stride, w, k, y, y_stride, bias, ahead);                                                 \
+            tile_fn(R, 1, x, x_stride, w, k, y, y_stride, bias, ahead);                                              \
         break;
 
 static void any_tile(int rows, int panels, const float *x, int64_t x_stride, const float *w, int64_t k, float *y,
                      int64_t y_stride, const float *bias, const float *ahead) {
     switch (rows) {
-        TILE_CASE(1)
-        TILE_CASE(2)
-        TILE_CASE(3)
-        TILE_CASE(4)
-        TILE_CASE(5)
-        TILE_CASE(6)
-        TILE_CASE(7)
-        TILE_CASE(8)
+        TILE_CASE(tile, 1)
+        TILE_CASE(tile, 2)
+        TILE_CASE(tile, 3)
+        TILE_CASE(tile, 4)
+        TILE_CASE(tile, 5)
+        TILE_CASE(tile, 6)
+        TILE_CASE(tile, 7)
+        TILE_CASE(tile, 8)
     }
 }
 
@@ -132,25 +124,17 @@ static inline __attribute__((always_inline)) void tile_bf16(int rows, int panels
         }
 }
 
-#define TILE_CASE_BF16(R)                                                                                            \
-    case R:                                                                                                          \
-        if (panels == 2)                                                                                             \
-            tile_bf16(R, 2, x, x_stride, w, k, y, y_stride, bias, ahead);                                            \
-        else                                                                                                         \
-            tile_bf16(R, 1, x, x_stride, w, k, y, y_stride, bias, ahead);                                            \
-        break;
-
 static void any_tile_bf16(int rows, int panels, const uint16_t *x, int64_t x_stride, const uint16_t *w, int64_t k,
                           uint16_t *y, int64_t y_stride, const uint16_t *bias, const uint16_t *ahead) {
     switch (rows) {
-        TILE_CASE_BF16(1)
-        TILE_CASE_BF16(2)
-        TILE_CASE_BF16(3)
-        TILE_CASE_BF16(4)
-        TILE_CASE_BF16(5)
-        TILE_CASE_BF16(6)
-        TILE_CASE_BF16(7)
-        TILE_CASE_BF16(8)
+        TILE_CASE(tile_bf16, 1)
+        TILE_CASE(tile_bf16, 2)
+        TILE_CASE(tile_bf16, 3)
+        TILE_CASE(tile_bf16, 4)
+        TILE_CASE(tile_bf16, 5)
+        TILE_CASE(tile_bf16, 6)
+        TILE_CASE(tile_bf16, 7)
+        TILE_CASE(tile_bf16, 8)
     }
 }
 #endif

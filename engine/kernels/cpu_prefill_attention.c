@@ -21,18 +21,9 @@
 
 #include "cpu_common.h"
 
-#define LANES 16
+#define LANES 16 /* floats in a vec16 */
 #define CHUNK (4 * LANES) /* keys scored at once: four vector accumulators */
 
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline vec vload(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* scores[h][0:n] = q[h] . keys_t[:, 0:n] for the HEADS query rows q[h] (head_size apart) and score rows scores[h]
  * (score_stride apart); keys_t rows key_stride apart. Every key vector loaded serves HEADS rows. Whole chunks are
@@ -42,15 +33,15 @@ static inline __attribute__((always_inline)) void score_rows(int heads, const fl
                                                               int64_t head_size, int64_t n, float *restrict scores,
                                                               int64_t score_stride) {
     for (int64_t t = 0; t < n; t += CHUNK) {
-        vec acc[4][4];
+        vec16 acc[4][4];
 #pragma GCC unroll 4
-        for (int h = 0; h < heads; ++h) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = (vec){0};
+        for (int h = 0; h < heads; ++h) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = (vec16){0};
         for (int64_t d = 0; d < head_size; ++d) {
             const float *k = keys_t + d * key_stride + t;
-            const vec k0 = vload(k), k1 = vload(k + LANES), k2 = vload(k + 2 * LANES), k3 = vload(k + 3 * LANES);
+            const vec16 k0 = vload(k), k1 = vload(k + LANES), k2 = vload(k + 2 * LANES), k3 = vload(k + 3 * LANES);
 #pragma GCC unroll 4
             for (int h = 0; h < heads; ++h) {
-                const vec qd = (vec){0} + q[h * head_size + d];
+                const vec16 qd = (vec16){0} + q[h * head_size + d];
                 acc[h][0] += qd * k0;
                 acc[h][1] += qd * k1;
                 acc[h][2] += qd * k2;
@@ -81,7 +72,7 @@ static inline float softmax_numerators(float *p, int64_t n) {
     const int64_t padded = (n + LANES - 1) / LANES * LANES;
     for (int64_t t = n; t < padded; ++t) p[t] = -INFINITY;
     float top[LANES];
-    vec total = {0};
+    vec16 total = {0};
     for (int l = 0; l < LANES; ++l) top[l] = -INFINITY;
     for (int64_t t = 0; t < padded; t += LANES)
         for (int l = 0; l < LANES; ++l) top[l] = p[t + l] > top[l] ? p[t + l] : top[l];
@@ -90,7 +81,7 @@ static inline float softmax_numerators(float *p, int64_t n) {
     for (int64_t t = 0; t < padded; t += LANES) {
         float e[LANES];
         for (int l = 0; l < LANES; ++l) e[l] = exp_approx(p[t + l] - most);
-        const vec v = vload(e);
+        const vec16 v = vload(e);
         vstore(p + t, v);
         total += v;
     }
@@ -106,10 +97,10 @@ static inline void weighted_sum(const float *restrict p, const float *restrict v
                                 float *restrict acc) {
     for (int64_t d0 = 0; d0 < head_size; d0 += CHUNK) {
         const int parts = head_size - d0 < CHUNK ? (int)((head_size - d0) / LANES) : 4;
-        vec even[4] = {{0}, {0}, {0}, {0}}, odd[4] = {{0}, {0}, {0}, {0}};
+        vec16 even[4] = {{0}, {0}, {0}, {0}}, odd[4] = {{0}, {0}, {0}, {0}};
         int64_t t = 0;
         for (; t + 2 <= n; t += 2) {
-            const vec p0 = (vec){0} + p[t], p1 = (vec){0} + p[t + 1];
+            const vec16 p0 = (vec16){0} + p[t], p1 = (vec16){0} + p[t + 1];
             const float *v0 = values + t * head_size + d0, *v1 = v0 + head_size;
             for (int c = 0; c < parts; ++c) {
                 even[c] += p0 * vload(v0 + c * LANES);
@@ -117,7 +108,7 @@ static inline void weighted_sum(const float *restrict p, const float *restrict v
             }
         }
         if (t < n) {
-            const vec p0 = (vec){0} + p[t];
+            const vec16 p0 = (vec16){0} + p[t];
             for (int c = 0; c < parts; ++c) even[c] += p0 * vload(values + t * head_size + d0 + c * LANES);
         }
         for (int c = 0; c < parts; ++c) vstore(acc + d0 + c * LANES, even[c] + odd[c]);
