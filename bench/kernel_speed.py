@@ -9,6 +9,8 @@ device-to-device copy bandwidth (bytes read + written).
 
 --sweep also times launch configurations of paged attention (block sizes, split-K, warps) to pick the heuristics;
 --linear times decode-sized linears, cuBLAS against `kernels/gemv.py` and its launch configurations.
+--chain times a batch-1 decode step's dense kernels captured in one CUDA graph, the skinny kernel's default launch
+configurations against others (`--chain-config gate_up_proj+lm_head:64,128,4,3`).
 """
 
 from __future__ import annotations
@@ -334,6 +336,76 @@ def linear_sweep(args):
         Path(args.out).with_suffix(".linear.txt").write_text("\n".join(out_lines) + "\n")
 
 
+def decode_chain(args):
+    """A batch-1 decode step's dense kernels over 32 layers (add + norm, qkv, o, add + norm, gate/up, SiLU, down; no
+    attention) and the LM head, each layer with its own weights (15 GB: nothing stays in L2), captured in one CUDA
+    graph per variant: the skinny kernel's default launches, then each `--chain-config` applied on top. Replays
+    alternate between variants; bandwidth = weight bytes / time, against the card's read bandwidth. Unlike
+    `--linear` (one kernel, L2 flushed with dirty lines), this is the kernels as a decode graph runs them: back to
+    back, each one's start behind the last one's tail."""
+    from engine.kernels.activation import silu_and_mul
+    from engine.kernels.gemv import skinny_linear
+
+    gen = torch.Generator(DEV).manual_seed(3)
+
+    def weight(name):
+        n, k = LINEAR_SHAPES[name]
+        return torch.randn(n, k, device=DEV, dtype=DTYPE, generator=gen) * 0.02
+
+    stack = [{name: weight(name) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} for _ in range(32)]
+    head = weight("lm_head")
+    norm_w = torch.ones(HIDDEN, device=DEV, dtype=DTYPE)
+    x = torch.randn(1, HIDDEN, device=DEV, dtype=DTYPE, generator=gen)
+    nbytes = sum(w.numel() * 2 for layer in stack for w in layer.values()) + head.numel() * 2
+
+    def step(configs):
+        def lin(inp, name, w):
+            return skinny_linear(inp, w, **configs.get(name, {}))
+        h, residual = x, x
+        for layer in stack:
+            y, residual = fused_add_rms_norm(h, residual, norm_w, 1e-5)
+            qkv = lin(y, "qkv_proj", layer["qkv_proj"])
+            y, residual = fused_add_rms_norm(lin(qkv[:, :HIDDEN], "o_proj", layer["o_proj"]), residual, norm_w, 1e-5)
+            h = lin(silu_and_mul(lin(y, "gate_up_proj", layer["gate_up_proj"])), "down_proj", layer["down_proj"])
+        return lin(rms_norm(h, norm_w, 1e-5), "lm_head", head)
+
+    variants = {"default": {}}
+    for spec in args.chain_config:  # SHAPE[+SHAPE]:BLOCK_N,BLOCK_K,WARPS,STAGES
+        shapes, numbers = spec.split(":")
+        cfg = dict(zip(("block_n", "block_k", "num_warps", "num_stages"), (int(v) for v in numbers.split(","))))
+        variants[spec] = {name: cfg for name in shapes.split("+")}
+    graphs, outputs = {}, {}
+    for name, configs in variants.items():
+        step(configs)  # compiles
+        torch.cuda.synchronize()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            outputs[name] = step(configs)
+            graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs[name] = graph
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, graph in graphs.items():
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / 5)
+    read_bw = read_bandwidth()
+    print(f"read bandwidth {read_bw / 1e12:.2f} TB/s; {nbytes / 1e9:.2f} GB of weights a step", flush=True)
+    for name in variants:
+        ms = statistics.median(times[name])
+        close = torch.allclose(outputs[name].float(), outputs["default"].float(), atol=1e-2, rtol=1e-2)
+        print(f"{name:44s} {ms:7.3f} ms a step  {nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s "
+              f"({nbytes / (ms * 1e-3) / read_bw:4.0%} of read)  output close to default: {close}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table to this file")
@@ -344,11 +416,19 @@ def main():
     parser.add_argument("--rows", type=lambda s: [int(r) for r in s.split(",")], default=[1, 4, 16],
                         help="with --linear: the batch rows to time")
     parser.add_argument("--quick", action="store_true", help="with --linear: 16 launch configurations, not 36")
+    parser.add_argument("--chain", action="store_true",
+                        help="only time a batch-1 decode step's dense kernels in one CUDA graph")
+    parser.add_argument("--chain-config", action="append", default=[],
+                        help="with --chain: SHAPE[+SHAPE]:BLOCK_N,BLOCK_K,WARPS,STAGES, a variant to time (repeatable)")
+    parser.add_argument("--rounds", type=int, default=10, help="with --chain: alternating timing rounds")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_speed.py needs a CUDA device")
     if args.linear:
         linear_sweep(args)
+        return
+    if args.chain:
+        decode_chain(args)
         return
     if args.sweep:
         sweep(args)
