@@ -26,19 +26,27 @@
  * independent chains instead of one whose every step waits on the last. Rows past `count` are zero. */
 enum { TILE = 4, AHEAD = 4 };
 
+/* The rows of heads [first_head, first_head + heads) at the positions AHEAD tiles after pos are requested now
+ * (one contiguous run a position): rows sit in scattered blocks and a task reads only its heads' part of each slot,
+ * so the hardware prefetcher does not see them coming, and each load waited on memory. Into L2, not L1
+ * (prefetcht1): 32 sequences' caches of 30 layers, cold as in a decode step, took 12.7 ms against 14.9 ms with 8
+ * tiles ahead into L1, and 26.8 ms with no prefetch (a /tmp script, bf16, 2 threads, a task a head). Inlined
+ * before gcc's interprocedural passes look at it: a function that only prefetches counts as pure to them, and its
+ * calls were deleted (no prefetch left in the library, 2.5x slower). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t block_size,
+                                  int64_t num_kv_heads, int64_t first_head, int64_t heads, int64_t head_size,
+                                  int64_t end) {
+    const int64_t element = dtype == DTYPE_BFLOAT16 ? 2 : 4, run_bytes = heads * head_size * element;
+    for (int64_t r = pos + AHEAD * TILE; r < pos + (AHEAD + 1) * TILE && r < end; ++r) {
+        const char *run = (const char *)cache + row_offset(table, r, block_size, num_kv_heads, first_head, head_size)
+                                                    * element;
+        for (int64_t byte = 0; byte < run_bytes; byte += 64) __builtin_prefetch(run + byte, 0, 2);
+    }
+}
+
 static inline void load_tile(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t count,
                              int64_t block_size, int64_t num_kv_heads, int64_t kv_head, int64_t head_size,
-                             int64_t end, float *restrict tile) {
-    /* The rows AHEAD tiles on are requested now: rows sit in scattered blocks and one task reads only its head's
-     * part of each slot, so the hardware prefetcher does not see them coming, and each load waited on memory.
-     * Into L2, not L1 (prefetcht1): 32 sequences' caches of 30 layers, cold as in a decode step, took 12.7 ms
-     * against 14.9 ms with 8 tiles ahead into L1, and 26.8 ms with no prefetch (a /tmp script, bf16, 2 threads). */
-    const int64_t element = dtype == DTYPE_BFLOAT16 ? 2 : 4, row_bytes = head_size * element;
-    for (int64_t r = pos + AHEAD * TILE; r < pos + (AHEAD + 1) * TILE && r < end; ++r) {
-        const char *row = (const char *)cache + row_offset(table, r, block_size, num_kv_heads, kv_head, head_size)
-                                                    * element;
-        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(row + byte, 0, 2);
-    }
+                             float *restrict tile) {
     for (int64_t r = 0; r < TILE; ++r) {
         if (r < count)
             load_row(cache, dtype, row_offset(table, pos + r, block_size, num_kv_heads, kv_head, head_size),
@@ -75,20 +83,26 @@ static inline void softmax(float *s, int64_t n) {
  * query, out: [num_tokens, num_heads, head_size], heads contiguous, rows query_row_stride / out_row_stride
  * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size,
  * num_kv_heads, head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
- * including the query's own token); sliding_window 0 for none. Returns 0, or -1 when scratch memory ran out. */
+ * including the query's own token); sliding_window 0 for none. A task takes heads_per_task KV heads (a divisor of
+ * num_kv_heads) of one sequence and walks the keys once for all of them: with all heads, a tile of positions is one
+ * contiguous run of each block, where a task per head read a row in every num_kv_heads (SmolLM2: 128 bytes of
+ * every 384), which the hardware prefetcher does not follow; one head a task leaves more tasks when the sequences are
+ * few. Returns 0, or -1 when scratch memory ran out. */
 int decode_attention(void *out, const void *query, const void *key_cache, const void *value_cache, int dtype,
                      const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
                      const int64_t *seqs, const int64_t *rows, int64_t num_seqs, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_size, int64_t block_size, int64_t max_len, float scale,
-                     int64_t sliding_window, int64_t query_row_stride, int64_t out_row_stride, int num_threads) {
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t num_tasks = num_seqs * num_kv_heads, score_stride = max_len + TILE;
+                     int64_t sliding_window, int64_t query_row_stride, int64_t out_row_stride, int64_t heads_per_task,
+                     int num_threads) {
+    const int64_t group = num_heads / num_kv_heads, span = heads_per_task * group * head_size;
+    const int64_t tasks_per_seq = num_kv_heads / heads_per_task, num_tasks = num_seqs * tasks_per_seq;
+    const int64_t score_stride = max_len + TILE, head_scores = group * score_stride;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        /* Per thread: the group's queries and output accumulators, a tile of K/V rows in float, the group's scores
-         * (each row padded by a tile: the last tile's unused scores are written, as zero weights). */
-        float *scratch = malloc((size_t)(group * head_size * 2 + TILE * head_size + group * score_stride)
+        /* Per thread: the task's queries and output accumulators, a tile of K/V rows in float, the scores of each
+         * query head (each row padded by a tile: the last tile's unused scores are written, as zero weights). */
+        float *scratch = malloc((size_t)(span * 2 + TILE * head_size + heads_per_task * head_scores)
                                 * sizeof(float));
         if (scratch == NULL) {
 #pragma omp atomic write
@@ -97,39 +111,47 @@ int decode_attention(void *out, const void *query, const void *key_cache, const 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < num_tasks; ++task) {
             if (scratch == NULL) continue;
-            const int64_t i = task / num_kv_heads, kv_head = task % num_kv_heads, seq = seqs[i];
-            const int64_t len = seq_lens[seq];
+            const int64_t i = task / tasks_per_seq, first_head = task % tasks_per_seq * heads_per_task;
+            const int64_t seq = seqs[i], len = seq_lens[seq];
             const int64_t first = sliding_window > 0 && len > sliding_window ? len - sliding_window : 0;
             const int64_t n = len - first;
             const int32_t *table = block_tables + seq * block_table_stride;
-            float *q = scratch, *acc = q + group * head_size, *tile = acc + group * head_size;
-            float *scores = tile + TILE * head_size;
-            const int64_t head_offset = kv_head * group * head_size;
-            load_row(query, dtype, rows[i] * query_row_stride + head_offset, group * head_size, q);
-            for (int64_t j = 0; j < group * head_size; ++j) q[j] *= scale;
+            float *q = scratch, *acc = q + span, *tile = acc + span, *scores = tile + TILE * head_size;
+            const int64_t head_offset = first_head * group * head_size;
+            load_row(query, dtype, rows[i] * query_row_stride + head_offset, span, q);
+            for (int64_t j = 0; j < span; ++j) q[j] *= scale;
 
             for (int64_t t = 0; t < n; t += TILE) {
                 const int64_t count = n - t < TILE ? n - t : TILE;
-                load_tile(key_cache, dtype, table, first + t, count, block_size, num_kv_heads, kv_head, head_size,
-                          len, tile);
-                for (int64_t g = 0; g < group; ++g) dot4(q + g * head_size, tile, head_size,
-                                                         scores + g * score_stride + t);
+                prefetch_ahead(key_cache, dtype, table, first + t, block_size, num_kv_heads, first_head,
+                               heads_per_task, head_size, len);
+                for (int64_t h = 0; h < heads_per_task; ++h) {
+                    load_tile(key_cache, dtype, table, first + t, count, block_size, num_kv_heads, first_head + h,
+                              head_size, tile);
+                    for (int64_t g = 0; g < group; ++g)
+                        dot4(q + (h * group + g) * head_size, tile, head_size, scores + h * head_scores
+                                                                                   + g * score_stride + t);
+                }
             }
-            for (int64_t g = 0; g < group; ++g) softmax(scores + g * score_stride, n);
-            memset(acc, 0, (size_t)(group * head_size) * sizeof(float));
+            for (int64_t r = 0; r < heads_per_task * group; ++r) softmax(scores + r * score_stride, n);
+            memset(acc, 0, (size_t)span * sizeof(float));
             for (int64_t t = 0; t < n; t += TILE) {
                 const int64_t count = n - t < TILE ? n - t : TILE;
-                load_tile(value_cache, dtype, table, first + t, count, block_size, num_kv_heads, kv_head, head_size,
-                          len, tile);
-                for (int64_t g = 0; g < group; ++g) axpy_tile(scores + g * score_stride + t, tile, head_size,
-                                                              acc + g * head_size);
+                prefetch_ahead(value_cache, dtype, table, first + t, block_size, num_kv_heads, first_head,
+                               heads_per_task, head_size, len);
+                for (int64_t h = 0; h < heads_per_task; ++h) {
+                    load_tile(value_cache, dtype, table, first + t, count, block_size, num_kv_heads, first_head + h,
+                              head_size, tile);
+                    for (int64_t g = 0; g < group; ++g)
+                        axpy_tile(scores + h * head_scores + g * score_stride + t, tile, head_size,
+                                  acc + (h * group + g) * head_size);
+                }
             }
             if (dtype == DTYPE_BFLOAT16) {
                 uint16_t *dst = (uint16_t *)out + rows[i] * out_row_stride + head_offset;
-                for (int64_t j = 0; j < group * head_size; ++j) dst[j] = float_to_bf16(acc[j]);
+                for (int64_t j = 0; j < span; ++j) dst[j] = float_to_bf16(acc[j]);
             } else {
-                memcpy((float *)out + rows[i] * out_row_stride + head_offset, acc,
-                       (size_t)(group * head_size) * sizeof(float));
+                memcpy((float *)out + rows[i] * out_row_stride + head_offset, acc, (size_t)span * sizeof(float));
             }
         }
         free(scratch);

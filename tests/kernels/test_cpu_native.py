@@ -41,10 +41,20 @@ def expected(batch, **kwargs):
     return reference.paged_attention(**widened, **kwargs)
 
 
+@pytest.fixture(params=["head", "sequence"], ids=["task-a-head", "task-a-sequence"])
+def decode_tasks(request, monkeypatch):
+    """Decode attention's two task shapes, whatever the batch and dtype: one KV head of a sequence a task, or all of
+    a sequence's heads in one."""
+    whole = request.param == "sequence"
+    monkeypatch.setattr(cpu_native, "_SEQS_PER_THREAD", 0 if whole else 1 << 30)
+    monkeypatch.setattr(cpu_native, "_WHOLE_SEQUENCE_DTYPES", (torch.float32, torch.bfloat16))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "q{}kv{}d{}".format(*h))
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_decode_attention_matches_the_reference(heads, dtype, block_size):
+def test_decode_attention_matches_the_reference(heads, dtype, block_size, decode_tasks):
     batch = decode_batch(7, 90, heads, dtype, block_size, seed=block_size)
     out = torch.full_like(batch["query"], float("nan"))
     assert cpu_native.supports_decode_attention(batch["query"], batch["key_cache"], batch["value_cache"],
@@ -54,7 +64,7 @@ def test_decode_attention_matches_the_reference(heads, dtype, block_size):
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 40])
-def test_sliding_window(window):
+def test_sliding_window(window, decode_tasks):
     batch = decode_batch(6, 70, (6, 2, 64), torch.float32, 16, seed=window)
     out = cpu.paged_attention(**batch, scale=0.125, sliding_window=window)
     within_rounding(out, expected(batch, scale=0.125, sliding_window=window), torch.float32)
@@ -102,7 +112,7 @@ def test_prefill_attention_sees_a_wrong_key():
         within_rounding(cpu.paged_attention(**batch, scale=0.5), want, torch.float32)
 
 
-def test_decodes_among_prefills_write_only_their_rows():
+def test_decodes_among_prefills_write_only_their_rows(decode_tasks):
     """A mixed step: the kernels take the decodes and the prefills (their query rows scattered among each other's);
     padding rows stay untouched."""
     g = torch.Generator().manual_seed(3)
@@ -122,7 +132,7 @@ def test_a_wrong_scale_is_caught():
         within_rounding(cpu.paged_attention(**batch, scale=0.2), expected(batch, scale=0.202), torch.float32)
 
 
-def test_long_context_and_large_scores():
+def test_long_context_and_large_scores(decode_tasks):
     """Thousands of keys, scores a hundred apart (exp's range reduction over many octaves, the clamp below -87);
     within the float32 tolerance every attention kernel is held to."""
     g = torch.Generator().manual_seed(5)
