@@ -131,8 +131,6 @@ def main() -> None:
                 xq, xs = act_quant.quantize_activations(x, torch.float8_e4m3fn)
                 print(row("  fp8 skinny kernel alone", graph_time_us(
                     lambda: w8a8.w8a8_skinny(xq, fp8[0], xs, fp8[1], None, x.dtype)), k * n, base))
-                print(row("  fp8 skinny kernel quantizing its rows", graph_time_us(
-                    lambda: w8a8.w8a8_skinny(x, fp8[0], None, fp8[1], None, x.dtype, quantize=True)), k * n, base))
                 if "skinny" in swept:
                     for name, w8 in (("fp8", fp8), ("int8", i8)):
                         us, config = sweep_skinny(x, w8)

@@ -29,23 +29,7 @@ def _row_absmax_scale(x_row, K: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.const
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
-    return absmax_scale(tl.max(amax, axis=0), TOP)
-
-
-@triton.jit
-def absmax_scale(amax, TOP: tl.constexpr):
-    """A row's symmetric scale from its largest magnitude (a kernel that quantizes its own input uses it too)."""
-    return tl.maximum(amax / TOP, 1e-12)
-
-
-@triton.jit
-def quantize_symmetric(x, scale, target_ptr, INT: tl.constexpr, TOP: tl.constexpr):
-    """x / scale rounded onto the grid of `target_ptr`'s element type (int8 or float8), saturated at +-TOP."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -TOP), TOP)
-    if INT:
-        return _round_half_even(v).to(target_ptr.dtype.element_ty)
-    # torch rounds to nearest even; Triton's default for float8 is not that everywhere
-    return v.to(target_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    return tl.maximum(tl.max(amax, axis=0) / TOP, 1e-12)
 
 
 @triton.jit
@@ -83,12 +67,13 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, zp_ptr, static_zp
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)
         # IEEE division, as torch divides: the GPU's default `/` is approximate and moves int8 roundings.
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0)
+        v = tl.math.div_rn(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32), scale)
         if ASYM:  # round, then shift by the zero point, then clamp: the reference's order
-            v = tl.math.div_rn(x.to(tl.float32), scale)
             q = tl.minimum(tl.maximum(_round_half_even(v) + zero, -TOP - 1.0), TOP).to(q_ptr.dtype.element_ty)
-        else:
-            q = quantize_symmetric(x, scale, q_ptr, INT, TOP)
+        elif INT:
+            q = _round_half_even(tl.minimum(tl.maximum(v, -TOP), TOP)).to(q_ptr.dtype.element_ty)
+        else:  # torch rounds to nearest even; Triton's default for float8 is not that everywhere
+            q = tl.minimum(tl.maximum(v, -TOP), TOP).to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(q_ptr + row * K + cols, q, mask=cols < K)
 
 

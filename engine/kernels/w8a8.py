@@ -5,9 +5,6 @@ zero point's share off the int32 accumulator first (q @ W.T - z * colsum(W), vLL
 quantization as `kernels.reference.w8a8_linear`, which emulates it in float32.
 
 The activations are quantized by one Triton launch (`kernels.act_quant`): in torch ops it took as long as the GEMM.
-Up to `QUANTIZING_MAX_ROWS` rows (batch-1 decode) the skinny kernel below quantizes its float input itself, with
-act_quant's scale and rounding: the quantizer's own launch was ~3 us of a 8-10 us qkv or o projection at batch 1 on
-an H200 and 7-9 us beside down's 21 us (the thirteenth session's `bench/quant_kernels.py`).
 
 Up to 16 rows (decode) a Triton kernel replaces cuBLAS: the 8th session measured `_scaled_mm` reading skinny FP8
 problems at 1.3-1.6 TB/s, under half of what bf16 GEMV reaches, so 8-bit weights lost to 16-bit ones at decode. Its
@@ -28,27 +25,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.kernels.act_quant import absmax_scale, quantize_activations, quantize_activations_asym, quantize_symmetric
-from engine.kernels.reference import FP8_MAX, INT8_MAX, dequantize_w8
+from engine.kernels.act_quant import quantize_activations, quantize_activations_asym
+from engine.kernels.reference import dequantize_w8
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 SKINNY_MAX_ROWS = 16
-# Up to this many rows the skinny kernel quantizes its input itself: every program scans all rows for their scales,
-# which costs more L2 reads than the quantizer's launch saves once the rows are many.
-QUANTIZING_MAX_ROWS = 4
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
-@triton.jit(do_not_specialize=["M", "stride_x"])
+@triton.jit(do_not_specialize=["M"])
 def _w8a8_skinny_kernel(
-    x_ptr,  # [M, K], rows stride_x apart: 8-bit rows, or (QUANTIZE) the float rows to quantize here
+    q_ptr,  # [M, K] 8-bit activations, rows contiguous
     w_ptr,  # [N, K] 8-bit weight, rows contiguous
-    x_scale_ptr,  # [M] float32 row scales; QUANTIZE: the static scale (STATIC) or unused
+    x_scale_ptr,  # [M] float32
     w_scale_ptr,  # [N] float32
-    bias_ptr, out_ptr, M, N, stride_x,
+    bias_ptr, out_ptr, M, N,
     K: tl.constexpr, INT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QUANTIZE: tl.constexpr, STATIC: tl.constexpr, TOP: tl.constexpr,
     F32_DOT: tl.constexpr,  # the interpreter's dots: in float32, exact for these products and sums
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -56,33 +49,20 @@ def _w8a8_skinny_kernel(
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     col_mask, row_mask = cols < N, rows < M
-    x_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
-    if not QUANTIZE:
-        x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
-    elif STATIC:
-        x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
-    else:
-        # Each program scans the rows for their largest magnitude (a few KB from L2 beside its weight tiles), so the
-        # per-token quantizer needs no launch of its own; the scale and the rounding are act_quant's, bit for bit.
-        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            v = tl.load(x_ptrs + k, mask=row_mask[:, None] & (ks < K - k)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        x_scale = absmax_scale(tl.max(amax, axis=1), TOP)
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * K + ks[None, :]
+    q_ptrs = q_ptr + rows[:, None] * K + ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT and not F32_DOT else tl.float32)
     for k in range(0, K, BLOCK_K):
         k_mask = ks < K - k
         w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        q = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if QUANTIZE:
-            q = quantize_symmetric(q, x_scale[:, None], w_ptr, INT, TOP)
+        q = tl.load(q_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if F32_DOT:
             acc = tl.dot(q.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(q, tl.trans(w), acc, out_dtype=acc.dtype)
         w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+    x_scale = tl.load(x_scale_ptr + rows, mask=row_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
     result = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
@@ -101,26 +81,20 @@ def _skinny_config(k: int, n: int) -> tuple[int, int, int, int]:
     return (64, 512, 4, 5) if n > k else (32, 512, 4, 3)  # qkv; o
 
 
-def w8a8_skinny(q: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor | None, weight_scale: torch.Tensor,
+def w8a8_skinny(q: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype,
-                config: tuple[int, int, int, int] | None = None, quantize: bool = False) -> torch.Tensor:
-    """Quantized rows q [M <= 16, K] (scales x_scale [M, 1]) x weight [N, K] -> [M, N] in `out_dtype`. With
-    `quantize`, q holds the float rows and the kernel quantizes them as `quantize_activations` does: per token, or
-    by the static `x_scale` when one is given. `config` (BLOCK_N, BLOCK_K, warps, stages) is overridable for tests
-    and tuning."""
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Quantized rows q [M <= 16, K] (scales x_scale [M, 1]) x weight [N, K] -> [M, N] in `out_dtype`; `config`
+    (BLOCK_N, BLOCK_K, warps, stages) is overridable for tests and tuning."""
     m, k = q.shape
     n = weight.shape[0]
     block_n, block_k, warps, stages = config or _skinny_config(k, n)
     block_k = min(block_k, max(32, triton.next_power_of_2(k)))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    int8 = weight.dtype == torch.int8
     _w8a8_skinny_kernel[(triton.cdiv(n, block_n),)](
-        q, weight, x_scale if x_scale is not None else weight_scale, weight_scale,
-        bias if bias is not None else weight_scale, out, m, n, q.stride(0), K=k, INT=int8, HAS_BIAS=bias is not None,
-        QUANTIZE=quantize, STATIC=x_scale is not None, TOP=INT8_MAX if int8 else FP8_MAX, F32_DOT=_INTERPRET,
-        BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        q, weight, x_scale, weight_scale, bias if bias is not None else weight_scale, out, m, n, K=k,
+        INT=weight.dtype == torch.int8, HAS_BIAS=bias is not None, F32_DOT=_INTERPRET, BLOCK_M=SKINNY_MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -135,8 +109,6 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     m = x2.shape[0]
     if azp_adj is not None:
         q, scale, zero_point = quantize_activations_asym(x2, input_scale, input_zero_point)
-    elif 0 < m <= QUANTIZING_MAX_ROWS and weight.is_contiguous():
-        return w8a8_skinny(x2, weight, input_scale, weight_scale, bias, x.dtype, quantize=True).view(*x.shape[:-1], n)
     else:
         q, scale = quantize_activations(x2, weight.dtype, input_scale)
         if 0 < m <= SKINNY_MAX_ROWS and weight.is_contiguous():

@@ -117,31 +117,3 @@ def test_skinny_kernel_exact_on_quantized_rows(wdtype, m, config):
     out = w8a8.w8a8_skinny(q, weight, scale, weight_scale, bias, torch.float32, config)
     expected = (q.float() * scale) @ reference.dequantize_w8(weight, weight_scale).T + bias
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
-@pytest.mark.parametrize("m", [1, 3, 4])
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_skinny_kernel_quantizing_its_input_equals_quantizer_then_kernel(wdtype, m, static):
-    """Up to `QUANTIZING_MAX_ROWS` rows `w8a8_linear` hands the float rows to the skinny kernel, which finds each
-    row's scale and rounds as the quantizer does: its output equals, bit for bit, the quantizer's launch followed by
-    the kernel on the quantized rows. Rows strided (a view), K with a masked tail, one outlier per row so that the
-    rows' scales differ."""
-    if wdtype == torch.float8_e4m3fn and CUDA and not FP8_OK:
-        pytest.skip("FP8 needs compute capability 8.9")
-    from engine.kernels import act_quant, w8a8
-
-    n, k = 72, 200
-    weight, weight_scale = make_layer(n, k, wdtype, seed=m + 11, device=DEVICE)
-    g = torch.Generator().manual_seed(m)
-    wide = torch.randn(m, k + 24, generator=g)
-    wide[torch.arange(m), torch.arange(m) * 7] = 3.0 + torch.arange(m, dtype=torch.float32)
-    x = wide.to(DEVICE, torch.bfloat16)[:, :k]
-    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
-    scale = torch.tensor(4.0 / (448 if wdtype == torch.float8_e4m3fn else 127), device=DEVICE) if static else None
-    fused = w8a8.w8a8_skinny(x, weight, scale, weight_scale, bias, torch.bfloat16, quantize=True)
-    q, row_scales = act_quant.quantize_activations(x.contiguous(), wdtype, scale)
-    separate = w8a8.w8a8_skinny(q, weight, row_scales, weight_scale, bias, torch.bfloat16)
-    assert torch.equal(fused, separate)
-    assert m <= w8a8.QUANTIZING_MAX_ROWS
-    torch.testing.assert_close(w8a8.w8a8_linear(x, weight, weight_scale, scale, bias), fused)
