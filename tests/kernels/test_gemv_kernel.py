@@ -81,3 +81,12 @@ def test_gpu_llama_projections(m, n, k, dtype):
     if dtype != torch.float32:  # what the model's layers call: kernel or cuBLAS, the same numbers within tolerance
         atol, rtol = TOL[dtype]
         torch.testing.assert_close(gemv.linear(x, weight), reference.linear(x, weight), atol=atol, rtol=rtol)
+
+
+def test_wide_weights_take_the_short_k_tiles():
+    """gate/up- and LM-head-wide half-precision weights (16384 outputs and more) run 128-wide K tiles, the rest
+    512-wide; the wide launch is checked here too (under the interpreter on the CPU), K past one tile with a masked
+    tail and N no multiple of the column block."""
+    assert gemv._config(16400, 2)["block_k"] == 128 and gemv._config(16400, 4)["block_k"] == 512
+    assert gemv._config(6144, 2)["block_k"] == 512
+    check(3, 16400, 200, torch.bfloat16, bias=True, seed=5)
