@@ -31,17 +31,19 @@
 static inline __attribute__((always_inline)) void tile(int rows, int panels, const float *restrict x, int64_t x_stride,
                                                         const float *restrict w, int64_t k, float *restrict y,
                                                         int64_t y_stride, const float *restrict bias,
-                                                        const float *ahead) {
+                                                        const float *ahead, int64_t ahead_from, int64_t ahead_step) {
     vec16 acc[TILE_ROWS][2];
     const float *w1 = w + k * PANEL;
 #pragma GCC unroll 8
     for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = (vec16){0};
+    int64_t next = ahead_from;
     for (int64_t i = 0; i < k; ++i) {
         const vec16 b0 = vload(w + i * PANEL);
         const vec16 b1 = panels == 2 ? vload(w1 + i * PANEL) : b0;
-        if (ahead != 0) {
+        if (ahead != 0 && i == next) {
             __builtin_prefetch(ahead + i * PANEL);
             __builtin_prefetch(ahead + (k + i) * PANEL);
+            next += ahead_step;
         }
 #pragma GCC unroll 8
         for (int r = 0; r < rows; ++r) {
@@ -63,13 +65,13 @@ static inline __attribute__((always_inline)) void tile(int rows, int panels, con
 #define TILE_CASE(tile_fn, R)                                                                                        \
     case R:                                                                                                          \
         if (panels == 2)                                                                                             \
-            tile_fn(R, 2, x, x_stride, w, k, y, y_stride, bias, ahead);                                              \
+            tile_fn(R, 2, x, x_stride, w, k, y, y_stride, bias, ahead, ahead_from, ahead_step);                      \
         else                                                                                                         \
-            tile_fn(R, 1, x, x_stride, w, k, y, y_stride, bias, ahead);                                              \
+            tile_fn(R, 1, x, x_stride, w, k, y, y_stride, bias, ahead, ahead_from, ahead_step);                      \
         break;
 
 static void any_tile(int rows, int panels, const float *x, int64_t x_stride, const float *w, int64_t k, float *y,
-                     int64_t y_stride, const float *bias, const float *ahead) {
+                     int64_t y_stride, const float *bias, const float *ahead, int64_t ahead_from, int64_t ahead_step) {
     switch (rows) {
         TILE_CASE(tile, 1)
         TILE_CASE(tile, 2)
@@ -91,17 +93,20 @@ static void any_tile(int rows, int panels, const float *x, int64_t x_stride, con
 static inline __attribute__((always_inline)) void tile_bf16(int rows, int panels, const uint16_t *restrict x,
                                                              int64_t x_stride, const uint16_t *restrict w, int64_t k,
                                                              uint16_t *restrict y, int64_t y_stride,
-                                                             const uint16_t *restrict bias, const uint16_t *ahead) {
+                                                             const uint16_t *restrict bias, const uint16_t *ahead,
+                                                             int64_t ahead_from, int64_t ahead_step) {
     __m512 acc[TILE_ROWS][2];
     const uint16_t *w1 = w + k * PANEL;
 #pragma GCC unroll 8
     for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t next = ahead_from;
     for (int64_t i = 0; i < k / 2; ++i) {
         const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w + i * 2 * PANEL);
         const __m512bh b1 = panels == 2 ? (__m512bh)_mm512_loadu_si512(w1 + i * 2 * PANEL) : b0;
-        if (ahead != 0) {
+        if (ahead != 0 && i == next) {
             __builtin_prefetch(ahead + i * 2 * PANEL);
             __builtin_prefetch(ahead + (k + 2 * i) * PANEL);
+            next += ahead_step;
         }
 #pragma GCC unroll 8
         for (int r = 0; r < rows; ++r) {
@@ -125,7 +130,8 @@ static inline __attribute__((always_inline)) void tile_bf16(int rows, int panels
 }
 
 static void any_tile_bf16(int rows, int panels, const uint16_t *x, int64_t x_stride, const uint16_t *w, int64_t k,
-                          uint16_t *y, int64_t y_stride, const uint16_t *bias, const uint16_t *ahead) {
+                          uint16_t *y, int64_t y_stride, const uint16_t *bias, const uint16_t *ahead,
+                          int64_t ahead_from, int64_t ahead_step) {
     switch (rows) {
         TILE_CASE(tile_bf16, 1)
         TILE_CASE(tile_bf16, 2)
@@ -161,24 +167,28 @@ void packed_linear(void *y, const void *x, const void *packed, const void *bias,
         for (int64_t pair = 0; pair < num_pairs; ++pair) {
             const int64_t panel = 2 * pair;
             const int panels = panel + 1 < num_panels ? 2 : 1;
+            const int64_t tiles = (chunk_end - row0 + TILE_ROWS - 1) / TILE_ROWS;
             for (int64_t r = row0; r < chunk_end; r += TILE_ROWS) {
                 const int rows = chunk_end - r < TILE_ROWS ? (int)(chunk_end - r) : TILE_ROWS;
                 const int64_t w_at = panel * k * PANEL, x_at = r * x_stride, y_at = r * y_stride + panel * PANEL;
-                /* The first tile of a pair fetches the next pair's panels (they follow in memory) into the cache:
-                 * the tiles after it then compute from the cache, and memory streams while they do. */
-                const int64_t ahead_at = r == row0 && pair + 1 < num_pairs ? w_at + 2 * k * PANEL : -1;
+                /* The pair's tiles fetch the next pair's panels (they follow in memory) into the cache while they
+                 * compute, each every tiles-th step of K from its own: memory streams the whole time at the rate
+                 * the compute takes it. The first tile alone fetching the whole pair asked for it four times as fast
+                 * at 32 rows (two threads: past the box's bandwidth), then let memory idle for the other three. */
+                const int64_t ahead_at = pair + 1 < num_pairs ? w_at + 2 * k * PANEL : -1;
+                const int64_t ahead_from = (r - row0) / TILE_ROWS;
                 if (dtype == DTYPE_FLOAT32) {
                     const float *w = (const float *)packed;
                     any_tile(rows, panels, (const float *)x + x_at, x_stride, w + w_at, k, (float *)y + y_at,
                              y_stride, bias != 0 ? (const float *)bias + panel * PANEL : 0,
-                             ahead_at >= 0 ? w + ahead_at : 0);
+                             ahead_at >= 0 ? w + ahead_at : 0, ahead_from, tiles);
                 }
 #ifdef __AVX512BF16__
                 else {
                     const uint16_t *w = (const uint16_t *)packed;
                     any_tile_bf16(rows, panels, (const uint16_t *)x + x_at, x_stride, w + w_at, k,
                                   (uint16_t *)y + y_at, y_stride, bias != 0 ? (const uint16_t *)bias + panel * PANEL : 0,
-                                  ahead_at >= 0 ? w + ahead_at : 0);
+                                  ahead_at >= 0 ? w + ahead_at : 0, ahead_from, tiles);
                 }
 #endif
             }
