@@ -216,10 +216,10 @@ static void weigh_tiles(const void *cache, int dtype, const int32_t *table, int6
  * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size,
  * num_kv_heads, head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
  * including the query's own token); sliding_window 0 for none. A task takes heads_per_task KV heads (a divisor of
- * num_kv_heads) of one sequence and walks the keys once for all of them: with all heads, a tile of positions is one
- * contiguous run of each block, where a task per head read a row in every num_kv_heads (SmolLM2: 128 bytes of
- * every 384), which the hardware prefetcher does not follow; one head a task leaves more tasks when the sequences are
- * few. Returns 0, or -1 when scratch memory ran out. */
+ * num_kv_heads) of one sequence: with all of them, the tile path walks the keys once for all heads, a tile of
+ * positions one contiguous run of each block, where a task a head read a row in every num_kv_heads (SmolLM2: 128
+ * bytes of every 384), which the hardware prefetcher does not follow; one head a task leaves more tasks when the
+ * sequences are few. Returns 0, or -1 when scratch memory ran out. */
 int decode_attention(void *out, const void *query, const void *key_cache, const void *value_cache, int dtype,
                      const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
                      const int64_t *seqs, const int64_t *rows, int64_t num_seqs, int64_t num_heads,
