@@ -38,9 +38,10 @@ enum { TILE = 4, AHEAD = 4 };
  * tiles ahead into L1, and 26.8 ms with no prefetch (a /tmp script, bf16, 2 threads, a task a head). Inlined
  * before gcc's interprocedural passes look at it: a function that only prefetches counts as pure to them, and its
  * calls were deleted (no prefetch left in the library, 2.5x slower). */
-static inline __attribute__((always_inline)) void prefetch_ahead(const void *cache, int dtype, const int32_t *table, int64_t pos, int64_t block_size,
-                                  int64_t num_kv_heads, int64_t first_head, int64_t heads, int64_t head_size,
-                                  int64_t end) {
+static inline __attribute__((always_inline)) void prefetch_ahead(const void *cache, int dtype, const int32_t *table,
+                                                                  int64_t pos, int64_t block_size,
+                                                                  int64_t num_kv_heads, int64_t first_head,
+                                                                  int64_t heads, int64_t head_size, int64_t end) {
     const int64_t element = dtype == DTYPE_BFLOAT16 ? 2 : 4, run_bytes = heads * head_size * element;
     for (int64_t r = pos + AHEAD * TILE; r < pos + (AHEAD + 1) * TILE && r < end; ++r) {
         const char *run = (const char *)cache + row_offset(table, r, block_size, num_kv_heads, first_head, head_size)
@@ -214,12 +215,12 @@ static void weigh_tiles(const void *cache, int dtype, const int32_t *table, int6
 /* out[rows[i]] = softmax(q k^T * scale) v over sequence seqs[i]'s visible keys, for i < num_seqs.
  * query, out: [num_tokens, num_heads, head_size], heads contiguous, rows query_row_stride / out_row_stride
  * elements apart (a query may be a view into the fused qkv projection's output); caches: [num_blocks, block_size,
- * num_kv_heads, head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence (the length
- * including the query's own token); sliding_window 0 for none. A task takes heads_per_task KV heads (a divisor of
- * num_kv_heads) of one sequence: with all of them, the tile path walks the keys once for all heads, a tile of
- * positions one contiguous run of each block, where a task a head read a row in every num_kv_heads (SmolLM2: 128
- * bytes of every 384), which the hardware prefetcher does not follow; one head a task leaves more tasks when the
- * sequences are few. Returns 0, or -1 when scratch memory ran out. */
+ * num_kv_heads, head_size] contiguous; block_tables: int32 rows of block_table_stride; seq_lens: int32 per sequence
+ * (the length including the query's own token); sliding_window 0 for none. A task takes heads_per_task KV heads
+ * (a divisor of num_kv_heads) of one sequence: with all of them, the tile path walks the keys once for all heads, a
+ * tile of positions one contiguous run of each block, where a task a head read a row in every num_kv_heads
+ * (SmolLM2: 128 bytes of every 384), which the hardware prefetcher does not follow; one head a task leaves more tasks
+ * when the sequences are few. Returns 0, or -1 when scratch memory ran out. */
 int decode_attention(void *out, const void *query, const void *key_cache, const void *value_cache, int dtype,
                      const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
                      const int64_t *seqs, const int64_t *rows, int64_t num_seqs, int64_t num_heads,
