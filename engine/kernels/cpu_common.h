@@ -53,6 +53,10 @@ static inline vec16 vload(const float *p) {
 
 static inline void vstore(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
 
+/* x in every lane: one broadcast. `(vec16){0} + x` is not x for x = -0, so the compiler kept a scalar add before
+ * the broadcast, an extra floating-point op beside every multiply-add pair of the linears' inner loop. */
+static inline vec16 vsplat(float x) { return (vec16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
 /* dst[0:n] = base[offset:offset + n] as float. */
 static inline void load_row(const void *base, int dtype, int64_t offset, int64_t n, float *restrict dst) {
     if (dtype == DTYPE_BFLOAT16) {

@@ -47,7 +47,7 @@ static inline __attribute__((always_inline)) void tile(int rows, int panels, con
         }
 #pragma GCC unroll 8
         for (int r = 0; r < rows; ++r) {
-            const vec16 a = (vec16){0} + x[r * x_stride + i];
+            const vec16 a = vsplat(x[r * x_stride + i]);
             acc[r][0] += a * b0;
             if (panels == 2) acc[r][1] += a * b1;
         }
