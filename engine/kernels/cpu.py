@@ -151,14 +151,13 @@ def _native_rows(seq_lens, starts, lens, seqs, sliding_window) -> tuple[torch.Te
             seq_lens.to(torch.int32).contiguous(), max(visible))
 
 
-def _native_prefills(starts, lens, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _native_prefills(starts, lens, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The C prefill kernel's inputs for the step's prefills: their sequence indices, first query rows, query
-    lengths and lengths (contiguous int64), and the longest."""
+    lengths and lengths (contiguous int64)."""
     seqs = [seq for (q_len, seq_len), group in groups.items() if seq_len for seq in group]
     as_tensor = functools.partial(torch.tensor, dtype=torch.int64)
     return (as_tensor(seqs), as_tensor([starts[seq] for seq in seqs]),
-            as_tensor([starts[seq + 1] - starts[seq] for seq in seqs]), as_tensor([lens[seq] for seq in seqs]),
-            max(lens[seq] for seq in seqs))
+            as_tensor([starts[seq + 1] - starts[seq] for seq in seqs]), as_tensor([lens[seq] for seq in seqs]))
 
 
 def _decode_rows(starts, lens, seqs, num_keys, sliding_window, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,20 @@ def test_prefill_attention_in_a_sliding_window(window):
     within_rounding(out, expected(batch, scale=0.125, sliding_window=window), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("window", [0, 300])
+def test_prefill_attention_over_several_key_blocks(dtype, window):
+    """Longer than a key block (cpu_prefill_attention.c's KB, 256 positions) and than a task's rows: the running
+    max and sum carry across blocks, each sequence splits into tasks, a row's window starts inside a block."""
+    g = torch.Generator().manual_seed(11 + window)
+    batch = make_attention_batch([300, 70], [700, 70], 8, 2, 64, 16, dtype, generator=g)
+    out = torch.full_like(batch["query"], float("nan"))
+    assert cpu_native.supports_prefill_attention(batch["query"], batch["key_cache"], batch["value_cache"],
+                                                 batch["block_tables"], out)
+    cpu.paged_attention(**batch, scale=0.125, sliding_window=window, out=out)
+    within_rounding(out, expected(batch, scale=0.125, sliding_window=window), dtype)
+
+
 def test_prefill_heads_of_a_size_the_kernel_does_not_take_keep_sdpa():
     g = torch.Generator().manual_seed(4)
     batch = make_attention_batch([20, 1], [30, 9], 4, 2, 40, 16, torch.float32, generator=g)
