@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine import kernels
+from engine import cpu_heap, kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
 from engine.cuda_graphs import MIXED_GRAPH_TOKENS, CudaGraphs, graph_batch_sizes, graph_sizes, mixed_graph_shapes
@@ -54,6 +54,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
+        if device.type == "cpu":
+            cpu_heap.keep_freed_memory()
         stage = (PipelineStage.of(config, model_config.num_layers, pp_rank) if config.pipeline_parallel_size > 1
                  else None)
         self.stage = stage

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from engine import cpu_heap
 from engine.device_region import BumpAllocator, DeviceRegion, RegionError, aligned
 from engine.runner import ModelRunner
 
@@ -26,6 +27,8 @@ def sleep_runner(runner: ModelRunner) -> int:
     """One rank's part of a level-1 sleep: its KV cache freed, its weights (a draft model's too) to pinned host
     memory, its graphs dropped unless they live on fixed addresses; returns the bytes copied to the host."""
     runner.kv_memory.release()
+    if runner.device.type == "cpu":
+        cpu_heap.release_freed_memory()  # the cache's pages, which the heap keeps while the engine serves
     if runner.device.type != "cuda":
         return 0
     if runner.fixed_memory is None:
