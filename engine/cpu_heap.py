@@ -2,14 +2,13 @@
 until it sleeps.
 
 glibc serves every allocation over its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it on free,
-so each step's large activations (SmolLM2's gate/up output of a 4096-token prefill: 50 MB) came back as new pages:
-a page fault every 4 KiB and the kernel zeroing them, 18 ms of that linear's 86 (the kernel itself 67) and about a
+so each step's large activations (SmolLM2's gate/up output of a 4096-token prefill: 50 MB) came back as new pages: a
+page fault every 4 KiB and the kernel zeroing them, 18 ms of that linear's 86 (the kernel itself 67) and about a
 tenth of the prefill. With mmap off for allocations and the heap's top never trimmed below 1 GiB, the next step's
 tensors reuse the same pages (after a few steps: torch's aligned allocations do not fit a freed chunk of exactly
 their size, so the heap first grows by a few of them until freed neighbours coalesce). vLLM's CPU build gets the
-same from tcmalloc, which it preloads. A sleeping engine
-hands its freed cache back (`release_freed_memory`). The GPU's memory has torch's caching allocator; this is only
-for the host heap of engines that compute on the CPU.
+same from tcmalloc, which it preloads. A sleeping engine hands its freed cache back (`release_freed_memory`). The
+GPU's memory has torch's caching allocator; this is only for the host heap of engines that compute on the CPU.
 """
 
 from __future__ import annotations
