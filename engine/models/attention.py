@@ -72,13 +72,17 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_size)
 
 
-# The per-layer KV scales vLLM and llm-compressor write beside each attention block's projections.
-KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+# The per-layer KV scales as the tools write them: `self_attn.k_scale` (vLLM, llm-compressor),
+# `self_attn.k_proj.k_scale` (AutoFP8, ModelOpt) and `self_attn.k_proj.output_scale` (older llm-compressor).
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
 
 
 def load_kv_scale(model: nn.Module, hf_name: str, tensor: torch.Tensor) -> None:
     """`model.layers.N.self_attn.k_scale` (a scalar, or one value per tensor) -> that block's `Attention.k_scale`."""
     block_name, _, which = hf_name.rpartition(".")
+    if block_name.endswith((".k_proj", ".v_proj")):  # the projection is merged into qkv_proj here: its block's
+        block_name, _, projection = block_name.rpartition(".")
+        which = f"{projection[0]}_scale"
     block = model.get_submodule(block_name)
     attention = next((m for m in block.modules() if isinstance(m, Attention)), None)
     if attention is None or tensor.numel() != 1:

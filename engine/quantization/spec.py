@@ -2,8 +2,9 @@
 option, checked, and reduced to one `QuantScheme`; torch-free, so that `kvbox check-config` can show and check it.
 
 Each released tool writes its own keys (GPTQ: auto-gptq / gptqmodel; AWQ: AutoAWQ; compressed-tensors: llm-compressor;
-fp8: vLLM / FP8 checkpoints; auto-round: Intel AutoRound, in GPTQ's or AWQ's layout; gguf: kvbox's GGUF reader); everything outside what kvbox runs is refused here with the key and its value, so a
-model never loads half-understood. Which linear method runs a scheme is `engine.quantization.methods`' job.
+fp8: vLLM / FP8 checkpoints; auto-round: Intel AutoRound, in GPTQ's or AWQ's layout; gguf: kvbox's GGUF reader);
+everything outside what kvbox runs is refused here with the key and its value, so a model never loads
+half-understood. Which linear method runs a scheme is `engine.quantization.methods`' job.
 """
 
 from __future__ import annotations
@@ -75,17 +76,17 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
         return _parse_checkpoint(checkpoint) if checkpoint else None
     if requested not in ONLINE_METHODS:
         raise QuantizationConfigError("quantization", requested, f"expected one of none, {', '.join(ONLINE_METHODS)}")
-    if not checkpoint:  # int8 with a zero point per token: half the perplexity cost of symmetric (bench/RESULTS.md)
+    scheme = _parse_checkpoint(checkpoint) if checkpoint else None
+    if scheme is None:  # int8 with a zero point per token: half the perplexity cost of symmetric (bench/RESULTS.md)
         return QuantScheme(requested, requested, 8, weight_strategy="channel", activations="token",
                            input_symmetric=requested != "int8", online=True)
-    scheme = _parse_checkpoint(checkpoint)
     if scheme.layout == requested:
         return scheme  # an fp8 checkpoint asked to run as fp8 is just that
     raise QuantizationConfigError("quantization", requested, f"the checkpoint is already quantized "
                                   f"({scheme.describe()}); leave quantization unset to run it as it is")
 
 
-def _parse_checkpoint(config: dict[str, Any]) -> QuantScheme:
+def _parse_checkpoint(config: dict[str, Any]) -> QuantScheme | None:
     method = config.get("quant_method")
     parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8,
                "auto-round": _auto_round, "intel/auto-round": _auto_round, "gguf": _gguf}
@@ -179,13 +180,18 @@ def _check_ignored(config: dict[str, Any], key: str) -> None:
 _CT_FORMATS = {"pack-quantized": "pack", "int-quantized": "int8", "float-quantized": "fp8", "naive-quantized": "int8"}
 
 
-def _compressed_tensors(config: dict[str, Any]) -> QuantScheme:
+def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
+    kv_cache = config.get("kv_cache_scheme")
+    if kv_cache:  # its per-layer k_scale / v_scale load with the weights, for an fp8 kv_cache_dtype to use
+        for key, allowed, default in (("type", ("float",), "int"), ("num_bits", (8,), 8),
+                                      ("strategy", ("tensor", None), None), ("dynamic", (False,), False),
+                                      ("symmetric", (True,), True)):  # compressed-tensors' defaults
+            _key(kv_cache, key, allowed, default, prefix="kv_cache_scheme.")
+    groups = config.get("config_groups") or {}
+    if kv_cache and not groups:  # llm-compressor's FP8 KV cache alone: the weights stay float
+        return None
     fmt = _key(config, "format", tuple(_CT_FORMATS))
     _check_ignored(config, "ignore")
-    if config.get("kv_cache_scheme"):
-        raise QuantizationConfigError("quantization_config.kv_cache_scheme", config["kv_cache_scheme"],
-                                      "a quantized KV cache from the checkpoint is not supported yet")
-    groups = config.get("config_groups") or {}
     if len(groups) != 1:
         raise QuantizationConfigError("quantization_config.config_groups", sorted(groups),
                                       "kvbox runs exactly one config group (one scheme for every linear)")
