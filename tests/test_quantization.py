@@ -19,7 +19,7 @@ from engine import LLM, SamplingParams
 from engine.models.attention import AttentionMetadata
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
-from engine.quantization.spec import QuantizationConfigError, parse_quantization
+from engine.quantization.spec import QuantizationConfigError, check_linear_shapes, parse_quantization
 from engine.tools import quantized_checkpoints as qc
 from engine.kernels.reference import dequantize_wna16
 
@@ -41,7 +41,8 @@ def prefill_logits(model, config: ModelConfig, token_ids: list[int]) -> torch.Te
     blocks = -(-n // block)
     for layer in model.attention_layers():
         layer.kv_cache = torch.zeros(2, blocks, block, config.num_kv_heads, config.head_size)
-    metadata = AttentionMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+    metadata = AttentionMetadata(slot_mapping=torch.arange(n),
+                                 block_tables=torch.arange(blocks, dtype=torch.int32)[None],
                                  seq_lens=torch.tensor([n], dtype=torch.int32),
                                  query_start_loc=torch.tensor([0, n], dtype=torch.int32), max_query_len=n,
                                  max_seq_len=n)
@@ -149,6 +150,11 @@ def test_packed_weights_take_a_fraction_of_the_float_bytes(float_model, tmp_path
      "quantization_config.checkpoint_format", "gptq_v2"),
     ({**qc.awq_config(128), "version": "gemv"}, None, "quantization_config.version", "gemv"),
     ({**qc.awq_config(128), "zero_point": False}, None, "quantization_config.zero_point", False),
+    ({**qc.awq_config(128), "modules_to_not_convert": ["lm_head", "mlp.down_proj"]}, None,
+     "quantization_config.modules_to_not_convert", ["mlp.down_proj"]),
+    # gptqmodel's keys: another word size, a quantized LM head.
+    ({**qc.gptq_config(4, 128, True, False), "pack_dtype": "int16"}, None, "quantization_config.pack_dtype", "int16"),
+    ({**qc.gptq_config(4, 128, True, False), "lm_head": True}, None, "quantization_config.lm_head", True),
     (qc.gptq_config(4, 128, True, False), "fp8", "quantization", "fp8"),
     (None, "fp4", "quantization", "fp4"),
 ])
@@ -174,7 +180,8 @@ def test_a_group_size_that_does_not_divide_fails_at_load_naming_the_model(tiny_m
     folder = tiny_model("llama")  # hidden size 64: group size 128 cannot divide it
     qc.write_quantized(folder, tmp_path / "q", qc.gptq_config(4, 128, True, False),
                        lambda w: qc.gptq_tensors(w, 4, -1, True, False))
-    with pytest.raises(ValueError, match="input size 64 is not a multiple of the group size 128"):
+    with pytest.raises(QuantizationConfigError, match=rf"quantization_config.group_size = 128: the groups do not "
+                       rf"divide qkv_proj's 64 inputs .*\(model {tmp_path / 'q'}\)"):
         load_model(ModelConfig.from_pretrained(tmp_path / "q"), tmp_path / "q", CPU)
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     config["quantization_config"]["bits"] = 2
@@ -201,6 +208,40 @@ def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(f
     config.write_text("models:\n  - name: m\n    source: gptq\n")
     assert main(["check-config", str(config)]) == 1
     assert "models[0].source: quantization_config.bits = 3: kvbox supports 4, 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpoint, key, value", [
+    (qc.gptq_config(4, 32, True, False), "quantization_config.bits", 4),  # k/v's 36 outputs: qzeros' words
+    (qc.awq_config(32), "quantization_config.bits", 4),
+    (ct_pack_writer(4, 32, False)[0], "quantization_config.config_groups.group_0.weights.num_bits", 4),
+    (ct_pack_writer(8, 64, True)[0], "quantization_config.config_groups.group_0.weights.group_size", 64),
+    ({**qc.fp8_config(False), "weight_block_size": [64, 64]}, "quantization_config.weight_block_size", [64, 64]),
+    (ct_pack_writer(4, 32, True)[0], None, None),  # symmetric: nothing packed along the outputs
+    (qc.fp8_config(True), None, None),
+])
+def test_shapes_the_scheme_cannot_split_name_the_key(checkpoint, key, value):
+    """hidden 128, intermediate 160 (not a multiple of 64), q 128, k/v 36 (not a multiple of 8 or 64)."""
+    scheme = parse_quantization(checkpoint, None)
+    if key is None:
+        check_linear_shapes(scheme, 128, 160, 128, 36)
+        return
+    with pytest.raises(QuantizationConfigError) as error:
+        check_linear_shapes(scheme, 128, 160, 128, 36)
+    assert (error.value.key, error.value.value) == (key, value)
+
+
+def test_check_config_refuses_a_group_size_that_does_not_divide(tiny_model, tmp_path, capsys):
+    from appliance.cli import main
+
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    hf = json.loads((Path(tiny_model("llama")) / "config.json").read_text())  # hidden size 64
+    (folder / "config.json").write_text(json.dumps({**hf, "quantization_config": qc.gptq_config(4, 128, True, False)}))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"models:\n  - name: m\n    source: {folder}\n    device: cpu\n")
+    assert main(["check-config", str(config)]) == 1
+    assert ("models[0].source: quantization_config.group_size = 128: the groups do not divide qkv_proj's 64 inputs"
+            in capsys.readouterr().err)
 
 
 def test_lora_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights(float_model, tmp_path):

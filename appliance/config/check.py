@@ -19,7 +19,7 @@ from appliance.config.error import ConfigError
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import (EngineConfigError, check_encoder_on_one_rank, check_tensor_parallel_split,
                            pipeline_stage_layers)
-from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
+from engine.quantization.spec import QuantizationConfigError, QuantScheme, check_linear_shapes, parse_quantization
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUILTIN = re.compile(r"^builtin:[A-Za-z0-9._-]+$")
@@ -139,7 +139,14 @@ def model_quantization(m: ModelSpec) -> QuantScheme | None:
 
 def _check_quantization(m: ModelSpec, fail: Fail) -> None:
     try:
-        model_quantization(m)
+        scheme = model_quantization(m)
+        hf = _checkpoint_config(m)
+        sizes = [hf.get(key) for key in ("hidden_size", "intermediate_size", "num_attention_heads")]
+        if all(isinstance(size, int) for size in sizes):  # else the engine checks them when it reads the file
+            hidden, intermediate, heads = sizes
+            head_size = hf.get("head_dim") or hidden // heads
+            check_linear_shapes(scheme, hidden, intermediate, heads * head_size,
+                                (hf.get("num_key_value_heads") or heads) * head_size)
     except QuantizationConfigError as e:
         # The user's own key, or the checkpoint's setting (under source, since the file is the checkpoint's).
         fail("quantization", e.problem) if e.key == "quantization" else fail("source", str(e))

@@ -32,7 +32,12 @@ from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.gguf import dequantize_at_load
 from engine.quantization.methods import linear_method_for
 from engine.quantization.smoothing import smooth_online
-from engine.quantization.spec import QuantizationConfigError, QuantScheme, parse_quantization
+from engine.quantization.spec import (
+    QuantizationConfigError,
+    QuantScheme,
+    check_linear_shapes,
+    parse_quantization,
+)
 
 logger = logging.getLogger("kvbox.engine")
 
@@ -91,7 +96,10 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
 def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None) -> QuantScheme | None:
     """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
     try:
-        return parse_quantization(config.quantization_config, quantization)
+        scheme = parse_quantization(config.quantization_config, quantization)
+        check_linear_shapes(scheme, config.hidden_size, config.intermediate_size,
+                            config.num_heads * config.head_size, config.num_kv_heads * config.head_size)
+        return scheme
     except QuantizationConfigError as error:
         raise QuantizationConfigError(error.key, error.value, f"{error.problem} (model {path})") from None
 

@@ -9,7 +9,7 @@ half-understood. Which linear method runs a scheme is `engine.quantization.metho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
@@ -48,6 +48,8 @@ class QuantScheme:
     input_symmetric: bool = True
     online: bool = False
     gguf_types: tuple[str, ...] = ()  # gguf: the block types the file's weights hold (Q4_1, Q8_0...)
+    # Where quantization_config keeps the weights' keys (bits, group_size): compressed-tensors nests them.
+    weights_at: str = field(default="", compare=False)
 
     def describe(self) -> str:
         """One line for check-config and the dashboard: "gptq 4-bit, group 128, act-order"."""
@@ -86,6 +88,33 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
                                   f"({scheme.describe()}); leave quantization unset to run it as it is")
 
 
+def check_linear_shapes(scheme: QuantScheme | None, hidden_size: int, intermediate_size: int, q_size: int,
+                        kv_size: int) -> None:
+    """Every decoder linear (qkv, o, gate/up, down: [inputs, outputs of each part]) splits into the scheme's groups,
+    packed words and blocks; else the checkpoint's key that does not fit is named, before anything is allocated."""
+    if scheme is None or (scheme.layout in ("gguf", "fp8", "int8") and scheme.block_size is None):
+        return
+    linears = {"qkv_proj": (hidden_size, (q_size, kv_size, kv_size)), "o_proj": (q_size, (hidden_size,)),
+               "gate_up_proj": (hidden_size, (intermediate_size,)), "down_proj": (intermediate_size, (hidden_size,))}
+    at = f"quantization_config.{scheme.weights_at}"
+    for name, (inputs, outputs) in linears.items():
+        shape = f"{name}'s {inputs} inputs and {', '.join(map(str, outputs))} outputs"
+        if scheme.block_size is not None:
+            rows, cols = scheme.block_size
+            if inputs % cols or any(size % rows for size in outputs):
+                raise QuantizationConfigError("quantization_config.weight_block_size", list(scheme.block_size),
+                                              f"the blocks do not divide {shape}")
+            continue
+        if scheme.group_size != -1 and inputs % scheme.group_size:
+            raise QuantizationConfigError(f"{at}group_size", scheme.group_size, f"the groups do not divide {shape}")
+        pack = 32 // scheme.bits
+        # GPTQ packs its zero points, AWQ its weights, along the outputs too; pack-quantized its zero points.
+        out_pack = pack if scheme.layout in ("gptq", "awq") or not scheme.symmetric else 1
+        if inputs % pack or any(size % out_pack for size in outputs):
+            raise QuantizationConfigError(f"{at}{'num_' if scheme.weights_at else ''}bits", scheme.bits,
+                                          f"{pack} values a 32-bit word do not divide {shape}")
+
+
 def _parse_checkpoint(config: dict[str, Any]) -> QuantScheme | None:
     method = config.get("quant_method")
     parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8,
@@ -107,6 +136,9 @@ def _key(config: dict[str, Any], key: str, allowed: tuple, default: Any = None, 
 def _gptq(config: dict[str, Any]) -> QuantScheme:
     # gptq_v2 (gptqmodel's internal format) stores zero points without the minus one; only the classic one is read.
     _key(config, "checkpoint_format", ("gptq",), "gptq")
+    # gptqmodel's keys: int8 / int16 words pack another layout; a quantized lm_head has tensors kvbox has no place for.
+    _key(config, "pack_dtype", ("int32",), "int32")
+    _key(config, "lm_head", (False,), False)
     if config.get("dynamic"):
         raise QuantizationConfigError("quantization_config.dynamic", config["dynamic"],
                                       "per-module GPTQ overrides are not supported")
@@ -119,9 +151,7 @@ def _awq(config: dict[str, Any]) -> QuantScheme:
     version = str(config.get("version", "gemm")).lower()
     _key({"version": version}, "version", ("gemm",))
     _key(config, "zero_point", (True,), True)
-    if config.get("modules_to_not_convert"):
-        raise QuantizationConfigError("quantization_config.modules_to_not_convert", config["modules_to_not_convert"],
-                                      "kvbox quantizes every decoder linear alike")
+    _check_ignored(config, "modules_to_not_convert")
     return QuantScheme("awq", "awq", _key(config, "bits", (4,)), _key(config, "group_size", GROUP_SIZES[1:]),
                        symmetric=False)
 
@@ -213,7 +243,7 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
     activations, input_symmetric = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
     return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
                        act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
-                       activations=activations, input_symmetric=input_symmetric)
+                       activations=activations, input_symmetric=input_symmetric, weights_at=at + "weights.")
 
 
 def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[str | None, bool]:
