@@ -4,9 +4,9 @@ and what a node other than 0 runs.
 Node 0 runs the API, the supervisor and every model's engine process (rank 0) with its local ranks. Node R > 0 runs
 no API: for each model replica with ranks on it (`engine.distributed.nodes.node_ranks`), it keeps those ranks'
 worker processes running. A worker waits at its replica's rendezvous for rank 0 and ends with it (a failed
-collective, StopWorker, or the rendezvous timing out while node 0 is away); the node then starts the ranks afresh,
-so they rejoin whenever node 0's engine (re)starts. Every node reads the same config file, and the model's files must
-be at the same path on every node.
+collective, StopWorker, or the rendezvous timing out while node 0 is away; a rank found stopped is killed, see
+`engine.distributed.watchdog`); the node then starts the ranks afresh, so they rejoin whenever node 0's engine
+(re)starts. Every node reads the same config file, and the model's files must be at the same path on every node.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from appliance.config import AppConfig, ModelSpec
 from appliance.supervisor import replica_env
 from engine.config import EngineConfig
 from engine.distributed.nodes import node_ranks, rendezvous_address
+from engine.distributed.watchdog import StoppedRankWatchdog
 
 logger = logging.getLogger("kvbox.node")
 # After its ranks end, a node waits this long before they rejoin: node 0's engine sees the loss first and restarts,
@@ -108,9 +109,13 @@ def serve_node(config: AppConfig, layout: NodeLayout) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    # A frozen rank here would hold node 0's engine until its collective timeout; killed, it rejoins fresh.
+    watchdog = StoppedRankWatchdog(lambda: [p for group in groups for p in group.processes],
+                                   f"node {layout.node_rank}")
     while not stopping.wait(0.2):
         for group in groups:
             group.keep_alive()
+    watchdog.stop()
     for group in groups:
         group.stop()
     logger.info("node %d stopped", layout.node_rank)

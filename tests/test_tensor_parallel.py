@@ -2,9 +2,12 @@
 contract's commands, and the answers are the single-rank engine's (which the equivalence tests hold to
 transformers): greedy tokens identical, logprobs within float32 rounding."""
 
+import json
 import os
 import signal
+import time
 
+import psutil
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
@@ -61,25 +64,64 @@ def test_a_split_the_model_cannot_take_is_refused(tiny_model):
         LLM(tiny_model("llama"), dtype="float32", device="cpu", tensor_parallel_size=3)
 
 
-def test_a_dead_worker_fails_the_engine_instead_of_hanging(tiny_model):
+@pytest.mark.parametrize(("fault", "named"), [(signal.SIGKILL, r"rank 1 \(code -9\)"),
+                                               (signal.SIGSTOP, r"rank 1 \(code -9, stopped: killed as hung\)")])
+def test_a_dead_or_hung_worker_fails_the_engine_within_seconds(tiny_model, fault, named):
+    """A frozen worker holds its connections open: without the watchdog rank 0 waited a minute (the collective
+    timeout), then failed only the step's requests and went on with a process group out of step."""
     llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", tensor_parallel_size=2)
     try:
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
         worker = llm.core.runner._workers[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-        with pytest.raises(WorkerDiedError, match=r"rank 1 \(code -9\)"):
+        os.kill(worker.pid, fault)
+        started = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=named):
+            llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+        assert time.monotonic() - started < 10
+    finally:
+        llm.shutdown()
+
+
+def test_a_step_that_fails_on_rank_0_ends_the_engine(tiny_model, monkeypatch):
+    """The worker went on with the step's collectives: rank 0 cannot fail only the batch and go on out of step."""
+    def fail(scheduler_output):
+        raise RuntimeError("boom")
+
+    llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        monkeypatch.setattr(llm.core.runner.local, "execute", fail)
+        with pytest.raises(WorkerDiedError, match="out of step: RuntimeError: boom"):
             llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
 
 
 def test_served_with_tensor_parallelism_through_the_api(tiny_model, tmp_path):
+    """Served, and a worker frozen mid-stream: the stream ends with an error within seconds, both ranks restart and
+    answer as before."""
     model_dir = tiny_model("llama")
-    expected = run(model_dir, 1)[0]
+    expected = [o.outputs[0].text for o in run(model_dir, 1)[0]]
     config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})])
-    with run_server(config, tmp_path) as server:
+
+    def complete() -> list[str]:
         completion = server.client().completions.create(model="llama", prompt=PROMPTS, max_tokens=10, temperature=0,
                                                         extra_body={"ignore_eos": True})
-    assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == [
-        o.outputs[0].text for o in expected]
+        return [c.text for c in sorted(completion.choices, key=lambda c: c.index)]
+
+    with run_server(config, tmp_path) as server, server.http() as http:
+        assert complete() == expected
+        engine = server.admin_models()["llama"]["replicas"][0]["pid"]
+        body = {"model": "llama", "prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            os.kill(psutil.Process(engine).children()[0].pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            events = [line.removeprefix("data: ") for line in lines if line]
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
+        assert time.monotonic() - frozen_at < 10
+        deadline = time.monotonic() + 60
+        while (model := server.admin_models()["llama"])["status"] != "ready" or model["replicas"][0]["pid"] == engine:
+            assert time.monotonic() < deadline, "the model did not come back"
+            time.sleep(0.2)
+        assert complete() == expected

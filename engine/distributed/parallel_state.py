@@ -9,9 +9,10 @@ rank = stage * tp_size + tp_rank. Groups:
   collectives: the all-reduce after each row-parallel linear and the embedding, the all-gather of the logits.
 - a gloo group on the CPU carries each `WorkerCommand` as msgpack bytes, sent from rank 0 to every other rank. Its
   wait has no practical limit: a worker waits for the next command as long as the engine idles.
-- another gloo group on the CPU carries control: the last stage's results sent back to rank 0 (never pickled: torch's object collectives pickle, so
-  they are not used), and small CPU reductions. Bytes are posted without waiting for the receiver (a gloo send
-  waits until the other side receives), so rank 0 can launch step N+1 while a later stage still runs step N.
+- another gloo group on the CPU carries control: the last stage's results sent back to rank 0 (never pickled:
+  torch's object collectives pickle, so they are not used), and small CPU reductions. Bytes are posted without
+  waiting for the receiver (a gloo send waits until the other side receives), so rank 0 can launch step N+1 while
+  a later stage still runs step N.
 An expert-parallel group would be built beside the tensor-parallel ones, from the same layout.
 """
 

@@ -7,11 +7,13 @@ runner (sizing the KV cache, capturing CUDA graphs, every step) sends the same c
 runs the same forward on its shard; the LoRA adapter versions rank 0 loads or frees, every rank loads (its own
 shard) or frees. Every rank of a stage samples the same tokens from the same gathered logits and seeds; with
 speculative decoding each rank verifies the step's drafts in the same multi-token forward (a draft model runs
-whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's; with them rank 0 holds the first stage, and the
-first rank of the last stage sends each step's `ModelRunnerOutput` back as msgpack bytes. A worker that dies fails
-the engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
-(`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's
-death, and the restarted engine waits at the rendezvous for the other nodes' ranks to rejoin.
+whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's;
+with them rank 0 holds the first stage, and the first rank of the last stage sends each step's `ModelRunnerOutput`
+back as msgpack bytes. A worker that dies, hangs (stopped: killed by `engine.distributed.watchdog`; otherwise until
+the collective timeout) or a step that fails on any rank fails the engine (`WorkerDiedError`): its process exits
+and its supervisor restarts the whole model. Across machines (`nnodes` > 1) it starts only node 0's ranks; a
+communication failure with a rank elsewhere counts as that rank's death, and the restarted engine waits at the
+rendezvous for the other nodes' ranks to rejoin.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from engine import contract
 from engine.config import EngineConfig
 from engine.distributed import nodes, parallel_state
 from engine.distributed.stage_trace import StageTrace, traced
+from engine.distributed.watchdog import StoppedRankWatchdog
 from engine.distributed.worker import worker_device
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner, PendingRunnerOutput
@@ -63,7 +66,8 @@ class TensorParallelRunner:
                               init_method, worker_device(config.device, rank)])
             for rank in self._worker_ranks]
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
-        self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping)
+        self._watchdog = StoppedRankWatchdog(self._workers.copy, "parallel workers")
+        self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog)
         parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
         self.send(contract.StartWorker(config, pooler_info))
         self.local = ModelRunner(config, model_config, device, pooler_info)
@@ -113,13 +117,14 @@ class TensorParallelRunner:
     def check_workers(self, grace_s: float = 0.0) -> None:
         """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""
         deadline = time.monotonic() + grace_s
-        while not (dead := [(rank, p.returncode) for rank, p in zip(self._worker_ranks, self._workers)
+        while not (dead := [(rank, p.pid, p.returncode) for rank, p in zip(self._worker_ranks, self._workers)
                             if p.poll() is not None]):
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
-        raise WorkerDiedError("worker(s) exited: " +
-                              ", ".join(f"rank {rank} (code {code})" for rank, code in dead))
+        raise WorkerDiedError("worker(s) exited: " + ", ".join(
+            f"rank {rank} (code {code}{', stopped: killed as hung' if pid in self._watchdog.killed else ''})"
+            for rank, pid, code in dead))
 
     def receive_answer(self) -> contract.ModelRunnerOutput:
         """The last stage's output of the step."""
@@ -128,17 +133,19 @@ class TensorParallelRunner:
 
     @contextlib.contextmanager
     def _naming_dead_workers(self) -> Iterator[None]:
-        """A peer that died mid-step shows as a communication error (connection reset); it is named as the
-        WorkerDiedError that ends the engine, rather than failing only the step's requests."""
+        """A step that fails on rank 0 ends the engine (WorkerDiedError) rather than only the step's requests, as
+        it ends a worker: the other ranks went on with the step's collectives, so every later step's would pair
+        with the wrong ones; and a collective that timed out (a rank that hung) leaves the group unusable. A peer
+        that died mid-step shows as a communication error (connection reset), and is named."""
         try:
             yield
-        except torch.OutOfMemoryError:
-            raise  # the step's own failure (see EngineCore._fail)
-        except RuntimeError as e:
-            self.check_workers(grace_s=_EXIT_GRACE_S)
-            if self._remote:  # its node went away or cannot be reached; its ranks come back when it rejoins
-                raise WorkerDiedError(f"lost a rank on another node: {e}") from e
+        except WorkerDiedError:
             raise
+        except Exception as e:
+            self.check_workers(grace_s=_EXIT_GRACE_S)
+            lost = " (or a rank on another node is lost)" if self._remote else ""
+            raise WorkerDiedError(f"a parallel step failed, the ranks are out of step{lost}: {type(e).__name__}: "
+                                  f"{e}") from e
 
 
 class _LastStageOutput:
@@ -151,8 +158,9 @@ class _LastStageOutput:
         return self._runner.receive_answer()
 
 
-def _stop(workers: list[subprocess.Popen], stopping: list[bool]) -> None:
+def _stop(workers: list[subprocess.Popen], stopping: list[bool], watchdog: StoppedRankWatchdog) -> None:
     """Waits for workers told to stop; kills those that were not (an engine dropped without `shutdown`)."""
+    watchdog.stop()
     for process in workers:
         try:
             process.wait(timeout=10 if stopping else 0)
