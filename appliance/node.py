@@ -50,6 +50,10 @@ class NodeLayout:
             slot += spec.parallelism.data
         raise KeyError(name)
 
+    def local_ranks(self, spec: ModelSpec) -> range:
+        """The ranks of each replica of the model that run on this node."""
+        return node_ranks(spec.parallelism.tensor * spec.parallelism.pipeline, self.nnodes, self.node_rank)
+
     def engine_config(self, config: AppConfig, name: str, replica: int, engine: EngineConfig) -> EngineConfig:
         if self.nnodes == 1:
             return engine
@@ -68,7 +72,7 @@ class _RankGroup:
         address = rendezvous_address(layout.master_addr, layout.rendezvous_port(config, spec.name, replica))
         self.commands = [[sys.executable, "-m", "engine.distributed.worker", str(rank), str(p.tensor), str(p.pipeline),
                           address, worker_device(spec.device, local)] for local, rank in enumerate(ranks)]
-        self.env = replica_env(spec, replica, config)
+        self.env = replica_env(spec, replica, config, len(ranks))
         self.processes: list[subprocess.Popen] = []
         self.ended_at = -REJOIN_DELAY_S
 
@@ -101,8 +105,7 @@ def serve_node(config: AppConfig, layout: NodeLayout) -> int:
     """Node R > 0 until SIGTERM or SIGINT: keeps its ranks of every model running. Exit code 0."""
     groups = []
     for spec in config.models:
-        world_size = spec.parallelism.tensor * spec.parallelism.pipeline
-        if ranks := node_ranks(world_size, layout.nnodes, layout.node_rank):
+        if ranks := layout.local_ranks(spec):
             groups += [_RankGroup(config, layout, spec, replica, ranks) for replica in range(spec.parallelism.data)]
     logger.info("node %d of %d: %s", layout.node_rank, layout.nnodes,
                 ", ".join(g.label for g in groups) or "no model has ranks here")

@@ -297,9 +297,11 @@ class Supervisor:
         model.status = ModelStatus.LOADING
         engine_config = spec.to_engine_config(model.model_path)
         on_step = self.on_step
+        ranks_here = len(self.nodes.local_ranks(spec)) if self.nodes else None
         model.replicas = [self.engine_factory(EnginePlan(
             spec.name, self.nodes.engine_config(self.config, spec.name, i, engine_config) if self.nodes
-            else engine_config, i, replica_env(spec, i, self.config), self.config.server.engine_hang_timeout_s,
+            else engine_config, i, replica_env(spec, i, self.config, ranks_here),
+            self.config.server.engine_hang_timeout_s,
             on_step=functools.partial(on_step, spec.name, i) if on_step else None))
             for i in range(spec.parallelism.data)]
         # The engines import and build (the longest part of a start) while this process loads the tokenizer.
@@ -408,14 +410,22 @@ def startup_phases(model: ModelRuntime, engine_seconds: dict[str, float]) -> str
     return " ".join(f"{name}={seconds:.1f}s" for name, seconds in phases.items())
 
 
-def replica_env(spec: ModelSpec, replica: int, config: AppConfig) -> dict[str, str]:
-    """Pins each data-parallel replica to its own GPUs when the config names them, and shares the CPU's cores
+def replica_env(spec: ModelSpec, replica: int, config: AppConfig, ranks_here: int | None = None) -> dict[str, str]:
+    """Pins each data-parallel replica to its own GPUs: the config's gpu_ids, else consecutive slices of the visible
+    devices, `ranks_here` each (the replica's ranks on this machine; default: all its ranks). Shares the CPU's cores
     among engines that compute on the CPU (torch's threads in several processes would otherwise contend)."""
     env = {}
+    p = spec.parallelism
     if spec.gpu_ids:
-        per_replica = len(spec.gpu_ids) // spec.parallelism.data
+        per_replica = len(spec.gpu_ids) // p.data
         ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+    elif p.data > 1 and (spec.device == "cuda" or (spec.device == "auto" and _has_cuda())):
+        # Unpinned, every replica would take the same first devices. With fewer devices than ranks the replicas
+        # still share them (small replicas on one card), as the engine allows.
+        per_replica = p.tensor * p.pipeline if ranks_here is None else ranks_here
+        if len(visible := _visible_gpus()) >= p.data * per_replica:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[replica * per_replica:(replica + 1) * per_replica])
     if spec.device == "cpu" or (spec.device == "auto" and not spec.gpu_ids and not _has_cuda()):
         env.update(_cpu_threads_env(config))
     elif "OMP_WAIT_POLICY" not in os.environ:
@@ -445,3 +455,12 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _visible_gpus() -> list[str]:
+    """This process's CUDA devices, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
+    if (names := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return [name.strip() for name in names.split(",") if name.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

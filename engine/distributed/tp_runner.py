@@ -30,7 +30,7 @@ import msgspec
 import torch
 
 from engine import contract
-from engine.config import EngineConfig
+from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import nodes, parallel_state
 from engine.distributed.stage_trace import StageTrace, traced
 from engine.distributed.watchdog import StoppedRankWatchdog
@@ -61,6 +61,7 @@ class TensorParallelRunner:
             init_method = parallel_state.free_tcp_address()
             self._worker_ranks = list(range(1, world_size))
         self._remote = len(self._worker_ranks) < world_size - 1  # ranks this process cannot watch
+        _check_devices(config, device, 1 + len(self._worker_ranks))
         self._workers = [
             subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(tp_size), str(pp_size),
                               init_method, worker_device(config.device, rank)])
@@ -146,6 +147,19 @@ class TensorParallelRunner:
             lost = " (or a rank on another node is lost)" if self._remote else ""
             raise WorkerDiedError(f"a parallel step failed, the ranks are out of step{lost}: {type(e).__name__}: "
                                   f"{e}") from e
+
+
+def _check_devices(config: EngineConfig, device: torch.device, local_ranks: int) -> None:
+    """This machine's ranks take consecutive CUDA devices from rank 0's (`worker_device`); a missing one would fail
+    its worker while the others wait at the rendezvous."""
+    if device.type != "cuda":
+        return
+    first, available = device.index or 0, torch.cuda.device_count()
+    if first + local_ranks > available:
+        key = "tensor_parallel_size" if config.tensor_parallel_size > 1 else "pipeline_parallel_size"
+        raise EngineConfigError(key, f"tensor {config.tensor_parallel_size} x pipeline "
+                                     f"{config.pipeline_parallel_size} ranks need {local_ranks} GPUs on this machine "
+                                     f"(cuda:{first} to cuda:{first + local_ranks - 1}), {available} visible")
 
 
 class _LastStageOutput:
