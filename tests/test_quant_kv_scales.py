@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.perplexity import prompt_token_logprobs
-from engine import LLM
+from engine import LLM, SamplingParams
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.quantization.spec import QuantizationConfigError, parse_quantization
@@ -37,6 +36,13 @@ def with_scales(folder, out, naming: str, quantization_config: dict | None = Non
         config["quantization_config"] = quantization_config
         (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def prompt_token_logprobs(llm: LLM, prompts: list[list[int]]) -> list[list[float]]:
+    """As bench/perplexity.py's (importing that module replaces sys.path[0], which other test modules rely on)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[position.logprobs[0] for position in output.prompt_logprobs[1:]] for output in outputs]
 
 
 def kv_only_config(**kv_changes) -> dict:
