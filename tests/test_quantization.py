@@ -150,8 +150,6 @@ def test_packed_weights_take_a_fraction_of_the_float_bytes(float_model, tmp_path
      "quantization_config.checkpoint_format", "gptq_v2"),
     ({**qc.awq_config(128), "version": "gemv"}, None, "quantization_config.version", "gemv"),
     ({**qc.awq_config(128), "zero_point": False}, None, "quantization_config.zero_point", False),
-    ({**qc.awq_config(128), "modules_to_not_convert": ["lm_head", "mlp.down_proj"]}, None,
-     "quantization_config.modules_to_not_convert", ["mlp.down_proj"]),
     # gptqmodel's keys: another word size, a quantized LM head.
     ({**qc.gptq_config(4, 128, True, False), "pack_dtype": "int16"}, None, "quantization_config.pack_dtype", "int16"),
     ({**qc.gptq_config(4, 128, True, False), "lm_head": True}, None, "quantization_config.lm_head", True),
@@ -171,9 +169,64 @@ def test_compressed_tensors_settings_are_checked():
     with pytest.raises(QuantizationConfigError, match=r"config_groups.group_0.weights.num_bits = 2"):
         parse_quantization(config, None)
     config["config_groups"]["group_0"]["weights"]["num_bits"] = 4
-    config["ignore"] = ["lm_head", "model.layers.0.mlp.down_proj"]
-    with pytest.raises(QuantizationConfigError, match=r"quantization_config.ignore"):
-        parse_quantization(config, None)
+    config["ignore"] = ["lm_head", "model.layers.0.mlp.down_proj"]  # kvbox never quantizes the head
+    assert parse_quantization(config, None).unquantized == ("model.layers.0.mlp.down_proj",)
+
+
+# family -> (quantization_config, layer writer, the HF modules it leaves in float): compressed-tensors' ignore (exact
+# names and "re:" patterns), AWQ's modules_to_not_convert (substrings), AutoRound's 16-bit extra_config, fp8's
+# ignored_layers.
+_QKV1 = tuple(f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+PARTLY_FLOAT = {
+    "qwen2-ct": ({**ct_pack_writer(4, 32, False)[0], "ignore": ["lm_head", "re:.*mlp\\.down_proj$", *_QKV1]},
+                 ct_pack_writer(4, 32, False)[1], ("mlp.down_proj", *_QKV1)),
+    "gemma2-awq": ({**qc.awq_config(64), "modules_to_not_convert": ["o_proj"]}, lambda w: qc.awq_tensors(w, 64),
+                   ("o_proj",)),
+    "llama-autoround": ({**qc.gptq_config(4, 32, True, True), "quant_method": "auto-round",
+                         "packing_format": "auto_round:auto_gptq",
+                         "extra_config": {"model.layers.0.mlp.gate_proj": {"bits": 16, "data_type": "float"},
+                                          "model.layers.0.mlp.up_proj": {"bits": 16, "data_type": "float"}}},
+                        lambda w: qc.gptq_tensors(w, 4, 32, True, False), ("layers.0.mlp.gate_proj",
+                                                                           "layers.0.mlp.up_proj")),
+    "llama-fp8": ({**qc.fp8_config(False), "ignored_layers": ["model.layers.1.mlp.down_proj"]},
+                  lambda w: qc.fp8_tensors(w, False, None), ("layers.1.mlp.down_proj",)),
+}
+
+
+@pytest.mark.parametrize("name", list(PARTLY_FLOAT))
+@torch.inference_mode()
+def test_linears_a_checkpoint_leaves_in_float_run_in_float(tiny_model, tmp_path, name):
+    config_dict, writer, keep = PARTLY_FLOAT[name]
+    folder = tiny_model(name.split("-")[0], **SHAPE)
+    dequantized = qc.write_quantized(folder, tmp_path / "q", config_dict, writer, keep_float=keep)
+    config = ModelConfig.from_pretrained(tmp_path / "q", dtype="float32")
+    model = load_model(config, tmp_path / "q", CPU)
+    floats = {name for name, module in model.named_modules() if hasattr(module, "weight")
+              and module.weight.dtype == torch.float32 and name.endswith("_proj")}
+    merged = {"q_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    want = {n.rsplit(".", 1)[0] + "." + merged.get(n.rsplit(".", 1)[1], n.rsplit(".", 1)[1])
+            for n in (name[:-len(".weight")] for name in dequantized if name.endswith("_proj.weight"))
+            if n.endswith(keep) and not n.endswith(("k_proj", "v_proj"))}
+    assert floats == want and floats
+    reference = AutoModelForCausalLM.from_pretrained(qc.write_float(folder, tmp_path / "ref", dequantized),
+                                                     dtype=torch.float32).eval()
+    token_ids = list(range(5, 29))
+    got, want_logits = prefill_logits(model, config, token_ids), reference(torch.tensor([token_ids])).logits[0]
+    if name.endswith("fp8"):  # the other linears quantize their activations: the float one is compared alone
+        down, x = model.model.layers[1].mlp.down_proj, torch.randn(3, SHAPE["intermediate_size"])
+        torch.testing.assert_close(down(x), x @ dequantized["model.layers.1.mlp.down_proj.weight"].T, atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(got, want_logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_merged_linear_whose_parts_disagree_is_refused(tiny_model, tmp_path):
+    config, writer = ct_pack_writer(4, 32, True)
+    config["ignore"] = ["lm_head", "model.layers.1.self_attn.q_proj"]
+    folder = tiny_model("llama", **SHAPE)
+    qc.write_quantized(folder, tmp_path / "q", config, writer, keep_float=("layers.1.self_attn.q_proj",))
+    with pytest.raises(ValueError, match=r"leaves model.layers.1.self_attn.q_proj in float but not "
+                                         r"model.layers.1.self_attn.k_proj, model.layers.1.self_attn.v_proj"):
+        load_model(ModelConfig.from_pretrained(tmp_path / "q", dtype="float32"), tmp_path / "q", CPU)
 
 
 def test_a_group_size_that_does_not_divide_fails_at_load_naming_the_model(tiny_model, tmp_path):

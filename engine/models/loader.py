@@ -30,7 +30,7 @@ from engine.models.registry import get_model_class
 from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.gguf import dequantize_at_load
-from engine.quantization.methods import linear_method_for
+from engine.quantization.methods import keep_float_linears, linear_method_for
 from engine.quantization.smoothing import smooth_online
 from engine.quantization.spec import (
     QuantizationConfigError,
@@ -69,6 +69,7 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         # Only the generation families shard (pooling models refuse tensor and pipeline parallelism at config time).
         model = (model_cls(config) if tp_size == 1 and stage is None
                  else model_cls(config, tp_rank, tp_size, stage))
+        keep_float_linears(model, scheme)
     if load_format == "dummy":
         _fill_dummy(model)
     else:

@@ -9,6 +9,7 @@ half-understood. Which linear method runs a scheme is `engine.quantization.metho
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ class QuantScheme:
     gguf_types: tuple[str, ...] = ()  # gguf: the block types the file's weights hold (Q4_1, Q8_0...)
     # Where quantization_config keeps the weights' keys (bits, group_size): compressed-tensors nests them.
     weights_at: str = field(default="", compare=False)
+    # Decoder linears the checkpoint keeps in float (its ignore list): HF module names, or "re:" + a pattern that
+    # re.match-es them (compressed-tensors' syntax).
+    unquantized: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for check-config and the dashboard: "gptq 4-bit, group 128, act-order"."""
@@ -69,7 +73,15 @@ class QuantScheme:
         asym = "" if self.input_symmetric else "asymmetric "
         parts.append({None: "weight-only", "token": f"dynamic {asym}per-token activations",
                       "tensor": f"static {asym}activation scale"}[self.activations])
+        if self.unquantized:  # an ignore list may name every layer's module
+            more = len(self.unquantized) - 3
+            parts.append(f"float: {' '.join(self.unquantized[:3])}{f' and {more} more' if more > 0 else ''}")
         return ", ".join(parts)
+
+    def keeps_float(self, hf_name: str) -> bool:
+        """Whether the checkpoint leaves decoder linear `hf_name` (model.layers.0.mlp.down_proj) unquantized."""
+        return any(re.match(entry[3:], hf_name) if entry.startswith("re:") else entry == hf_name
+                   for entry in self.unquantized)
 
 
 def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None) -> QuantScheme | None:
@@ -151,9 +163,10 @@ def _awq(config: dict[str, Any]) -> QuantScheme:
     version = str(config.get("version", "gemm")).lower()
     _key({"version": version}, "version", ("gemm",))
     _key(config, "zero_point", (True,), True)
-    _check_ignored(config, "modules_to_not_convert")
+    # AutoAWQ (and vLLM) skip every module whose name contains an entry.
+    unquantized = tuple(f"re:.*{re.escape(entry)}" for entry in _ignored(config.get("modules_to_not_convert")))
     return QuantScheme("awq", "awq", _key(config, "bits", (4,)), _key(config, "group_size", GROUP_SIZES[1:]),
-                       symmetric=False)
+                       symmetric=False, unquantized=unquantized)
 
 
 # AutoRound's packing formats (the part after "auto_round:") -> the layout it writes: auto-gptq's (zero points
@@ -175,11 +188,16 @@ def _auto_round(config: dict[str, Any]) -> QuantScheme:
     if config.get("act_bits", 16) < 16:
         raise QuantizationConfigError("quantization_config.act_bits", config["act_bits"],
                                       "kvbox runs AutoRound's weight-only schemes (act_bits 16)")
-    _check_ignored({"extra_config": list(config.get("extra_config") or ())}, "extra_config")
+    # Per-layer overrides: 16 bits (a layer left in float) runs; other settings would need a second scheme.
+    extra = config.get("extra_config") or {}
+    others = [name for name in _ignored(extra) if extra[name].get("bits", 16) < 16]
+    if others:
+        raise QuantizationConfigError("quantization_config.extra_config", others,
+                                      "kvbox runs one scheme for every quantized linear; layers may only stay float")
     bits = _key(config, "bits", (4, 8) if layout == "gptq" else (4,))
     group_size = _key(config, "group_size", GROUP_SIZES if layout == "gptq" else GROUP_SIZES[1:])
     symmetric = _key(config, "sym", (True, False), True) and layout == "gptq"  # AWQ's layout always has zero points
-    return QuantScheme("auto-round", layout, bits, group_size, symmetric=symmetric)
+    return QuantScheme("auto-round", layout, bits, group_size, symmetric=symmetric, unquantized=_ignored(extra))
 
 
 def _gguf(config: dict[str, Any]) -> QuantScheme:
@@ -190,21 +208,20 @@ def _gguf(config: dict[str, Any]) -> QuantScheme:
 
 def _fp8(config: dict[str, Any]) -> QuantScheme:
     activations = {"dynamic": "token", "static": "tensor"}[_key(config, "activation_scheme", ("dynamic", "static"))]
-    _check_ignored(config, "ignored_layers")
+    unquantized = _ignored(config.get("ignored_layers"))
     block = config.get("weight_block_size")
     if block is None:
-        return QuantScheme("fp8", "fp8", 8, weight_strategy="tensor", activations=activations)
+        return QuantScheme("fp8", "fp8", 8, weight_strategy="tensor", activations=activations,
+                           unquantized=unquantized)
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise QuantizationConfigError("quantization_config.weight_block_size", block, "expected [rows, columns]")
     return QuantScheme("fp8", "fp8", 8, weight_strategy="block", block_size=(block[0], block[1]),
-                       activations=activations)
+                       activations=activations, unquantized=unquantized)
 
 
-def _check_ignored(config: dict[str, Any], key: str) -> None:
-    others = [name for name in config.get(key) or () if not any(part in name for part in _IGNORABLE)]
-    if others:
-        raise QuantizationConfigError(f"quantization_config.{key}", others,
-                                      "only lm_head may stay unquantized: kvbox quantizes every decoder linear alike")
+def _ignored(names: Any) -> tuple[str, ...]:
+    """A checkpoint's modules left in float, but the LM head's: kvbox never quantizes that one."""
+    return tuple(name for name in names or () if not any(part in name for part in _IGNORABLE))
 
 
 _CT_FORMATS = {"pack-quantized": "pack", "int-quantized": "int8", "float-quantized": "fp8", "naive-quantized": "int8"}
@@ -221,7 +238,6 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
     if kv_cache and not groups:  # llm-compressor's FP8 KV cache alone: the weights stay float
         return None
     fmt = _key(config, "format", tuple(_CT_FORMATS))
-    _check_ignored(config, "ignore")
     if len(groups) != 1:
         raise QuantizationConfigError("quantization_config.config_groups", sorted(groups),
                                       "kvbox runs exactly one config group (one scheme for every linear)")
@@ -243,7 +259,8 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
     activations, input_symmetric = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
     return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
                        act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
-                       activations=activations, input_symmetric=input_symmetric, weights_at=at + "weights.")
+                       activations=activations, input_symmetric=input_symmetric, weights_at=at + "weights.",
+                       unquantized=_ignored(config.get("ignore")))
 
 
 def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[str | None, bool]:

@@ -109,15 +109,17 @@ def fp8_tensors(w: torch.Tensor, per_channel: bool, input_scale: float | None):
     return tensors, weight.float() * scale
 
 
-def write_quantized(folder: str | Path, out: str | Path, quantization_config: dict[str, Any], layer_tensors) -> dict:
+def write_quantized(folder: str | Path, out: str | Path, quantization_config: dict[str, Any], layer_tensors,
+                    keep_float: tuple[str, ...] = ()) -> dict:
     """Copies `folder` to `out` with every decoder linear's weight replaced by `layer_tensors(weight)` -> (tensors,
-    dequantized) and `quantization_config` in config.json; returns the dequantized float32 state dict."""
+    dequantized) and `quantization_config` in config.json; returns the dequantized float32 state dict. Linears whose
+    module name ends with an entry of `keep_float` stay as they were (a checkpoint's ignore list)."""
     folder, out = Path(folder), Path(out)
     shutil.copytree(folder, out, dirs_exist_ok=True)
     weights = load_file(folder / "model.safetensors")
     saved, dequantized = {}, {}
     for name, tensor in weights.items():
-        if _is_linear(name):
+        if _is_linear(name) and not name[:-len(".weight")].endswith(keep_float):
             tensors, dequantized[name] = layer_tensors(tensor.float())
             saved.update({f"{name[:-len('weight')]}{key}": value.contiguous() for key, value in tensors.items()})
         else:
