@@ -153,6 +153,8 @@ def test_packed_weights_take_a_fraction_of_the_float_bytes(float_model, tmp_path
     # gptqmodel's keys: another word size, a quantized LM head.
     ({**qc.gptq_config(4, 128, True, False), "pack_dtype": "int16"}, None, "quantization_config.pack_dtype", "int16"),
     ({**qc.gptq_config(4, 128, True, False), "lm_head": True}, None, "quantization_config.lm_head", True),
+    ({**qc.gptq_config(4, 128, True, False), "dynamic": {"+:.*down_proj": {"bits": 8}, "-:.*o_proj": {}}}, None,
+     "quantization_config.dynamic", ["+:.*down_proj"]),
     (qc.gptq_config(4, 128, True, False), "fp8", "quantization", "fp8"),
     (None, "fp4", "quantization", "fp4"),
 ])
@@ -188,6 +190,10 @@ PARTLY_FLOAT = {
                                           "model.layers.0.mlp.up_proj": {"bits": 16, "data_type": "float"}}},
                         lambda w: qc.gptq_tensors(w, 4, 32, True, False), ("layers.0.mlp.gate_proj",
                                                                            "layers.0.mlp.up_proj")),
+    "llama-gptqmodel": ({**qc.gptq_config(8, 64, False, False), "dynamic": {r"-:.*\.1\.mlp\..*": {}}},
+                        lambda w: qc.gptq_tensors(w, 8, 64, False, False), ("layers.1.mlp.gate_proj",
+                                                                            "layers.1.mlp.up_proj",
+                                                                            "layers.1.mlp.down_proj")),
     "llama-fp8": ({**qc.fp8_config(False), "ignored_layers": ["model.layers.1.mlp.down_proj"]},
                   lambda w: qc.fp8_tensors(w, False, None), ("layers.1.mlp.down_proj",)),
 }

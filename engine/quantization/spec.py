@@ -151,12 +151,17 @@ def _gptq(config: dict[str, Any]) -> QuantScheme:
     # gptqmodel's keys: int8 / int16 words pack another layout; a quantized lm_head has tensors kvbox has no place for.
     _key(config, "pack_dtype", ("int32",), "int32")
     _key(config, "lm_head", (False,), False)
-    if config.get("dynamic"):
-        raise QuantizationConfigError("quantization_config.dynamic", config["dynamic"],
-                                      "per-module GPTQ overrides are not supported")
+    # gptqmodel's per-module rules, re.match-ed against module names: "-:pattern" leaves them in float; any other
+    # rule overrides bits or groups, which would need a second scheme.
+    dynamic = config.get("dynamic") or {}
+    overrides = [rule for rule in dynamic if not rule.startswith("-:")]
+    if overrides:
+        raise QuantizationConfigError("quantization_config.dynamic", overrides,
+                                      "per-module GPTQ overrides are not supported (only -: rules, modules in float)")
     return QuantScheme("gptq", "gptq", _key(config, "bits", (4, 8)), _key(config, "group_size", GROUP_SIZES),
                        symmetric=_key(config, "sym", (True, False), True),
-                       act_order=_key(config, "desc_act", (True, False), False))
+                       act_order=_key(config, "desc_act", (True, False), False),
+                       unquantized=tuple(f"re:{rule[2:]}" for rule in dynamic))
 
 
 def _awq(config: dict[str, Any]) -> QuantScheme:
