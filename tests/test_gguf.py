@@ -43,6 +43,8 @@ FILE_TYPES = {
     QType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
     QType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
     QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    QType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    QType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
     QType.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
     QType.Q5_K: LlamaFileType.MOSTLY_Q5_K_M,
     QType.Q6_K: LlamaFileType.MOSTLY_Q6_K,
