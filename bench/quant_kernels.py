@@ -83,8 +83,8 @@ def best_of(configs, call) -> tuple[float, tuple]:
 def sweep(x, q, k, n) -> tuple[float, tuple]:
     m = x.shape[0]
     configs = [c for c in itertools.product(
-        [1, 16] if m == 1 else [16, 64] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16], [4], [3])
-        if not (c[0] == 64 and c[1] == 128 and c[2] == 256)]
+        [1, 16] if m == 1 else [16, 64, 128] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16], [4],
+        [3]) if not (c[0] == 64 and c[1] == 128 and c[2] == 256)]
     return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
 
 
@@ -125,6 +125,9 @@ def main() -> None:
             if "fused" in swept and m <= wna16.FUSED_MAX_ROWS:
                 us, config = sweep(x, q, k, n)
                 print(row(f"w4a16 fused best {config}", us, k * n // 2, base))
+            if m > wna16.GEMV_MAX_ROWS:  # what the fused kernel must beat for FUSED_MAX_ROWS to be worth its rows
+                print(row("w4a16 dequantize + cuBLAS", graph_time_us(
+                    lambda: wna16.wna16_linear(x, *q, 4, None, 128, fused_max_rows=0)), k * n // 2, base))
             print(row("fp8 w8a8 (quantize + GEMM)", graph_time_us(
                 lambda: w8a8.w8a8_linear(x, fp8[0], fp8[1], None)), k * n, base))
             if m <= w8a8.SKINNY_MAX_ROWS:
