@@ -2,6 +2,7 @@
 contract's commands, and the answers are the single-rank engine's (which the equivalence tests hold to
 transformers): greedy tokens identical, logprobs within float32 rounding."""
 
+import gc
 import json
 import os
 import signal
@@ -62,6 +63,20 @@ def test_two_ranks_with_async_scheduling_prefix_caching_and_preemption(tiny_mode
 def test_a_split_the_model_cannot_take_is_refused(tiny_model):
     with pytest.raises(EngineConfigError, match="tensor_parallel_size: 3 does not divide the model's 4 attention"):
         LLM(tiny_model("llama"), dtype="float32", device="cpu", tensor_parallel_size=3)
+
+
+def test_a_second_parallel_engine_in_the_process_is_refused_and_the_first_goes_on(tiny_model):
+    """Its failed start had destroyed the running engine's process group (the process's default one)."""
+    model_dir = tiny_model("llama")
+    first = LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        expected = first.generate(PROMPTS, GREEDY, use_tqdm=False)
+        with pytest.raises(RuntimeError, match="one tensor- or pipeline-parallel engine at a time"):
+            LLM(model_dir, dtype="float32", device="cpu", pipeline_parallel_size=2)
+        gc.collect()  # the refused engine's clean-up runs
+        assert_same([expected], [first.generate(PROMPTS, GREEDY, use_tqdm=False)])
+    finally:
+        first.shutdown()
 
 
 @pytest.mark.parametrize(("fault", "named"), [(signal.SIGKILL, r"rank 1 \(code -9\)"),

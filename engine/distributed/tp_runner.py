@@ -54,6 +54,10 @@ class TensorParallelRunner:
                  pooler_info: contract.PoolerInfo | None = None):
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp_size * pp_size
+        if torch.distributed.is_initialized():
+            # Checked before anything starts: the failed engine's clean-up would leave the running one's group.
+            raise RuntimeError("a process holds one tensor- or pipeline-parallel engine at a time (its process group "
+                               "is the process's default one): shut the running one down first (LLM.shutdown())")
         if config.nnodes > 1:  # the other nodes' `kvbox serve --node-rank R` start theirs (appliance.node)
             init_method = nodes.rendezvous_address(config.master_addr, config.master_port)
             self._worker_ranks = list(nodes.node_ranks(world_size, config.nnodes, 0))[1:]
@@ -69,9 +73,13 @@ class TensorParallelRunner:
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._watchdog = StoppedRankWatchdog(self._workers.copy, "parallel workers")
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog)
-        parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
-        self.send(contract.StartWorker(config, pooler_info))
-        self.local = ModelRunner(config, model_config, device, pooler_info)
+        try:
+            parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
+            self.send(contract.StartWorker(config, pooler_info))
+            self.local = ModelRunner(config, model_config, device, pooler_info)
+        except BaseException:
+            self._finalizer()  # now, not when the traceback lets go of this half-built runner
+            raise
         if self.local.lora is not None:
             self.local.lora.broadcast = self.send
         self._answering_rank = parallel_state.answering_rank(tp_size, pp_size)
