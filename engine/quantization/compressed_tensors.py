@@ -31,16 +31,21 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
         pack = 32 // s.bits
         check_shape(s, input_size, output_slices, out_pack=1 if s.symmetric else pack)
         groups = num_groups(s, input_size)
+        if s.act_order and layer.shard_dim == 1 and layer.tp_size > 1:
+            raise ValueError("compressed-tensors: act-order groups cannot split a row-parallel linear's inputs")
+        group_dim = 1 if s.group_size != -1 else None  # one group per row is every rank's whole
         add_param(layer, "weight_packed", torch.empty(output_size, input_size // pack, dtype=torch.int32),
                   output_dim=0, input_dim=1)
         # Stored in the model's dtype (often bfloat16): float32 holds any of them exactly.
         add_param(layer, "weight_scale", torch.empty(output_size, groups, dtype=torch.float32), output_dim=0,
-                  input_dim=1)
+                  input_dim=group_dim)
         add_param(layer, "weight_shape", torch.empty(len(output_slices), 2, dtype=torch.int64), per_part=True)
-        layer.output_parts = output_slices
+        # The checkpoint's whole shapes, of which this rank holds a slice.
+        column_split, row_split = (layer.tp_size, 1) if layer.shard_dim == 0 else (1, layer.tp_size)
+        layer.whole_shapes = [(size * column_split, input_size * row_split) for size in output_slices]
         if not s.symmetric:
             add_param(layer, "weight_zero_point", torch.empty(output_size // pack, groups, dtype=torch.int32),
-                      output_dim=0, input_dim=1)
+                      output_dim=0, input_dim=group_dim)
         if s.act_order:
             add_param(layer, "weight_g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32),
                       per_part=True)
@@ -48,7 +53,7 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         s = self.scheme
         shapes = [tuple(shape) for shape in layer.weight_shape.data.tolist()]
-        want = [(size, layer.input_size) for size in layer.output_parts]
+        want = layer.whole_shapes
         if shapes != want:
             raise ValueError(f"compressed-tensors: weight_shape {shapes} does not match the layer's {want}")
         values = unpack_int32(layer.weight_packed.data, s.bits, dim=1).T  # [in, out]

@@ -6,25 +6,48 @@ canonical weight-only layout (`wna16.py`): only the zero points are unpacked (an
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
 
 from engine.quantization.base import add_param
-from engine.quantization.wna16 import WNA16LinearMethod, check_shape, num_groups, shared_g_idx, unpack_int32
+from engine.quantization.wna16 import (
+    WNA16LinearMethod,
+    check_shape,
+    default_g_idx,
+    num_groups,
+    shared_g_idx,
+    unpack_int32,
+)
 
 
 class GPTQLinearMethod(WNA16LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
                        output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
-        pack = 32 // self.scheme.bits
-        check_shape(self.scheme, input_size, output_slices, out_pack=pack)
-        groups = num_groups(self.scheme, input_size)
+        s = self.scheme
+        pack = 32 // s.bits
+        check_shape(s, input_size, output_slices, out_pack=pack)
+        # A row-parallel rank holds a slice of the input rows. Plain groups split with them; act-order groups (any
+        # row in any group) and a single group do not: the rank keeps every group's scales and zeros, as vLLM does.
+        row_split = layer.shard_dim == 1 and layer.tp_size > 1
+        split_groups = not row_split or (not s.act_order and s.group_size != -1)
+        groups = num_groups(s, input_size if split_groups else input_size * layer.tp_size)
+        group_dim = 0 if split_groups else None
         add_param(layer, "qweight", torch.empty(input_size // pack, output_size, dtype=torch.int32),
                   input_dim=0, output_dim=1)
         add_param(layer, "qzeros", torch.empty(groups, output_size // pack, dtype=torch.int32),
-                  input_dim=0, output_dim=1)
-        add_param(layer, "scales", torch.empty(groups, output_size, dtype=torch.float16), input_dim=0, output_dim=1)
-        add_param(layer, "g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32), per_part=True)
+                  input_dim=group_dim, output_dim=1)
+        add_param(layer, "scales", torch.empty(groups, output_size, dtype=torch.float16), input_dim=group_dim,
+                  output_dim=1)
+        g_idx = add_param(layer, "g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32),
+                          per_part=True)
+        first_group = layer.tp_rank * groups if row_split and split_groups else 0
+        g_idx.weight_loader = partial(_load_g_idx, layer, first_group)
+        if not s.act_order:  # plain groups: older GPTQ checkpoints leave g_idx out
+            g_idx.data.copy_(default_g_idx(input_size, s.group_size, g_idx.device).expand_as(g_idx))
+            g_idx.optional = True
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         bits = self.scheme.bits
@@ -35,3 +58,13 @@ class GPTQLinearMethod(WNA16LinearMethod):
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= zeros.shape[0]:
             raise ValueError(f"gptq: g_idx names groups outside [0, {zeros.shape[0]})")
         self.set_canonical(layer, values, layer.scales.data, zeros, g_idx)
+
+
+def _load_g_idx(layer: nn.Module, first_group: int, param: nn.Parameter, loaded: torch.Tensor,
+                shard_id: Any = None) -> None:
+    """This rank's rows of the checkpoint's g_idx [in] as merged part `shard_id`; where the groups split with the
+    rows, numbered from this rank's first group."""
+    part = layer._part(shard_id)[0]
+    if layer.shard_dim == 1:
+        loaded = loaded.narrow(0, layer.tp_rank * layer.input_size, layer.input_size)
+    param.data[part].copy_(loaded - first_group)

@@ -82,7 +82,7 @@ class WNA16LinearMethod(LinearMethod):
             if "g_idx" in name:  # plain groups (act-order permutes rows; the kernel reads them a tile at a time)
                 param.data.copy_(default_g_idx(layer.input_size, self.scheme.group_size, param.device))
             elif name == "weight_shape":  # compressed-tensors: each part's unpacked shape
-                param.data.copy_(torch.tensor([[size, layer.input_size] for size in layer.output_parts]))
+                param.data.copy_(torch.tensor(layer.whole_shapes))
             elif param.dtype == torch.int32:
                 random_words(param.data, generator)
             elif name != "bias":
