@@ -336,3 +336,23 @@ def test_dummy_weights_fill_every_format_at_a_realistic_spread(quantization):
     float_std = float(float_model.model.layers[0].mlp.down_proj.weight.std())
     assert 0.5 < float(weight.std()) / float_std < 2, float(weight.std())
     assert torch.isfinite(prefill_logits(model, config, list(range(10)))).all()
+
+
+def test_gptq_without_g_idx_loads_when_not_act_order(float_model, tmp_path):
+    """Older GPTQ checkpoints save no g_idx without desc_act; act-order ones must have it."""
+    from safetensors.torch import load_file, save_file
+
+    for act_order in (False, True):
+        folder = tmp_path / f"act{act_order}"
+        qc.write_quantized(float_model, folder, qc.gptq_config(4, 32, True, act_order),
+                           lambda w: qc.gptq_tensors(w, 4, 32, True, act_order))
+        with_g_idx = load_model(ModelConfig.from_pretrained(folder, dtype="float32"), folder, CPU)
+        tensors = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if not k.endswith("g_idx")}, folder / "model.safetensors")
+        if act_order:
+            with pytest.raises(ValueError, match="checkpoint is missing .*g_idx"):
+                load_model(ModelConfig.from_pretrained(folder, dtype="float32"), folder, CPU)
+            continue
+        model = load_model(ModelConfig.from_pretrained(folder, dtype="float32"), folder, CPU)
+        for got, want in zip(model.buffers(), with_g_idx.buffers()):
+            assert torch.equal(got, want)
