@@ -1,5 +1,6 @@
 """Multi-node serving: the node layout (`kvbox serve --nnodes N --node-rank R --master-addr HOST --master-port P`)
-and what a node other than 0 runs.
+and what a node other than 0 runs; on every node, the environment of a model replica's processes (`replica_env`:
+its GPUs, its CPU threads).
 
 Node 0 runs the API, the supervisor and every model's engine process (rank 0) with its local ranks. Node R > 0 runs
 no API: for each model replica with ranks on it (`engine.distributed.nodes.node_ranks`), it keeps those ranks'
@@ -22,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 from appliance.config import AppConfig, ModelSpec
-from appliance.supervisor import replica_env
 from engine.config import EngineConfig
 from engine.distributed.nodes import node_ranks, rendezvous_address
 from engine.distributed.watchdog import StoppedRankWatchdog
@@ -123,3 +123,59 @@ def serve_node(config: AppConfig, layout: NodeLayout) -> int:
         group.stop()
     logger.info("node %d stopped", layout.node_rank)
     return 0
+
+
+def replica_env(spec: ModelSpec, replica: int, config: AppConfig, ranks_here: int | None = None) -> dict[str, str]:
+    """Pins each data-parallel replica to its own GPUs: the config's gpu_ids, else consecutive slices of the visible
+    devices, `ranks_here` each (the replica's ranks on this machine; default: all its ranks). Shares the CPU's cores
+    among engines that compute on the CPU (torch's threads in several processes would otherwise contend)."""
+    env = {}
+    p = spec.parallelism
+    if spec.gpu_ids:
+        per_replica = len(spec.gpu_ids) // p.data
+        ids = spec.gpu_ids[replica * per_replica:(replica + 1) * per_replica]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+    elif p.data > 1 and (spec.device == "cuda" or (spec.device == "auto" and _has_cuda())):
+        # Unpinned, every replica would take the same first devices. With fewer devices than ranks the replicas
+        # still share them (small replicas on one card), as the engine allows.
+        per_replica = p.tensor * p.pipeline if ranks_here is None else ranks_here
+        if len(visible := _visible_gpus()) >= p.data * per_replica:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[replica * per_replica:(replica + 1) * per_replica])
+    if spec.device == "cpu" or (spec.device == "auto" and not spec.gpu_ids and not _has_cuda()):
+        env.update(_cpu_threads_env(config))
+    elif "OMP_WAIT_POLICY" not in os.environ:
+        # A GPU engine's host ops are small (a grammar bitmask's pinned copy, a few numpy-sized tensors), but each
+        # wakes torch's OpenMP pool, whose workers then spin: served JSON-schema decoding on the H200's 16 cores
+        # burnt 283 CPU-s in a 28 s run (15 spinning workers), which the API server and its clients needed.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def _cpu_threads_env(config: AppConfig) -> dict[str, str]:
+    """OpenMP settings for an engine computing on the CPU; the operator's own OMP_* variables win.
+
+    OpenMP's workers spin at every barrier by default (OMP_WAIT_POLICY=active): when the cores are shared with the
+    supervisor, other engines or anything else, a worker waits for a descheduled sibling while burning its core,
+    every one of a step's few dozen parallel regions. Measured on 2 busy cores (bench/serve.py, tiny llama, 8
+    streams of 200 tokens): a decode step took ~100 ms instead of ~3 ms, and 40 KV blocks made that 78 s; passive
+    workers sleep at barriers instead: 2.1 s.
+    """
+    # Each tensor-parallel rank of each pipeline stage is a process of its own.
+    num_engines = sum(m.parallelism.num_gpus for m in config.models)
+    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // num_engines)), "OMP_WAIT_POLICY": "PASSIVE"}
+    return {key: value for key, value in env.items() if key not in os.environ}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _visible_gpus() -> list[str]:
+    """This process's CUDA devices, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
+    if (names := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return [name.strip() for name in names.split(",") if name.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from appliance import supervisor
+from appliance import node
 from appliance.config import parse_config
 from appliance.node import NodeLayout
 from appliance.supervisor import replica_env
@@ -15,7 +15,7 @@ from engine.distributed import tp_runner
 
 
 def envs(monkeypatch, parallelism: dict, visible: str | None, layout: NodeLayout | None = None, **model) -> list:
-    monkeypatch.setattr(supervisor, "_has_cuda", lambda: True)
+    monkeypatch.setattr(node, "_has_cuda", lambda: True)
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
