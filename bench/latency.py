@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":  # run as a script: the repo root replaces bench/; imported, the path stays as it is
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, free, measure_card, parallel_options,  # noqa: E402
                           peer_generate, peer_model, quantized_shape_folder, random_prompts, shape_folder,
@@ -222,8 +223,8 @@ def gpu_profile(args, prompts) -> None:
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernel_us = sum(e.self_device_time_total for e in events)
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
-    print(f"{'verified' if args.speculative else 'decode'}: {num_steps} steps, wall {wall / num_steps * 1e3:.3f} ms/step, GPU kernels "
-          f"{kernel_us / num_steps / 1e3:.3f} ms/step ({kernel_us / 1e6 / wall:.0%} busy)")
+    print(f"{'verified' if args.speculative else 'decode'}: {num_steps} steps, wall {wall / num_steps * 1e3:.3f} "
+          f"ms/step, GPU kernels {kernel_us / num_steps / 1e3:.3f} ms/step ({kernel_us / 1e6 / wall:.0%} busy)")
 
 
 def main() -> None:

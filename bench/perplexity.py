@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":  # run as a script: the repo root replaces bench/; imported, the path stays as it is
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.models.builtin import BUILTIN_PREFIX, resolve_builtin  # noqa: E402
