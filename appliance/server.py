@@ -51,7 +51,7 @@ class ServeOptions:
     nodes: NodeLayout = NodeLayout()  # several machines (appliance.node)
 
     def load(self, config_path: str) -> AppConfig:
-        config = load_config(config_path)
+        config = load_config(config_path, (self.nodes.nnodes, self.nodes.node_rank))
         server = config.server
         changes = {k: v for k, v in (("host", self.host), ("port", self.port)) if v is not None}
         if self.api_key_env is not None:

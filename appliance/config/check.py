@@ -16,6 +16,7 @@ import msgspec
 
 from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
+from appliance.config.local_gpus import check_local_gpus
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import (EngineConfigError, check_encoder_on_one_rank, check_tensor_parallel_split,
                            pipeline_stage_layers)
@@ -79,8 +80,10 @@ def resolve_paths(config: AppConfig, base: Path, source: str, errors: list[Confi
     return replace(config, models=tuple(models))
 
 
-def check(config: AppConfig, source: str) -> list[ConfigError]:
-    """Every problem that spans fields or models; each check stops at its own first problem, the others go on."""
+def check(config: AppConfig, source: str, nodes: tuple[int, int] | None = None) -> list[ConfigError]:
+    """Every problem that spans fields or models; each check stops at its own first problem, the others go on.
+    `nodes` (nnodes, node_rank) places this machine among several (`kvbox serve --nnodes`; None: the environment's
+    KVBOX_NNODES / KVBOX_NODE_RANK, else one machine)."""
     errors: list[ConfigError] = []
     # Clients pick models and adapters by the same `model` field, so all their names share one namespace.
     claimed: dict[str, str] = {}
@@ -107,6 +110,7 @@ def check(config: AppConfig, source: str) -> list[ConfigError]:
         for check_model in (_check_engine_options, _check_quantization, _check_gpus, _check_tensor_split,
                             _check_lora):
             run(check_model, m, fail)
+        run(check_local_gpus, m, fail, nodes)
         for j, adapter in enumerate(m.lora.adapters):
             run(claim, adapter.name, f"{at}.lora.adapters[{j}].name", "adapter")
         defaults = m.default_sampling

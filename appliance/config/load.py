@@ -22,7 +22,9 @@ from appliance.config.introspect import is_secret, literal_values, schema_at, st
 from appliance.config.schema import AppConfig, schema_type
 
 
-def load_config(path: str | Path) -> AppConfig:
+def load_config(path: str | Path, nodes: tuple[int, int] | None = None) -> AppConfig:
+    """`nodes`: this machine's place among several, (nnodes, node_rank), as `kvbox serve` was given it (None: the
+    environment's KVBOX_NNODES / KVBOX_NODE_RANK, else one machine): the GPUs it needs are its ranks'."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -30,10 +32,11 @@ def load_config(path: str | Path) -> AppConfig:
         raise ConfigError(str(path), "", f"cannot read the file: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), "", "the file is not UTF-8 text") from None
-    return parse_config(text, str(path), base_dir=path.parent)
+    return parse_config(text, str(path), base_dir=path.parent, nodes=nodes)
 
 
-def parse_config(text: str, source_name: str = "<string>", base_dir: str | Path | None = None) -> AppConfig:
+def parse_config(text: str, source_name: str = "<string>", base_dir: str | Path | None = None,
+                 nodes: tuple[int, int] | None = None) -> AppConfig:
     """Validate a YAML text. Relative paths in it resolve against `base_dir` (default: the working directory)."""
     try:
         data = yaml.load(text, Loader=_Loader)
@@ -53,7 +56,7 @@ def parse_config(text: str, source_name: str = "<string>", base_dir: str | Path 
         config = resolve_paths(config, Path(base_dir or os.getcwd()).absolute(), source_name, errors)
         # A key the schema refused stands at its default here: checks on it would only echo that error.
         refused = [e.key_path for e in errors]
-        errors += [e for e in check(config, source_name) if not any(_under(e.key_path, k) for k in refused)]
+        errors += [e for e in check(config, source_name, nodes) if not any(_under(e.key_path, k) for k in refused)]
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return config
