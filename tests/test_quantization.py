@@ -282,11 +282,50 @@ def test_shapes_the_scheme_cannot_split_name_the_key(checkpoint, key, value):
     """hidden 128, intermediate 160 (not a multiple of 64), q 128, k/v 36 (not a multiple of 8 or 64)."""
     scheme = parse_quantization(checkpoint, None)
     if key is None:
-        check_linear_shapes(scheme, 128, 160, 128, 36)
+        check_linear_shapes(scheme, 2, 128, 160, 128, 36)
         return
     with pytest.raises(QuantizationConfigError) as error:
-        check_linear_shapes(scheme, 128, 160, 128, 36)
+        check_linear_shapes(scheme, 2, 128, 160, 128, 36)
     assert (error.value.key, error.value.value) == (key, value)
+
+
+def test_only_quantized_linears_must_split_into_groups():
+    """down_proj's 160 inputs do not split into groups of 64: refused unless every layer leaves it in float."""
+    scheme = parse_quantization({**qc.gptq_config(4, 64, True, False), "dynamic": {r"-:.*\.0\.mlp\.down_proj": {}}},
+                                None)
+    with pytest.raises(QuantizationConfigError, match="the groups do not divide down_proj's 160 inputs"):
+        check_linear_shapes(scheme, 2, 128, 160, 128, 64)
+    check_linear_shapes(scheme, 1, 128, 160, 128, 64)
+
+
+# The modules each format leaves in float: every layer's down_proj, whose 160 inputs groups of 64 cannot split.
+FLOAT_DOWN_PROJ = {
+    "ct": lambda: ({**ct_pack_writer(4, 64, False)[0], "ignore": ["lm_head", "re:.*mlp\\.down_proj$"]},
+                   ct_pack_writer(4, 64, False)[1]),
+    "awq": lambda: ({**qc.awq_config(64), "modules_to_not_convert": ["down_proj"]}, lambda w: qc.awq_tensors(w, 64)),
+    "gptqmodel": lambda: ({**qc.gptq_config(4, 64, True, False), "dynamic": {r"-:.*\.down_proj": {}}},
+                          lambda w: qc.gptq_tensors(w, 4, 64, True, False)),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT_DOWN_PROJ))
+@torch.inference_mode()
+def test_linears_left_in_float_need_not_split_into_groups(tiny_model, tmp_path, capsys, name):
+    from appliance.cli import main
+
+    config_dict, writer = FLOAT_DOWN_PROJ[name]()
+    folder = tiny_model("llama", **{**SHAPE, "intermediate_size": 160})
+    dequantized = qc.write_quantized(folder, tmp_path / "q", config_dict, writer, keep_float=("mlp.down_proj",))
+    config = ModelConfig.from_pretrained(tmp_path / "q", dtype="float32")
+    model = load_model(config, tmp_path / "q", CPU)
+    reference = AutoModelForCausalLM.from_pretrained(qc.write_float(folder, tmp_path / "ref", dequantized),
+                                                     dtype=torch.float32).eval()
+    token_ids = list(range(5, 29))
+    torch.testing.assert_close(prefill_logits(model, config, token_ids),
+                               reference(torch.tensor([token_ids])).logits[0], atol=LOGITS_ATOL, rtol=0)
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text(f"models:\n  - name: m\n    source: {tmp_path / 'q'}\n    device: cpu\n")
+    assert main(["check-config", str(yaml)]) == 0, capsys.readouterr().err
 
 
 def test_check_config_refuses_a_group_size_that_does_not_divide(tiny_model, tmp_path, capsys):

@@ -145,11 +145,12 @@ def _check_quantization(m: ModelSpec, fail: Fail) -> None:
     try:
         scheme = model_quantization(m)
         hf = _checkpoint_config(m)
-        sizes = [hf.get(key) for key in ("hidden_size", "intermediate_size", "num_attention_heads")]
+        sizes = [hf.get(key) for key in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                         "num_attention_heads")]
         if all(isinstance(size, int) for size in sizes):  # else the engine checks them when it reads the file
-            hidden, intermediate, heads = sizes
+            layers, hidden, intermediate, heads = sizes
             head_size = hf.get("head_dim") or hidden // heads
-            check_linear_shapes(scheme, hidden, intermediate, heads * head_size,
+            check_linear_shapes(scheme, layers, hidden, intermediate, heads * head_size,
                                 (hf.get("num_key_value_heads") or heads) * head_size)
     except QuantizationConfigError as e:
         # The user's own key, or the checkpoint's setting (under source, since the file is the checkpoint's).

@@ -98,7 +98,7 @@ def model_quantization(config: ModelConfig, path: str | Path, quantization: str 
     """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
     try:
         scheme = parse_quantization(config.quantization_config, quantization)
-        check_linear_shapes(scheme, config.hidden_size, config.intermediate_size,
+        check_linear_shapes(scheme, config.num_layers, config.hidden_size, config.intermediate_size,
                             config.num_heads * config.head_size, config.num_kv_heads * config.head_size)
         return scheme
     except QuantizationConfigError as error:

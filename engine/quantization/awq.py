@@ -19,7 +19,6 @@ _PACK = 8
 class AWQLinearMethod(WNA16LinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int,
                        output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
-        check_shape(self.scheme, input_size, output_slices, out_pack=_PACK)
         groups = num_groups(self.scheme, input_size)
         add_param(layer, "qweight", torch.empty(input_size, output_size // _PACK, dtype=torch.int32),
                   input_dim=0, output_dim=1)
@@ -28,6 +27,7 @@ class AWQLinearMethod(WNA16LinearMethod):
         add_param(layer, "scales", torch.empty(groups, output_size, dtype=torch.float16), input_dim=0, output_dim=1)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_shape(self.scheme, layer.input_size, layer.output_slices, out_pack=_PACK)
         values = unpack_int32(layer.qweight.data, 4, dim=1, order=AWQ_ORDER)  # [in, out]
         zeros = unpack_int32(layer.qzeros.data, 4, dim=1, order=AWQ_ORDER)  # [groups, out]
         g_idx = default_g_idx(values.shape[0], self.scheme.group_size, values.device)

@@ -29,7 +29,6 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
                        output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
         s = self.scheme
         pack = 32 // s.bits
-        check_shape(s, input_size, output_slices, out_pack=1 if s.symmetric else pack)
         groups = num_groups(s, input_size)
         if s.act_order and layer.shard_dim == 1 and layer.tp_size > 1:
             raise ValueError("compressed-tensors: act-order groups cannot split a row-parallel linear's inputs")
@@ -52,6 +51,7 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         s = self.scheme
+        check_shape(s, layer.input_size, layer.output_slices, out_pack=1 if s.symmetric else 32 // s.bits)
         shapes = [tuple(shape) for shape in layer.weight_shape.data.tolist()]
         want = layer.whole_shapes
         if shapes != want:

@@ -28,7 +28,6 @@ class GPTQLinearMethod(WNA16LinearMethod):
                        output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
         s = self.scheme
         pack = 32 // s.bits
-        check_shape(s, input_size, output_slices, out_pack=pack)
         # A row-parallel rank holds a slice of the input rows. Plain groups split with them; act-order groups (any
         # row in any group) and a single group do not: the rank keeps every group's scales and zeros, as vLLM does.
         row_split = layer.shard_dim == 1 and layer.tp_size > 1
@@ -51,6 +50,7 @@ class GPTQLinearMethod(WNA16LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         bits = self.scheme.bits
+        check_shape(self.scheme, layer.input_size, layer.output_slices, out_pack=32 // bits)
         values = unpack_int32(layer.qweight.data, bits, dim=0)  # [in, out]
         # Stored minus one, and read back as the public kernels do: (stored + 1) without wrapping.
         zeros = unpack_int32(layer.qzeros.data, bits, dim=1) + 1  # [groups, out]

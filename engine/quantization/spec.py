@@ -100,16 +100,26 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
                                   f"({scheme.describe()}); leave quantization unset to run it as it is")
 
 
-def check_linear_shapes(scheme: QuantScheme | None, hidden_size: int, intermediate_size: int, q_size: int,
-                        kv_size: int) -> None:
-    """Every decoder linear (qkv, o, gate/up, down: [inputs, outputs of each part]) splits into the scheme's groups,
-    packed words and blocks; else the checkpoint's key that does not fit is named, before anything is allocated."""
+# Each merged decoder linear's checkpoint modules, under model.layers.N.
+_LINEAR_PARTS = {"qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "o_proj": ("self_attn.o_proj",), "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+                 "down_proj": ("mlp.down_proj",)}
+
+
+def check_linear_shapes(scheme: QuantScheme | None, num_layers: int, hidden_size: int, intermediate_size: int,
+                        q_size: int, kv_size: int) -> None:
+    """Every quantized decoder linear (qkv, o, gate/up, down: [inputs, outputs of each part]) splits into the
+    scheme's groups, packed words and blocks; else the checkpoint's key that does not fit is named, before anything
+    is allocated. A linear the checkpoint leaves in float in every layer has no groups to split."""
     if scheme is None or (scheme.layout in ("gguf", "fp8", "int8") and scheme.block_size is None):
         return
     linears = {"qkv_proj": (hidden_size, (q_size, kv_size, kv_size)), "o_proj": (q_size, (hidden_size,)),
                "gate_up_proj": (hidden_size, (intermediate_size,)), "down_proj": (intermediate_size, (hidden_size,))}
     at = f"quantization_config.{scheme.weights_at}"
     for name, (inputs, outputs) in linears.items():
+        if scheme.unquantized and all(scheme.keeps_float(f"model.layers.{layer}.{part}")
+                                      for layer in range(num_layers) for part in _LINEAR_PARTS[name]):
+            continue
         shape = f"{name}'s {inputs} inputs and {', '.join(map(str, outputs))} outputs"
         if scheme.block_size is not None:
             rows, cols = scheme.block_size

@@ -45,9 +45,6 @@ class W8A8LinearMethod(LinearMethod):
             add_param(layer, "weight_scale", torch.empty(output_size, 1, dtype=torch.float32), output_dim=0)
         else:
             rows, cols = s.block_size
-            if any(size % rows for size in output_slices) or input_size % cols:
-                raise ValueError(f"fp8: weight_block_size {list(s.block_size)} does not divide a linear of "
-                                 f"{input_size} inputs and outputs {list(output_slices)}")
             add_param(layer, "weight_scale_inv", torch.empty(output_size // rows, input_size // cols,
                                                              dtype=torch.float32), output_dim=0, input_dim=1)
         if s.activations == "tensor":
@@ -67,6 +64,11 @@ class W8A8LinearMethod(LinearMethod):
         elif s.weight_strategy == "channel":
             scale = layer.weight_scale.data[:, 0]
         else:
+            # Checked here, not when built: a linear the checkpoint leaves in float is no longer this method's.
+            rows, cols = s.block_size
+            if any(size % rows for size in layer.output_parts) or layer.input_size % cols:
+                raise ValueError(f"fp8: weight_block_size {list(s.block_size)} does not divide a linear of "
+                                 f"{layer.input_size} inputs and outputs {list(layer.output_parts)}")
             scale = layer.weight_scale_inv.data
             replace_param(layer, "weight_scale_inv", None)
         if hasattr(layer, "weight_scale"):

@@ -46,7 +46,8 @@ def num_groups(scheme: QuantScheme, input_size: int) -> int:
 
 
 def check_shape(scheme: QuantScheme, input_size: int, output_slices: tuple[int, ...], out_pack: int = 1) -> None:
-    """Groups and packing must divide the layer: a clear error at build time instead of a garbled load."""
+    """Groups and packing must divide this rank's share of the layer. Checked after loading, not when the layer is
+    built: only then is a linear the checkpoint leaves in float (`keep_float_linears`) no longer this method's."""
     pack = 32 // scheme.bits
     if input_size % pack or (scheme.group_size != -1 and input_size % scheme.group_size):
         raise ValueError(f"{scheme.method}: a linear's input size {input_size} is not a multiple of the "
