@@ -39,6 +39,7 @@ from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.pooling.pooler import PooledOutput, Pooler
 from engine.quantization.kv_calibration import calibrate_kv_scales
+from engine.quantization import producer_quant
 from engine.sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_prompt_logprobs, grammar_bitmask
 from engine.spec_decode import stage_drafts
 from engine.spec_decode.draft_model import DraftModel
@@ -83,6 +84,7 @@ class ModelRunner:
             layers = add_lora_layers(self.model, config.max_loras, config.max_lora_rank, self.batch.lora_slots.device)
             remote = other_stage_twins(layers, model_config.num_layers, stage.layers) if stage is not None else None
             self.lora = LoraManager(layers, self.model.lora_modules, config, remote)
+        producer_quant.arm(self.model)  # after LoRA: its wrapped linears take float input only
         # Async scheduling: the latest step's sampled ids, on the device, and the row of each request among them.
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
         self._last_sampled_rows: dict[str, int] = {}

@@ -37,6 +37,17 @@ _TRITON_MODULES = {
 }
 
 
+# Ops that quantize their own output for a W8A8 linear (engine.quantization.producer_quant). Triton fuses them;
+# the torch backend runs its own op and then the reference quantizer, which is what the linear would have done.
+_PRODUCER_QUANT = {
+    "rms_norm_quant": "engine.kernels.norm",
+    "fused_add_rms_norm_quant": "engine.kernels.norm",
+    "silu_and_mul_quant": "engine.kernels.activation",
+    "gelu_tanh_and_mul_quant": "engine.kernels.activation",
+    "w8a8_gemm": "engine.kernels.w8a8",
+}
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """`requested` is "auto", "torch" or "triton"; the environment variable overrides "auto"."""
     if requested == "auto":
@@ -51,10 +62,28 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 def load_backend(name: str) -> SimpleNamespace:
     """A namespace holding every op of one backend."""
     if name == "torch":
-        return SimpleNamespace(**{op: getattr(cpu, op, getattr(reference, op)) for op in _TRITON_MODULES})
+        ops = SimpleNamespace(**{op: getattr(cpu, op, getattr(reference, op)) for op in _TRITON_MODULES})
+        return _with_quantizing_producers(ops)
     if name == "triton":
-        return SimpleNamespace(**{op: getattr(importlib.import_module(mod), op) for op, mod in _TRITON_MODULES.items()})
+        return SimpleNamespace(**{op: getattr(importlib.import_module(mod), op)
+                                  for op, mod in (_TRITON_MODULES | _PRODUCER_QUANT).items()})
     raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def _with_quantizing_producers(ops: SimpleNamespace) -> SimpleNamespace:
+    """`ops` plus each `_PRODUCER_QUANT` op as its plain op followed by the reference quantizer."""
+    quantize = reference.quantize_activations
+    ops.rms_norm_quant = lambda x, weight, eps, offset, dtype: quantize(ops.rms_norm(x, weight, eps, offset), dtype)
+
+    def fused_add_rms_norm_quant(x, residual, weight, eps, offset, dtype):
+        normed, summed = ops.fused_add_rms_norm(x, residual, weight, eps, offset)
+        return (*quantize(normed, dtype), summed)
+
+    ops.fused_add_rms_norm_quant = fused_add_rms_norm_quant
+    ops.silu_and_mul_quant = lambda x, dtype: quantize(ops.silu_and_mul(x), dtype)
+    ops.gelu_tanh_and_mul_quant = lambda x, dtype: quantize(ops.gelu_tanh_and_mul(x), dtype)
+    ops.w8a8_gemm = reference.w8a8_gemm
+    return ops
 
 
 _active = SimpleNamespace(name="torch", ops=load_backend("torch"))
@@ -109,6 +138,26 @@ def prepack_linear(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` in the layout the active backend's `linear` runs fastest, or None to keep it as it is (only the
     torch backend's CPU path has one: `kernels.cpu.prepack`)."""
     return cpu.prepack(weight) if _active.name == "torch" else None
+
+
+def rms_norm_quant(*args, **kwargs):
+    return _active.ops.rms_norm_quant(*args, **kwargs)
+
+
+def fused_add_rms_norm_quant(*args, **kwargs):
+    return _active.ops.fused_add_rms_norm_quant(*args, **kwargs)
+
+
+def silu_and_mul_quant(*args, **kwargs):
+    return _active.ops.silu_and_mul_quant(*args, **kwargs)
+
+
+def gelu_tanh_and_mul_quant(*args, **kwargs):
+    return _active.ops.gelu_tanh_and_mul_quant(*args, **kwargs)
+
+
+def w8a8_gemm(*args, **kwargs):
+    return _active.ops.w8a8_gemm(*args, **kwargs)
 
 
 def wna16_linear(*args, **kwargs):

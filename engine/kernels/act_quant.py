@@ -66,15 +66,29 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, zp_ptr, static_zp
         tl.store(zp_ptr + row, zero.to(tl.int32))
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)
-        # IEEE division, as torch divides: the GPU's default `/` is approximate and moves int8 roundings.
-        v = tl.math.div_rn(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32), scale)
+        v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         if ASYM:  # round, then shift by the zero point, then clamp: the reference's order
+            v = tl.math.div_rn(v, scale)
             q = tl.minimum(tl.maximum(_round_half_even(v) + zero, -TOP - 1.0), TOP).to(q_ptr.dtype.element_ty)
-        elif INT:
-            q = _round_half_even(tl.minimum(tl.maximum(v, -TOP), TOP)).to(q_ptr.dtype.element_ty)
-        else:  # torch rounds to nearest even; Triton's default for float8 is not that everywhere
-            q = tl.minimum(tl.maximum(v, -TOP), TOP).to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        else:
+            q = quantize_in_registers(v, scale, q_ptr, INT, TOP)
         tl.store(q_ptr + row * K + cols, q, mask=cols < K)
+
+
+@triton.jit
+def quantize_in_registers(v, scale, q_ptr, INT: tl.constexpr, TOP: tl.constexpr):
+    """float32 values v -> q_ptr's type (symmetric: v / scale clamped to +-TOP), rounded as the reference rounds.
+    Also used by the ops that quantize their own output (kernels.norm, kernels.activation)."""
+    # IEEE division, as torch divides: the GPU's default `/` is approximate and moves int8 roundings.
+    v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -TOP), TOP)
+    if INT:
+        return _round_half_even(v).to(q_ptr.dtype.element_ty)
+    return v.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # torch's rounding; not Triton's default
+
+
+def type_max(dtype: torch.dtype | None) -> float:
+    """The largest value of an 8-bit activation type (float8 e4m3 or int8); 1.0 for None (nothing quantized)."""
+    return FP8_MAX if dtype == torch.float8_e4m3fn else INT8_MAX if dtype == torch.int8 else 1.0
 
 
 def _launch(x: torch.Tensor, dtype: torch.dtype, scale, zero_point, asym: bool):
@@ -88,7 +102,7 @@ def _launch(x: torch.Tensor, dtype: torch.dtype, scale, zero_point, asym: bool):
         _quantize_rows_kernel[(n,)](
             x, q, scales, scale if scale is not None else scales, zero_points,
             zero_point if zero_point is not None else zero_points, x.stride(0), K=k,
-            TOP=FP8_MAX if dtype == torch.float8_e4m3fn else INT8_MAX, STATIC=scale is not None,
+            TOP=type_max(dtype), STATIC=scale is not None,
             INT=dtype == torch.int8, ASYM=asym, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
     return q, scales, zero_points
 

@@ -106,13 +106,25 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         return F.linear(x, dequantize_w8(weight, weight_scale).to(x.dtype), bias)
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
     if azp_adj is not None:
         q, scale, zero_point = quantize_activations_asym(x2, input_scale, input_zero_point)
+        out = _gemm(q, scale, weight, weight_scale, bias, x.dtype, zero_point * azp_adj.view(1, n))
     else:
-        q, scale = quantize_activations(x2, weight.dtype, input_scale)
-        if 0 < m <= SKINNY_MAX_ROWS and weight.is_contiguous():
-            return w8a8_skinny(q, weight, scale, weight_scale, bias, x.dtype).view(*x.shape[:-1], n)
+        out = w8a8_gemm(*quantize_activations(x2, weight.dtype, input_scale), weight, weight_scale, bias, x.dtype)
+    return out.view(*x.shape[:-1], n)
+
+
+def w8a8_gemm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Activations already quantized (symmetric): q [M, K] 8-bit, float32 scale [M, 1] -> [M, N] in `out_dtype`."""
+    if 0 < q.shape[0] <= SKINNY_MAX_ROWS and weight.is_contiguous():
+        return w8a8_skinny(q, weight, scale, weight_scale, bias, out_dtype)
+    return _gemm(q, scale, weight, weight_scale, bias, out_dtype)
+
+
+def _gemm(q, scale, weight, weight_scale, bias, out_dtype, zero_point_share=None) -> torch.Tensor:
+    """cuBLAS: `_scaled_mm` for float8, `_int_mm` for int8 (taking off `zero_point_share`, z * azp_adj, if given)."""
+    m, n = q.shape[0], weight.shape[0]
     if weight.dtype == torch.float8_e4m3fn:
         # Row-wise scaling writes bfloat16 only.
         out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, n),
@@ -120,10 +132,10 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     else:
         padded = F.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - m)) if m < _INT_MM_MIN_ROWS else q
         acc = torch._int_mm(padded, weight.t())[:m]
-        if azp_adj is not None:  # exact in int32: |z| <= 128 and |azp_adj| <= 127 K
-            acc = acc - zero_point * azp_adj.view(1, n)
+        if zero_point_share is not None:  # exact in int32: |z| <= 128 and |azp_adj| <= 127 K
+            acc = acc - zero_point_share
         out = acc.float() * scale * weight_scale.view(1, n)
-    out = out.to(x.dtype)
+    out = out.to(out_dtype)
     if bias is not None:
         out += bias
-    return out.view(*x.shape[:-1], n)
+    return out

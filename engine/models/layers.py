@@ -23,6 +23,7 @@ from engine.distributed.parallel_state import tp_group
 from engine.quantization.base import replace_param
 from engine.quantization.context import current_linear_method
 from engine.quantization.gguf import gguf_type
+from engine.quantization.producer_quant import QuantizedActivation
 from engine.kernels import reference
 
 
@@ -299,11 +300,21 @@ class RMSNorm(nn.Module):
         self.eps, self.weight_offset = eps, weight_offset
         # Initialized to the identity scale, so a norm left unloaded (dummy weights) passes values through.
         self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset), requires_grad=False)
+        self.quantize_output: torch.dtype | None = None  # set by engine.quantization.producer_quant.arm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.quantize_output is not None:
+            return self._quantized(x, residual)
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps, self.weight_offset)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
+    def _quantized(self, x: torch.Tensor, residual: torch.Tensor | None):
+        args = (self.weight, self.eps, self.weight_offset, self.quantize_output)
+        if residual is None:
+            return QuantizedActivation(*kernels.rms_norm_quant(x, *args), x.dtype)
+        q, scale, residual = kernels.fused_add_rms_norm_quant(x, residual, *args)
+        return QuantizedActivation(q, scale, x.dtype), residual
 
 
 def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -346,9 +357,10 @@ class RotaryEmbedding(nn.Module):
         self.is_neox = True
 
 
-_ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": kernels.silu_and_mul,
-    "gelu_pytorch_tanh": kernels.gelu_tanh_and_mul,
+# hidden_act -> (the gated activation, the same writing its output quantized per token)
+_ACT_AND_MUL: dict[str, tuple[Callable, Callable]] = {
+    "silu": (kernels.silu_and_mul, kernels.silu_and_mul_quant),
+    "gelu_pytorch_tanh": (kernels.gelu_tanh_and_mul, kernels.gelu_tanh_and_mul_quant),
 }
 
 
@@ -360,10 +372,14 @@ class GatedMLP(nn.Module):
         super().__init__()
         if hidden_act not in _ACT_AND_MUL:
             raise ValueError(f"unsupported hidden_act {hidden_act!r}; expected one of {', '.join(_ACT_AND_MUL)}")
-        self.act_and_mul = _ACT_AND_MUL[hidden_act]
+        self.act_and_mul, self.act_and_mul_quant = _ACT_AND_MUL[hidden_act]
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias, tp_rank, tp_size)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp_rank, tp_size)
+        self.quantize_output: torch.dtype | None = None  # the activation's: set by producer_quant.arm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate / tp]
+        if self.quantize_output is not None:
+            act = QuantizedActivation(*self.act_and_mul_quant(gate_up, self.quantize_output), gate_up.dtype)
+            return self.down_proj(act)
         return self.down_proj(self.act_and_mul(gate_up))  # [num_tokens, hidden]

@@ -64,8 +64,8 @@ class LlamaAttention(nn.Module):
                               config.layer_sliding_windows[layer_idx], config.attn_logit_softcapping)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]; hidden may come quantized (producer_quant)
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_size)  # [num_tokens, num_heads, head_size]
         k = k.view(num_tokens, self.num_kv_heads, self.head_size)  # [num_tokens, num_kv_heads, head_size]

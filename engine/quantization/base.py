@@ -28,6 +28,11 @@ class LinearMethod:
         """x [num_tokens, input_size] -> [num_tokens, output_size] in x's dtype."""
         raise NotImplementedError
 
+    def input_quant_dtype(self, layer: nn.Module) -> torch.dtype | None:
+        """The 8-bit type in which `apply` also takes its input already quantized per token (symmetric), as an
+        `engine.quantization.producer_quant.QuantizedActivation`; None: float input only."""
+        return None
+
     def fill_dummy(self, layer: nn.Module, generator: torch.Generator, std: float) -> None:
         """`load_format: dummy`: fills the parameters `create_weights` made (not the bias) as a checkpoint of this
         format would, with weights of about `std`; `process_weights_after_loading` follows as after a real load."""

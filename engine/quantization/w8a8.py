@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.quantization.base import LinearMethod, add_param, replace_param
+from engine.quantization.producer_quant import QuantizedActivation
 from engine.quantization.spec import QuantScheme
 from engine import kernels
 from engine.kernels import reference
@@ -98,7 +99,15 @@ class W8A8LinearMethod(LinearMethod):
         if hasattr(layer, "input_zero_point"):
             layer.input_zero_point.data.zero_()
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def input_quant_dtype(self, layer: nn.Module) -> torch.dtype | None:
+        # Dynamic symmetric per-token activations with per-channel weight scales: what `kernels.w8a8_gemm` takes.
+        s = self.scheme
+        return self.dtype if s.activations == "token" and s.input_symmetric and layer.weight_scale.dim() == 1 else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return kernels.w8a8_gemm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
         return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
                                    quantize_input=self.scheme.activations is not None, azp_adj=layer.azp_adj,
                                    input_zero_point=layer.input_zero_point)
