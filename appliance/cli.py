@@ -137,16 +137,12 @@ def _check_config(path: str) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
-    from appliance.config.check import model_quantization
+    from appliance.config.check import describe_quantization
 
     names = ", ".join(m.name for m in config.models)
     print(f"OK: {len(config.models)} model{'s' if len(config.models) != 1 else ''} ({names})")
     for m in config.models:
-        scheme = model_quantization(m)
-        # GGUF files (the built-ins are GGUF) are read when the engine starts.
-        gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
-        shown = scheme.describe() if scheme else f"gguf, blocks dequantized: {m.gguf_dequantize}" if gguf else "none"
-        print(f"  {m.name}: quantization {shown}, kv cache {m.kv_cache.dtype}")
+        print(f"  {m.name}: quantization {describe_quantization(m)}, kv cache {m.kv_cache.dtype}")
     return 0
 
 

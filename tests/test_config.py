@@ -521,8 +521,9 @@ def test_offline_keywords_are_checked():
 
 def test_check_config_command(tmp_path, capsys):
     assert kvbox(["check-config", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf, blocks dequantized: auto, "
-                                       "kv cache auto\n")
+    assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf Q4_1 x 210 + Q8_0 x 1 "
+                                       "tensors, weight-only, gguf_dequantize auto: packed on CUDA, dequantized when "
+                                       "loaded on the CPU, kv cache auto\n")
 
     good = tmp_path / "two.yaml"
     good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")

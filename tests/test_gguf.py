@@ -267,9 +267,10 @@ def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_l
     expected = write_gguf(quantizable_llama, path, "llama", QType.Q4_K, overrides={
         "v_proj": QType.Q6_K, "down_proj": QType.Q6_K, "embed_tokens": QType.Q8_0, "o_proj": QType.F16})
     config = ModelConfig.from_pretrained(path, dtype="float32")
-    assert config.quantization_config == {"quant_method": "gguf", "types": ["Q8_0", "Q4_K", "Q6_K"]}
+    # Two layers' q/k/gate/up and the head in Q4_K, their v/down in Q6_K.
+    assert config.quantization_config == {"quant_method": "gguf", "types": {"Q4_K": 9, "Q6_K": 4, "Q8_0": 1}}
     model = load_model(config, path, CPU)
-    assert model.quant_scheme.describe() == "gguf Q8_0/Q4_K/Q6_K blocks kept packed, weight-only"
+    assert model.quant_scheme.describe() == "gguf Q4_K x 9 + Q6_K x 4 + Q8_0 x 1 tensors, weight-only"
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.run_types == (int(QType.Q4_K), int(QType.Q6_K))
     assert qkv.run_sizes == (qkv.q_size + qkv.kv_size, qkv.kv_size)
@@ -283,6 +284,39 @@ def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_l
     token_ids = list(range(3, 40))
     torch.testing.assert_close(prefill_logits(model, config, token_ids),
                                prefill_logits(reference_model, config, token_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_check_config_reads_the_gguf_header(quantizable_llama, tmp_path, capsys):
+    """check-config shows a GGUF file's block types and how they will run, and refuses fp8 / int8 on quantized
+    blocks (load refuses them) naming the key and the value; a float GGUF may take them. Only the header is read."""
+    from appliance.cli import main
+
+    write_gguf(quantizable_llama, tmp_path / "q.gguf", "llama", QType.Q8_0, overrides={"down_proj": QType.Q4_1})
+    write_gguf(quantizable_llama, tmp_path / "f.gguf", "llama", QType.F16)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    config = tmp_path / "config.yaml"
+
+    def check(source: str, options: str) -> tuple[int, str, str]:
+        config.write_text(f"models:\n  - name: m\n    source: {source}\n    {options}\n")
+        code = main(["check-config", str(config)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    # Two layers' q/k/v/o/gate/up, the embedding and the head in Q8_0; down_proj in Q4_1.
+    shown = "quantization gguf Q8_0 x 14 + Q4_1 x 2 tensors, weight-only, gguf_dequantize"
+    assert check("q.gguf", "device: cpu") == (0, f"OK: 1 model (m)\n  m: {shown} load (auto on cpu): dequantized "
+                                                 "to float when loaded, kv cache auto\n", "")
+    assert f"{shown} matmul: kept packed, dequantized inside each matmul," in check("q.gguf",
+                                                                                   "gguf_dequantize: matmul")[1]
+    assert f"{shown} auto: packed on CUDA, dequantized when loaded on the CPU," in check("q.gguf", "device: auto")[1]
+    code, _, err = check("q.gguf", "quantization: int8")
+    assert code == 1 and (f"{config}: models[0].quantization: int8 quantizes a float checkpoint, but this one is "
+                          "already quantized (gguf Q8_0 x 14 + Q4_1 x 2 tensors, weight-only)") in err
+    assert check("f.gguf", "quantization: fp8")[:2] == (0, "OK: 1 model (m)\n  m: quantization fp8 (online) 8-bit, "
+                                                          "per-channel, dynamic per-token activations, kv cache auto\n")
+    # A file that does not parse is the engine's to report.
+    assert check("bad.gguf", "device: cpu")[:2] == (0, "OK: 1 model (m)\n  m: quantization unknown until the engine "
+                                                      "reads the file, kv cache auto\n")
 
 
 def test_dequantized_at_load_runs_the_same_weights_as_float(quantizable_llama, tmp_path):

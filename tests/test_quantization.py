@@ -260,7 +260,8 @@ def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(f
 
     config.write_text("models:\n  - name: m\n    source: gptq\n    quantization: int8\n")
     assert main(["check-config", str(config)]) == 1
-    assert "models[0].quantization: the checkpoint is already quantized" in capsys.readouterr().err
+    assert "models[0].quantization: int8 quantizes a float checkpoint, but this one is already quantized (gptq" in \
+        capsys.readouterr().err
     checkpoint = json.loads((tmp_path / "gptq" / "config.json").read_text())
     checkpoint["quantization_config"]["bits"] = 3
     (tmp_path / "gptq" / "config.json").write_text(json.dumps(checkpoint))

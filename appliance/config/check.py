@@ -5,6 +5,7 @@ options each model would start with, so that an engine option it refuses fails a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
+from gguf import GGUFReader
 
 from appliance.config.device_memory import check_device_memory
 from appliance.config.error import ConfigError
@@ -20,7 +22,9 @@ from appliance.config.local_gpus import check_local_gpus
 from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import (EngineConfigError, check_encoder_on_one_rank, check_tensor_parallel_split,
                            pipeline_stage_layers)
-from engine.quantization.spec import QuantizationConfigError, QuantScheme, check_linear_shapes, parse_quantization
+from engine.models.builtin import resolve_model_source
+from engine.quantization.spec import (QuantizationConfigError, QuantScheme, check_linear_shapes,
+                                      gguf_quantization_config, parse_quantization)
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUILTIN = re.compile(r"^builtin:[A-Za-z0-9._-]+$")
@@ -137,8 +141,51 @@ def _local_hf_config(m: ModelSpec) -> dict[str, Any]:
 
 
 def model_quantization(m: ModelSpec) -> QuantScheme | None:
-    """The scheme a model will run: a local checkpoint's quantization_config with `quantization` applied."""
-    return parse_quantization(_local_hf_config(m).get("quantization_config"), m.quantization)
+    """The scheme a model will run: a local checkpoint's quantization_config (a GGUF file's from its header) with
+    `quantization` applied."""
+    read, checkpoint = _gguf_quantization(m.source)
+    if not read:
+        checkpoint = _local_hf_config(m).get("quantization_config")
+    return parse_quantization(checkpoint, m.quantization)
+
+
+def describe_quantization(m: ModelSpec) -> str:
+    """check-config's summary of a model's quantization; for a GGUF file, also how its blocks will run."""
+    scheme = model_quantization(m)
+    if scheme is not None and scheme.layout == "gguf":
+        return f"{scheme.describe()}, gguf_dequantize {_gguf_dequantize(m)}"
+    gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
+    if scheme is None and gguf and not _gguf_quantization(m.source)[0]:
+        return "unknown until the engine reads the file"
+    return scheme.describe() if scheme else "none"
+
+
+_GGUF_RUNS = {"matmul": "kept packed, dequantized inside each matmul", "load": "dequantized to float when loaded",
+              "auto": "packed on CUDA, dequantized when loaded on the CPU"}
+
+
+def _gguf_dequantize(m: ModelSpec) -> str:
+    """`gguf_dequantize` and what it does; auto resolved as `engine.runner` resolves it where the device is known
+    without torch."""
+    mode = m.gguf_dequantize
+    if mode == "auto" and m.device != "auto":
+        mode = "load" if m.device == "cpu" else "matmul"
+        return f"{mode} (auto on {m.device}): {_GGUF_RUNS[mode]}"
+    return f"{mode}: {_GGUF_RUNS[mode]}"
+
+
+@functools.cache
+def _gguf_quantization(source: str) -> tuple[bool, dict[str, Any] | None]:
+    """(whether `source` is a GGUF file whose header reads, its quantization_config), from the header and tensor
+    infos only: GGUFReader memory-maps the file, no weight is read or dequantized. A built-in model not installed
+    or a file that does not parse is left to the engine, which reports it in its own words."""
+    try:
+        path = resolve_model_source(source)
+        if not path.endswith(".gguf"):
+            return False, None
+        return True, gguf_quantization_config(tensor.tensor_type.name for tensor in GGUFReader(path).tensors)
+    except (OSError, ValueError, IndexError):
+        return False, None
 
 
 def _check_quantization(m: ModelSpec, fail: Fail) -> None:

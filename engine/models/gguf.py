@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 from gguf.quants import dequantize
 
 from engine.kernels.reference import GGUF_BLOCKS
+from engine.quantization.spec import GGUF_FLOAT_TYPES, gguf_quantization_config
 
 if TYPE_CHECKING:
     from engine.models.config import ModelConfig
@@ -66,7 +67,7 @@ _GEMMA2_BLOCK_NAMES = {
 }
 # Llama 3's rope scaling, stored as a tensor; read_config turns it back into rope parameters.
 _ROPE_FREQS = "rope_freqs.weight"
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+_FLOAT_TYPES = tuple(GGMLQuantizationType[name] for name in GGUF_FLOAT_TYPES)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -144,14 +145,14 @@ def iter_gguf_tensors(path: str | Path, config: ModelConfig) -> Iterator[tuple[s
 
 
 def _quantization_config(path: str | Path, tensors: list[ReaderTensor]) -> dict[str, Any] | None:
-    """`quant_method: gguf` and the block types when the file holds quantized blocks; None when it is all float."""
+    """`quant_method: gguf` and the block types' tensor counts when the file holds quantized blocks; None when it is
+    all float."""
     for tensor in tensors:
         if tensor.tensor_type not in GGUF_BLOCKS and tensor.tensor_type not in _FLOAT_TYPES:
             kept = ", ".join(t.name for t in (*_FLOAT_TYPES, *map(GGMLQuantizationType, GGUF_BLOCKS)))
             raise ValueError(f"{path}: tensor {tensor.name!r} has GGUF type {tensor.tensor_type.name}, which kvbox "
                              f"does not run; supported types: {kept}")
-    types = sorted({t.tensor_type for t in tensors if t.tensor_type in GGUF_BLOCKS})
-    return {"quant_method": "gguf", "types": [t.name for t in types]} if types else None
+    return gguf_quantization_config(tensor.tensor_type.name for tensor in tensors)
 
 
 def _tensor(path: str | Path, tensor: ReaderTensor) -> torch.Tensor:

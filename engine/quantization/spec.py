@@ -10,12 +10,15 @@ half-understood. Which linear method runs a scheme is `engine.quantization.metho
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
 CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8", "auto-round", "gguf")
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
+GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")  # a GGUF file's tensors that load as float
 _IGNORABLE = ("lm_head",)  # kvbox never quantizes the LM head, so a checkpoint may say so
 
 
@@ -48,7 +51,7 @@ class QuantScheme:
     activations: str | None = None
     input_symmetric: bool = True
     online: bool = False
-    gguf_types: tuple[str, ...] = ()  # gguf: the block types the file's weights hold (Q4_1, Q8_0...)
+    gguf_types: tuple[tuple[str, int], ...] = ()  # gguf: the block types the file holds and their tensor counts
     # Where quantization_config keeps the weights' keys (bits, group_size): compressed-tensors nests them.
     weights_at: str = field(default="", compare=False)
     # Decoder linears the checkpoint keeps in float (its ignore list): HF module names, or "re:" + a pattern that
@@ -58,7 +61,7 @@ class QuantScheme:
     def describe(self) -> str:
         """One line for check-config and the dashboard: "gptq 4-bit, group 128, act-order"."""
         if self.layout == "gguf":
-            return f"gguf {'/'.join(self.gguf_types)} blocks kept packed, weight-only"
+            return f"gguf {' + '.join(f'{qtype} x {count}' for qtype, count in self.gguf_types)} tensors, weight-only"
         parts = [f"{self.method}{' (online)' if self.online else ''} {self.bits}-bit"]
         if self.weight_strategy == "group":
             parts.append("per-channel" if self.group_size == -1 else f"group {self.group_size}")
@@ -96,8 +99,9 @@ def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None)
                            input_symmetric=requested != "int8", online=True)
     if scheme.layout == requested:
         return scheme  # an fp8 checkpoint asked to run as fp8 is just that
-    raise QuantizationConfigError("quantization", requested, f"the checkpoint is already quantized "
-                                  f"({scheme.describe()}); leave quantization unset to run it as it is")
+    raise QuantizationConfigError("quantization", requested, f"{requested} quantizes a float checkpoint, but this one "
+                                  f"is already quantized ({scheme.describe()}); leave quantization unset to run it "
+                                  "as it is")
 
 
 # Each merged decoder linear's checkpoint modules, under model.layers.N.
@@ -215,10 +219,16 @@ def _auto_round(config: dict[str, Any]) -> QuantScheme:
     return QuantScheme("auto-round", layout, bits, group_size, symmetric=symmetric, unquantized=_ignored(extra))
 
 
+def gguf_quantization_config(tensor_types: Iterable[str]) -> dict[str, Any] | None:
+    """A GGUF file's quantization_config from its tensors' type names (its header alone, so that check-config reads
+    no weights): `quant_method: gguf` and each block type's tensor count, most first; None when all are float."""
+    counts = Counter(qtype for qtype in tensor_types if qtype not in GGUF_FLOAT_TYPES)
+    return {"quant_method": "gguf", "types": dict(counts.most_common())} if counts else None
+
+
 def _gguf(config: dict[str, Any]) -> QuantScheme:
-    """Written by `engine.models.gguf.read_config` for a GGUF file holding quantized blocks; each tensor says its
-    own type, so the scheme only names them."""
-    return QuantScheme("gguf", "gguf", 0, weight_strategy="block", gguf_types=tuple(config.get("types", ())))
+    """Written by `gguf_quantization_config`; each tensor says its own type, so the scheme only names them."""
+    return QuantScheme("gguf", "gguf", 0, weight_strategy="block", gguf_types=tuple(config.get("types", {}).items()))
 
 
 def _fp8(config: dict[str, Any]) -> QuantScheme:
