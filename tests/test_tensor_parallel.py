@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import time
 
 import psutil
@@ -95,6 +96,21 @@ def test_a_dead_or_hung_worker_fails_the_engine_within_seconds(tiny_model, fault
         assert time.monotonic() - started < 10
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("options", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_a_worker_that_dies_before_the_rendezvous_fails_the_start_within_seconds(tiny_model, tmp_path, monkeypatch,
+                                                                                 options):
+    """Rank 0 waited at the rendezvous for the whole collective timeout (a minute)."""
+    model_dir = tiny_model("llama")
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\necho 'worker: cannot start' >&2\nexit 7\n")
+    crashing.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(crashing))  # what the engine starts its workers with
+    started = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"rank 1 \(code 7\)"):
+        LLM(model_dir, dtype="float32", device="cpu", **options)
+    assert time.monotonic() - started < 10
 
 
 def test_a_step_that_fails_on_rank_0_ends_the_engine(tiny_model, monkeypatch):

@@ -21,6 +21,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,8 @@ from engine.distributed import nodes
 # supervisor restarts) instead of hanging it.
 COLLECTIVE_TIMEOUT_S = 60.0
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
+_JOINED_KEY = "kvbox/joined"  # the rendezvous store's count of ranks arrived
+_JOIN_POLL_S = 0.1
 
 _command_group: dist.ProcessGroup | None = None
 
@@ -52,15 +57,18 @@ def stage_and_tp_rank(rank: int, tp_size: int) -> tuple[int, int]:
 
 
 def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
-                  timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+                  timeout_s: float = COLLECTIVE_TIMEOUT_S, check_peers: Callable[[], None] | None = None) -> None:
+    """Joins this rank's engine; rank 0 calls `check_peers` while it waits for the others to arrive (it raises to
+    give up, e.g. on a worker process that has exited)."""
     global _command_group, _control_group, _tp_group
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     nodes.pin_socket_interface(init_method)
     if backend == "gloo":
         _share_cpu_threads(tp_size * pp_size)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp_size * pp_size,
-                            timeout=timeout, device_id=device if device.type == "cuda" else None)
+    store = _rendezvous(rank, tp_size * pp_size, init_method, timeout_s, check_peers)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=tp_size * pp_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     _command_group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
     if pp_size > 1:
@@ -69,6 +77,26 @@ def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, devic
         for s in range(pp_size):
             group = dist.new_group(list(range(s * tp_size, (s + 1) * tp_size)), timeout=timeout)
             _tp_group = group if s == stage else _tp_group
+
+
+def _rendezvous(rank: int, world_size: int, init_method: str, timeout_s: float,
+                check_peers: Callable[[], None] | None) -> dist.TCPStore:
+    """The ranks' meeting point: rank 0's TCP store, where each rank checks in. Rank 0 waits for them here rather
+    than inside init_process_group, which cannot be interrupted: a worker that died before it arrived would have
+    held the engine's start for the whole timeout."""
+    address = urlsplit(init_method)
+    store = dist.TCPStore(address.hostname, address.port, world_size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    store.add(_JOINED_KEY, 1)
+    deadline = time.monotonic() + timeout_s
+    while rank == 0 and (joined := store.add(_JOINED_KEY, 0)) < world_size:
+        if check_peers is not None:
+            check_peers()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{joined - 1} of the {world_size - 1} other ranks reached the rendezvous at "
+                               f"{init_method} within {timeout_s:.0f} s")
+        time.sleep(_JOIN_POLL_S)
+    return store
 
 
 def answering_rank(tp_size: int, pp_size: int) -> int:

@@ -9,11 +9,11 @@ shard) or frees. Every rank of a stage samples the same tokens from the same gat
 speculative decoding each rank verifies the step's drafts in the same multi-token forward (a draft model runs
 whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's;
 with them rank 0 holds the first stage, and the first rank of the last stage sends each step's `ModelRunnerOutput`
-back as msgpack bytes. A worker that dies, hangs (stopped: killed by `engine.distributed.watchdog`; otherwise until
-the collective timeout) or a step that fails on any rank fails the engine (`WorkerDiedError`): its process exits
-and its supervisor restarts the whole model. Across machines (`nnodes` > 1) it starts only node 0's ranks; a
-communication failure with a rank elsewhere counts as that rank's death, and the restarted engine waits at the
-rendezvous for the other nodes' ranks to rejoin.
+back as msgpack bytes. A worker that dies (before the rendezvous too), hangs (stopped: killed by
+`engine.distributed.watchdog`; otherwise until the collective timeout) or a step that fails on any rank fails the
+engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
+(`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's
+death, and the restarted engine waits at the rendezvous for the other nodes' ranks to rejoin.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class TensorParallelRunner:
         self._watchdog = StoppedRankWatchdog(self._workers.copy, "parallel workers")
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog)
         try:
-            parallel_state.init_parallel(0, tp_size, pp_size, init_method, device)
+            parallel_state.init_parallel(0, tp_size, pp_size, init_method, device, check_peers=self.check_workers)
             self.send(contract.StartWorker(config, pooler_info))
             self.local = ModelRunner(config, model_config, device, pooler_info)
         except BaseException:
