@@ -1,6 +1,7 @@
 """Weight-only checkpoints split for tensor parallelism: each rank's dequantized weights, side by side (column-
 parallel linears along the outputs, row-parallel ones along the inputs), are the single-rank model's exactly. GPTQ's
-act-order groups take any input row, so a row-parallel rank keeps every group's scales and its rows' g_idx."""
+and compressed-tensors' act-order groups take any input row, so a row-parallel rank keeps every group's scales and
+its rows' g_idx."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.kernels.reference import dequantize_wna16
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.tools import quantized_checkpoints as qc
-from tests.test_quantization import SHAPE, ct_pack_writer
+from tests.test_quantization import SHAPE, ct_actorder_writer, ct_pack_writer
 
 CPU = torch.device("cpu")
 FORMATS = {
@@ -23,6 +24,7 @@ FORMATS = {
     "awq-g32": lambda: (qc.awq_config(32), lambda w: qc.awq_tensors(w, 32)),
     "ct-w4a16-g32-asym": lambda: ct_pack_writer(4, 32, False),
     "ct-w8a16-channel-asym": lambda: ct_pack_writer(8, None, False),
+    "ct-w4a16-g32-asym-actorder": lambda: ct_actorder_writer(4, 32),
 }
 
 

@@ -76,6 +76,32 @@ def ct_pack_writer(bits: int, group_size: int | None, symmetric: bool):
     return as_saved, layer
 
 
+def ct_actorder_writer(bits: int, group_size: int):
+    """llm-compressor's GPTQ with actorder "group": asymmetric groups of any input rows (weight_g_idx), packed by
+    compressed-tensors' own packer (which has no act-order quantizer: the groups' min-max is auto-gptq's)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    config = ct_pack_writer(bits, group_size, False)[0]
+    config["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    offset = 1 << (bits - 1)  # compressed-tensors stores signed values
+
+    def layer(w: torch.Tensor):
+        in_features = w.shape[1]
+        g_idx = torch.empty(in_features, dtype=torch.int64)
+        g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(0))] = \
+            torch.arange(in_features) // group_size
+        scales, zeros = qc._group_qparams(w, g_idx, in_features // group_size, bits, False)  # [groups, out]
+        s, z = scales.float()[g_idx].T, zeros[g_idx].T  # [out, in]
+        q = torch.clamp(torch.round(w / s) + z, 0, 2 ** bits - 1).to(torch.int64)
+        tensors = {"weight_packed": pack_to_int32((q - offset).to(torch.int8), bits),
+                   "weight_scale": scales.T,  # float16: the model's dtype
+                   "weight_zero_point": pack_to_int32((zeros - offset).T.to(torch.int8), bits, packed_dim=0),
+                   "weight_shape": torch.tensor(w.shape), "weight_g_idx": g_idx.to(torch.int32)}
+        return tensors, (q - z).float() * s
+
+    return config, layer
+
+
 FORMATS = {
     **{f"gptq-{bits}b-g{group}-{'sym' if sym else 'asym'}{'-actorder' if act else ''}": (
         qc.gptq_config(bits, group, sym, act), lambda w, b=bits, g=group, s=sym, a=act: qc.gptq_tensors(w, b, g, s, a))
@@ -83,6 +109,7 @@ FORMATS = {
                                      (8, -1, False, False), (4, -1, True, True)]},
     "awq-g64": (qc.awq_config(64), lambda w: qc.awq_tensors(w, 64)),
     "awq-g128": (qc.awq_config(128), lambda w: qc.awq_tensors(w, 128)),
+    "ct-w4a16-g32-asym-actorder": ct_actorder_writer(4, 32),
 }
 CT_FORMATS = {"ct-w4a16-g32-sym": (4, 32, True), "ct-w4a16-g64-asym": (4, 64, False),
               "ct-w8a16-channel": (8, None, True), "ct-w8a16-g128-asym": (8, 128, False)}

@@ -5,10 +5,13 @@ and run in `w8a8.py`.
 pack-quantized stores per linear `weight_packed` [out, in * bits / 32] int32, values offset by 2^(bits-1) and packed
 along the input low bits first, `weight_scale` [out, groups], `weight_shape` [2] (the unpacked shape), and when
 asymmetric `weight_zero_point` [out * bits / 32, groups] packed along the output; with act-order groups also
-`weight_g_idx` [in]. Converted at load into the canonical weight-only layout (`wna16.py`).
+`weight_g_idx` [in]. Converted at load into the canonical weight-only layout (`wna16.py`). Under row-parallel tensor
+parallelism an act-order rank keeps every group and its rows of weight_g_idx, as GPTQ's does.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -18,6 +21,7 @@ from engine.quantization.wna16 import (
     WNA16LinearMethod,
     check_shape,
     default_g_idx,
+    load_g_idx,
     num_groups,
     shared_g_idx,
     unpack_int32,
@@ -29,10 +33,11 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
                        output_slices: tuple[int, ...], params_dtype: torch.dtype) -> None:
         s = self.scheme
         pack = 32 // s.bits
-        groups = num_groups(s, input_size)
-        if s.act_order and layer.shard_dim == 1 and layer.tp_size > 1:
-            raise ValueError("compressed-tensors: act-order groups cannot split a row-parallel linear's inputs")
-        group_dim = 1 if s.group_size != -1 else None  # one group per row is every rank's whole
+        # As GPTQ's: act-order groups take any input row, so a row-parallel rank keeps every group's scales and
+        # zero points (and a single group per row is every rank's whole).
+        split_groups = not (s.act_order and layer.shard_dim == 1 and layer.tp_size > 1)
+        groups = num_groups(s, input_size if split_groups else input_size * layer.tp_size)
+        group_dim = 1 if s.group_size != -1 and split_groups else None
         add_param(layer, "weight_packed", torch.empty(output_size, input_size // pack, dtype=torch.int32),
                   output_dim=0, input_dim=1)
         # Stored in the model's dtype (often bfloat16): float32 holds any of them exactly.
@@ -46,8 +51,9 @@ class PackQuantizedLinearMethod(WNA16LinearMethod):
             add_param(layer, "weight_zero_point", torch.empty(output_size // pack, groups, dtype=torch.int32),
                       output_dim=0, input_dim=group_dim)
         if s.act_order:
-            add_param(layer, "weight_g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32),
-                      per_part=True)
+            g_idx = add_param(layer, "weight_g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32),
+                              per_part=True)
+            g_idx.weight_loader = partial(load_g_idx, layer, 0)  # act-order groups are numbered over the whole
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         s = self.scheme

@@ -7,7 +7,6 @@ canonical weight-only layout (`wna16.py`): only the zero points are unpacked (an
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from engine.quantization.wna16 import (
     WNA16LinearMethod,
     check_shape,
     default_g_idx,
+    load_g_idx,
     num_groups,
     shared_g_idx,
     unpack_int32,
@@ -43,7 +43,7 @@ class GPTQLinearMethod(WNA16LinearMethod):
         g_idx = add_param(layer, "g_idx", torch.empty(len(output_slices), input_size, dtype=torch.int32),
                           per_part=True)
         first_group = layer.tp_rank * groups if row_split and split_groups else 0
-        g_idx.weight_loader = partial(_load_g_idx, layer, first_group)
+        g_idx.weight_loader = partial(load_g_idx, layer, first_group)
         if not s.act_order:  # plain groups: older GPTQ checkpoints leave g_idx out
             g_idx.data.copy_(default_g_idx(input_size, s.group_size, g_idx.device).expand_as(g_idx))
             g_idx.optional = True
@@ -59,12 +59,3 @@ class GPTQLinearMethod(WNA16LinearMethod):
             raise ValueError(f"gptq: g_idx names groups outside [0, {zeros.shape[0]})")
         self.set_canonical(layer, values, layer.scales.data, zeros, g_idx)
 
-
-def _load_g_idx(layer: nn.Module, first_group: int, param: nn.Parameter, loaded: torch.Tensor,
-                shard_id: Any = None) -> None:
-    """This rank's rows of the checkpoint's g_idx [in] as merged part `shard_id`; where the groups split with the
-    rows, numbered from this rank's first group."""
-    part = layer._part(shard_id)[0]
-    if layer.shard_dim == 1:
-        loaded = loaded.narrow(0, layer.tp_rank * layer.input_size, layer.input_size)
-    param.data[part].copy_(loaded - first_group)

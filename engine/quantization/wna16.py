@@ -8,6 +8,8 @@ Each format's method loads its own tensors and calls `set_canonical`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -92,6 +94,16 @@ class WNA16LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, self.scheme.bits, bias,
                                     layer.contiguous_group_size)
+
+
+def load_g_idx(layer: nn.Module, first_group: int, param: nn.Parameter, loaded: torch.Tensor,
+               shard_id: Any = None) -> None:
+    """This rank's rows of the checkpoint's g_idx [in] as merged part `shard_id`; where the groups split with the
+    rows, numbered from this rank's first group."""
+    part = layer._part(shard_id)[0]
+    if layer.shard_dim == 1:
+        loaded = loaded.narrow(0, layer.tp_rank * layer.input_size, layer.input_size)
+    param.data[part].copy_(loaded - first_group)
 
 
 def shared_g_idx(g_idx: torch.Tensor, method: str) -> torch.Tensor:
