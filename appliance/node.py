@@ -71,7 +71,8 @@ class _RankGroup:
         p = spec.parallelism
         address = rendezvous_address(layout.master_addr, layout.rendezvous_port(config, spec.name, replica))
         self.commands = [[sys.executable, "-m", "engine.distributed.worker", str(rank), str(p.tensor), str(p.pipeline),
-                          address, worker_device(spec.device, local)] for local, rank in enumerate(ranks)]
+                          address, worker_device(spec.device, local), str(config.server.engine_hang_timeout_s)]
+                         for local, rank in enumerate(ranks)]
         self.env = replica_env(spec, replica, config, len(ranks))
         self.processes: list[subprocess.Popen] = []
         self.ended_at = -REJOIN_DELAY_S

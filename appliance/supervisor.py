@@ -9,6 +9,7 @@ and stays so until the config is reloaded. Other models are never touched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import logging
@@ -296,7 +297,9 @@ class Supervisor:
         """Starts the model's replicas (and loads its tokenizer the first time); READY or FAILED after."""
         spec = model.spec
         model.status = ModelStatus.LOADING
-        engine_config = spec.to_engine_config(model.model_path)
+        # A step may take as long as the engine may stay silent, so its ranks wait that long for each other too.
+        engine_config = dataclasses.replace(spec.to_engine_config(model.model_path),
+                                            collective_timeout_s=self.config.server.engine_hang_timeout_s)
         on_step = self.on_step
         ranks_here = len(self.nodes.local_ranks(spec)) if self.nodes else None
         model.replicas = [self.engine_factory(EnginePlan(

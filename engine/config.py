@@ -154,6 +154,9 @@ class EngineConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    # Seconds a rank waits for the others in a collective (a pipeline stage for the stages before it) before the
+    # engine fails as hung; served, the server's engine_hang_timeout_s. Dead or stopped ranks fail it at once.
+    collective_timeout_s: float = 120.0
     task: Task = "generate"
     # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.
     pooling_type: PoolingType | None = None
@@ -213,6 +216,8 @@ class EngineConfig:
                 and self.max_num_batched_tokens < self.max_model_len):
             raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
                                     f"without chunked prefill, got {self.max_num_batched_tokens}")
+        if not self.collective_timeout_s > 0:
+            raise EngineConfigError("collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         if not 0 < self.master_port < 65536:
             raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
         self._check_pipeline()

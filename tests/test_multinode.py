@@ -4,6 +4,7 @@ model answers 503 meanwhile, and serves again once the node's ranks rejoin. Run 
 node 1 in a network namespace of its own, reached over a veth pair (two hosts, two addresses; needs root and
 iproute2, as CI has)."""
 
+import asyncio
 import os
 import shutil
 import signal
@@ -21,7 +22,11 @@ import yaml
 pytest.register_assert_rewrite("helpers_server")
 from helpers_server import ROOT, model_config, run_server, server_config  # noqa: E402
 
+from appliance import node  # noqa: E402
 from appliance.cli import main as cli_main  # noqa: E402
+from appliance.config import parse_config  # noqa: E402
+from appliance.node import NodeLayout  # noqa: E402
+from appliance.supervisor import ModelRuntime, Supervisor  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.distributed.nodes import node_ranks  # noqa: E402
 
@@ -35,6 +40,23 @@ def test_ranks_are_laid_out_per_node_rank_0_first():
     assert [list(node_ranks(4, 2, r)) for r in range(2)] == [[0, 1], [2, 3]]
     assert [list(node_ranks(3, 2, r)) for r in range(2)] == [[0, 1], [2]]
     assert [list(node_ranks(1, 2, r)) for r in range(2)] == [[0], []]  # a single-rank model stays on node 0
+
+
+def test_ranks_wait_for_each_other_as_long_as_the_server_waits_for_a_silent_engine():
+    """A step may take engine_hang_timeout_s; the ranks' collectives waited a fixed minute (a slow stage failed)."""
+    config = parse_config(yaml.safe_dump({"server": {"engine_hang_timeout_s": 600}, "models": [
+        {"name": "m", "source": "/", "device": "cpu", "parallelism": {"tensor": 2}}]}))
+    worker = node._RankGroup(config, NodeLayout(nnodes=2, node_rank=1), config.models[0], 0, range(1, 2))
+    assert worker.commands[0][-1] == "600.0"  # node 1's rank: `engine.distributed.worker ... COLLECTIVE_TIMEOUT_S`
+    plans = []
+
+    def factory(plan):
+        plans.append(plan)
+        raise RuntimeError("planned")
+
+    with pytest.raises(RuntimeError, match="planned"):
+        asyncio.run(Supervisor(config, factory).start_engines(ModelRuntime(config.models[0], model_path="/m")))
+    assert plans[0].engine_config.collective_timeout_s == 600  # node 0's ranks, through the engine
 
 
 def test_node_rank_must_be_below_nnodes(capsys):

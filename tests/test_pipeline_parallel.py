@@ -147,6 +147,29 @@ def test_a_stage_worker_killed_mid_step_fails_the_engine_within_seconds(tiny_mod
         llm.shutdown()
 
 
+@pytest.mark.parametrize(("timeout_s", "fails"), [(1.0, True), (10.0, False)])
+def test_a_slow_stage_is_waited_for_up_to_the_collective_timeout(tiny_model, monkeypatch, timeout_s, fails):
+    """The last stage waits for the first's activations as long as `collective_timeout_s` (served:
+    server.engine_hang_timeout_s) says; it was a fixed minute, shorter than a big model's step on the CPU."""
+    llm = LLM(three_layers(tiny_model), **OPTIONS, pipeline_parallel_size=2, collective_timeout_s=timeout_s)
+    try:
+        first_stage = llm.core.runner.local.execute
+
+        def slow(scheduler_output):
+            time.sleep(2.0)
+            return first_stage(scheduler_output)
+
+        monkeypatch.setattr(llm.core.runner.local, "execute", slow)
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        if fails:
+            with pytest.raises(WorkerDiedError, match=r"rank 1 \(code 1\)"):
+                llm.generate(PROMPTS[0], params, use_tqdm=False)
+        else:
+            assert len(llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids) == 2
+    finally:
+        llm.shutdown()
+
+
 def test_served_with_two_pipeline_stages(tiny_model, tmp_path):
     model_dir = three_layers(tiny_model)
     expected = generate(model_dir)[0][0]

@@ -81,7 +81,10 @@ class ServerSpec(_Schema, kw_only=True):
         "and GET /v1/responses/{id}, least recently used dropped first; 0 keeps none.", ge=0)] = 1024
     engine_hang_timeout_s: Annotated[float, _doc(
         "Seconds an engine may stay silent (a running engine reports several times a second) before it is "
-        "considered hung, killed and restarted.", ge=1)] = 120.0
+        "considered hung, killed and restarted; also how long a tensor- or pipeline-parallel rank waits for the "
+        "others in a collective (a stage for the stages before it). Raise it for a model whose single step takes "
+        "longer (a large model's long prefill on the CPU); a dead or stopped rank fails its model within seconds "
+        "either way.", ge=1)] = 120.0
     max_active_models: Annotated[PositiveInt | None, _doc(
         "Most models awake at once (one asleep at level 1 keeps its engine process but frees its device memory); "
         "waking another first puts the least recently used idle one to sleep (null: no limit).")] = None

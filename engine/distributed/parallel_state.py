@@ -30,9 +30,11 @@ import torch.distributed as dist
 
 from engine.distributed import nodes
 
-# A collective waits this long for a rank before failing, so that a dead or hung worker fails the engine (which its
-# supervisor restarts) instead of hanging it.
-COLLECTIVE_TIMEOUT_S = 60.0
+# The ranks wait this long for each other to arrive (the nodes of a multi-node engine start within it). A collective's
+# own wait is the engine's `collective_timeout_s`: a dead or stopped rank fails it at once (its connections close, or
+# the watchdog kills it), so that timeout is only for ranks hung otherwise, and must exceed the longest legitimate
+# wait, a pipeline stage's for the steps of the stages before it.
+RENDEZVOUS_TIMEOUT_S = 60.0
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
 _JOINED_KEY = "kvbox/joined"  # the rendezvous store's count of ranks arrived
 _JOIN_POLL_S = 0.1
@@ -56,8 +58,8 @@ def stage_and_tp_rank(rank: int, tp_size: int) -> tuple[int, int]:
     return divmod(rank, tp_size)
 
 
-def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
-                  timeout_s: float = COLLECTIVE_TIMEOUT_S, check_peers: Callable[[], None] | None = None) -> None:
+def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device, timeout_s: float,
+                  check_peers: Callable[[], None] | None = None) -> None:
     """Joins this rank's engine; rank 0 calls `check_peers` while it waits for the others to arrive (it raises to
     give up, e.g. on a worker process that has exited)."""
     global _command_group, _control_group, _tp_group
@@ -66,7 +68,7 @@ def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, devic
     nodes.pin_socket_interface(init_method)
     if backend == "gloo":
         _share_cpu_threads(tp_size * pp_size)
-    store = _rendezvous(rank, tp_size * pp_size, init_method, timeout_s, check_peers)
+    store = _rendezvous(rank, tp_size * pp_size, init_method, RENDEZVOUS_TIMEOUT_S, check_peers)
     dist.init_process_group(backend, store=store, rank=rank, world_size=tp_size * pp_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD

@@ -68,13 +68,14 @@ class TensorParallelRunner:
         _check_devices(config, device, 1 + len(self._worker_ranks))
         self._workers = [
             subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(tp_size), str(pp_size),
-                              init_method, worker_device(config.device, rank)])
+                              init_method, worker_device(config.device, rank), str(config.collective_timeout_s)])
             for rank in self._worker_ranks]
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._watchdog = StoppedRankWatchdog(self._workers.copy, "parallel workers")
         self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog)
         try:
-            parallel_state.init_parallel(0, tp_size, pp_size, init_method, device, check_peers=self.check_workers)
+            parallel_state.init_parallel(0, tp_size, pp_size, init_method, device, config.collective_timeout_s,
+                                         check_peers=self.check_workers)
             self.send(contract.StartWorker(config, pooler_info))
             self.local = ModelRunner(config, model_config, device, pooler_info)
         except BaseException:

@@ -1,5 +1,5 @@
 """Frozen ranks: a rank whose process is stopped (SIGSTOP, a stopped job) keeps its connections open, so the other
-ranks wait for it in their next collective until its timeout (`parallel_state.COLLECTIVE_TIMEOUT_S`, a minute).
+ranks wait for it in their next collective until its timeout (the engine's `collective_timeout_s`, minutes).
 The process that started the rank (the engine process, or another node's `kvbox serve`) kills it once it has been
 seen stopped for `STOPPED_LIMIT_S`: its connections close, the waiting collectives fail at once, and the model's
 ranks restart within seconds. A slow rank is never taken for a frozen one: only the kernel's stopped state counts.

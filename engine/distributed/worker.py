@@ -1,5 +1,5 @@
 """A parallel worker: one rank (1..) of an engine, as
-`python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE`.
+`python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE COLLECTIVE_TIMEOUT_S`.
 
 Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`), or on another machine by that node's
 `kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline stage's layers and their share of
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, tp_size, pp_size, init_method, device = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
-    parallel_state.init_parallel(rank, tp_size, pp_size, init_method, torch.device(device))
+    parallel_state.init_parallel(rank, tp_size, pp_size, init_method, torch.device(device), float(argv[5]))
     try:
         serve(rank, tp_size, pp_size, torch.device(device))
     except Exception:
