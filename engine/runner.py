@@ -31,6 +31,7 @@ from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, Toke
 from engine.cuda_graphs import MIXED_GRAPH_TOKENS, CudaGraphs, graph_batch_sizes, graph_sizes, mixed_graph_shapes
 from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
+from engine.kernels import cpu_native
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
 from engine.lora.layers import add_lora_layers, other_stage_twins
@@ -376,5 +377,9 @@ def _to_token_logprobs(tensors: LogprobsTensors, ks: list[int]) -> list[TokenLog
 
 
 def _gguf_dequantize(option: str, device: torch.device) -> str:
-    """`auto`: packed where a fused kernel dequantizes inside the matmul (CUDA), at load elsewhere."""
-    return option if option != "auto" else "matmul" if device.type == "cuda" else "load"
+    """`auto` keeps the blocks packed where the matmul dequantizes them fast: a Triton kernel (CUDA), or C on the
+    CPU; a CPU without the C kernels (no compiler, as in the container image, or KVBOX_CPU_NATIVE=0) would run the
+    torch reference, a few percent of the float model's speed, so there they are dequantized at load."""
+    if option != "auto":
+        return option
+    return "matmul" if device.type != "cpu" or cpu_native.gguf_available() else "load"

@@ -524,8 +524,8 @@ def test_offline_keywords_are_checked():
 def test_check_config_command(tmp_path, capsys):
     assert kvbox(["check-config", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out == ("OK: 1 model (smollm2)\n  smollm2: quantization gguf Q4_1 x 210 + Q8_0 x 1 "
-                                       "tensors, weight-only, gguf_dequantize auto: packed on CUDA, dequantized when "
-                                       "loaded on the CPU, kv cache auto\n")
+                                       "tensors, weight-only, gguf_dequantize auto: kept packed, dequantized inside "
+                                       "each matmul (at load on a CPU without a C compiler), kv cache auto\n")
 
     good = tmp_path / "two.yaml"
     good.write_text(ONE_MODEL + "  - {name: n, source: builtin:tiny}\n")
@@ -568,7 +568,8 @@ def test_check_config_reports_every_schema_error_in_one_run(tmp_path, capsys):
 def test_speculative_maps_onto_the_engine_and_names_bad_keys():
     spec = parse(model("speculative: {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 3}")).models[0]
     speculative = spec.to_engine_config("/m").speculative_config
-    assert (speculative.num_speculative_tokens, speculative.prompt_lookup_min, speculative.prompt_lookup_max) == (4, 3, 3)
+    assert (speculative.num_speculative_tokens, speculative.prompt_lookup_min,
+            speculative.prompt_lookup_max) == (4, 3, 3)
     assert parse(ONE_MODEL).models[0].to_engine_config("/m").speculative_config is None
     assert "models[0].speculative.num_speculative_tokens" in error(model("speculative: {num_speculative_tokens: 0}"))
     assert "models[0].speculative" in error(model("speculative: {num_speculative_tokens: 2, lookahead: 1}"))

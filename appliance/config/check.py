@@ -161,17 +161,12 @@ def describe_quantization(m: ModelSpec) -> str:
 
 
 _GGUF_RUNS = {"matmul": "kept packed, dequantized inside each matmul", "load": "dequantized to float when loaded",
-              "auto": "packed on CUDA, dequantized when loaded on the CPU"}
+              "auto": "kept packed, dequantized inside each matmul (at load on a CPU without a C compiler)"}
 
 
 def _gguf_dequantize(m: ModelSpec) -> str:
-    """`gguf_dequantize` and what it does; auto resolved as `engine.runner` resolves it where the device is known
-    without torch."""
-    mode = m.gguf_dequantize
-    if mode == "auto" and m.device != "auto":
-        mode = "load" if m.device == "cpu" else "matmul"
-        return f"{mode} (auto on {m.device}): {_GGUF_RUNS[mode]}"
-    return f"{mode}: {_GGUF_RUNS[mode]}"
+    """`gguf_dequantize` and what it does (auto as `engine.runner` resolves it)."""
+    return f"{m.gguf_dequantize}: {_GGUF_RUNS[m.gguf_dequantize]}"
 
 
 @functools.cache

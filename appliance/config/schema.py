@@ -331,9 +331,10 @@ class ModelSpec(_Schema, kw_only=True):
         engine_default("smoothquant_alpha")
     gguf_dequantize: Annotated[GGUFDequantize, _doc(
         "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
-        "(fused in a Triton kernel on CUDA; on the CPU a layer at a time, several times slower than float); load "
-        "dequantizes them once at load (the float model's memory and speed); auto: matmul on CUDA, load on the "
-        "CPU.")] = engine_default("gguf_dequantize")
+        "(fused in a Triton kernel on CUDA; on the CPU in C, a chunk of a layer's rows at a time, at about half to "
+        "three quarters of the float model's decode speed); load dequantizes them once at load (the float model's "
+        "memory and speed); auto: matmul, except on a CPU without the C kernels (no C compiler, as in the "
+        "container image), where the torch fallback would be far slower: load.")] = engine_default("gguf_dequantize")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     speculative: Annotated[SpeculativeSpec | None, _doc(
         "Speculative decoding, vLLM's speculative_config keys (null: off). Greedy outputs are unchanged and sampled "

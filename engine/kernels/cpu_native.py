@@ -12,6 +12,8 @@ stand in for; the fast paths in `kernels.cpu` call these where `supports_*` says
 - `cpu_packed_linear.c`: float32 and bf16 linears from a weight packed at load into panels of 16 output channels,
   at the memory's bandwidth for one row (MKL's sgemm read 11-15 GB/s of 28, oneDNN's bf16 head 10) and at the FMA
   rate from a few rows on.
+- `cpu_gguf.c`: GGUF blocks dequantized a chunk of a linear's rows at a time into those panels (`kernels.cpu.
+  gguf_linear`), where the torch reference made ten passes over float32 copies of the whole layer.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -64,6 +66,10 @@ SOURCES = {
         "packed_linear": ((_ptr, _ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
                           None),
         "packed_linear_has_bf16": ((), _c_int)}),
+    # No fused multiply-adds: each value rounds as the reference's separate product and sum.
+    "gguf": (("-ffp-contract=off",), {
+        "gguf_supported": ((_c_int,), _c_int),
+        "gguf_dequantize": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int), None)}),
     # -fno-trapping-math lets gcc vectorize the exp's clamp and rounding (without it, it keeps them scalar).
     "activation": (("-fno-trapping-math",), {
         "silu_and_mul": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
@@ -240,8 +246,10 @@ def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, unpack_linear_weight(packed), bias) for x [..., in] of the weight's dtype."""
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, unpack_linear_weight(packed), bias) for x [..., in] of the weight's dtype; into `out` [rows, out]
+    if given (unit column stride: a slice of a wider output's columns)."""
     in_features = packed.shape[1] * (2 if packed.dim() == 4 else 1)
     out_features = packed.shape[0] * PANEL
     if x.dtype != packed.dtype or x.shape[-1] != in_features:
@@ -252,12 +260,34 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype) if out is None else out
     library("packed_linear").packed_linear(
         out.data_ptr(), x2.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
         _DTYPES[x.dtype], x2.shape[0], out_features, in_features, x2.stride(0), out.stride(0),
         torch.get_num_threads())
     return out.view(*x.shape[:-1], out_features)
+
+
+def gguf_available() -> bool:
+    return enabled() and library("gguf") is not None
+
+
+def supports_gguf(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> bool:
+    return (qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.is_contiguous() and _usable("gguf", x)
+            and bool(library("gguf").gguf_supported(qtype)))
+
+
+def gguf_dequantize(qweight: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype, panels: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """GGUF rows [rows, row bytes] -> `dtype` [rows, in_features], or with `panels` (rows a multiple of PANEL)
+    `pack_linear_weight`'s layout of it; into `out` (as many elements, contiguous) if given."""
+    rows = qweight.shape[0]
+    shape = ((rows // PANEL, in_features // 2, PANEL, 2) if dtype == torch.bfloat16 else
+             (rows // PANEL, in_features, PANEL)) if panels else (rows, in_features)
+    out = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
+    library("gguf").gguf_dequantize(out.data_ptr(), qweight.data_ptr(), qtype, rows, in_features, qweight.stride(0),
+                                    _DTYPES[dtype], int(panels), torch.get_num_threads())
+    return out
 
 
 def supports_silu_and_mul(x: torch.Tensor) -> bool:

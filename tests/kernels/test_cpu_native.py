@@ -343,3 +343,55 @@ def test_silu_and_mul(dtype, rows):
     wrong = x.clone()
     wrong[rows - 1, 45] += 0.5  # one up value moved: the comparison sees it
     assert not torch.allclose(cpu.silu_and_mul(wrong).float(), want.float(), rtol=1e-3, atol=1e-6)
+
+
+def gguf_blocks(qtype, rows: int, in_features: int, seed: int) -> torch.Tensor:
+    """[rows, row bytes] of real blocks: gguf-py quantizes the small types; the K-quants come from their fields."""
+    import gguf
+    import numpy as np
+    from test_gguf_kernel import SMALL_TYPES, k_quant_blocks
+
+    rng = np.random.default_rng(seed)
+    if qtype in SMALL_TYPES:
+        data = gguf.quants.quantize(rng.standard_normal((rows, in_features)).astype(np.float32), qtype)
+    else:
+        data = k_quant_blocks(qtype, rows, in_features // 256, rng)[0]
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+@pytest.mark.parametrize("qtype", list(reference.GGUF_BLOCKS), ids=lambda t: reference.GGUF_TYPE_NAMES[t])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_gguf_blocks_dequantize_to_the_reference_bit_for_bit(qtype, dtype):
+    """Rows and the packed linear's panels, float32 and bf16 (the reference's values rounded once)."""
+    packed = gguf_blocks(qtype, 32, 512, qtype)
+    want = reference.dequantize_gguf(packed, qtype).to(dtype)
+    assert cpu_native.supports_gguf(torch.empty(1, dtype=dtype), packed, qtype)
+    assert torch.equal(cpu_native.gguf_dequantize(packed, qtype, 512, dtype, panels=False), want)
+    assert torch.equal(cpu_native.unpack_linear_weight(cpu_native.gguf_dequantize(packed, qtype, 512, dtype,
+                                                                                  panels=True)), want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize(("out_features", "chunk_rows"), [(96, 32), (50, 32)])  # three chunks; no whole panels
+def test_gguf_linear_a_chunk_of_rows_at_a_time(monkeypatch, rows, dtype, out_features, chunk_rows):
+    """`kernels.cpu.gguf_linear` against F.linear on the reference's weight: chunks of rows dequantized into panels
+    (or a width the panels do not take: the rows, then F.linear), with a bias."""
+    in_features = 256
+    monkeypatch.setattr(cpu, "_GGUF_CHUNK_BYTES", chunk_rows * in_features * torch.empty(0, dtype=dtype).element_size())
+    qtype = 3  # Q4_1, the built-in SmolLM2's
+    packed = gguf_blocks(qtype, out_features, in_features, rows)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    weight = reference.dequantize_gguf(packed, qtype).to(dtype)
+    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    got = cpu.gguf_linear(x, packed, qtype, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert ((got.float() - want).abs() <= want.abs() * 2.0**-7 + 1e-3).all()
+    moved = packed.clone()
+    moved[-1, 30] ^= 0x11  # two values in the last row's second block: the last chunk's columns see it
+    assert not torch.allclose(cpu.gguf_linear(x, moved, qtype, bias).float(), got.float())
