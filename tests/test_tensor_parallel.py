@@ -52,6 +52,13 @@ def test_two_ranks_answer_as_one(tiny_model, family):
     assert_same(run(model_dir, 1), run(model_dir, 2))
 
 
+def test_a_vocabulary_two_ranks_do_not_divide_is_served_not_refused(tiny_model):
+    """515 rows (GPT-2's 50257 is odd too): the last rank's shard of the embedding and the tied head is padded with
+    zero rows, as vLLM pads it, and the padded logits never reach the sampler."""
+    model_dir = tiny_model("llama", vocab_size=515, tie_word_embeddings=True)
+    assert_same(run(model_dir, 1), run(model_dir, 2))
+
+
 def test_two_ranks_with_async_scheduling_prefix_caching_and_preemption(tiny_model):
     model_dir = tiny_model("llama")
     options = {"async_scheduling": True, "num_kv_blocks": 10, "block_size": 8, "max_model_len": 48}
