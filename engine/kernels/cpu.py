@@ -23,6 +23,7 @@ these in its place. What they change:
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +289,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 _GGUF_CHUNK_BYTES = 4 << 20
 
 
+_gguf_scratches = threading.local()  # offline data-parallel replicas step in threads of one process
+
+
+def _gguf_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's chunk buffer, kept between calls: a fresh 4 MB a call was mapped and faulted in anew (half of a
+    SmolLM2 gate/up's time at 16 rows where the heap does not keep freed memory)."""
+    buffers = _gguf_scratches.__dict__
+    if buffers.get(dtype) is None or buffers[dtype].numel() < numel:
+        buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype][:numel]
+
+
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.gguf_linear`: each chunk of rows dequantized in C into the packed linear's panels, then its
     columns of y computed from them; the layer is never whole in float, nor kept."""
@@ -296,11 +309,14 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.
     values, type_size = reference.GGUF_BLOCKS[qtype]
     n, k = qweight.shape[0], qweight.shape[1] // type_size * values
     x2 = x.reshape(-1, k)
+    if x.dtype == torch.float32 and x2.shape[0] <= cpu_native.gguf_matvec_rows():
+        y = cpu_native.gguf_matvec(x2, qweight, qtype, k)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], n)
     if not cpu_native.supports_packing(torch.empty(cpu_native.PANEL, k, dtype=x.dtype)) or n % cpu_native.PANEL:
         return F.linear(x, cpu_native.gguf_dequantize(qweight, qtype, k, x.dtype, panels=False), bias)
     chunk = max(cpu_native.PANEL, _GGUF_CHUNK_BYTES // (k * x.element_size()) // cpu_native.PANEL * cpu_native.PANEL)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    scratch = torch.empty(min(chunk, n) * k, dtype=x.dtype)
+    scratch = _gguf_scratch(min(chunk, n) * k, x.dtype)
     for start in range(0, n, chunk):
         rows = qweight[start:start + chunk]
         panels = cpu_native.gguf_dequantize(rows, qtype, k, x.dtype, panels=True, out=scratch[:rows.shape[0] * k])

@@ -69,7 +69,10 @@ SOURCES = {
     # No fused multiply-adds: each value rounds as the reference's separate product and sum.
     "gguf": (("-ffp-contract=off",), {
         "gguf_supported": ((_c_int,), _c_int),
-        "gguf_dequantize": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int), None)}),
+        "gguf_dequantize": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int), None),
+        "gguf_matvec_rows": ((), _c_int),
+        "gguf_matvec": ((_ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
+                        None)}),
     # -fno-trapping-math lets gcc vectorize the exp's clamp and rounding (without it, it keeps them scalar).
     "activation": (("-fno-trapping-math",), {
         "silu_and_mul": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int), None)}),
@@ -287,6 +290,21 @@ def gguf_dequantize(qweight: torch.Tensor, qtype: int, in_features: int, dtype: 
     out = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
     library("gguf").gguf_dequantize(out.data_ptr(), qweight.data_ptr(), qtype, rows, in_features, qweight.stride(0),
                                     _DTYPES[dtype], int(panels), torch.get_num_threads())
+    return out
+
+
+def gguf_matvec_rows() -> int:
+    return library("gguf").gguf_matvec_rows()
+
+
+def gguf_matvec(x: torch.Tensor, qweight: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """float32 x [rows <= gguf_matvec_rows(), in] times the GGUF rows' weight -> [rows, out], the weight's blocks
+    dequantized in registers."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    library("gguf").gguf_matvec(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), qtype, x.shape[0],
+                                qweight.shape[0], in_features, qweight.stride(0), x.stride(0), out.stride(0),
+                                torch.get_num_threads())
     return out
 
 

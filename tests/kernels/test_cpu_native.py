@@ -375,8 +375,9 @@ def test_gguf_blocks_dequantize_to_the_reference_bit_for_bit(qtype, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize(("out_features", "chunk_rows"), [(96, 32), (50, 32)])  # three chunks; no whole panels
 def test_gguf_linear_a_chunk_of_rows_at_a_time(monkeypatch, rows, dtype, out_features, chunk_rows):
-    """`kernels.cpu.gguf_linear` against F.linear on the reference's weight: chunks of rows dequantized into panels
-    (or a width the panels do not take: the rows, then F.linear), with a bias."""
+    """`kernels.cpu.gguf_linear` against F.linear on the reference's weight, with a bias: float32 up to 8 rows
+    multiplies from the blocks (`gguf_matvec`); more rows, and bf16, chunks of rows dequantized into panels (or a
+    width the panels do not take: the rows, then F.linear)."""
     in_features = 256
     monkeypatch.setattr(cpu, "_GGUF_CHUNK_BYTES", chunk_rows * in_features * torch.empty(0, dtype=dtype).element_size())
     qtype = 3  # Q4_1, the built-in SmolLM2's
@@ -395,3 +396,15 @@ def test_gguf_linear_a_chunk_of_rows_at_a_time(monkeypatch, rows, dtype, out_fea
     moved = packed.clone()
     moved[-1, 30] ^= 0x11  # two values in the last row's second block: the last chunk's columns see it
     assert not torch.allclose(cpu.gguf_linear(x, moved, qtype, bias).float(), got.float())
+
+
+@pytest.mark.parametrize("qtype", list(reference.GGUF_BLOCKS), ids=lambda t: reference.GGUF_TYPE_NAMES[t])
+def test_gguf_matvec_from_the_blocks(qtype):
+    """float32 decode rows (1 and the most, 8) from every block type, against the reference's weight in float64:
+    within float32 rounding of sums of 512 products (2^-24 of the magnitudes summed, times the terms)."""
+    packed = gguf_blocks(qtype, 48, 512, qtype)
+    weight = reference.dequantize_gguf(packed, qtype).double()
+    for rows in (1, cpu_native.gguf_matvec_rows()):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+        error = (cpu_native.gguf_matvec(x, packed, qtype, 512).double() - x.double() @ weight.T).abs()
+        assert (error <= 512 * 2.0**-24 * (x.double().abs() @ weight.abs().T)).all()
