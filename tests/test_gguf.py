@@ -236,8 +236,21 @@ def packed_types(model) -> set[int | None]:
     return types
 
 
+def assert_same_logits(model, reference_model, config, monkeypatch) -> None:
+    """The packed model's logits are the float one's: to float32 rounding with the torch paths (F.linear on the
+    reference's dequantized weight); with the C kernels, whose sums run in another order, within 5e-4 (their weights
+    are the reference's to the bit: tests/kernels/test_cpu_native.py)."""
+    token_ids = list(range(3, 40))
+    torch.testing.assert_close(prefill_logits(model, config, token_ids),
+                               prefill_logits(reference_model, config, token_ids), atol=5e-4, rtol=1e-4)
+    monkeypatch.setenv("KVBOX_CPU_NATIVE", "0")
+    torch.testing.assert_close(prefill_logits(model, config, token_ids),
+                               prefill_logits(reference_model, config, token_ids), atol=1e-5, rtol=1e-5)
+    monkeypatch.delenv("KVBOX_CPU_NATIVE")
+
+
 @pytest.mark.parametrize("qtype", list(FILE_TYPES), ids=lambda qtype: qtype.name)
-def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tmp_path, qtype):
+def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tmp_path, monkeypatch, qtype):
     path = tmp_path / "model.gguf"
     expected = write_gguf(quantizable_llama, path, "llama", qtype)
     assert {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2} == {qtype}
@@ -256,13 +269,10 @@ def test_each_tensor_type_loads_as_its_dequantized_weights(quantizable_llama, tm
         assert torch.equal(got[name], want[name]), name
     if not packed:
         assert weight_bytes(model) < weight_bytes(reference_model) / 3
-        token_ids = list(range(3, 40))
-        # The same weights; the CPU path's packed linear sums in another order than F.linear (float32 rounding).
-        torch.testing.assert_close(prefill_logits(model, config, token_ids),
-                                   prefill_logits(reference_model, config, token_ids), atol=5e-4, rtol=1e-4)
+        assert_same_logits(model, reference_model, config, monkeypatch)
 
 
-def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_llama, tmp_path):
+def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_llama, tmp_path, monkeypatch):
     """Q4_K_M's mix: v_proj and down_proj in Q6_K beside Q4_K, so q/k/v run as two packed runs; a Q8_0 embedding."""
     path = tmp_path / "model.gguf"
     expected = write_gguf(quantizable_llama, path, "llama", QType.Q4_K, overrides={
@@ -282,9 +292,7 @@ def test_mixed_types_in_one_layer_run_as_their_dequantized_weights(quantizable_l
     assert got.keys() == want.keys()
     for name in got:
         assert torch.equal(got[name], want[name]), name
-    token_ids = list(range(3, 40))
-    torch.testing.assert_close(prefill_logits(model, config, token_ids),  # the packed linear's float32 sums
-                               prefill_logits(reference_model, config, token_ids), atol=5e-4, rtol=1e-4)
+    assert_same_logits(model, reference_model, config, monkeypatch)
 
 
 def test_check_config_reads_the_gguf_header(quantizable_llama, tmp_path, capsys):

@@ -6,8 +6,8 @@ interpreter has no libdevice. The references are `kernels.reference.silu_and_mul
 The `_quant` forms feed a W8A8 down projection with dynamic per-token activations: one program takes a whole row
 (up to `_MAX_QUANT_WIDTH`, its values in registers), rounds act * up to the input dtype as the plain op writes it,
 finds its largest magnitude and writes it quantized with its scale, where the separate quantizer walked the row twice
-in one program (7-9 us for Llama-3.1-8B's 14336 at a decode step on an H200, bench/RESULTS.md). References:
-`kernels.reference.silu_and_mul_quant` and `gelu_tanh_and_mul_quant`.
+in one program (7-9 us for Llama-3.1-8B's 14336 at a decode step on an H200, bench/RESULTS.md). Their reference is
+the plain op's followed by `kernels.reference.quantize_activations`, as the torch backend composes them.
 """
 
 from __future__ import annotations

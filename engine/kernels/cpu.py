@@ -302,8 +302,9 @@ def _gguf_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.gguf_linear`: each chunk of rows dequantized in C into the packed linear's panels, then its
-    columns of y computed from them; the layer is never whole in float, nor kept."""
+    """`reference.gguf_linear` in C: up to `gguf_matvec_rows` float32 rows multiply from the blocks; otherwise each
+    chunk of the weight's rows is dequantized into the packed linear's panels, then its columns of y computed from
+    them. The layer is never whole in float, nor kept."""
     if not cpu_native.supports_gguf(x, qweight, qtype):
         return reference.gguf_linear(x, qweight, qtype, bias)
     values, type_size = reference.GGUF_BLOCKS[qtype]

@@ -1,7 +1,8 @@
-// GGUF blocks (llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) dequantized on the CPU, a chunk of a
-// linear's rows at a time, straight into the packed linear's panels (cpu_packed_linear.c), so that the chunk is
-// still in cache when the linear reads it: a packed model runs at about a float one's speed while it keeps its
-// blocks, a quarter to a half of the float bytes. Each value is computed as `kernels.reference.dequantize_gguf`
+// GGUF blocks (llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) dequantized on the CPU: a chunk of a
+// linear's rows at a time straight into the packed linear's panels (cpu_packed_linear.c), so that the chunk is
+// still in cache when the linear reads it, or, for a few float32 rows, a block at a time into registers
+// (`gguf_matvec`). The model keeps its blocks (a quarter to a half of the float bytes) at 0.4-0.7x of the float
+// model's decode speed on SmolLM2 (bench/RESULTS.md). Each value is computed as `kernels.reference.dequantize_gguf`
 // computes it in float32 (its products and sums in the same order, no fused multiply-adds: -ffp-contract=off), so
 // the weight is the reference's bit for bit, and bf16 is its round to nearest even.
 #include <stdint.h>
@@ -163,14 +164,21 @@ int gguf_supported(int qtype) { return block_bytes(qtype) != 0; }
 // LAYOUT_ROWS: out[r][i]. LAYOUT_PANELS (rows a multiple of PANEL): the packed linear's panels, float32
 // out[r / 16][i][r % 16], bf16 out[r / 16][i / 2][r % 16][i % 2]; a panel's rows are dequantized side by side
 // first, then interleaved (writing each value to its panel slot as it came was a scatter at a third of the speed).
-void gguf_dequantize(void *out, const uint8_t *packed, int qtype, int64_t rows, int64_t k, int64_t row_bytes,
-                     int dtype, int layout, int threads) {
+// Returns 0, or 1 where a thread had no scratch memory (its rows are not written).
+int gguf_dequantize(void *out, const uint8_t *packed, int qtype, int64_t rows, int64_t k, int64_t row_bytes,
+                    int dtype, int layout, int threads) {
     const int64_t group = layout == LAYOUT_PANELS ? PANEL : 1;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *values = malloc(sizeof(float) * k * group);
+        if (values == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t first = 0; first < rows; first += group) {
+            if (values == NULL) continue;  // every thread still takes part in the loop's work sharing
             for (int64_t r = 0; r < group; ++r)
                 dequantize_row(packed + (first + r) * row_bytes, qtype, k, values + r * k);
             if (layout == LAYOUT_ROWS && dtype == 0) {
@@ -193,17 +201,17 @@ void gguf_dequantize(void *out, const uint8_t *packed, int qtype, int64_t rows, 
         }
         free(values);
     }
+    return failed;
 }
 
 // float32, a few rows (decode): y[r][o] = sum_i x[r][i] w[o][i] for r < rows <= MATVEC_ROWS, each block of w
 // dequantized into registers and used at once, never written out (the panels cost a write and a read of every
 // weight a step: SmolLM2's linears at one row 10.5 -> 7.1 ms). The weights are the reference's values; the sums run
-// in float32 in another order than F.linear's, with fused multiply-adds. (bf16 keeps the panels: rounding each
-// weight to bf16 here cost more than the panels' bf16 dot products.)
+// in float32 in another order than F.linear's (fused multiply-adds gained nothing: the dequantization bounds it).
+// bf16 keeps the panels: rounding each weight to bf16 here cost more than the panels' bf16 dot products.
 #define MATVEC_ROWS 8
 int gguf_matvec_rows(void) { return MATVEC_ROWS; }
 
-__attribute__((optimize("fp-contract=fast")))
 void gguf_matvec(float *y, const float *x, const uint8_t *packed, int qtype, int64_t rows, int64_t n, int64_t k,
                  int64_t row_bytes, int64_t x_stride, int64_t y_stride, int threads) {
     const int values = block_values(qtype), bytes = block_bytes(qtype);

@@ -12,8 +12,9 @@ stand in for; the fast paths in `kernels.cpu` call these where `supports_*` says
 - `cpu_packed_linear.c`: float32 and bf16 linears from a weight packed at load into panels of 16 output channels,
   at the memory's bandwidth for one row (MKL's sgemm read 11-15 GB/s of 28, oneDNN's bf16 head 10) and at the FMA
   rate from a few rows on.
-- `cpu_gguf.c`: GGUF blocks dequantized a chunk of a linear's rows at a time into those panels (`kernels.cpu.
-  gguf_linear`), where the torch reference made ten passes over float32 copies of the whole layer.
+- `cpu_gguf.c`: GGUF blocks dequantized a chunk of a linear's rows at a time into those panels, or for a few
+  float32 rows a block at a time into registers (`kernels.cpu.gguf_linear`), where the torch reference made ten
+  passes over float32 copies of the whole layer.
 
 Each is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU (`-march=native`),
 into kvbox's cache folder under a name that digests the source, the flags, the compiler and the CPU's flags, so a
@@ -69,7 +70,7 @@ SOURCES = {
     # No fused multiply-adds: each value rounds as the reference's separate product and sum.
     "gguf": (("-ffp-contract=off",), {
         "gguf_supported": ((_c_int,), _c_int),
-        "gguf_dequantize": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int), None),
+        "gguf_dequantize": ((_ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int, _c_int, _c_int), _c_int),
         "gguf_matvec_rows": ((), _c_int),
         "gguf_matvec": ((_ptr, _ptr, _ptr, _c_int, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int64, _c_int),
                         None)}),
@@ -288,8 +289,9 @@ def gguf_dequantize(qweight: torch.Tensor, qtype: int, in_features: int, dtype: 
     shape = ((rows // PANEL, in_features // 2, PANEL, 2) if dtype == torch.bfloat16 else
              (rows // PANEL, in_features, PANEL)) if panels else (rows, in_features)
     out = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
-    library("gguf").gguf_dequantize(out.data_ptr(), qweight.data_ptr(), qtype, rows, in_features, qweight.stride(0),
-                                    _DTYPES[dtype], int(panels), torch.get_num_threads())
+    if library("gguf").gguf_dequantize(out.data_ptr(), qweight.data_ptr(), qtype, rows, in_features,
+                                       qweight.stride(0), _DTYPES[dtype], int(panels), torch.get_num_threads()):
+        raise MemoryError("CPU GGUF dequantization: no scratch memory")
     return out
 
 

@@ -8,7 +8,8 @@ references are `kernels.reference.rms_norm` and `kernels.reference.fused_add_rms
 The `_quant` forms feed a W8A8 linear with dynamic per-token activations: the row, rounded to the input dtype as
 the plain norm would write it, is quantized in registers (its largest magnitude is at hand: the row is whole), so
 the linear needs no quantizer launch of its own (3 us per linear at a decode step on an H200, bench/RESULTS.md).
-References: `kernels.reference.rms_norm_quant` and `fused_add_rms_norm_quant`.
+Their reference is the plain op's followed by `kernels.reference.quantize_activations`, the composition the torch
+backend runs in their place (`kernels._with_quantizing_producers`).
 """
 
 from __future__ import annotations

@@ -179,29 +179,6 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -
     return (F.gelu(gate, approximate="tanh") * up).to(x.dtype)
 
 
-# A W8A8 linear with dynamic symmetric per-token activations takes its input quantized by the op that produces it
-# (engine.quantization.producer_quant): the op's output in x's dtype, then `quantize_activations` of it.
-def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [num_tokens, hidden] in `dtype` (float8_e4m3fn or int8), float32 scale [num_tokens, 1])."""
-    return quantize_activations(rms_norm(x, weight, eps, weight_offset), dtype)
-
-
-def fused_add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                             weight_offset: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(q, scale, x + residual)."""
-    normed, summed = fused_add_rms_norm(x, residual, weight, eps, weight_offset)
-    return (*quantize_activations(normed, dtype), summed)
-
-
-def silu_and_mul_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_activations(silu_and_mul(x), dtype)
-
-
-def gelu_tanh_and_mul_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_activations(gelu_tanh_and_mul(x), dtype)
-
-
 def rotary_embedding(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads, head_size], rotated in place

@@ -408,3 +408,6 @@ def test_gguf_matvec_from_the_blocks(qtype):
         x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
         error = (cpu_native.gguf_matvec(x, packed, qtype, 512).double() - x.double() @ weight.T).abs()
         assert (error <= 512 * 2.0**-24 * (x.double().abs() @ weight.abs().T)).all()
+    # Rows of the identity pick single weights: the values it multiplies are the reference's to the bit.
+    picks = torch.eye(512)[torch.arange(0, 512, 67)[:cpu_native.gguf_matvec_rows()]]
+    assert torch.equal(cpu_native.gguf_matvec(picks, packed, qtype, 512), (picks.double() @ weight.T).float())
