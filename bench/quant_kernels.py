@@ -115,14 +115,15 @@ def main() -> None:
             base = graph_time_us(lambda: F.linear(x, dense))
             print(f" rows {m}")
             print(row("bf16 cuBLAS", base, 2 * k * n, base))
-            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128))
+            # The fused kernel at any row count (its heuristic launch), so that FUSED_MAX_ROWS can be read off.
             gemv = m <= wna16.GEMV_MAX_ROWS
+            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, fused_max_rows=max(m, 1)))
             chosen = wna16._gemv_config(k, n) if gemv else wna16._fused_config(m, k, n)
             print(row(f"w4a16 {'gemv' if gemv else 'fused'} {chosen}", us, k * n // 2, base))
             if "gemv" in swept and gemv:
                 us, config = sweep_gemv(x, q)
                 print(row(f"w4a16 gemv best {config}", us, k * n // 2, base))
-            if "fused" in swept and m <= wna16.FUSED_MAX_ROWS:
+            if "fused" in swept:
                 us, config = sweep(x, q, k, n)
                 print(row(f"w4a16 fused best {config}", us, k * n // 2, base))
             if m > wna16.GEMV_MAX_ROWS:  # what the fused kernel must beat for FUSED_MAX_ROWS to be worth its rows

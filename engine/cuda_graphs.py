@@ -129,7 +129,8 @@ class CudaGraphs:
         self.max_model_len = max_model_len
         self.mixed = list(mixed)  # `mixed_graph_shapes`
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
-        self._hidden: dict[GraphShape, torch.Tensor] = {}  # each graph's output buffer
+        # Each graph's output buffers: the hidden states, or before the last pipeline stage, hidden and residual.
+        self._hidden: dict[GraphShape, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
     def capture(self, forward: Callable[[int, AttentionMetadata], torch.Tensor],
@@ -167,7 +168,7 @@ class CudaGraphs:
         """The graph to replay for a step, or None to run it eagerly."""
         return graph_shape(self.sizes, num_tokens, rows, self.max_model_len, self.mixed) if self._graphs else None
 
-    def replay(self, shape: GraphShape) -> torch.Tensor:
-        """Runs the shape's graph on what the input buffers hold; returns its hidden states (padded rows last)."""
+    def replay(self, shape: GraphShape) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Runs the shape's graph on what the input buffers hold; returns its output (padded rows last)."""
         self._graphs[shape].replay()
         return self._hidden[shape]

@@ -28,7 +28,8 @@ import torch
 from engine import cpu_heap, kernels
 from engine.config import EngineConfig
 from engine.contract import ModelRunnerOutput, PoolerInfo, SchedulerOutput, TokenLogprobs
-from engine.cuda_graphs import MIXED_GRAPH_TOKENS, CudaGraphs, graph_batch_sizes, graph_sizes, mixed_graph_shapes
+from engine.cuda_graphs import (MIXED_GRAPH_TOKENS, CudaGraphs, GraphShape, graph_batch_sizes, graph_sizes,
+                               mixed_graph_shapes)
 from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
 from engine.kernels import cpu_native
@@ -62,6 +63,8 @@ class ModelRunner:
                  else None)
         self.stage = stage
         self.is_last_stage = stage is None or stage.is_last
+        if stage is not None:
+            stage.allocate_inbox(config.max_num_batched_tokens, model_config.hidden_size, model_config.dtype, device)
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
                                 _gguf_dequantize(config.gguf_dequantize, device),
@@ -89,9 +92,8 @@ class ModelRunner:
         # Async scheduling: the latest step's sampled ids, on the device, and the row of each request among them.
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=device)
         self._last_sampled_rows: dict[str, int] = {}
-        # A stage's forward sends and receives activations, which no graph captures here yet.
         self.use_cuda_graphs = (config.cuda_graphs and device.type == "cuda" and self.pooler is None
-                                and kernels.backend_name() == "triton" and stage is None)
+                                and kernels.backend_name() == "triton")
         cap = config.max_prefill_tokens_while_decoding if config.enable_chunked_prefill else None
         self.cuda_graphs = CudaGraphs(graph_sizes(config.max_num_seqs, config.max_num_batched_tokens,
                                                   spec.num_speculative_tokens if spec is not None else 0),
@@ -137,7 +139,7 @@ class ModelRunner:
     def _run_profile_step(self, lengths: list[int], block_tables: list[list[int]]) -> None:
         metadata = self.batch.fill([BatchRow(np.zeros(n, dtype=np.int64), 0, n, table)
                                     for n, table in zip(lengths, block_tables)])
-        hidden = self._forward(sum(lengths), metadata)
+        hidden = self._stage_forward(sum(lengths), metadata)
         if self.pooler is None and self.is_last_stage:
             self.model.compute_logits(hidden[:len(lengths)])
 
@@ -145,11 +147,26 @@ class ModelRunner:
     def _run_prompt(self, token_ids: list[int]) -> None:
         """One prompt through the model on the cache's first blocks, its output unused (KV-scale calibration)."""
         table = list(range(-(-len(token_ids) // self.config.block_size)))
-        self._forward(len(token_ids), self.batch.fill([BatchRow(np.array(token_ids), 0, len(token_ids), table)]))
+        self._stage_forward(len(token_ids),
+                            self.batch.fill([BatchRow(np.array(token_ids), 0, len(token_ids), table)]))
 
-    def _forward(self, num_tokens: int, metadata, **extra_inputs) -> torch.Tensor:
+    def _forward(self, num_tokens: int, metadata, **extra_inputs):
+        """The model on the input buffers' first `num_tokens`; what a graph captures (no pipeline communication)."""
         return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens], metadata,
                           **extra_inputs)
+
+    def _stage_forward(self, num_tokens: int, metadata, graph: GraphShape | None = None, **extra_inputs):
+        """The forward (eager, or the `graph` replayed) between a pipeline stage's receiving the step's activations
+        from the stage before and its sending them on."""
+        stage = self.stage
+        if stage is not None and not stage.is_first:
+            stage.receive(num_tokens)
+        out = self.cuda_graphs.replay(graph) if graph is not None else self._forward(num_tokens, metadata,
+                                                                                    **extra_inputs)
+        if stage is not None and not stage.is_last:
+            hidden, residual = (t[:num_tokens] for t in out)
+            stage.send(*((hidden.clone(), residual.clone()) if graph is not None else (hidden, residual)))
+        return out
 
     # ---- one step ----
     @torch.inference_mode()
@@ -178,13 +195,10 @@ class ModelRunner:
             self.batch.set_sample_rows(sample_rows)
         prompt_rows = self._prompt_logprob_rows(rows, scheduler_output.prompt_logprob_spans, pad_query_len)
         self.batch.mark_copies_queued()
-        if graph is not None:
-            hidden = self.cuda_graphs.replay(graph)
-        elif self.pooler is not None:
-            hidden = self._forward(num_tokens, metadata, **self.pooler.model_inputs(rows))
+        if self.pooler is not None:
+            hidden = self._stage_forward(num_tokens, metadata, **self.pooler.model_inputs(rows))
             return self._pool(hidden, rows, scheduler_output.finished_ids)
-        else:
-            hidden = self._forward(num_tokens, metadata)
+        hidden = self._stage_forward(num_tokens, metadata, graph)
         if not self.is_last_stage:  # the last stage samples and answers rank 0
             return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])

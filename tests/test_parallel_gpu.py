@@ -17,11 +17,15 @@ def run(model_dir: str, **options) -> list:
 
 
 @pytest.mark.gpu
+# Pipeline stages replay CUDA graphs too (the runner receives and sends around the replay).
 @pytest.mark.parametrize("options", [dict(tensor_parallel_size=2), dict(tensor_parallel_size=4),
-                                     dict(data_parallel_size=2)], ids=["tp2", "tp4", "dp2"])
+                                     dict(pipeline_parallel_size=2),
+                                     dict(tensor_parallel_size=2, pipeline_parallel_size=2),
+                                     dict(data_parallel_size=2)], ids=["tp2", "tp4", "pp2", "tp2pp2", "dp2"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ranks_and_replicas_on_gpus_answer_as_one(tiny_model, family, options):
-    needed = max(options.values())
+    needed = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
+    needed = max(needed, options.get("data_parallel_size", 1))
     if torch.cuda.device_count() < needed:
         pytest.skip(f"needs {needed} CUDA devices, {torch.cuda.device_count()} visible")
     model_dir = tiny_model(family, **FAMILIES[family])

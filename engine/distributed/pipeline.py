@@ -3,8 +3,12 @@ it and hands to the stage after it.
 
 The first stage embeds the tokens, the last one applies the final norm, computes the logits and samples; every stage
 runs the same step on the same batch (each rank gets the step's `SchedulerOutput`), so the activations need no
-metadata: one [2, num_tokens, hidden] tensor (hidden states and residual) goes point-to-point on the world group
-from rank r to rank r + tensor_parallel_size, the rank of the same tensor-parallel shard in the next stage.
+metadata: the step's hidden states and residual, [num_tokens, hidden] each, go point-to-point on the world group
+from rank r to rank r + tensor_parallel_size, the rank of the same tensor-parallel shard in the next stage. They land
+in the receiving stage's inbox, two buffers of the largest step's rows allocated once, which its forward reads in
+place: so a stage's forward, its communication left outside, replays a CUDA graph as a single rank's does (the
+runner receives before the replay and sends after it). Only the step's own rows travel; a padded graph's rows past
+them read what an earlier step left, as padding reads any value.
 
 Several steps are in flight at once (`EngineCore` keeps up to one per stage, vLLM's virtual engines): a stage posts
 its activations and goes on to the next step without waiting for the next stage to take them (a gloo send waits for
@@ -31,6 +35,8 @@ class PipelineStage:
     tp_size: int = 1
     # Activations posted to the next stage and not yet taken, with their buffer: the send reads it until then.
     _sends: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list, compare=False, repr=False)
+    # Where the previous stage's hidden states and residual land (`allocate_inbox`), read in place by the forward.
+    _inbox: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def of(cls, config: EngineConfig, num_layers: int, index: int) -> PipelineStage:
@@ -45,15 +51,28 @@ class PipelineStage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
-    def receive(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The previous stage's hidden states and residual, each [num_tokens, hidden]."""
-        activations = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
-        dist.recv(activations, dist.get_rank() - self.tp_size)
-        return activations[0], activations[1]
+    def allocate_inbox(self, max_tokens: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Every stage but the first: room for the largest step's activations, before anything reads or captures
+        them (zeros: a padded graph row reads finite values)."""
+        if not self.is_first:
+            self._inbox[:] = [torch.zeros((max_tokens, hidden_size), dtype=dtype, device=device) for _ in range(2)]
+
+    def inputs(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inbox's first `num_tokens` rows of hidden states and residual (a padded graph's rows included)."""
+        if num_tokens > self._inbox[0].shape[0]:
+            raise ValueError(f"a step of {num_tokens} tokens exceeds the pipeline inbox of {self._inbox[0].shape[0]}")
+        return self._inbox[0][:num_tokens], self._inbox[1][:num_tokens]
+
+    def receive(self, num_tokens: int) -> None:
+        """The previous stage's hidden states and residual of the step's `num_tokens` rows, into the inbox."""
+        for buffer in self.inputs(num_tokens):
+            dist.recv(buffer, dist.get_rank() - self.tp_size)
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        self._post(torch.stack((hidden, residual)), dist.get_rank() + self.tp_size)
+        """Posts the step's rows to the next stage; the caller leaves both tensors untouched (a graph's output
+        buffers are copied first: the next replay would overwrite them before the next stage takes them)."""
+        for tensor in (hidden, residual):
+            self._post(tensor, dist.get_rank() + self.tp_size)
 
     def send_to_last(self, tensor: torch.Tensor) -> None:
         """From the first stage to the same shard's rank in the last (a draft model's drafts)."""

@@ -81,9 +81,12 @@ def quantize_in_registers(v, scale, q_ptr, INT: tl.constexpr, TOP: tl.constexpr)
     Also used by the ops that quantize their own output (kernels.norm, kernels.activation)."""
     # IEEE division, as torch divides: the GPU's default `/` is approximate and moves int8 roundings.
     v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -TOP), TOP)
+    # Both branches spelled out: after a constexpr `if` that returns, Triton still compiles the statements below it.
     if INT:
-        return _round_half_even(v).to(q_ptr.dtype.element_ty)
-    return v.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # torch's rounding; not Triton's default
+        q = _round_half_even(v).to(q_ptr.dtype.element_ty)
+    else:
+        q = v.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # torch's rounding; not Triton's default
+    return q
 
 
 def type_max(dtype: torch.dtype | None) -> float:

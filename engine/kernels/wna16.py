@@ -15,15 +15,17 @@ Three paths, chosen by the number of rows without measuring (thresholds `GEMV_MA
   reduces once at its end; K is split so that enough programs read the layer, and the last slice of a tile to
   finish (an atomic ticket) sums the float32 partials in slice order: results do not vary run to run and no second
   kernel runs.
-- up to 256 rows (small batches, act-order at one row): one fused kernel. Each program takes BLOCK_N output
+- up to 64 rows (small batches, act-order at one row): one fused kernel. Each program takes BLOCK_N output
   columns and BLOCK_M rows over a slice of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in registers,
   applies its group's scale and zero and feeds the tensor cores (or, for a few rows, multiplies and sums in
   registers, which pads nothing); the weight is read once, at 4 bits. When g_idx is plain `row // group_size` (no
   act-order) one scale row serves a whole K tile; with act-order each row gathers its own group. K is split when
   the layer has too few column tiles: each slice writes a float32 partial and one sum finishes them (in a fixed
   order, so results do not vary run to run).
-- more rows (prefill): the layer is dequantized once into a scratch [K, N] buffer of x's dtype and cuBLAS runs the
-  GEMM; at that size the matmul's FLOPs dwarf the extra pass over the weight.
+- more rows (large decode batches, prefill): the layer is dequantized once into a scratch [K, N] buffer of x's
+  dtype and cuBLAS runs the GEMM. `bench/quant_kernels.py` on an H200 (Llama-3.1-8B's qkv, bench/RESULTS.md,
+  nineteenth session): the fused kernel 28.7 / 46.7 / 80.3 us at 64 / 128 / 256 rows, dequantize + cuBLAS 34.8 /
+  38.0 / 42.5: from about 100 rows the extra pass over the weight costs less than the fused kernel's tiles.
 The reference is `kernels.reference.wna16_linear` (dequantize in float32, cast to x's dtype, F.linear), which the
 fused kernel matches: it rounds the dequantized weight to x's dtype before the dot, as the reference does.
 """
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-FUSED_MAX_ROWS = 256
+FUSED_MAX_ROWS = 64
 GEMV_MAX_ROWS = 1
 _TARGET_PROGRAMS = 1024
 _DECODE_BLOCK_N, _DECODE_BLOCK_K = 128, 256  # the best of bench/quant_kernels.py --sweep on an H200

@@ -113,7 +113,6 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp_rank: int = 0, tp_size: int = 1, stage: PipelineStage | None = None):
         super().__init__()
         self.stage = stage = stage or PipelineStage(range(config.num_layers))
-        self.hidden_size, self.dtype = config.hidden_size, config.dtype
         if stage.is_first:
             self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
         # RoPE only needs positions below max_model_len, so the table stops there.
@@ -131,18 +130,20 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)  # [num_tokens, hidden]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
+                metadata: AttentionMetadata) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden [num_tokens, hidden]; before the last pipeline stage, the hidden states and residual that the
+        runner sends on (the stage's inbox holds its input: the runner received it, so that a graph captures none
+        of the communication)."""
         if self.stage.is_first:
             hidden, residual = self.embed(input_ids), None
         else:
-            hidden, residual = self.stage.receive(input_ids.shape[0], self.hidden_size, self.dtype, input_ids.device)
+            hidden, residual = self.stage.inputs(input_ids.shape[0])
         for layer in self.stage_layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
         if not self.stage.is_last:
-            self.stage.send(hidden, residual)
-            return hidden  # nothing samples from it
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
-        return hidden  # [num_tokens, hidden]
+        return hidden
 
 
 class LlamaForCausalLM(nn.Module):

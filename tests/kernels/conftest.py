@@ -22,3 +22,20 @@ if not torch.cuda.is_available():
     for _name in KERNEL_MODULES:
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from sm90_compile import LAUNCHES, describe, recorded_only
+
+    _run = InterpretedFunction.run
+
+    def _recording_run(self, *args, grid, warmup, **kwargs):
+        launch = describe(self.fn, args, kwargs)
+        if launch is not None:
+            LAUNCHES.append(launch)
+        if recorded_only():
+            return None
+        return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = _recording_run
