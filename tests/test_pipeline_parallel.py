@@ -241,3 +241,49 @@ def test_a_stage_reads_only_its_own_tensors_and_ties_its_head(tiny_model, monkey
     # this stage has no embedding to share the head with, so the head holds the only copy, packed for the CPU
     assert torch.equal(cpu.unpacked(model.lm_head.weight), checkpoint["model.embed_tokens.weight"])
     assert not hasattr(model.model, "embed_tokens")
+
+
+class _Stage:
+    """A middle stage that records its transfers (PipelineStage's receive/send, without a process group)."""
+
+    is_first = is_last = False
+
+    def __init__(self):
+        self.events = []
+
+    def receive(self, num_tokens):
+        self.events.append(("receive", num_tokens))
+
+    def send(self, hidden, residual):
+        self.events.append(("send", hidden, residual))
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph"])
+def test_a_stage_receives_before_its_forward_and_sends_its_rows_after(graphed):
+    """The runner's side of graphs with pipeline stages: the transfers stay outside the forward, only the step's
+    rows go on, and a graph's output buffers are copied first (the next replay would overwrite them while the next
+    stage still reads them)."""
+    from types import SimpleNamespace
+
+    from engine.runner import ModelRunner
+
+    stage, padded = _Stage(), 8  # the graph computed 8 rows for a step of 5
+    buffers = (torch.randn(padded, 4), torch.randn(padded, 4))
+
+    def forward(num_tokens, metadata):
+        stage.events.append(("forward", num_tokens))
+        return tuple(b[:num_tokens].clone() for b in buffers)
+
+    def replay(shape):
+        stage.events.append(("replay", shape))
+        return buffers
+
+    runner = SimpleNamespace(stage=stage, _forward=forward, cuda_graphs=SimpleNamespace(replay=replay))
+    out = ModelRunner._stage_forward(runner, 5, None, "shape" if graphed else None)
+    kinds = [event[0] for event in stage.events]
+    assert kinds == ["receive", "replay" if graphed else "forward", "send"] and stage.events[0][1] == 5
+    sent = stage.events[2][1:]
+    for tensor, whole in zip(sent, out):
+        assert tensor.shape == (5, 4) and torch.equal(tensor, whole[:5])
+        # Graphed: copies, not views of the graph's buffers; eager: the forward's own fresh tensors, not copied.
+        assert (tensor.data_ptr() != whole.data_ptr()) == graphed
