@@ -25,7 +25,8 @@ Three paths, chosen by the number of rows without measuring (thresholds `GEMV_MA
 - more rows (large decode batches, prefill): the layer is dequantized once into a scratch [K, N] buffer of x's
   dtype and cuBLAS runs the GEMM. `bench/quant_kernels.py` on an H200 (Llama-3.1-8B's qkv, bench/RESULTS.md,
   nineteenth session): the fused kernel 28.7 / 46.7 / 80.3 us at 64 / 128 / 256 rows, dequantize + cuBLAS 34.8 /
-  38.0 / 42.5: from about 100 rows the extra pass over the weight costs less than the fused kernel's tiles.
+  38.0 / 42.5: from about 100 rows the extra pass over the weight costs less than the fused kernel's tiles (not for
+  every shape: gate/up at 128 rows 162 against 199 us); offline 200 x 1024/128 went from 23.84 to 27.55 req/s.
 The reference is `kernels.reference.wna16_linear` (dequantize in float32, cast to x's dtype, F.linear), which the
 fused kernel matches: it rounds the dequantized weight to x's dtype before the dot, as the reference does.
 """
@@ -289,7 +290,7 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if m > fused_max_rows:
+    if m > fused_max_rows and config is None:
         weight = dequantize_wna16_t(qweight, scales, zeros, g_idx, bits, x.dtype, group_size)
         out = x2 @ weight if bias is None else torch.addmm(bias.to(x.dtype), x2, weight)
         return out.view(*x.shape[:-1], n)

@@ -117,3 +117,13 @@ def test_gemv_split_k_is_deterministic_and_resets_its_tickets():
     assert torch.equal(first, second)
     expected = x @ reference.dequantize_wna16(qweight, scales, zeros, g_idx, 4).T
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_given_config_runs_the_fused_kernel_above_its_row_threshold(monkeypatch):
+    """Tuning (bench/quant_kernels.py --sweep fused) times the fused kernel at any row count: a `config` forces it
+    past `fused_max_rows`, where the dequantize + GEMM path would otherwise run."""
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("the dequantize + GEMM path ran")
+
+    monkeypatch.setattr(wna16, "dequantize_wna16_t", no_dequantize)
+    check(6, 64, 48, 4, 32, False, torch.float32, True, fused_max_rows=4, config=(16, 32, 32, 1, 4, 2))
