@@ -155,16 +155,18 @@ class ModelRunner:
         return self.model(self.batch.input_ids.device[:num_tokens], self.batch.positions.device[:num_tokens], metadata,
                           **extra_inputs)
 
-    def _stage_forward(self, num_tokens: int, metadata, graph: GraphShape | None = None, **extra_inputs):
+    def _stage_forward(self, num_tokens: int, metadata, graph: GraphShape | None = None, rows: int | None = None,
+                       **extra_inputs):
         """The forward (eager, or the `graph` replayed) between a pipeline stage's receiving the step's activations
-        from the stage before and its sending them on."""
-        stage = self.stage
+        from the stage before and its sending them on: the first `rows` (default `num_tokens`; a verify graph's
+        rows hold each sequence's tokens padded to 1 + k, so its real tokens reach past `num_tokens`)."""
+        stage, rows = self.stage, rows or num_tokens
         if stage is not None and not stage.is_first:
-            stage.receive(num_tokens)
+            stage.receive(rows)
         out = self.cuda_graphs.replay(graph) if graph is not None else self._forward(num_tokens, metadata,
                                                                                     **extra_inputs)
         if stage is not None and not stage.is_last:
-            hidden, residual = (t[:num_tokens] for t in out)
+            hidden, residual = (t[:rows] for t in out)
             stage.send(*((hidden.clone(), residual.clone()) if graph is not None else (hidden, residual)))
         return out
 
@@ -198,7 +200,7 @@ class ModelRunner:
         if self.pooler is not None:
             hidden = self._stage_forward(num_tokens, metadata, **self.pooler.model_inputs(rows))
             return self._pool(hidden, rows, scheduler_output.finished_ids)
-        hidden = self._stage_forward(num_tokens, metadata, graph)
+        hidden = self._stage_forward(num_tokens, metadata, graph, rows_tokens)
         if not self.is_last_stage:  # the last stage samples and answers rank 0
             return PendingRunnerOutput([])
         output = PendingRunnerOutput([row.state.req_id for _, row in sampling])

@@ -261,7 +261,7 @@ class _Stage:
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph"])
 def test_a_stage_receives_before_its_forward_and_sends_its_rows_after(graphed):
     """The runner's side of graphs with pipeline stages: the transfers stay outside the forward, only the step's
-    rows go on, and a graph's output buffers are copied first (the next replay would overwrite them while the next
+    rows (a verify graph's padded rows included) go on, and a graph's output buffers are copied first (the next replay would overwrite them while the next
     stage still reads them)."""
     from types import SimpleNamespace
 
@@ -279,11 +279,13 @@ def test_a_stage_receives_before_its_forward_and_sends_its_rows_after(graphed):
         return buffers
 
     runner = SimpleNamespace(stage=stage, _forward=forward, cuda_graphs=SimpleNamespace(replay=replay))
-    out = ModelRunner._stage_forward(runner, 5, None, "shape" if graphed else None)
+    # A verify graph pads each sequence to 1 + k rows after its own tokens: 2 sequences x 3 rows hold 5 tokens.
+    rows = 6 if graphed else 5
+    out = ModelRunner._stage_forward(runner, 5, None, "shape" if graphed else None, rows)
     kinds = [event[0] for event in stage.events]
-    assert kinds == ["receive", "replay" if graphed else "forward", "send"] and stage.events[0][1] == 5
+    assert kinds == ["receive", "replay" if graphed else "forward", "send"] and stage.events[0][1] == rows
     sent = stage.events[2][1:]
     for tensor, whole in zip(sent, out):
-        assert tensor.shape == (5, 4) and torch.equal(tensor, whole[:5])
+        assert tensor.shape == (rows, 4) and torch.equal(tensor, whole[:rows])
         # Graphed: copies, not views of the graph's buffers; eager: the forward's own fresh tensors, not copied.
         assert (tensor.data_ptr() != whole.data_ptr()) == graphed

@@ -7,8 +7,9 @@ metadata: the step's hidden states and residual, [num_tokens, hidden] each, go p
 from rank r to rank r + tensor_parallel_size, the rank of the same tensor-parallel shard in the next stage. They land
 in the receiving stage's inbox, two buffers of the largest step's rows allocated once, which its forward reads in
 place: so a stage's forward, its communication left outside, replays a CUDA graph as a single rank's does (the
-runner receives before the replay and sends after it). Only the step's own rows travel; a padded graph's rows past
-them read what an earlier step left, as padding reads any value.
+runner receives before the replay and sends after it). Only the step's rows travel (a verify graph's, which pad each
+sequence to 1 + k rows, with their padding); a padded graph's rows past them read what an earlier step left, as
+padding reads any value.
 
 Several steps are in flight at once (`EngineCore` keeps up to one per stage, vLLM's virtual engines): a stage posts
 its activations and goes on to the next step without waiting for the next stage to take them (a gloo send waits for
