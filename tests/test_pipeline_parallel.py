@@ -261,8 +261,8 @@ class _Stage:
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graph"])
 def test_a_stage_receives_before_its_forward_and_sends_its_rows_after(graphed):
     """The runner's side of graphs with pipeline stages: the transfers stay outside the forward, only the step's
-    rows (a verify graph's padded rows included) go on, and a graph's output buffers are copied first (the next replay would overwrite them while the next
-    stage still reads them)."""
+    rows (a verify graph's padded rows included) go on, and a graph's output buffers are copied first (the next
+    replay would overwrite them while the next stage still reads them)."""
     from types import SimpleNamespace
 
     from engine.runner import ModelRunner
