@@ -333,8 +333,8 @@ class ModelSpec(_Schema, kw_only=True):
         "A GGUF file's quantized blocks: matmul keeps them packed in memory and dequantizes inside each matmul "
         "(fused in a Triton kernel on CUDA; on the CPU in C: a float32 stream decodes faster than dequantized, "
         "batches and bf16 at about half to three quarters of its speed); load dequantizes them once at load (the "
-        "float model's memory and speed); auto: matmul, except on a CPU without the C kernels (no C compiler, as in the "
-        "container image), where the torch fallback would be far slower: load.")] = engine_default("gguf_dequantize")
+        "float model's memory and speed); auto: matmul, except on a CPU without the C kernels (no C compiler, as "
+        "in the container image), where the torch fallback is far slower: load.")] = engine_default("gguf_dequantize")
     lora: Annotated[LoraSpec, _doc("LoRA adapters.")] = field(default_factory=LoraSpec)
     speculative: Annotated[SpeculativeSpec | None, _doc(
         "Speculative decoding, vLLM's speculative_config keys (null: off). Greedy outputs are unchanged and sampled "
