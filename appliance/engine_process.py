@@ -29,7 +29,7 @@ from appliance import ipc
 from appliance.logs import configure_logging
 from engine import contract
 from engine.core import EngineCore
-from engine.distributed.tp_runner import WorkerDiedError
+from engine.distributed.tp_runner import WorkerDiedError, exit_process_on_lost_rank
 from engine.request import RequestStatus
 from engine.sampling_params import InvalidParameterError
 from engine.sleep import EngineSleep
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     assert isinstance(start, contract.StartEngine), start
     imports_s = time.time() - psutil.Process().create_time()  # the supervisor sent StartEngine as it spawned us
     logger.info("engine process %d: building the engine", os.getpid())  # its time since the spawn is imports
+    exit_process_on_lost_rank()
     try:
         core = EngineCore(start.engine_config)
     except Exception as e:  # a model that cannot load is reported, not silently retried

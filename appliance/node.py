@@ -3,11 +3,12 @@ and what a node other than 0 runs; on every node, the environment of a model rep
 its GPUs, its CPU threads).
 
 Node 0 runs the API, the supervisor and every model's engine process (rank 0) with its local ranks. Node R > 0 runs
-no API: for each model replica with ranks on it (`engine.distributed.nodes.node_ranks`), it keeps those ranks'
-worker processes running. A worker waits at its replica's rendezvous for rank 0 and ends with it (a failed
-collective, StopWorker, or the rendezvous timing out while node 0 is away; a rank found stopped is killed, see
-`engine.distributed.watchdog`); the node then starts the ranks afresh, so they rejoin whenever node 0's engine
-(re)starts. Every node reads the same config file, and the model's files must be at the same path on every node.
+no API: for each model replica with ranks on it (`engine.distributed.nodes.node_ranks`), it keeps those ranks' worker
+processes running. A worker waits at its replica's rendezvous for rank 0 and ends with it (a failed collective,
+StopWorker, rank 0's heartbeat stopping (`engine.distributed.heartbeat`), or the rendezvous timing out while node 0
+is away; a rank found stopped is killed, see `engine.distributed.watchdog`); the node then starts the ranks afresh,
+so they rejoin whenever node 0's engine (re)starts. Every node reads the same config file, and the model's files must
+be at the same path on every node.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class _RankGroup:
         p = spec.parallelism
         address = rendezvous_address(layout.master_addr, layout.rendezvous_port(config, spec.name, replica))
         self.commands = [[sys.executable, "-m", "engine.distributed.worker", str(rank), str(p.tensor), str(p.pipeline),
-                          address, worker_device(spec.device, local), str(config.server.engine_hang_timeout_s)]
+                          address, worker_device(spec.device, local), str(config.server.engine_hang_timeout_s),
+                          str(config.server.rank_heartbeat_timeout_s)]
                          for local, rank in enumerate(ranks)]
         self.env = replica_env(spec, replica, config, len(ranks))
         self.processes: list[subprocess.Popen] = []

@@ -299,7 +299,8 @@ class Supervisor:
         model.status = ModelStatus.LOADING
         # A step may take as long as the engine may stay silent, so its ranks wait that long for each other too.
         engine_config = dataclasses.replace(spec.to_engine_config(model.model_path),
-                                            collective_timeout_s=self.config.server.engine_hang_timeout_s)
+                                            collective_timeout_s=self.config.server.engine_hang_timeout_s,
+                                            rank_heartbeat_timeout_s=self.config.server.rank_heartbeat_timeout_s)
         on_step = self.on_step
         ranks_here = len(self.nodes.local_ranks(spec)) if self.nodes else None
         model.replicas = [self.engine_factory(EnginePlan(

@@ -157,6 +157,9 @@ class EngineConfig:
     # Seconds a rank waits for the others in a collective (a pipeline stage for the stages before it) before the
     # engine fails as hung; served, the server's engine_hang_timeout_s. Dead or stopped ranks fail it at once.
     collective_timeout_s: float = 120.0
+    # Seconds a rank's heartbeat may stay silent before that rank is lost (engine.distributed.heartbeat): a machine
+    # gone from the network or frozen whole fails the model in this time rather than the collective timeout.
+    rank_heartbeat_timeout_s: float = 10.0
     task: Task = "generate"
     # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.
     pooling_type: PoolingType | None = None
@@ -216,12 +219,7 @@ class EngineConfig:
                 and self.max_num_batched_tokens < self.max_model_len):
             raise EngineConfigError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) "
                                     f"without chunked prefill, got {self.max_num_batched_tokens}")
-        if not self.collective_timeout_s > 0:
-            raise EngineConfigError("collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
-        if not 0 < self.master_port < 65536:
-            raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
-        self._check_pipeline()
-        self._check_data_parallel()
+        self._check_distributed()
         if self.pooling_type is not None and self.pooling_type not in get_args(PoolingType):
             raise EngineConfigError("pooling_type", f"expected one of {', '.join(get_args(PoolingType))}, "
                                                     f"got {self.pooling_type!r}")
@@ -233,6 +231,15 @@ class EngineConfig:
         if self.max_cpu_loras < self.max_loras:
             raise EngineConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), since adapters on the "
                                                      f"device also stay in host memory; got {self.max_cpu_loras}")
+
+    def _check_distributed(self) -> None:
+        for name in ("collective_timeout_s", "rank_heartbeat_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise EngineConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if not 0 < self.master_port < 65536:
+            raise EngineConfigError("master_port", f"must be a TCP port (1 to 65535), got {self.master_port}")
+        self._check_pipeline()
+        self._check_data_parallel()
 
     def _check_pipeline(self) -> None:
         """The split's form; against the layer count it is checked by `pipeline_stage_layers` once the model's

@@ -439,9 +439,9 @@ def test_engine_keys_cover_every_engine_option_and_round_trip_each():
     options = [f.name for f in mi.type_info(EngineConfig).fields]
     # The machines' layout comes from `kvbox serve --nnodes ...` (appliance/node.py), not from the YAML file; served
     # replicas (`parallelism.data`) are the supervisor's processes, each engine one replica (data_parallel_size 1);
-    # the collective timeout is server.engine_hang_timeout_s.
+    # the collective timeout is server.engine_hang_timeout_s, the heartbeat's server.rank_heartbeat_timeout_s.
     assert set(ENGINE_KEYS) == set(options) - {"model", "nnodes", "master_addr", "master_port", "data_parallel_size",
-                                               "collective_timeout_s"}
+                                               "collective_timeout_s", "rank_heartbeat_timeout_s"}
     base = ModelSpec(name="m", source="builtin:tiny").to_engine_config("/m")
     for option, path in ENGINE_KEYS.items():
         value = other_value(option)

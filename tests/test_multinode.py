@@ -1,8 +1,9 @@
 """Multi-node serving: two `kvbox serve` processes as two nodes (`--nnodes 2`), a tensor-parallel model with one rank
 on each. Greedy outputs equal the single-rank engine's; a node that dies fails requests instead of hanging them, the
-model answers 503 meanwhile, and serves again once the node's ranks rejoin. Run twice: both nodes on 127.0.0.1, and
-node 1 in a network namespace of its own, reached over a veth pair (two hosts, two addresses; needs root and
-iproute2, as CI has)."""
+model answers 503 meanwhile, and serves again once the node's ranks rejoin. So does a node that is lost without
+closing a connection (the rank heartbeat finds it): on 127.0.0.1 a node frozen whole (SIGSTOP), on two addresses a
+network cut (its link down). Run twice: both nodes on 127.0.0.1, and node 1 in a network namespace of its own,
+reached over a veth pair (two hosts, two addresses; needs root and iproute2, as CI has)."""
 
 import asyncio
 import os
@@ -34,6 +35,7 @@ pytest_plugins = ["helpers_server"]
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Once upon a time"]
 NETNS, VETH, HOST_ADDR, NODE1_ADDR = "kvbox-node1", "kvbox-veth", "10.231.0.1", "10.231.0.2"
+HEARTBEAT_S = 3  # server.rank_heartbeat_timeout_s
 
 
 def test_ranks_are_laid_out_per_node_rank_0_first():
@@ -47,7 +49,7 @@ def test_ranks_wait_for_each_other_as_long_as_the_server_waits_for_a_silent_engi
     config = parse_config(yaml.safe_dump({"server": {"engine_hang_timeout_s": 600}, "models": [
         {"name": "m", "source": "/", "device": "cpu", "parallelism": {"tensor": 2}}]}))
     worker = node._RankGroup(config, NodeLayout(nnodes=2, node_rank=1), config.models[0], 0, range(1, 2))
-    assert worker.commands[0][-1] == "600.0"  # node 1's rank: `engine.distributed.worker ... COLLECTIVE_TIMEOUT_S`
+    assert worker.commands[0][-2] == "600.0"  # node 1's rank: `... COLLECTIVE_TIMEOUT_S HEARTBEAT_TIMEOUT_S`
     plans = []
 
     def factory(plan):
@@ -100,14 +102,16 @@ def _wait_ready(server, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def _serve_on_two_nodes(tiny_model, tmp_path, master: str, prefix: tuple[str, ...] = ()) -> None:
+def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tuple[str, ...] = ()) -> None:
+    """`cut(node1)` loses node 1 without closing its connections, `mend(node1)` brings it back."""
     model_dir = tiny_model("llama")
     llm = LLM(model_dir, dtype="float32", device="cpu")
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     expected = [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     llm.shutdown()
     port = _free_port()
-    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})], host=master)
+    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})], host=master,
+                           rank_heartbeat_timeout_s=HEARTBEAT_S)
     config_path = tmp_path / "node1.yaml"
     config_path.write_text(yaml.safe_dump(config))
     node_args = ("--nnodes", "2", "--node-rank", "0", "--master-addr", master, "--master-port", str(port))
@@ -124,13 +128,24 @@ def _serve_on_two_nodes(tiny_model, tmp_path, master: str, prefix: tuple[str, ..
         with pytest.raises(openai.APIStatusError) as error:  # restarting: waiting for node 1's ranks
             _completions(server)
         assert error.value.status_code == 503
-        with _node1(config_path, log1, master, port, prefix):
+        with _node1(config_path, log1, master, port, prefix) as node1:
             _wait_ready(server)
+            assert _completions(server) == expected, log1.read_text()
+            cut(node1)
+            started = time.monotonic()
+            try:
+                with pytest.raises(openai.APIStatusError) as error:  # waited out the collective timeout (2 min)
+                    _completions(server)
+                assert error.value.status_code in (500, 503) and time.monotonic() - started < HEARTBEAT_S + 20
+            finally:
+                mend(node1)
+            _wait_ready(server)  # node 1's ranks found rank 0 gone, ended and rejoined
             assert _completions(server) == expected, log1.read_text()
 
 
 def test_two_nodes_on_one_machine(tiny_model, tmp_path):
-    _serve_on_two_nodes(tiny_model, tmp_path, "127.0.0.1")
+    _serve_on_two_nodes(tiny_model, tmp_path, "127.0.0.1", cut=lambda node1: os.killpg(node1.pid, signal.SIGSTOP),
+                        mend=lambda node1: os.killpg(node1.pid, signal.SIGCONT))
 
 
 def _make_netns() -> bool:
@@ -146,10 +161,15 @@ def _make_netns() -> bool:
     return all(subprocess.run(step, capture_output=True).returncode == 0 for step in steps)
 
 
+def _link(name: str, state: str) -> None:
+    subprocess.run(["ip", "link", "set", name, state], check=True)
+
+
 def test_two_nodes_on_two_addresses(tiny_model, tmp_path):
     if not _make_netns():
         pytest.skip("needs root and iproute2 to make a network namespace")
     try:
-        _serve_on_two_nodes(tiny_model, tmp_path, HOST_ADDR, prefix=("ip", "netns", "exec", NETNS))
+        _serve_on_two_nodes(tiny_model, tmp_path, HOST_ADDR, prefix=("ip", "netns", "exec", NETNS),
+                            cut=lambda _: _link(VETH, "down"), mend=lambda _: _link(VETH, "up"))
     finally:
         subprocess.run(["ip", "netns", "delete", NETNS], capture_output=True)

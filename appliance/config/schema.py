@@ -85,6 +85,12 @@ class ServerSpec(_Schema, kw_only=True):
         "others in a collective (a stage for the stages before it). Raise it for a model whose single step takes "
         "longer (a large model's long prefill on the CPU); a dead or stopped rank fails its model within seconds "
         "either way.", ge=1)] = 120.0
+    rank_heartbeat_timeout_s: Annotated[float, _doc(
+        "Seconds a tensor- or pipeline-parallel rank (a process here or on another node) may miss its heartbeat, "
+        "sent twice a second beside its work, before it counts as lost: its model's requests fail, its ranks "
+        "restart, and on several nodes the model answers 503 until the node's ranks rejoin. It finds what closes "
+        "no connection, a node that lost power or its network or is frozen whole, within this time rather than "
+        "engine_hang_timeout_s.", ge=1)] = 10.0
     max_active_models: Annotated[PositiveInt | None, _doc(
         "Most models awake at once (one asleep at level 1 keeps its engine process but frees its device memory); "
         "waking another first puts the least recently used idle one to sleep (null: no limit).")] = None

@@ -10,16 +10,20 @@ speculative decoding each rank verifies the step's drafts in the same multi-toke
 whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's;
 with them rank 0 holds the first stage, and the first rank of the last stage sends each step's `ModelRunnerOutput`
 back as msgpack bytes. A worker that dies (before the rendezvous too), hangs (stopped: killed by
-`engine.distributed.watchdog`; otherwise until the collective timeout) or a step that fails on any rank fails the
-engine (`WorkerDiedError`): its process exits and its supervisor restarts the whole model. Across machines
-(`nnodes` > 1) it starts only node 0's ranks; a communication failure with a rank elsewhere counts as that rank's
-death, and the restarted engine waits at the rendezvous for the other nodes' ranks to rejoin.
+`engine.distributed.watchdog`; silent, its heartbeat stopped: killed, `engine.distributed.heartbeat`; otherwise until
+the collective timeout) or a step that fails on any rank fails the engine (`WorkerDiedError`): its process exits and
+its supervisor restarts the whole model. Across machines (`nnodes` above 1) it starts only node 0's ranks; a
+communication failure with a rank elsewhere counts as that rank's death, and so does its silence (a machine gone
+from the network closes no connection): in an engine process (`exit_process_on_lost_rank`) that ends the process at
+once, since its collectives cannot be interrupted, and offline the next parallel operation raises. The restarted
+engine waits at the rendezvous for the other nodes' ranks to rejoin.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +36,7 @@ import torch
 from engine import contract
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import nodes, parallel_state
+from engine.distributed.heartbeat import Heartbeat
 from engine.distributed.stage_trace import StageTrace, traced
 from engine.distributed.watchdog import StoppedRankWatchdog
 from engine.distributed.worker import worker_device
@@ -43,6 +48,16 @@ _encoder = msgspec.msgpack.Encoder()
 _output_decoder = msgspec.msgpack.Decoder(contract.ModelRunnerOutput)
 # A communication error lets the process it lost this long to show as exited.
 _EXIT_GRACE_S = 2.0
+_LOST_RANK_EXIT_CODE = 3  # appliance.engine_process's code for a lost worker: its supervisor restarts the model
+_exit_on_lost_rank = False
+
+
+def exit_process_on_lost_rank() -> None:
+    """For a process that holds only its engine (appliance.engine_process): a rank on another node that goes
+    silent ends the process at once, rather than after the collective it may be waiting in times out (gloo's
+    waits cannot be interrupted from another thread). Offline, the user's process is left alone."""
+    global _exit_on_lost_rank
+    _exit_on_lost_rank = True
 
 
 class WorkerDiedError(RuntimeError):
@@ -68,14 +83,21 @@ class TensorParallelRunner:
         _check_devices(config, device, 1 + len(self._worker_ranks))
         self._workers = [
             subprocess.Popen([sys.executable, "-m", "engine.distributed.worker", str(rank), str(tp_size), str(pp_size),
-                              init_method, worker_device(config.device, rank), str(config.collective_timeout_s)])
+                              init_method, worker_device(config.device, rank), str(config.collective_timeout_s),
+                              str(config.rank_heartbeat_timeout_s)])
             for rank in self._worker_ranks]
         self._stopping: list[bool] = []  # non-empty once the workers were told to stop
         self._watchdog = StoppedRankWatchdog(self._workers.copy, "parallel workers")
-        self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog)
+        self._silenced: dict[int, str] = {}  # pid -> why its heartbeat's silence had it killed
+        self._lost_remote: list[str] = []  # ranks on other nodes gone silent
+        self._heartbeats: list[Heartbeat] = []  # one, once the ranks have met
+        self._finalizer = weakref.finalize(self, _stop, self._workers, self._stopping, self._watchdog,
+                                           self._heartbeats)
         try:
             parallel_state.init_parallel(0, tp_size, pp_size, init_method, device, config.collective_timeout_s,
                                          check_peers=self.check_workers)
+            self._heartbeats.append(Heartbeat(init_method, 0, list(range(1, world_size)),
+                                              config.rank_heartbeat_timeout_s, self._rank_lost))
             self.send(contract.StartWorker(config, pooler_info))
             self.local = ModelRunner(config, model_config, device, pooler_info)
         except BaseException:
@@ -125,16 +147,39 @@ class TensorParallelRunner:
         parallel_state.send_to_workers(_encoder.encode(command))
 
     def check_workers(self, grace_s: float = 0.0) -> None:
-        """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds."""
+        """Raises WorkerDiedError if a worker has exited, or exits within `grace_s` seconds, or a rank on another
+        node went silent."""
         deadline = time.monotonic() + grace_s
         while not (dead := [(rank, p.pid, p.returncode) for rank, p in zip(self._worker_ranks, self._workers)
                             if p.poll() is not None]):
+            if self._lost_remote:
+                raise WorkerDiedError("lost: " + ", ".join(self._lost_remote))
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
         raise WorkerDiedError("worker(s) exited: " + ", ".join(
-            f"rank {rank} (code {code}{', stopped: killed as hung' if pid in self._watchdog.killed else ''})"
-            for rank, pid, code in dead))
+            f"rank {rank} (code {code}{self._why_killed(pid)})" for rank, pid, code in dead))
+
+    def _why_killed(self, pid: int) -> str:
+        if pid in self._watchdog.killed:
+            return ", stopped: killed as hung"
+        return f", {self._silenced[pid]}: killed as hung" if pid in self._silenced else ""
+
+    def _rank_lost(self, rank: int, reason: str) -> None:
+        """The heartbeat's verdict (its thread): a worker of this machine is killed, which fails whatever collective
+        waits for it at once; a rank elsewhere cannot be."""
+        if rank in self._worker_ranks:
+            process = self._workers[self._worker_ranks.index(rank)]
+            if process.poll() is None:
+                self._silenced[process.pid] = reason
+                process.kill()
+            return
+        self._lost_remote.append(f"rank {rank} on another node ({reason})")
+        if _exit_on_lost_rank:
+            logger.critical("rank %d on another node is lost (%s): the engine process exits to be restarted", rank,
+                            reason)
+            logging.shutdown()  # flushes the log before the exit that skips it
+            os._exit(_LOST_RANK_EXIT_CODE)
 
     def receive_answer(self) -> contract.ModelRunnerOutput:
         """The last stage's output of the step."""
@@ -181,9 +226,12 @@ class _LastStageOutput:
         return self._runner.receive_answer()
 
 
-def _stop(workers: list[subprocess.Popen], stopping: list[bool], watchdog: StoppedRankWatchdog) -> None:
+def _stop(workers: list[subprocess.Popen], stopping: list[bool], watchdog: StoppedRankWatchdog,
+          heartbeats: list[Heartbeat]) -> None:
     """Waits for workers told to stop; kills those that were not (an engine dropped without `shutdown`)."""
     watchdog.stop()
+    for heartbeat in heartbeats:
+        heartbeat.stop()  # before the workers end: their silence is expected now
     for process in workers:
         try:
             process.wait(timeout=10 if stopping else 0)

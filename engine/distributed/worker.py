@@ -1,5 +1,5 @@
 """A parallel worker: one rank (1..) of an engine, as
-`python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE COLLECTIVE_TIMEOUT_S`.
+`python -m engine.distributed.worker RANK TP_SIZE PP_SIZE ADDR DEVICE COLLECTIVE_TIMEOUT_S HEARTBEAT_TIMEOUT_S`.
 
 Started by the engine process (rank 0, `tp_runner.TensorParallelRunner`), or on another machine by that node's
 `kvbox serve --node-rank R` (`appliance.node`). It builds its shard of its pipeline stage's layers and their share of
@@ -9,7 +9,8 @@ rank 0 runs ahead of the later stages (several steps in flight), so their comman
 stage is done with the steps before. It holds no request state but the runner's copies, kept from the steps' plain
 data. The first rank of the last stage posts each step's output to rank 0 (with pipeline stages); every other
 rank's sampled tokens equal its and are dropped. It ends with rank 0: on `StopWorker`, when a receive fails (rank 0
-died), or when its parent process dies.
+died), when its parent process dies, or when rank 0's heartbeat stops (`engine.distributed.heartbeat`: a node 0
+that froze or left the network closes no connection, and a worker waiting for its next command waits without limit).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from engine import contract
 from engine.distributed import parallel_state
+from engine.distributed.heartbeat import Heartbeat
 from engine.distributed.stage_trace import StageTrace, traced
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
@@ -91,17 +93,25 @@ def worker_device(device: str, local_rank: int) -> str:
     return f"cuda:{first + local_rank}"
 
 
+def _end_without_rank_0(rank: int, reason: str) -> None:
+    logger.error("rank 0 is lost (%s): this rank ends", reason)
+    logging.shutdown()
+    os._exit(1)  # its main thread may wait in a receive that nothing will end
+
+
 def main(argv: list[str]) -> int:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, tp_size, pp_size, init_method, device = int(argv[0]), int(argv[1]), int(argv[2]), argv[3], argv[4]
     parallel_state.init_parallel(rank, tp_size, pp_size, init_method, torch.device(device), float(argv[5]))
+    heartbeat = Heartbeat(init_method, rank, [0], float(argv[6]), _end_without_rank_0)
     try:
         serve(rank, tp_size, pp_size, torch.device(device))
     except Exception:
         logger.exception("parallel rank %d failed", rank)
         return 1
     finally:
+        heartbeat.stop()
         parallel_state.destroy()
     return 0
 
