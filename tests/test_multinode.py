@@ -35,7 +35,7 @@ pytest_plugins = ["helpers_server"]
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Once upon a time"]
 NETNS, VETH, HOST_ADDR, NODE1_ADDR = "kvbox-node1", "kvbox-veth", "10.231.0.1", "10.231.0.2"
-HEARTBEAT_S = 3  # server.rank_heartbeat_timeout_s
+HEARTBEAT_S = 5  # server.rank_heartbeat_timeout_s
 
 
 def test_ranks_are_laid_out_per_node_rank_0_first():
