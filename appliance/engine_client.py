@@ -279,8 +279,9 @@ class ProcessEngineClient(EngineClientBase):
         message = ipc.decode_from_engine(payload) if payload is not None else None
         if not isinstance(message, contract.EngineReady):
             await self.kill()
-            reason = message.message if isinstance(message, contract.EngineFailed) else "the engine process exited"
-            raise EngineStartError(f"{self.name}: {reason}")
+            if isinstance(message, contract.EngineFailed):
+                raise EngineStartError(f"{self.name}: {message.message}", message.waiting_for_ranks)
+            raise EngineStartError(f"{self.name}: the engine process exited")
         self._last_heard = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch_for_hang(), name=f"engine-watchdog-{self.name}")
         return await self._ready(message, tokenizer)

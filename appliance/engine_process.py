@@ -26,6 +26,7 @@ import torch
 
 from engine import kernels
 from appliance import ipc
+from appliance.engines import waits_for_ranks
 from appliance.logs import configure_logging
 from engine import contract
 from engine.core import EngineCore
@@ -205,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         core = EngineCore(start.engine_config)
     except Exception as e:  # a model that cannot load is reported, not silently retried
-        logger.exception("engine failed to start")
-        channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}"))
+        waiting = waits_for_ranks(e, start.engine_config)
+        if waiting:
+            logger.warning("engine not started: %s; it starts again to wait for them", e)
+        else:
+            logger.exception("engine failed to start")
+        channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}", waiting))
         return 1
     channel.send(ready_message(core, imports_s))
     # The model, tokenizer and torch leave ~200k long-lived objects; a full collection over them took ~90 ms, a stall

@@ -27,7 +27,18 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineStartError(RuntimeError):
-    pass
+    """A replica that did not start; `waiting_for_ranks`: see `contract.EngineFailed`."""
+
+    def __init__(self, message: str, waiting_for_ranks: bool = False):
+        super().__init__(message)
+        self.waiting_for_ranks = waiting_for_ranks
+
+
+def waits_for_ranks(error: BaseException, config: EngineConfig) -> bool:
+    """Whether a failed engine start only found other machines' ranks missing (retried without limit)."""
+    from engine.distributed.parallel_state import RendezvousTimeout  # it imports torch: the API server starts without
+
+    return isinstance(error, RendezvousTimeout) and config.nnodes > 1
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import threading
 from engine import contract
 from appliance.engine_client import EngineClientBase
 from appliance.engine_process import EngineLoop, ready_message
-from appliance.engines import EnginePlan, EngineStartError
+from appliance.engines import EnginePlan, EngineStartError, waits_for_ranks
 from engine.core import EngineCore
 
 logger = logging.getLogger("kvbox.engine")
@@ -58,7 +58,8 @@ class InProcessEngineClient(EngineClientBase):
         try:
             core = await asyncio.wait_for(self._building, timeout_s)
         except Exception as e:
-            raise EngineStartError(f"{self.name}: {type(e).__name__}: {e}") from e
+            raise EngineStartError(f"{self.name}: {type(e).__name__}: {e}",
+                                   waits_for_ranks(e, self.plan.engine_config)) from e
         self._engine_loop = EngineLoop(_Outbox(asyncio.get_running_loop(), self._messages), core)
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}-{self.replica}", daemon=True)
         self._thread.start()
@@ -71,6 +72,8 @@ class InProcessEngineClient(EngineClientBase):
         except Exception:
             logger.exception("%s[%d]: the engine's step loop failed", self.name, self.replica)
             code = 1
+        finally:
+            self._engine_loop.core.shutdown()  # a parallel engine's workers and process group, as its process does
         if self.exit_code is None:
             self.exit_code = code
         self._engine_loop.channel.send(None)  # the client's reader sees the engine gone

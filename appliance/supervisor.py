@@ -3,7 +3,8 @@
 It runs in the HTTP server's process and event loop. Routes ask it for a model by name (`get`) and send requests to
 the least-loaded ready replica. When an engine dies its in-flight requests fail at once (the engine client does
 that), the model shows as restarting and comes back after a backoff; a model that keeps crashing is marked failed
-and stays so until the config is reloaded. Other models are never touched.
+and stays so until the config is reloaded. A replica whose ranks on other machines have not come (their node is not
+up) is started again until they do, not counted a crash. Other models are never touched.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ logger = logging.getLogger("kvbox.supervisor")
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_CRASHES = 5  # within CRASH_WINDOW_S, then the model is marked failed
 CRASH_WINDOW_S = 300.0
+# A replica whose ranks on other machines did not come starts again this soon: its engine waited for them a minute.
+RANKS_RETRY_S = 1.0
+
+
+class _Start(enum.Enum):
+    READY = "ready"
+    FAILED = "failed"
+    WAITING = "waiting"  # for ranks on other machines (`EngineStartError.waiting_for_ranks`): started again
 
 
 class ModelStatus(str, enum.Enum):
@@ -317,15 +326,19 @@ class Supervisor:
         if model.tokenizer is None and not await self._load_tokenizer(model):
             return
         results = await asyncio.gather(*(self._start_replica(model, r) for r in model.replicas))
-        if all(results):  # before READY, so that the adapters are there from the first request
+        ready = all(result is _Start.READY for result in results)
+        if ready:  # before READY, so that the adapters are there from the first request
             if model.adapters:  # woken from sleep: the adapters it served before
                 await asyncio.gather(*(self._restore_loras(model, r) for r in model.replicas))
             else:
                 await self._load_configured_loras(model)
         if model.status is ModelStatus.LOADING:
-            model.status = ModelStatus.READY if all(results) else ModelStatus.FAILED
-        model.tasks = [asyncio.create_task(self._watch(model, r), name=f"watch-{spec.name}-{r.replica}")
-                       for r in model.replicas if r.info is not None]
+            model.status = (ModelStatus.READY if ready else ModelStatus.FAILED if _Start.FAILED in results
+                            else ModelStatus.RESTARTING)
+        # Replicas that started are restarted when they end; those waiting for other machines' ranks, until they come.
+        model.tasks = [asyncio.create_task(self._watch(model, r, waiting=result is _Start.WAITING),
+                                           name=f"watch-{spec.name}-{r.replica}")
+                       for r, result in zip(model.replicas, results) if result is not _Start.FAILED]
 
     async def stop_engines(self, model: ModelRuntime, status: ModelStatus, cancel_watchers: bool = True) -> None:
         """Stops the model's replicas and leaves it in `status` (its tokenizer and adapter list stay)."""
@@ -352,19 +365,22 @@ class Supervisor:
             return False
         return True
 
-    async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> bool:
+    async def _start_replica(self, model: ModelRuntime, client: EngineClient) -> _Start:
         try:
             info = await client.start(model.tokenizer)
         except EngineStartError as e:
-            model.record_error(str(e))
-            return False
+            model.record_error(str(e) + ("; starting again to wait for them" if e.waiting_for_ranks else ""))
+            client.dead.set()  # its engine is gone: a watcher goes on from here
+            return _Start.WAITING if e.waiting_for_ranks else _Start.FAILED
         logger.info("%s[%d]: ready on %s (%s, %d KV blocks, %s kernels)", model.name, client.replica, info.device,
                     info.dtype, info.num_kv_blocks, info.kernel_backend)
         logger.info("%s[%d]: start-up %s", model.name, client.replica, startup_phases(model, info.startup_seconds))
-        return True
+        return _Start.READY
 
-    async def _watch(self, model: ModelRuntime, client: EngineClient) -> None:
-        """Restarts a replica whenever its process dies, with backoff, until it crashes too often."""
+    async def _watch(self, model: ModelRuntime, client: EngineClient, waiting: bool = False) -> None:
+        """Restarts a replica whenever its process dies, with backoff, until it crashes too often; one `waiting` for
+        ranks on other machines is started again, without counting it a crash, until they come (a node may be away
+        for as long as it takes; the model answers 503 meanwhile)."""
         while True:
             await client.dead.wait()
             if model.status in (ModelStatus.DRAINING, ModelStatus.STOPPED):
@@ -374,28 +390,30 @@ class Supervisor:
                 await self.stop_engines(model, ModelStatus.SLEEPING, cancel_watchers=False)
                 model.sleep_level = 2
                 return
-            code = client.exit_code
-            model.record_error(f"engine replica {client.replica} exited (code {code})")
-            now = time.monotonic()
-            model.crash_times.append(now)
-            if len(model.crash_times) == MAX_CRASHES and now - model.crash_times[0] < CRASH_WINDOW_S:
-                model.status = ModelStatus.FAILED
-                model.record_error(f"crashed {MAX_CRASHES} times in {CRASH_WINDOW_S:.0f} s; marked failed")
-                return
+            if waiting:
+                delay = RANKS_RETRY_S
+            else:
+                model.record_error(f"engine replica {client.replica} exited (code {client.exit_code})")
+                now = time.monotonic()
+                model.crash_times.append(now)
+                if len(model.crash_times) == MAX_CRASHES and now - model.crash_times[0] < CRASH_WINDOW_S:
+                    model.status = ModelStatus.FAILED
+                    model.record_error(f"crashed {MAX_CRASHES} times in {CRASH_WINDOW_S:.0f} s; marked failed")
+                    return
+                delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
             model.status = ModelStatus.RESTARTING
-            delay = RESTART_BACKOFF_S[min(len(model.crash_times) - 1, len(RESTART_BACKOFF_S) - 1)]
             await asyncio.sleep(delay)
             logger.info("%s[%d]: starting its engine again", model.name, client.replica)
             replacement = self.engine_factory(client.plan)
             model.replicas[model.replicas.index(client)] = replacement
             client = replacement
             model.restarts += 1
-            if await self._start_replica(model, client):
+            started = await self._start_replica(model, client)
+            waiting = started is _Start.WAITING  # else a failed start counts as another crash on the next turn
+            if started is _Start.READY:
                 await self._restore_loras(model, client)
                 if all(r.live for r in model.replicas):
                     model.status = ModelStatus.READY
-            else:
-                client.dead.set()  # counts as another crash on the next turn
 
     async def _stop_model(self, model: ModelRuntime) -> None:
         if model.waking is not None:

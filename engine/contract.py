@@ -364,6 +364,9 @@ class RequestRejected(msgspec.Struct, tag=True):
 
 class EngineFailed(msgspec.Struct, tag=True):
     message: str
+    # The ranks on other machines did not come (their node is not up yet): nothing is wrong with the model, and a
+    # start later may succeed, so it is retried for as long as it takes, not counted as a crash.
+    waiting_for_ranks: bool = False
 
 
 class LoraResult(msgspec.Struct, tag=True):

@@ -27,8 +27,11 @@ from appliance import node  # noqa: E402
 from appliance.cli import main as cli_main  # noqa: E402
 from appliance.config import parse_config  # noqa: E402
 from appliance.node import NodeLayout  # noqa: E402
-from appliance.supervisor import ModelRuntime, Supervisor  # noqa: E402
+from appliance import supervisor as supervisor_module  # noqa: E402
+from appliance.inprocess import InProcessEngineClient  # noqa: E402
+from appliance.supervisor import MAX_CRASHES, ModelRuntime, ModelStatus, Supervisor  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.distributed import parallel_state  # noqa: E402
 from engine.distributed.nodes import node_ranks  # noqa: E402
 
 pytest_plugins = ["helpers_server"]
@@ -59,6 +62,35 @@ def test_ranks_wait_for_each_other_as_long_as_the_server_waits_for_a_silent_engi
     with pytest.raises(RuntimeError, match="planned"):
         asyncio.run(Supervisor(config, factory).start_engines(ModelRuntime(config.models[0], model_path="/m")))
     assert plans[0].engine_config.collective_timeout_s == 600  # node 0's ranks, through the engine
+
+
+def test_node_0_waits_for_an_absent_node_as_long_as_it_takes(tiny_model, tmp_path, monkeypatch):
+    """A start that finds another node's ranks missing is no crash: the model stays restarting (503) past the crash
+    budget, which used to mark it failed after about four minutes, and is ready once the node comes."""
+    monkeypatch.setattr(parallel_state, "RENDEZVOUS_TIMEOUT_S", 0.5)  # each start waits this long for node 1
+    monkeypatch.setattr(supervisor_module, "RANKS_RETRY_S", 0.05)
+    port = _free_port()
+    config_dict = server_config([model_config("llama", tiny_model("llama"), parallelism={"tensor": 2})])
+    config_path = tmp_path / "node1.yaml"
+    config_path.write_text(yaml.safe_dump(config_dict))
+    config = parse_config(yaml.safe_dump(config_dict))
+
+    async def scenario() -> None:
+        supervisor = Supervisor(config, InProcessEngineClient, nodes=NodeLayout(2, 0, "127.0.0.1", port))
+        model = ModelRuntime(config.models[0], model_path=config.models[0].source)
+        await supervisor.start_engines(model)
+        while model.restarts <= MAX_CRASHES + 1:
+            assert model.status is ModelStatus.RESTARTING, list(model.errors)
+            await asyncio.sleep(0.05)
+        assert "other ranks reached the rendezvous" in model.errors[-1][1]
+        with _node1(config_path, tmp_path / "node1.log", "127.0.0.1", port):
+            deadline = time.monotonic() + 120
+            while model.status is not ModelStatus.READY:
+                assert time.monotonic() < deadline and model.status is ModelStatus.RESTARTING, list(model.errors)
+                await asyncio.sleep(0.1)
+            await supervisor.stop_engines(model, ModelStatus.STOPPED)
+
+    asyncio.run(scenario())
 
 
 def test_node_rank_must_be_below_nnodes(capsys):

@@ -47,6 +47,10 @@ _threads_before: int | None = None  # this process's torch threads before its ra
 _pending_sends: list[tuple[dist.Work, torch.Tensor]] = []  # control bytes posted, not sent yet, with their buffers
 
 
+class RendezvousTimeout(TimeoutError):
+    """Not every rank reached the rendezvous in time: on several machines, another node is not up (yet)."""
+
+
 def free_tcp_address() -> str:
     """A tcp:// rendezvous address on this machine with a port nothing listens on."""
     with socket.socket() as s:
@@ -91,13 +95,17 @@ def _rendezvous(rank: int, world_size: int, init_method: str, timeout_s: float,
                           timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
     store.add(_JOINED_KEY, 1)
     deadline = time.monotonic() + timeout_s
-    while rank == 0 and (joined := store.add(_JOINED_KEY, 0)) < world_size:
-        if check_peers is not None:
-            check_peers()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{joined - 1} of the {world_size - 1} other ranks reached the rendezvous at "
-                               f"{init_method} within {timeout_s:.0f} s")
-        time.sleep(_JOIN_POLL_S)
+    try:
+        while rank == 0 and (joined := store.add(_JOINED_KEY, 0)) < world_size:
+            if check_peers is not None:
+                check_peers()
+            if time.monotonic() > deadline:
+                raise RendezvousTimeout(f"{joined - 1} of the {world_size - 1} other ranks reached the rendezvous at "
+                                        f"{init_method} within {timeout_s:g} s")
+            time.sleep(_JOIN_POLL_S)
+    except BaseException:
+        del store  # rank 0's store stops listening now, not when the traceback goes: a retry may take the port again
+        raise
     return store
 
 
