@@ -5,11 +5,15 @@ activations: the zero-point epilogue's cost).
 Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
 gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
 
-    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,skinny]
+    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,skinny] [--shapes qkv,gate_up]
+    python bench/quant_kernels.py --rows 128,256 --shapes qkv,gate_up --sweep fused \
+        --fused-configs "128,128,64,1,8,3;256,128,64,1,8,3"
 
 --sweep times every launch configuration of a small grid per shape and row count, for the kernels named, and
 prints the best next to the heuristic's choice: the W4A16 fused kernel, the W4A16 GEMV (up to 4 rows) and the 8-bit
-skinny kernel (up to 16 rows).
+skinny kernel (up to 16 rows). --fused-configs replaces the fused kernel's grid with the launches listed (BLOCK_M,
+BLOCK_N, BLOCK_K, K splits, warps, stages; each compiles once per shape, a second or two): a targeted sweep that
+fits one device call.
 """
 
 from __future__ import annotations
@@ -68,24 +72,30 @@ def row(name: str, us: float, weight_bytes: int, base_us: float) -> str:
     return f"  {name:34s} {us:8.1f} us {weight_bytes / us / 1e3:7.0f} GB/s {base_us / us:6.2f}x bf16"
 
 
-def best_of(configs, call) -> tuple[float, tuple]:
-    """(us, config) of the fastest config; a config that does not compile or run is skipped."""
+def best_of(configs, call, each: bool = False) -> tuple[float, tuple]:
+    """(us, config) of the fastest config; a config that does not compile or run is skipped. `each`: prints every
+    config's time too."""
     best = (float("inf"), None)
     for config in configs:
         try:
             us = graph_time_us(lambda: call(config))
-        except Exception:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001
+            if each:
+                print(f"    {config}: {type(error).__name__}: {str(error)[:100]}")
             continue
+        if each:
+            print(f"    {config}: {us:.1f} us")
         best = min(best, (us, config))
     return best
 
 
-def sweep(x, q, k, n) -> tuple[float, tuple]:
+def sweep(x, q, k, n, configs: list[tuple[int, ...]] | None = None) -> tuple[float, tuple]:
     m = x.shape[0]
-    configs = [c for c in itertools.product(
+    grid = [c for c in itertools.product(
         [1, 16] if m == 1 else [16, 64, 128] if m > 16 else [16], [32, 64, 128], [128, 256], [1, 2, 4, 8, 16], [4],
         [3]) if not (c[0] == 64 and c[1] == 128 and c[2] == 256)]
-    return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, config=config))
+    return best_of(configs or grid, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, config=config),
+                   each=bool(configs))
 
 
 def sweep_gemv(x, q) -> tuple[float, tuple]:
@@ -103,11 +113,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,16,64,256")
     parser.add_argument("--sweep", default="", help="kernels to sweep: fused, gemv, skinny (comma-separated)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)} (comma-separated)")
+    parser.add_argument("--fused-configs", default="", help="the fused sweep's launches instead of its grid: "
+                        "BLOCK_M,BLOCK_N,BLOCK_K,SPLITS,WARPS,STAGES;...")
     args = parser.parse_args()
     swept = set(filter(None, args.sweep.split(",")))
     if swept - {"fused", "gemv", "skinny"}:
         parser.error(f"--sweep: unknown kernels {sorted(swept - {'fused', 'gemv', 'skinny'})}")
-    for name, (k, n) in SHAPES.items():
+    if unknown := set(args.shapes.split(",")) - set(SHAPES):
+        parser.error(f"--shapes: unknown {sorted(unknown)}")
+    fused_configs = [tuple(int(v) for v in c.split(",")) for c in args.fused_configs.split(";") if c]
+    if any(len(c) != 6 for c in fused_configs):
+        parser.error("--fused-configs: six numbers per launch")
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
         dense, q, fp8, i8 = layers(k, n)
         print(f"{name}: K={k} N={n}")
         for m in [int(r) for r in args.rows.split(",")]:
@@ -124,7 +143,7 @@ def main() -> None:
                 us, config = sweep_gemv(x, q)
                 print(row(f"w4a16 gemv best {config}", us, k * n // 2, base))
             if "fused" in swept:
-                us, config = sweep(x, q, k, n)
+                us, config = sweep(x, q, k, n, fused_configs)
                 print(row(f"w4a16 fused best {config}", us, k * n // 2, base))
             if m > wna16.GEMV_MAX_ROWS:  # what the fused kernel must beat for FUSED_MAX_ROWS to be worth its rows
                 print(row("w4a16 dequantize + cuBLAS", graph_time_us(
