@@ -1,13 +1,14 @@
 """Weight-only checkpoints split for tensor parallelism: each rank's dequantized weights, side by side (column-
 parallel linears along the outputs, row-parallel ones along the inputs), are the single-rank model's exactly. GPTQ's
 and compressed-tensors' act-order groups take any input row, so a row-parallel rank keeps every group's scales and
-its rows' g_idx."""
+its rows' g_idx. Two ranks of an engine then answer as one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine import LLM, SamplingParams
 from engine.kernels.reference import dequantize_wna16
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
@@ -48,3 +49,22 @@ def test_ranks_hold_slices_of_the_whole_weights(tiny_model, tmp_path, name):
                 (gate0, gate1), (up0, up1) = (part.chunk(2) for part in want.chunk(2))
                 want = torch.cat([gate0, up0, gate1, up1])
             assert torch.equal(torch.cat(shards, dim=dim), want), (name, layer, path)
+
+
+@pytest.mark.parametrize("name", ["gptq-4b-g32-asym-actorder", "awq-g32"])
+def test_two_ranks_of_a_quantized_checkpoint_answer_as_one(tiny_model, tmp_path, name):
+    config_dict, writer = FORMATS[name]()
+    qc.write_quantized(tiny_model("llama", **SHAPE), tmp_path / "q", config_dict, writer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    outputs = []
+    for tp_size in (1, 2):
+        llm = LLM(str(tmp_path / "q"), dtype="float32", device="cpu", tensor_parallel_size=tp_size)
+        try:
+            outputs.append(llm.generate(["Once upon a time", "1 2 3 4 5"], params, use_tqdm=False))
+        finally:
+            llm.shutdown()
+    for want, got in zip(*outputs):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(want.outputs[0].logprobs, got.outputs[0].logprobs):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4  # sums split: float32 rounding
