@@ -45,6 +45,7 @@ class EngineClientBase:
         # Sleep level 1: the engine's memory as last reported, and one future per Sleep or Wake sent.
         self.sleep_state: contract.EngineSleepState | None = None
         self._sleep_waiters: deque[asyncio.Future] = deque()
+        self.failure: str | None = None  # why the running engine ended, as it said before it went (EngineFailed)
 
     @property
     def name(self) -> str:
@@ -178,6 +179,8 @@ class EngineClientBase:
                 waiter = self._lora_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(message)
+        elif isinstance(message, contract.EngineFailed):
+            self.failure = message.message
         elif isinstance(message, contract.RequestRejected):
             logger.info("request %s: %s[%d] refused it: %s: %s", message.request_id, self.name, self.replica,
                         message.param, message.message)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     assert isinstance(start, contract.StartEngine), start
     imports_s = time.time() - psutil.Process().create_time()  # the supervisor sent StartEngine as it spawned us
     logger.info("engine process %d: building the engine", os.getpid())  # its time since the spawn is imports
-    exit_process_on_lost_rank()
+    exit_process_on_lost_rank(lambda reason: channel.send(contract.EngineFailed(reason)))
     try:
         core = EngineCore(start.engine_config)
     except Exception as e:  # a model that cannot load is reported, not silently retried
@@ -225,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _profiled(os.environ.get("KVBOX_ENGINE_PROFILE")):
             loop.run()
-    except (torch.AcceleratorError, WorkerDiedError):
+    except (torch.AcceleratorError, WorkerDiedError) as e:
         # The CUDA context is unusable after a device fault, and a model missing a tensor-parallel shard cannot run;
-        # the supervisor fails this engine's requests and starts a fresh process.
+        # the supervisor fails this engine's requests and starts a fresh process, noting why.
         logger.exception("device fault or lost tensor-parallel worker: the engine exits to be restarted")
+        with contextlib.suppress(OSError):
+            channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}"))
         return 3
     finally:
         core.shutdown()

@@ -64,6 +64,7 @@ class EngineClient(Protocol):
     stats: SchedulerStats | None
     loras: list[LoraInfo]
     sleep_state: contract.EngineSleepState | None  # its memory as of its latest report (sleep level 1)
+    failure: str | None  # why it ended, where it said (a lost parallel rank, a device fault, a failed step)
     dead: asyncio.Event
 
     @property

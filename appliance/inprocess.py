@@ -69,8 +69,9 @@ class InProcessEngineClient(EngineClientBase):
         try:
             self._engine_loop.run()
             code = 0
-        except Exception:
+        except Exception as e:
             logger.exception("%s[%d]: the engine's step loop failed", self.name, self.replica)
+            self._engine_loop.channel.send(contract.EngineFailed(f"{type(e).__name__}: {e}"))
             code = 1
         finally:
             self._engine_loop.core.shutdown()  # a parallel engine's workers and process group, as its process does

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 
 import msgspec
 
@@ -62,9 +63,11 @@ class BlockingChannel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._file = sock.makefile("rb")
+        self._sending = threading.Lock()  # the step loop and a watchdog thread (a lost rank's report) both send
 
     def send(self, message: msgspec.Struct) -> None:
-        self.sock.sendall(frame(message))
+        with self._sending:
+            self.sock.sendall(frame(message))
 
     def recv(self) -> bytes | None:
         """The next frame's payload, or None when the other end has closed; FrameTooLarge for an oversized one."""

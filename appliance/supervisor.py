@@ -393,7 +393,8 @@ class Supervisor:
             if waiting:
                 delay = RANKS_RETRY_S
             else:
-                model.record_error(f"engine replica {client.replica} exited (code {client.exit_code})")
+                why = f": {client.failure}" if client.failure else ""
+                model.record_error(f"engine replica {client.replica} exited (code {client.exit_code}){why}")
                 now = time.monotonic()
                 model.crash_times.append(now)
                 if len(model.crash_times) == MAX_CRASHES and now - model.crash_times[0] < CRASH_WINDOW_S:

@@ -105,6 +105,17 @@ class InProcessServer(_Clients):
         asyncio.run_coroutine_threadsafe(engine.kill(), self.loop).result(10)
 
 
+def wait_for_model_error(server: _Clients, model: str, text: str, timeout_s: float = 10) -> None:
+    """The model's errors (the admin API's) come to hold `text`, such as why its engine ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        errors = [e["message"] for e in server.admin_models()[model]["errors"]]
+        if any(text in message for message in errors):
+            return
+        assert time.monotonic() < deadline, errors
+        time.sleep(0.1)
+
+
 def model_config(name: str, source: str, **overrides) -> dict:
     """A tiny model on the CPU, with a small KV cache: the default CPU budget would allocate gigabytes."""
     return {"name": name, "source": source, "device": "cpu", "dtype": "float32", "kv_cache": {"num_blocks": 300},

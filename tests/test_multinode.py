@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import ROOT, model_config, run_server, server_config  # noqa: E402
+from helpers_server import ROOT, model_config, run_server, server_config, wait_for_model_error  # noqa: E402
 
 from appliance import node  # noqa: E402
 from appliance.cli import main as cli_main  # noqa: E402
@@ -169,6 +169,7 @@ def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tu
                 with pytest.raises(openai.APIStatusError) as error:  # waited out the collective timeout (2 min)
                     _completions(server)
                 assert error.value.status_code in (500, 503) and time.monotonic() - started < HEARTBEAT_S + 20
+                wait_for_model_error(server, "llama", f"rank 1 on another node (no heartbeat for {HEARTBEAT_S} s)")
             finally:
                 mend(node1)
             _wait_ready(server)  # node 1's ranks found rank 0 gone, ended and rejoined

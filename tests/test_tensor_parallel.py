@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 pytest.register_assert_rewrite("helpers_server")
-from helpers_server import model_config, run_server, server_config  # noqa: E402
+from helpers_server import model_config, run_server, server_config, wait_for_model_error  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import EngineConfigError  # noqa: E402
@@ -158,6 +158,7 @@ def test_served_with_tensor_parallelism_through_the_api(tiny_model, tmp_path):
             events = [line.removeprefix("data: ") for line in lines if line]
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
         assert time.monotonic() - frozen_at < 10
+        wait_for_model_error(server, "llama", "rank 1 (code -9, stopped: killed as hung)")  # why, for the operator
         deadline = time.monotonic() + 60
         while (model := server.admin_models()["llama"])["status"] != "ready" or model["replicas"][0]["pid"] == engine:
             assert time.monotonic() < deadline, "the model did not come back"
