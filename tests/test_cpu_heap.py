@@ -12,9 +12,10 @@ from engine import cpu_heap
 
 MIB = 1 << 20
 # torch's allocations are 64-byte aligned (posix_memalign), which a freed chunk of exactly the size cannot serve: the
-# heap grows by a few tensors' worth before the freed ones coalesce into blocks the next ones fit (here cycles 3-6
-# faulted, none after), then every cycle writes into pages it had before.
-CYCLES = 10
+# heap grows by a few tensors' worth before the freed ones coalesce into blocks the next ones fit, then every cycle
+# writes into pages it had before. How many cycles grow it varies: cycles 3-6 faulted in one session, 2-7 or 1-7 in
+# six runs of a later one (a CI run of 10 cycles caught cycle 7 faulting), none after cycle 8 in any.
+CYCLES = 16
 
 PROBE = """
 import json, resource, torch
@@ -69,5 +70,5 @@ def test_glibc_unmaps_a_large_tensor_by_default():
 def test_a_kept_heap_reuses_freed_pages_until_released():
     kept = probe(keep=True)
     assert kept["kept_bytes"] > 48 * MIB  # freed, still resident for the next step
-    assert max(kept["faults"][-3:]) < 1024  # in the steady state each cycle writes into pages it had before
+    assert max(kept["faults"][-4:]) < 1024  # in the steady state each cycle writes into pages it had before
     assert kept["released"] and kept["released_bytes"] > 48 * MIB  # a sleeping engine's malloc_trim
