@@ -13,8 +13,8 @@ from engine import cpu_heap
 MIB = 1 << 20
 # torch's allocations are 64-byte aligned (posix_memalign), which a freed chunk of exactly the size cannot serve: the
 # heap grows by a few tensors' worth before the freed ones coalesce into blocks the next ones fit, then every cycle
-# writes into pages it had before. How many cycles grow it varies: cycles 3-6 faulted in one session, 2-7 or 1-7 in
-# six runs of a later one (a CI run of 10 cycles caught cycle 7 faulting), none after cycle 9 (of 20 runs) in any.
+# writes into pages it had before. How many cycles grow it varies: the last to fault was the 7th to the 9th in 16 runs
+# here (a CI run of 10 cycles caught the 8th faulting), so the steady state is checked well after that.
 CYCLES = 20
 
 PROBE = """
