@@ -1,5 +1,5 @@
 """Multi-node serving: two `kvbox serve` processes as two nodes (`--nnodes 2`), a tensor-parallel model with one rank
-on each. Greedy outputs equal the single-rank engine's; a node that dies fails requests instead of hanging them, the
+on each (on 127.0.0.1 also a pipeline-parallel one, a stage on each). Greedy outputs equal the single-rank engine's; a node that dies fails requests instead of hanging them, the
 model answers 503 meanwhile, and serves again once the node's ranks rejoin. So does a node that is lost without
 closing a connection (the rank heartbeat finds it): on 127.0.0.1 a node frozen whole (SIGSTOP), on two addresses a
 network cut (its link down). Run twice: both nodes on 127.0.0.1, and node 1 in a network namespace of its own,
@@ -134,7 +134,8 @@ def _wait_ready(server, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tuple[str, ...] = ()) -> None:
+def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tuple[str, ...] = (),
+                        parallelism: dict | None = None) -> None:
     """`cut(node1)` loses node 1 without closing its connections, `mend(node1)` brings it back."""
     model_dir = tiny_model("llama")
     llm = LLM(model_dir, dtype="float32", device="cpu")
@@ -142,7 +143,7 @@ def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tu
     expected = [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     llm.shutdown()
     port = _free_port()
-    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})], host=master,
+    config = server_config([model_config("llama", model_dir, parallelism=parallelism or {"tensor": 2})], host=master,
                            rank_heartbeat_timeout_s=HEARTBEAT_S)
     config_path = tmp_path / "node1.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -176,9 +177,11 @@ def _serve_on_two_nodes(tiny_model, tmp_path, master: str, cut, mend, prefix: tu
             assert _completions(server) == expected, log1.read_text()
 
 
-def test_two_nodes_on_one_machine(tiny_model, tmp_path):
+@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2}], ids=["tp2", "pp2"])
+def test_two_nodes_on_one_machine(tiny_model, tmp_path, parallelism):
+    """Tensor-parallel ranks split every layer across the nodes; pipeline stages put one stage on each."""
     _serve_on_two_nodes(tiny_model, tmp_path, "127.0.0.1", cut=lambda node1: os.killpg(node1.pid, signal.SIGSTOP),
-                        mend=lambda node1: os.killpg(node1.pid, signal.SIGCONT))
+                        mend=lambda node1: os.killpg(node1.pid, signal.SIGCONT), parallelism=parallelism)
 
 
 def _make_netns() -> bool:
