@@ -1,10 +1,13 @@
 """Rank heartbeats (engine.distributed.heartbeat): a rank whose beat stops is lost within the timeout, a beating one
 never is, a store that goes away loses rank 0; in a tensor-parallel engine a worker that falls silent without
-exiting or closing a connection is killed and fails the engine within seconds (its collective timeout: a minute)."""
+exiting or closing a connection is killed and fails the engine within seconds (its collective timeout: minutes),
+while an engine paused whole (every rank and watcher) goes on when resumed."""
 
 import datetime
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -66,6 +69,56 @@ def test_a_rank_watching_rank_0_loses_it_when_its_store_goes_away():
         heartbeat.stop()
 
 
+WATCHER = """
+import sys, time
+from engine.distributed.heartbeat import Heartbeat
+Heartbeat(sys.argv[1], 0, [1], float(sys.argv[2]), lambda rank, why: print("lost", rank, flush=True))
+print("watching", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_watcher_paused_with_its_rank_does_not_lose_it_on_waking_first():
+    """The watcher (its own process) and the rank it watches (beats from this test) pause together for two
+    timeouts; the watcher wakes first and polls three times before the beats resume: in clock time that silence
+    is 4.3 s, in its polls 0.3 s, well short of the timeout. Beats that stop for good are then lost within it."""
+    timeout_s = 2.0
+    master, address = _store()
+    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, address, str(timeout_s)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+
+        def beat(seconds: float) -> None:
+            for _ in range(int(seconds / 0.05)):
+                master.add("kvbox/beat/1", 1)
+                time.sleep(0.05)
+
+        beat(1.0)
+        watcher.send_signal(signal.SIGSTOP)  # the beats stop with it
+        time.sleep(2 * timeout_s)
+        watcher.send_signal(signal.SIGCONT)
+        time.sleep(0.3)
+        beat(1.0)
+        assert _read_line(watcher, 0) == ""  # not lost across the pause
+        started = time.monotonic()
+        line = _read_line(watcher, 3 * timeout_s)  # the beats have stopped for good
+        assert line == "lost 1", line
+        assert time.monotonic() - started < timeout_s + 1.0
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
+    """The next line `process` prints, or "" if none within `timeout_s`."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        return process.stdout.readline().strip() if selector.select(timeout_s) else ""
+
+
 class _NoWatchdog:
     """Leaves a stopped worker to the heartbeat (the stopped-rank watchdog would kill it first, in 3 s)."""
 
@@ -92,3 +145,39 @@ def test_a_silent_worker_is_killed_and_fails_the_engine_before_its_collective_ti
         assert time.monotonic() - started < 10
     finally:
         llm.shutdown()
+
+
+PAUSED_ENGINE = """
+import os, signal, sys, time
+from engine import LLM, SamplingParams
+greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+llm = LLM(sys.argv[1], dtype="float32", device="cpu", tensor_parallel_size=2, rank_heartbeat_timeout_s=2)
+first = llm.generate("Once upon a time", greedy, use_tqdm=False)[0].outputs[0].token_ids
+print("ready", flush=True)
+time.sleep(6)  # the test stops this whole process group meanwhile, then resumes it
+again = llm.generate("Once upon a time", greedy, use_tqdm=False)[0].outputs[0].token_ids
+llm.shutdown()
+print("same" if again == first else f"differ {first} {again}", flush=True)
+"""
+
+
+def test_an_engine_paused_whole_and_resumed_loses_no_rank(tiny_model):
+    """A stopped terminal job (every rank and its watchers stopped together, for several timeouts) goes on when
+    resumed, even where a watcher resumes before the rank it watches: silence is counted in the watchers' own polls,
+    which stop with them."""
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_ENGINE, tiny_model("llama")], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        os.killpg(process.pid, signal.SIGSTOP)
+        time.sleep(4)  # two heartbeat timeouts
+        # Rank 0 first: its watcher polls the worker, still stopped, before the worker beats again. Counted in
+        # clock time that silence would be 4 s; in polls it is the few since the resume.
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGCONT)
+        assert process.stdout.read().strip() == "same"
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
