@@ -136,10 +136,11 @@ def test_a_step_that_fails_on_rank_0_ends_the_engine(tiny_model, monkeypatch):
 
 def test_served_with_tensor_parallelism_through_the_api(tiny_model, tmp_path):
     """Served, and a worker frozen mid-stream: the stream ends with an error within seconds, both ranks restart and
-    answer as before."""
+    answer as before; another model serves throughout."""
     model_dir = tiny_model("llama")
     expected = [o.outputs[0].text for o in run(model_dir, 1)[0]]
-    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2})])
+    config = server_config([model_config("llama", model_dir, parallelism={"tensor": 2}),
+                            model_config("bystander", tiny_model("qwen3"))])
 
     def complete() -> list[str]:
         completion = server.client().completions.create(model="llama", prompt=PROMPTS, max_tokens=10, temperature=0,
@@ -159,6 +160,10 @@ def test_served_with_tensor_parallelism_through_the_api(tiny_model, tmp_path):
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
         assert time.monotonic() - frozen_at < 10
         wait_for_model_error(server, "llama", "rank 1 (code -9, stopped: killed as hung)")  # why, for the operator
+        assert server.admin_models()["llama"]["status"] != "ready"  # restarting its ranks, and meanwhile:
+        other = server.client().completions.create(model="bystander", prompt="Hi", max_tokens=4,
+                                                   extra_body={"ignore_eos": True})
+        assert other.usage.completion_tokens == 4
         deadline = time.monotonic() + 60
         while (model := server.admin_models()["llama"])["status"] != "ready" or model["replicas"][0]["pid"] == engine:
             assert time.monotonic() < deadline, "the model did not come back"
