@@ -12,7 +12,7 @@ from engine import LLM, SamplingParams
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model, weight_bytes
 from engine.tools.tiny_model import build_tiny_model
-from tests.test_gguf import write_gguf
+from tests.test_gguf import packed_types, write_gguf
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Once upon a time"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
@@ -39,9 +39,10 @@ def test_tensor_parallel_ranks_answer_as_one(wide_llama, tmp_path, qtype):
     # Q4_K_M's mix: v_proj and down_proj in Q6_K, so a merged qkv holds runs of two block types.
     write_gguf(wide_llama, path, "llama", qtype, {"v_proj": QType.Q6_K, "down_proj": QType.Q6_K})
     config = ModelConfig.from_pretrained(path, dtype="float32")
-    whole = weight_bytes(load_model(config, path, torch.device("cpu")))
-    shard = weight_bytes(load_model(config, path, torch.device("cpu"), tp_rank=1, tp_size=2))
-    assert shard < 0.6 * whole  # packed, and halved (the norms stay whole on every rank)
+    whole = load_model(config, path, torch.device("cpu"))
+    shard = load_model(config, path, torch.device("cpu"), tp_rank=1, tp_size=2)
+    assert packed_types(shard) == packed_types(whole) == {int(qtype), int(QType.Q6_K)}  # blocks kept packed
+    assert weight_bytes(shard) < 0.6 * weight_bytes(whole)  # and halved (the norms stay whole on every rank)
     expected, actual = _generate(path, wide_llama), _generate(path, wide_llama, tensor_parallel_size=2)
     for want, got in zip(expected, actual):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids

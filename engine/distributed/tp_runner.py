@@ -49,14 +49,15 @@ _output_decoder = msgspec.msgpack.Decoder(contract.ModelRunnerOutput)
 # A communication error lets the process it lost this long to show as exited.
 _EXIT_GRACE_S = 2.0
 _LOST_RANK_EXIT_CODE = 3  # appliance.engine_process's code for a lost worker: its supervisor restarts the model
-_exit_on_lost_rank: list[Callable[[str], None]] = []  # set: exit, after reporting why to it
+_report_before_exit: Callable[[str], None] | None = None  # set: a lost remote rank ends the process
 
 
 def exit_process_on_lost_rank(report: Callable[[str], None]) -> None:
     """For a process that holds only its engine (appliance.engine_process): a rank on another node that goes
     silent ends the process at once, after `report(why)`, rather than after the collective it may be waiting in
     times out (gloo's waits cannot be interrupted from another thread). Offline, the user's process is left alone."""
-    _exit_on_lost_rank[:] = [report]
+    global _report_before_exit
+    _report_before_exit = report
 
 
 class WorkerDiedError(RuntimeError):
@@ -174,11 +175,11 @@ class TensorParallelRunner:
                 process.kill()
             return
         self._lost_remote.append(f"rank {rank} on another node ({reason})")
-        if _exit_on_lost_rank:
+        if _report_before_exit is not None:
             logger.critical("rank %d on another node is lost (%s): the engine process exits to be restarted", rank,
                             reason)
             with contextlib.suppress(Exception):  # the report is a courtesy: the exit is what matters
-                _exit_on_lost_rank[0](f"WorkerDiedError: lost: {self._lost_remote[-1]}")
+                _report_before_exit(f"WorkerDiedError: lost: {self._lost_remote[-1]}")
             logging.shutdown()  # flushes the log before the exit that skips it
             os._exit(_LOST_RANK_EXIT_CODE)
 
