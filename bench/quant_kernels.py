@@ -5,7 +5,7 @@ activations: the zero-point epilogue's cost).
 Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
 gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
 
-    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,skinny] [--shapes qkv,gate_up]
+    python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,mma,skinny] [--shapes qkv,gate_up]
     python bench/quant_kernels.py --rows 128,256 --shapes qkv,gate_up --sweep fused \
         --fused-configs "128,128,64,1,8,3;256,128,64,1,8,3"
 
@@ -103,6 +103,13 @@ def sweep_gemv(x, q) -> tuple[float, tuple]:
     return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, gemv_config=config))
 
 
+def sweep_mma(x, q, configs: list[tuple[int, ...]] | None = None) -> tuple[float, tuple]:
+    block_m = min(64, max(16, 1 << (x.shape[0] - 1).bit_length()))
+    grid = itertools.product([64, 128], [block_m], [16], [1, 2, 4, 8], [4], [3, 4, 6])
+    return best_of(configs or grid, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, mma_config=config),
+                   each=bool(configs))
+
+
 def sweep_skinny(x, w8) -> tuple[float, tuple]:
     xq, xs = act_quant.quantize_activations(x, w8[0].dtype)
     configs = itertools.product([16, 32, 64], [256, 512], [4], [3, 5])
@@ -116,15 +123,18 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)} (comma-separated)")
     parser.add_argument("--fused-configs", default="", help="the fused sweep's launches instead of its grid: "
                         "BLOCK_M,BLOCK_N,BLOCK_K,SPLITS,WARPS,STAGES;...")
+    parser.add_argument("--mma-configs", default="", help="the tensor-core sweep's launches instead of its grid: "
+                        "BLOCK_N,BLOCK_M,STEP_WORDS,SPLITS,WARPS,STAGES;...")
     args = parser.parse_args()
     swept = set(filter(None, args.sweep.split(",")))
-    if swept - {"fused", "gemv", "skinny"}:
-        parser.error(f"--sweep: unknown kernels {sorted(swept - {'fused', 'gemv', 'skinny'})}")
+    if swept - {"fused", "gemv", "mma", "skinny"}:
+        parser.error(f"--sweep: unknown kernels {sorted(swept - {'fused', 'gemv', 'mma', 'skinny'})}")
     if unknown := set(args.shapes.split(",")) - set(SHAPES):
         parser.error(f"--shapes: unknown {sorted(unknown)}")
     fused_configs = [tuple(int(v) for v in c.split(",")) for c in args.fused_configs.split(";") if c]
-    if any(len(c) != 6 for c in fused_configs):
-        parser.error("--fused-configs: six numbers per launch")
+    mma_configs = [tuple(int(v) for v in c.split(",")) for c in args.mma_configs.split(";") if c]
+    if any(len(c) != 6 for c in fused_configs + mma_configs):
+        parser.error("--fused-configs, --mma-configs: six numbers per launch")
     for name in args.shapes.split(","):
         k, n = SHAPES[name]
         dense, q, fp8, i8 = layers(k, n)
@@ -145,6 +155,15 @@ def main() -> None:
             if "fused" in swept:
                 us, config = sweep(x, q, k, n, fused_configs)
                 print(row(f"w4a16 fused best {config}", us, k * n // 2, base))
+            # The tensor-core kernel (its default launch), checked against the dequantize + cuBLAS path's output.
+            expected = wna16.wna16_linear(x, *q, 4, None, 128, fused_max_rows=0).float()
+            error = (wna16.wna16_linear(x, *q, 4, None, 128, mma_config=wna16._mma_config(m, k, n)).float()
+                     - expected).abs().max().item()
+            us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, mma_config=wna16._mma_config(m, k, n)))
+            print(row(f"w4a16 mma {wna16._mma_config(m, k, n)} err {error:.2g}", us, k * n // 2, base))
+            if "mma" in swept:
+                us, config = sweep_mma(x, q, mma_configs)
+                print(row(f"w4a16 mma best {config}", us, k * n // 2, base))
             if m > wna16.GEMV_MAX_ROWS:  # what the fused kernel must beat for FUSED_MAX_ROWS to be worth its rows
                 print(row("w4a16 dequantize + cuBLAS", graph_time_us(
                     lambda: wna16.wna16_linear(x, *q, 4, None, 128, fused_max_rows=0)), k * n // 2, base))

@@ -181,24 +181,34 @@ def _wna16_gemv_kernel(
         else:
             packed, scale, zero = ahead
     result = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if SPLITS > 1:
-        tl.store(partial_ptr + split.to(tl.int64) * N + cols, result, mask=col_mask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last slice to finish
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):  # slice order: the same sum whichever slice finished last
-                total += tl.load(partial_ptr + s * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch (and CUDA graph replay)
-            _store_row(total, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS)
-    else:
-        _store_row(result, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS)
+    _finish_split(result, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
+                  SPLITS, HAS_BIAS)
 
 
 @triton.jit
-def _store_row(result, bias_ptr, out_ptr, cols, col_mask, HAS_BIAS: tl.constexpr):
+def _finish_split(result, offsets, mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split,
+                  slice_size, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Stores a program's float32 `result` at `offsets` of the output (bias added; `cols` broadcast against it). K
+    split: each slice writes a partial and the last slice of the tile to finish (an atomic ticket) sums them in slice
+    order, so results do not vary run to run and no second kernel runs."""
+    if SPLITS > 1:
+        tl.store(partial_ptr + split.to(tl.int64) * slice_size + offsets, result, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last slice to finish
+            total = tl.zeros_like(result)
+            for s in tl.static_range(SPLITS):  # slice order: the same sum whichever slice finished last
+                total += tl.load(partial_ptr + s * slice_size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch (and CUDA graph replay)
+            _store_result(total, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS)
+    else:
+        _store_result(result, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _store_result(result, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         result += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, result.to(out_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -214,6 +224,77 @@ def _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0, end, cols, col_mask, N, PACK: 
     return (tl.load(qw_ptr + rows[:, :, None].to(tl.int64) * N + cols[None, None, :], mask=mask, other=0),
             tl.load(scales_ptr + group_offsets, mask=group_mask, other=0.0),
             tl.load(zeros_ptr + group_offsets, mask=group_mask, other=0))
+
+
+def _nibbles_asm(magic: int) -> str:
+    """PTX: two int32 words of 4-bit values (a, b) -> eight registers of two 16-bit floats, the j-th holding
+    (magic + a's j-th value, magic + b's j-th value). One LOP3 makes two floats: the value ORed into the mantissa of
+    `magic`'s float (bf16 128.0, fp16 1024.0), whose last exponent step is 1, is exactly magic + value."""
+    lines = ["{", ".reg .b32 lo, hi, t;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for j in range(8):
+        half = "lo" if j < 4 else "hi"
+        if j % 4:
+            lines.append(f"shr.u32 t, {half}, {4 * (j % 4)};")
+        lines.append(f"lop3.b32 ${j}, {'t' if j % 4 else half}, 0x000f000f, {magic:#010x}, 0xea;")
+    return "\n".join(lines + ["}"])
+
+
+_NIBBLES_BF16 = tl.constexpr(_nibbles_asm(0x43004300))  # bf16 128.0 twice
+_NIBBLES_FP16 = tl.constexpr(_nibbles_asm(0x64006400))  # fp16 1024.0 twice
+
+
+# Step sizes vary: one compiled variant for all of them (a variant compiled mid-run stalls the GPU).
+@triton.jit(do_not_specialize=["M"])
+def _wna16_mma_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, partial_ptr, ticket_ptr, out_ptr, M, N, stride_x,
+    K: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,  # contiguous groups, each whole steps
+    SPLITS: tl.constexpr, K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr,  # 4 bits, bf16 / fp16 x on the GPU: the PTX conversion (else shifts and conversions)
+    F32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    OFFSET: tl.constexpr = (128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0) if FAST else 0.0
+    col_tile, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask, row_mask = cols < N, rows < M
+    words = tl.arange(0, STEP_WORDS)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output transposed: the weight is the MMA's A
+    first = split * (K_SPLIT // PACK)
+    for step in range(0, K_SPLIT // (STEP_WORDS * PACK)):
+        w0 = first + step * STEP_WORDS
+        k_words = w0 + words
+        word_mask = k_words < K // PACK
+        packed = tl.load(qw_ptr + k_words[None, :].to(tl.int64) * N + cols[:, None],
+                         mask=col_mask[:, None] & word_mask[None, :], other=0)  # [BLOCK_N, STEP_WORDS]
+        group = w0 * PACK // GROUP_SIZE  # a step lies in one group
+        scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * N + cols, mask=col_mask, other=0).to(tl.float32)
+        if FAST:
+            values = tl.inline_asm_elementwise(
+                _NIBBLES_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _NIBBLES_FP16,
+                "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [packed], dtype=(x_ptr.dtype.element_ty,) * 8, is_pure=True, pack=2)
+        # sum_k x_k (q_k - z) s = s (sum_k x_k (OFFSET + q_k) - (OFFSET + z) sum_k x_k) over the step's group: the
+        # MMA takes the converted values as they are, the zero and scale apply once per output
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            # input rows k = PACK * word + j: the j-th value of each word
+            x = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_x + (k_words * PACK + j)[:, None],
+                        mask=word_mask[:, None] & row_mask[None, :], other=0.0)  # [STEP_WORDS, BLOCK_M]
+            x_sum += tl.sum(x.to(tl.float32), axis=0)
+            if FAST:
+                part = tl.dot(values[j], x, part)
+            else:
+                q = ((packed >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
+                if F32_DOT:
+                    part = tl.dot(q, x.to(tl.float32), part, input_precision="ieee")
+                else:  # 8 bits: every value below 256 is exact in bf16 and fp16
+                    part = tl.dot(q.to(x.dtype), x, part)
+        acc += (part - (zero + OFFSET)[:, None] * x_sum[None, :]) * scale[:, None]
+    _finish_split(acc, rows[None, :].to(tl.int64) * N + cols[:, None], row_mask[None, :] & col_mask[:, None],
+                  cols[:, None], col_mask[:, None], bias_ptr, partial_ptr, ticket_ptr, out_ptr,
+                  row_tile * tl.num_programs(0) + col_tile, split, M * N, SPLITS, HAS_BIAS)
 
 
 _tickets: dict[torch.device, torch.Tensor] = {}
@@ -264,6 +345,53 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return out
 
 
+def mma_step_words(bits: int, group_size: int, k: int, dtype: torch.dtype, step_words: int = 16) -> int | None:
+    """Words of K per step of the tensor-core kernel for this layer (each step in one group, a whole MMA of 16 input
+    rows per packed value), or None where it does not apply: act-order, float32 x, groups it does not divide."""
+    group = k if group_size == -1 else group_size
+    step = step_words * (32 // bits)
+    if group_size == 0 or dtype not in (torch.bfloat16, torch.float16) or group % step or k % step:
+        return None
+    return step_words
+
+
+def _mma_config(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, STEP_WORDS, K splits, warps, stages) for the tensor-core kernel: K is split until about
+    `_TARGET_PROGRAMS` / 4 programs read the weight."""
+    block_n, block_m = 64, min(64, max(16, triton.next_power_of_2(m)))
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    splits = 1
+    while tiles * splits * 2 <= _TARGET_PROGRAMS // 4 and k // (splits * 2) >= 512:
+        splits *= 2
+    return block_n, block_m, 16, splits, 4, 4
+
+
+def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+              group_size: int, bias: torch.Tensor | None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x2 [M, K] (bf16 / fp16, or float32 under the interpreter) -> [M, N] on the tensor cores, the weight converted
+    in registers; contiguous groups that `mma_step_words` accepts (see the module's notes)."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    block_n, block_m, step_words, splits, warps, stages = config or _mma_config(m, k, n)
+    pack = 32 // bits
+    step = step_words * pack
+    k_split = triton.cdiv(triton.cdiv(k, splits), step) * step
+    splits = triton.cdiv(k, k_split)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if splits > 1 and tiles > _MAX_TILES:
+        raise ValueError(f"{tiles} output tiles exceed the {_MAX_TILES} split-K tickets")
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
+    _wna16_mma_kernel[(triton.cdiv(n, block_n), splits, triton.cdiv(m, block_m))](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
+        _ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k, BITS=bits,
+        GROUP_SIZE=k if group_size == -1 else group_size, SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None,
+        FAST=bits == 4 and not _INTERPRET and x2.dtype != torch.float32,
+        F32_DOT=_INTERPRET or x2.dtype == torch.float32, BLOCK_N=block_n, BLOCK_M=block_m, STEP_WORDS=step_words,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
 def _block_k(k: int, group_size: int, widest: int) -> tuple[int, int]:
     """(BLOCK_K, GROUP_SIZE for the kernel): a K tile inside one group when the groups are contiguous, else 0 and
     a free tile (each row reads its own group)."""
@@ -280,7 +408,8 @@ def _block_k(k: int, group_size: int, widest: int) -> tuple[int, int]:
 def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, group_size: int = 0, *,
                  fused_max_rows: int = FUSED_MAX_ROWS, config: tuple[int, ...] | None = None,
-                 gemv_config: tuple[int, ...] | None = None) -> torch.Tensor:
+                 gemv_config: tuple[int, ...] | None = None, mma_config: tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
     """[..., K] -> [..., N] in x's dtype. `group_size`: a promise that g_idx is `row // group_size` (-1: one group
     over K), which lets the kernel read one scale row per tile; 0: g_idx is read per row (act-order).
     `fused_max_rows`, the fused kernel's `config` (see `_fused_config`; given, it forces the fused kernel) and the
@@ -290,6 +419,10 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if mma_config is not None:
+        if mma_step_words(bits, group_size, k, x.dtype, mma_config[2]) is None and not _INTERPRET:
+            raise ValueError(f"the tensor-core kernel does not take {bits}-bit groups of {group_size} at K={k}")
+        return wna16_mma(x2, qweight, scales, zeros, bits, group_size, bias, mma_config).view(*x.shape[:-1], n)
     if m > fused_max_rows and config is None:
         weight = dequantize_wna16_t(qweight, scales, zeros, g_idx, bits, x.dtype, group_size)
         out = x2 @ weight if bias is None else torch.addmm(bias.to(x.dtype), x2, weight)

@@ -8,6 +8,7 @@ decode and prefill sizes are marked `gpu`.
 
 import pytest
 import torch
+from sm90_compile import record_only
 from test_kernels import DEVICE, dtype_id, gpu
 
 from engine.quantization.wna16 import default_g_idx, pack_rows
@@ -127,3 +128,47 @@ def test_a_given_config_runs_the_fused_kernel_above_its_row_threshold(monkeypatc
 
     monkeypatch.setattr(wna16, "dequantize_wna16_t", no_dequantize)
     check(6, 64, 48, 4, 32, False, torch.float32, True, fused_max_rows=4, config=(16, 32, 32, 1, 4, 2))
+
+
+@pytest.mark.parametrize(("m", "bits", "group_size", "bias", "mma_config"), [
+    (1, 4, 128, False, (16, 16, 16, 1, 4, 2)),  # one row padded to a 16-row tile, one group per step
+    (3, 4, -1, True, (32, 16, 16, 2, 4, 2)),  # one group over K, two slices: the last sums the partials
+    (20, 8, 64, False, (16, 16, 16, 1, 4, 2)),  # 8 bits (four values a word), two row tiles
+    (5, 4, 256, True, (16, 16, 32, 4, 4, 2)),  # steps of 32 words, groups of two steps, four slices
+])
+def test_tensor_core_kernel_matches_reference(m, bits, group_size, bias, mma_config):
+    """The tensor-core kernel: each packed value's rows of x meet the converted weights in one MMA per value
+    position; the zero point and scale apply once per step and output (it sums exact values, like the GEMV)."""
+    check(m, 256, 48, bits, group_size, False, torch.float32, bias, mma_config=mma_config)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU runs these launches in test_tensor_core_kernel_on_the_gpu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_tensor_core_kernel_ptx_conversion_is_recorded_for_sm90(monkeypatch, dtype):
+    """The interpreter cannot run PTX: the 4-bit launches as a GPU makes them (FAST, bf16 / fp16 dots) are recorded,
+    not run, for test_zz_sm90_compile to compile; their values are checked on the GPU."""
+    (qweight, scales, zeros, _), _ = make_layer(4096, 6144, 4, 128, False, seed=0)
+    monkeypatch.setattr(wna16, "_INTERPRET", False)
+    with record_only():
+        for m in (1, 64):
+            x = torch.zeros(m, 4096, dtype=dtype)
+            wna16.wna16_mma(x, qweight, scales, zeros, 4, 128, None, wna16._mma_config(m, 4096, 6144))
+
+
+def test_tensor_core_kernel_refuses_what_it_cannot_run():
+    assert wna16.mma_step_words(4, 128, 4096, torch.bfloat16) == 16
+    assert wna16.mma_step_words(4, 64, 4096, torch.bfloat16) is None  # a step of 128 values spans two groups
+    assert wna16.mma_step_words(4, 0, 4096, torch.bfloat16) is None  # act-order
+    assert wna16.mma_step_words(4, 128, 4096, torch.float32) is None
+    assert wna16.mma_step_words(8, 64, 4096, torch.float16) == 16
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
+@pytest.mark.parametrize(("k", "n", "bits", "group_size"), [(4096, 6144, 4, 128), (14336, 4096, 4, 128),
+                                                            (2048, 1024, 4, -1), (2048, 1024, 8, 128)])
+def test_tensor_core_kernel_on_the_gpu(m, k, n, bits, group_size, dtype):
+    """The PTX conversion (4 bits) and the 8-bit one at the default launch, against the float32 reference."""
+    check(m, k, n, bits, group_size, False, dtype, True,
+          mma_config=wna16._mma_config(m, k, n))
