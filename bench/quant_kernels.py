@@ -104,8 +104,10 @@ def sweep_gemv(x, q) -> tuple[float, tuple]:
 
 
 def sweep_mma(x, q, configs: list[tuple[int, ...]] | None = None) -> tuple[float, tuple]:
-    block_m = min(64, max(16, 1 << (x.shape[0] - 1).bit_length()))
-    grid = itertools.product([64, 128], [block_m], [16], [1, 2, 4, 8], [4], [3, 4, 6])
+    if x.shape[0] <= 16:
+        grid = itertools.product([64, 128], [16], [16], [1, 2, 4, 8], [4], [3, 4, 6])
+    else:
+        grid = itertools.product([64, 128, 256], [64, 128], [16], [1, 2], [4, 8], [3])
     return best_of(configs or grid, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, mma_config=config),
                    each=bool(configs))
 

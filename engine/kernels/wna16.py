@@ -41,6 +41,7 @@ import triton.language as tl
 
 FUSED_MAX_ROWS = 64
 GEMV_MAX_ROWS = 1
+MMA_MIN_ROWS, MMA_MAX_ROWS = 1, 0  # the tensor-core kernel's rows where it applies (see `mma_step_words`)
 _TARGET_PROGRAMS = 1024
 _DECODE_BLOCK_N, _DECODE_BLOCK_K = 128, 256  # the best of bench/quant_kernels.py --sweep on an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -254,19 +255,21 @@ def _wna16_mma_kernel(
 ):
     PACK: tl.constexpr = 32 // BITS
     OFFSET: tl.constexpr = (128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0) if FAST else 0.0
-    col_tile, split, row_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Row tiles first: the programs that read one weight tile run together, and the later ones find it in L2.
+    row_tile, col_tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask, row_mask = cols < N, rows < M
     words = tl.arange(0, STEP_WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output transposed: the weight is the MMA's A
     first = split * (K_SPLIT // PACK)
+    # whole steps in every slice (the launcher splits K so), so no load along K needs a mask (a masked x row would
+    # be loaded an element at a time)
     for step in range(0, K_SPLIT // (STEP_WORDS * PACK)):
         w0 = first + step * STEP_WORDS
         k_words = w0 + words
-        word_mask = k_words < K // PACK
-        packed = tl.load(qw_ptr + k_words[None, :].to(tl.int64) * N + cols[:, None],
-                         mask=col_mask[:, None] & word_mask[None, :], other=0)  # [BLOCK_N, STEP_WORDS]
+        packed = tl.load(qw_ptr + k_words[None, :].to(tl.int64) * N + cols[:, None], mask=col_mask[:, None],
+                         other=0)  # [BLOCK_N, STEP_WORDS]
         group = w0 * PACK // GROUP_SIZE  # a step lies in one group
         scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + cols, mask=col_mask, other=0).to(tl.float32)
@@ -277,24 +280,46 @@ def _wna16_mma_kernel(
         # sum_k x_k (q_k - z) s = s (sum_k x_k (OFFSET + q_k) - (OFFSET + z) sum_k x_k) over the step's group: the
         # MMA takes the converted values as they are, the zero and scale apply once per output
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # the step's x [BLOCK_M, STEP_WORDS * PACK] in one load, split by position in the word: input rows
+        # k = PACK * word + j meet the j-th value of each word
+        ks = w0 * PACK + tl.arange(0, STEP_WORDS * PACK)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :], mask=row_mask[:, None], other=0.0)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        xs = _by_position(x, BLOCK_M, STEP_WORDS, PACK)
         for j in tl.static_range(PACK):
-            # input rows k = PACK * word + j: the j-th value of each word
-            x = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_x + (k_words * PACK + j)[:, None],
-                        mask=word_mask[:, None] & row_mask[None, :], other=0.0)  # [STEP_WORDS, BLOCK_M]
-            x_sum += tl.sum(x.to(tl.float32), axis=0)
             if FAST:
-                part = tl.dot(values[j], x, part)
+                part = tl.dot(values[j], xs[j], part)
             else:
                 q = ((packed >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
                 if F32_DOT:
-                    part = tl.dot(q, x.to(tl.float32), part, input_precision="ieee")
+                    part = tl.dot(q, xs[j].to(tl.float32), part, input_precision="ieee")
                 else:  # 8 bits: every value below 256 is exact in bf16 and fp16
-                    part = tl.dot(q.to(x.dtype), x, part)
+                    part = tl.dot(q.to(x.dtype), xs[j], part)
         acc += (part - (zero + OFFSET)[:, None] * x_sum[None, :]) * scale[:, None]
     _finish_split(acc, rows[None, :].to(tl.int64) * N + cols[:, None], row_mask[None, :] & col_mask[:, None],
                   cols[:, None], col_mask[:, None], bias_ptr, partial_ptr, ticket_ptr, out_ptr,
-                  row_tile * tl.num_programs(0) + col_tile, split, M * N, SPLITS, HAS_BIAS)
+                  col_tile * tl.num_programs(0) + row_tile, split, M * N, SPLITS, HAS_BIAS)
+
+
+@triton.jit
+def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr, PACK: tl.constexpr):
+    """x [BLOCK_M, STEP_WORDS * PACK] -> PACK tensors [STEP_WORDS, BLOCK_M], the j-th holding columns PACK * w + j:
+    halves by the lowest bit of j, then the next (register moves, no memory)."""
+    if PACK == 8:
+        even, odd = tl.split(tl.reshape(x, (BLOCK_M, STEP_WORDS, 4, 2)))
+        j04, j26 = tl.split(tl.reshape(even, (BLOCK_M, STEP_WORDS, 2, 2)))
+        j15, j37 = tl.split(tl.reshape(odd, (BLOCK_M, STEP_WORDS, 2, 2)))
+        j0, j4 = tl.split(j04)
+        j2, j6 = tl.split(j26)
+        j1, j5 = tl.split(j15)
+        j3, j7 = tl.split(j37)
+        return (tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3), tl.trans(j4), tl.trans(j5), tl.trans(j6),
+                tl.trans(j7))
+    else:
+        even, odd = tl.split(tl.reshape(x, (BLOCK_M, STEP_WORDS, 2, 2)))
+        j0, j2 = tl.split(even)
+        j1, j3 = tl.split(odd)
+        return tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3)
 
 
 _tickets: dict[torch.device, torch.Tensor] = {}
@@ -373,16 +398,15 @@ def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     m, k = x2.shape
     n = qweight.shape[1]
     block_n, block_m, step_words, splits, warps, stages = config or _mma_config(m, k, n)
-    pack = 32 // bits
-    step = step_words * pack
-    k_split = triton.cdiv(triton.cdiv(k, splits), step) * step
-    splits = triton.cdiv(k, k_split)
+    steps = k // (step_words * 32 // bits)
+    splits = max(d for d in range(1, min(splits, steps) + 1) if steps % d == 0)  # slices of whole steps
+    k_split = k // splits
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if splits > 1 and tiles > _MAX_TILES:
         raise ValueError(f"{tiles} output tiles exceed the {_MAX_TILES} split-K tickets")
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
-    _wna16_mma_kernel[(triton.cdiv(n, block_n), splits, triton.cdiv(m, block_m))](
+    _wna16_mma_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
         x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
         _ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k, BITS=bits,
         GROUP_SIZE=k if group_size == -1 else group_size, SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None,
@@ -423,6 +447,9 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         if mma_step_words(bits, group_size, k, x.dtype, mma_config[2]) is None and not _INTERPRET:
             raise ValueError(f"the tensor-core kernel does not take {bits}-bit groups of {group_size} at K={k}")
         return wna16_mma(x2, qweight, scales, zeros, bits, group_size, bias, mma_config).view(*x.shape[:-1], n)
+    if (MMA_MIN_ROWS <= m <= MMA_MAX_ROWS and config is None and gemv_config is None
+            and mma_step_words(bits, group_size, k, x.dtype) is not None):
+        return wna16_mma(x2, qweight, scales, zeros, bits, group_size, bias).view(*x.shape[:-1], n)
     if m > fused_max_rows and config is None:
         weight = dequantize_wna16_t(qweight, scales, zeros, g_idx, bits, x.dtype, group_size)
         out = x2 @ weight if bias is None else torch.addmm(bias.to(x.dtype), x2, weight)
