@@ -1,7 +1,8 @@
 """Weight-only integer linears on CUDA (W4A16 / W8A16): y = x @ dequant(W).T (+ bias) on the canonical GPTQ layout of
 `engine.quantization.wna16` (int32 words packing input rows low bits first, per-group scales and zeros, g_idx).
 
-Three paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX_ROWS`, `FUSED_MAX_ROWS`):
+Four paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX_ROWS`, `MMA_MAX_ROWS`,
+`FUSED_MAX_ROWS`):
 - one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an integer to a
   float. The 8th session's profile showed the fused kernel below bound by instructions, not bytes: per weight a
   shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
@@ -15,13 +16,25 @@ Three paths, chosen by the number of rows without measuring (thresholds `GEMV_MA
   reduces once at its end; K is split so that enough programs read the layer, and the last slice of a tile to
   finish (an atomic ticket) sums the float32 partials in slice order: results do not vary run to run and no second
   kernel runs.
-- up to 64 rows (small batches, act-order at one row): one fused kernel. Each program takes BLOCK_N output
-  columns and BLOCK_M rows over a slice of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in registers,
-  applies its group's scale and zero and feeds the tensor cores (or, for a few rows, multiplies and sums in
-  registers, which pads nothing); the weight is read once, at 4 bits. When g_idx is plain `row // group_size` (no
-  act-order) one scale row serves a whole K tile; with act-order each row gathers its own group. K is split when
-  the layer has too few column tiles: each slice writes a float32 partial and one sum finishes them (in a fixed
-  order, so results do not vary run to run).
+- 2 to 16 rows of 4-bit contiguous groups of 128 or more (decode batches), bf16 / fp16: the tensor-core kernel.
+  The weight is the MMA's A operand [BLOCK_N, 16 words], loaded (pipelined, 16-byte copies) in its packed layout;
+  one PTX LOP3 turns two 4-bit values into two floats (each ORed into the mantissa of 128.0 in bf16 or 1024.0 in
+  fp16, where the last exponent step is 1: exactly offset + value), eight per pair of words, in the registers the
+  MMA reads. The j-th value of each word meets x's input rows 8 * word + j: x's step tile is loaded once and split
+  by position in registers, so each MMA has a K of 16 words. Each step is one group: the zero point and offset
+  leave the sum (s (sum x (offset + q) - (offset + z) sum x)) and the scale applies once per output, like the
+  GEMV's exact sums. K is split into slices of whole steps that finish as the GEMV's do. On an H100
+  (`bench/quant_kernels.py --rows 4,16`, RESULTS.md, twenty-first session) it took qkv from 19.6-20.6 us (the fused
+  kernel) to 11.9-14.3, gate/up from 65-67 to 39-40, down from 35-37 to 22-31; batch-4 and batch-16 decode of
+  Llama-3.1-8B GPTQ +37% and +29%. At one row the GEMV stays ahead (qkv 10.4 against 11.9 us); at 256 rows it is
+  far behind dequantize + cuBLAS (each step's eight MMAs of K 16 then a wait: the tensor cores idle).
+- up to 64 rows (small batches, other formats, act-order at one row): one fused kernel. Each program takes BLOCK_N
+  output columns and BLOCK_M rows over a slice of K, unpacks a [BLOCK_K, BLOCK_N] tile of the packed weight in
+  registers, applies its group's scale and zero and feeds the tensor cores (or, for a few rows, multiplies and sums in
+  registers, which pads nothing); the weight is read once, at 4 bits. When g_idx is plain `row // group_size`
+  (no act-order) one scale row serves a whole K tile; with act-order each row gathers its own group. K is split
+  when the layer has too few column tiles: each slice writes a float32 partial and one sum finishes them (in a
+  fixed order, so results do not vary run to run).
 - more rows (large decode batches, prefill): the layer is dequantized once into a scratch [K, N] buffer of x's
   dtype and cuBLAS runs the GEMM. `bench/quant_kernels.py` on an H200 (Llama-3.1-8B's qkv, bench/RESULTS.md,
   nineteenth session): the fused kernel 28.7 / 46.7 / 80.3 us at 64 / 128 / 256 rows, dequantize + cuBLAS 34.8 /
@@ -41,7 +54,8 @@ import triton.language as tl
 
 FUSED_MAX_ROWS = 64
 GEMV_MAX_ROWS = 1
-MMA_MIN_ROWS, MMA_MAX_ROWS = 1, 0  # the tensor-core kernel's rows where it applies (see `mma_step_words`)
+MMA_MAX_ROWS = 16
+_MMA_STEP_WORDS = 16  # a step: 128 input rows, one MMA of 16 per position in the word
 _TARGET_PROGRAMS = 1024
 _DECODE_BLOCK_N, _DECODE_BLOCK_K = 128, 256  # the best of bench/quant_kernels.py --sweep on an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -248,13 +262,12 @@ _NIBBLES_FP16 = tl.constexpr(_nibbles_asm(0x64006400))  # fp16 1024.0 twice
 @triton.jit(do_not_specialize=["M"])
 def _wna16_mma_kernel(
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, partial_ptr, ticket_ptr, out_ptr, M, N, stride_x,
-    K: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,  # contiguous groups, each whole steps
+    K: tl.constexpr, GROUP_SIZE: tl.constexpr,  # 4-bit values, contiguous groups of whole steps
     SPLITS: tl.constexpr, K_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FAST: tl.constexpr,  # 4 bits, bf16 / fp16 x on the GPU: the PTX conversion (else shifts and conversions)
-    F32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr,
+    EMULATE: tl.constexpr,  # the interpreter runs no PTX: shifts and float32 dots compute the same sums
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr,
 ):
-    PACK: tl.constexpr = 32 // BITS
-    OFFSET: tl.constexpr = (128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0) if FAST else 0.0
+    OFFSET: tl.constexpr = 0.0 if EMULATE else 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
     # Row tiles first: the programs that read one weight tile run together, and the later ones find it in L2.
     row_tile, col_tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,39 +275,35 @@ def _wna16_mma_kernel(
     col_mask, row_mask = cols < N, rows < M
     words = tl.arange(0, STEP_WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output transposed: the weight is the MMA's A
-    first = split * (K_SPLIT // PACK)
+    first = split * (K_SPLIT // 8)
     # whole steps in every slice (the launcher splits K so), so no load along K needs a mask (a masked x row would
     # be loaded an element at a time)
-    for step in range(0, K_SPLIT // (STEP_WORDS * PACK)):
+    for step in range(0, K_SPLIT // (STEP_WORDS * 8)):
         w0 = first + step * STEP_WORDS
-        k_words = w0 + words
-        packed = tl.load(qw_ptr + k_words[None, :].to(tl.int64) * N + cols[:, None], mask=col_mask[:, None],
+        packed = tl.load(qw_ptr + (w0 + words)[None, :].to(tl.int64) * N + cols[:, None], mask=col_mask[:, None],
                          other=0)  # [BLOCK_N, STEP_WORDS]
-        group = w0 * PACK // GROUP_SIZE  # a step lies in one group
+        group = w0 * 8 // GROUP_SIZE  # a step lies in one group
         scale = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + cols, mask=col_mask, other=0).to(tl.float32)
-        if FAST:
+        if not EMULATE:
             values = tl.inline_asm_elementwise(
                 _NIBBLES_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _NIBBLES_FP16,
                 "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [packed], dtype=(x_ptr.dtype.element_ty,) * 8, is_pure=True, pack=2)
+        # the step's x [BLOCK_M, STEP_WORDS * 8] in one load, split by position in the word: input rows
+        # k = 8 * word + j meet the j-th value of each word
+        ks = w0 * 8 + tl.arange(0, STEP_WORDS * 8)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :], mask=row_mask[:, None], other=0.0)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        xs = _by_position(x, BLOCK_M, STEP_WORDS)
         # sum_k x_k (q_k - z) s = s (sum_k x_k (OFFSET + q_k) - (OFFSET + z) sum_k x_k) over the step's group: the
         # MMA takes the converted values as they are, the zero and scale apply once per output
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        # the step's x [BLOCK_M, STEP_WORDS * PACK] in one load, split by position in the word: input rows
-        # k = PACK * word + j meet the j-th value of each word
-        ks = w0 * PACK + tl.arange(0, STEP_WORDS * PACK)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :], mask=row_mask[:, None], other=0.0)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        xs = _by_position(x, BLOCK_M, STEP_WORDS, PACK)
-        for j in tl.static_range(PACK):
-            if FAST:
-                part = tl.dot(values[j], xs[j], part)
+        for j in tl.static_range(8):
+            if EMULATE:
+                q = ((packed >> (4 * j)) & 15).to(tl.float32)
+                part = tl.dot(q, xs[j].to(tl.float32), part, input_precision="ieee")
             else:
-                q = ((packed >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
-                if F32_DOT:
-                    part = tl.dot(q, xs[j].to(tl.float32), part, input_precision="ieee")
-                else:  # 8 bits: every value below 256 is exact in bf16 and fp16
-                    part = tl.dot(q.to(x.dtype), xs[j], part)
+                part = tl.dot(values[j], xs[j], part)
         acc += (part - (zero + OFFSET)[:, None] * x_sum[None, :]) * scale[:, None]
     _finish_split(acc, rows[None, :].to(tl.int64) * N + cols[:, None], row_mask[None, :] & col_mask[:, None],
                   cols[:, None], col_mask[:, None], bias_ptr, partial_ptr, ticket_ptr, out_ptr,
@@ -302,24 +311,18 @@ def _wna16_mma_kernel(
 
 
 @triton.jit
-def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr, PACK: tl.constexpr):
-    """x [BLOCK_M, STEP_WORDS * PACK] -> PACK tensors [STEP_WORDS, BLOCK_M], the j-th holding columns PACK * w + j:
-    halves by the lowest bit of j, then the next (register moves, no memory)."""
-    if PACK == 8:
-        even, odd = tl.split(tl.reshape(x, (BLOCK_M, STEP_WORDS, 4, 2)))
-        j04, j26 = tl.split(tl.reshape(even, (BLOCK_M, STEP_WORDS, 2, 2)))
-        j15, j37 = tl.split(tl.reshape(odd, (BLOCK_M, STEP_WORDS, 2, 2)))
-        j0, j4 = tl.split(j04)
-        j2, j6 = tl.split(j26)
-        j1, j5 = tl.split(j15)
-        j3, j7 = tl.split(j37)
-        return (tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3), tl.trans(j4), tl.trans(j5), tl.trans(j6),
-                tl.trans(j7))
-    else:
-        even, odd = tl.split(tl.reshape(x, (BLOCK_M, STEP_WORDS, 2, 2)))
-        j0, j2 = tl.split(even)
-        j1, j3 = tl.split(odd)
-        return tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3)
+def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr):
+    """x [BLOCK_M, STEP_WORDS * 8] -> 8 tensors [STEP_WORDS, BLOCK_M], the j-th holding columns 8 * w + j: halves
+    by the lowest bit of j, then the next two (register moves, no memory)."""
+    even, odd = tl.split(tl.reshape(x, (BLOCK_M, STEP_WORDS, 4, 2)))
+    j04, j26 = tl.split(tl.reshape(even, (BLOCK_M, STEP_WORDS, 2, 2)))
+    j15, j37 = tl.split(tl.reshape(odd, (BLOCK_M, STEP_WORDS, 2, 2)))
+    j0, j4 = tl.split(j04)
+    j2, j6 = tl.split(j26)
+    j1, j5 = tl.split(j15)
+    j3, j7 = tl.split(j37)
+    return (tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3), tl.trans(j4), tl.trans(j5), tl.trans(j6),
+            tl.trans(j7))
 
 
 _tickets: dict[torch.device, torch.Tensor] = {}
@@ -370,37 +373,35 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return out
 
 
-def mma_step_words(bits: int, group_size: int, k: int, dtype: torch.dtype, step_words: int = 16) -> int | None:
-    """Words of K per step of the tensor-core kernel for this layer (each step in one group, a whole MMA of 16 input
-    rows per packed value), or None where it does not apply: act-order, float32 x, groups it does not divide."""
+def mma_applies(bits: int, group_size: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether the tensor-core kernel runs this layer: 4 bits, bf16 / fp16 x, contiguous groups of whole steps of
+    128 input rows (not act-order)."""
     group = k if group_size == -1 else group_size
-    step = step_words * (32 // bits)
-    if group_size == 0 or dtype not in (torch.bfloat16, torch.float16) or group % step or k % step:
-        return None
-    return step_words
+    return (bits == 4 and group_size != 0 and dtype in (torch.bfloat16, torch.float16)
+            and group % (_MMA_STEP_WORDS * 8) == 0 and k % (_MMA_STEP_WORDS * 8) == 0)
 
 
 def _mma_config(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, STEP_WORDS, K splits, warps, stages) for the tensor-core kernel: K is split until about
-    `_TARGET_PROGRAMS` / 4 programs read the weight."""
-    block_n, block_m = 64, min(64, max(16, triton.next_power_of_2(m)))
+    """(BLOCK_N, BLOCK_M, STEP_WORDS, K splits, warps, stages) for the tensor-core kernel: K split in up to 8
+    slices until about 512 programs read the weight; the best of `bench/quant_kernels.py --sweep mma` at 1, 4 and 16
+    rows on an H100 for Llama-3.1-8B's projections (qkv, o, down 8 slices, gate/up 2; 128 columns, 3 stages)."""
+    block_n, block_m = 128, min(64, max(16, triton.next_power_of_2(m)))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     splits = 1
-    while tiles * splits * 2 <= _TARGET_PROGRAMS // 4 and k // (splits * 2) >= 512:
+    while splits < 8 and tiles * splits * 2 <= 512 and k // (splits * 2) >= 256:
         splits *= 2
-    return block_n, block_m, 16, splits, 4, 4
+    return block_n, block_m, _MMA_STEP_WORDS, splits, 4, 3
 
 
-def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-              group_size: int, bias: torch.Tensor | None, config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x2 [M, K] (bf16 / fp16, or float32 under the interpreter) -> [M, N] on the tensor cores, the weight converted
-    in registers; contiguous groups that `mma_step_words` accepts (see the module's notes)."""
+def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x2 [M, K] -> [M, N] on the tensor cores, 4-bit weights converted in registers, for layers `mma_applies` to
+    (float32 x only under the interpreter); see the module's notes."""
     m, k = x2.shape
     n = qweight.shape[1]
     block_n, block_m, step_words, splits, warps, stages = config or _mma_config(m, k, n)
-    steps = k // (step_words * 32 // bits)
+    steps = k // (step_words * 8)
     splits = max(d for d in range(1, min(splits, steps) + 1) if steps % d == 0)  # slices of whole steps
-    k_split = k // splits
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if splits > 1 and tiles > _MAX_TILES:
         raise ValueError(f"{tiles} output tiles exceed the {_MAX_TILES} split-K tickets")
@@ -408,10 +409,9 @@ def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
     _wna16_mma_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
         x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
-        _ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k, BITS=bits,
-        GROUP_SIZE=k if group_size == -1 else group_size, SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None,
-        FAST=bits == 4 and not _INTERPRET and x2.dtype != torch.float32,
-        F32_DOT=_INTERPRET or x2.dtype == torch.float32, BLOCK_N=block_n, BLOCK_M=block_m, STEP_WORDS=step_words,
+        _ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k,
+        GROUP_SIZE=k if group_size == -1 else group_size, SPLITS=splits, K_SPLIT=k // splits,
+        HAS_BIAS=bias is not None, EMULATE=_INTERPRET, BLOCK_N=block_n, BLOCK_M=block_m, STEP_WORDS=step_words,
         num_warps=warps, num_stages=stages)
     return out
 
@@ -443,13 +443,12 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if mma_config is not None:
-        if mma_step_words(bits, group_size, k, x.dtype, mma_config[2]) is None and not _INTERPRET:
-            raise ValueError(f"the tensor-core kernel does not take {bits}-bit groups of {group_size} at K={k}")
-        return wna16_mma(x2, qweight, scales, zeros, bits, group_size, bias, mma_config).view(*x.shape[:-1], n)
-    if (MMA_MIN_ROWS <= m <= MMA_MAX_ROWS and config is None and gemv_config is None
-            and mma_step_words(bits, group_size, k, x.dtype) is not None):
-        return wna16_mma(x2, qweight, scales, zeros, bits, group_size, bias).view(*x.shape[:-1], n)
+    if mma_config is not None or (GEMV_MAX_ROWS < m <= MMA_MAX_ROWS and config is None
+                                  and mma_applies(bits, group_size, k, x.dtype)):
+        if not (_INTERPRET or mma_applies(bits, group_size, k, x.dtype)):
+            raise ValueError(f"the tensor-core kernel does not take {bits}-bit groups of {group_size} at K={k} "
+                             f"for {x.dtype}")
+        return wna16_mma(x2, qweight, scales, zeros, group_size, bias, mma_config).view(*x.shape[:-1], n)
     if m > fused_max_rows and config is None:
         weight = dequantize_wna16_t(qweight, scales, zeros, g_idx, bits, x.dtype, group_size)
         out = x2 @ weight if bias is None else torch.addmm(bias.to(x.dtype), x2, weight)

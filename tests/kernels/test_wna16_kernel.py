@@ -130,45 +130,100 @@ def test_a_given_config_runs_the_fused_kernel_above_its_row_threshold(monkeypatc
     check(6, 64, 48, 4, 32, False, torch.float32, True, fused_max_rows=4, config=(16, 32, 32, 1, 4, 2))
 
 
-@pytest.mark.parametrize(("m", "bits", "group_size", "bias", "mma_config"), [
-    (1, 4, 128, False, (16, 16, 16, 1, 4, 2)),  # one row padded to a 16-row tile, one group per step
-    (3, 4, -1, True, (32, 16, 16, 2, 4, 2)),  # one group over K, two slices: the last sums the partials
-    (20, 8, 64, False, (16, 16, 16, 1, 4, 2)),  # 8 bits (four values a word), two row tiles
-    (5, 4, 256, True, (16, 16, 32, 4, 4, 2)),  # steps of 32 words, groups of two steps, four slices
+@pytest.mark.parametrize(("m", "group_size", "bias", "mma_config"), [
+    (1, 128, False, (16, 16, 16, 1, 4, 2)),  # one row padded to a 16-row tile, one group per step
+    (3, -1, True, (32, 16, 16, 2, 4, 2)),  # one group over K, two slices: the last sums the partials
+    (20, 128, False, (16, 16, 16, 1, 4, 2)),  # two row tiles
+    (5, 256, True, (16, 16, 32, 4, 4, 2)),  # steps of 32 words, one a group; four slices asked, one step each
 ])
-def test_tensor_core_kernel_matches_reference(m, bits, group_size, bias, mma_config):
-    """The tensor-core kernel: each packed value's rows of x meet the converted weights in one MMA per value
-    position; the zero point and scale apply once per step and output (it sums exact values, like the GEMV)."""
-    check(m, 256, 48, bits, group_size, False, torch.float32, bias, mma_config=mma_config)
+def test_tensor_core_kernel_matches_reference(m, group_size, bias, mma_config):
+    """The tensor-core kernel: each position in the packed words meets its rows of x in one MMA, and the zero point
+    and scale apply once per step and output (it sums exact values, like the GEMV). The GPU runs it in bf16 only
+    (float32 x takes the other paths)."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    check(m, 256, 48, 4, group_size, False, dtype, bias, mma_config=mma_config)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU runs these launches in test_tensor_core_kernel_on_the_gpu")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_tensor_core_kernel_ptx_conversion_is_recorded_for_sm90(monkeypatch, dtype):
-    """The interpreter cannot run PTX: the 4-bit launches as a GPU makes them (FAST, bf16 / fp16 dots) are recorded,
-    not run, for test_zz_sm90_compile to compile; their values are checked on the GPU."""
+    """The interpreter cannot run PTX: the launches as a GPU makes them (the PTX conversion, bf16 / fp16 dots) are
+    recorded, not run, for test_zz_sm90_compile to compile; the PTX's bits are checked below, its values on the
+    GPU."""
     (qweight, scales, zeros, _), _ = make_layer(4096, 6144, 4, 128, False, seed=0)
     monkeypatch.setattr(wna16, "_INTERPRET", False)
     with record_only():
-        for m in (1, 64):
+        for m in (2, 16):
             x = torch.zeros(m, 4096, dtype=dtype)
-            wna16.wna16_mma(x, qweight, scales, zeros, 4, 128, None, wna16._mma_config(m, 4096, 6144))
+            wna16.wna16_mma(x, qweight, scales, zeros, 128, None)
 
 
-def test_tensor_core_kernel_refuses_what_it_cannot_run():
-    assert wna16.mma_step_words(4, 128, 4096, torch.bfloat16) == 16
-    assert wna16.mma_step_words(4, 64, 4096, torch.bfloat16) is None  # a step of 128 values spans two groups
-    assert wna16.mma_step_words(4, 0, 4096, torch.bfloat16) is None  # act-order
-    assert wna16.mma_step_words(4, 128, 4096, torch.float32) is None
-    assert wna16.mma_step_words(8, 64, 4096, torch.float16) == 16
+def _run_ptx(asm: str, a: int, b: int) -> list[int]:
+    """The conversion's PTX run on two words: a few-line interpreter of the three instructions it uses."""
+    def prmt(x, y, selector):
+        pool = [(x >> (8 * i)) & 255 for i in range(4)] + [(y >> (8 * i)) & 255 for i in range(4)]
+        return sum(pool[(selector >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+    def lop3(x, y, z, table):  # bit i of the result: table's bit at index (x_i << 2 | y_i << 1 | z_i)
+        return sum(((table >> (((x >> i) & 1) << 2 | ((y >> i) & 1) << 1 | ((z >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    regs = {"$8": a, "$9": b}
+    for line in asm.splitlines():
+        op, _, operands = line.strip().rstrip(";").partition(" ")
+        args = [v.strip() for v in operands.split(",")]
+        value = lambda v: regs[v] if v in regs else int(v, 0)  # noqa: E731
+        if op == "prmt.b32":
+            regs[args[0]] = prmt(value(args[1]), value(args[2]), value(args[3]))
+        elif op == "shr.u32":
+            regs[args[0]] = value(args[1]) >> value(args[2])
+        elif op == "lop3.b32":
+            regs[args[0]] = lop3(value(args[1]), value(args[2]), value(args[3]), value(args[4]))
+        else:
+            assert op in ("{", "}", ".reg"), f"an instruction the check does not model: {line}"
+    return [regs[f"${j}"] for j in range(8)]
+
+
+@pytest.mark.parametrize(("asm", "dtype", "offset"), [(wna16._NIBBLES_BF16.value, torch.bfloat16, 128),
+                                                      (wna16._NIBBLES_FP16.value, torch.float16, 1024)],
+                         ids=["bf16", "fp16"])
+def test_ptx_conversion_gives_offset_plus_each_value(asm, dtype, offset):
+    """Register j of the conversion holds (offset + a's j-th 4-bit value, offset + b's) as two floats, low half
+    first (how Triton unpacks a packed pair), for random words."""
+    g = torch.Generator().manual_seed(0)
+    for a, b in torch.randint(0, 2**32, (64, 2), generator=g, dtype=torch.int64).tolist():
+        halves = torch.tensor([[r & 0xFFFF, r >> 16] for r in _run_ptx(asm, a, b)], dtype=torch.int32)
+        floats = halves.to(torch.int16).view(dtype).float()  # the 16-bit patterns as floats of x's dtype
+        expected = torch.tensor([[offset + ((a >> 4 * j) & 15), offset + ((b >> 4 * j) & 15)] for j in range(8)])
+        assert torch.equal(floats, expected.float())
+
+
+def test_tensor_core_kernel_applies_to_4_bit_contiguous_groups_in_bf16_and_fp16():
+    assert wna16.mma_applies(4, 128, 4096, torch.bfloat16) and wna16.mma_applies(4, -1, 4096, torch.float16)
+    assert not wna16.mma_applies(4, 64, 4096, torch.bfloat16)  # a step of 128 rows would span two groups
+    assert not wna16.mma_applies(4, 0, 4096, torch.bfloat16)  # act-order
+    assert not wna16.mma_applies(4, 128, 4096, torch.float32)
+    assert not wna16.mma_applies(8, 128, 4096, torch.bfloat16)
+
+
+def test_two_to_sixteen_rows_take_the_tensor_core_kernel(monkeypatch):
+    """Decode batches of 2 to 16 rows (bf16, 4 bits, groups of 128) go to the tensor-core kernel; one row to the
+    GEMV, 17 to the fused kernel."""
+    taken = []
+    for name in ("wna16_mma", "wna16_gemv"):
+        monkeypatch.setattr(wna16, name, lambda x2, qweight, *args, _name=name, **kwargs: taken.append(_name)
+                            or x2.new_zeros(x2.shape[0], qweight.shape[1]))
+    monkeypatch.setattr(wna16, "_fused_config", lambda *args: taken.append("fused") or (16, 16, 32, 1, 4, 2))
+    (qweight, scales, zeros, g_idx), hint = make_layer(256, 48, 4, 128, False, seed=1)
+    for m in (1, 2, 16, 17):
+        wna16.wna16_linear(torch.zeros(m, 256, dtype=torch.bfloat16), qweight, scales, zeros, g_idx, 4, None, hint)
+    assert taken == ["wna16_gemv", "wna16_mma", "wna16_mma", "fused"]
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
-@pytest.mark.parametrize(("k", "n", "bits", "group_size"), [(4096, 6144, 4, 128), (14336, 4096, 4, 128),
-                                                            (2048, 1024, 4, -1), (2048, 1024, 8, 128)])
-def test_tensor_core_kernel_on_the_gpu(m, k, n, bits, group_size, dtype):
-    """The PTX conversion (4 bits) and the 8-bit one at the default launch, against the float32 reference."""
-    check(m, k, n, bits, group_size, False, dtype, True,
-          mma_config=wna16._mma_config(m, k, n))
+@pytest.mark.parametrize("m", [2, 3, 16, 64])
+@pytest.mark.parametrize(("k", "n", "group_size"), [(4096, 6144, 128), (14336, 4096, 128), (2048, 1024, -1)])
+def test_tensor_core_kernel_on_the_gpu(m, k, n, group_size, dtype):
+    """The PTX conversion at the default launch against the float32 reference."""
+    check(m, k, n, 4, group_size, False, dtype, True, mma_config=wna16._mma_config(m, k, n))
