@@ -3,17 +3,20 @@ W4A16 kernel's launch heuristics and to see where the W8A8 path's time goes (int
 activations: the zero-point epilogue's cost).
 
 Each figure is one call's time inside a CUDA graph of many calls (as the engine replays decode steps), so launch
-gaps count as they do there; weights are larger than L2 in every case. Bandwidth: weight bytes read / time.
+gaps count as they do there. The bf16 and 8-bit weights are larger than L2 (50 MB on an H100 / H200); the 4-bit
+ones of qkv, o and down (13, 8 and 29 MB) are not, so replays may find them there. Bandwidth: weight bytes / time.
 
     python bench/quant_kernels.py [--rows 1,16,64,256] [--sweep fused,gemv,mma,skinny] [--shapes qkv,gate_up]
     python bench/quant_kernels.py --rows 128,256 --shapes qkv,gate_up --sweep fused \
         --fused-configs "128,128,64,1,8,3;256,128,64,1,8,3"
 
 --sweep times every launch configuration of a small grid per shape and row count, for the kernels named, and
-prints the best next to the heuristic's choice: the W4A16 fused kernel, the W4A16 GEMV (up to 4 rows) and the 8-bit
-skinny kernel (up to 16 rows). --fused-configs replaces the fused kernel's grid with the launches listed (BLOCK_M,
-BLOCK_N, BLOCK_K, K splits, warps, stages; each compiles once per shape, a second or two): a targeted sweep that
-fits one device call.
+prints the best next to the heuristic's choice: the W4A16 fused kernel, the W4A16 GEMV (up to 4 rows), the W4A16
+tensor-core kernel (its line is printed at every row count, with its largest difference from dequantize + cuBLAS)
+and the 8-bit skinny kernel (up to 16 rows). --fused-configs / --mma-configs replace the fused / tensor-core
+kernel's grid with the launches listed (fused: BLOCK_M, BLOCK_N, BLOCK_K, K splits, warps, stages; tensor-core:
+BLOCK_N, BLOCK_M, STEP_WORDS, K splits, warps, stages; each compiles once per shape, a second or two): a targeted
+sweep that fits one device call.
 """
 
 from __future__ import annotations
