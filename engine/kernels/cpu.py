@@ -302,17 +302,21 @@ def _gguf_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.gguf_linear` in C: up to `gguf_matvec_rows` float32 rows multiply from the blocks; otherwise each
-    chunk of the weight's rows is dequantized into the packed linear's panels, then its columns of y computed from
-    them. The layer is never whole in float, nor kept."""
+    """`reference.gguf_linear` in C: up to `gguf_matvec_rows` rows (decode) multiply from the blocks in float32;
+    otherwise each chunk of the weight's rows is dequantized into the packed linear's panels, then its columns of y
+    computed from them. The layer is never whole in float, nor kept. bf16 rows take the float32 products too, with
+    the weight unrounded (closer to the float32 dequantization than the reference's bf16 weight): through the
+    panels a bf16 stream of the built-in SmolLM2 dequantized every weight at every step, 18.5 tok/s against 68.1
+    dequantized at load (bench/RESULTS.md, twenty-first session)."""
     if not cpu_native.supports_gguf(x, qweight, qtype):
         return reference.gguf_linear(x, qweight, qtype, bias)
     values, type_size = reference.GGUF_BLOCKS[qtype]
     n, k = qweight.shape[0], qweight.shape[1] // type_size * values
     x2 = x.reshape(-1, k)
-    if x.dtype == torch.float32 and x2.shape[0] <= cpu_native.gguf_matvec_rows():
-        y = cpu_native.gguf_matvec(x2, qweight, qtype, k)
-        return (y if bias is None else y + bias).view(*x.shape[:-1], n)
+    if x2.shape[0] <= cpu_native.gguf_matvec_rows():
+        y = cpu_native.gguf_matvec(x2.float(), qweight, qtype, k)
+        y = y if bias is None else y + bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], n)
     if not cpu_native.supports_packing(torch.empty(cpu_native.PANEL, k, dtype=x.dtype)) or n % cpu_native.PANEL:
         return F.linear(x, cpu_native.gguf_dequantize(qweight, qtype, k, x.dtype, panels=False), bias)
     chunk = max(cpu_native.PANEL, _GGUF_CHUNK_BYTES // (k * x.element_size()) // cpu_native.PANEL * cpu_native.PANEL)

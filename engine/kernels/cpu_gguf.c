@@ -231,7 +231,8 @@ int gguf_dequantize(void *out, const uint8_t *packed, int qtype, int64_t rows, i
 // float32, a few rows (decode): y[r][o] = sum_i x[r][i] w[o][i] for r < rows <= MATVEC_ROWS, each block of w
 // dequantized into registers and used at once, never written out (the panels cost a write and a read of every
 // weight a step). The weights are the reference's values; the sums run in float32 in another order than F.linear's.
-// bf16 keeps the panels: rounding each weight to bf16 here cost more than the panels' bf16 dot products.
+// bf16 rows come here too, as float32 (`kernels.cpu.gguf_linear`), with the weight unrounded: rounding each weight
+// to bf16 here cost more than the panels' bf16 dot products, and the panels dequantize every weight every step.
 #define MATVEC_ROWS 8
 int gguf_matvec_rows(void) { return MATVEC_ROWS; }
 

@@ -375,9 +375,9 @@ def test_gguf_blocks_dequantize_to_the_reference_bit_for_bit(qtype, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize(("out_features", "chunk_rows"), [(96, 32), (50, 32)])  # three chunks; no whole panels
 def test_gguf_linear_a_chunk_of_rows_at_a_time(monkeypatch, rows, dtype, out_features, chunk_rows):
-    """`kernels.cpu.gguf_linear` against F.linear on the reference's weight, with a bias: float32 up to 8 rows
-    multiplies from the blocks (`gguf_matvec`); more rows, and bf16, chunks of rows dequantized into panels (or a
-    width the panels do not take: the rows, then F.linear)."""
+    """`kernels.cpu.gguf_linear` against F.linear on the reference's weight, with a bias: up to 8 rows multiply from
+    the blocks (`gguf_matvec`; bf16 rows in float32 with the weight unrounded, the result rounded once); more rows
+    chunks of rows dequantized into panels (or a width the panels do not take: the rows, then F.linear)."""
     in_features = 256
     monkeypatch.setattr(cpu, "_GGUF_CHUNK_BYTES", chunk_rows * in_features * torch.empty(0, dtype=dtype).element_size())
     qtype = 3  # Q4_1, the built-in SmolLM2's
@@ -391,6 +391,9 @@ def test_gguf_linear_a_chunk_of_rows_at_a_time(monkeypatch, rows, dtype, out_fea
     assert got.dtype == dtype and got.shape == want.shape
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    elif rows <= cpu_native.gguf_matvec_rows():
+        exact = torch.nn.functional.linear(x.float(), reference.dequantize_gguf(packed, qtype), bias.float())
+        assert ((got.float() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-4).all()  # one rounding to bf16
     else:
         assert ((got.float() - want).abs() <= want.abs() * 2.0**-7 + 1e-3).all()
     moved = packed.clone()
