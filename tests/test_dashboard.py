@@ -679,7 +679,7 @@ def test_dashboard_in_a_browser_under_load(dashboard_server, tmp_path):
                 assert int(page_fields(page, "llama")["e2e-count"][1]) > 0
                 assert llama.locator('svg[data-chart="output-lengths"] rect').count() >= 1
                 # The request table: in-flight requests now, and a finished one's id (its response's id).
-                assert page.locator("#request-table tbody tr").count() > 0
+                page.wait_for_selector("#request-table tbody tr", timeout=10000)  # drawn at the next update
                 finished = dashboard_server.client(timeout=60).completions.create(
                     model="qwen", prompt="Name a colour.", max_tokens=3)
                 page.click('[data-req="finished"]')
@@ -756,6 +756,9 @@ def test_stream_shows_the_drain_then_ends_so_that_the_server_exits(dashboard_ser
     events = []
     with dashboard_server.http(ADMIN_KEY) as http, http.stream("GET", "/admin/stats/stream?interval=0.25") as response:
         lines = response.iter_lines()
+        for line in lines:  # earlier tests' requests gone first, so that the one running below is this test's
+            if line.startswith("data: ") and not msgspec.json.decode(line[6:])["models"][0]["requests"]["running"]:
+                break
         thread = threading.Thread(target=long_request, daemon=True)
         thread.start()
         for line in lines:
