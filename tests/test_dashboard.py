@@ -756,9 +756,11 @@ def test_stream_shows_the_drain_then_ends_so_that_the_server_exits(dashboard_ser
     events = []
     with dashboard_server.http(ADMIN_KEY) as http, http.stream("GET", "/admin/stats/stream?interval=0.25") as response:
         lines = response.iter_lines()
+        deadline = time.monotonic() + 60
         for line in lines:  # earlier tests' requests gone first, so that the one running below is this test's
             if line.startswith("data: ") and not msgspec.json.decode(line[6:])["models"][0]["requests"]["running"]:
                 break
+            assert time.monotonic() < deadline, "the module's earlier requests were still running after 60 s"
         thread = threading.Thread(target=long_request, daemon=True)
         thread.start()
         for line in lines:

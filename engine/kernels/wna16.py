@@ -25,7 +25,7 @@ Four paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX
   leave the sum (s (sum x (offset + q) - (offset + z) sum x)) and the scale applies once per output, like the
   GEMV's exact sums. K is split into slices of whole steps that finish as the GEMV's do. On an H100
   (`bench/quant_kernels.py --rows 4,16`, RESULTS.md, twenty-first session) it took qkv from 19.6-20.6 us (the fused
-  kernel) to 11.9-14.3, gate/up from 65-67 to 39-40, down from 35-37 to 22-31; batch-4 and batch-16 decode of
+  kernel) to 11.9-14.3, gate/up from 65-67 to 39-40, down from 35-37 to 22-25; batch-4 and batch-16 decode of
   Llama-3.1-8B GPTQ +37% and +29%. At one row the GEMV stays ahead (qkv 10.4 against 11.9 us); at 256 rows it is
   far behind dequantize + cuBLAS (each step's eight MMAs of K 16 then a wait: the tensor cores idle).
 - up to 64 rows (small batches, other formats, act-order at one row): one fused kernel. Each program takes BLOCK_N
@@ -373,12 +373,12 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return out
 
 
-def mma_applies(bits: int, group_size: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether the tensor-core kernel runs this layer: 4 bits, bf16 / fp16 x, contiguous groups of whole steps of
-    128 input rows (not act-order)."""
+def mma_applies(bits: int, group_size: int, k: int, dtype: torch.dtype, step_words: int = _MMA_STEP_WORDS) -> bool:
+    """Whether the tensor-core kernel runs this layer: 4 bits, bf16 / fp16 x, contiguous groups of whole steps
+    (`step_words` words: 128 input rows by default; not act-order)."""
     group = k if group_size == -1 else group_size
     return (bits == 4 and group_size != 0 and dtype in (torch.bfloat16, torch.float16)
-            and group % (_MMA_STEP_WORDS * 8) == 0 and k % (_MMA_STEP_WORDS * 8) == 0)
+            and group % (step_words * 8) == 0 and k % (step_words * 8) == 0)
 
 
 def _mma_config(m: int, k: int, n: int) -> tuple[int, int, int, int, int, int]:
@@ -436,8 +436,9 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  ) -> torch.Tensor:
     """[..., K] -> [..., N] in x's dtype. `group_size`: a promise that g_idx is `row // group_size` (-1: one group
     over K), which lets the kernel read one scale row per tile; 0: g_idx is read per row (act-order).
-    `fused_max_rows`, the fused kernel's `config` (see `_fused_config`; given, it forces the fused kernel) and the
-    GEMV's `gemv_config` (see `_gemv_config`) are overridable for tests and tuning."""
+    `fused_max_rows`, the fused kernel's `config` (see `_fused_config`; given, it forces the fused kernel), the
+    GEMV's `gemv_config` (see `_gemv_config`) and the tensor-core kernel's `mma_config` (see `_mma_config`; given,
+    it forces that kernel) are overridable for tests and tuning."""
     k, n = x.shape[-1], qweight.shape[1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -445,7 +446,9 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     m = x2.shape[0]
     if mma_config is not None or (GEMV_MAX_ROWS < m <= MMA_MAX_ROWS and config is None
                                   and mma_applies(bits, group_size, k, x.dtype)):
-        if not (_INTERPRET or mma_applies(bits, group_size, k, x.dtype)):
+        step_words = _MMA_STEP_WORDS if mma_config is None else mma_config[2]
+        # float32 x runs under the interpreter only (its tests' dtype); groups must hold whole steps everywhere
+        if not mma_applies(bits, group_size, k, torch.bfloat16 if _INTERPRET else x.dtype, step_words):
             raise ValueError(f"the tensor-core kernel does not take {bits}-bit groups of {group_size} at K={k} "
                              f"for {x.dtype}")
         return wna16_mma(x2, qweight, scales, zeros, group_size, bias, mma_config).view(*x.shape[:-1], n)

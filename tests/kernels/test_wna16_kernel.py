@@ -201,6 +201,7 @@ def test_ptx_conversion_gives_offset_plus_each_value(asm, dtype, offset):
 def test_tensor_core_kernel_applies_to_4_bit_contiguous_groups_in_bf16_and_fp16():
     assert wna16.mma_applies(4, 128, 4096, torch.bfloat16) and wna16.mma_applies(4, -1, 4096, torch.float16)
     assert not wna16.mma_applies(4, 64, 4096, torch.bfloat16)  # a step of 128 rows would span two groups
+    assert not wna16.mma_applies(4, 128, 4096, torch.bfloat16, step_words=32)  # a forced step of 256 rows too
     assert not wna16.mma_applies(4, 0, 4096, torch.bfloat16)  # act-order
     assert not wna16.mma_applies(4, 128, 4096, torch.float32)
     assert not wna16.mma_applies(8, 128, 4096, torch.bfloat16)
