@@ -149,9 +149,10 @@ class KVMemory:
 
     def _profile_shapes(self) -> tuple[list[int], list[list[int]]]:
         """The profiling step: `max_num_seqs` sequences (at most one per token) sharing `max_num_batched_tokens`
-        tokens, each on blocks of its own; allocates a throwaway cache that holds them."""
-        num_tokens = self.config.max_num_batched_tokens
-        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        tokens, each on blocks of its own and no longer than `max_model_len` (fewer tokens if the sequences cannot
+        hold them: no step can schedule more); allocates a throwaway cache that holds them."""
+        num_seqs = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        num_tokens = min(self.config.max_num_batched_tokens, num_seqs * self.model_config.max_model_len)
         lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         tables, start = [], 0
         for n in lengths:
