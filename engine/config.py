@@ -158,7 +158,8 @@ class EngineConfig:
     # engine fails as hung; served, the server's engine_hang_timeout_s. Dead or stopped ranks fail it at once.
     collective_timeout_s: float = 120.0
     # Seconds a rank's heartbeat may stay silent before that rank is lost (engine.distributed.heartbeat): a machine
-    # gone from the network or frozen whole fails the model in this time rather than the collective timeout.
+    # gone from the network or frozen whole fails the model in this time rather than the collective timeout; so does
+    # a tensor-parallel rank stuck in a step that its group has waited for as long (engine.distributed.progress).
     rank_heartbeat_timeout_s: float = 10.0
     task: Task = "generate"
     # Embedding models: None takes the checkpoint's sentence-transformers files, else the family's convention.

@@ -32,6 +32,7 @@ from engine.cuda_graphs import (MIXED_GRAPH_TOKENS, CudaGraphs, GraphShape, grap
                                mixed_graph_shapes)
 from engine.device import to_device
 from engine.distributed.pipeline import PipelineStage
+from engine.distributed.progress import PROGRESS
 from engine.kernels import cpu_native
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
 from engine.kv_memory import KVMemory
@@ -355,7 +356,8 @@ class PendingRunnerOutput:
 
     def get(self) -> ModelRunnerOutput:
         if self.ready is not None:
-            self.ready.synchronize()
+            with PROGRESS.waiting():  # on the other ranks too, with tensor parallelism (its collectives are queued)
+                self.ready.synchronize()
         output = ModelRunnerOutput(self.request_ids, [])
         if self.sampled_token_ids is not None:
             output.sampled_token_ids = self.sampled_token_ids.tolist()

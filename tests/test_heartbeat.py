@@ -181,3 +181,43 @@ def test_an_engine_paused_whole_and_resumed_loses_no_rank(tiny_model):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+STUCK_RANK = """
+import os, sys, threading
+# A worker (`python -m engine.distributed.worker RANK ...`) of the rank the test names: its main thread stops for
+# good at the start of the named step, as in a deadlock, while its heartbeat thread runs on.
+if sys.argv[:1] == ["-m"] and sys.argv[1:2] == [os.environ.get("KVBOX_TEST_STUCK_RANK")]:
+    import engine.runner
+    execute, calls = engine.runner.ModelRunner.execute, []
+
+    def stuck(self, scheduler_output):
+        calls.append(1)
+        if len(calls) == int(os.environ["KVBOX_TEST_STUCK_AT"]):
+            threading.Event().wait()
+        return execute(self, scheduler_output)
+
+    engine.runner.ModelRunner.execute = stuck
+"""
+
+
+def test_a_worker_stuck_in_a_step_is_killed_and_fails_the_engine_before_its_collective_timeout(
+        tiny_model, monkeypatch, tmp_path):
+    """A worker whose main thread stops mid-step while its heartbeat thread beats on: rank 0 has waited for it in
+    the step's first all-reduce the whole heartbeat timeout while it stayed busy in one step, so it is killed as
+    stuck and the request fails within seconds, not after the 120 s collective timeout."""
+    (tmp_path / "sitecustomize.py").write_text(STUCK_RANK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("KVBOX_TEST_STUCK_RANK", "1")
+    monkeypatch.setenv("KVBOX_TEST_STUCK_AT", "3")  # the prefill and a decode step run first
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(tiny_model("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, collective_timeout_s=120,
+              rank_heartbeat_timeout_s=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"rank 1 \(code -9, stuck: busy in one step for 2 s while rank 0 "
+                                                  r"waited for it: killed as hung\)"):
+            llm.generate("Once upon a time", greedy, use_tqdm=False)
+        assert 2 < time.monotonic() - started < 10
+    finally:
+        llm.shutdown()

@@ -90,7 +90,9 @@ class ServerSpec(_Schema, kw_only=True):
         "sent twice a second beside its work, before it counts as lost: its model's requests fail, its ranks "
         "restart, and on several nodes the model answers 503 until the node's ranks rejoin. It finds what closes "
         "no connection, a node that lost power or its network or is frozen whole, within this time rather than "
-        "engine_hang_timeout_s.", ge=1)] = 10.0
+        "engine_hang_timeout_s. With tensor parallelism a rank busy in one step while another of its group has "
+        "waited for it this long is lost too, as stuck (a deadlocked main thread beside a running heartbeat).",
+        ge=1)] = 10.0
     max_active_models: Annotated[PositiveInt | None, _doc(
         "Most models awake at once (one asleep at level 1 keeps its engine process but frees its device memory); "
         "waking another first puts the least recently used idle one to sleep (null: no limit).")] = None

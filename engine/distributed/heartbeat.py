@@ -5,8 +5,11 @@ the engine's `rank_heartbeat_timeout_s`, or a store that no longer answers, mean
 
 It catches what closes no connection, which a collective would otherwise wait out for its whole timeout (minutes):
 a machine that lost power or its network, a node frozen whole (its own stopped-rank watchdog with it), a process
-whose threads no longer run. A rank whose main thread is stuck while its other threads run (a Python deadlock, a
-GPU kernel that never ends) beats on: the collective timeout still finds it.
+whose threads no longer run. A rank whose main thread is stuck while its other threads run (a Python deadlock)
+beats on; with tensor parallelism each beat also publishes the main thread's phase (`progress.py`), and rank 0
+finds a rank busy in one step while another of its group has waited for it the whole timeout: that rank is lost
+as stuck. A stuck rank no group waits for (a pipeline stage alone in its stage, a GPU kernel that never ends while
+every host waits) is still left to the collective timeout.
 
 Silence is counted in this thread's own polls, not in clock time, so a watcher that was itself paused (a suspended
 machine, a stopped job resumed) does not take the ranks it could not see for lost ones.
@@ -23,6 +26,8 @@ from urllib.parse import urlsplit
 
 import torch.distributed as dist
 
+from engine.distributed.progress import PROGRESS, stuck_ranks
+
 logger = logging.getLogger("kvbox.engine")
 BEAT_S = 0.5
 
@@ -31,19 +36,27 @@ def _key(rank: int) -> str:
     return f"kvbox/beat/{rank}"
 
 
+def _phase_key(rank: int) -> str:
+    return f"kvbox/phase/{rank}"
+
+
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__  # c10d adds frames
 
 
 class Heartbeat:
     """`rank`'s beat and its watch over `watched`; `on_lost(rank, reason)` is called once per lost rank, from this
-    object's daemon thread (rank 0's store itself unreachable: once, for rank 0)."""
+    object's daemon thread (rank 0's store itself unreachable: once, for rank 0). `groups`: the tensor-parallel
+    groups whose stuck ranks this one finds (rank 0's, itself included)."""
 
     def __init__(self, init_method: str, rank: int, watched: list[int], timeout_s: float,
-                 on_lost: Callable[[int, str], None]):
+                 on_lost: Callable[[int, str], None], groups: list[list[int]] | None = None):
         address = urlsplit(init_method)
         self._host, self._port = address.hostname, address.port
         self._rank, self._watched = rank, list(watched)
+        self._groups = [group for group in groups or [] if len(group) > 1]
+        self._phases: dict[int, tuple[str, int]] = {}  # rank -> (snapshot, polls it has not changed)
+        self._stuck: set[int] = set()
         self._timeout_s, self._on_lost = timeout_s, on_lost
         # Ten polls or more per timeout: one late beat (a busy machine) never looks like silence.
         self._beat_s = min(BEAT_S, timeout_s / 10)
@@ -64,7 +77,10 @@ class Heartbeat:
         while not self._done.wait(self._beat_s):
             try:
                 store.add(_key(self._rank), 1)
+                store.set(_phase_key(self._rank), PROGRESS.snapshot())
                 counters = {rank: store.add(_key(rank), 0) for rank in self._watched}
+                if self._groups:
+                    self._find_stuck(store)
             except Exception as e:  # connection reset (rank 0's process ended) or timed out (its machine is away)
                 if not self._done.is_set():
                     self._lose(0, f"its rendezvous store at {self._host}:{self._port} stopped answering "
@@ -76,6 +92,21 @@ class Heartbeat:
                 if seen[rank][1] >= self._limit:
                     self._watched.remove(rank)
                     self._lose(rank, f"no heartbeat for {self._timeout_s:g} s")
+
+    def _find_stuck(self, store: dist.TCPStore) -> None:
+        ranks = sorted({rank for group in self._groups for rank in group})
+        keys = [_phase_key(rank) for rank in ranks]
+        if not store.check(keys):  # a rank that has not beaten yet
+            return
+        for rank, key in zip(ranks, keys):
+            snapshot = store.get(key).decode()
+            before, still = self._phases.get(rank, ("", 0))
+            self._phases[rank] = (snapshot, still + 1 if snapshot == before else 0)
+        for rank, waiter in stuck_ranks(self._groups, self._phases, self._limit).items():
+            if rank not in self._stuck:
+                self._stuck.add(rank)
+                self._lose(rank, f"stuck: busy in one step for {self._timeout_s:g} s while rank {waiter} waited "
+                                 f"for it")
 
     def _lose(self, rank: int, reason: str) -> None:
         logger.error("rank %d (seen from rank %d): %s", rank, self._rank, reason)

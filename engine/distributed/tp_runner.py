@@ -10,8 +10,9 @@ speculative decoding each rank verifies the step's drafts in the same multi-toke
 whole on every rank, `engine.spec_decode.draft_model`). Without pipeline stages rank 0's results are the engine's;
 with them rank 0 holds the first stage, and the first rank of the last stage sends each step's `ModelRunnerOutput`
 back as msgpack bytes. A worker that dies (before the rendezvous too), hangs (stopped: killed by
-`engine.distributed.watchdog`; silent, its heartbeat stopped: killed, `engine.distributed.heartbeat`; otherwise until
-the collective timeout) or a step that fails on any rank fails the engine (`WorkerDiedError`): its process exits and
+`engine.distributed.watchdog`; silent, its heartbeat stopped, or stuck in a step its tensor-parallel group waits
+for: killed, `engine.distributed.heartbeat`; otherwise until the collective timeout) or a step that fails on any
+rank fails the engine (`WorkerDiedError`): its process exits and
 its supervisor restarts the whole model. Across machines (`nnodes` above 1) it starts only node 0's ranks; a
 communication failure with a rank elsewhere counts as that rank's death, and so does its silence (a machine gone
 from the network closes no connection): in an engine process (`exit_process_on_lost_rank`) that ends the process at
@@ -37,6 +38,7 @@ from engine import contract
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import nodes, parallel_state
 from engine.distributed.heartbeat import Heartbeat
+from engine.distributed.progress import PROGRESS
 from engine.distributed.stage_trace import StageTrace, traced
 from engine.distributed.watchdog import StoppedRankWatchdog
 from engine.distributed.worker import worker_device
@@ -96,8 +98,9 @@ class TensorParallelRunner:
         try:
             parallel_state.init_parallel(0, tp_size, pp_size, init_method, device, config.collective_timeout_s,
                                          check_peers=self.check_workers)
+            groups = [list(range(stage * tp_size, (stage + 1) * tp_size)) for stage in range(pp_size)]
             self._heartbeats.append(Heartbeat(init_method, 0, list(range(1, world_size)),
-                                              config.rank_heartbeat_timeout_s, self._rank_lost))
+                                              config.rank_heartbeat_timeout_s, self._rank_lost, groups))
             self.send(contract.StartWorker(config, pooler_info))
             self.local = ModelRunner(config, model_config, device, pooler_info)
         except BaseException:
@@ -125,7 +128,7 @@ class TensorParallelRunner:
         self.local.capture_cuda_graphs()
 
     def execute(self, scheduler_output: contract.SchedulerOutput) -> PendingRunnerOutput | _LastStageOutput:
-        with self._naming_dead_workers(), traced(self._trace, scheduler_output.step_id):
+        with self._naming_dead_workers(), traced(self._trace, scheduler_output.step_id), PROGRESS.busy():
             self.send(contract.ExecuteStep(scheduler_output))
             output = self.local.execute(scheduler_output)
         return output if self._answering_rank == 0 else _LastStageOutput(self)
@@ -167,17 +170,16 @@ class TensorParallelRunner:
 
     def _rank_lost(self, rank: int, reason: str) -> None:
         """The heartbeat's verdict (its thread): a worker of this machine is killed, which fails whatever collective
-        waits for it at once; a rank elsewhere cannot be."""
+        waits for it at once; a rank elsewhere cannot be, nor this one's stuck main thread."""
         if rank in self._worker_ranks:
             process = self._workers[self._worker_ranks.index(rank)]
             if process.poll() is None:
                 self._silenced[process.pid] = reason
                 process.kill()
             return
-        self._lost_remote.append(f"rank {rank} on another node ({reason})")
+        self._lost_remote.append(f"rank {rank} on another node ({reason})" if rank else f"rank 0 ({reason})")
         if _report_before_exit is not None:
-            logger.critical("rank %d on another node is lost (%s): the engine process exits to be restarted", rank,
-                            reason)
+            logger.critical("rank %d is lost (%s): the engine process exits to be restarted", rank, reason)
             with contextlib.suppress(Exception):  # the report is a courtesy: the exit is what matters
                 _report_before_exit(f"WorkerDiedError: lost: {self._lost_remote[-1]}")
             logging.shutdown()  # flushes the log before the exit that skips it

@@ -27,6 +27,7 @@ import torch
 from engine import contract
 from engine.distributed import parallel_state
 from engine.distributed.heartbeat import Heartbeat
+from engine.distributed.progress import PROGRESS
 from engine.distributed.stage_trace import StageTrace, traced
 from engine.models.config import ModelConfig
 from engine.runner import ModelRunner
@@ -61,7 +62,7 @@ def serve(rank: int, tp_size: int, pp_size: int, device: torch.device) -> None:
     trace = StageTrace.from_env(rank)
     while not isinstance(command := receive(), contract.StopWorker):
         if isinstance(command, contract.ExecuteStep):
-            with traced(trace, command.scheduler_output.step_id):
+            with traced(trace, command.scheduler_output.step_id), PROGRESS.busy():
                 output = runner.execute(command.scheduler_output)
                 answer = _encoder.encode(output.get()) if answers else None
             if answer is not None:

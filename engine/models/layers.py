@@ -20,6 +20,7 @@ from torch import nn
 
 from engine import kernels
 from engine.distributed.parallel_state import tp_group
+from engine.distributed.progress import PROGRESS
 from engine.quantization.base import replace_param
 from engine.quantization.context import current_linear_method
 from engine.quantization.gguf import gguf_type
@@ -116,7 +117,8 @@ class _ParallelLinear(nn.Module):
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """y across ranks from each rank's `partial` (column-parallel: nothing to sum)."""
         if self.shard_dim == 1 and self.tp_size > 1:
-            dist.all_reduce(y, group=tp_group())
+            with PROGRESS.waiting():
+                dist.all_reduce(y, group=tp_group())
         return y
 
     # ---- LoRA: an adapter's full A and B, cut as vLLM's column / row LoRA layers cut them ----
@@ -254,7 +256,8 @@ class VocabEmbedding(nn.Module):
             return self._lookup(input_ids)
         is_local = (input_ids >= self.row_start) & (input_ids < self.row_start + self.num_rows)
         hidden = self._lookup((input_ids - self.row_start) * is_local) * is_local[:, None]
-        dist.all_reduce(hidden, group=tp_group())  # each token's row lives on exactly one rank
+        with PROGRESS.waiting():
+            dist.all_reduce(hidden, group=tp_group())  # each token's row lives on exactly one rank
         return hidden
 
 
@@ -285,7 +288,8 @@ class LMHead(VocabEmbedding):
         if self.tp_size == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
-        dist.all_gather(shards, logits, group=tp_group())
+        with PROGRESS.waiting():
+            dist.all_gather(shards, logits, group=tp_group())
         return torch.cat(shards, dim=-1)[:, :self.vocab_size]
 
 
