@@ -13,10 +13,15 @@ import time
 import pytest
 import torch.distributed as dist
 
-from engine import LLM, SamplingParams
-from engine.distributed import tp_runner
-from engine.distributed.heartbeat import Heartbeat
-from engine.distributed.tp_runner import WorkerDiedError
+pytest.register_assert_rewrite("helpers_server")
+from helpers_server import model_config, run_server, server_config, wait_for_model_error  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.distributed import tp_runner  # noqa: E402
+from engine.distributed.heartbeat import Heartbeat  # noqa: E402
+from engine.distributed.tp_runner import WorkerDiedError  # noqa: E402
+
+pytest_plugins = ["helpers_server"]
 
 TIMEOUT_S = 1.0
 
@@ -221,3 +226,51 @@ def test_a_worker_stuck_in_a_step_is_killed_and_fails_the_engine_before_its_coll
         assert 2 < time.monotonic() - started < 10
     finally:
         llm.shutdown()
+
+
+STUCK_RANK_0 = """
+import os, pathlib, threading
+# An engine process's rank 0 (the only process that sends steps): its main thread stops for good once it has sent
+# the named step to the workers, which then wait for it in that step's first all-reduce. Once: the engine the
+# supervisor starts again runs normally.
+if os.environ.get("KVBOX_TEST_STUCK_AT"):
+    import engine.distributed.tp_runner as tp_runner
+    from engine import contract
+    send, steps = tp_runner.TensorParallelRunner.send, []
+
+    def stuck(self, command):
+        send(self, command)
+        once = pathlib.Path(os.environ["KVBOX_TEST_STUCK_ONCE"])
+        if isinstance(command, contract.ExecuteStep) and not once.exists():
+            steps.append(1)
+            if len(steps) == int(os.environ["KVBOX_TEST_STUCK_AT"]):
+                once.touch()
+                threading.Event().wait()
+
+    tp_runner.TensorParallelRunner.send = stuck
+"""
+
+
+def test_served_rank_0_stuck_in_a_step_ends_its_engine_which_restarts(tiny_model, monkeypatch, tmp_path):
+    """Rank 0's main thread stops mid-step while the worker waits for it: rank 0's own heartbeat thread finds it
+    stuck, reports why and ends the engine process; the request fails within seconds, and the restarted engine
+    answers as before."""
+    (tmp_path / "sitecustomize.py").write_text(STUCK_RANK_0)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("KVBOX_TEST_STUCK_AT", "3")
+    monkeypatch.setenv("KVBOX_TEST_STUCK_ONCE", str(tmp_path / "stuck-once"))
+    config = server_config([model_config("llama", tiny_model("llama"), parallelism={"tensor": 2})],
+                           rank_heartbeat_timeout_s=2)
+    body = {"model": "llama", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with run_server(config, tmp_path) as server, server.http() as http:
+        started = time.monotonic()
+        response = http.post("/v1/completions", json=body, timeout=60)
+        assert response.status_code >= 500 and "error" in response.json(), response.text
+        assert time.monotonic() - started < 10
+        wait_for_model_error(server, "llama", "rank 0 (stuck: busy in one step for 2 s while rank 1 waited for it)")
+        deadline = time.monotonic() + 60
+        while server.admin_models()["llama"]["status"] != "ready":
+            assert time.monotonic() < deadline, "the model did not come back"
+            time.sleep(0.2)
+        response = http.post("/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8, response.text
