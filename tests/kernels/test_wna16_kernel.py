@@ -159,8 +159,20 @@ def test_tensor_core_kernel_ptx_conversion_is_recorded_for_sm90(monkeypatch, dty
             wna16.wna16_mma(x, qweight, scales, zeros, 128, None)
 
 
-def _run_ptx(asm: str, a: int, b: int) -> list[int]:
-    """The conversion's PTX run on two words: a few-line interpreter of the three instructions it uses."""
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU runs the GEMV's PTX in its own tests")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_ptx_is_recorded_for_sm90(monkeypatch, bits):
+    """The GEMV as a GPU launches it (one LOP3 a value, in PTX) is recorded for test_zz_sm90_compile; its bits are
+    checked below."""
+    (qweight, scales, zeros, _), _ = make_layer(4096, 6144, bits, 128, False, seed=0)
+    monkeypatch.setattr(wna16, "_INTERPRET", False)
+    with record_only():
+        wna16.wna16_gemv(torch.zeros(1, 4096, dtype=torch.bfloat16), qweight, scales, zeros, bits, 128, None)
+
+
+def _run_ptx(asm: str, a: int, b: int = 0) -> list[int]:
+    """A conversion's PTX run on its input words (the registers after its outputs): a few-line interpreter of the
+    three instructions they use."""
     def prmt(x, y, selector):
         pool = [(x >> (8 * i)) & 255 for i in range(4)] + [(y >> (8 * i)) & 255 for i in range(4)]
         return sum(pool[(selector >> (4 * i)) & 7] << (8 * i) for i in range(4))
@@ -169,7 +181,8 @@ def _run_ptx(asm: str, a: int, b: int) -> list[int]:
         return sum(((table >> (((x >> i) & 1) << 2 | ((y >> i) & 1) << 1 | ((z >> i) & 1))) & 1) << i
                    for i in range(32))
 
-    regs = {"$8": a, "$9": b}
+    outputs = asm.count("lop3.b32 $")
+    regs = {f"${outputs}": a, f"${outputs + 1}": b}
     for line in asm.splitlines():
         op, _, operands = line.strip().rstrip(";").partition(" ")
         args = [v.strip() for v in operands.split(",")]
@@ -182,7 +195,21 @@ def _run_ptx(asm: str, a: int, b: int) -> list[int]:
             regs[args[0]] = lop3(value(args[1]), value(args[2]), value(args[3]), value(args[4]))
         else:
             assert op in ("{", "}", ".reg"), f"an instruction the check does not model: {line}"
-    return [regs[f"${j}"] for j in range(8)]
+    return [regs[f"${j}"] for j in range(outputs)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_ptx_gives_each_field_in_place_in_the_mantissa_of_2_to_the_23(bits):
+    """Register half * (16 // bits) + j holds the float 2^23 + q * 2^(bits * j) for the j-th field q of the word's
+    16-bit half, for random words: the GEMV subtracts 2^23 and sums the exact value against x's scaled element."""
+    asm = wna16._fields_asm(bits)[0]
+    per_half = 16 // bits
+    g = torch.Generator().manual_seed(bits)
+    for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist():
+        values = torch.tensor(_run_ptx(asm, word), dtype=torch.int64).to(torch.int32).view(torch.float32)
+        fields = [((word >> (16 * half + bits * j)) & ((1 << bits) - 1)) << (bits * j)
+                  for half in range(2) for j in range(per_half)]
+        assert torch.equal(values.double() - 2.0**23, torch.tensor(fields, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(("asm", "dtype", "offset"), [(wna16._NIBBLES_BF16.value, torch.bfloat16, 128),
