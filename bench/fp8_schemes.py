@@ -1,7 +1,8 @@
 """FP8 W8A8 schemes side by side, fake-quantized in transformers on the float weights: how far the engine's scheme
 (`quantization: fp8`: e4m3 weights per output channel, dynamic per-token activations) is from float, and how far
 the alternatives are (vLLM's online fp8: one scale per tensor for weights and activations; DeepSeek-style square
-weight blocks with activation groups of the same width along K; finer activation groups). Every linear but the LM head is quantized,
+weight blocks with activation groups of the same width along K; finer activation groups; the few input channels with
+the largest calibration |x| kept in float). Every linear but the LM head is quantized,
 as the engine does; round to nearest e4m3 after dividing by amax / 448, as its kernels do.
 
     python bench/fp8_schemes.py                      # the built-in SmolLM2, Debian's GPL-3 text, windows of 512
@@ -64,6 +65,24 @@ def per_block(size: int):
     return quantize
 
 
+class KeepOutliers:
+    """Activations per token, but each linear's `fraction` of input channels with the largest |x| over the engine's
+    calibration text (`engine/quantization/kv_calibration.txt`, one float forward) passes in float, out of the
+    quantized part and its scale (LLM.int8()'s decomposition with a static channel set): y = fp8(x without them) @
+    W + x[:, them] @ W[:, them]."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def keep(self, amax: torch.Tensor) -> torch.Tensor:
+        return amax.topk(max(1, round(self.fraction * amax.numel()))).indices
+
+    @staticmethod
+    def quantize(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        rest = x.index_fill(-1, keep, 0.0)
+        return per_row(rest).index_copy(-1, keep, x.index_select(-1, keep))
+
+
 # name -> (weight quantizer, activation quantizer or None)
 SCHEMES = {
     "float": None,
@@ -74,7 +93,28 @@ SCHEMES = {
     "act groups 64": (per_row, per_group(64)),
     "blocks 64": (per_block(64), per_group(64)),
     "act groups 32": (per_row, per_group(32)),
+    "outliers 1%": (per_row, KeepOutliers(0.01)),
+    "outliers 2%": (per_row, KeepOutliers(0.02)),
 }
+
+
+@torch.inference_mode()
+def input_amax(model: nn.Module, folder: str) -> dict[str, torch.Tensor]:
+    """Each linear's per-input-channel max |x| over the engine's calibration text (its first 512 tokens)."""
+    from transformers import AutoTokenizer
+
+    text = (Path(__file__).resolve().parents[1] / "engine/quantization/kv_calibration.txt").read_text()
+    amax, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "lm_head" not in name:
+            def record(_, args, name=name):
+                seen = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)
+                amax[name] = torch.maximum(amax[name], seen) if name in amax else seen
+            hooks.append(module.register_forward_pre_hook(record))
+    model(torch.tensor([AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False)[:512]]))
+    for hook in hooks:
+        hook.remove()
+    return amax
 
 
 @torch.inference_mode()
@@ -84,10 +124,14 @@ def perplexity(folder: str, token_ids: list[int], window: int, scheme) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if scheme is not None:
         weights, activations = scheme
+        amax = input_amax(model, folder) if isinstance(activations, KeepOutliers) else {}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and "lm_head" not in name:
                 module.weight.copy_(weights(module.weight))
-                if activations is not None:
+                if isinstance(activations, KeepOutliers):
+                    module.register_forward_pre_hook(
+                        lambda _, args, keep=activations.keep(amax[name]): (KeepOutliers.quantize(args[0], keep),))
+                elif activations is not None:
                     module.register_forward_pre_hook(lambda _, args, quantize=activations: (quantize(args[0]),))
     nll, count = 0.0, 0
     for ids in windows(token_ids, window):
