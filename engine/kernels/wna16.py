@@ -6,12 +6,16 @@ Four paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX
 - one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an integer to a
   float. The 8th session's profile showed the fused kernel below bound by instructions, not bytes: per weight a
   shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
-  through x's dtype. Here a value becomes a float by OR-ing its bits, left where they sit in the word, into the
-  mantissa of 2^23 (the float is exactly 2^23 + q * 2^(bits * j)) and subtracting 2^23; x's matching element is
-  pre-scaled by 2^-(bits * j) (exact); the zero point leaves the loop (s * (sum x q - z * sum x) per word row, one
-  group) and the scale is applied once per word row: one integer and two float instructions per weight (the mask
-  and the OR are one LOP3 written in PTX: from Triton ptxas kept them as two; 1768 -> 1488 SASS instructions in
-  gate/up's launch for sm_90). It
+  through x's dtype. Here a value becomes a float by OR-ing its bits into the mantissa of a float whose last step
+  is 1 at their position: the word is rotated (a byte permutation, shared by two 4-bit fields) to bring the field to
+  bit 16 or 12 (4 bits) or 8 (8 bits), and one LOP3 (mask, OR the offset's exponent; written in PTX, as ptxas keeps
+  two instructions for it) makes exactly O + q, O = 128, 2048 or 2^15, which the loop multiplies into its float32
+  sum as it is: the offsets and the zero point leave the loop (s * (sum x (O + q) - sum x (O + z)) per word row,
+  one group; a larger O would cost the sum's precision, a smaller one a rotation per field), and the scale is
+  applied once per word row: one integer and one float instruction per weight and three permutations per word
+  (gate/up's launch for sm_90: 1768 SASS instructions with a shift, mask, OR and subtraction per weight; 1488 with
+  the mask and OR one LOP3; 1296 now, without the subtraction; H100 in a graph, RESULTS twenty-third session:
+  qkv 9.0 -> 8.3 us, o 7.6 -> 6.9, gate/up 35.9 -> 33.9, down 17.9 -> 18.4). It
   skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in float32,
   closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which Triton does not
   pipeline, so the loop fetches the next tiles into registers itself. Each program accumulates elementwise and
@@ -53,6 +57,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.split_k import check_tiles, finish_split, ticket_counters
 
 FUSED_MAX_ROWS = 64
 GEMV_MAX_ROWS = 1
@@ -143,7 +149,6 @@ def _wna16_dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, 
              mask=k_mask[:, None] & col_mask[None, :])
 
 
-_MAGIC = tl.constexpr(0x4B000000)  # 2.0 ** 23's bits: OR-ing an integer below 2^23 into them gives the float 2^23 + it
 
 
 @triton.jit
@@ -157,7 +162,6 @@ def _wna16_gemv_kernel(
     EMULATE: tl.constexpr,  # the interpreter runs no PTX: a mask and an OR in Triton make the same floats
 ):
     PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2  # values per 16-bit half word: their fields stay below 2^16 after the OR
     BLOCK_W: tl.constexpr = GROUPS * GROUP_WORDS
     BLOCK_K: tl.constexpr = BLOCK_W * PACK
     tile = tl.program_id(0)
@@ -180,60 +184,41 @@ def _wna16_gemv_kernel(
         rows = w0 + words
         ahead = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0 + DEPTH * BLOCK_W, end, cols, col_mask, N, PACK,
                            GROUP_SIZE, GROUPS, GROUP_WORDS)
-        # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k) per word row (one group): the zero leaves the loop
+        # sum_k x_k (q_k - z) s = s (sum_k x_k (O_k + q_k) - sum_k x_k (O_k + z)) per word row (one group): the
+        # offsets and the zero leave the loop
         part = tl.zeros((GROUPS, GROUP_WORDS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((GROUPS, GROUP_WORDS), dtype=tl.float32)
+        x_offsets = tl.zeros((GROUPS, GROUP_WORDS), dtype=tl.float32)
         if not EMULATE:  # one LOP3 a value: ptxas keeps a mask and an OR of two constants as two
             fields = tl.inline_asm_elementwise(_FIELDS_4 if BITS == 4 else _FIELDS_8,
                                                _FIELDS_4_OUT if BITS == 4 else _FIELDS_8_OUT, [packed],
                                                dtype=(tl.int32,) * PACK, is_pure=True, pack=1)
-        for half in tl.static_range(2):
-            for j in tl.static_range(HALF):
-                if EMULATE:
-                    field = (packed >> (16 * half)) & (((1 << BITS) - 1) << (BITS * j))  # q * 2^(BITS * j)
-                    magic_plus_field = field | _MAGIC
+        for j in tl.static_range(PACK):
+            WINDOW = _window(BITS, j)
+            if EMULATE:
+                if BITS * j >= WINDOW:
+                    moved = packed >> (BITS * j - WINDOW)
                 else:
-                    magic_plus_field = fields[half * HALF + j]
-                value = magic_plus_field.to(tl.float32, bitcast=True) - 8388608.0  # exact: q * 2^(BITS * j)
-                kk = rows * PACK + half * HALF + j
-                xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                x_sum += xs
-                part += (xs * (1.0 / (1 << (BITS * j))))[:, :, None] * value
-        acc += (part - zero.to(tl.float32)[:, None, :] * x_sum[:, :, None]) * scale.to(tl.float32)[:, None, :]
+                    moved = packed << (WINDOW - BITS * j)
+                offset_plus_field = (moved & (((1 << BITS) - 1) << WINDOW)) | _magic(BITS, j)
+            else:
+                offset_plus_field = fields[j]
+            value = offset_plus_field.to(tl.float32, bitcast=True)  # exactly 2^(23 - WINDOW) + q
+            kk = rows * PACK + j
+            xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x_sum += xs
+            x_offsets += xs * (1 << (23 - WINDOW))
+            part += xs[:, :, None] * value
+        correction = zero.to(tl.float32)[:, None, :] * x_sum[:, :, None] + x_offsets[:, :, None]
+        acc += (part - correction) * scale.to(tl.float32)[:, None, :]
         if DEPTH == 2:
             packed, scale, zero = packed_2, scale_2, zero_2
             packed_2, scale_2, zero_2 = ahead
         else:
             packed, scale, zero = ahead
     result = tl.sum(tl.sum(acc, axis=1), axis=0)
-    _finish_split(result, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
+    finish_split(result, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
                   SPLITS, HAS_BIAS)
-
-
-@triton.jit
-def _finish_split(result, offsets, mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split,
-                  slice_size, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Stores a program's float32 `result` at `offsets` of the output (bias added; `cols` broadcast against it). K
-    split: each slice writes a partial and the last slice of the tile to finish (an atomic ticket) sums them in slice
-    order, so results do not vary run to run and no second kernel runs."""
-    if SPLITS > 1:
-        tl.store(partial_ptr + split.to(tl.int64) * slice_size + offsets, result, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # the tile's last slice to finish
-            total = tl.zeros_like(result)
-            for s in tl.static_range(SPLITS):  # slice order: the same sum whichever slice finished last
-                total += tl.load(partial_ptr + s * slice_size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch (and CUDA graph replay)
-            _store_result(total, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS)
-    else:
-        _store_result(result, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS)
-
-
-@triton.jit
-def _store_result(result, offsets, mask, cols, col_mask, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        result += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -264,18 +249,38 @@ def _nibbles_asm(magic: int) -> str:
     return "\n".join(lines + ["}"])
 
 
+@triton.constexpr_function
+def _window(bits, j):
+    """The mantissa bit where the GEMV places a word's j-th `bits`-bit field: in the float whose last step there is 1
+    (2^(23 - window)), OR-ing the field in gives exactly 2^(23 - window) + q. 4 bits: 16 and 12 (offsets 128 and
+    2048), so one rotation of the word serves two fields; 8 bits: 8 (offset 2^15). A larger offset would cost the
+    float32 sums precision (they cancel it later), a smaller one needs a rotation per field."""
+    return 8 if bits == 8 else 16 - 4 * (j % 2)
+
+
+@triton.constexpr_function
+def _magic(bits, j):
+    """The bits of the float 2^(23 - _window(bits, j))."""
+    return (127 + 23 - _window(bits, j)) << 23
+
+
 def _fields_asm(bits: int) -> tuple[str, str]:
-    """PTX and its constraints: an int32 word of `bits`-bit values -> 32 // bits registers, register
-    half * (16 // bits) + j holding 2^23's float bits ORed with the j-th field of the word's `half`-th 16-bit half,
-    left in place (the float 2^23 + q * 2^(bits * j)), each in one LOP3."""
-    per_half = 16 // bits
-    lines = ["{", ".reg .b32 hi;", f"shr.u32 hi, ${2 * per_half}, 16;"]
-    for half in range(2):
-        for j in range(per_half):
-            source = "hi" if half else f"${2 * per_half}"
-            mask = ((1 << bits) - 1) << (bits * j)
-            lines.append(f"lop3.b32 ${half * per_half + j}, {source}, {mask:#x}, 0x4b000000, 0xea;")
-    return "\n".join(lines + ["}"]), ",".join(["=r"] * (2 * per_half) + ["r"])
+    """PTX and its constraints: an int32 word of `bits`-bit values -> 32 // bits registers, the j-th holding the
+    float 2^(23 - w) + q_j, w = _window(bits, j): the word rotated (a byte permutation) to bring field j to bit w,
+    then one LOP3 (mask, OR the offset's bits). Fields that need the same rotation share it."""
+    pack = 32 // bits
+    word = f"${pack}"
+    lines = ["{", ".reg .b32 r8, r16, r24;"]
+    rotations = sorted({(w - bits * j) % 32 for j in range(pack) for w in [_window(bits, j)]} - {0})
+    selectors = {8: 0x2103, 16: 0x1032, 24: 0x0321}  # rotate left by 1, 2, 3 bytes
+    lines += [f"prmt.b32 r{r}, {word}, {word}, {selectors[r]:#06x};" for r in rotations]
+    for j in range(pack):
+        window = _window(bits, j)
+        rotation = (window - bits * j) % 32
+        source = f"r{rotation}" if rotation else word
+        mask = ((1 << bits) - 1) << window
+        lines.append(f"lop3.b32 ${j}, {source}, {mask:#x}, {_magic(bits, j):#x}, 0xea;")
+    return "\n".join(lines + ["}"]), ",".join(["=r"] * pack + ["r"])
 
 
 _FIELDS_4, _FIELDS_4_OUT = (tl.constexpr(text) for text in _fields_asm(4))
@@ -331,7 +336,7 @@ def _wna16_mma_kernel(
             else:
                 part = tl.dot(values[j], xs[j], part)
         acc += (part - (zero + OFFSET)[:, None] * x_sum[None, :]) * scale[:, None]
-    _finish_split(acc, rows[None, :].to(tl.int64) * N + cols[:, None], row_mask[None, :] & col_mask[:, None],
+    finish_split(acc, rows[None, :].to(tl.int64) * N + cols[:, None], row_mask[None, :] & col_mask[:, None],
                   cols[:, None], col_mask[:, None], bias_ptr, partial_ptr, ticket_ptr, out_ptr,
                   col_tile * tl.num_programs(0) + row_tile, split, M * N, SPLITS, HAS_BIAS)
 
@@ -349,18 +354,6 @@ def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr):
     j3, j7 = tl.split(j37)
     return (tl.trans(j0), tl.trans(j1), tl.trans(j2), tl.trans(j3), tl.trans(j4), tl.trans(j5), tl.trans(j6),
             tl.trans(j7))
-
-
-_tickets: dict[torch.device, torch.Tensor] = {}
-_MAX_TILES = 1 << 16
-
-
-def _ticket_counters(device: torch.device) -> torch.Tensor:
-    """Per-device zeroed int32 counters for split-K tiles; each finished tile resets its own, so one buffer serves
-    every launch on the device's stream (they run one after another)."""
-    if device not in _tickets:
-        _tickets[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return _tickets[device]
 
 
 def _gemv_config(k: int, n: int) -> tuple[int, int, int, int, int]:
@@ -387,13 +380,12 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     k_split = triton.cdiv(triton.cdiv(k, splits), block_w * pack) * block_w * pack
     splits = triton.cdiv(k, k_split)
     tiles = triton.cdiv(n, block_n)
-    if splits > 1 and tiles > _MAX_TILES:
-        raise ValueError(f"{tiles} column tiles exceed the {_MAX_TILES} split-K tickets")
+    check_tiles(tiles, splits)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     partial = torch.empty(splits, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
     _wna16_gemv_kernel[(tiles, splits)](
         x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
-        _ticket_counters(x2.device) if splits > 1 else scales, out, n, K=k, BITS=bits, GROUP_SIZE=group,
+        ticket_counters(x2.device) if splits > 1 else scales, out, n, K=k, BITS=bits, GROUP_SIZE=group,
         SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None, BLOCK_N=block_n, GROUPS=block_w // group_words,
         GROUP_WORDS=group_words, DEPTH=depth, EMULATE=_INTERPRET, num_warps=warps, num_stages=2)
     return out
@@ -429,13 +421,12 @@ def wna16_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     steps = k // (step_words * 8)
     splits = max(d for d in range(1, min(splits, steps) + 1) if steps % d == 0)  # slices of whole steps
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    if splits > 1 and tiles > _MAX_TILES:
-        raise ValueError(f"{tiles} output tiles exceed the {_MAX_TILES} split-K tickets")
+    check_tiles(tiles, splits)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
     _wna16_mma_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
         x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
-        _ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k,
+        ticket_counters(x2.device) if splits > 1 else scales, out, m, n, x2.stride(0), K=k,
         GROUP_SIZE=k if group_size == -1 else group_size, SPLITS=splits, K_SPLIT=k // splits,
         HAS_BIAS=bias is not None, EMULATE=_INTERPRET, BLOCK_N=block_n, BLOCK_M=block_m, STEP_WORDS=step_words,
         num_warps=warps, num_stages=stages)

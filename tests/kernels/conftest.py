@@ -13,7 +13,8 @@ import sys
 import torch
 
 KERNEL_MODULES = ("engine.kernels.attention", "engine.kernels.kv_store", "engine.kernels.norm", "engine.kernels.activation",
-                  "engine.kernels.rotary", "engine.kernels.lora", "engine.kernels.gemv", "engine.kernels.wna16",
+                  "engine.kernels.rotary", "engine.kernels.lora", "engine.kernels.gemv", "engine.kernels.split_k",
+                  "engine.kernels.wna16",  # after split_k: it binds split_k's functions
                   "engine.kernels.act_quant", "engine.kernels.gguf",
                   "engine.kernels.w8a8")  # after act_quant: it binds act_quant's launchers
 

@@ -13,7 +13,7 @@ from sm90_compile import record_only
 from test_kernels import DEVICE, dtype_id, gpu
 
 from engine.quantization.wna16 import default_g_idx, pack_rows
-from engine.kernels import reference, wna16
+from engine.kernels import reference, split_k, wna16
 
 # (atol, rtol) for outputs of about unit size: the dequantized weight is rounded to x's dtype as the reference does;
 # only the order of the float32 sums differs.
@@ -114,7 +114,7 @@ def test_gemv_split_k_is_deterministic_and_resets_its_tickets():
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     config = (16, 4, 8, 4, 2)
     first = wna16.wna16_gemv(x, qweight, scales, zeros, 4, 32, None, config)
-    assert not wna16._ticket_counters(x.device).any()
+    assert not split_k.ticket_counters(x.device).any()
     second = wna16.wna16_gemv(x, qweight, scales, zeros, 4, 32, None, config)
     assert torch.equal(first, second)
     expected = x @ reference.dequantize_wna16(qweight, scales, zeros, g_idx, 4).T
@@ -199,17 +199,19 @@ def _run_ptx(asm: str, a: int, b: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gemv_ptx_gives_each_field_in_place_in_the_mantissa_of_2_to_the_23(bits):
-    """Register half * (16 // bits) + j holds the float 2^23 + q * 2^(bits * j) for the j-th field q of the word's
-    16-bit half, for random words: the GEMV subtracts 2^23 and sums the exact value against x's scaled element."""
+def test_gemv_ptx_gives_each_field_plus_its_windows_offset(bits):
+    """Register j holds the float 2^(23 - w) + q_j, w = _window(bits, j), for the j-th field q_j of random words (the
+    GEMV sums it against x's element and subtracts x's sum times the offset once per group); the offsets are the
+    ones the PTX is written for (128 and 2048 for 4 bits, 2^15 for 8)."""
     asm = wna16._fields_asm(bits)[0]
-    per_half = 16 // bits
+    pack = 32 // bits
+    offsets = [2.0 ** (23 - wna16._window(bits, j)) for j in range(pack)]
+    assert set(offsets) == ({128.0, 2048.0} if bits == 4 else {32768.0})
     g = torch.Generator().manual_seed(bits)
     for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist():
         values = torch.tensor(_run_ptx(asm, word), dtype=torch.int64).to(torch.int32).view(torch.float32)
-        fields = [((word >> (16 * half + bits * j)) & ((1 << bits) - 1)) << (bits * j)
-                  for half in range(2) for j in range(per_half)]
-        assert torch.equal(values.double() - 2.0**23, torch.tensor(fields, dtype=torch.float64))
+        fields = [offsets[j] + ((word >> (bits * j)) & ((1 << bits) - 1)) for j in range(pack)]
+        assert torch.equal(values.double(), torch.tensor(fields, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(("asm", "dtype", "offset"), [(wna16._NIBBLES_BF16.value, torch.bfloat16, 128),
