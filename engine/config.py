@@ -24,8 +24,11 @@ KernelBackend = Literal["auto", "torch", "triton"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 Task = Literal["generate", "embed", "score"]  # score: a cross-encoder (*ForSequenceClassification)
 PoolingType = Literal["last", "mean", "cls"]
-# Online quantization of a float checkpoint at load (vLLM's names); None or "none": the checkpoint as it is.
-Quantization = Literal["none", "fp8", "int8"]
+# vLLM's names. fp8 / int8: quantize a float checkpoint at load (fp8 on an fp8 checkpoint: run it as it is); the
+# others name a checkpoint's own method (the marlin ones its kernel), which must be the one its config.json declares
+# (engine.quantization.spec); None or "none": the checkpoint as it is.
+Quantization = Literal["none", "fp8", "int8", "gptq", "gptq_marlin", "awq", "awq_marlin", "compressed-tensors",
+                       "auto-round", "gguf"]
 # The KV cache's storage type (vLLM's names): auto is the model dtype; fp8 means fp8_e4m3.
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 GGUFDequantize = Literal["auto", "matmul", "load"]

@@ -173,8 +173,12 @@ def test_duplicate_model_name():
 
 
 def test_unknown_quantization_method_is_refused():
-    assert error(model("quantization: awq")) == \
-        "config.yaml: models[0].quantization: expected one of fp8, int8, none, null, got 'awq'"
+    assert error(model("quantization: bitsandbytes")) == (
+        "config.yaml: models[0].quantization: expected one of auto-round, awq, awq_marlin, compressed-tensors, fp8, "
+        "gguf, gptq, gptq_marlin, int8, none, null, got 'bitsandbytes'")
+    assert error(model("quantization: awq")) == (
+        "config.yaml: models[0].quantization: awq is a checkpoint's own method, but this checkpoint is not quantized "
+        "(its config.json has no quantization_config); fp8 or int8 quantize a float checkpoint at load")
     assert parse(model("quantization: none")).models[0].quantization == "none"
 
 
@@ -417,7 +421,7 @@ def yaml_key(path: tuple[str, ...], value) -> str:
 # Valid values other than the default, for the engine options whose default suggests none.
 OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True,
                 "smoothquant_alpha": 0.8, "pooling_normalize": False, "matryoshka_dimensions": (64, 128),
-                "pipeline_layer_split": (24,),
+                "pipeline_layer_split": (24,), "quantization": "fp8",  # builtin:tiny is float: gptq would be refused
                 "speculative_config": SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2)}
 
 

@@ -23,7 +23,8 @@ from appliance.config.schema import ENGINE_KEYS, AppConfig, ModelSpec
 from engine.config import (EngineConfigError, check_encoder_on_one_rank, check_tensor_parallel_split,
                            pipeline_stage_layers)
 from engine.models.builtin import resolve_model_source
-from engine.quantization.spec import (QuantizationConfigError, QuantScheme, check_linear_shapes,
+from engine.models.checkpoint_quantization import checkpoint_quantization_config
+from engine.quantization.spec import (ONLINE_METHODS, QuantizationConfigError, QuantScheme, check_linear_shapes,
                                       gguf_quantization_config, parse_quantization)
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -133,19 +134,40 @@ def _check_engine_options(m: ModelSpec, fail: Fail) -> None:
         fail(".".join((*ENGINE_KEYS[option], *filter(None, [key_within]))), e.problem)
 
 
-def _local_hf_config(m: ModelSpec) -> dict[str, Any]:
-    """A local checkpoint's config.json ({} for a Hub repo or a GGUF file: the engine reads those when it starts,
-    and checks them again)."""
-    config_file = Path(m.source) / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+def _checkpoint_folder(source: str) -> Path | None:
+    """The folder that holds a checkpoint's config.json: a local model folder, or a Hub repo's snapshot in the local
+    Hugging Face cache (no network: check-config must work offline, and the engine downloads at start anyway);
+    None for a GGUF file, a built-in model, or a repo not cached."""
+    if (Path(source) / "config.json").is_file():
+        return Path(source)
+    if not _HF_REPO_ID.match(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache  # only Hub sources pay for the import
+
+    cached = try_to_load_from_cache(source, "config.json")  # a path only when cached (else None or a marker)
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _hf_config(m: ModelSpec) -> dict[str, Any]:
+    """The checkpoint's config.json; {} where there is none to read yet or it does not parse: the engine reads it
+    when it starts, and reports it in its own words."""
+    folder = _checkpoint_folder(m.source)
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def model_quantization(m: ModelSpec) -> QuantScheme | None:
-    """The scheme a model will run: a local checkpoint's quantization_config (a GGUF file's from its header) with
-    `quantization` applied."""
+    """The scheme a model will run: the checkpoint's quantization_config or quantize_config.json (a GGUF file's from
+    its header) with `quantization` applied."""
     read, checkpoint = _gguf_quantization(m.source)
     if not read:
-        checkpoint = _local_hf_config(m).get("quantization_config")
+        folder = _checkpoint_folder(m.source)
+        if folder is None and _HF_REPO_ID.match(m.source) and m.quantization not in (None, "none", *ONLINE_METHODS):
+            return None  # a checkpoint's method named for a repo not downloaded yet: the engine checks it then
+        checkpoint = checkpoint_quantization_config(folder, _hf_config(m)) if folder else None
     return parse_quantization(checkpoint, m.quantization)
 
 
@@ -157,6 +179,8 @@ def describe_quantization(m: ModelSpec) -> str:
     gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
     if scheme is None and gguf and not _gguf_quantization(m.source)[0]:
         return "unknown until the engine reads the file"
+    if scheme is None and _checkpoint_folder(m.source) is None and _HF_REPO_ID.match(m.source):
+        return "read from the checkpoint when the engine downloads it (not in the local Hugging Face cache)"
     return scheme.describe() if scheme else "none"
 
 
@@ -213,7 +237,7 @@ def _check_gpus(m: ModelSpec, fail: Fail) -> None:
     if p.expert > 1:
         fail("parallelism.expert", "expert parallelism is not implemented yet; only tensor, pipeline and data "
                                    "parallelism can be above 1")
-    num_layers = _local_hf_config(m).get("num_hidden_layers")
+    num_layers = _hf_config(m).get("num_hidden_layers")
     if isinstance(num_layers, int):
         try:
             pipeline_stage_layers(num_layers, p.pipeline, p.pipeline_layer_split)
@@ -222,13 +246,9 @@ def _check_gpus(m: ModelSpec, fail: Fail) -> None:
 
 
 def _checkpoint_config(m: ModelSpec) -> dict:
-    """A local checkpoint's config.json (its text model's part, for multimodal ones); {} for anything else."""
-    config_file = Path(m.source) / "config.json"
-    try:
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    except (OSError, ValueError):
-        return {}  # the engine reports an unreadable checkpoint, with its own words
-    return config.get("text_config", config) if isinstance(config, dict) else {}
+    """The checkpoint's config.json (`_hf_config`), its text model's part for multimodal ones."""
+    config = _hf_config(m)
+    return config.get("text_config", config)
 
 
 def _check_tensor_split(m: ModelSpec, fail: Fail) -> None:

@@ -329,8 +329,10 @@ class ModelSpec(_Schema, kw_only=True):
     quantization: Annotated[Quantization | None, _doc(
         "Quantize a float checkpoint at load: fp8 (e4m3 weights per output channel, dynamic per-token activations) "
         "or int8 (W8A8, the same weight scales; asymmetric per-token activations, a zero point each). null or none: "
-        "run the checkpoint as it is, quantized (GPTQ, AWQ, compressed-tensors, fp8: read from its config.json) or "
-        "not.")] = engine_default("quantization")
+        "run the checkpoint as it is, quantized (GPTQ, AWQ, compressed-tensors, fp8, auto-round, gguf: read from its "
+        "config.json) or not. Naming a quantized checkpoint's own method, as vLLM takes it (gptq, gptq_marlin, awq, "
+        "awq_marlin, compressed-tensors, fp8, auto-round, gguf), runs it the same way, and is refused when the "
+        "checkpoint declares another.")] = engine_default("quantization")
     smoothquant_alpha: Annotated[Literal["auto"] | Annotated[float, Meta(ge=0, le=1)] | None, _doc(
         "With quantization int8 or fp8: SmoothQuant's migration strength, 0 to 1 (auto: 0.5 for int8, off for "
         "fp8). Before quantizing, one forward over a built-in text measures the down projection's input channels, "

@@ -73,12 +73,14 @@ class Attention(nn.Module):
 
 
 # The per-layer KV scales as the tools write them: `self_attn.k_scale` (vLLM, llm-compressor),
-# `self_attn.k_proj.k_scale` (AutoFP8, ModelOpt) and `self_attn.k_proj.output_scale` (older llm-compressor).
-KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
+# `self_attn.k_proj.k_scale` (AutoFP8, ModelOpt), `self_attn.k_proj.output_scale` (older llm-compressor) and
+# `self_attn.kv_scale` (vLLM's first fp8 checkpoints: one scale for K and V both).
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale", ".kv_scale")
 
 
 def load_kv_scale(model: nn.Module, hf_name: str, tensor: torch.Tensor) -> None:
-    """`model.layers.N.self_attn.k_scale` (a scalar, or one value per tensor) -> that block's `Attention.k_scale`."""
+    """`model.layers.N.self_attn.k_scale` (a scalar, or one value per tensor) -> that block's `Attention.k_scale`;
+    a `kv_scale` sets k_scale and v_scale alike."""
     block_name, _, which = hf_name.rpartition(".")
     if block_name.endswith((".k_proj", ".v_proj")):  # the projection is merged into qkv_proj here: its block's
         block_name, _, projection = block_name.rpartition(".")
@@ -88,5 +90,6 @@ def load_kv_scale(model: nn.Module, hf_name: str, tensor: torch.Tensor) -> None:
     if attention is None or tensor.numel() != 1:
         raise ValueError(f"unexpected KV scale {hf_name!r} of shape {tuple(tensor.shape)}: expected one value on an "
                          "attention block")
-    setattr(attention, which, float(tensor))
+    for name in ("k_scale", "v_scale") if which == "kv_scale" else (which,):
+        setattr(attention, name, float(tensor))
     attention.kv_scales_from_checkpoint = True

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.models.builtin import resolve_model_source
+from engine.models.checkpoint_quantization import checkpoint_quantization_config
 from engine.models.gguf import is_gguf, read_config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -71,7 +72,8 @@ class ModelConfig:
     type_vocab_size: int = 0
     position_offset: int = 0
     num_labels: int = 0
-    # config.json's quantization_config as the tool wrote it (`engine.quantization.spec` reads it); None: float.
+    # config.json's quantization_config (or older AutoGPTQ's quantize_config.json) as the tool wrote it
+    # (`engine.quantization.spec` reads it); None: float.
     quantization_config: dict[str, Any] | None = None
 
     @property
@@ -85,8 +87,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         max_model_len: int | None = None) -> ModelConfig:
-        """Reads `config.json` and, when present, `generation_config.json` from a model folder; or the metadata of a
-        GGUF file. `path` may name a built-in model (`builtin:NAME`)."""
+        """Reads `config.json` (with `quantize_config.json` where config.json has no quantization_config) and, when
+        present, `generation_config.json` from a model folder; or the metadata of a GGUF file. `path` may name a
+        built-in model (`builtin:NAME`)."""
         source = resolve_model_source(path)
         if is_gguf(source):
             return cls.from_dict(read_config(source), dtype=dtype, max_model_len=max_model_len)
@@ -96,7 +99,9 @@ class ModelConfig:
             raise FileNotFoundError(f"no config.json in model folder {folder}")
         generation_file = folder / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
-        return cls.from_dict(json.loads(config_file.read_text()), generation, dtype=dtype, max_model_len=max_model_len)
+        hf = json.loads(config_file.read_text())
+        hf["quantization_config"] = checkpoint_quantization_config(folder, hf)
+        return cls.from_dict(hf, generation, dtype=dtype, max_model_len=max_model_len)
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None, *,

@@ -189,7 +189,8 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads HF-named tensors through each parameter's weight_loader; every parameter (and every merged shard)
-        must be filled exactly from the checkpoint, and every checkpoint tensor must land somewhere."""
+        must be filled exactly from the checkpoint, and every checkpoint tensor must land somewhere (but the all-zero
+        biases older GPTQ tools saved beside packed linears that have none)."""
         params = dict(self.named_parameters())  # tied lm_head.weight is the same object, listed once
         loaded: set[tuple[str, object]] = set()
         tied = self.config.tie_word_embeddings
@@ -203,6 +204,14 @@ class LlamaForCausalLM(nn.Module):
             name, shard_id = _our_name(hf_name)
             if tied and name == "model.embed_tokens.weight" and name not in params:
                 name = "lm_head.weight"  # a last stage without the embedding
+            if name.endswith(".bias") and name not in params and _packs_int_weights(self, name[:-len(".bias")]):
+                # Older auto-gptq / GPTQ-for-LLaMa save a bias for every quantized linear, zeros where the model
+                # has none; dropping any other would change the outputs.
+                if torch.count_nonzero(tensor):
+                    raise ValueError(f"{hf_name!r} in the checkpoint for {self.config.architecture} is a nonzero "
+                                     f"bias (largest {float(tensor.abs().max()):g}) on a linear that config.json "
+                                     "gives none (attention_bias / mlp_bias); ignoring it would change the outputs")
+                continue
             if name not in params:
                 raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint for {self.config.architecture}")
             param = params[name]
@@ -227,6 +236,16 @@ def _stage_holds(stage: PipelineStage, tied: bool, hf_name: str) -> bool:
     if hf_name.startswith(("model.norm.", "lm_head.")):
         return stage.is_last
     return True
+
+
+def _packs_int_weights(model: nn.Module, module_name: str) -> bool:
+    """Whether `module_name` is a linear running GPTQ's or AWQ's packed layout."""
+    try:
+        method = model.get_submodule(module_name).quant_method
+    except AttributeError:
+        return False
+    scheme = getattr(method, "scheme", None)
+    return scheme is not None and scheme.layout in ("gptq", "awq")
 
 
 def _our_name(hf_name: str) -> tuple[str, object]:

@@ -17,6 +17,8 @@ from typing import Any
 
 ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
 CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8", "auto-round", "gguf")
+# vLLM's names for a checkpoint method run by a particular kernel; kvbox picks its kernel itself.
+METHOD_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
 GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")  # a GGUF file's tensors that load as float
 _IGNORABLE = ("lm_head",)  # kvbox never quantizes the LM head, so a checkpoint may say so
@@ -88,20 +90,34 @@ class QuantScheme:
 
 
 def parse_quantization(checkpoint: dict[str, Any] | None, requested: str | None) -> QuantScheme | None:
-    """The scheme in effect: the checkpoint's, or `requested` (fp8 / int8) applied to a float checkpoint."""
+    """The scheme in effect: the checkpoint's, or `requested` (fp8 / int8) applied to a float checkpoint. As in vLLM,
+    `requested` may also name the checkpoint's own method (gptq, awq, compressed-tensors...), which must then be the
+    one its config.json declares."""
     if requested in (None, "none"):
         return _parse_checkpoint(checkpoint) if checkpoint else None
-    if requested not in ONLINE_METHODS:
-        raise QuantizationConfigError("quantization", requested, f"expected one of none, {', '.join(ONLINE_METHODS)}")
+    method = METHOD_ALIASES.get(requested, requested)
+    if method not in ONLINE_METHODS + CHECKPOINT_METHODS:
+        raise QuantizationConfigError("quantization", requested, f"expected one of none, {', '.join(ONLINE_METHODS)} "
+                                      "(quantize a float checkpoint at load) or the checkpoint's own method: "
+                                      f"{', '.join(CHECKPOINT_METHODS + tuple(METHOD_ALIASES))}")
     scheme = _parse_checkpoint(checkpoint) if checkpoint else None
-    if scheme is None:  # int8 with a zero point per token: half the perplexity cost of symmetric (bench/RESULTS.md)
-        return QuantScheme(requested, requested, 8, weight_strategy="channel", activations="token",
-                           input_symmetric=requested != "int8", online=True)
-    if scheme.layout == requested:
+    if scheme is None and method in ONLINE_METHODS:
+        # int8 with a zero point per token: half the perplexity cost of symmetric (bench/RESULTS.md)
+        return QuantScheme(method, method, 8, weight_strategy="channel", activations="token",
+                           input_symmetric=method != "int8", online=True)
+    if scheme is None:
+        raise QuantizationConfigError("quantization", requested, f"{requested} is a checkpoint's own method, but "
+                                      "this checkpoint is not quantized (its config.json has no quantization_config); "
+                                      "fp8 or int8 quantize a float checkpoint at load")
+    if scheme.method == method or (method in ONLINE_METHODS and scheme.layout == method):
         return scheme  # an fp8 checkpoint asked to run as fp8 is just that
-    raise QuantizationConfigError("quantization", requested, f"{requested} quantizes a float checkpoint, but this one "
-                                  f"is already quantized ({scheme.describe()}); leave quantization unset to run it "
-                                  "as it is")
+    if method in ONLINE_METHODS:
+        raise QuantizationConfigError("quantization", requested, f"{requested} quantizes a float checkpoint, but this "
+                                      f"one is already quantized ({scheme.describe()}); leave quantization unset to "
+                                      "run it as it is")
+    raise QuantizationConfigError("quantization", requested, f"the checkpoint's quantization_config.quant_method is "
+                                  f"{checkpoint.get('quant_method')!r}, not {method} ({scheme.describe()}); leave "
+                                  f"quantization unset or set it to {scheme.method}")
 
 
 # Each merged decoder linear's checkpoint modules, under model.layers.N.
@@ -175,7 +191,22 @@ def _gptq(config: dict[str, Any]) -> QuantScheme:
     return QuantScheme("gptq", "gptq", _key(config, "bits", (4, 8)), _key(config, "group_size", GROUP_SIZES),
                        symmetric=_key(config, "sym", (True, False), True),
                        act_order=_key(config, "desc_act", (True, False), False),
-                       unquantized=tuple(f"re:{rule[2:]}" for rule in dynamic))
+                       unquantized=tuple(f"re:{rule[2:]}" for rule in dynamic) + _gptq_unlisted(config))
+
+
+def _gptq_unlisted(config: dict[str, Any]) -> tuple[str, ...]:
+    """transformers' and gptqmodel's modules_in_block_to_quantize: the decoder block's linears that were quantized
+    (self_attn.q_proj ...), in lists by quantization step; as vLLM, a linear is in when an entry is part of its name.
+    The unquantized entry that keeps the others float; none when every linear kvbox builds is in."""
+    value = config.get("modules_in_block_to_quantize") or []
+    listed = [name for item in value for name in (item if isinstance(item, list) else [item])] \
+        if isinstance(value, list) else [None]
+    if not all(isinstance(name, str) for name in listed):
+        raise QuantizationConfigError("quantization_config.modules_in_block_to_quantize", value,
+                                      "expected a list of module names, or of lists of them")
+    if not listed or all(any(name in part for name in listed) for parts in _LINEAR_PARTS.values() for part in parts):
+        return ()
+    return (f"re:(?!.*(?:{'|'.join(map(re.escape, listed))}))",)
 
 
 def _awq(config: dict[str, Any]) -> QuantScheme:
@@ -232,14 +263,21 @@ def _gguf(config: dict[str, Any]) -> QuantScheme:
 
 
 def _fp8(config: dict[str, Any]) -> QuantScheme:
+    _key(config, "fmt", ("e4m3",), "e4m3")  # e5m2 bytes read as e4m3 would be other numbers
     activations = {"dynamic": "token", "static": "tensor"}[_key(config, "activation_scheme", ("dynamic", "static"))]
-    unquantized = _ignored(config.get("ignored_layers"))
+    # vLLM's ignored_layers names modules exactly; transformers' FineGrainedFP8 (Qwen's, DeepSeek's FP8 releases)
+    # writes modules_to_not_convert, whose entries name a module, a parent of it or its last parts.
+    unquantized = _ignored(config.get("ignored_layers")) + tuple(
+        rf"re:(?:.*\.)?{re.escape(entry)}(?:\..*)?$" for entry in _ignored(config.get("modules_to_not_convert")))
     block = config.get("weight_block_size")
     if block is None:
         return QuantScheme("fp8", "fp8", 8, weight_strategy="tensor", activations=activations,
                            unquantized=unquantized)
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise QuantizationConfigError("quantization_config.weight_block_size", block, "expected [rows, columns]")
+    if activations == "tensor":  # as vLLM: block-scaled checkpoints are calibrated for dynamic activations only
+        raise QuantizationConfigError("quantization_config.activation_scheme", "static", "block-scaled weights "
+                                      "(weight_block_size) run with dynamic activations only")
     return QuantScheme("fp8", "fp8", 8, weight_strategy="block", block_size=(block[0], block[1]),
                        activations=activations, unquantized=unquantized)
 
@@ -259,20 +297,32 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
                                       ("strategy", ("tensor", None), None), ("dynamic", (False,), False),
                                       ("symmetric", (True,), True)):  # compressed-tensors' defaults
             _key(kv_cache, key, allowed, default, prefix="kv_cache_scheme.")
+    # llm-compressor writes both keys, empty (or a dense sparsity format) when the weights are only quantized.
+    sparsity = config.get("sparsity_config") or {}
+    if sparsity.get("format", "dense") != "dense":
+        raise QuantizationConfigError("quantization_config.sparsity_config.format", sparsity["format"],
+                                      "kvbox runs dense weights only (no 2:4 or other sparse formats)")
+    if config.get("transform_config"):
+        raise QuantizationConfigError("quantization_config.transform_config", config["transform_config"],
+                                      "kvbox does not apply compressed-tensors transforms (Hadamard or other "
+                                      "rotations of the weights and activations)")
     groups = config.get("config_groups") or {}
     if kv_cache and not groups:  # llm-compressor's FP8 KV cache alone: the weights stay float
         return None
-    fmt = _key(config, "format", tuple(_CT_FORMATS))
-    if len(groups) != 1:
-        raise QuantizationConfigError("quantization_config.config_groups", sorted(groups),
-                                      "kvbox runs exactly one config group (one scheme for every linear)")
-    (name, group), = groups.items()
+    name, group, targets = _ct_group(groups)
     at = f"config_groups.{name}."
-    if not any(target in ("Linear", "re:.*") for target in group.get("targets", ())):
-        raise QuantizationConfigError(f"quantization_config.{at}targets", group.get("targets"),
-                                      "the group must target Linear")
     weights = group.get("weights") or {}
-    layout = _CT_FORMATS[fmt]
+    if group.get("output_activations") is not None:
+        raise QuantizationConfigError(f"quantization_config.{at}output_activations", group["output_activations"],
+                                      "kvbox quantizes no linear's outputs")
+    # FP8_BLOCK: the fp8 method's block path reads its scales as weight_scale_inv, and quantizes activations per token
+    # where this scheme quantizes them per group of 128 columns.
+    if weights.get("strategy") == "block" and weights.get("type") == "float":
+        raise QuantizationConfigError(f"quantization_config.{at}weights.strategy", "block", "compressed-tensors' "
+                                      "block-scaled FP8 (FP8_BLOCK) is not supported; kvbox runs FP8 block scales "
+                                      "from fp8 checkpoints (quant_method fp8, weight_block_size)")
+    fmt_at, fmt = _ct_format(config, group, at)
+    layout = _CT_FORMATS[_key({"format": fmt}, "format", tuple(_CT_FORMATS), prefix=fmt_at)]
     kind = "float" if layout == "fp8" else "int"
     _key(weights, "type", (kind,), prefix=at + "weights.")
     bits = _key(weights, "num_bits", (4, 8) if layout == "pack" else (8,), prefix=at + "weights.")
@@ -285,7 +335,52 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
     return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
                        act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
                        activations=activations, input_symmetric=input_symmetric, weights_at=at + "weights.",
-                       unquantized=_ignored(config.get("ignore")))
+                       unquantized=_ignored(config.get("ignore")) + _ct_untargeted(targets, at))
+
+
+def _ct_group(groups: dict[str, Any]) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    """The one scheme kvbox runs: (the first group's name, its keys, every group's targets). llm-compressor writes
+    one group per targets list, so groups with the same scheme are one."""
+    if not groups:
+        raise QuantizationConfigError("quantization_config.config_groups", groups, "no group: nothing is quantized")
+    name = min(groups)
+    scheme = {key: value for key, value in groups[name].items() if key != "targets"}
+    others = [other for other, group in groups.items()
+              if {key: value for key, value in group.items() if key != "targets"} != scheme]
+    if others:
+        raise QuantizationConfigError("quantization_config.config_groups", sorted(groups),
+                                      f"kvbox runs one scheme for every linear, but {', '.join(sorted(others))} "
+                                      f"differ from {name}")
+    return name, groups[name], tuple(target for group in groups.values() for target in group.get("targets") or ())
+
+
+def _ct_untargeted(targets: tuple[str, ...], at: str) -> tuple[str, ...]:
+    """The unquantized entry that keeps float each linear no target names; none when one targets every Linear.
+    compressed-tensors matches a target against the module's class name, or re.match-es a "re:" pattern against its
+    name, else compares the whole name."""
+    if any(target in ("Linear", "re:.*") for target in targets):
+        return ()
+    # A dotless name is a class (LlamaDecoderLayer) or the LM head, neither of which kvbox quantizes.
+    others = [target for target in targets if not target.startswith("re:") and "." not in target]
+    if others or not targets:
+        raise QuantizationConfigError(f"quantization_config.{at}targets", list(targets), "kvbox quantizes decoder "
+                                      "linears only: targets must be Linear, module names or re: patterns")
+    patterns = (target[3:] if target.startswith("re:") else f"{re.escape(target)}$" for target in targets)
+    return (f"re:(?!{'|'.join(f'(?:{pattern})' for pattern in patterns)})",)
+
+
+def _ct_format(config: dict[str, Any], group: dict[str, Any], at: str) -> tuple[str, str]:
+    """(where the format was read, the format). A group's own format wins over the top-level one, as in
+    compressed-tensors; with neither (or mixed-precision, which defers to the groups'), it is inferred from the
+    scheme as compressed-tensors' infer_module_format picks it."""
+    if group.get("format"):
+        return at, group["format"]
+    if config.get("format") not in (None, "mixed-precision"):
+        return "", config["format"]
+    weights, inputs = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") == "float":
+        return "", "float-quantized" if inputs is not None else "naive-quantized"
+    return "", "int-quantized" if inputs is not None else "pack-quantized"
 
 
 def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[str | None, bool]:
