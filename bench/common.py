@@ -291,6 +291,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def steady(core):
+    """`core` (an EngineCore, or DataParallelCores' replicas) once its background load of the grammar tokenizer is
+    over: while it runs, its turns at the interpreter lock slow the steps of the main thread (on an H100 the first
+    timed batch-1 request decoded at 40-65 tokens/s against 165; bench/RESULTS.md, twenty-third session), which a
+    steady-state figure must not include."""
+    for replica in getattr(core, "replicas", [core]):
+        replica.structured.wait_loaded()
+    return core
+
+
 def free(device: str) -> None:
     """Gives a finished engine's weights and KV cache back before the next engine or measurement sizes its own."""
     gc.collect()

@@ -34,7 +34,7 @@ if __name__ == "__main__":  # run as a script: the repo root replaces bench/; im
 
 from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, free, measure_card, parallel_options,  # noqa: E402
                           peer_generate, peer_model, quantized_shape_folder, random_prompts, shape_folder,
-                          single_stream_roofline, sync)
+                          single_stream_roofline, steady, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -52,13 +52,13 @@ def make_core(args, speculative_tokens: int | None = None, draft_shape: str | No
         speculative = {"method": "ngram", "num_speculative_tokens": speculative_tokens, "prompt_lookup_min": 1,
                        "prompt_lookup_max": 4}
     free(args.device)  # the engine measured before this one, else both caches claim the device's memory
-    return EngineCore(EngineConfig(
+    return steady(EngineCore(EngineConfig(
         model=quantized_shape_folder(args.shape, args.quantization), load_format="dummy",
         dtype=SHAPES[args.shape]["torch_dtype"],
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(2048, args.input_len * args.batch),
         async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative,
-        cuda_graphs=not args.eager, **parallel_options(args)))
+        cuda_graphs=not args.eager, **parallel_options(args))))
 
 
 def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> tuple[float, float, dict, int]:

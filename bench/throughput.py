@@ -21,7 +21,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, add_workload_args, free,  # noqa: E402
                           measure_card, parallel_options, peer_generate, peer_generate_batch, peer_model,
-                          profile_kernels, random_prompts, run_workload, quantized_shape_folder, sync,
+                          profile_kernels, random_prompts, run_workload, quantized_shape_folder, steady, sync,
                           workload_roofline)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -43,7 +43,7 @@ def warm_core(args) -> EngineCore | DataParallelCores:
         async_scheduling=False if args.sync_scheduling else None,
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
         kv_cache_dtype=args.kv_cache_dtype, **parallel_options(args))
-    core = DataParallelCores(config) if config.data_parallel_size > 1 else EngineCore(config)
+    core = steady(DataParallelCores(config) if config.data_parallel_size > 1 else EngineCore(config))
     warmup = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
         core.add_request(f"warmup-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))

@@ -1,19 +1,21 @@
 """`GrammarBackend`: compiles grammars in a thread pool, off the engine's step loop, and caches them by key.
 
-The tokenizer (whose vocabulary xgrammar indexes) loads in the pool as soon as the backend exists (a generating
-engine makes it at the start of its construction). A request whose grammar is still compiling (or whose tokenizer is
-still loading) waits in the scheduler's queue.
+The vocabulary index (`vocabulary.tokenizer_info`: the tokenizer's, loaded in a child process where it would cost
+the engine process a transformers import) loads in the pool as soon as the backend exists (an engine starts it once
+it is built). A request whose grammar is still compiling (or whose tokenizer is still loading) waits in the
+scheduler's queue.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
-from engine.structured_output.grammar import compile_grammar, make_compiler
+from engine.structured_output.grammar import compile_grammar
 from engine.structured_output.params import StructuredOutputsParams
+from engine.structured_output.vocabulary import tokenizer_info
 
 if TYPE_CHECKING:
     import xgrammar as xgr
@@ -33,9 +35,14 @@ class GrammarBackend:
 
     @staticmethod
     def _load_compiler(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> xgr.GrammarCompiler:
-        from engine.tokenizer import load_tokenizer
+        info = tokenizer_info(tokenizer_path, vocab_size, stop_token_ids)  # before xgrammar's import: see there
+        import xgrammar as xgr
 
-        return make_compiler(load_tokenizer(tokenizer_path), vocab_size, stop_token_ids, max_threads=_NUM_THREADS)
+        return xgr.GrammarCompiler(info, max_threads=_NUM_THREADS)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Whether the tokenizer's index is loaded (or failed to load) within `timeout` seconds."""
+        return not wait([self._compiler], timeout).not_done
 
     def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar's future; equal keys share one compilation. Failures raise InvalidParameterError."""

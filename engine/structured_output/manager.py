@@ -78,6 +78,12 @@ class StructuredOutputManager:
         would otherwise wait for."""
         _ = self.backend
 
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Whether the grammar tokenizer that `start` began loading is loaded within `timeout` seconds (True when
+        none was started). A benchmark waits here: the load is seconds of Python in the backend's threads, whose
+        turns at the interpreter lock delay every step of the main thread while it lasts."""
+        return self._backend is None or self._backend.wait_loaded(timeout)
+
     def register(self, request: Request) -> None:
         """Starts (or joins) the compilation of the request's grammar."""
         request.grammar = RequestGrammar(self.backend.compile(request.sampling_params.structured_outputs))
