@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine import kernels
 from engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.contract import SchedulerOutput
 from engine.kv_dtype import kv_cache_torch_dtype
@@ -38,7 +37,7 @@ class KVMemory:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.num_blocks = 0
-        self.dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_config.dtype, device, kernels.backend_name())
+        self.dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_config.dtype)
         layers = model.attention_layers()
         # This stage's layers (all of them without pipeline parallelism); an encoder's count is bookkeeping only.
         self.num_layers = len(layers) or model_config.num_layers

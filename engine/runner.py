@@ -35,6 +35,7 @@ from engine.distributed.pipeline import PipelineStage
 from engine.distributed.progress import PROGRESS
 from engine.kernels import cpu_native
 from engine.input_batch import BatchRow, InputBatch, RequestStates, ScheduledRow
+from engine.kv_dtype import check_kv_cache_dtype
 from engine.kv_memory import KVMemory
 from engine.lora.layers import add_lora_layers, other_stage_twins
 from engine.lora.manager import LoraManager
@@ -58,6 +59,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         kernels.set_backend(kernels.resolve_backend(config.kernel_backend, device))
+        check_kv_cache_dtype(config.kv_cache_dtype, device, kernels.backend_name())
         if device.type == "cpu":
             cpu_heap.keep_freed_memory()
         stage = (PipelineStage.of(config, model_config.num_layers, pp_rank) if config.pipeline_parallel_size > 1

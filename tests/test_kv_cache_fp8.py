@@ -147,19 +147,55 @@ def test_unknown_kv_cache_dtype_is_refused():
 
 
 def test_e4m3_is_refused_on_a_gpu_older_than_ada(monkeypatch):
-    from engine.kv_dtype import kv_cache_torch_dtype
+    from engine.kv_dtype import check_kv_cache_dtype, kv_cache_torch_dtype
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     cuda = torch.device("cuda")
     for name in ("fp8", "fp8_e4m3"):
-        with pytest.raises(EngineConfigError, match=r"kv_cache_dtype: .* needs CUDA compute capability 8.9 or newer "
-                                                    r"\(Ada, Hopper\) in the Triton kernels; NVIDIA A100 has 8.0: use "
-                                                    r"fp8_e5m2 or auto \(YAML: kv_cache.dtype\)"):
-            kv_cache_torch_dtype(name, torch.bfloat16, cuda, "triton")
-    assert kv_cache_torch_dtype("fp8_e5m2", torch.bfloat16, cuda, "triton") == torch.float8_e5m2
-    assert kv_cache_torch_dtype("fp8", torch.bfloat16, torch.device("cpu"), "torch") == torch.float8_e4m3fn
-    assert kv_cache_torch_dtype("auto", torch.bfloat16, cuda, "triton") == torch.bfloat16
+        with pytest.raises(EngineConfigError) as error:
+            check_kv_cache_dtype(name, cuda, "triton")
+        assert str(error.value) == (f"kv_cache_dtype: {name!r} (e4m3) needs CUDA compute capability 8.9 or newer "
+                                    "(Ada, Hopper) in the Triton kernels; NVIDIA A100 has 8.0: use fp8_e5m2 or auto "
+                                    "(YAML: kv_cache.dtype)")
+    for name, device, backend in (("fp8_e5m2", cuda, "triton"), ("auto", cuda, "triton"),
+                                  ("fp8", cuda, "torch"), ("fp8", torch.device("cpu"), "torch")):
+        check_kv_cache_dtype(name, device, backend)
+    assert kv_cache_torch_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
+    assert kv_cache_torch_dtype("fp8_e4m3", torch.bfloat16) == torch.float8_e4m3fn
+    assert kv_cache_torch_dtype("auto", torch.bfloat16) == torch.bfloat16
+
+
+class _LoadingStarted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kv_cache_dtype, capability, refused", [
+    ("fp8", (8, 0), True), ("fp8_e4m3", (8, 6), True), ("fp8_e5m2", (8, 0), False), ("fp8", (9, 0), False)])
+def test_e4m3_is_refused_before_any_weight_is_loaded(tiny_model, monkeypatch, kv_cache_dtype, capability, refused):
+    """The engine on a CUDA device (its queries patched: this runs on the CPU) refuses e4m3 below 8.9 before the
+    weight loader runs; where the cache type runs, the loader is what comes next (stopped there)."""
+    from engine import kernels, runner
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GPU")
+    # The runner sets the process' kernel backend (Triton, on CUDA); the tests after this one run on the CPU's.
+    monkeypatch.setattr(kernels._active, "name", kernels._active.name)
+    monkeypatch.setattr(kernels._active, "ops", kernels._active.ops)
+    loads = []
+
+    def load_model(*args, **kwargs):
+        loads.append(args[1])
+        raise _LoadingStarted
+
+    monkeypatch.setattr(runner, "load_model", load_model)
+    with pytest.raises(EngineConfigError if refused else _LoadingStarted) as error:
+        LLM(tiny_model(), device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, max_model_len=64)
+    if refused:
+        assert str(error.value) == (f"kv_cache_dtype: {kv_cache_dtype!r} (e4m3) needs CUDA compute capability 8.9 or "
+                                    f"newer (Ada, Hopper) in the Triton kernels; NVIDIA GPU has {capability[0]}."
+                                    f"{capability[1]}: use fp8_e5m2 or auto (YAML: kv_cache.dtype)")
+    assert loads == ([] if refused else [tiny_model()])
 
 
 def test_yaml_key_maps_to_the_engine_option():

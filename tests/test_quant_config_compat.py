@@ -156,12 +156,6 @@ def test_compressed_tensors_features_kvbox_cannot_run_are_refused():
     two["config_groups"]["group_1"]["weights"] = {**two["config_groups"]["group_1"]["weights"], "strategy": "tensor"}
     assert refusal(two) == ("quantization_config.config_groups = ['group_0', 'group_1']: kvbox runs one scheme for "
                             "every linear, but group_1 differ from group_0")
-    block = copy.deepcopy(fp8)
-    block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
-    assert refusal(block) == (
-        "quantization_config.config_groups.group_0.weights.strategy = 'block': compressed-tensors' block-scaled FP8 "
-        "(FP8_BLOCK) is not supported; kvbox runs FP8 block scales from fp8 checkpoints (quant_method fp8, "
-        "weight_block_size)")
     classes = copy.deepcopy(fp8)
     classes["config_groups"]["group_0"]["targets"] = ["LlamaDecoderLayer"]
     assert refusal(classes) == ("quantization_config.config_groups.group_0.targets = ['LlamaDecoderLayer']: kvbox "

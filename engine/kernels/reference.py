@@ -393,23 +393,26 @@ def quantize_activations_asym(x: torch.Tensor, scale: torch.Tensor | None = None
     return q, scale.expand(x.shape[0], 1).float(), zero_point.expand(x.shape[0], 1).to(torch.int32)
 
 
-def dequantize_w8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """8-bit weight [out, in] (float8_e4m3fn or int8) -> float32: `weight_scale` is per output channel [out] or
-    per block [ceil(out / b0), ceil(in / b1)]."""
+def dequantize_w8(weight: torch.Tensor, weight_scale: torch.Tensor,
+                  block_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """8-bit weight [out, in] (float8_e4m3fn or int8) -> float32: `weight_scale` is per output channel [out], or
+    with `block_size` (b0, b1) per block [ceil(out / b0), ceil(in / b1)], the last row and column of blocks cut
+    short (the shapes alone cannot tell: 192 rows in 2 blocks are 128 + 64, not 96 + 96)."""
     w = weight.float()
-    if weight_scale.dim() == 1:
+    if block_size is None:
         return w * weight_scale[:, None]
-    rows = -(-weight.shape[0] // weight_scale.shape[0])
-    cols = -(-weight.shape[1] // weight_scale.shape[1])
+    rows, cols = block_size
     full = weight_scale.repeat_interleave(rows, 0)[:weight.shape[0]].repeat_interleave(cols, 1)[:, :weight.shape[1]]
     return w * full
 
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None = None, quantize_input: bool = True, azp_adj: torch.Tensor | None = None,
-                input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+                input_zero_point: torch.Tensor | None = None,
+                block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """y = Q(x) @ W.T + bias for 8-bit weights, emulated in float32: Q quantizes x as the GPU's W8A8 GEMM does
-    (static per-tensor `input_scale`, or dynamic per token when it is None); quantize_input=False: weight-only.
+    (static per-tensor `input_scale`, or dynamic per token when it is None); quantize_input=False: weight-only, the
+    only way block scales (`block_size`, see `dequantize_w8`) run.
     `azp_adj` (int8 weights with per-channel scales only): the activations are asymmetric (`input_zero_point` with a
     static scale), and azp_adj [N] is each output channel's int8 weight summed over K, so that
     y = s_x * s_w * (q @ W.T - z * azp_adj): the integer GEMM on q, then the zero point's share taken off."""
@@ -422,7 +425,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     if quantize_input:
         q, scale = quantize_activations(xf, weight.dtype, input_scale)
         return w8a8_gemm(q, scale, weight, weight_scale, bias, x.dtype)
-    y = xf @ dequantize_w8(weight, weight_scale).T
+    y = xf @ dequantize_w8(weight, weight_scale, block_size).T
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 

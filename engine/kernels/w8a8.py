@@ -12,8 +12,9 @@ shape is `kernels.gemv`'s: each program takes BLOCK_N output channels over all o
 tensor-core tile, and the 8-bit operands go to the tensor cores as they are (fp8 x fp8 -> float32, int8 x int8 ->
 int32), so nothing is converted per weight; the scales are applied once per output.
 
-What cuBLAS does not take goes the dequantizing way, on any GPU: weight-only 8-bit (`quantize_input=False`) and
-block-scaled weights (fp8 checkpoints with `weight_block_size`) get the weight dequantized to x's dtype for the call.
+Weight-only 8-bit (`quantize_input=False`) goes the dequantizing way, on any GPU: the weight is dequantized to x's
+dtype for the call. Block-scaled weights (fp8 checkpoints' `weight_block_size`, compressed-tensors' FP8_BLOCK) run
+only so (`block_size`): `_scaled_mm` here takes per-row scales, not blocks.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def w8a8_skinny(q: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, we
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
                 bias: torch.Tensor | None = None, quantize_input: bool = True, azp_adj: torch.Tensor | None = None,
-                input_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+                input_zero_point: torch.Tensor | None = None,
+                block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """[..., K] x 8-bit [N, K] -> [..., N] in x's dtype; `azp_adj` given: asymmetric int8 activations."""
-    if not quantize_input or weight_scale.dim() != 1:
-        return F.linear(x, dequantize_w8(weight, weight_scale).to(x.dtype), bias)
+    if not quantize_input:
+        return F.linear(x, dequantize_w8(weight, weight_scale, block_size).to(x.dtype), bias)
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
     if azp_adj is not None:

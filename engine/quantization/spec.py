@@ -37,9 +37,11 @@ class QuantScheme:
     """How every decoder linear of the model stores and runs its weight.
 
     `layout` picks the linear method: gptq | awq | pack (compressed-tensors pack-quantized) | fp8 | int8.
-    `activations` is None for weight-only schemes, "token" for dynamic per-token scales, "tensor" for a static
-    per-tensor `input_scale` from the checkpoint; `input_symmetric` False: int8 activations with a zero point (per
-    token, or the checkpoint's static `input_zero_point`). `weight_strategy` is channel | tensor | group | block.
+    `activations` is None for weight-only schemes (and block-scaled FP8, which kvbox runs weight-only), "token" for
+    dynamic per-token scales, "tensor" for a static per-tensor `input_scale` from the checkpoint; `input_symmetric`
+    False: int8 activations with a zero point (per token, or the checkpoint's static `input_zero_point`).
+    `weight_strategy` is channel | tensor | group | block (`block_size`: [rows, columns], the last block of either
+    cut short where the block does not divide the linear).
     """
 
     method: str  # what the user sees: gptq, awq, compressed-tensors, fp8, int8
@@ -76,7 +78,9 @@ class QuantScheme:
         if self.act_order:
             parts.append("act-order")
         asym = "" if self.input_symmetric else "asymmetric "
-        parts.append({None: "weight-only", "token": f"dynamic {asym}per-token activations",
+        # Block-scaled weights name no activations even where the checkpoint quantizes them (_block_size).
+        parts.append("activations unquantized" if self.weight_strategy == "block" else
+                     {None: "weight-only", "token": f"dynamic {asym}per-token activations",
                       "tensor": f"static {asym}activation scale"}[self.activations])
         if self.unquantized:  # an ignore list may name every layer's module
             more = len(self.unquantized) - 3
@@ -129,8 +133,8 @@ _LINEAR_PARTS = {"qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn
 def check_linear_shapes(scheme: QuantScheme | None, num_layers: int, hidden_size: int, intermediate_size: int,
                         q_size: int, kv_size: int) -> None:
     """Every quantized decoder linear (qkv, o, gate/up, down: [inputs, outputs of each part]) splits into the
-    scheme's groups, packed words and blocks; else the checkpoint's key that does not fit is named, before anything
-    is allocated. A linear the checkpoint leaves in float in every layer has no groups to split."""
+    scheme's groups, packed words and merged parts' blocks; else the checkpoint's key that does not fit is named,
+    before anything is allocated. A linear the checkpoint leaves in float in every layer has no groups to split."""
     if scheme is None or (scheme.layout in ("gguf", "fp8", "int8") and scheme.block_size is None):
         return
     linears = {"qkv_proj": (hidden_size, (q_size, kv_size, kv_size)), "o_proj": (q_size, (hidden_size,)),
@@ -142,10 +146,12 @@ def check_linear_shapes(scheme: QuantScheme | None, num_layers: int, hidden_size
             continue
         shape = f"{name}'s {inputs} inputs and {', '.join(map(str, outputs))} outputs"
         if scheme.block_size is not None:
-            rows, cols = scheme.block_size
-            if inputs % cols or any(size % rows for size in outputs):
-                raise QuantizationConfigError("quantization_config.weight_block_size", list(scheme.block_size),
-                                              f"the blocks do not divide {shape}")
+            # Each checkpoint tensor's last block may be cut short, but a merged linear's part must then end it:
+            # the next part's scales begin a block of their own. vLLM asks the same (bar the last part).
+            if len(_LINEAR_PARTS[name]) > 1 and any(size % scheme.block_size[0] for size in outputs):
+                raise QuantizationConfigError(f"{at}{'block_structure' if scheme.weights_at else 'weight_block_size'}",
+                                              list(scheme.block_size), f"the blocks do not divide {shape}, which "
+                                              "kvbox merges into one linear")
             continue
         if scheme.group_size != -1 and inputs % scheme.group_size:
             raise QuantizationConfigError(f"{at}group_size", scheme.group_size, f"the groups do not divide {shape}")
@@ -269,17 +275,24 @@ def _fp8(config: dict[str, Any]) -> QuantScheme:
     # writes modules_to_not_convert, whose entries name a module, a parent of it or its last parts.
     unquantized = _ignored(config.get("ignored_layers")) + tuple(
         rf"re:(?:.*\.)?{re.escape(entry)}(?:\..*)?$" for entry in _ignored(config.get("modules_to_not_convert")))
-    block = config.get("weight_block_size")
-    if block is None:
+    if config.get("weight_block_size") is None:
         return QuantScheme("fp8", "fp8", 8, weight_strategy="tensor", activations=activations,
                            unquantized=unquantized)
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise QuantizationConfigError("quantization_config.weight_block_size", block, "expected [rows, columns]")
+    block = _block_size(config, "weight_block_size", "")
     if activations == "tensor":  # as vLLM: block-scaled checkpoints are calibrated for dynamic activations only
         raise QuantizationConfigError("quantization_config.activation_scheme", "static", "block-scaled weights "
                                       "(weight_block_size) run with dynamic activations only")
-    return QuantScheme("fp8", "fp8", 8, weight_strategy="block", block_size=(block[0], block[1]),
-                       activations=activations, unquantized=unquantized)
+    return QuantScheme("fp8", "fp8", 8, weight_strategy="block", block_size=block, unquantized=unquantized)
+
+
+def _block_size(config: dict[str, Any], key: str, prefix: str) -> tuple[int, int]:
+    """Block-scaled FP8 weights' [rows, columns]. kvbox runs them weight-only on every device, the checkpoint's
+    dynamic activation quantization (per token, or FP8_BLOCK's per group of 128 columns) left out: each call
+    dequantizes the weight and the GEMM runs in the model dtype, as no FP8 tensor-core GEMM here takes block scales."""
+    block = config.get(key)
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise QuantizationConfigError(f"quantization_config.{prefix}{key}", block, "expected [rows, columns]")
+    return block[0], block[1]
 
 
 def _ignored(names: Any) -> tuple[str, ...]:
@@ -288,6 +301,7 @@ def _ignored(names: Any) -> tuple[str, ...]:
 
 
 _CT_FORMATS = {"pack-quantized": "pack", "int-quantized": "int8", "float-quantized": "fp8", "naive-quantized": "int8"}
+_CT_STRATEGIES = {"pack": ("group", "channel"), "int8": ("tensor", "channel"), "fp8": ("tensor", "channel", "block")}
 
 
 def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
@@ -315,26 +329,22 @@ def _compressed_tensors(config: dict[str, Any]) -> QuantScheme | None:
     if group.get("output_activations") is not None:
         raise QuantizationConfigError(f"quantization_config.{at}output_activations", group["output_activations"],
                                       "kvbox quantizes no linear's outputs")
-    # FP8_BLOCK: the fp8 method's block path reads its scales as weight_scale_inv, and quantizes activations per token
-    # where this scheme quantizes them per group of 128 columns.
-    if weights.get("strategy") == "block" and weights.get("type") == "float":
-        raise QuantizationConfigError(f"quantization_config.{at}weights.strategy", "block", "compressed-tensors' "
-                                      "block-scaled FP8 (FP8_BLOCK) is not supported; kvbox runs FP8 block scales "
-                                      "from fp8 checkpoints (quant_method fp8, weight_block_size)")
     fmt_at, fmt = _ct_format(config, group, at)
     layout = _CT_FORMATS[_key({"format": fmt}, "format", tuple(_CT_FORMATS), prefix=fmt_at)]
     kind = "float" if layout == "fp8" else "int"
     _key(weights, "type", (kind,), prefix=at + "weights.")
     bits = _key(weights, "num_bits", (4, 8) if layout == "pack" else (8,), prefix=at + "weights.")
-    strategies = ("group", "channel") if layout == "pack" else ("tensor", "channel")
-    strategy = _key(weights, "strategy", strategies, prefix=at + "weights.")
+    strategy = _key(weights, "strategy", _CT_STRATEGIES[layout], prefix=at + "weights.")
     symmetric = _key(weights, "symmetric", (True,) if layout != "pack" else (True, False), True, at + "weights.")
     group_size = _key(weights, "group_size", GROUP_SIZES[1:], prefix=at + "weights.") if strategy == "group" else -1
     actorder = _key(weights, "actorder", (None, "group", "weight", "static", False), prefix=at + "weights.")
-    activations, input_symmetric = _ct_activations(group.get("input_activations"), layout, at + "input_activations.")
+    activations, input_symmetric = _ct_activations(group.get("input_activations"), layout, at + "input_activations.",
+                                                   block=strategy == "block")
+    block = _block_size(weights, "block_structure", at + "weights.") if strategy == "block" else None
     return QuantScheme("compressed-tensors", layout, bits, group_size, symmetric=symmetric,
                        act_order=actorder == "group", weight_strategy="group" if layout == "pack" else strategy,
-                       activations=activations, input_symmetric=input_symmetric, weights_at=at + "weights.",
+                       block_size=block, activations=activations, input_symmetric=input_symmetric,
+                       weights_at=at + "weights.",
                        unquantized=_ignored(config.get("ignore")) + _ct_untargeted(targets, at))
 
 
@@ -383,8 +393,9 @@ def _ct_format(config: dict[str, Any], group: dict[str, Any], at: str) -> tuple[
     return "", "int-quantized" if inputs is not None else "pack-quantized"
 
 
-def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[str | None, bool]:
-    """(activations, input_symmetric); int8 activations may carry zero points, fp8 ones may not."""
+def _ct_activations(args: dict[str, Any] | None, layout: str, at: str, block: bool) -> tuple[str | None, bool]:
+    """(activations, input_symmetric); int8 activations may carry zero points, fp8 ones may not. Block-scaled
+    weights (FP8_BLOCK) take dynamic ones per token or per group of columns (which kvbox leaves unquantized)."""
     if args is None:
         if layout == "int8":
             raise QuantizationConfigError(f"quantization_config.{at[:-1]}", None,
@@ -396,7 +407,10 @@ def _ct_activations(args: dict[str, Any] | None, layout: str, at: str) -> tuple[
     _key(args, "num_bits", (8,), prefix=at)
     symmetric = _key(args, "symmetric", (True, False) if layout == "int8" else (True,), True, prefix=at)
     if args.get("dynamic", False):
-        _key(args, "strategy", ("token",), prefix=at)
-        return "token", symmetric
+        _key(args, "strategy", ("token", "group") if block else ("token",), prefix=at)
+        return (None if block else "token"), symmetric  # block: see _block_size
+    if block:  # as the fp8 method's weight_block_size
+        raise QuantizationConfigError(f"quantization_config.{at}dynamic", False, "block-scaled weights run with "
+                                      "dynamic activations only")
     _key(args, "strategy", ("tensor",), prefix=at)
     return "tensor", symmetric

@@ -1,9 +1,10 @@
 """8-bit weights, float8 e4m3 or int8, with their activations quantized to the same type (W8A8) or not (FP8 weight-
 only): pre-quantized checkpoints (vLLM's `fp8`: `weight` + per-tensor `weight_scale` or block `weight_scale_inv`,
 optional static `input_scale`; compressed-tensors float-quantized / int-quantized: per-tensor or per-channel
-`weight_scale`, int8 activations symmetric or not: static `input_zero_point`, or a zero point per token) and online
-quantization of a float checkpoint at load (`quantization: fp8 | int8`: per-output-channel weight scales, dynamic
-per-token activations, int8's asymmetric).
+`weight_scale`, or FP8_BLOCK's per-block one, int8 activations symmetric or not: static `input_zero_point`, or a zero
+point per token) and online quantization of a float checkpoint at load (`quantization: fp8 | int8`:
+per-output-channel weight scales, dynamic per-token activations, int8's asymmetric). Block-scaled weights run
+weight-only (`spec._block_size` says why).
 
 After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
 (per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
@@ -44,10 +45,10 @@ class W8A8LinearMethod(LinearMethod):
             add_param(layer, "weight_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
         elif s.weight_strategy == "channel":
             add_param(layer, "weight_scale", torch.empty(output_size, 1, dtype=torch.float32), output_dim=0)
-        else:
+        else:  # the last block row and column may be cut short (float32 holds a bfloat16 scale exactly)
             rows, cols = s.block_size
-            add_param(layer, "weight_scale_inv", torch.empty(output_size // rows, input_size // cols,
-                                                             dtype=torch.float32), output_dim=0, input_dim=1)
+            add_param(layer, _block_scale_name(s), torch.empty(-(-output_size // rows), -(-input_size // cols),
+                                                               dtype=torch.float32), output_dim=0, input_dim=1)
         if s.activations == "tensor":
             add_param(layer, "input_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
             if not s.input_symmetric:  # int8 in the checkpoint; float32 holds it exactly
@@ -65,15 +66,11 @@ class W8A8LinearMethod(LinearMethod):
         elif s.weight_strategy == "channel":
             scale = layer.weight_scale.data[:, 0]
         else:
-            # Checked here, not when built: a linear the checkpoint leaves in float is no longer this method's.
-            rows, cols = s.block_size
-            if any(size % rows for size in layer.output_parts) or layer.input_size % cols:
-                raise ValueError(f"fp8: weight_block_size {list(s.block_size)} does not divide a linear of "
-                                 f"{layer.input_size} inputs and outputs {list(layer.output_parts)}")
-            scale = layer.weight_scale_inv.data
-            replace_param(layer, "weight_scale_inv", None)
-        if hasattr(layer, "weight_scale"):
-            replace_param(layer, "weight_scale", None)
+            _check_blocks(layer, s)
+            scale = getattr(layer, _block_scale_name(s)).data
+        for name in ("weight_scale", "weight_scale_inv"):
+            if hasattr(layer, name):
+                replace_param(layer, name, None)
         layer.register_buffer("weight_scale", scale.float().contiguous())
         input_scale, input_zero_point = _static_input(layer) if s.activations == "tensor" else (None, None)
         layer.register_buffer("input_scale", input_scale)
@@ -100,9 +97,9 @@ class W8A8LinearMethod(LinearMethod):
             layer.input_zero_point.data.zero_()
 
     def input_quant_dtype(self, layer: nn.Module) -> torch.dtype | None:
-        # Dynamic symmetric per-token activations with per-channel weight scales: what `kernels.w8a8_gemm` takes.
+        # Dynamic symmetric per-token activations (per-channel weight scales): what `kernels.w8a8_gemm` takes.
         s = self.scheme
-        return self.dtype if s.activations == "token" and s.input_symmetric and layer.weight_scale.dim() == 1 else None
+        return self.dtype if s.activations == "token" and s.input_symmetric else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +107,27 @@ class W8A8LinearMethod(LinearMethod):
             return kernels.w8a8_gemm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
         return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
                                    quantize_input=self.scheme.activations is not None, azp_adj=layer.azp_adj,
-                                   input_zero_point=layer.input_zero_point)
+                                   input_zero_point=layer.input_zero_point, block_size=self.scheme.block_size)
+
+
+def _block_scale_name(scheme: QuantScheme) -> str:
+    """vLLM's fp8 checkpoints name block scales weight_scale_inv (DeepSeek's name; multiplied all the same),
+    compressed-tensors weight_scale."""
+    return "weight_scale_inv" if scheme.method == "fp8" else "weight_scale"
+
+
+def _check_blocks(layer: nn.Module, scheme: QuantScheme) -> None:
+    """A block cut short must end a checkpoint tensor: no merged part (the next one's scales begin a block) nor a
+    tensor-parallel shard (the next rank's do) may end inside one. Checked here, not when built: a linear the
+    checkpoint leaves in float is no longer this method's."""
+    rows, cols = scheme.block_size
+    parts = layer.output_parts
+    whole_parts = len(parts) > 1 or (layer.tp_size > 1 and layer.shard_dim == 0)
+    whole_inputs = layer.tp_size > 1 and layer.shard_dim == 1
+    if (whole_parts and any(size % rows for size in parts)) or (whole_inputs and layer.input_size % cols):
+        raise ValueError(f"{scheme.method}: block size {list(scheme.block_size)} does not divide a linear of "
+                         f"{layer.input_size} inputs and outputs {list(parts)} into the whole blocks its merged parts "
+                         "or tensor-parallel shards need")
 
 
 def _static_input(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -45,14 +45,15 @@ def test_w8a8_matches_emulation(m, xdtype, wdtype, static):
 
 @gpu
 def test_weight_only_and_block_scales_dequantize():
+    """Per-channel and 128 x 128 block scales, the last block row and column cut short (200 x 320)."""
     from engine.kernels import w8a8
 
-    weight, _ = make_layer(256, 512, torch.float8_e4m3fn, seed=3)
-    block_scale = torch.rand(2, 4, device="cuda") * 0.01 + 0.001
-    x = torch.randn(5, 512, device="cuda", dtype=torch.bfloat16)
-    for quantize_input in (False, True):
-        out = w8a8.w8a8_linear(x, weight, block_scale, None, None, quantize_input=quantize_input)
-        expected = torch.nn.functional.linear(x, reference.dequantize_w8(weight, block_scale).to(x.dtype))
+    weight, channel_scale = make_layer(200, 320, torch.float8_e4m3fn, seed=3)
+    block_scale = torch.rand(2, 3, device="cuda") * 0.01 + 0.001
+    x = torch.randn(5, 320, device="cuda", dtype=torch.bfloat16)
+    for scale, block_size in ((channel_scale, None), (block_scale, (128, 128))):
+        out = w8a8.w8a8_linear(x, weight, scale, None, None, quantize_input=False, block_size=block_size)
+        expected = torch.nn.functional.linear(x, reference.dequantize_w8(weight, scale, block_size).to(x.dtype))
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
 
