@@ -39,6 +39,7 @@ from engine.sampling_params import InvalidParameterError
 from engine.scheduler_budget import StepBudget, is_prefill
 from engine.scheduler_stop import check_stop, grammar_stops, stops_by_length_with_pending
 from engine.spec_decode.drafter import Drafter
+from engine.structured_output.backend import GrammarBackendError
 from engine.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ class Scheduler:
         """Whether a waiting request's grammar is compiled; one that failed to compile ends with an error."""
         try:
             return request.grammar.ready()
-        except InvalidParameterError as e:
+        except (InvalidParameterError, GrammarBackendError) as e:
             logger.warning("request %s: its grammar failed to compile: %s", request.request_id, e)
             self.waiting.remove(request)
             self._finish(request, RequestStatus.FINISHED_ERROR)

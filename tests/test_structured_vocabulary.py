@@ -78,3 +78,29 @@ print(len(children), type(grammar).__name__)
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "CompiledGrammar"]
+
+
+def test_a_tokenizer_that_fails_to_load_fails_structured_requests_not_the_engine(tiny_model, tmp_path):
+    """The engine's grammar tokenizer does not load (here: a folder without one): a structured request ends in an
+    error (the API's 500), the engine goes on, and a plain request after it is answered."""
+    from engine.core import EngineCore
+    from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
+    from engine.structured_output.params import StructuredOutputsParams
+
+    (tmp_path / "config.json").write_text("{}")
+    core = EngineCore(EngineConfig(model=tiny_model("llama"), tokenizer=str(tmp_path), device="cpu",
+                                   dtype="float32", num_kv_blocks=64))
+    core.structured.wait_loaded(120)
+    core.add_request("structured", [1, 2, 3], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+        choice=["yes", "no"])))
+    core.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    finished = {}
+    for _ in range(50):
+        for output in core.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if not core.has_unfinished_requests():
+            break
+    assert finished["structured"].finish_reason == "error"
+    assert finished["plain"].finish_reason == "length" and len(finished["plain"].new_token_ids) > 0

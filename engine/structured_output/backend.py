@@ -24,6 +24,10 @@ MAX_CACHED_GRAMMARS = 512
 _NUM_THREADS = 2
 
 
+class GrammarBackendError(RuntimeError):
+    """The backend cannot compile any grammar (its vocabulary index did not load)."""
+
+
 class GrammarBackend:
     def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]):
         self._executor = ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="grammar")
@@ -59,7 +63,11 @@ class GrammarBackend:
         return future
 
     def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        return compile_grammar(self._compiler.result(), params)
+        try:
+            compiler = self._compiler.result()
+        except Exception as e:  # the engine's fault, not the request's: its structured requests end in an error
+            raise GrammarBackendError(f"the engine's grammar tokenizer failed to load: {e}") from e
+        return compile_grammar(compiler, params)
 
     def _notify(self, _future: Future) -> None:
         with self.compiled:

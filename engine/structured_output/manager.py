@@ -43,7 +43,8 @@ class RequestGrammar:
         self.matcher: xgr.GrammarMatcher | None = None
 
     def ready(self) -> bool:
-        """True once the matcher exists; raises the compilation's error (InvalidParameterError)."""
+        """True once the matcher exists; raises the compilation's error (InvalidParameterError for the request's
+        grammar, GrammarBackendError for the engine's)."""
         if self.matcher is None and self.future.done():
             import xgrammar as xgr
 

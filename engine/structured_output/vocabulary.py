@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import xgrammar as xgr
 
+_TIMEOUT_S = 600  # a stuck child would leave structured requests waiting for ever; the slowest load seen took 20 s
+
 
 def tokenizer_info(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
     in_process = "transformers" in sys.modules  # asked first: importing xgrammar imports it
@@ -35,8 +37,13 @@ def tokenizer_info(tokenizer_path: str, vocab_size: int, stop_token_ids: list[in
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="kvbox-vocab-") as folder:
         out = Path(folder) / "tokenizer_info.json"
-        done = subprocess.run([sys.executable, "-m", __name__, tokenizer_path, str(vocab_size),
-                               json.dumps(stop_token_ids), str(out)], env=env, capture_output=True, text=True)
+        try:
+            done = subprocess.run([sys.executable, "-m", __name__, tokenizer_path, str(vocab_size),
+                                   json.dumps(stop_token_ids), str(out)], env=env, capture_output=True, text=True,
+                                  timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs took over "
+                               f"{_TIMEOUT_S} s") from None
         if done.returncode != 0:
             reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
             raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs failed: {reason}")
