@@ -40,14 +40,18 @@ def float_model(tmp_path_factory):
     return build_tiny_model("llama", tmp_path_factory.mktemp("float"), **SHAPE)
 
 
-def move_to_quantize_config(folder: Path) -> dict:
+def move_to_quantize_config(folder: Path, file: str = "quantize_config.json") -> dict:
     """config.json without quantization_config, its settings in quantize_config.json without quant_method, as
-    auto-gptq before 0.5 (and AutoAWQ's GPTQ-era layout) saved them."""
+    auto-gptq before 0.5 (and AutoAWQ's GPTQ-era layout) saved them; quant_config.json: AutoAWQ's own file and keys
+    (w_bit, q_group_size, zero_point, version "GEMM"), as early AWQ repos ship it."""
     config = json.loads((folder / "config.json").read_text())
     settings = config.pop("quantization_config")
     settings.pop("quant_method")
+    if file == "quant_config.json":
+        settings = {"zero_point": settings["zero_point"], "q_group_size": settings["group_size"],
+                    "w_bit": settings["bits"], "version": "GEMM"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "quantize_config.json").write_text(json.dumps(settings, indent=2))
+    (folder / file).write_text(json.dumps(settings, indent=2))
     return settings
 
 
@@ -77,14 +81,16 @@ def check_config(yaml: Path, env: dict[str, str] | None = None) -> subprocess.Co
                           text=True, env={**os.environ, **(env or {})}, cwd=Path(__file__).parent.parent)
 
 
-@pytest.mark.parametrize("name, described", [
-    ("gptq-4b-g32-asym-actorder", "gptq 4-bit, group 32, zero points, act-order, weight-only"),
-    ("awq-g64", "awq 4-bit, group 64, zero points, weight-only"),
+@pytest.mark.parametrize("name, file, described", [
+    ("gptq-4b-g32-asym-actorder", "quantize_config.json", "gptq 4-bit, group 32, zero points, act-order, weight-only"),
+    ("awq-g64", "quantize_config.json", "awq 4-bit, group 64, zero points, weight-only"),
+    ("awq-g64", "quant_config.json", "awq 4-bit, group 64, zero points, weight-only"),
 ])
-def test_settings_in_quantize_config_json_load_and_show_in_check_config(float_model, tmp_path, name, described):
+def test_settings_in_quantize_config_json_load_and_show_in_check_config(float_model, tmp_path, name, file,
+                                                                         described):
     folder = tmp_path / "quantized"
     dequantized = write_format(name, float_model, folder)
-    settings = move_to_quantize_config(folder)
+    settings = move_to_quantize_config(folder, file)
     assert ("zero_point" in settings) == name.startswith("awq")  # what tells AutoAWQ's file from auto-gptq's
     assert_greedy_matches_transformers(folder, qc.write_float(float_model, tmp_path / "ref", dequantized))
 
@@ -94,11 +100,12 @@ def test_settings_in_quantize_config_json_load_and_show_in_check_config(float_mo
     assert result.returncode == 0, result.stderr
     assert f"m: quantization {described}, kv cache auto" in result.stdout
 
-    settings["bits"] = 3
-    (folder / "quantize_config.json").write_text(json.dumps(settings))
+    bits = "w_bit" if file == "quant_config.json" else "bits"
+    settings[bits] = 3
+    (folder / file).write_text(json.dumps(settings))
     result = check_config(yaml)
     assert result.returncode == 1
-    assert "models[0].source: quantization_config.bits = 3: kvbox supports" in result.stderr
+    assert f"models[0].source: quantization_config.{bits} = 3: kvbox supports" in result.stderr
 
 
 def test_config_json_settings_win_over_quantize_config_json(float_model, tmp_path):

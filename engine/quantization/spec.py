@@ -221,7 +221,10 @@ def _awq(config: dict[str, Any]) -> QuantScheme:
     _key(config, "zero_point", (True,), True)
     # AutoAWQ (and vLLM) skip every module whose name contains an entry.
     unquantized = tuple(f"re:.*{re.escape(entry)}" for entry in _ignored(config.get("modules_to_not_convert")))
-    return QuantScheme("awq", "awq", _key(config, "bits", (4,)), _key(config, "group_size", GROUP_SIZES[1:]),
+    # AutoAWQ's own quant_config.json names them w_bit and q_group_size (vLLM reads either name).
+    bits = "w_bit" if "w_bit" in config and "bits" not in config else "bits"
+    group = "q_group_size" if "q_group_size" in config and "group_size" not in config else "group_size"
+    return QuantScheme("awq", "awq", _key(config, bits, (4,)), _key(config, group, GROUP_SIZES[1:]),
                        symmetric=False, unquantized=unquantized)
 
 
