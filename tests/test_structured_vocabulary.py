@@ -104,3 +104,24 @@ def test_a_tokenizer_that_fails_to_load_fails_structured_requests_not_the_engine
             break
     assert finished["structured"].finish_reason == "error"
     assert finished["plain"].finish_reason == "length" and len(finished["plain"].new_token_ids) > 0
+
+
+def test_what_the_tokenizer_prints_in_the_child_does_not_reach_the_index(tiny_model):
+    """The child hands its index over on stdout; a library printing while the tokenizer loads goes to stderr."""
+    import xgrammar as xgr
+
+    folder = tiny_model("llama")
+    script = f"""
+import runpy, sys
+import engine.tokenizer
+load = engine.tokenizer.load_tokenizer
+engine.tokenizer.load_tokenizer = lambda path: print("a library's chatter") or load(path)
+sys.argv = ["vocabulary", {folder!r}, "{_vocab_size(folder)}", "[2]"]
+runpy.run_module("engine.structured_output.vocabulary", run_name="__main__")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a library's chatter" in done.stderr
+    there = xgr.TokenizerInfo.deserialize_json(done.stdout)
+    assert there.decoded_vocab == vocabulary._build(folder, _vocab_size(folder), [2]).decoded_vocab

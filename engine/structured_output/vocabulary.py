@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,19 +34,18 @@ def tokenizer_info(tokenizer_path: str, vocab_size: int, stop_token_ids: list[in
         return _build(tokenizer_path, vocab_size, stop_token_ids)
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the engine package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix="kvbox-vocab-") as folder:
-        out = Path(folder) / "tokenizer_info.json"
-        try:
-            done = subprocess.run([sys.executable, "-m", __name__, tokenizer_path, str(vocab_size),
-                                   json.dumps(stop_token_ids), str(out)], env=env, capture_output=True, text=True,
-                                  timeout=_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs took over "
-                               f"{_TIMEOUT_S} s") from None
-        if done.returncode != 0:
-            reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-            raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs failed: {reason}")
-        return xgr.TokenizerInfo.deserialize_json(out.read_text())
+    try:
+        # Through a pipe, not a file: a child outliving a killed engine ends at its write and leaves nothing behind.
+        done = subprocess.run([sys.executable, "-m", __name__, tokenizer_path, str(vocab_size),
+                               json.dumps(stop_token_ids)], env=env, capture_output=True, text=True,
+                              timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs took over {_TIMEOUT_S} s"
+                           ) from None
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise RuntimeError(f"loading the tokenizer {tokenizer_path!r} for structured outputs failed: {reason}")
+    return xgr.TokenizerInfo.deserialize_json(done.stdout)
 
 
 def _build(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
@@ -60,5 +58,9 @@ def _build(tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> x
 
 
 if __name__ == "__main__":
-    path, size, stops, destination = sys.argv[1:]
-    Path(destination).write_text(_build(path, int(size), json.loads(stops)).serialize_json())
+    path, size, stops = sys.argv[1:]
+    result = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what the tokenizer's libraries print goes to stderr
+    sys.stdout = sys.stderr
+    result.write(_build(path, int(size), json.loads(stops)).serialize_json())
+    result.close()
