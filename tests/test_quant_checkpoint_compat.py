@@ -19,19 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from engine import LLM, SamplingParams
+from engine import LLM
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.quantization.spec import QuantizationConfigError
 from engine.tools import quantized_checkpoints as qc
 from test_quant_kv_scales import prompt_token_logprobs
-from test_quantization import SHAPE, write_format
+from test_quantization import SHAPE, assert_greedy_matches_transformers, write_format
 
 CPU = torch.device("cpu")
-NEW_TOKENS = 6
-PROMPTS = [[5, 17, 99, 3], list(range(40, 60))]
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +58,6 @@ def add_biases(folder: Path, value: float = 0.0) -> None:
     for name in [name for name in tensors if name.endswith(".qweight")]:
         tensors[name[:-len("qweight")] + "bias"] = torch.full((tensors[name].shape[1],), value, dtype=torch.float16)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
-
-def assert_greedy_matches_transformers(folder: Path, reference_folder: Path) -> None:
-    reference = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
-    llm = LLM(str(folder), dtype="float32", num_kv_blocks=16, max_model_len=64)
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                           use_tqdm=False)
-    for ids, output in zip(PROMPTS, outputs):
-        input_ids = torch.tensor([ids])
-        expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                      max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        assert output.outputs[0].token_ids == expected[0, len(ids):].tolist()
 
 
 def check_config(yaml: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

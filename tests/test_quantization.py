@@ -145,12 +145,10 @@ def test_weight_only_checkpoint_runs_its_dequantized_weights(float_model, tmp_pa
     torch.testing.assert_close(prefill_logits(model, config, token_ids), want, atol=LOGITS_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gptq-4b-g32-asym-actorder", "awq-g64", "ct-w4a16-g64-asym"])
-def test_greedy_tokens_match_transformers(float_model, tmp_path, name):
-    dequantized = write_format(name, float_model, tmp_path / "quantized")
-    reference = AutoModelForCausalLM.from_pretrained(qc.write_float(float_model, tmp_path / "ref", dequantized),
-                                                     dtype=torch.float32).eval()
-    llm = LLM(str(tmp_path / "quantized"), dtype="float32", num_kv_blocks=64)
+def assert_greedy_matches_transformers(folder: Path, reference_folder: Path, label: str = "") -> None:
+    """The quantized checkpoint's greedy tokens through `LLM` equal transformers' on the dequantized float one."""
+    reference = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    llm = LLM(str(folder), dtype="float32", num_kv_blocks=64)
     prompts = [[5, 17, 99, 3], list(range(40, 70))]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
                            use_tqdm=False)
@@ -158,7 +156,14 @@ def test_greedy_tokens_match_transformers(float_model, tmp_path, name):
         input_ids = torch.tensor([ids])
         expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                       max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        assert output.outputs[0].token_ids == expected[0, len(ids):].tolist(), name
+        assert output.outputs[0].token_ids == expected[0, len(ids):].tolist(), label
+
+
+@pytest.mark.parametrize("name", ["gptq-4b-g32-asym-actorder", "awq-g64", "ct-w4a16-g64-asym"])
+def test_greedy_tokens_match_transformers(float_model, tmp_path, name):
+    dequantized = write_format(name, float_model, tmp_path / "quantized")
+    assert_greedy_matches_transformers(tmp_path / "quantized", qc.write_float(float_model, tmp_path / "ref",
+                                                                               dequantized), name)
 
 
 def test_packed_weights_take_a_fraction_of_the_float_bytes(float_model, tmp_path):

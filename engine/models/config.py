@@ -72,7 +72,7 @@ class ModelConfig:
     type_vocab_size: int = 0
     position_offset: int = 0
     num_labels: int = 0
-    # config.json's quantization_config (or older AutoGPTQ's quantize_config.json) as the tool wrote it
+    # config.json's quantization_config (or older tools' quantize_config.json / quant_config.json) as written
     # (`engine.quantization.spec` reads it); None: float.
     quantization_config: dict[str, Any] | None = None
 
@@ -87,9 +87,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         max_model_len: int | None = None) -> ModelConfig:
-        """Reads `config.json` (with `quantize_config.json` where config.json has no quantization_config) and, when
-        present, `generation_config.json` from a model folder; or the metadata of a GGUF file. `path` may name a
-        built-in model (`builtin:NAME`)."""
+        """Reads `config.json` (with `quantize_config.json` or `quant_config.json` where it has no
+        quantization_config) and, when present, `generation_config.json` from a model folder; or the metadata of a
+        GGUF file. `path` may name a built-in model (`builtin:NAME`)."""
         source = resolve_model_source(path)
         if is_gguf(source):
             return cls.from_dict(read_config(source), dtype=dtype, max_model_len=max_model_len)
