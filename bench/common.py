@@ -336,6 +336,18 @@ def run_workload(core, args, prompts: list[list[int]], lora_names: list[str | No
     return elapsed
 
 
+def add_online_args(parser) -> None:
+    """Online quantization of the float dummy weights, as the engine takes it."""
+    parser.add_argument("--online", choices=["fp8", "int8"],
+                        help="quantize the float dummy weights at load (the engine's `quantization`)")
+    parser.add_argument("--outlier-fraction", type=float,
+                        help="with --online: the fraction of input channels kept in float (default none)")
+
+
+def online_options(args) -> dict:
+    return {"quantization": args.online, "outlier_fraction": args.outlier_fraction}
+
+
 def add_parallel_args(parser, data: bool = False) -> None:
     """vLLM's parallel sizes, as the engine takes them (`data`: offline replicas, engine.data_parallel)."""
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks per layer, one GPU each")

@@ -32,9 +32,9 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: the repo root replaces bench/; imported, the path stays as it is
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, free, measure_card, parallel_options,  # noqa: E402
-                          peer_generate, peer_model, quantized_shape_folder, random_prompts, shape_folder,
-                          single_stream_roofline, steady, sync)
+from bench.common import (QUANTIZATIONS, SHAPES, add_online_args, add_parallel_args, free, measure_card,  # noqa: E402
+                          online_options, parallel_options, peer_generate, peer_model, quantized_shape_folder,
+                          random_prompts, shape_folder, single_stream_roofline, steady, sync)
 from bench.replay_proposer import ReplayProposer  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
@@ -58,7 +58,7 @@ def make_core(args, speculative_tokens: int | None = None, draft_shape: str | No
         device=args.device, max_model_len=args.input_len + args.output_len, enable_prefix_caching=False,
         max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(2048, args.input_len * args.batch),
         async_scheduling=False if args.sync_scheduling else None, speculative_config=speculative,
-        cuda_graphs=not args.eager, **parallel_options(args))))
+        cuda_graphs=not args.eager, **online_options(args), **parallel_options(args))))
 
 
 def run_kvbox(args, prompts, profiler=None, core: EngineCore | None = None) -> tuple[float, float, dict, int]:
@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--gpu-profile", action="store_true",
                         help="print the GPU kernel time per decode step next to the wall time (torch.profiler)")
     parser.add_argument("--json")
+    add_online_args(parser)
     add_parallel_args(parser)
     args = parser.parse_args()
 
@@ -272,8 +273,8 @@ def main() -> None:
         if core.step_trace is not None:
             print_summary(core.step_trace.summary())
         del core
-    print(f"kvbox ({args.quantization}, weights {weights / 1e9:.2f} GB): time to first token {ttft * 1e3:.1f} ms, "
-          f"decode {rate:.1f} tokens/s (batch {args.batch})")
+    print(f"kvbox ({args.online or args.quantization}, weights {weights / 1e9:.2f} GB): time to first token "
+          f"{ttft * 1e3:.1f} ms, decode {rate:.1f} tokens/s (batch {args.batch})")
     results = {"args": vars(args), "kvbox": {"ttft_ms": ttft * 1e3, "decode_tokens_per_s": rate,
                                              "weight_gb": weights / 1e9}}
     if args.speculative:

@@ -11,7 +11,9 @@ Perplexity is exp(mean negative log-likelihood) over all of them. "float" is the
 built-in SmolLM2: Q4_1 / Q8_0 blocks, which kvbox keeps packed and refuses to quantize again) is first written out
 as a float safetensors folder by transformers' own GGUF reader (dequantized once, in a cache folder); fp8 / int8
 quantize those float weights online (`quantization`), int8 with SmoothQuant folded in first (`smoothquant_alpha`, on
-by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row); "fp8 KV"
+by default for int8; "int8 unsmoothed" turns it off; `--smooth-alpha` sets it for every quantized row), "fp8
+outliers 1%" with 1% of each linear's input channels kept in float (`outlier_fraction`, off by default;
+`--outlier-fraction` sets it for every quantized row); "fp8 KV"
 keeps float weights and stores the KV cache in e4m3 (scales 1.0: a GGUF carries none), "fp8 KV calib" with scales
 calibrated at start-up (`calculate_kv_scales`, on the engine's built-in calibration text, not this one). Each row
 shows its change against float.
@@ -38,6 +40,7 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 CONFIGS = {
     "float": {},
     "fp8 weights": {"quantization": "fp8"},
+    "fp8 outliers 1%": {"quantization": "fp8", "outlier_fraction": 0.01},
     "int8 weights": {"quantization": "int8"},
     "int8 unsmoothed": {"quantization": "int8", "smoothquant_alpha": None},
     "fp8 KV": {"kv_cache_dtype": "fp8"},
@@ -105,6 +108,8 @@ def main() -> int:
                         "(default: the engine's)")
     parser.add_argument("--smooth-targets", help="comma-separated linears to smooth, of "
                         f"{', '.join(t.rsplit('.', 1)[1] for t in smoothing.ALL_TARGETS)} (default: the engine's)")
+    parser.add_argument("--outlier-fraction", type=float, help="the input channels kept in float in the quantized "
+                        "rows (default: the engine's)")
     args = parser.parse_args()
     names = args.configs.split(",")
     if args.smooth_targets:
@@ -123,6 +128,8 @@ def main() -> int:
         extra = CONFIGS[name]
         if args.smooth_alpha is not None and "quantization" in extra and "smoothquant_alpha" not in extra:
             extra = {**extra, "smoothquant_alpha": args.smooth_alpha}
+        if args.outlier_fraction is not None and "quantization" in extra and "outlier_fraction" not in extra:
+            extra = {**extra, "outlier_fraction": args.outlier_fraction}
         start = time.perf_counter()
         value = perplexity(model, text, args.window, args.max_tokens, device=args.device, dtype=args.dtype,
                            **extra)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (QUANTIZATIONS, SHAPES, add_parallel_args, add_workload_args, free,  # noqa: E402
-                          measure_card, parallel_options, peer_generate, peer_generate_batch, peer_model,
-                          profile_kernels, random_prompts, run_workload, quantized_shape_folder, steady, sync,
-                          workload_roofline)
+from bench.common import (QUANTIZATIONS, SHAPES, add_online_args, add_parallel_args, add_workload_args,  # noqa: E402
+                          free, measure_card, online_options, parallel_options, peer_generate, peer_generate_batch,
+                          peer_model, profile_kernels, random_prompts, run_workload, quantized_shape_folder, steady,
+                          sync, workload_roofline)
 from engine.config import EngineConfig  # noqa: E402
 from engine.core import EngineCore  # noqa: E402
 from engine.data_parallel import DataParallelCores  # noqa: E402
@@ -42,7 +42,7 @@ def warm_core(args) -> EngineCore | DataParallelCores:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
         async_scheduling=False if args.sync_scheduling else None,
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding or None,
-        kv_cache_dtype=args.kv_cache_dtype, **parallel_options(args))
+        kv_cache_dtype=args.kv_cache_dtype, **online_options(args), **parallel_options(args))
     core = steady(DataParallelCores(config) if config.data_parallel_size > 1 else EngineCore(config))
     warmup = random_prompts(args.num_prompts, args.input_len, SHAPES[args.shape]["vocab_size"], seed=1)
     for i, prompt in enumerate(warmup):
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--step-trace", action="store_true",
                         help="print each run's step timeline summary (engine.step_trace)")
     parser.add_argument("--json", help="write the results here")
+    add_online_args(parser)
     add_parallel_args(parser, data=True)
     args = parser.parse_args()
     if args.data_parallel_size > 1 and (args.step_trace or args.gpu_profile):
@@ -99,7 +100,8 @@ def main() -> None:
     results = {"args": vars(args), "rows": [], "weight_gb": core.weight_bytes / 1e9,
                "replicas": len(core.replicas) if isinstance(core, DataParallelCores) else 1,
                "ranks": engine.config.tensor_parallel_size * engine.config.pipeline_parallel_size}
-    print(f"kvbox ({args.quantization}, KV cache {args.kv_cache_dtype}): weights {core.weight_bytes / 1e9:.2f} GB, "
+    print(f"kvbox ({args.online or args.quantization}, KV cache {args.kv_cache_dtype}): weights "
+          f"{core.weight_bytes / 1e9:.2f} GB, "
           f"{engine.kv_manager.pool.num_blocks} KV blocks")
     for i in range(args.repeat):
         core.step_trace = StepTrace() if args.step_trace else None

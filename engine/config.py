@@ -177,6 +177,10 @@ class EngineConfig:
     # (engine.quantization.smoothing); None: not. Skipped with LoRA (adapters were trained on the unsmoothed
     # inputs) and across several ranks or stages.
     smoothquant_alpha: SmoothQuantAlpha | None = "auto"
+    # Online quantization keeps this fraction of each linear's input channels (0 to 1), the largest over the same
+    # calibration forward, in float beside the 8-bit GEMM (engine.quantization.outliers); None or 0: none (the
+    # default, as measured). Skipped across several ranks or stages.
+    outlier_fraction: float | None = None
     # None: no speculation; a dict of vLLM's keys is turned into a SpeculativeConfig.
     speculative_config: SpeculativeConfig | None = None
 
@@ -204,6 +208,9 @@ class EngineConfig:
         alpha = self.smoothquant_alpha
         if alpha is not None and alpha != "auto" and (isinstance(alpha, (str, bool)) or not 0 <= alpha <= 1):
             raise EngineConfigError("smoothquant_alpha", f"must be auto, null or in [0, 1], got {alpha!r}")
+        fraction = self.outlier_fraction
+        if fraction is not None and (isinstance(fraction, (str, bool)) or not 0 <= fraction <= 1):
+            raise EngineConfigError("outlier_fraction", f"must be null or in [0, 1], got {fraction!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "max_num_seqs",

@@ -71,7 +71,8 @@ class ModelRunner:
         self.model = load_model(model_config, config.model, device, config.load_format, config.task,
                                 config.quantization, tp_rank, config.tensor_parallel_size, stage,
                                 _gguf_dequantize(config.gguf_dequantize, device),
-                                None if config.enable_lora else config.smoothquant_alpha, config.tokenizer)
+                                None if config.enable_lora else config.smoothquant_alpha, config.tokenizer,
+                                config.outlier_fraction)
         self.pooler = (Pooler(pooler_info, self.model, device) if pooler_info is not None and self.is_last_stage
                        else None)  # an earlier stage runs its layers and hands the activations on
         self.sampler = Sampler()

@@ -420,7 +420,7 @@ def yaml_key(path: tuple[str, ...], value) -> str:
 
 # Valid values other than the default, for the engine options whose default suggests none.
 OTHER_VALUES = {"tokenizer": "org/tok", "device": "cpu", "gpu_memory_utilization": 0.5, "async_scheduling": True,
-                "smoothquant_alpha": 0.8, "pooling_normalize": False, "matryoshka_dimensions": (64, 128),
+                "smoothquant_alpha": 0.8, "outlier_fraction": 0.05, "pooling_normalize": False, "matryoshka_dimensions": (64, 128),
                 "pipeline_layer_split": (24,), "quantization": "fp8",  # builtin:tiny is float: gptq would be refused
                 "speculative_config": SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2)}
 

@@ -109,17 +109,17 @@ FORMATS = {
                                      (8, -1, False, False), (4, -1, True, True)]},
     "awq-g64": (qc.awq_config(64), lambda w: qc.awq_tensors(w, 64)),
     "awq-g128": (qc.awq_config(128), lambda w: qc.awq_tensors(w, 128)),
-    "ct-w4a16-g32-asym-actorder": ct_actorder_writer(4, 32),
 }
-CT_FORMATS = {"ct-w4a16-g32-sym": (4, 32, True), "ct-w4a16-g64-asym": (4, 64, False),
-              "ct-w8a16-channel": (8, None, True), "ct-w8a16-g128-asym": (8, 128, False)}
+# Built when written: compressed-tensors need not be installed where only the others run (the GPU machine).
+CT_FORMATS = {"ct-w4a16-g32-sym": lambda: ct_pack_writer(4, 32, True),
+              "ct-w4a16-g64-asym": lambda: ct_pack_writer(4, 64, False),
+              "ct-w8a16-channel": lambda: ct_pack_writer(8, None, True),
+              "ct-w8a16-g128-asym": lambda: ct_pack_writer(8, 128, False),
+              "ct-w4a16-g32-asym-actorder": lambda: ct_actorder_writer(4, 32)}
 
 
 def write_format(name: str, float_model: Path, out: Path) -> dict[str, torch.Tensor]:
-    if name in FORMATS:
-        config, layer = FORMATS[name]
-    else:
-        config, layer = ct_pack_writer(*CT_FORMATS[name])
+    config, layer = FORMATS[name] if name in FORMATS else CT_FORMATS[name]()
     return qc.write_quantized(float_model, out, config, layer)
 
 

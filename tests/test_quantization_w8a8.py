@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
+from engine.quantization.calibration import calibration_windows
 from engine.quantization.spec import QuantizationConfigError, parse_quantization
 from engine.tools import quantized_checkpoints as qc
 from tests.test_quantization import SHAPE, prefill_logits
@@ -194,8 +195,78 @@ def test_online_quantization_within_the_rule(float_model, float_logits, method, 
         assert rule_ratio(symmetric, fake, float_logits) > TOLERANCE
 
 
-def test_online_fp8_serves_through_the_engine(float_model):
-    llm = LLM(str(float_model), dtype="float32", quantization="fp8", num_kv_blocks=32)
+def calibration_kept(folder, fraction: float) -> dict[str, torch.Tensor]:
+    """Each transformers decoder linear's input channels with the largest |x| over the built-in calibration text
+    (the engine's windows of it, one transformers forward each), `fraction` of them, sorted."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    amax, hooks = {}, []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in qc.LINEARS:
+            def record(_, args, name=name):
+                seen = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)
+                amax[name] = torch.maximum(amax[name], seen) if name in amax else seen
+            hooks.append(module.register_forward_pre_hook(record))
+    with torch.inference_mode():
+        for window in calibration_windows(str(folder), model.config.max_position_embeddings):
+            model(torch.tensor([window]))
+    return {name: a.topk(max(1, round(fraction * a.numel()))).indices.sort().values for name, a in amax.items()}
+
+
+def outlier_reference_logits(folder, dtype, inputs, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers in float32, each decoder linear y = fake(x) @ fake(W without the kept columns)^T + x[:, kept] @
+    W[:, kept]^T: LLM.int8()'s decomposition, the kept columns out of the weight's per-row scales."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, module in model.named_modules():
+        if name in kept:
+            weight, index = module.weight.data.clone(), kept[name]
+            quantized = fake_quant(weight.index_fill(1, index, 0.0), dtype, None)
+
+            def forward(x, quantized=quantized, index=index, kept_weight=weight[:, index]):
+                return fake_input(x, inputs, None) @ quantized.T + x[..., index] @ kept_weight.T
+            module.forward = forward
+    with torch.inference_mode():
+        return model(torch.tensor([TOKENS])).logits[0]
+
+
+@pytest.mark.parametrize("method, dtype, inputs", [("fp8", torch.float8_e4m3fn, torch.float8_e4m3fn),
+                                                   ("int8", torch.int8, "asym")])
+@torch.inference_mode()
+def test_online_outlier_channels_stay_in_float_within_the_rule(float_model, float_logits, method, dtype, inputs):
+    fraction = 0.05  # of the tiny model's 128 (256 at down) inputs: 6 (13)
+    config = ModelConfig.from_pretrained(float_model, dtype="float32")
+    model = load_model(config, float_model, CPU, quantization=method, outlier_fraction=fraction)
+    kept = calibration_kept(float_model, fraction)
+    layer = model.model.layers[1]
+    for engine_linear, names in ((layer.self_attn.qkv_proj, ["q_proj", "k_proj", "v_proj"]),
+                                 (layer.self_attn.o_proj, ["o_proj"]), (layer.mlp.down_proj, ["down_proj"])):
+        for name in names:  # q/k/v share their input, so their calibration picks the same channels
+            part = next(key for key in kept if key.startswith("model.layers.1.") and key.endswith(name))
+            assert engine_linear.outlier_index.tolist() == kept[part].tolist()
+        index = engine_linear.outlier_index
+        assert (engine_linear.weight[:, index].float() == 0).all()
+        assert engine_linear.quant_method.input_quant_dtype(engine_linear) is None  # the float input must reach it
+    fake = outlier_reference_logits(float_model, dtype, inputs, kept)
+    assert rule_ratio(prefill_logits(model, config, TOKENS), fake, float_logits) <= TOLERANCE
+    # The plain scheme is another computation: the rule tells them apart.
+    plain = load_model(config, float_model, CPU, quantization=method, outlier_fraction=None)
+    assert plain.model.layers[1].mlp.down_proj.outlier_weight is None
+    assert rule_ratio(prefill_logits(plain, config, TOKENS), fake, float_logits) > TOLERANCE
+
+
+def test_dummy_weights_keep_as_many_channels_spread_evenly(float_model):
+    config = ModelConfig.from_pretrained(float_model, dtype="float32")
+    model = load_model(config, float_model, CPU, load_format="dummy", quantization="fp8", outlier_fraction=0.01)
+    down = model.model.layers[0].mlp.down_proj  # 256 inputs: 1% is 3 of them
+    assert down.outlier_index.tolist() == [0, 127, 255] and down.outlier_weight.shape == (down.output_size, 3)
+
+
+@pytest.mark.parametrize("outlier_fraction", [None, 0.01])
+def test_online_fp8_serves_through_the_engine(float_model, outlier_fraction):
+    llm = LLM(str(float_model), dtype="float32", quantization="fp8", num_kv_blocks=32,
+              outlier_fraction=outlier_fraction)
+    qkv = llm.core.runner.model.model.layers[0].self_attn.qkv_proj
+    # None (the default) keeps none; 1% of 128 inputs keeps one, at least one
+    assert (qkv.outlier_weight is None) if outlier_fraction is None else qkv.outlier_index.numel() == 1
     [output] = llm.generate([[5, 17, 99, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                             use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4

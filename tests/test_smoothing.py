@@ -18,7 +18,7 @@ from engine import LLM
 from engine.kernels import cpu_native
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
-from engine.quantization import smoothing
+from engine.quantization import calibration, smoothing
 from engine.tools import quantized_checkpoints as qc
 from engine.tools.tiny_model import FAMILIES
 from tests.test_quantization import prefill_logits
@@ -62,8 +62,8 @@ def test_alpha_one_half_balances_activation_and_weight_extremes(checkpoints, fam
     model, config = float_model(folder)
     targets = smoothing.ALL_TARGETS
     smoothing.smooth_model(model, folder, ALPHA, targets)
-    windows = smoothing.calibration_windows(folder, config.max_model_len)
-    amax = smoothing.input_amax(model, windows, targets)
+    windows = calibration.calibration_windows(folder, config.max_model_len)
+    amax = calibration.input_amax(model, windows, smoothing.target_linears(model, targets))
     attention = model.model.layers[0].self_attn
     for layer in model.model.layers:
         for target in targets:

@@ -31,6 +31,7 @@ from engine.progress import progress
 from engine.quantization.context import UNQUANTIZED, building_with
 from engine.quantization.gguf import dequantize_at_load
 from engine.quantization.methods import keep_float_linears, linear_method_for
+from engine.quantization.outliers import keep_outliers_online
 from engine.quantization.smoothing import smooth_online
 from engine.quantization.spec import (
     QuantizationConfigError,
@@ -51,14 +52,15 @@ _DUMMY_SEED = 0
 def load_model(config: ModelConfig, path: str | Path, device: torch.device, load_format: str = "auto",
                task: str = "generate", quantization: str | None = None, tp_rank: int = 0,
                tp_size: int = 1, stage: PipelineStage | None = None, gguf_dequantize: str = "matmul",
-               smoothquant_alpha: float | str | None = None, tokenizer: str | None = None) -> nn.Module:
+               smoothquant_alpha: float | str | None = None, tokenizer: str | None = None,
+               outlier_fraction: float | None = None) -> nn.Module:
     """The model that runs `config.architecture` for `task`, in `config.dtype` on `device`, weights loaded, in eval
     mode; its linears quantized as the checkpoint's quantization_config says, or online by `quantization` (fp8,
     int8); with `tp_size` > 1, rank `tp_rank`'s shard of it (each parameter's loader cuts its shard from the full
     tensors); given a pipeline `stage`, only that stage's layers. A GGUF's blocks stay packed unless
     `gguf_dequantize` is "load". Online quantization smooths the float weights first with `smoothquant_alpha`
-    ("auto": the type's default; None: not), calibrating on `tokenizer`'s (default: `path`'s) tokens, where the
-    model is whole on one rank."""
+    ("auto": the type's default; None: not) and keeps `outlier_fraction` of each linear's input channels in float
+    (None: none), calibrating on `tokenizer`'s (default: `path`'s) tokens, where the model is whole on one rank."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
@@ -81,8 +83,10 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         model.load_weights(progress(counter, f"loading {Path(source).name}", "tensor", total))
         logger.info("read %d tensors (%.2f GiB) from %s in %.1f s", counter.num_tensors, counter.num_bytes / 2**30,
                     source, time.perf_counter() - counter.start)
-        if scheme is not None and scheme.online and tp_size == 1 and stage is None:
+    if scheme is not None and scheme.online and tp_size == 1 and stage is None:
+        if load_format != "dummy":
             smooth_online(model, scheme.layout, smoothquant_alpha, tokenizer or str(path))
+        keep_outliers_online(model, outlier_fraction, tokenizer or str(path), load_format == "dummy")
     for module in model.modules():
         if hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)

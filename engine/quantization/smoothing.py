@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.attention import AttentionMetadata
-from engine.quantization.context import UNQUANTIZED
-from engine.quantization.kv_calibration import CALIBRATION_TEXT
+from engine.quantization.calibration import calibration_windows, input_amax
 
 # Which linears' inputs are smoothed, by their attribute path in a decoder layer.
 QKV, O, GATE_UP, DOWN = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
@@ -33,8 +31,6 @@ TARGETS = (DOWN,)
 # +1.27%); none for fp8, whose error is mostly its mantissa's: alpha 0.1 to 0.5 measured +1.97 to +2.50% on the whole
 # text (+2.66% unsmoothed) but swung the CI slice from -8.8% to +2.4% (bench/RESULTS.md).
 AUTO_ALPHA = {"int8": 0.5}
-CALIBRATION_WINDOW = 512
-_BLOCK = 16
 
 
 def smooth_online(model: nn.Module, layout: str, alpha: float | str | None, tokenizer_path: str) -> None:
@@ -51,21 +47,13 @@ def can_smooth(model: nn.Module) -> bool:
     return bool(layers) and all(hasattr(layer, "smoothing_norms") for layer in layers)
 
 
-def calibration_windows(tokenizer_path: str, window: int) -> list[list[int]]:
-    """The calibration text's tokens cut into prompts of at most `window` tokens (the rotary table's length)."""
-    from engine.tokenizer import load_tokenizer
-
-    token_ids = load_tokenizer(tokenizer_path).encode(CALIBRATION_TEXT.read_text(), verbose=False)
-    return [token_ids[i:i + window] for i in range(0, len(token_ids), window)]
-
-
 @torch.no_grad()
 def smooth_model(model: nn.Module, tokenizer_path: str, alpha: float, targets: tuple[str, ...] | None = None) -> None:
     """Folds SmoothQuant scales of migration strength `alpha` into `model`'s float weights (loaded, not yet
     processed by their linear method), for the linears named in `targets` (None: `TARGETS`)."""
     targets = targets or TARGETS
-    windows = calibration_windows(tokenizer_path, min(CALIBRATION_WINDOW, model.config.max_model_len))
-    amax = input_amax(model, windows, targets)
+    amax = input_amax(model, calibration_windows(tokenizer_path, model.config.max_model_len),
+                      target_linears(model, targets))
     for layer in model.model.stage_layers:
         # o and down first: they rescale rows of q/k/v and gate/up, whose columns' extremes the norms' scales read.
         if O in targets:
@@ -80,60 +68,14 @@ def smooth_model(model: nn.Module, tokenizer_path: str, alpha: float, targets: t
                 _scale_columns(linear.weight, scales)
 
 
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[nn.Module]:
+    return [layer.get_submodule(target) for layer in model.model.stage_layers for target in targets]
+
+
 def smoothing_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = max|X|^alpha / max|W|^(1 - alpha) per input channel; 1 where a channel never fired or has no weight."""
     scales = act_amax.pow(alpha) / weight_amax.pow(1 - alpha)
     return torch.where(torch.isfinite(scales) & (scales > 0), scales, torch.ones_like(scales)).clamp(min=1e-5)
-
-
-def input_amax(model: nn.Module, windows: list[list[int]], targets: tuple[str, ...]) -> dict[nn.Module, torch.Tensor]:
-    """Each target linear's largest |input| per input channel (float32) over one float forward of `windows`, the
-    prompts side by side, on a cache allocated for it alone."""
-    linears = [layer.get_submodule(target) for layer in model.model.stage_layers for target in targets]
-    amax: dict[nn.Module, torch.Tensor] = {}
-
-    def record(linear: nn.Module, args: tuple) -> None:
-        seen = args[0].detach().abs().amax(0).float()
-        amax[linear] = torch.maximum(amax[linear], seen) if linear in amax else seen
-
-    methods = {module: module.quant_method for module in model.modules() if hasattr(module, "quant_method")}
-    hooks = [linear.register_forward_pre_hook(record) for linear in linears]
-    try:
-        for module in methods:  # the float weights, as loaded
-            module.quant_method = UNQUANTIZED
-        _forward(model, windows)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, method in methods.items():
-            module.quant_method = method
-    return amax
-
-
-def _forward(model: nn.Module, windows: list[list[int]]) -> None:
-    device = next(model.parameters()).device
-    lengths = [len(w) for w in windows]
-    blocks = [-(-n // _BLOCK) for n in lengths]
-    config = model.config
-    for attention in model.attention_layers():
-        attention.kv_cache = torch.zeros(2, sum(blocks), _BLOCK, attention.num_kv_heads, attention.head_size,
-                                         dtype=config.dtype, device=device)
-    table = torch.full((len(windows), max(blocks)), 0, dtype=torch.int32)
-    slots, first = [], 0
-    for i, (n, count) in enumerate(zip(lengths, blocks)):
-        table[i, :count] = torch.arange(first, first + count, dtype=torch.int32)
-        slots.append(torch.arange(n) + first * _BLOCK)
-        first += count
-    starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    metadata = AttentionMetadata(torch.cat(slots).to(device), table.to(device),
-                                 torch.tensor(lengths, dtype=torch.int32, device=device), starts.to(device),
-                                 max(lengths), max(lengths))
-    try:
-        model(torch.tensor(sum(windows, []), device=device),
-              torch.cat([torch.arange(n) for n in lengths]).to(device), metadata)
-    finally:
-        for attention in model.attention_layers():
-            attention.kv_cache = None
 
 
 def _column_amax(weight: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ only): pre-quantized checkpoints (vLLM's `fp8`: `weight` + per-tensor `weight_sc
 optional static `input_scale`; compressed-tensors float-quantized / int-quantized: per-tensor or per-channel
 `weight_scale`, or FP8_BLOCK's per-block one, int8 activations symmetric or not: static `input_zero_point`, or a zero
 point per token) and online quantization of a float checkpoint at load (`quantization: fp8 | int8`:
-per-output-channel weight scales, dynamic per-token activations, int8's asymmetric). Block-scaled weights run
-weight-only (`spec._block_size` says why).
+per-output-channel weight scales, dynamic per-token activations, int8's asymmetric; a few input channels may stay in
+float beside them, `outliers`). Block-scaled weights run weight-only (`spec._block_size` says why).
 
 After loading every form is one layout: `weight` [out, in] 8-bit, `weight_scale` float32 per output channel [out]
 (per-tensor scales of merged parts become per-channel, exactly) or per block, and `input_scale` (static, one for
@@ -39,7 +39,8 @@ class W8A8LinearMethod(LinearMethod):
         add_param(layer, "weight", torch.empty(output_size, input_size, dtype=weight_dtype), output_dim=0,
                   input_dim=1)
         layer.output_parts = output_slices
-        if s.online:
+        if s.online:  # `outliers` may set the input channels kept in float before processing
+            layer.register_buffer("outlier_index", None)
             return
         if s.weight_strategy == "tensor":
             add_param(layer, "weight_scale", torch.empty(len(output_slices), dtype=torch.float32), per_part=True)
@@ -57,8 +58,13 @@ class W8A8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         s = self.scheme
+        outlier_weight = None
         if s.online:
-            weight, scale = _quantize_per_channel(layer.weight.data, self.dtype)
+            weight = layer.weight.data
+            if layer.outlier_index is not None:
+                outlier_weight = weight[:, layer.outlier_index].contiguous()
+                weight = weight.index_fill(1, layer.outlier_index, 0.0)
+            weight, scale = _quantize_per_channel(weight, self.dtype)
             replace_param(layer, "weight", weight)
         elif s.weight_strategy == "tensor":
             scale = torch.repeat_interleave(layer.weight_scale.data,
@@ -72,6 +78,7 @@ class W8A8LinearMethod(LinearMethod):
             if hasattr(layer, name):
                 replace_param(layer, name, None)
         layer.register_buffer("weight_scale", scale.float().contiguous())
+        layer.register_buffer("outlier_weight", outlier_weight)  # [out, kept] float, beside `outlier_index`
         input_scale, input_zero_point = _static_input(layer) if s.activations == "tensor" else (None, None)
         layer.register_buffer("input_scale", input_scale)
         layer.register_buffer("input_zero_point", input_zero_point)
@@ -97,17 +104,22 @@ class W8A8LinearMethod(LinearMethod):
             layer.input_zero_point.data.zero_()
 
     def input_quant_dtype(self, layer: nn.Module) -> torch.dtype | None:
-        # Dynamic symmetric per-token activations (per-channel weight scales): what `kernels.w8a8_gemm` takes.
+        # Dynamic symmetric per-token activations (per-channel weight scales): what `kernels.w8a8_gemm` takes; not
+        # with outlier channels, whose float part needs the float input.
         s = self.scheme
-        return self.dtype if s.activations == "token" and s.input_symmetric else None
+        takes = s.activations == "token" and s.input_symmetric and layer.outlier_weight is None
+        return self.dtype if takes else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
             return kernels.w8a8_gemm(x.q, x.scale, layer.weight, layer.weight_scale, bias, x.dtype)
-        return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
-                                   quantize_input=self.scheme.activations is not None, azp_adj=layer.azp_adj,
-                                   input_zero_point=layer.input_zero_point, block_size=self.scheme.block_size)
+        y = kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias,
+                                quantize_input=self.scheme.activations is not None, azp_adj=layer.azp_adj,
+                                input_zero_point=layer.input_zero_point, block_size=self.scheme.block_size)
+        if layer.outlier_weight is not None:  # the input channels kept in float (`outliers`)
+            y = y.addmm_(x.index_select(-1, layer.outlier_index), layer.outlier_weight.t())
+        return y
 
 
 def _block_scale_name(scheme: QuantScheme) -> str:
