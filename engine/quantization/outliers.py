@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from engine.quantization.calibration import calibration_windows, input_amax
+from engine.quantization.w8a8 import W8A8LinearMethod
+
 
 def keep_outliers_online(model: nn.Module, fraction: float | None, tokenizer_path: str, dummy: bool) -> None:
     """Chooses the kept channels (`outlier_index`) of every linear `model` quantizes online, `fraction` of each
     one's inputs (None or 0: none, at least one otherwise); the linears' method splits them off as it quantizes."""
-    from engine.quantization.w8a8 import W8A8LinearMethod
-
     linears = [module for module in model.modules()
                if isinstance(getattr(module, "quant_method", None), W8A8LinearMethod)
                and module.quant_method.scheme.online]
