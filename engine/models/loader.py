@@ -87,6 +87,8 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         if load_format != "dummy":
             smooth_online(model, scheme.layout, smoothquant_alpha, tokenizer or str(path))
         keep_outliers_online(model, outlier_fraction, tokenizer or str(path), load_format == "dummy")
+    elif outlier_fraction and scheme is not None and scheme.online:  # the calibration needs the whole model
+        logger.warning("outlier_fraction %s is not applied across several ranks or stages", outlier_fraction)
     for module in model.modules():
         if hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)

@@ -8,7 +8,7 @@ the few channels whose values are largest carry the most absolute error into the
 per-token scale does not matter (left in, `bench/fp8_schemes.py` gave the same perplexity to the digit), so the
 activation quantizers are unchanged. Off by default: on the built-in SmolLM2, 1% of the channels took online fp8
 from +2.39% to +1.48% perplexity over float on the GPL-3 text but only from +2.62% to +2.35% on four other licence
-texts, and it cost a third of a Llama-3.1-8B-shaped batch-1 decode step on an H100 (243.0 -> 189.6 tok/s;
+texts, and it cost 22% of a Llama-3.1-8B shape's batch-1 decode speed on an H100 (243.0 -> 189.6 tok/s;
 bench/RESULTS.md, twenty-fourth session): a small GEMM and a gather per linear, and the producers' fused
 quantization given up for those linears (`W8A8LinearMethod.input_quant_dtype`), since the float input must reach
 them.
