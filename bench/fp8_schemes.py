@@ -2,8 +2,8 @@
 (`quantization: fp8`: e4m3 weights per output channel, dynamic per-token activations) is from float, and how far
 the alternatives are (vLLM's online fp8: one scale per tensor for weights and activations; DeepSeek-style square
 weight blocks with activation groups of the same width along K; finer activation groups; the few input channels with
-the largest calibration |x| kept in float). Every linear but the LM head is quantized,
-as the engine does; round to nearest e4m3 after dividing by amax / 448, as its kernels do.
+the largest calibration |x| kept in float, or given a second e4m3 digit instead). Every linear but the LM head is
+quantized, as the engine does; round to nearest e4m3 after dividing by amax / 448, as its kernels do.
 
     python bench/fp8_schemes.py                      # the built-in SmolLM2, Debian's GPL-3 text, windows of 512
     python bench/fp8_schemes.py --schemes float,engine --max-tokens 1024
@@ -83,6 +83,19 @@ class KeepOutliers:
         return per_row(rest).index_copy(-1, keep, x.index_select(-1, keep))
 
 
+class OutlierDigits(KeepOutliers):
+    """The same channels stay in the per-token scale and in the fp8 weight, but get a second e4m3 digit: the
+    rounding residual of x / scale, itself rounded to e4m3 (the engine appends it as extra K columns of the one
+    FP8 GEMM, against copies of those weight columns): y = s (q + r[them]) @ W8, about 7 mantissa bits there."""
+
+    @staticmethod
+    def quantize(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+        digit = (x / scale - q).index_select(-1, keep).to(torch.float8_e4m3fn).to(x.dtype)
+        return q.index_add(-1, keep, digit) * scale
+
+
 # name -> (weight quantizer, activation quantizer or None)
 SCHEMES = {
     "float": None,
@@ -95,6 +108,8 @@ SCHEMES = {
     "act groups 32": (per_row, per_group(32)),
     "outliers 1%": (per_row, KeepOutliers(0.01)),
     "outliers 2%": (per_row, KeepOutliers(0.02)),
+    "digits 1%": (per_row, OutlierDigits(0.01)),
+    "digits 2%": (per_row, OutlierDigits(0.02)),
 }
 
 
@@ -130,7 +145,8 @@ def perplexity(folder: str, token_ids: list[int], window: int, scheme) -> float:
                 module.weight.copy_(weights(module.weight))
                 if isinstance(activations, KeepOutliers):
                     module.register_forward_pre_hook(
-                        lambda _, args, keep=activations.keep(amax[name]): (KeepOutliers.quantize(args[0], keep),))
+                        lambda _, args, keep=activations.keep(amax[name]), quantize=activations.quantize:
+                        (quantize(args[0], keep),))
                 elif activations is not None:
                     module.register_forward_pre_hook(lambda _, args, quantize=activations: (quantize(args[0]),))
     nll, count = 0.0, 0

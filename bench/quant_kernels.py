@@ -102,7 +102,9 @@ def sweep(x, q, k, n, configs: list[tuple[int, ...]] | None = None) -> tuple[flo
 
 
 def sweep_gemv(x, q) -> tuple[float, tuple]:
-    configs = itertools.product([32, 64], [32, 64, 128], [1, 2, 4, 8], [4, 8], [2])
+    configs = [(block_n, step, splits, warps, depth)
+               for block_n, warps in [(128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)]
+               for step, splits, depth in itertools.product([4, 8, 16], [4, 8, 16, 32, 64], [1, 2])]
     return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, gemv_config=config))
 
 

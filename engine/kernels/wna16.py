@@ -3,25 +3,26 @@
 
 Four paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX_ROWS`, `MMA_MAX_ROWS`,
 `FUSED_MAX_ROWS`):
-- one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an integer to a
-  float. The 8th session's profile showed the fused kernel below bound by instructions, not bytes: per weight a
-  shift, a mask, an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip
-  through x's dtype. Here a value becomes a float by OR-ing its bits into the mantissa of a float whose last step
-  is 1 at their position: the word is rotated (a byte permutation, shared by two 4-bit fields) to bring the field to
-  bit 16 or 12 (4 bits) or 8 (8 bits), and one LOP3 (mask, OR the offset's exponent; written in PTX, as ptxas keeps
-  two instructions for it) makes exactly O + q, O = 128, 2048 or 2^15, which the loop multiplies into its float32
-  sum as it is: the offsets and the zero point leave the loop (s * (sum x (O + q) - sum x (O + z)) per word row,
-  one group; a larger O would cost the sum's precision, a smaller one a rotation per field), and the scale is
-  applied once per word row: one integer and one float instruction per weight and three permutations per word
-  (gate/up's launch for sm_90: 1768 SASS instructions with a shift, mask, OR and subtraction per weight; 1488 with
-  the mask and OR one LOP3; 1296 now, without the subtraction; H100 in a graph, RESULTS twenty-third session:
-  qkv 9.0 -> 8.3 us, o 7.6 -> 6.9, gate/up 35.9 -> 33.9, down 17.9 -> 18.4). It
-  skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in float32,
-  closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which Triton does not
-  pipeline, so the loop fetches the next tiles into registers itself. Each program accumulates elementwise and
-  reduces once at its end; K is split so that enough programs read the layer, and the last slice of a tile to
-  finish (an atomic ticket) sums the float32 partials in slice order: results do not vary run to run and no second
-  kernel runs.
+- one row with contiguous groups (batch-1 decode): a GEMV on the CUDA cores that never converts an integer to a float.
+  The 8th session's profile showed the fused kernel below bound by instructions, not bytes: per weight a shift, a mask,
+  an int -> float conversion (a quarter-rate instruction), the zero, the scale and a round trip through x's dtype. Here
+  a value becomes a float by OR-ing its bits into the mantissa of a float whose last step is 1 at their position: the
+  word is rotated (a byte permutation, shared by two 4-bit fields) to bring the field to bit 16 or 12 (4 bits) or 8 (8
+  bits), and one LOP3 (mask, OR the offset's exponent; written in PTX, as ptxas keeps two instructions for it) makes
+  exactly O + q, O = 128, 2048 or 2^15, which the loop multiplies into its float32 sum as it is: the offsets and the
+  zero point leave the loop (s * (sum x (O + q) - sum x (O + z)) per step, one group; a larger O would cost the sum's
+  precision, a smaller one a rotation per field), and the scale is applied once per step. Every thread lies along N
+  (four columns, one 16-byte load a row) and holds all of a step's word rows, so the sum over them stays in its
+  registers and x's values of a row, the same for every thread, are loaded in place: Triton loads a tensor with fewer
+  elements than threads in the layout that broadcasts it, where the GEMV before (a tile's rows spread over threads,
+  [GROUPS x GROUP_WORDS] of x per field, as many as the threads) moved each field's x through shared memory, a barrier
+  each (gate/up for sm_90: 1296 SASS instructions for 256 weights a thread, 5.1 a weight; now 550 in the loop's body for
+  128, 4.3; H100 in a graph, RESULTS twenty-fifth session: gate/up 33.9 -> 30.1 us, down 18.6 -> 15.1, qkv 8.6 -> 8.0, o
+  7.0 -> 6.3). It skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in
+  float32, closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which Triton does not
+  pipeline, so the loop fetches the next steps into registers itself. K is split so that enough programs read the layer,
+  and the last slice of a tile to finish (an atomic ticket) sums the float32 partials in slice order: results do not
+  vary run to run and no second kernel runs.
 - 2 to 16 rows of 4-bit contiguous groups of 128 or more (decode batches), bf16 / fp16: the tensor-core kernel.
   The weight is the MMA's A operand [BLOCK_N, 16 words], loaded (pipelined, 16-byte copies) in its packed layout;
   one PTX LOP3 turns two 4-bit values into two floats (each ORed into the mantissa of 128.0 in bf16 or 1024.0 in
@@ -157,38 +158,36 @@ def _wna16_gemv_kernel(
     K: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,  # contiguous groups: word w is in w * PACK // G
     SPLITS: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: the input rows of one slice (program_id(1))
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,  # a tile: GROUPS x GROUP_WORDS words, each row of it one group
-    DEPTH: tl.constexpr,  # tiles fetched ahead of the one being summed: 1 or 2
+    STEP: tl.constexpr,  # word rows a step, inside one group
+    DEPTH: tl.constexpr,  # steps fetched ahead of the one being summed: 1 or 2
     EMULATE: tl.constexpr,  # the interpreter runs no PTX: a mask and an OR in Triton make the same floats
+    EVEN_K: tl.constexpr,  # every slice is whole steps inside K: x's loads need no mask
 ):
     PACK: tl.constexpr = 32 // BITS
-    BLOCK_W: tl.constexpr = GROUPS * GROUP_WORDS
-    BLOCK_K: tl.constexpr = BLOCK_W * PACK
     tile = tl.program_id(0)
     split = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    words = tl.arange(0, GROUPS)[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # [GROUPS, GROUP_WORDS]
     first = split * (K_SPLIT // PACK)
     end = tl.minimum(first + K_SPLIT // PACK, K // PACK)
-    # Loads that feed no tl.dot are not software-pipelined by Triton: the loop keeps DEPTH tiles (and their groups'
-    # scales and zeros) in flight in registers while it sums the current one, or every step would wait out DRAM.
-    packed, scale, zero = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, PACK, GROUP_SIZE,
-                                     GROUPS, GROUP_WORDS)
+    # Loads that feed no tl.dot are not software-pipelined by Triton: the loop keeps DEPTH steps (and their group's
+    # scale and zero) in flight in registers while it sums the current one, or every step would wait out DRAM.
+    packed, scale, zero = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, STEP, PACK,
+                                     GROUP_SIZE)
     if DEPTH == 2:
-        packed_2, scale_2, zero_2 = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, first + BLOCK_W, end, cols, col_mask, N,
-                                               PACK, GROUP_SIZE, GROUPS, GROUP_WORDS)
-    acc = tl.zeros((GROUPS, GROUP_WORDS, BLOCK_N), dtype=tl.float32)
-    for step in range(0, K_SPLIT // BLOCK_K):
-        w0 = first + step * BLOCK_W
-        rows = w0 + words
-        ahead = _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0 + DEPTH * BLOCK_W, end, cols, col_mask, N, PACK,
-                           GROUP_SIZE, GROUPS, GROUP_WORDS)
-        # sum_k x_k (q_k - z) s = s (sum_k x_k (O_k + q_k) - sum_k x_k (O_k + z)) per word row (one group): the
-        # offsets and the zero leave the loop
-        part = tl.zeros((GROUPS, GROUP_WORDS, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((GROUPS, GROUP_WORDS), dtype=tl.float32)
-        x_offsets = tl.zeros((GROUPS, GROUP_WORDS), dtype=tl.float32)
+        packed_2, scale_2, zero_2 = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + STEP, end, cols, col_mask, N,
+                                               STEP, PACK, GROUP_SIZE)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for step in range(0, K_SPLIT // (STEP * PACK)):
+        rows = first + step * STEP + tl.arange(0, STEP)  # fewer than the threads: x's loads below are made in the
+        # layout that broadcasts them (each thread loads the values of its rows), not moved through shared memory
+        ahead = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + (step + DEPTH) * STEP, end, cols, col_mask, N,
+                           STEP, PACK, GROUP_SIZE)
+        # sum_k x_k (q_k - z) s = s (sum_k x_k (O_k + q_k) - sum_k x_k (O_k + z)) over the step (one group): the
+        # offsets and the zero leave the loop; O_k takes two values (4 bits: 128 for even fields, 2048 for odd)
+        part = tl.zeros((STEP, BLOCK_N), dtype=tl.float32)
+        x_even = tl.zeros((STEP,), dtype=tl.float32)
+        x_odd = tl.zeros((STEP,), dtype=tl.float32)
         if not EMULATE:  # one LOP3 a value: ptxas keeps a mask and an OR of two constants as two
             fields = tl.inline_asm_elementwise(_FIELDS_4 if BITS == 4 else _FIELDS_8,
                                                _FIELDS_4_OUT if BITS == 4 else _FIELDS_8_OUT, [packed],
@@ -205,35 +204,45 @@ def _wna16_gemv_kernel(
                 offset_plus_field = fields[j]
             value = offset_plus_field.to(tl.float32, bitcast=True)  # exactly 2^(23 - WINDOW) + q
             kk = rows * PACK + j
-            xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x_sum += xs
-            x_offsets += xs * (1 << (23 - WINDOW))
-            part += xs[:, :, None] * value
-        correction = zero.to(tl.float32)[:, None, :] * x_sum[:, :, None] + x_offsets[:, :, None]
-        acc += (part - correction) * scale.to(tl.float32)[:, None, :]
+            if EVEN_K:
+                xs = tl.load(x_ptr + kk).to(tl.float32)
+            else:
+                xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if _window(BITS, j) == _window(BITS, 0):
+                x_even += xs
+            else:
+                x_odd += xs
+            part += xs[:, None] * value
+        # the step's rows lie in each thread: the sums over them are in registers
+        if BITS == 8:  # one offset, 2^15: taken off row by row, or the float32 sum over the step would lose bits
+            part -= (zero.to(tl.float32)[None, :] + (1 << (23 - _window(BITS, 0)))) * x_even[:, None]
+            acc += tl.sum(part, axis=0) * scale.to(tl.float32)
+        else:
+            even = tl.sum(x_even, axis=0)
+            odd = tl.sum(x_odd, axis=0)
+            offsets = even * (1 << (23 - _window(BITS, 0))) + odd * (1 << (23 - _window(BITS, 1)))
+            acc += (tl.sum(part, axis=0) - zero.to(tl.float32) * (even + odd) - offsets) * scale.to(tl.float32)
         if DEPTH == 2:
             packed, scale, zero = packed_2, scale_2, zero_2
             packed_2, scale_2, zero_2 = ahead
         else:
             packed, scale, zero = ahead
-    result = tl.sum(tl.sum(acc, axis=1), axis=0)
-    finish_split(result, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
-                  SPLITS, HAS_BIAS)
+    finish_split(acc, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
+                 SPLITS, HAS_BIAS)
 
 
 @triton.jit
-def _gemv_tile(qw_ptr, scales_ptr, zeros_ptr, w0, end, cols, col_mask, N, PACK: tl.constexpr,
-               GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr):
-    """The tile of packed words from word row `w0`, [GROUPS, GROUP_WORDS, cols] (masked past `end`), and the scale
-    and zero point [GROUPS, cols] of each tile row's group."""
-    starts = w0 + tl.arange(0, GROUPS) * GROUP_WORDS
-    rows = starts[:, None] + tl.arange(0, GROUP_WORDS)[None, :]
-    mask = (rows < end)[:, :, None] & col_mask[None, None, :]
-    group_offsets = (starts * PACK // GROUP_SIZE)[:, None].to(tl.int64) * N + cols[None, :]
-    group_mask = (starts < end)[:, None] & col_mask[None, :]
-    return (tl.load(qw_ptr + rows[:, :, None].to(tl.int64) * N + cols[None, None, :], mask=mask, other=0),
-            tl.load(scales_ptr + group_offsets, mask=group_mask, other=0.0),
-            tl.load(zeros_ptr + group_offsets, mask=group_mask, other=0))
+def _gemv_step(qw_ptr, scales_ptr, zeros_ptr, w0, end, cols, col_mask, N, STEP: tl.constexpr, PACK: tl.constexpr,
+               GROUP_SIZE: tl.constexpr):
+    """The step's packed words from word row `w0`, [STEP, cols] (masked past `end`), and its group's scale and zero
+    point [cols]."""
+    rows = w0 + tl.arange(0, STEP)
+    group = (w0 * PACK // GROUP_SIZE).to(tl.int64) * N + cols
+    group_mask = (w0 < end) & col_mask
+    return (tl.load(qw_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                    mask=(rows < end)[:, None] & col_mask[None, :], other=0),
+            tl.load(scales_ptr + group, mask=group_mask, other=0.0),
+            tl.load(zeros_ptr + group, mask=group_mask, other=0))
 
 
 def _nibbles_asm(magic: int) -> str:
@@ -357,14 +366,15 @@ def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr):
 
 
 def _gemv_config(k: int, n: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_W words of K, K splits, warps, DEPTH tiles fetched ahead) for the GEMV: the best of `python
-    bench/quant_kernels.py --rows 1 --sweep gemv` on an H200 for Llama-3.1-8B's projections (the runners-up were
-    within 10%, about the spread between calls). The split count is an upper bound: a slice holds whole tiles."""
+    """(BLOCK_N, STEP word rows, K splits, warps, DEPTH steps fetched ahead) for the GEMV: the best of 81 launches
+    per projection of Llama-3.1-8B on an H100 (a part of `bench/quant_kernels.py --rows 1 --sweep gemv`'s grid;
+    bench/RESULTS.md, twenty-fifth session; the runners-up within 2%). With BLOCK_N = 128 x warps each thread takes
+    four columns; twice that, two such strips. The split count is an upper bound: a slice holds whole steps."""
     if n >= 16384:  # gate/up
-        return 32, 128, 4, 4, 2
+        return 128, 4, 8, 1, 2
     if k >= 8192:  # down
-        return 32, 32, 4, 4, 2
-    return 64, 128, 4, 4, 2  # qkv, o
+        return 256, 16, 32, 2, 1
+    return 512, 16, 32, 4, 2  # qkv, o
 
 
 def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -374,10 +384,10 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     n = qweight.shape[1]
     pack = 32 // bits
     group = k if group_size == -1 else group_size
-    block_n, block_w, splits, warps, depth = config or _gemv_config(k, n)
-    group_words = min(block_w, group // pack)
-    group_words &= -group_words  # a power of two dividing the group: no tile row straddles two groups
-    k_split = triton.cdiv(triton.cdiv(k, splits), block_w * pack) * block_w * pack
+    block_n, step, splits, warps, depth = config or _gemv_config(k, n)
+    step = min(step, group // pack)
+    step &= -step  # a power of two dividing the group: no step straddles two groups
+    k_split = triton.cdiv(triton.cdiv(k, splits), step * pack) * step * pack
     splits = triton.cdiv(k, k_split)
     tiles = triton.cdiv(n, block_n)
     check_tiles(tiles, splits)
@@ -386,8 +396,8 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     _wna16_gemv_kernel[(tiles, splits)](
         x2, qweight, scales, zeros, bias if bias is not None else scales, partial,
         ticket_counters(x2.device) if splits > 1 else scales, out, n, K=k, BITS=bits, GROUP_SIZE=group,
-        SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None, BLOCK_N=block_n, GROUPS=block_w // group_words,
-        GROUP_WORDS=group_words, DEPTH=depth, EMULATE=_INTERPRET, num_warps=warps, num_stages=2)
+        SPLITS=splits, K_SPLIT=k_split, HAS_BIAS=bias is not None, BLOCK_N=block_n, STEP=step, DEPTH=depth,
+        EMULATE=_INTERPRET, EVEN_K=k % k_split == 0, num_warps=warps, num_stages=2)
     return out
 
 
