@@ -104,7 +104,7 @@ def sweep(x, q, k, n, configs: list[tuple[int, ...]] | None = None) -> tuple[flo
 def sweep_gemv(x, q) -> tuple[float, tuple]:
     configs = [(block_n, step, splits, warps, depth)
                for block_n, warps in [(128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)]
-               for step, splits, depth in itertools.product([4, 8, 16], [4, 8, 16, 32, 64], [1, 2])]
+               for step, splits, depth in itertools.product([4, 8, 16], [4, 8, 16, 32, 64], [0, 1, 2])]
     return best_of(configs, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, gemv_config=config))
 
 
@@ -154,7 +154,7 @@ def main() -> None:
             # The fused kernel at any row count (its heuristic launch), so that FUSED_MAX_ROWS can be read off.
             gemv = m <= wna16.GEMV_MAX_ROWS
             us = graph_time_us(lambda: wna16.wna16_linear(x, *q, 4, None, 128, fused_max_rows=max(m, 1)))
-            chosen = wna16._gemv_config(k, n) if gemv else wna16._fused_config(m, k, n)
+            chosen = wna16._gemv_config(k, n, DEV) if gemv else wna16._fused_config(m, k, n)
             print(row(f"w4a16 {'gemv' if gemv else 'fused'} {chosen}", us, k * n // 2, base))
             if "gemv" in swept and gemv:
                 us, config = sweep_gemv(x, q)

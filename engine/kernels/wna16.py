@@ -53,6 +53,7 @@ fused kernel matches: it rounds the dequantized weight to x's dtype before the d
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -159,7 +160,7 @@ def _wna16_gemv_kernel(
     SPLITS: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: the input rows of one slice (program_id(1))
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP: tl.constexpr,  # word rows a step, inside one group
-    DEPTH: tl.constexpr,  # steps fetched ahead of the one being summed: 1 or 2
+    DEPTH: tl.constexpr,  # steps fetched ahead into registers: 1 or 2; 0: Triton's pipeliner, 3 stages in shared memory
     EMULATE: tl.constexpr,  # the interpreter runs no PTX: a mask and an OR in Triton make the same floats
     EVEN_K: tl.constexpr,  # every slice is whole steps inside K: x's loads need no mask
 ):
@@ -172,17 +173,25 @@ def _wna16_gemv_kernel(
     end = tl.minimum(first + K_SPLIT // PACK, K // PACK)
     # Loads that feed no tl.dot are not software-pipelined by Triton: the loop keeps DEPTH steps (and their group's
     # scale and zero) in flight in registers while it sums the current one, or every step would wait out DRAM.
-    packed, scale, zero = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, STEP, PACK,
-                                     GROUP_SIZE)
+    if DEPTH > 0:
+        packed, scale, zero = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, STEP, PACK,
+                                         GROUP_SIZE)
     if DEPTH == 2:
         packed_2, scale_2, zero_2 = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + STEP, end, cols, col_mask, N,
                                                STEP, PACK, GROUP_SIZE)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for step in range(0, K_SPLIT // (STEP * PACK)):
+    # ptxas issues a register prefetch only after the last use of the registers it reuses, so at DEPTH 1 a step's
+    # load waits out most of its latency at the next step; DEPTH 2 keeps one more step in flight, and Triton's own
+    # pipeline (DEPTH 0: asynchronous copies, `num_stages` 3) none of that, at the cost of a pass through shared memory
+    for step in tl.range(0, K_SPLIT // (STEP * PACK), num_stages=3 if DEPTH == 0 else 1):
         rows = first + step * STEP + tl.arange(0, STEP)  # fewer than the threads: x's loads below are made in the
         # layout that broadcasts them (each thread loads the values of its rows), not moved through shared memory
-        ahead = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + (step + DEPTH) * STEP, end, cols, col_mask, N,
-                           STEP, PACK, GROUP_SIZE)
+        if DEPTH == 0:
+            packed, scale, zero = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + step * STEP, end, cols, col_mask,
+                                             N, STEP, PACK, GROUP_SIZE)
+        else:
+            ahead = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first + (step + DEPTH) * STEP, end, cols, col_mask, N,
+                               STEP, PACK, GROUP_SIZE)
         # sum_k x_k (q_k - z) s = s (sum_k x_k (O_k + q_k) - sum_k x_k (O_k + z)) over the step (one group): the
         # offsets and the zero leave the loop; O_k takes two values (4 bits: 128 for even fields, 2048 for odd)
         part = tl.zeros((STEP, BLOCK_N), dtype=tl.float32)
@@ -225,7 +234,7 @@ def _wna16_gemv_kernel(
         if DEPTH == 2:
             packed, scale, zero = packed_2, scale_2, zero_2
             packed_2, scale_2, zero_2 = ahead
-        else:
+        elif DEPTH == 1:
             packed, scale, zero = ahead
     finish_split(acc, cols, col_mask, cols, col_mask, bias_ptr, partial_ptr, ticket_ptr, out_ptr, tile, split, N,
                  SPLITS, HAS_BIAS)
@@ -365,16 +374,22 @@ def _by_position(x, BLOCK_M: tl.constexpr, STEP_WORDS: tl.constexpr):
             tl.trans(j7))
 
 
-def _gemv_config(k: int, n: int) -> tuple[int, int, int, int, int]:
+def _gemv_config(k: int, n: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, STEP word rows, K splits, warps, DEPTH steps fetched ahead) for the GEMV: the best of 81 launches
     per projection of Llama-3.1-8B on an H100 (a part of `bench/quant_kernels.py --rows 1 --sweep gemv`'s grid;
     bench/RESULTS.md, twenty-fifth session; the runners-up within 2%). With BLOCK_N = 128 x warps each thread takes
     four columns; twice that, two such strips. The split count is an upper bound: a slice holds whole steps."""
-    if n >= 16384:  # gate/up
-        return 128, 4, 8, 1, 2
+    if n >= 16384:  # gate/up: Triton's pipeline won on an H200 (29.7 -> 27.5 us, batch-1 decode +2.2%) and lost on
+        # an H100 (-0.7%), where the best of 90 such launches was no faster than this register prefetch
+        return (256, 8, 8, 1, 0) if _h200(device) else (128, 4, 8, 1, 2)
     if k >= 8192:  # down
         return 256, 16, 32, 2, 1
     return 512, 16, 32, 4, 2  # qkv, o
+
+
+@functools.cache
+def _h200(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda" and "H200" in torch.cuda.get_device_name(device)
 
 
 def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -384,7 +399,7 @@ def wna16_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     n = qweight.shape[1]
     pack = 32 // bits
     group = k if group_size == -1 else group_size
-    block_n, step, splits, warps, depth = config or _gemv_config(k, n)
+    block_n, step, splits, warps, depth = config or _gemv_config(k, n, x2.device)
     step = min(step, group // pack)
     step &= -step  # a power of two dividing the group: no step straddles two groups
     k_split = triton.cdiv(triton.cdiv(k, splits), step * pack) * step * pack

@@ -99,7 +99,8 @@ def test_other_formats_on_the_gpu(m, bits, group_size, act_order):
     (8, 32, torch.float32, False, (32, 2, 8, 4, 2)),  # eight slices of one tile each, 8-bit groups of 32
     (4, 128, torch.float32, False, (16, 4, 1, 4, 1)),  # one slice of eight tiles, each fetched one ahead
     (8, 64, torch.float32, False, (16, 4, 1, 4, 2)),  # ... and two ahead
-    (4, 32, torch.float32, True, (16, 16, 1, 4, 2)),  # a tile of 128 rows over four groups
+    (4, 32, torch.float32, True, (16, 16, 1, 4, 2)),  # steps of 16 words cut to the group's 4
+    (4, 64, torch.bfloat16, False, (32, 4, 2, 1, 0)),  # Triton's pipeline over the steps, two slices
 ], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else None)
 def test_gemv_matches_reference(bits, group_size, dtype, bias, gemv_config):
     """One row with contiguous groups: the conversion-free GEMV (it sums exact dequantized values in float32; the
