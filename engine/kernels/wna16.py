@@ -379,8 +379,8 @@ def _gemv_config(k: int, n: int, device: torch.device | None = None) -> tuple[in
     per projection of Llama-3.1-8B on an H100 (a part of `bench/quant_kernels.py --rows 1 --sweep gemv`'s grid;
     bench/RESULTS.md, twenty-fifth session; the runners-up within 2%). With BLOCK_N = 128 x warps each thread takes
     four columns; twice that, two such strips. The split count is an upper bound: a slice holds whole steps."""
-    if n >= 16384:  # gate/up: Triton's pipeline won on an H200 (29.7 -> 27.5 us, batch-1 decode +2.2%) and lost on
-        # an H100 (-0.7%), where the best of 90 such launches was no faster than this register prefetch
+    if n >= 16384:  # gate/up: Triton's pipeline won on an H200 (29.7 -> 27.5 us; batch-1 decode +2.2%, o's launch
+        # pipelined too) and lost on an H100 (batch-1 -0.7%)
         return (256, 8, 8, 1, 0) if _h200(device) else (128, 4, 8, 1, 2)
     if k >= 8192:  # down
         return 256, 16, 32, 2, 1
