@@ -110,7 +110,7 @@ def sweep_gemv(x, q) -> tuple[float, tuple]:
 
 def sweep_mma(x, q, configs: list[tuple[int, ...]] | None = None) -> tuple[float, tuple]:
     if x.shape[0] <= 16:
-        grid = itertools.product([64, 128], [16], [16], [1, 2, 4, 8], [4], [3, 4, 6])
+        grid = itertools.product([64, 128], [16], [16], [1, 2, 4, 8], [4, 8], [3, 4, 6])
     else:
         grid = itertools.product([64, 128, 256], [64, 128], [16], [1, 2], [4, 8], [3])
     return best_of(configs or grid, lambda config: wna16.wna16_linear(x, *q, 4, None, 128, mma_config=config),
