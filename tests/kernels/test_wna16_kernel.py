@@ -108,6 +108,19 @@ def test_gemv_matches_reference(bits, group_size, dtype, bias, gemv_config):
     check(1, 256, 48, bits, group_size, False, dtype, bias, gemv_config=gemv_config)
 
 
+@pytest.mark.parametrize("depth", [2, 0])
+def test_gemv_slices_past_the_end_of_k_mask_their_steps(depth):
+    """K = 320 in three slices of 128 inputs: the last slice's steps past K read nothing of x (NaN lies there; the x
+    loads are masked only when slices overrun K: `EVEN_K`), with the register prefetch and with Triton's pipeline."""
+    (qweight, scales, zeros, g_idx), _ = make_layer(320, 48, 4, 32, False, seed=5)
+    padded = torch.full((1, 448), float("nan"))
+    padded[:, :320] = torch.randn(1, 320, generator=torch.Generator().manual_seed(5))
+    x = padded.to(DEVICE)[:, :320]
+    out = wna16.wna16_gemv(x, qweight, scales, zeros, 4, 32, None, (16, 4, 3, 4, depth))
+    expected = x @ reference.dequantize_wna16(qweight, scales, zeros, g_idx, 4).T
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_split_k_is_deterministic_and_resets_its_tickets():
     """The split-K ticket: the last slice of each tile sums the partials in slice order (two calls, same bits) and
     puts the tile's counter back to zero, so that the next launch, or a CUDA graph's replay, starts clean."""
