@@ -19,10 +19,11 @@ Four paths, chosen by the number of rows without measuring (thresholds `GEMV_MAX
   each (gate/up for sm_90: 1296 SASS instructions for 256 weights a thread, 5.1 a weight; now 550 in the loop's body for
   128, 4.3; H100 in a graph, RESULTS twenty-fifth session: gate/up 33.9 -> 30.1 us, down 18.6 -> 15.1, qkv 8.6 -> 8.0, o
   7.0 -> 6.3). It skips the reference's rounding of the dequantized weight to x's dtype (it sums the exact values in
-  float32, closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which Triton does not
-  pipeline, so the loop fetches the next steps into registers itself. K is split so that enough programs read the layer,
-  and the last slice of a tile to finish (an atomic ticket) sums the float32 partials in slice order: results do not
-  vary run to run and no second kernel runs.
+  float32, closer to the float32 dequantization transformers runs). Its loads feed no tl.dot, which the kernel's
+  num_stages does not pipeline, so the loop fetches the next steps into registers itself, or (DEPTH 0: gate/up on an
+  H200) has `tl.range` pipeline them through shared memory. K is split so that enough programs read the layer, and the
+  last slice of a tile to finish (an atomic ticket) sums the float32 partials in slice order: results do not vary run to
+  run and no second kernel runs.
 - 2 to 16 rows of 4-bit contiguous groups of 128 or more (decode batches), bf16 / fp16: the tensor-core kernel.
   The weight is the MMA's A operand [BLOCK_N, 16 words], loaded (pipelined, 16-byte copies) in its packed layout;
   one PTX LOP3 turns two 4-bit values into two floats (each ORed into the mantissa of 128.0 in bf16 or 1024.0 in
@@ -171,8 +172,8 @@ def _wna16_gemv_kernel(
     col_mask = cols < N
     first = split * (K_SPLIT // PACK)
     end = tl.minimum(first + K_SPLIT // PACK, K // PACK)
-    # Loads that feed no tl.dot are not software-pipelined by Triton: the loop keeps DEPTH steps (and their group's
-    # scale and zero) in flight in registers while it sums the current one, or every step would wait out DRAM.
+    # The kernel's num_stages pipelines only loads that feed a tl.dot: at DEPTH 1 or 2 the loop keeps that many steps
+    # (and their group's scale and zero) in flight in registers while it sums the current one.
     if DEPTH > 0:
         packed, scale, zero = _gemv_step(qw_ptr, scales_ptr, zeros_ptr, first, end, cols, col_mask, N, STEP, PACK,
                                          GROUP_SIZE)
