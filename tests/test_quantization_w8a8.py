@@ -253,6 +253,15 @@ def test_online_outlier_channels_stay_in_float_within_the_rule(float_model, floa
     assert rule_ratio(prefill_logits(plain, config, TOKENS), fake, float_logits) > TOLERANCE
 
 
+def test_outlier_fraction_without_online_quantization_warns_that_it_is_unapplied(float_model, caplog):
+    """A float model served as it is keeps no channels in float (nothing is 8-bit): the loader says so."""
+    config = ModelConfig.from_pretrained(float_model, dtype="float32")
+    with caplog.at_level("WARNING", logger="engine.models.loader"):
+        model = load_model(config, float_model, CPU, outlier_fraction=0.05)
+    assert not any(hasattr(module, "outlier_index") for module in model.modules())
+    assert "outlier_fraction 0.05 is not applied" in caplog.text
+
+
 def test_dummy_weights_keep_as_many_channels_spread_evenly(float_model):
     config = ModelConfig.from_pretrained(float_model, dtype="float32")
     model = load_model(config, float_model, CPU, load_format="dummy", quantization="fp8", outlier_fraction=0.01)

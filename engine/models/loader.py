@@ -89,6 +89,9 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
         keep_outliers_online(model, outlier_fraction, tokenizer or str(path), load_format == "dummy")
     elif outlier_fraction and scheme is not None and scheme.online:  # the calibration needs the whole model
         logger.warning("outlier_fraction %s is not applied across several ranks or stages", outlier_fraction)
+    elif outlier_fraction:  # a float model served as it is, or a checkpoint quantized already
+        logger.warning("outlier_fraction %s is not applied: only quantization fp8 or int8 of a float checkpoint "
+                       "keeps channels in float", outlier_fraction)
     for module in model.modules():
         if hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)
