@@ -41,12 +41,14 @@ def test_online_fp8_producers_quantize_and_change_nothing(tmp_path, monkeypatch,
     config = ModelConfig.from_pretrained(folder, dtype="float32")
     model = load_model(config, folder, CPU, quantization="fp8")
     layers = model.model.stage_layers
-    # Per layer: the norm before q/k/v, the one before gate/up, the MLP's activation before down.
-    assert producer_quant.arm(model) == 3 * len(layers)
+    # Per layer: the norm before q/k/v, the one before gate/up, the MLP's activation before down; but the last
+    # layer's activation, whose down projection online quantization leaves in float (spec.last_down_proj).
+    assert producer_quant.arm(model) == 3 * len(layers) - 1
     assert layers[0].input_layernorm.quantize_output == torch.float8_e4m3fn
     assert layers[0].mlp.quantize_output == torch.float8_e4m3fn
+    assert layers[-1].mlp.quantize_output is None
     armed, calls = logits_and_gemm_calls(model, config, monkeypatch)
-    assert calls == 3 * len(layers)  # o_proj's input comes from attention: it quantizes for itself
+    assert calls == 3 * len(layers) - 1  # o_proj's input comes from attention: it quantizes for itself
     disarm(model)
     plain, calls = logits_and_gemm_calls(model, config, monkeypatch)
     assert calls == 0

@@ -68,3 +68,16 @@ def test_two_ranks_of_a_quantized_checkpoint_answer_as_one(tiny_model, tmp_path,
         for a, b in zip(want.outputs[0].logprobs, got.outputs[0].logprobs):
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4  # sums split: float32 rounding
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_ranks_of_online_quantization_hold_slices_of_the_float_last_down_projection(tiny_model, method):
+    folder = tiny_model("llama", **SHAPE)
+    config = ModelConfig.from_pretrained(folder, dtype="float32")
+    whole = load_model(config, folder, CPU, quantization=method)
+    ranks = [load_model(config, folder, CPU, quantization=method, tp_rank=rank, tp_size=2) for rank in range(2)]
+    last = f"model.layers.{config.num_layers - 1}.mlp.down_proj"
+    shards = [model.get_submodule(last).weight for model in ranks]
+    assert all(shard.dtype == torch.float32 for shard in shards)
+    assert torch.equal(torch.cat(shards, dim=1), whole.get_submodule(last).weight)
+    assert all(model.model.layers[0].mlp.down_proj.weight.dtype != torch.float32 for model in ranks)

@@ -290,6 +290,13 @@ def test_check_config_shows_the_checkpoints_method_and_refuses_what_cannot_run(f
     assert main(["check-config", str(config)]) == 0
     assert "m: quantization gptq 4-bit, group 32, zero points, act-order, weight-only" in capsys.readouterr().out
 
+    # Online quantization names the one linear it leaves in float, as the engine's scheme does.
+    layers = json.loads((float_model / "config.json").read_text())["num_hidden_layers"]
+    config.write_text(f"models:\n  - name: m\n    source: {float_model}\n    device: cpu\n    quantization: fp8\n")
+    assert main(["check-config", str(config)]) == 0
+    assert (f"m: quantization fp8 (online) 8-bit, per-channel, dynamic per-token activations, float: "
+            f"model.layers.{layers - 1}.mlp.down_proj") in capsys.readouterr().out
+
     config.write_text("models:\n  - name: m\n    source: gptq\n    quantization: int8\n")
     assert main(["check-config", str(config)]) == 1
     assert "models[0].quantization: int8 quantizes a float checkpoint, but this one is already quantized (gptq" in \

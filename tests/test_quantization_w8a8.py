@@ -127,11 +127,13 @@ def fake_input(x: torch.Tensor, dtype, input_scale) -> torch.Tensor:
     return fake_quant(x, dtype, input_scale)
 
 
-def reference_logits(folder, weights: dict[str, torch.Tensor] | None, dtype, input_scale) -> torch.Tensor:
-    """transformers in float32 with each decoder linear's weight replaced and its input fake-quantized."""
+def reference_logits(folder, weights: dict[str, torch.Tensor] | None, dtype, input_scale,
+                     kept: tuple[str, ...] = ()) -> torch.Tensor:
+    """transformers in float32 with each decoder linear's weight replaced and its input fake-quantized, but those
+    named in `kept`."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for name, module in model.named_modules():
-        if name.split(".")[-1] in qc.LINEARS:
+        if name.split(".")[-1] in qc.LINEARS and name not in kept:
             if weights is not None:
                 module.weight.data = weights[name + ".weight"]
             if dtype is not None:
@@ -183,15 +185,20 @@ def test_online_quantization_within_the_rule(float_model, float_logits, method, 
     model = load_model(config, float_model, CPU, quantization=method)
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == dtype and qkv.weight_scale.shape == (qkv.output_size,)
+    # The last layer's down projection stays float, input and weight (spec.last_down_proj); the one before is 8-bit.
+    last = f"model.layers.{config.num_layers - 1}.mlp.down_proj"
+    assert model.get_submodule(last).weight.dtype == torch.float32
+    assert model.get_submodule(f"model.layers.{config.num_layers - 2}.mlp.down_proj").weight.dtype == dtype
+    assert last in model.quant_scheme.describe()
     # The reference quantizes each weight row symmetrically to the type's range, as vLLM's per-channel schemes do.
     weights = {}
     for name, module in AutoModelForCausalLM.from_pretrained(float_model, dtype=torch.float32).named_modules():
         if name.split(".")[-1] in qc.LINEARS:
             weights[name + ".weight"] = fake_quant(module.weight.data, dtype, None)
-    fake = reference_logits(float_model, weights, inputs, None)
+    fake = reference_logits(float_model, weights, inputs, None, kept=(last,))
     assert rule_ratio(prefill_logits(model, config, TOKENS), fake, float_logits) <= TOLERANCE
     if inputs == "asym":  # the same rule tells asymmetric activations from the symmetric ones kvbox ran before
-        symmetric = reference_logits(float_model, weights, dtype, None)
+        symmetric = reference_logits(float_model, weights, dtype, None, kept=(last,))
         assert rule_ratio(symmetric, fake, float_logits) > TOLERANCE
 
 
@@ -236,11 +243,12 @@ def test_online_outlier_channels_stay_in_float_within_the_rule(float_model, floa
     config = ModelConfig.from_pretrained(float_model, dtype="float32")
     model = load_model(config, float_model, CPU, quantization=method, outlier_fraction=fraction)
     kept = calibration_kept(float_model, fraction)
-    layer = model.model.layers[1]
+    kept.pop(f"model.layers.{config.num_layers - 1}.mlp.down_proj")  # float whole (spec.last_down_proj)
+    layer = model.model.layers[0]
     for engine_linear, names in ((layer.self_attn.qkv_proj, ["q_proj", "k_proj", "v_proj"]),
                                  (layer.self_attn.o_proj, ["o_proj"]), (layer.mlp.down_proj, ["down_proj"])):
         for name in names:  # q/k/v share their input, so their calibration picks the same channels
-            part = next(key for key in kept if key.startswith("model.layers.1.") and key.endswith(name))
+            part = next(key for key in kept if key.startswith("model.layers.0.") and key.endswith(name))
             assert engine_linear.outlier_index.tolist() == kept[part].tolist()
         index = engine_linear.outlier_index
         assert (engine_linear.weight[:, index].float() == 0).all()
@@ -249,7 +257,7 @@ def test_online_outlier_channels_stay_in_float_within_the_rule(float_model, floa
     assert rule_ratio(prefill_logits(model, config, TOKENS), fake, float_logits) <= TOLERANCE
     # The plain scheme is another computation: the rule tells them apart.
     plain = load_model(config, float_model, CPU, quantization=method, outlier_fraction=None)
-    assert plain.model.layers[1].mlp.down_proj.outlier_weight is None
+    assert plain.model.layers[0].mlp.down_proj.outlier_weight is None
     assert rule_ratio(prefill_logits(plain, config, TOKENS), fake, float_logits) > TOLERANCE
 
 

@@ -19,6 +19,7 @@ from engine.kernels import cpu_native
 from engine.models.config import ModelConfig
 from engine.models.loader import load_model
 from engine.quantization import calibration, smoothing
+from engine.quantization.spec import last_down_proj
 from engine.tools import quantized_checkpoints as qc
 from engine.tools.tiny_model import FAMILIES
 from tests.test_quantization import prefill_logits
@@ -96,15 +97,18 @@ def hf_weights(model) -> dict[str, torch.Tensor]:
 
 def reference_logits(folder, weights: dict[str, torch.Tensor], weight_dtype, inputs) -> torch.Tensor:
     """transformers in float32 with `weights` in place, each decoder linear's weight fake-quantized per row (if
-    `weight_dtype`) and its input per token (if `inputs`)."""
+    `weight_dtype`) and its input per token (if `inputs`), but the last layer's down projection, which online
+    quantization leaves in float (spec.last_down_proj)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    kept = last_down_proj(model.config.num_hidden_layers)
     params = dict(model.named_parameters())
     for name, value in weights.items():
-        quantize = weight_dtype is not None and name.endswith(".weight") and name.split(".")[-2] in qc.LINEARS
+        quantize = (weight_dtype is not None and name.endswith(".weight") and name.split(".")[-2] in qc.LINEARS
+                    and not name.startswith(kept + "."))
         params[name].data = fake_quant(value, weight_dtype, None) if quantize else value.clone()
     if inputs is not None:
         for name, module in model.named_modules():
-            if name.split(".")[-1] in qc.LINEARS:
+            if name.split(".")[-1] in qc.LINEARS and name != kept:
                 module.register_forward_pre_hook(lambda _, args: (fake_input(args[0], inputs, None),))
     with torch.inference_mode():
         return model(torch.tensor([TOKENS])).logits[0]

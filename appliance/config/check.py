@@ -168,7 +168,8 @@ def model_quantization(m: ModelSpec) -> QuantScheme | None:
         if folder is None and _HF_REPO_ID.match(m.source) and m.quantization not in (None, "none", *ONLINE_METHODS):
             return None  # a checkpoint's method named for a repo not downloaded yet: the engine checks it then
         checkpoint = checkpoint_quantization_config(folder, _hf_config(m)) if folder else None
-    return parse_quantization(checkpoint, m.quantization)
+    layers = _checkpoint_config(m).get("num_hidden_layers")
+    return parse_quantization(checkpoint, m.quantization, layers if isinstance(layers, int) else None)
 
 
 def describe_quantization(m: ModelSpec) -> str:

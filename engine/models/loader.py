@@ -106,7 +106,7 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
 def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None) -> QuantScheme | None:
     """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
     try:
-        scheme = parse_quantization(config.quantization_config, quantization)
+        scheme = parse_quantization(config.quantization_config, quantization, config.num_layers)
         check_linear_shapes(scheme, config.num_layers, config.hidden_size, config.intermediate_size,
                             config.num_heads * config.head_size, config.num_kv_heads * config.head_size)
         return scheme
