@@ -1,9 +1,11 @@
 """FP8 W8A8 schemes side by side, fake-quantized in transformers on the float weights: how far the engine's scheme
-(`quantization: fp8`: e4m3 weights per output channel, dynamic per-token activations) is from float, and how far
-the alternatives are (vLLM's online fp8: one scale per tensor for weights and activations; DeepSeek-style square
+(`quantization: fp8`: e4m3 weights per output channel, dynamic per-token activations, the last layer's down
+projection in float) is from float, and how far the alternatives are (vLLM's online fp8: one scale per tensor for
+weights and activations; DeepSeek-style square
 weight blocks with activation groups of the same width along K; finer activation groups; the few input channels with
-the largest calibration |x| kept in float, or given a second e4m3 digit instead). Every linear but the LM head is
-quantized, as the engine does; round to nearest e4m3 after dividing by amax / 448, as its kernels do.
+the largest calibration |x| kept in float, or given a second e4m3 digit instead). The alternatives quantize every
+linear but the LM head ("all linears" is the engine's scheme so); round to nearest e4m3 after dividing by amax / 448,
+as the kernels do.
 
     python bench/fp8_schemes.py                      # the built-in SmolLM2, Debian's GPL-3 text, windows of 512
     python bench/fp8_schemes.py --schemes float,engine --max-tokens 1024
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.perplexity import DEFAULT_MODEL, DEFAULT_TEXT, float_checkpoint, windows  # noqa: E402
+from engine.quantization.spec import last_down_proj  # noqa: E402
 
 FP8_MAX = 448.0
 
@@ -96,10 +99,12 @@ class OutlierDigits(KeepOutliers):
         return q.index_add(-1, keep, digit) * scale
 
 
-# name -> (weight quantizer, activation quantizer or None)
+# name -> (weight quantizer, activation quantizer or None[, the last layer's down projection left in float]); the
+# other schemes quantize every linear but the LM head, as the engine did before the twenty-sixth session
 SCHEMES = {
     "float": None,
-    "engine": (per_row, per_row),
+    "engine": (per_row, per_row, True),
+    "all linears": (per_row, per_row),
     "weights only": (per_row, None),
     "vllm online": (per_tensor, per_tensor),
     # DeepSeek's 128 does not divide SmolLM2's 576-wide rows: 64 is the same idea at this width.
@@ -138,10 +143,11 @@ def perplexity(folder: str, token_ids: list[int], window: int, scheme) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if scheme is not None:
-        weights, activations = scheme
+        weights, activations, *float_last_down = scheme
+        kept = last_down_proj(model.config.num_hidden_layers) if float_last_down else None
         amax = input_amax(model, folder) if isinstance(activations, KeepOutliers) else {}
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and "lm_head" not in name:
+            if isinstance(module, nn.Linear) and "lm_head" not in name and name != kept:
                 module.weight.copy_(weights(module.weight))
                 if isinstance(activations, KeepOutliers):
                     module.register_forward_pre_hook(
