@@ -321,3 +321,16 @@ def test_asymmetric_activations_are_int8_only_and_static_pairs_merge_to_cover_ev
     assert float(high) >= float((scales * (127 - zero_points)).max()) - float(scale) / 2
     single = _merge_asymmetric(scales[:1], zero_points[:1])  # one part: its own pair
     assert abs(float(single[0]) - 0.02) < 1e-8 and int(single[1]) == -10
+
+
+def test_online_quantization_of_an_encoder_keeps_no_linear_in_float(tmp_path):
+    """The last down projection stays float in generation models only (measured there): an embedding model's every
+    linear is 8-bit, and its scheme names nothing float."""
+    from engine.tools.tiny_encoder import build_tiny_encoder
+
+    folder = build_tiny_encoder("bert", tmp_path / "bert", "the quick brown fox jumps over the lazy dog " * 40)
+    config = ModelConfig.from_pretrained(folder, dtype="float32")
+    model = load_model(config, folder, CPU, task="embed", quantization="int8")
+    downs = [module for name, module in model.named_modules() if name.endswith("down_proj")]
+    assert downs and all(module.weight.dtype == torch.int8 for module in downs)
+    assert "float" not in model.quant_scheme.describe()

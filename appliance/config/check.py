@@ -169,7 +169,8 @@ def model_quantization(m: ModelSpec) -> QuantScheme | None:
             return None  # a checkpoint's method named for a repo not downloaded yet: the engine checks it then
         checkpoint = checkpoint_quantization_config(folder, _hf_config(m)) if folder else None
     layers = _checkpoint_config(m).get("num_hidden_layers")
-    return parse_quantization(checkpoint, m.quantization, layers if isinstance(layers, int) else None)
+    return parse_quantization(checkpoint, m.quantization,
+                              layers if isinstance(layers, int) and m.task == "generate" else None)
 
 
 def describe_quantization(m: ModelSpec) -> str:

@@ -64,7 +64,7 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(config.architecture, task)
-    scheme = model_quantization(config, path, quantization)
+    scheme = model_quantization(config, path, quantization, task)
     check_device_runs(scheme, device, path)
     # Allocating straight in the target dtype and device avoids a float32 CPU copy of the whole model.
     with _default_dtype(config.dtype), torch.device(device), building_with(linear_method_for(scheme)):
@@ -103,10 +103,12 @@ def load_model(config: ModelConfig, path: str | Path, device: torch.device, load
     return model.eval()
 
 
-def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None) -> QuantScheme | None:
+def model_quantization(config: ModelConfig, path: str | Path, quantization: str | None,
+                       task: str = "generate") -> QuantScheme | None:
     """The scheme the model runs; a setting kvbox cannot run fails here, naming the model, the key and the value."""
     try:
-        scheme = parse_quantization(config.quantization_config, quantization, config.num_layers)
+        scheme = parse_quantization(config.quantization_config, quantization,
+                                    config.num_layers if task == "generate" else None)
         check_linear_shapes(scheme, config.num_layers, config.hidden_size, config.intermediate_size,
                             config.num_heads * config.head_size, config.num_kv_heads * config.head_size)
         return scheme
