@@ -334,3 +334,18 @@ def test_online_quantization_of_an_encoder_keeps_no_linear_in_float(tmp_path):
     downs = [module for name, module in model.named_modules() if name.endswith("down_proj")]
     assert downs and all(module.weight.dtype == torch.int8 for module in downs)
     assert "float" not in model.quant_scheme.describe()
+
+
+def test_online_quantization_keeps_the_last_down_projection_float_in_the_last_pipeline_stage_only(tmp_path):
+    from engine.distributed.pipeline import PipelineStage
+    from engine.tools.tiny_model import build_tiny_model
+
+    folder = build_tiny_model("llama", tmp_path / "m", num_hidden_layers=4)
+    config = ModelConfig.from_pretrained(folder, dtype="float32")
+    dtypes = {}
+    for stage in (PipelineStage(range(0, 2), 0, 2), PipelineStage(range(2, 4), 1, 2)):
+        model = load_model(config, folder, CPU, quantization="fp8", stage=stage)
+        dtypes.update({name: module.weight.dtype for name, module in model.named_modules()
+                       if name.endswith("mlp.down_proj")})
+    assert dtypes == {f"model.layers.{layer}.mlp.down_proj": torch.float8_e4m3fn for layer in range(3)} | {
+        "model.layers.3.mlp.down_proj": torch.float32}
