@@ -16,24 +16,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ONLINE_METHODS = ("fp8", "int8")  # the user's `quantization` option: quantize a float checkpoint at load
-
-
-def last_down_proj(num_layers: int) -> str:
-    """The one linear of a generation model that online quantization (fp8, int8) leaves in the model's dtype: the last
-    decoder layer's down projection, whose output reaches the final norm and the LM head with no later layer to
-    dilute its error (embedding and scoring models, unmeasured, quantize every linear). On
-    SmolLM2-135M its 8-bit weights alone gave 16% of the KL divergence from float that all 210 linears' 8-bit weights
-    gave, seven times a typical layer's whole; in float it took online fp8's perplexity over float from +2.39% to
-    +1.65% on GPL-3, +3.64% to +1.89% on Apache-2.0 and +2.62% to +1.53% on four other licences (int8: +0.59% to
-    +0.55%, +2.32% to +2.02%, +1.41% to +1.26%; bench/RESULTS.md, twenty-sixth session). llama.cpp's quantization
-    mixes give late layers' ffn_down more bits too."""
-    return f"model.layers.{num_layers - 1}.mlp.down_proj"
 CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors", "fp8", "auto-round", "gguf")
 # vLLM's names for a checkpoint method run by a particular kernel; kvbox picks its kernel itself.
 METHOD_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 GROUP_SIZES = (-1, 32, 64, 128)  # -1: one group over the whole input dimension
 GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")  # a GGUF file's tensors that load as float
 _IGNORABLE = ("lm_head",)  # kvbox never quantizes the LM head, so a checkpoint may say so
+
+
+def last_down_proj(num_layers: int) -> str:
+    """The one linear of a generation model that online quantization (fp8, int8) leaves in the model's dtype: the last
+    decoder layer's down projection, whose output reaches the final norm and the LM head with no later layer to
+    dilute its error (embedding and scoring models, unmeasured, quantize every linear). On SmolLM2-135M its 8-bit
+    weights alone gave 16% of the KL divergence from float that all 210 linears' 8-bit weights gave, seven times a
+    typical layer's whole; in float it took online fp8's perplexity over float from +2.39% to +1.65% on GPL-3, +3.64%
+    to +1.89% on Apache-2.0 and +2.62% to +1.53% on four other licences (int8: +0.59% to +0.55%, +2.32% to +2.02%,
+    +1.41% to +1.26%; bench/RESULTS.md, twenty-sixth session). llama.cpp's quantization mixes give late layers'
+    ffn_down more bits too."""
+    return f"model.layers.{num_layers - 1}.mlp.down_proj"
 
 
 class QuantizationConfigError(ValueError):
@@ -70,8 +70,8 @@ class QuantScheme:
     gguf_types: tuple[tuple[str, int], ...] = ()  # gguf: the block types the file holds and their tensor counts
     # Where quantization_config keeps the weights' keys (bits, group_size): compressed-tensors nests them.
     weights_at: str = field(default="", compare=False)
-    # Decoder linears the checkpoint keeps in float (its ignore list): HF module names, or "re:" + a pattern that
-    # re.match-es them (compressed-tensors' syntax).
+    # Decoder linears kept in float (a checkpoint's ignore list; online quantization's `last_down_proj`): HF module
+    # names, or "re:" + a pattern that re.match-es them (compressed-tensors' syntax).
     unquantized: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -100,7 +100,7 @@ class QuantScheme:
         return ", ".join(parts)
 
     def keeps_float(self, hf_name: str) -> bool:
-        """Whether the checkpoint leaves decoder linear `hf_name` (model.layers.0.mlp.down_proj) unquantized."""
+        """Whether decoder linear `hf_name` (model.layers.0.mlp.down_proj) stays unquantized."""
         return any(re.match(entry[3:], hf_name) if entry.startswith("re:") else entry == hf_name
                    for entry in self.unquantized)
 
