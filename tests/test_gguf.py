@@ -322,8 +322,11 @@ def test_check_config_reads_the_gguf_header(quantizable_llama, tmp_path, capsys)
     code, _, err = check("q.gguf", "quantization: int8")
     assert code == 1 and (f"{config}: models[0].quantization: int8 quantizes a float checkpoint, but this one is "
                           "already quantized (gguf Q8_0 x 14 + Q4_1 x 2 tensors, weight-only)") in err
+    # the layer count from the header: the last layer's down projection stays float (spec.last_down_proj)
+    layers = json.loads((Path(quantizable_llama) / "config.json").read_text())["num_hidden_layers"]
     assert check("f.gguf", "quantization: fp8")[:2] == (0, "OK: 1 model (m)\n  m: quantization fp8 (online) 8-bit, "
-                                                          "per-channel, dynamic per-token activations, kv cache auto\n")
+                                                          "per-channel, dynamic per-token activations, float: "
+                                                          f"model.layers.{layers - 1}.mlp.down_proj, kv cache auto\n")
     # A file that does not parse is the engine's to report.
     assert check("bad.gguf", "device: cpu")[:2] == (0, "OK: 1 model (m)\n  m: quantization unknown until the engine "
                                                       "reads the file, kv cache auto\n")

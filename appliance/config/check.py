@@ -162,13 +162,13 @@ def _hf_config(m: ModelSpec) -> dict[str, Any]:
 def model_quantization(m: ModelSpec) -> QuantScheme | None:
     """The scheme a model will run: the checkpoint's quantization_config or quantize_config.json (a GGUF file's from
     its header) with `quantization` applied."""
-    read, checkpoint = _gguf_quantization(m.source)
+    read, checkpoint, layers = _gguf_header(m.source)
     if not read:
         folder = _checkpoint_folder(m.source)
         if folder is None and _HF_REPO_ID.match(m.source) and m.quantization not in (None, "none", *ONLINE_METHODS):
             return None  # a checkpoint's method named for a repo not downloaded yet: the engine checks it then
         checkpoint = checkpoint_quantization_config(folder, _hf_config(m)) if folder else None
-    layers = _checkpoint_config(m).get("num_hidden_layers")
+        layers = _checkpoint_config(m).get("num_hidden_layers")
     return parse_quantization(checkpoint, m.quantization,
                               layers if isinstance(layers, int) and m.task == "generate" else None)
 
@@ -179,7 +179,7 @@ def describe_quantization(m: ModelSpec) -> str:
     if scheme is not None and scheme.layout == "gguf":
         return f"{scheme.describe()}, gguf_dequantize {_gguf_dequantize(m)}"
     gguf = m.source.endswith(".gguf") or m.source.startswith("builtin:")
-    if scheme is None and gguf and not _gguf_quantization(m.source)[0]:
+    if scheme is None and gguf and not _gguf_header(m.source)[0]:
         return "unknown until the engine reads the file"
     if scheme is None and _checkpoint_folder(m.source) is None and _HF_REPO_ID.match(m.source):
         return "read from the checkpoint when the engine downloads it (not in the local Hugging Face cache)"
@@ -196,17 +196,21 @@ def _gguf_dequantize(m: ModelSpec) -> str:
 
 
 @functools.cache
-def _gguf_quantization(source: str) -> tuple[bool, dict[str, Any] | None]:
-    """(whether `source` is a GGUF file whose header reads, its quantization_config), from the header and tensor
-    infos only: GGUFReader memory-maps the file, no weight is read or dequantized. A built-in model not installed
-    or a file that does not parse is left to the engine, which reports it in its own words."""
+def _gguf_header(source: str) -> tuple[bool, dict[str, Any] | None, int | None]:
+    """(whether `source` is a GGUF file whose header reads, its quantization_config, its layer count or None), from
+    the header and tensor infos only: GGUFReader memory-maps the file, no weight is read or dequantized. A built-in
+    model not installed or a file that does not parse is left to the engine, which reports it in its own words."""
     try:
         path = resolve_model_source(source)
         if not path.endswith(".gguf"):
-            return False, None
-        return True, gguf_quantization_config(tensor.tensor_type.name for tensor in GGUFReader(path).tensors)
+            return False, None, None
+        reader = GGUFReader(path)
+        quantization = gguf_quantization_config(tensor.tensor_type.name for tensor in reader.tensors)
+        arch = reader.get_field("general.architecture")
+        count = reader.get_field(f"{arch.contents()}.block_count") if arch is not None else None
     except (OSError, ValueError, IndexError):
-        return False, None
+        return False, None, None
+    return True, quantization, count.contents() if count is not None else None
 
 
 def _check_quantization(m: ModelSpec, fail: Fail) -> None:
