@@ -1,9 +1,9 @@
 """FP8 W8A8 schemes side by side, fake-quantized in transformers on the float weights: how far the engine's scheme
 (`quantization: fp8`: e4m3 weights per output channel, dynamic per-token activations, the last layer's down
 projection in float) is from float, and how far the alternatives are (vLLM's online fp8: one scale per tensor for
-weights and activations; DeepSeek-style square
-weight blocks with activation groups of the same width along K; finer activation groups; the few input channels with
-the largest calibration |x| kept in float, or given a second e4m3 digit instead). The alternatives quantize every
+weights and activations; DeepSeek-style square weight blocks with activation groups of the same width along K; finer
+activation groups; the few input channels with the largest calibration |x| kept in float, or given a second e4m3
+digit instead). The alternatives quantize every
 linear but the LM head ("all linears" is the engine's scheme so); round to nearest e4m3 after dividing by amax / 448,
 as the kernels do.
 

@@ -105,12 +105,13 @@ class InProcessServer(_Clients):
         asyncio.run_coroutine_threadsafe(engine.kill(), self.loop).result(10)
 
 
-def wait_for_model_error(server: _Clients, model: str, text: str, timeout_s: float = 10) -> None:
-    """The model's errors (the admin API's) come to hold `text`, such as why its engine ended."""
+def wait_for_model_error(server: _Clients, model: str, text: str | tuple[str, ...], timeout_s: float = 10) -> None:
+    """The model's errors (the admin API's) come to hold `text` (or one of several), such as why its engine ended."""
+    texts = (text,) if isinstance(text, str) else text
     deadline = time.monotonic() + timeout_s
     while True:
         errors = [e["message"] for e in server.admin_models()[model]["errors"]]
-        if any(text in message for message in errors):
+        if any(t in message for t in texts for message in errors):
             return
         assert time.monotonic() < deadline, errors
         time.sleep(0.1)
