@@ -3,9 +3,8 @@
 projection in float) is from float, and how far the alternatives are (vLLM's online fp8: one scale per tensor for
 weights and activations; DeepSeek-style square weight blocks with activation groups of the same width along K; finer
 activation groups; the few input channels with the largest calibration |x| kept in float, or given a second e4m3
-digit instead). The alternatives quantize every
-linear but the LM head ("all linears" is the engine's scheme so); round to nearest e4m3 after dividing by amax / 448,
-as the kernels do.
+digit instead). The alternatives quantize every linear but the LM head ("all linears": the engine's scheme with
+that linear 8-bit too); round to nearest e4m3 after dividing by amax / 448, as the kernels do.
 
     python bench/fp8_schemes.py                      # the built-in SmolLM2, Debian's GPL-3 text, windows of 512
     python bench/fp8_schemes.py --schemes float,engine --max-tokens 1024
