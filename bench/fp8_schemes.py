@@ -168,7 +168,8 @@ def main() -> int:
     parser.add_argument("--text", default=DEFAULT_TEXT)
     parser.add_argument("--window", type=int, default=512, help="tokens per forward")
     parser.add_argument("--max-tokens", type=int, default=None, help="only the text's first tokens")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of: {', '.join(SCHEMES)}")
+    parser.add_argument("--schemes", default=",".join(SCHEMES),  # argparse formats help: names hold percent signs
+                        help=f"comma-separated, of: {', '.join(SCHEMES)}".replace("%", "%%"))
     args = parser.parse_args()
     from transformers import AutoTokenizer
 

@@ -103,7 +103,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated rows to run, float first for the comparison ({', '.join(CONFIGS)})")
+                        help=f"comma-separated rows to run, float first for the comparison ({', '.join(CONFIGS)})"
+                        .replace("%", "%%"))  # argparse formats help: the names hold percent signs
     parser.add_argument("--smooth-alpha", type=float, help="SmoothQuant's strength in the smoothed rows "
                         "(default: the engine's)")
     parser.add_argument("--smooth-targets", help="comma-separated linears to smooth, of "
