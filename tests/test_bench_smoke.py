@@ -146,7 +146,8 @@ def test_startup_profile_smoke():
                             check=True, timeout=300, capture_output=True, text=True)
     built = re.search(r"^engine built in ([\d.]+) s; phases weights ([\d.]+) s, kv_cache ([\d.]+) s$",
                       result.stdout, re.MULTILINE)
-    assert built and float(built.group(1)) >= float(built.group(2)) + float(built.group(3))
+    # each figure is printed rounded to 0.01 s, so the two phases' sum may pass the total by up to one rounding step
+    assert built and float(built.group(1)) >= float(built.group(2)) + float(built.group(3)) - 0.0101
     assert "Ordered by: cumulative time" in result.stdout
 
 
